@@ -1,0 +1,173 @@
+"""Events on the wire: an envelope (id, type, schema version, run id, time) and its payloads.
+
+Every event is JSON. A consumer that gets bytes it cannot parse, or a schema version it does
+not know, rejects the message to the dead-letter queue; see :func:`parse_event`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter
+from pydantic import ValidationError as PydanticValidationError
+
+from conveyor.contracts.errors import ConveyorError
+from conveyor.contracts.models import ArtifactRef, Frozen, RunStatus, StepStatus
+from conveyor.contracts.pipeline_spec import PipelineSpec, StepSpec
+
+SCHEMA_VERSION = 1
+
+
+def new_id() -> str:
+    """A fresh random identifier (events, runs, components)."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+class Envelope(Frozen):
+    """Fields every event carries."""
+
+    event_id: str = Field(default_factory=new_id)
+    schema_version: Literal[1] = SCHEMA_VERSION
+    run_id: str
+    time: datetime = Field(default_factory=utcnow)
+
+
+class RunRequested(Envelope):
+    """Start a run of a pipeline on a stack.
+
+    Any AMQP client may publish one; ``pipeline`` is an importable reference that the
+    controller compiles unless ``spec`` carries the compiled DAG.
+    """
+
+    type: Literal["RunRequested"] = "RunRequested"
+    pipeline: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    stack: str | None = None
+    spec: PipelineSpec | None = None
+    idempotency_key: str | None = None
+
+
+class StepReady(Envelope):
+    """A step's inputs exist: a worker of ``step.pool`` may run attempt ``attempt``."""
+
+    type: Literal["StepReady"] = "StepReady"
+    step: StepSpec
+    attempt: int = Field(ge=1)
+    inputs: dict[str, ArtifactRef | list[ArtifactRef]] = Field(default_factory=dict)
+
+
+class WorkerFacts(Frozen):
+    """Which worker process handled an attempt."""
+
+    worker: str
+    pid: int
+
+
+class StepStarted(Envelope):
+    """A worker began attempt ``attempt`` of ``step``."""
+
+    type: Literal["StepStarted"] = "StepStarted"
+    step: str
+    attempt: int
+    by: WorkerFacts
+
+
+class StepSucceeded(Envelope):
+    """Attempt ``attempt`` of ``step`` finished; its outputs are in the artifact store."""
+
+    type: Literal["StepSucceeded"] = "StepSucceeded"
+    step: str
+    attempt: int
+    outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
+    duration_s: float
+    by: WorkerFacts
+
+
+class StepFailed(Envelope):
+    """Attempt ``attempt`` of ``step`` raised; ``retryable`` says whether a retry may help."""
+
+    type: Literal["StepFailed"] = "StepFailed"
+    step: str
+    attempt: int
+    error: str
+    traceback: str | None = None
+    retryable: bool = True
+    duration_s: float = 0.0
+    by: WorkerFacts
+
+
+class StepStatusChanged(Envelope):
+    """The controller recorded a new status for a step (for followers and dashboards)."""
+
+    type: Literal["StepStatusChanged"] = "StepStatusChanged"
+    step: str
+    status: StepStatus
+    attempt: int
+    error: str | None = None
+    duration_s: float | None = None
+    outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
+
+
+class RunFinished(Envelope):
+    """The run reached a final status."""
+
+    type: Literal["RunFinished"] = "RunFinished"
+    status: RunStatus
+    error: str | None = None
+
+
+Event = Annotated[
+    RunRequested
+    | StepReady
+    | StepStarted
+    | StepSucceeded
+    | StepFailed
+    | StepStatusChanged
+    | RunFinished,
+    Field(discriminator="type"),
+]
+"""Any event of the current schema version."""
+
+EVENT_TYPES: tuple[type[Envelope], ...] = (
+    RunRequested,
+    StepReady,
+    StepStarted,
+    StepSucceeded,
+    StepFailed,
+    StepStatusChanged,
+    RunFinished,
+)
+COMPLETION_TYPES = (StepSucceeded, StepFailed)
+
+_event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+class MalformedEvent(ConveyorError):
+    """Bytes that are not a valid event of a known type and schema version."""
+
+
+def parse_event(data: bytes | str) -> Event:
+    """Decode an event from JSON, or raise :class:`MalformedEvent` saying why."""
+    try:
+        return _event_adapter.validate_json(data)
+    except PydanticValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "message"
+        raise MalformedEvent(f"invalid event: {where}: {first['msg']}") from None
+
+
+def encode_event(event: Event) -> bytes:
+    """The JSON bytes of an event."""
+    return event.model_dump_json().encode()
+
+
+def event_json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema of every event type, by type name."""
+    return {cls.__name__: cls.model_json_schema() for cls in EVENT_TYPES}

@@ -1,0 +1,148 @@
+"""Records that the control plane stores and shows: stacks, components, runs, steps, artifacts."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Frozen(BaseModel):
+    """Base of every contract model: immutable and strict about unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ComponentType(StrEnum):
+    """The kinds of stack component; a stack has at most one of each."""
+
+    ORCHESTRATOR = "orchestrator"
+    ARTIFACT_STORE = "artifact_store"
+
+
+class RunStatus(StrEnum):
+    """Lifecycle of a pipeline run."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class StepStatus(StrEnum):
+    """Lifecycle of one step of a run."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+    CACHED = "cached"
+
+
+FINISHED_STEP_STATUSES = frozenset(
+    {
+        StepStatus.COMPLETED,
+        StepStatus.FAILED,
+        StepStatus.SKIPPED,
+        StepStatus.CANCELLED,
+        StepStatus.CACHED,
+    }
+)
+FINISHED_RUN_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+class ArtifactRef(Frozen):
+    """Where a persisted step output lives and how to read it back."""
+
+    uri: str = Field(description="Location inside the artifact store, e.g. file:///.../ab/abcd...")
+    sha256: str = Field(description="Hex digest of the stored bytes; checked on every read")
+    size: int = Field(description="Size of the stored bytes")
+    materializer: str = Field(description="Name of the materializer that wrote the bytes")
+    data_type: str = Field(description="Qualified name of the Python type that was stored")
+
+
+class ComponentSpec(Frozen):
+    """One stack component: a flavor plus its validated configuration."""
+
+    id: str
+    type: ComponentType
+    name: str
+    flavor: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    owner: str = "default"
+    shared: bool = False
+    created: datetime | None = None
+
+
+class StackSpec(Frozen):
+    """A named combination of components; every run records the stack it ran on."""
+
+    id: str
+    name: str
+    components: dict[ComponentType, ComponentSpec]
+    owner: str = "default"
+    shared: bool = False
+    created: datetime | None = None
+
+    def component(self, type_: ComponentType) -> ComponentSpec:
+        """The stack's component of ``type_`` (every stack has an orchestrator and a store)."""
+        return self.components[type_]
+
+
+class StepRecord(Frozen):
+    """A step of a run as the metadata store holds it."""
+
+    run_id: str
+    name: str
+    status: StepStatus
+    attempt: int = 0
+    max_retries: int = 0
+    started: datetime | None = None
+    finished: datetime | None = None
+    duration_s: float | None = None
+    error: str | None = None
+    traceback: str | None = None
+    pid: int | None = None
+    worker: str | None = None
+    upstream: list[str] = Field(default_factory=list)
+    outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
+
+
+class RunRecord(Frozen):
+    """A pipeline run and the stack it ran on (kept even if the stack changes later)."""
+
+    id: str
+    pipeline: str
+    stack_id: str
+    stack_name: str
+    stack_snapshot: dict[str, Any] = Field(default_factory=dict)
+    status: RunStatus
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    created: datetime
+    started: datetime | None = None
+    finished: datetime | None = None
+    error: str | None = None
+    idempotency_key: str | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from start to finish, or ``None`` while the run has not finished."""
+        if self.started is None or self.finished is None:
+            return None
+        return (self.finished - self.started).total_seconds()
+
+
+class ArtifactRecord(Frozen):
+    """An output of a step of a run, as listed by ``conveyor artifact list``."""
+
+    id: str
+    run_id: str
+    step_name: str
+    output_name: str
+    ref: ArtifactRef
+    created: datetime

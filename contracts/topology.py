@@ -1,0 +1,79 @@
+"""Broker topology names, defined once: adapters and ``deploy/`` derive theirs from here."""
+
+from __future__ import annotations
+
+from conveyor.contracts.events import (
+    Event,
+    RunFinished,
+    RunRequested,
+    StepReady,
+    StepStatusChanged,
+)
+from conveyor.contracts.models import Frozen
+
+DEFAULT_PREFIX = "conveyor"
+
+
+class Topology(Frozen):
+    """Exchange and queue names of one stack.
+
+    Every name starts with ``prefix`` and the stack name, so that several stacks (or several
+    test runs) share one broker without seeing each other's messages.
+    """
+
+    stack: str
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def base(self) -> str:
+        """The common start of every name of this stack."""
+        return f"{self.prefix}.{self.stack}"
+
+    @property
+    def exchange(self) -> str:
+        """Direct exchange that routes work and completion events."""
+        return self.base
+
+    @property
+    def status_exchange(self) -> str:
+        """Topic exchange of run status events, routed by run id, for followers."""
+        return f"{self.base}.status"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        """Where rejected messages go, with the reason in a header."""
+        return f"{self.base}.dlx"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        """The queue that keeps dead letters for a person to look at."""
+        return f"{self.base}.dead"
+
+    @property
+    def events_queue(self) -> str:
+        """Completion events from workers, consumed by the controller."""
+        return f"{self.base}.events"
+
+    @property
+    def runs_queue(self) -> str:
+        """RunRequested messages, consumed by the controller."""
+        return f"{self.base}.runs"
+
+    def step_queue(self, pool: str) -> str:
+        """StepReady messages of one worker pool."""
+        return f"{self.base}.steps.{pool}"
+
+    def route(self, event: Event) -> str:
+        """The queue an event is published to (status events: the run id as routing key)."""
+        if isinstance(event, StepReady):
+            return self.step_queue(event.step.pool)
+        if isinstance(event, RunRequested):
+            return self.runs_queue
+        if isinstance(event, StepStatusChanged | RunFinished):
+            return event.run_id
+        return self.events_queue
+
+
+def is_status_event(event: Event) -> bool:
+    """Whether ``event`` is a status update for followers rather than work."""
+    return isinstance(event, StepStatusChanged | RunFinished)

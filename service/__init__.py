@@ -1,0 +1,1 @@
+"""The control plane: controller and scheduling, metadata store, HTTP API, CLI."""

@@ -1,0 +1,26 @@
+"""The ``conveyor`` command."""
+
+from __future__ import annotations
+
+import typer
+
+from conveyor.service.cli import runs, stack
+from conveyor.service.cli.state import open_client
+from conveyor.service.logs import configure_logging
+
+app = typer.Typer(
+    help="Conveyor: event-driven ML pipelines on stacks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.callback()(open_client)
+app.add_typer(stack.app, name="stack")
+app.add_typer(runs.pipeline_app, name="pipeline")
+app.add_typer(runs.run_app, name="run")
+app.add_typer(runs.artifact_app, name="artifact")
+
+
+def main() -> None:
+    configure_logging()
+    app()

@@ -1,0 +1,90 @@
+"""How the CLI prints: rich tables in the style of the stack tables, or JSON for scripts."""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, NoReturn, TypeVar
+
+import typer
+from pydantic import BaseModel
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from conveyor.contracts import ConveyorError
+
+# Piped output (scripts, tests) must not be cut to 80 columns.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
+
+T = TypeVar("T")
+
+
+class OutputFormat(enum.StrEnum):
+    table = "table"
+    json = "json"
+
+
+OUTPUT_OPTION = typer.Option(OutputFormat.table, "--output", "-o", help="table or json")
+
+
+def fail(message: str) -> NoReturn:
+    errors.print(f"[red]Error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a ConveyorError into a one-line message and exit code 1."""
+    try:
+        yield
+    except ConveyorError as exc:
+        fail(str(exc))
+
+
+def print_json(value: Any) -> None:
+    def default(obj: Any) -> Any:
+        if isinstance(obj, BaseModel):
+            return obj.model_dump(mode="json")
+        if isinstance(obj, datetime):
+            return obj.isoformat()
+        raise TypeError(type(obj).__name__)
+
+    sys.stdout.write(json.dumps(value, default=default, indent=2) + "\n")
+
+
+def table(
+    columns: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str | None = None,
+    caption: str | None = None,
+) -> Table:
+    result = Table(title=title, caption=caption, box=box.HEAVY_EDGE, caption_justify="center")
+    for column in columns:
+        result.add_column(column)
+    for row in rows:
+        result.add_row(*["" if cell is None else str(cell) for cell in row])
+    return result
+
+
+def when(value: datetime | None) -> str:
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def seconds(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
+
+
+def emit(fmt: OutputFormat, data: T, render: Callable[[T], Any]) -> None:
+    """Print ``data`` as JSON or through ``render``."""
+    if fmt is OutputFormat.json:
+        print_json(data)
+        return
+    rendered = render(data)
+    for part in rendered if isinstance(rendered, list) else [rendered]:
+        console.print(part)

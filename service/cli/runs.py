@@ -1,0 +1,309 @@
+"""``conveyor pipeline run``, ``conveyor run ...`` and ``conveyor artifact ...``"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from conveyor.contracts import (
+    ArtifactRecord,
+    RunRecord,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+    StepStatusChanged,
+)
+from conveyor.service.cli.output import (
+    OUTPUT_OPTION,
+    OutputFormat,
+    console,
+    emit,
+    errors,
+    fail,
+    seconds,
+    table,
+    user_errors,
+    when,
+)
+from conveyor.service.cli.state import client
+from conveyor.service.engine import AsyncRun, Conveyor
+from conveyor.service.pipelines import load_pipeline
+
+pipeline_app = typer.Typer(help="Run pipelines.")
+run_app = typer.Typer(help="Inspect pipeline runs.")
+artifact_app = typer.Typer(help="Inspect and fetch step outputs.")
+
+STATUS_STYLE = {
+    StepStatus.COMPLETED: "green",
+    StepStatus.CACHED: "green",
+    StepStatus.FAILED: "red",
+    StepStatus.SKIPPED: "yellow",
+    StepStatus.CANCELLED: "yellow",
+    StepStatus.RUNNING: "cyan",
+    StepStatus.PENDING: "white",
+}
+PREVIEW_BYTES = 4096
+
+
+def _parse_params(pairs: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            fail(f"--param takes name=value, got {pair!r}")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+def _print_step(event: StepStatusChanged) -> None:
+    if event.status is StepStatus.RUNNING:
+        return
+    if event.status is StepStatus.PENDING:
+        console.print(f"  ↻ {event.step} retrying (attempt {event.attempt}): {event.error}")
+        return
+    style = STATUS_STYLE.get(event.status, "white")
+    line = f"  [{style}]{event.status.value:<9}[/{style}] {event.step}"
+    if event.duration_s is not None:
+        line += f" in {seconds(event.duration_s)}"
+    if event.status is StepStatus.FAILED and event.error:
+        line += f": {event.error}"
+    console.print(line)
+
+
+async def _leaf_outputs(run: AsyncRun, steps: list[StepRecord]) -> dict[str, Any]:
+    used = {up for s in steps for up in s.upstream}
+    shown: dict[str, Any] = {}
+    for record in steps:
+        if record.name in used or record.status is not StepStatus.COMPLETED:
+            continue
+        for output, ref in record.outputs.items():
+            if ref.size <= PREVIEW_BYTES and ref.materializer in ("json", "str"):
+                shown[f"{record.name}.{output}"] = await run.load(record.name, output)
+    return shown
+
+
+async def _run_pipeline(
+    target: str, stack: str | None, params: dict[str, Any]
+) -> tuple[RunRecord, list[StepRecord], dict[str, Any]]:
+    definition = load_pipeline(target)
+    async with Conveyor(stack=stack) as cv:
+        assert cv.stack is not None
+        run = await cv.submit(definition, on_step=_print_step, **params)
+        console.print(
+            f"Running pipeline [bold]{definition.name}[/bold] on stack "
+            f"'{cv.stack.name}' as run [bold]{run.id}[/bold]"
+        )
+        record = await run.wait()
+        steps = await run.steps()
+        return record, steps, await _leaf_outputs(run, steps)
+
+
+@pipeline_app.command("run")
+def run_pipeline(
+    target: str = typer.Argument(..., help="FILE.py:PIPELINE or package.module:PIPELINE"),
+    stack: str = typer.Option(None, "--stack", "-s", help="Stack to run on (default: active)"),
+    param: list[str] = typer.Option([], "--param", "-p", help="Pipeline parameter name=value"),
+) -> None:
+    """Run a pipeline, following it step by step; exit 1 if it fails.
+
+    Example: conveyor pipeline run examples/quickstart.py:training_pipeline -p epochs=100
+    """
+    with user_errors():
+        record, steps, outputs = asyncio.run(_run_pipeline(target, stack, _parse_params(param)))
+    for name, value in outputs.items():
+        console.print(f"{name} = {json.dumps(value)}")
+    style = "green" if record.status is RunStatus.COMPLETED else "red"
+    console.print(
+        f"Run {record.id} [{style}]{record.status.value}[/{style}] "
+        f"in {seconds(record.duration_s)}"
+    )
+    if record.status is not RunStatus.COMPLETED:
+        for step in steps:
+            if step.status is StepStatus.FAILED:
+                errors.print(f"[red]Step {step.name!r} failed:[/red] {step.error}")
+                if step.traceback:
+                    errors.print(step.traceback, markup=False)
+        if record.error:
+            errors.print(f"[red]Run failed:[/red] {record.error}", markup=True)
+        raise typer.Exit(1)
+
+
+@run_app.command("list")
+def list_runs(
+    ctx: typer.Context,
+    stack: str = typer.Option(None, "--stack", "-s", help="Only runs on this stack"),
+    pipeline: str = typer.Option(None, "--pipeline", help="Only runs of this pipeline"),
+    status: RunStatus = typer.Option(None, "--status", help="Only runs with this status"),
+    limit: int = typer.Option(50, "--limit", help="At most this many, newest first"),
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """List runs, newest first.
+
+    Example: conveyor run list --stack default --status failed
+    """
+    with user_errors():
+        runs = client(ctx).list_runs(stack=stack, pipeline=pipeline, status=status, limit=limit)
+    emit(
+        output,
+        runs,
+        lambda data: table(
+            ["RUN ID", "PIPELINE", "STACK", "STATUS", "STARTED", "DURATION"],
+            [
+                [r.id, r.pipeline, r.stack_name, r.status.value, when(r.started or r.created),
+                 seconds(r.duration_s)]
+                for r in data
+            ],
+        ),
+    )
+
+
+@run_app.command("describe")
+def describe_run(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., help="Run id (a unique prefix is enough)"),
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """Show a run and each of its steps: status, attempts, duration, error, outputs.
+
+    Example: conveyor run describe 3f2a
+    """
+    with user_errors():
+        c = client(ctx)
+        run = c.get_run(run_id)
+        steps = c.get_steps(run.id)
+
+    def render(_: object) -> list[object]:
+        header = (
+            f"Run [bold]{run.id}[/bold] of pipeline [bold]{run.pipeline}[/bold] on stack "
+            f"'{run.stack_name}': {run.status.value} in {seconds(run.duration_s)}"
+        )
+        rows = [
+            [
+                s.name,
+                s.status.value,
+                s.attempt,
+                seconds(s.duration_s),
+                s.pid or "",
+                s.error or "",
+                "\n".join(f"{k}: {v.uri}" for k, v in s.outputs.items()),
+            ]
+            for s in steps
+        ]
+        parts: list[object] = [
+            header,
+            table(["STEP", "STATUS", "ATTEMPTS", "DURATION", "PID", "ERROR", "OUTPUTS"], rows),
+        ]
+        if run.error:
+            parts.append(f"[red]{run.error}[/red]")
+        return parts
+
+    emit(output, {"run": run, "steps": steps}, render)
+
+
+@run_app.command("delete")
+def delete_run(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., help="Run id (a unique prefix is enough)"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation"),
+) -> None:
+    """Delete a finished run's records (its artifacts stay in the store).
+
+    Example: conveyor run delete 3f2a -y
+    """
+    with user_errors():
+        c = client(ctx)
+        run = c.get_run(run_id)
+        if not yes:
+            typer.confirm(f"Delete run {run.id}?", abort=True)
+        c.delete_run(run.id)
+    console.print(f"Deleted run {run.id}")
+
+
+@artifact_app.command("list")
+def list_artifacts(
+    ctx: typer.Context,
+    run: str = typer.Option(None, "--run", help="Only outputs of this run"),
+    limit: int = typer.Option(100, "--limit", help="At most this many, newest first"),
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """List step outputs.
+
+    Example: conveyor artifact list --run 3f2a
+    """
+    with user_errors():
+        artifacts = client(ctx).list_artifacts(run_id=run, limit=limit)
+    emit(
+        output,
+        artifacts,
+        lambda data: table(
+            ["ARTIFACT ID", "RUN ID", "STEP", "OUTPUT", "TYPE", "SIZE", "URI"],
+            [
+                [a.id, a.run_id, a.step_name, a.output_name, a.ref.data_type, a.ref.size,
+                 a.ref.uri]
+                for a in data
+            ],
+        ),
+    )
+
+
+@artifact_app.command("describe")
+def describe_artifact(
+    ctx: typer.Context,
+    artifact_id: str = typer.Argument(..., help="Artifact id (a unique prefix is enough)"),
+    output: OutputFormat = OUTPUT_OPTION,
+) -> None:
+    """Show an artifact's metadata.
+
+    Example: conveyor artifact describe 9bd1
+    """
+    with user_errors():
+        artifact = client(ctx).get_artifact(artifact_id)
+    emit(output, artifact, _artifact_table)
+
+
+def _artifact_table(a: ArtifactRecord) -> object:
+    return table(
+        ["KEY", "VALUE"],
+        [
+            ["id", a.id],
+            ["run", a.run_id],
+            ["step", a.step_name],
+            ["output", a.output_name],
+            ["type", a.ref.data_type],
+            ["materializer", a.ref.materializer],
+            ["size", a.ref.size],
+            ["sha256", a.ref.sha256],
+            ["uri", a.ref.uri],
+            ["created", when(a.created)],
+        ],
+    )
+
+
+@artifact_app.command("get")
+def get_artifact(
+    ctx: typer.Context,
+    artifact_id: str = typer.Argument(..., help="Artifact id (a unique prefix is enough)"),
+    to: Path = typer.Option(None, "--to", help="Write the stored bytes to this file"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a pickled value"),
+) -> None:
+    """Print an artifact's value, or save its bytes with --to.
+
+    Example: conveyor artifact get 9bd1 --to model.npy
+    """
+    with user_errors():
+        c = client(ctx)
+        if to is not None:
+            artifact = c.get_artifact(artifact_id)
+            data = c.read_artifact_bytes(artifact.id)
+            to.write_bytes(data)
+            console.print(f"Wrote {len(data)} bytes to {to}")
+            return
+        value = c.load_artifact(artifact_id, allow_pickle=allow_pickle)
+    console.print(repr(value) if not isinstance(value, str) else value, markup=False)

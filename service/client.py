@@ -1,0 +1,151 @@
+"""``Client``: the synchronous Python API over a client's stacks, runs and artifacts.
+
+The CLI is a thin layer over it. Each Client owns a private event loop, so it must not be
+used from inside a running loop; there, use ``Services`` (or ``Conveyor``) directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from conveyor.contracts import (
+    ArtifactRecord,
+    ArtifactStore,
+    ConveyorError,
+    RunRecord,
+    RunStatus,
+    StackSpec,
+    StepRecord,
+)
+from conveyor.service.context import Services
+from conveyor.service.home import Home
+from conveyor.workers.execution import load_artifact
+from conveyor.workers.flavors import make_artifact_store
+
+T = TypeVar("T")
+
+
+class Client:
+    """Stacks, runs and artifacts of one CONVEYOR_HOME. Close it, or use ``with``."""
+
+    def __init__(self, home: str | Path | Home | None = None) -> None:
+        self._home = home
+        self._runner: asyncio.Runner | None = None
+        self._services: Services | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the store and the private loop; idempotent."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            services, self._services = self._services, None
+            if services is not None:
+                runner.run(services.close())
+            runner.close()
+
+    def _run(self, call: Callable[[Services], Awaitable[T]]) -> T:
+        if self._runner is None:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+            else:
+                raise ConveyorError("Client is synchronous; inside an event loop use Services")
+            self._runner = asyncio.Runner()
+        if self._services is None:
+            self._services = self._runner.run(Services.open(self._home))
+        services = self._services
+
+        async def call_it() -> T:
+            return await call(services)
+
+        return self._runner.run(call_it())
+
+    @property
+    def home(self) -> Home:
+        return self._run(_home_of)
+
+    # --- stacks ---
+
+    def list_stacks(self) -> list[StackSpec]:
+        return self._run(lambda s: s.stacks.store.stacks())
+
+    def get_stack(self, name: str | None = None) -> StackSpec:
+        """The stack called ``name``, or the active stack."""
+        return self._run(lambda s: s.stacks.resolve(name))
+
+    def active_stack_name(self) -> str:
+        return self._run(lambda s: s.stacks.active_name())
+
+    # --- runs ---
+
+    def list_runs(
+        self,
+        *,
+        stack: str | None = None,
+        pipeline: str | None = None,
+        status: RunStatus | str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[RunRecord]:
+        async def call(s: Services) -> list[RunRecord]:
+            stack_id = (await s.stacks.get(stack)).id if stack else None
+            return await s.runs.list_runs(
+                stack_id=stack_id,
+                pipeline=pipeline,
+                status=RunStatus(status) if status else None,
+                limit=limit,
+                offset=offset,
+            )
+
+        return self._run(call)
+
+    def get_run(self, run_id: str) -> RunRecord:
+        return self._run(lambda s: s.runs.get_run(run_id))
+
+    def get_steps(self, run_id: str) -> list[StepRecord]:
+        async def call(s: Services) -> list[StepRecord]:
+            return await s.runs.steps_of((await s.runs.get_run(run_id)).id)
+
+        return self._run(call)
+
+    def delete_run(self, run_id: str) -> None:
+        self._run(lambda s: s.runs.delete_run(run_id))
+
+    # --- artifacts ---
+
+    def list_artifacts(self, *, run_id: str | None = None, limit: int = 100) -> list[ArtifactRecord]:
+        async def call(s: Services) -> list[ArtifactRecord]:
+            full_id = (await s.runs.get_run(run_id)).id if run_id else None
+            return await s.runs.list_artifacts(run_id=full_id, limit=limit)
+
+        return self._run(call)
+
+    def get_artifact(self, artifact_id: str) -> ArtifactRecord:
+        return self._run(lambda s: s.runs.get_artifact(artifact_id))
+
+    def _store_of(self, artifact: ArtifactRecord) -> ArtifactStore:
+        run = self.get_run(artifact.run_id)
+        return make_artifact_store(StackSpec.model_validate(run.stack_snapshot))
+
+    def load_artifact(self, artifact_id: str, *, allow_pickle: bool = False) -> Any:
+        """The value of an artifact, read from the store of the stack its run ran on."""
+        artifact = self.get_artifact(artifact_id)
+        return load_artifact(self._store_of(artifact), artifact.ref, allow_pickle=allow_pickle)
+
+    def read_artifact_bytes(self, artifact_id: str) -> bytes:
+        """The stored bytes of an artifact, checked against its sha256."""
+        artifact = self.get_artifact(artifact_id)
+        return self._store_of(artifact).get(artifact.ref.uri, artifact.ref.sha256)
+
+
+async def _home_of(services: Services) -> Home:
+    return services.home

@@ -1,0 +1,61 @@
+"""Opening a client's state: the store, the default stack, and recovery of dead runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from conveyor.service.home import Home
+from conveyor.service.liveness import is_alive, this_process
+from conveyor.service.stacks import StackService
+from conveyor.service.store import Database, RunStore
+
+log = structlog.get_logger("conveyor")
+
+
+@dataclass
+class Services:
+    """What every entry point (SDK, CLI, HTTP) works through, opened on one home."""
+
+    home: Home
+    db: Database
+    stacks: StackService
+    runs: RunStore
+
+    @classmethod
+    async def open(cls, home: str | Path | Home | None = None) -> Services:
+        """Open the store, create the default stack on first use, fail dead runs."""
+        resolved = home if isinstance(home, Home) else Home.resolve(home)
+        db = Database(resolved.db_path)
+        await db.open()
+        services = cls(resolved, db, StackService(db, resolved), RunStore(db))
+        try:
+            await services.stacks.ensure_default()
+            await services.fail_dead_runs()
+        except BaseException:
+            await db.close()
+            raise
+        return services
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def __aenter__(self) -> Services:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def fail_dead_runs(self) -> list[str]:
+        """Mark failed the unfinished runs whose embedded controller process died."""
+        host, _, _ = this_process()
+        failed = []
+        for run_id, pid, token in await self.runs.owned_active_runs(host):
+            if not is_alive(pid, token):
+                reason = f"the process that ran it (pid {pid}) died before the run finished"
+                await self.runs.fail_abandoned(run_id, reason)
+                log.warning("run abandoned by a dead process", run_id=run_id, pid=pid)
+                failed.append(run_id)
+        return failed

@@ -1,0 +1,251 @@
+"""The controller: the only writer of run state.
+
+It takes events from the broker in batches, applies each to the run's state machine,
+records the new state together with the events to publish in one transaction (the outbox),
+publishes them, and only then acks what it consumed. After a crash, it republishes the
+outbox rows that were never confirmed and reloads every unfinished run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+
+from conveyor.contracts import (
+    Broker,
+    ConveyorError,
+    Delivery,
+    Event,
+    PipelineSpec,
+    RunFinished,
+    RunRequested,
+    RunStatus,
+    StackSpec,
+    StepFailed,
+    StepStarted,
+    StepSucceeded,
+    Subscription,
+    is_status_event,
+    utcnow,
+)
+from conveyor.service import scheduling
+from conveyor.service.pipelines import load_pipeline
+from conveyor.service.scheduling import RunState, Transition
+from conveyor.service.store import Database, RunStore
+
+log = structlog.get_logger("conveyor.controller")
+
+MAX_BATCH = 512
+INBOX_PREFETCH = 4096
+
+Owner = tuple[str, int, str]
+
+
+def compile_request(request: RunRequested) -> PipelineSpec:
+    """The DAG of a RunRequested: its own spec, or the pipeline it names, compiled."""
+    if request.spec is not None:
+        return request.spec
+    spec, _ = load_pipeline(request.pipeline).compile(**request.parameters)
+    return spec
+
+
+@dataclass
+class _Batch:
+    """What one batch changes, gathered before the one transaction that records it."""
+
+    now: datetime
+    new_runs: list[tuple[RunRequested, PipelineSpec, str | None]] = field(default_factory=list)
+    changes: dict[str, Transition] = field(default_factory=dict)
+
+    def change(self, run_id: str, transition: Transition) -> None:
+        if run_id in self.changes:
+            self.changes[run_id].extend(transition)
+        else:
+            self.changes[run_id] = transition
+
+    @property
+    def events(self) -> list[Event]:
+        return [e for t in self.changes.values() for e in t.emit]
+
+
+class Controller:
+    """Drives the runs of one stack.
+
+    ``owner`` is set when the controller is embedded in a client process: its runs are
+    recorded as owned by that process (and failed if it dies), and nothing is resumed. A
+    service controller (``owner=None``) resumes the stack's unfinished runs on start.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        broker: Broker,
+        stack: StackSpec,
+        *,
+        owner: Owner | None = None,
+    ) -> None:
+        self._db = db
+        self._runs = RunStore(db)
+        self._broker = broker
+        self._stack = stack
+        self._owner = owner
+        self._states: dict[str, RunState] = {}
+        self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._subscriptions: list[Subscription] = []
+        self._loop_task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Controller:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def alive(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    async def start(self) -> None:
+        """Replay the outbox and reload unfinished runs (service mode), then consume."""
+        if self._owner is None:
+            await self._resume()
+        topology = self._broker.topology
+        for queue in (topology.events_queue, topology.runs_queue):
+            self._subscriptions.append(
+                await self._broker.consume(queue, self._hand_over, prefetch=INBOX_PREFETCH)
+            )
+        self._loop_task = asyncio.create_task(self._loop(), name="controller")
+        log.info("controller started", stack=self._stack.name)
+
+    async def stop(self) -> None:
+        """Stop consuming and finish the batch in hand; idempotent, safe before start."""
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            await subscription.cancel()
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        while not self._inbox.empty():
+            await self._inbox.get_nowait().requeue()
+
+    async def _resume(self) -> None:
+        unsent = await self._runs.unsent(self._stack.id)
+        if unsent:
+            log.info("replaying outbox", events=len(unsent))
+            await self._broker.publish([event for _, event in unsent])
+            async with self._db.transaction() as conn:
+                await self._runs.mark_sent(conn, [i for i, _ in unsent], utcnow())
+        for run_id in await self._runs.active_run_ids(self._stack.id):
+            self._states[run_id] = await self._runs.load_state(run_id)
+
+    async def _hand_over(self, delivery: Delivery) -> None:
+        self._inbox.put_nowait(delivery)
+
+    async def _loop(self) -> None:
+        while True:
+            batch = [await self._inbox.get()]
+            while len(batch) < MAX_BATCH and not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            try:
+                await self._process(batch)
+            except Exception:
+                # The store or broker failed: nothing was acked, so all of it comes back.
+                log.exception("batch failed; requeueing", size=len(batch))
+                for delivery in batch:
+                    await delivery.requeue()
+                await asyncio.sleep(0.5)
+
+    async def _state_of(self, run_id: str) -> RunState | None:
+        state = self._states.get(run_id)
+        if state is None and self._owner is None:
+            try:
+                state = await self._runs.load_state(run_id)
+            except ConveyorError:
+                return None
+            self._states[run_id] = state
+        return state
+
+    async def _process(self, deliveries: list[Delivery]) -> None:
+        batch = _Batch(now=utcnow())
+        for delivery in deliveries:
+            event = delivery.event
+            if isinstance(event, RunRequested):
+                await self._on_run_requested(batch, event)
+            elif isinstance(event, StepStarted | StepSucceeded | StepFailed):
+                state = await self._state_of(event.run_id)
+                if state is not None:
+                    batch.change(event.run_id, scheduling.apply_event(state, event))
+                else:
+                    log.warning("event of an unknown run", run_id=event.run_id, type=event.type)
+            else:
+                await delivery.reject(f"the controller does not take {event.type} events")
+        await self._commit(batch)
+        for delivery in deliveries:
+            await delivery.ack()
+
+    async def _on_run_requested(self, batch: _Batch, request: RunRequested) -> None:
+        if request.run_id in self._states or any(
+            r.run_id == request.run_id for r, _, _ in batch.new_runs
+        ):
+            return
+        if request.idempotency_key and await self._runs.find_by_key(request.idempotency_key):
+            return
+        try:
+            await self._runs.get_run(request.run_id)
+            return  # a redelivered request of a run that exists
+        except ConveyorError:
+            pass
+        error: str | None = None
+        try:
+            spec = compile_request(request)
+        except Exception as exc:
+            error = f"cannot compile pipeline {request.pipeline!r}: {exc}"
+            spec = PipelineSpec(name=request.pipeline, parameters=request.parameters, steps=[])
+        batch.new_runs.append((request, spec, error))
+        state = RunState.new(request.run_id, spec)
+        if error is not None:
+            state.status = RunStatus.FAILED
+            batch.change(
+                request.run_id,
+                Transition(
+                    run_status=RunStatus.FAILED,
+                    run_error=error,
+                    emit=[RunFinished(run_id=request.run_id, status=RunStatus.FAILED, error=error)],
+                ),
+            )
+            return
+        self._states[request.run_id] = state
+        batch.change(request.run_id, scheduling.start_run(state, batch.now))
+
+    async def _commit(self, batch: _Batch) -> None:
+        # Status updates for followers are not kept in the outbox: losing one costs a
+        # follower a refresh, while RunFinished (which a follower waits for) is kept.
+        durable = [e for e in batch.events if not is_status_event(e) or isinstance(e, RunFinished)]
+        snapshot = self._stack.model_dump(mode="json")
+        async with self._db.transaction() as conn:
+            for request, spec, _ in batch.new_runs:
+                await self._runs.insert_run(
+                    conn,
+                    run_id=request.run_id,
+                    spec=spec,
+                    stack_id=self._stack.id,
+                    stack_name=self._stack.name,
+                    stack_snapshot=snapshot,
+                    idempotency_key=request.idempotency_key,
+                    owner=self._owner,
+                    now=batch.now,
+                )
+            for run_id, change in batch.changes.items():
+                await self._runs.apply(conn, run_id, change, batch.now)
+            outbox_ids = await self._runs.add_outbox(conn, self._stack.id, durable, batch.now)
+        await self._broker.publish(batch.events)
+        async with self._db.transaction() as conn:
+            await self._runs.mark_sent(conn, outbox_ids, utcnow())
+        for run_id, change in batch.changes.items():
+            if change.run_status is not None and change.run_status is not RunStatus.RUNNING:
+                self._states.pop(run_id, None)
+                log.info("run finished", run_id=run_id, status=change.run_status.value)

@@ -1,0 +1,223 @@
+"""The async entry point for embedding Conveyor: submit runs to a stack and follow them.
+
+On an embedded stack (``local`` orchestrator) the controller and a worker pool run in this
+process; on a service stack (``rabbitmq``) this only publishes and follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from conveyor.contracts import (
+    FINISHED_RUN_STATUSES,
+    ArtifactStore,
+    Broker,
+    ComponentType,
+    ConveyorError,
+    Event,
+    RunFinished,
+    RunRecord,
+    RunRequested,
+    StackSpec,
+    StepRecord,
+    StepStatusChanged,
+    Subscription,
+    new_id,
+)
+from conveyor.service.context import Services
+from conveyor.service.controller import Controller
+from conveyor.service.home import Home
+from conveyor.service.liveness import this_process
+from conveyor.service.pipelines import PipelineDefinition, load_pipeline
+from conveyor.workers.execution import load_artifact
+from conveyor.workers.flavors import (
+    LocalOrchestratorConfig,
+    get_flavor,
+    make_artifact_store,
+    make_broker,
+    orchestrator_config,
+)
+from conveyor.workers.runtime import WorkerPool
+
+StepCallback = Callable[[StepStatusChanged], Awaitable[None] | None]
+
+
+class AsyncRun:
+    """A submitted run: wait for it, read its steps, load its outputs."""
+
+    def __init__(self, run_id: str, conveyor: Conveyor, on_step: StepCallback | None) -> None:
+        self.id = run_id
+        self._conveyor = conveyor
+        self._on_step = on_step
+        self._finished = asyncio.Event()
+        self._subscription: Subscription | None = None
+
+    async def _follow(self) -> None:
+        self._subscription = await self._conveyor.broker.follow(self.id, self._on_status)
+
+    async def _on_status(self, event: Event) -> None:
+        if isinstance(event, StepStatusChanged) and self._on_step is not None:
+            result = self._on_step(event)
+            if result is not None:
+                await result
+        elif isinstance(event, RunFinished):
+            self._finished.set()
+
+    async def wait(self, timeout: float | None = None) -> RunRecord:
+        """Wait until the run finished; its record."""
+        services = self._conveyor.services
+        while True:
+            try:
+                await asyncio.wait_for(self._finished.wait(), timeout=timeout or 2.0)
+                break
+            except TimeoutError:
+                # A missed status event must not hang the caller: look at the store too.
+                try:
+                    record = await services.runs.get_run(self.id)
+                except ConveyorError:
+                    record = None
+                if record is not None and record.status in FINISHED_RUN_STATUSES:
+                    break
+                if timeout is not None:
+                    raise
+        if self._subscription is not None:
+            await self._subscription.cancel()
+        return await services.runs.get_run(self.id)
+
+    async def record(self) -> RunRecord:
+        return await self._conveyor.services.runs.get_run(self.id)
+
+    async def steps(self) -> list[StepRecord]:
+        return await self._conveyor.services.runs.steps_of(self.id)
+
+    async def load(self, step: str, output: str = "output", *, allow_pickle: bool = False) -> Any:
+        """The value of one output, read back from the artifact store."""
+        for record in await self.steps():
+            if record.name == step and output in record.outputs:
+                ref = record.outputs[output]
+                return await asyncio.to_thread(
+                    load_artifact, self._conveyor.artifacts, ref, allow_pickle=allow_pickle
+                )
+        raise ConveyorError(f"run {self.id} has no output {output!r} of step {step!r}")
+
+
+class Conveyor:
+    """Submit and follow runs on one stack from inside an asyncio program.
+
+    ``async with Conveyor() as cv: run = await cv.submit(my_pipeline, x=1); await run.wait()``
+    """
+
+    def __init__(self, *, home: str | Path | Home | None = None, stack: str | None = None) -> None:
+        self._home = home
+        self._stack_name = stack
+        self._services: Services | None = None
+        self._broker: Broker | None = None
+        self._artifacts: ArtifactStore | None = None
+        self._controller: Controller | None = None
+        self._workers: WorkerPool | None = None
+        self.stack: StackSpec | None = None
+
+    async def __aenter__(self) -> Conveyor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def services(self) -> Services:
+        if self._services is None:
+            raise RuntimeError("Conveyor is not started")
+        return self._services
+
+    @property
+    def broker(self) -> Broker:
+        if self._broker is None:
+            raise RuntimeError("Conveyor is not started")
+        return self._broker
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        if self._artifacts is None:
+            raise RuntimeError("Conveyor is not started")
+        return self._artifacts
+
+    async def start(self) -> None:
+        """Open the store; on an embedded stack, start the controller and workers."""
+        if self._services is not None:
+            return
+        self._services = services = await Services.open(self._home)
+        try:
+            self.stack = stack = await services.stacks.resolve(self._stack_name)
+            self._artifacts = make_artifact_store(stack)
+            self._broker = make_broker(stack)
+            await self._broker.start()
+            orchestrator = stack.component(ComponentType.ORCHESTRATOR)
+            if get_flavor(orchestrator.type, orchestrator.flavor).embedded:
+                config = orchestrator_config(stack)
+                assert isinstance(config, LocalOrchestratorConfig)
+                self._controller = Controller(
+                    services.db, self._broker, stack, owner=this_process()
+                )
+                await self._controller.start()
+                self._workers = WorkerPool(
+                    self._broker, self._artifacts, concurrency=config.concurrency
+                )
+                await self._workers.start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop workers, controller, broker, store, in that order; idempotent."""
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            await workers.stop()
+        controller, self._controller = self._controller, None
+        if controller is not None:
+            await controller.stop()
+        broker, self._broker = self._broker, None
+        if broker is not None:
+            await broker.stop()
+        services, self._services = self._services, None
+        if services is not None:
+            await services.close()
+
+    async def submit(
+        self,
+        pipeline: PipelineDefinition | str,
+        *args: Any,
+        idempotency_key: str | None = None,
+        on_step: StepCallback | None = None,
+        **parameters: Any,
+    ) -> AsyncRun:
+        """Compile ``pipeline`` with these parameters and start a run of it."""
+        definition = load_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+        spec, definitions = definition.compile(*args, **parameters)
+        if self._workers is not None:
+            self._workers.resolver.add(definitions)
+        if idempotency_key:
+            existing = await self.services.runs.find_by_key(idempotency_key)
+            if existing is not None:
+                run = AsyncRun(existing.id, self, on_step)
+                await run._follow()
+                return run
+        run = AsyncRun(new_id(), self, on_step)
+        await run._follow()
+        assert self.stack is not None
+        await self.broker.publish(
+            [
+                RunRequested(
+                    run_id=run.id,
+                    pipeline=spec.ref or spec.name,
+                    parameters=spec.parameters,
+                    stack=self.stack.name,
+                    spec=spec,
+                    idempotency_key=idempotency_key,
+                )
+            ]
+        )
+        return run

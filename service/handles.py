@@ -1,0 +1,76 @@
+"""The synchronous face of a finished run, returned by calling a pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from conveyor.contracts import (
+    ConveyorError,
+    RunRecord,
+    RunStatus,
+    StackSpec,
+    StepRecord,
+    StepStatus,
+)
+from conveyor.workers.execution import load_artifact
+from conveyor.workers.flavors import make_artifact_store
+
+if TYPE_CHECKING:
+    from conveyor.service.pipelines import PipelineDefinition
+
+
+class RunHandle:
+    """A run with its steps, as recorded when it finished."""
+
+    def __init__(self, record: RunRecord, steps: list[StepRecord]) -> None:
+        self.record = record
+        self.steps = {s.name: s for s in steps}
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def status(self) -> RunStatus:
+        return self.record.status
+
+    @property
+    def step_statuses(self) -> dict[str, StepStatus]:
+        return {name: s.status for name, s in self.steps.items()}
+
+    def load(self, step: str, output: str = "output", *, allow_pickle: bool = False) -> Any:
+        """The value of an output, read back from the run's artifact store."""
+        record = self.steps.get(step)
+        if record is None or output not in record.outputs:
+            raise ConveyorError(f"run {self.id} has no output {output!r} of step {step!r}")
+        store = make_artifact_store(StackSpec.model_validate(self.record.stack_snapshot))
+        return load_artifact(store, record.outputs[output], allow_pickle=allow_pickle)
+
+    def __repr__(self) -> str:
+        return f"<run {self.id} {self.record.pipeline} {self.status.value}>"
+
+
+def run_pipeline(
+    definition: PipelineDefinition, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> RunHandle:
+    """Run ``definition`` on the active stack and wait for the end."""
+    from conveyor.service.engine import Conveyor
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise ConveyorError(
+            "a pipeline called inside an event loop would block it: use "
+            "`async with conveyor.Conveyor() as cv: await (await cv.submit(p)).wait()`"
+        )
+
+    async def main() -> RunHandle:
+        async with Conveyor() as cv:
+            run = await cv.submit(definition, *args, **kwargs)
+            record = await run.wait()
+            return RunHandle(record, await run.steps())
+
+    return asyncio.run(main())

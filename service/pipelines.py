@@ -1,0 +1,182 @@
+"""The ``@pipeline`` decorator and the compiler that turns a pipeline function into a DAG.
+
+Calling steps inside a pipeline function does not run them: each call records an
+invocation and returns handles to its outputs, which later calls take as inputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, overload
+
+from conveyor.contracts import (
+    ConveyorError,
+    OutputSelector,
+    PipelineSpec,
+    StepSpec,
+    ValidationError,
+)
+from conveyor.workers.steps import StepDefinition, building, load_reference, reference_of
+
+if TYPE_CHECKING:
+    from conveyor.service.handles import RunHandle
+
+
+class OutputHandle:
+    """A future output of a step invocation, usable as another step's input."""
+
+    __slots__ = ("output", "step")
+
+    def __init__(self, step: str, output: str) -> None:
+        self.step = step
+        self.output = output
+
+    def selector(self) -> OutputSelector:
+        return OutputSelector(step=self.step, output=self.output)
+
+    def __repr__(self) -> str:
+        return f"<output {self.output} of {self.step}>"
+
+    def __bool__(self) -> bool:
+        raise ConveyorError(
+            "a step output is not known while the pipeline is built; branch inside a step"
+        )
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.steps: list[StepSpec] = []
+        self.definitions: dict[str, StepDefinition] = {}
+        self._counts: dict[str, int] = {}
+
+    def _name(self, base: str) -> str:
+        count = self._counts.get(base, 0) + 1
+        self._counts[base] = count
+        return base if count == 1 else f"{base}_{count}"
+
+    def record(self, step: StepDefinition, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        name = self._name(step.name)
+        try:
+            bound = step.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ValidationError(f"step {step.name!r}: {exc}") from None
+        inputs: dict[str, OutputSelector | list[OutputSelector]] = {}
+        parameters: dict[str, Any] = {}
+        for param, value in bound.arguments.items():
+            kind = step.signature.parameters[param].kind
+            if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+                raise ValidationError(f"step {step.name!r}: *args and **kwargs are not supported")
+            if isinstance(value, OutputHandle):
+                inputs[param] = value.selector()
+            elif isinstance(value, list | tuple) and value and all(
+                isinstance(v, OutputHandle) for v in value
+            ):
+                inputs[param] = [v.selector() for v in value]
+            else:
+                _check_json(step.name, param, value)
+                parameters[param] = value
+        ref = step.ref
+        self.definitions[ref] = step
+        self.steps.append(
+            StepSpec(
+                name=name,
+                ref=ref,
+                inputs=inputs,
+                parameters=parameters,
+                outputs=step.outputs,
+                retries=step.retries,
+                timeout_s=step.timeout,
+                pool=step.pool,
+                allow_pickle=step.allow_pickle,
+            )
+        )
+        handles = [OutputHandle(name, output) for output in step.outputs]
+        if not handles:
+            return None
+        return handles[0] if len(handles) == 1 else tuple(handles)
+
+
+def _check_json(step: str, param: str, value: Any) -> None:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        raise ValidationError(
+            f"step {step!r}: parameter {param!r} must be JSON-compatible or a step output, "
+            f"got {type(value).__name__}"
+        ) from None
+
+
+class PipelineDefinition:
+    """A function made into a pipeline; calling it runs it on the active stack."""
+
+    def __init__(self, fn: Callable[..., Any], *, name: str | None = None) -> None:
+        self.fn = fn
+        self.name = name or fn.__name__
+        self.signature = inspect.signature(fn)
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    @property
+    def ref(self) -> str:
+        return reference_of(self.fn)
+
+    def compile(self, *args: Any, **kwargs: Any) -> tuple[PipelineSpec, dict[str, StepDefinition]]:
+        """Build the DAG with these pipeline parameters; also return the step definitions."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ValidationError(f"pipeline {self.name!r}: {exc}") from None
+        bound.apply_defaults()
+        parameters = dict(bound.arguments)
+        for key, value in parameters.items():
+            _check_json(self.name, key, value)
+        builder = _Builder()
+        token = building.set(builder)
+        try:
+            self.fn(*bound.args, **bound.kwargs)
+        finally:
+            building.reset(token)
+        if not builder.steps:
+            raise ValidationError(f"pipeline {self.name!r} calls no step")
+        spec = PipelineSpec(
+            name=self.name, ref=self.ref, parameters=parameters, steps=builder.steps
+        )
+        return spec, builder.definitions
+
+    def __call__(self, *args: Any, **kwargs: Any) -> RunHandle:
+        """Run on the active stack, wait for the end, and return the run's handle."""
+        from conveyor.service.handles import run_pipeline
+
+        return run_pipeline(self, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<pipeline {self.name} ({self.ref})>"
+
+
+@overload
+def pipeline(fn: Callable[..., Any], /) -> PipelineDefinition: ...
+
+
+@overload
+def pipeline(*, name: str | None = None) -> Callable[[Callable[..., Any]], PipelineDefinition]: ...
+
+
+def pipeline(
+    fn: Callable[..., Any] | None = None, /, *, name: str | None = None
+) -> PipelineDefinition | Callable[[Callable[..., Any]], PipelineDefinition]:
+    """Make a function a pipeline: its body calls steps, wiring outputs to inputs."""
+
+    def wrap(function: Callable[..., Any]) -> PipelineDefinition:
+        return PipelineDefinition(function, name=name)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def load_pipeline(ref: str) -> PipelineDefinition:
+    """The pipeline named by ``module:name`` or ``file.py:name``, with a clear error."""
+    obj = load_reference(ref)
+    if not isinstance(obj, PipelineDefinition):
+        raise ConveyorError(f"{ref!r} is a {type(obj).__name__}, not a @pipeline")
+    return obj

@@ -1,0 +1,283 @@
+"""The run state machine: pure functions from (run state, event) to what changed.
+
+No I/O here. The controller keeps a :class:`RunState` per active run, calls these
+functions, persists the returned :class:`Transition` and publishes its events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from conveyor.contracts import (
+    FINISHED_STEP_STATUSES,
+    ArtifactRef,
+    Event,
+    PipelineSpec,
+    RunFinished,
+    RunStatus,
+    StepFailed,
+    StepReady,
+    StepSpec,
+    StepStarted,
+    StepStatus,
+    StepStatusChanged,
+    StepSucceeded,
+)
+
+
+@dataclass
+class StepState:
+    """What the controller knows of one step; ``attempt`` 0 means not dispatched yet."""
+
+    spec: StepSpec
+    status: StepStatus = StepStatus.PENDING
+    attempt: int = 0
+    outputs: dict[str, ArtifactRef] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """What the controller knows of one run."""
+
+    run_id: str
+    status: RunStatus
+    steps: dict[str, StepState]
+    downstream: dict[str, list[str]]
+    error: str | None = None
+
+    @classmethod
+    def new(cls, run_id: str, spec: PipelineSpec) -> RunState:
+        """A pending run of ``spec`` with every step pending."""
+        steps = {s.name: StepState(s) for s in spec.steps}
+        downstream: dict[str, list[str]] = {name: [] for name in steps}
+        for s in spec.steps:
+            for up in s.upstream:
+                downstream[up].append(s.name)
+        return cls(run_id=run_id, status=RunStatus.PENDING, steps=steps, downstream=downstream)
+
+
+@dataclass
+class StepUpdate:
+    """A new row state for one step (None: leave the stored value as it is)."""
+
+    name: str
+    status: StepStatus
+    attempt: int
+    started: datetime | None = None
+    finished: datetime | None = None
+    duration_s: float | None = None
+    error: str | None = None
+    traceback: str | None = None
+    pid: int | None = None
+    worker: str | None = None
+    outputs: dict[str, ArtifactRef] = field(default_factory=dict)
+
+
+@dataclass
+class Transition:
+    """What one call changed: step rows, the run's status, and events to publish."""
+
+    steps: list[StepUpdate] = field(default_factory=list)
+    run_status: RunStatus | None = None
+    run_error: str | None = None
+    emit: list[Event] = field(default_factory=list)
+
+    def extend(self, other: Transition) -> None:
+        """Fold ``other`` (a later change of the same run) into this one."""
+        self.steps.extend(other.steps)
+        self.emit.extend(other.emit)
+        if other.run_status is not None:
+            self.run_status, self.run_error = other.run_status, other.run_error
+
+
+def _status_event(run: RunState, update: StepUpdate) -> StepStatusChanged:
+    return StepStatusChanged(
+        run_id=run.run_id,
+        step=update.name,
+        status=update.status,
+        attempt=update.attempt,
+        error=update.error,
+        duration_s=update.duration_s,
+        outputs=update.outputs,
+    )
+
+
+def _record(run: RunState, out: Transition, update: StepUpdate) -> None:
+    state = run.steps[update.name]
+    state.status = update.status
+    state.attempt = update.attempt
+    if update.outputs:
+        state.outputs = update.outputs
+    out.steps.append(update)
+    out.emit.append(_status_event(run, update))
+
+
+def _inputs(run: RunState, spec: StepSpec) -> dict[str, ArtifactRef | list[ArtifactRef]]:
+    values: dict[str, ArtifactRef | list[ArtifactRef]] = {}
+    for name, binding in spec.inputs.items():
+        if isinstance(binding, list):
+            values[name] = [run.steps[b.step].outputs[b.output] for b in binding]
+        else:
+            values[name] = run.steps[binding.step].outputs[binding.output]
+    return values
+
+
+def _dispatch(
+    run: RunState, out: Transition, name: str, attempt: int, update: StepUpdate | None = None
+) -> None:
+    """Publish a StepReady for ``attempt``; the stored row records the attempt dispatched."""
+    state = run.steps[name]
+    state.attempt = attempt
+    state.status = StepStatus.PENDING
+    out.steps.append(update or StepUpdate(name, StepStatus.PENDING, attempt))
+    out.emit.append(
+        StepReady(
+            run_id=run.run_id, step=state.spec, attempt=attempt, inputs=_inputs(run, state.spec)
+        )
+    )
+
+
+def _ready(run: RunState, name: str) -> bool:
+    state = run.steps[name]
+    if state.attempt != 0 or state.status is not StepStatus.PENDING:
+        return False
+    return all(run.steps[up].status is StepStatus.COMPLETED for up in state.spec.upstream)
+
+
+def _finish_if_done(run: RunState, out: Transition) -> None:
+    if any(s.status not in FINISHED_STEP_STATUSES for s in run.steps.values()):
+        return
+    failed = [s for s in run.steps.values() if s.status is StepStatus.FAILED]
+    run.status = RunStatus.FAILED if failed else RunStatus.COMPLETED
+    run.error = f"step {failed[0].spec.name!r} failed" if failed else None
+    out.run_status, out.run_error = run.status, run.error
+    out.emit.append(RunFinished(run_id=run.run_id, status=run.status, error=run.error))
+
+
+def start_run(run: RunState, now: datetime) -> Transition:
+    """Mark the run running and dispatch every step without upstream steps."""
+    out = Transition(run_status=RunStatus.RUNNING)
+    run.status = RunStatus.RUNNING
+    for name in run.steps:
+        if _ready(run, name):
+            _dispatch(run, out, name, 1)
+    _finish_if_done(run, out)  # an empty pipeline completes at once
+    return out
+
+
+def _skip_downstream(run: RunState, out: Transition, name: str, now: datetime) -> None:
+    stack = list(run.downstream[name])
+    while stack:
+        child = stack.pop()
+        if run.steps[child].status in FINISHED_STEP_STATUSES:
+            continue
+        _record(
+            run,
+            out,
+            StepUpdate(
+                child,
+                StepStatus.SKIPPED,
+                run.steps[child].attempt,
+                finished=now,
+                error=f"skipped: upstream step {name!r} failed",
+            ),
+        )
+        stack.extend(run.downstream[child])
+
+
+def _is_current(run: RunState, step: str, attempt: int) -> bool:
+    state = run.steps.get(step)
+    return (
+        state is not None
+        and state.attempt == attempt
+        and state.status in (StepStatus.PENDING, StepStatus.RUNNING)
+    )
+
+
+def apply_event(run: RunState, event: Event) -> Transition:
+    """Apply a worker's event to ``run`` (mutated in place) and say what changed.
+
+    Events for another attempt than the current one, or for a step that already finished,
+    change nothing: that is what makes duplicate and stale deliveries harmless.
+    """
+    out = Transition()
+    if run.status is not RunStatus.RUNNING:
+        return out
+    if isinstance(event, StepStarted):
+        if _is_current(run, event.step, event.attempt):
+            _record(
+                run,
+                out,
+                StepUpdate(
+                    event.step,
+                    StepStatus.RUNNING,
+                    event.attempt,
+                    started=event.time,
+                    pid=event.by.pid,
+                    worker=event.by.worker,
+                ),
+            )
+    elif isinstance(event, StepSucceeded):
+        if _is_current(run, event.step, event.attempt):
+            _record(
+                run,
+                out,
+                StepUpdate(
+                    event.step,
+                    StepStatus.COMPLETED,
+                    event.attempt,
+                    finished=event.time,
+                    duration_s=event.duration_s,
+                    pid=event.by.pid,
+                    worker=event.by.worker,
+                    outputs=event.outputs,
+                ),
+            )
+            for child in run.downstream[event.step]:
+                if _ready(run, child):
+                    _dispatch(run, out, child, 1)
+            _finish_if_done(run, out)
+    elif isinstance(event, StepFailed):
+        if _is_current(run, event.step, event.attempt):
+            _on_failure(run, out, event)
+    return out
+
+
+def _on_failure(run: RunState, out: Transition, event: StepFailed) -> None:
+    state = run.steps[event.step]
+    retry = event.retryable and event.attempt <= state.spec.retries
+    update = StepUpdate(
+        event.step,
+        StepStatus.PENDING if retry else StepStatus.FAILED,
+        event.attempt + 1 if retry else event.attempt,
+        finished=None if retry else event.time,
+        duration_s=event.duration_s,
+        error=event.error,
+        traceback=event.traceback,
+        pid=event.by.pid,
+        worker=event.by.worker,
+    )
+    out.emit.append(_status_event(run, update))
+    if retry:
+        _dispatch(run, out, event.step, update.attempt, update)
+        return
+    state.status = StepStatus.FAILED
+    out.steps.append(update)
+    _skip_downstream(run, out, event.step, event.time)
+    _finish_if_done(run, out)
+
+
+def cancel_run(run: RunState, now: datetime, reason: str) -> Transition:
+    """Cancel every unfinished step and the run; late events are ignored afterwards."""
+    out = Transition()
+    if run.status not in (RunStatus.PENDING, RunStatus.RUNNING):
+        return out
+    for name, state in run.steps.items():
+        if state.status not in FINISHED_STEP_STATUSES:
+            _record(run, out, StepUpdate(name, StepStatus.CANCELLED, state.attempt, finished=now,
+                                         error=reason))
+    run.status, run.error = RunStatus.CANCELLED, reason
+    out.run_status, out.run_error = run.status, reason
+    out.emit.append(RunFinished(run_id=run.run_id, status=run.status, error=reason))
+    return out

@@ -1,0 +1,92 @@
+"""Versioned schema migrations of the metadata store; append, never edit a shipped one."""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: stacks, components, runs, steps, artifacts, the outbox
+    """
+    CREATE TABLE components (
+        id TEXT PRIMARY KEY,
+        type TEXT NOT NULL,
+        name TEXT NOT NULL,
+        flavor TEXT NOT NULL,
+        config TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        shared INTEGER NOT NULL DEFAULT 0,
+        created TEXT NOT NULL,
+        UNIQUE (type, name)
+    );
+    CREATE TABLE stacks (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        owner TEXT NOT NULL,
+        shared INTEGER NOT NULL DEFAULT 0,
+        created TEXT NOT NULL
+    );
+    CREATE TABLE stack_components (
+        stack_id TEXT NOT NULL REFERENCES stacks (id) ON DELETE CASCADE,
+        type TEXT NOT NULL,
+        component_id TEXT NOT NULL REFERENCES components (id),
+        PRIMARY KEY (stack_id, type)
+    );
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        pipeline TEXT NOT NULL,
+        stack_id TEXT NOT NULL,
+        stack_name TEXT NOT NULL,
+        stack_snapshot TEXT NOT NULL,
+        status TEXT NOT NULL,
+        parameters TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        created TEXT NOT NULL,
+        started TEXT,
+        finished TEXT,
+        error TEXT,
+        idempotency_key TEXT UNIQUE,
+        owner_host TEXT,
+        owner_pid INTEGER,
+        owner_token TEXT
+    );
+    CREATE INDEX runs_by_stack ON runs (stack_id, created);
+    CREATE INDEX runs_by_status ON runs (status);
+    CREATE TABLE steps (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        max_retries INTEGER NOT NULL DEFAULT 0,
+        started TEXT,
+        finished TEXT,
+        duration_s REAL,
+        error TEXT,
+        traceback TEXT,
+        pid INTEGER,
+        worker TEXT,
+        PRIMARY KEY (run_id, name)
+    );
+    CREATE TABLE artifacts (
+        id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        step_name TEXT NOT NULL,
+        output_name TEXT NOT NULL,
+        uri TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        materializer TEXT NOT NULL,
+        data_type TEXT NOT NULL,
+        created TEXT NOT NULL,
+        UNIQUE (run_id, step_name, output_name)
+    );
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        stack_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        created TEXT NOT NULL,
+        sent TEXT
+    );
+    CREATE INDEX outbox_unsent ON outbox (stack_id) WHERE sent IS NULL;
+    """,
+)

@@ -1,0 +1,371 @@
+"""Runs, steps, artifacts and the outbox in the metadata store."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import aiosqlite
+
+from conveyor.contracts import (
+    FINISHED_RUN_STATUSES,
+    ArtifactRecord,
+    ArtifactRef,
+    ConflictError,
+    Event,
+    NotFoundError,
+    PipelineSpec,
+    RunRecord,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+    encode_event,
+    new_id,
+    parse_event,
+    utcnow,
+)
+from conveyor.service.scheduling import RunState, StepState, Transition
+from conveyor.service.store.db import Database
+
+ACTIVE = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
+
+
+def _ts(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _run_record(row: aiosqlite.Row) -> RunRecord:
+    created = _dt(row["created"])
+    assert created is not None
+    return RunRecord(
+        id=row["id"],
+        pipeline=row["pipeline"],
+        stack_id=row["stack_id"],
+        stack_name=row["stack_name"],
+        stack_snapshot=json.loads(row["stack_snapshot"]),
+        status=RunStatus(row["status"]),
+        parameters=json.loads(row["parameters"]),
+        created=created,
+        started=_dt(row["started"]),
+        finished=_dt(row["finished"]),
+        error=row["error"],
+        idempotency_key=row["idempotency_key"],
+    )
+
+
+def _artifact_ref(row: aiosqlite.Row) -> ArtifactRef:
+    return ArtifactRef(
+        uri=row["uri"],
+        sha256=row["sha256"],
+        size=row["size"],
+        materializer=row["materializer"],
+        data_type=row["data_type"],
+    )
+
+
+class RunStore:
+    """Reads and writes of run state. Writes happen inside a ``Database.transaction()``."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # --- writes (the controller's) ---
+
+    async def insert_run(
+        self,
+        conn: aiosqlite.Connection,
+        *,
+        run_id: str,
+        spec: PipelineSpec,
+        stack_id: str,
+        stack_name: str,
+        stack_snapshot: dict[str, Any],
+        idempotency_key: str | None,
+        owner: tuple[str, int, str] | None,
+        now: datetime,
+    ) -> None:
+        host, pid, token = owner if owner else (None, None, None)
+        await conn.execute(
+            "INSERT INTO runs (id, pipeline, stack_id, stack_name, stack_snapshot, status,"
+            " parameters, spec, created, idempotency_key, owner_host, owner_pid, owner_token)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                run_id,
+                spec.name,
+                stack_id,
+                stack_name,
+                json.dumps(stack_snapshot),
+                RunStatus.PENDING.value,
+                json.dumps(spec.parameters),
+                spec.model_dump_json(),
+                now.isoformat(),
+                idempotency_key,
+                host,
+                pid,
+                token,
+            ),
+        )
+        await conn.executemany(
+            "INSERT INTO steps (run_id, name, position, status, max_retries) VALUES (?,?,?,?,?)",
+            [
+                (run_id, s.name, i, StepStatus.PENDING.value, s.retries)
+                for i, s in enumerate(spec.steps)
+            ],
+        )
+
+    async def apply(
+        self, conn: aiosqlite.Connection, run_id: str, change: Transition, now: datetime
+    ) -> None:
+        """Persist a transition of ``run_id``: step rows, artifacts and the run's status."""
+        await self.db.executemany(
+            conn,
+            "UPDATE steps SET status = ?, attempt = ?, started = COALESCE(?, started),"
+            " finished = ?, duration_s = COALESCE(?, duration_s), error = ?,"
+            " traceback = ?, pid = COALESCE(?, pid), worker = COALESCE(?, worker)"
+            " WHERE run_id = ? AND name = ?",
+            (
+                (
+                    u.status.value,
+                    u.attempt,
+                    _ts(u.started),
+                    _ts(u.finished),
+                    u.duration_s,
+                    u.error,
+                    u.traceback,
+                    u.pid,
+                    u.worker,
+                    run_id,
+                    u.name,
+                )
+                for u in change.steps
+            ),
+        )
+        await self.db.executemany(
+            conn,
+            "INSERT OR IGNORE INTO artifacts (id, run_id, step_name, output_name, uri, sha256,"
+            " size, materializer, data_type, created) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                (new_id(), run_id, u.name, output, r.uri, r.sha256, r.size, r.materializer,
+                 r.data_type, now.isoformat())
+                for u in change.steps
+                for output, r in u.outputs.items()
+            ),
+        )
+        if change.run_status is RunStatus.RUNNING:
+            await conn.execute(
+                "UPDATE runs SET status = ?, started = COALESCE(started, ?) WHERE id = ?",
+                (RunStatus.RUNNING.value, now.isoformat(), run_id),
+            )
+        elif change.run_status is not None:
+            await conn.execute(
+                "UPDATE runs SET status = ?, finished = ?, error = ?,"
+                " started = COALESCE(started, ?) WHERE id = ?",
+                (change.run_status.value, now.isoformat(), change.run_error, now.isoformat(),
+                 run_id),
+            )
+
+    async def add_outbox(
+        self, conn: aiosqlite.Connection, stack_id: str, events: Sequence[Event], now: datetime
+    ) -> list[int]:
+        """Record events to publish; returns their outbox ids."""
+        ids: list[int] = []
+        for event in events:
+            cursor = await conn.execute(
+                "INSERT INTO outbox (run_id, stack_id, event, created) VALUES (?, ?, ?, ?)",
+                (event.run_id, stack_id, encode_event(event).decode(), now.isoformat()),
+            )
+            assert cursor.lastrowid is not None
+            ids.append(cursor.lastrowid)
+        return ids
+
+    async def mark_sent(self, conn: aiosqlite.Connection, ids: Iterable[int], now: datetime) -> None:
+        await self.db.executemany(
+            conn, "UPDATE outbox SET sent = ? WHERE id = ?", ((now.isoformat(), i) for i in ids)
+        )
+
+    async def unsent(self, stack_id: str) -> list[tuple[int, Event]]:
+        rows = await self.db.fetchall(
+            "SELECT id, event FROM outbox WHERE stack_id = ? AND sent IS NULL ORDER BY id",
+            (stack_id,),
+        )
+        return [(row["id"], parse_event(row["event"])) for row in rows]
+
+    # --- reads ---
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        row = await self.db.fetchone("SELECT * FROM runs WHERE id = ?", (run_id,))
+        if row is None:
+            row = await self.db.fetchone(
+                "SELECT * FROM runs WHERE id LIKE ? ORDER BY created DESC", (f"{run_id}%",)
+            )
+        if row is None:
+            raise NotFoundError(f"no run with id {run_id!r}")
+        return _run_record(row)
+
+    async def find_by_key(self, idempotency_key: str) -> RunRecord | None:
+        row = await self.db.fetchone(
+            "SELECT * FROM runs WHERE idempotency_key = ?", (idempotency_key,)
+        )
+        return _run_record(row) if row else None
+
+    async def list_runs(
+        self,
+        *,
+        stack_id: str | None = None,
+        pipeline: str | None = None,
+        status: RunStatus | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[RunRecord]:
+        where, params = [], []
+        for column, value in (("stack_id", stack_id), ("pipeline", pipeline), ("status", status)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(str(value))
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = await self.db.fetchall(
+            f"SELECT * FROM runs {clause} ORDER BY created DESC LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        return [_run_record(row) for row in rows]
+
+    async def spec_of(self, run_id: str) -> PipelineSpec:
+        row = await self.db.fetchone("SELECT spec FROM runs WHERE id = ?", (run_id,))
+        if row is None:
+            raise NotFoundError(f"no run with id {run_id!r}")
+        return PipelineSpec.model_validate_json(row["spec"])
+
+    async def outputs_of(self, run_id: str) -> dict[str, dict[str, ArtifactRef]]:
+        rows = await self.db.fetchall("SELECT * FROM artifacts WHERE run_id = ?", (run_id,))
+        found: dict[str, dict[str, ArtifactRef]] = {}
+        for row in rows:
+            found.setdefault(row["step_name"], {})[row["output_name"]] = _artifact_ref(row)
+        return found
+
+    async def steps_of(self, run_id: str) -> list[StepRecord]:
+        spec = await self.spec_of(run_id)
+        upstream = {s.name: s.upstream for s in spec.steps}
+        outputs = await self.outputs_of(run_id)
+        rows = await self.db.fetchall(
+            "SELECT * FROM steps WHERE run_id = ? ORDER BY position", (run_id,)
+        )
+        return [
+            StepRecord(
+                run_id=run_id,
+                name=row["name"],
+                status=StepStatus(row["status"]),
+                attempt=row["attempt"],
+                max_retries=row["max_retries"],
+                started=_dt(row["started"]),
+                finished=_dt(row["finished"]),
+                duration_s=row["duration_s"],
+                error=row["error"],
+                traceback=row["traceback"],
+                pid=row["pid"],
+                worker=row["worker"],
+                upstream=upstream.get(row["name"], []),
+                outputs=outputs.get(row["name"], {}),
+            )
+            for row in rows
+        ]
+
+    async def load_state(self, run_id: str) -> RunState:
+        """Rebuild the controller's view of a run from the store (after a restart)."""
+        run = await self.get_run(run_id)
+        state = RunState.new(run.id, await self.spec_of(run.id))
+        state.status, state.error = run.status, run.error
+        for record in await self.steps_of(run.id):
+            state.steps[record.name] = StepState(
+                spec=state.steps[record.name].spec,
+                status=record.status,
+                attempt=record.attempt,
+                outputs=dict(record.outputs),
+            )
+        return state
+
+    async def active_run_ids(self, stack_id: str) -> list[str]:
+        rows = await self.db.fetchall(
+            "SELECT id FROM runs WHERE stack_id = ? AND status IN (?, ?) ORDER BY created",
+            (stack_id, *ACTIVE),
+        )
+        return [row["id"] for row in rows]
+
+    async def list_artifacts(
+        self, *, run_id: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[ArtifactRecord]:
+        clause, params = ("WHERE run_id = ?", [run_id]) if run_id else ("", [])
+        rows = await self.db.fetchall(
+            f"SELECT * FROM artifacts {clause} ORDER BY created DESC LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        return [self._artifact_record(row) for row in rows]
+
+    async def get_artifact(self, artifact_id: str) -> ArtifactRecord:
+        row = await self.db.fetchone("SELECT * FROM artifacts WHERE id = ?", (artifact_id,))
+        if row is None:
+            row = await self.db.fetchone(
+                "SELECT * FROM artifacts WHERE id LIKE ?", (f"{artifact_id}%",)
+            )
+        if row is None:
+            raise NotFoundError(f"no artifact with id {artifact_id!r}")
+        return self._artifact_record(row)
+
+    @staticmethod
+    def _artifact_record(row: aiosqlite.Row) -> ArtifactRecord:
+        created = _dt(row["created"])
+        assert created is not None
+        return ArtifactRecord(
+            id=row["id"],
+            run_id=row["run_id"],
+            step_name=row["step_name"],
+            output_name=row["output_name"],
+            ref=_artifact_ref(row),
+            created=created,
+        )
+
+    # --- recovery of runs whose embedded controller died ---
+
+    async def owned_active_runs(self, host: str) -> list[tuple[str, int, str]]:
+        rows = await self.db.fetchall(
+            "SELECT id, owner_pid, owner_token FROM runs"
+            " WHERE owner_host = ? AND status IN (?, ?)",
+            (host, *ACTIVE),
+        )
+        return [(row["id"], row["owner_pid"], row["owner_token"]) for row in rows]
+
+    async def fail_abandoned(self, run_id: str, reason: str) -> None:
+        """Mark a run whose controller process died failed, with its unfinished steps."""
+        now = utcnow().isoformat()
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "UPDATE steps SET status = CASE status WHEN ? THEN ? ELSE ? END,"
+                " finished = ?, error = ? WHERE run_id = ? AND status IN (?, ?)",
+                (
+                    StepStatus.RUNNING.value,
+                    StepStatus.FAILED.value,
+                    StepStatus.SKIPPED.value,
+                    now,
+                    reason,
+                    run_id,
+                    StepStatus.RUNNING.value,
+                    StepStatus.PENDING.value,
+                ),
+            )
+            await conn.execute(
+                "UPDATE runs SET status = ?, finished = ?, error = ? WHERE id = ? AND status IN"
+                " (?, ?)",
+                (RunStatus.FAILED.value, now, reason, run_id, *ACTIVE),
+            )
+
+    async def delete_run(self, run_id: str) -> None:
+        run = await self.get_run(run_id)
+        if run.status not in FINISHED_RUN_STATUSES:
+            raise ConflictError(f"run {run.id} is {run.status}; cancel it before deleting it")
+        async with self.db.transaction() as conn:
+            await conn.execute("DELETE FROM runs WHERE id = ?", (run.id,))

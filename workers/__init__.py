@@ -1,0 +1,1 @@
+"""The data plane: brokers, artifact stores, materializers, step execution, worker runtime."""

@@ -1,0 +1,212 @@
+"""The in-process broker of the ``local`` orchestrator flavor.
+
+A real broker with the semantics of the RabbitMQ one, inside one asyncio process: named
+queues, prefetch, explicit settlement, requeue of what a cancelled consumer left unsettled,
+a dead-letter queue with reasons, and per-run status fan-out to followers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from conveyor.contracts import (
+    DeliveryHandler,
+    Event,
+    StatusHandler,
+    Topology,
+    is_status_event,
+)
+
+log = structlog.get_logger("conveyor.broker.inprocess")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message that could not be handled, and why."""
+
+    queue: str
+    event: Event
+    reason: str
+
+
+class _Message:
+    __slots__ = ("event", "redelivered")
+
+    def __init__(self, event: Event, redelivered: bool = False) -> None:
+        self.event = event
+        self.redelivered = redelivered
+
+
+class _Delivery:
+    __slots__ = ("_consumer", "_message", "_settled")
+
+    def __init__(self, consumer: _Consumer, message: _Message) -> None:
+        self._consumer = consumer
+        self._message = message
+        self._settled = False
+
+    @property
+    def event(self) -> Event:
+        return self._message.event
+
+    @property
+    def redelivered(self) -> bool:
+        return self._message.redelivered
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        self._consumer.unsettled.discard(self)
+        self._consumer.window.release()
+        return True
+
+    async def ack(self) -> None:
+        self._settle()
+
+    async def reject(self, reason: str) -> None:
+        if self._settle():
+            self._consumer.broker.dead_letter(self._consumer.queue, self.event, reason)
+
+    async def requeue(self) -> None:
+        if self._settle():
+            self._consumer.broker.queue(self._consumer.queue).put_nowait(
+                _Message(self.event, redelivered=True)
+            )
+
+
+class _Consumer:
+    def __init__(
+        self, broker: InProcessBroker, queue: str, handler: DeliveryHandler, prefetch: int
+    ) -> None:
+        self.broker = broker
+        self.queue = queue
+        self.handler = handler
+        self.window = asyncio.Semaphore(prefetch)
+        self.unsettled: set[_Delivery] = set()
+        # Handler tasks are kept referenced here until they finish, or asyncio may drop them.
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.pump: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.pump is not None and not self.pump.done()
+
+    async def run(self) -> None:
+        source = self.broker.queue(self.queue)
+        while True:
+            await self.window.acquire()
+            message = await source.get()
+            delivery = _Delivery(self, message)
+            self.unsettled.add(delivery)
+            task = asyncio.create_task(self._handle(delivery))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _handle(self, delivery: _Delivery) -> None:
+        try:
+            await self.handler(delivery)
+        except Exception as exc:
+            log.exception("handler failed", queue=self.queue, event_id=delivery.event.event_id)
+            await delivery.reject(f"handler raised {type(exc).__name__}: {exc}")
+
+    async def cancel(self) -> None:
+        if self.pump is not None:
+            self.pump.cancel()
+            await asyncio.gather(self.pump, return_exceptions=True)
+        for delivery in list(self.unsettled):
+            await delivery.requeue()
+        self.broker.consumers.discard(self)
+
+
+class _Follower:
+    def __init__(self, broker: InProcessBroker, run_id: str, handler: StatusHandler) -> None:
+        self.broker = broker
+        self.run_id = run_id
+        self.handler = handler
+        self.inbox: asyncio.Queue[Event] = asyncio.Queue()
+        self.pump: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.pump is not None and not self.pump.done()
+
+    async def run(self) -> None:
+        while True:
+            event = await self.inbox.get()
+            try:
+                await self.handler(event)
+            except Exception:
+                log.exception("status handler failed", run_id=self.run_id)
+
+    async def cancel(self) -> None:
+        if self.pump is not None:
+            self.pump.cancel()
+            await asyncio.gather(self.pump, return_exceptions=True)
+        self.broker.followers[self.run_id].discard(self)
+
+
+class InProcessBroker:
+    """An asyncio broker living in the current process (the embedded default stack)."""
+
+    def __init__(self, topology: Topology) -> None:
+        self._topology = topology
+        self._queues: dict[str, asyncio.Queue[_Message]] = {}
+        self.consumers: set[_Consumer] = set()
+        self.followers: defaultdict[str, set[_Follower]] = defaultdict(set)
+        self.dead_letters: list[DeadLetter] = []
+
+    @property
+    def topology(self) -> Topology:
+        return self._topology
+
+    def queue(self, name: str) -> asyncio.Queue[_Message]:
+        """The named queue, created on first use (declaring is idempotent)."""
+        found = self._queues.get(name)
+        if found is None:
+            found = self._queues[name] = asyncio.Queue()
+        return found
+
+    def depth(self, name: str) -> int:
+        """Messages waiting in ``name`` (not counting those delivered but unsettled)."""
+        return self.queue(name).qsize()
+
+    def dead_letter(self, queue: str, event: Event, reason: str) -> None:
+        log.warning("dead-lettered", queue=queue, event_id=event.event_id, reason=reason)
+        self.dead_letters.append(DeadLetter(queue, event, reason))
+
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    async def stop(self) -> None:
+        """Cancel every consumer and follower; idempotent."""
+        for consumer in list(self.consumers):
+            await consumer.cancel()
+        for followers in list(self.followers.values()):
+            for follower in list(followers):
+                await follower.cancel()
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        for event in events:
+            if is_status_event(event):
+                for follower in self.followers.get(event.run_id, ()):
+                    follower.inbox.put_nowait(event)
+            else:
+                self.queue(self._topology.route(event)).put_nowait(_Message(event))
+
+    async def consume(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> _Consumer:
+        consumer = _Consumer(self, queue, handler, prefetch)
+        consumer.pump = asyncio.create_task(consumer.run(), name=f"consume:{queue}")
+        self.consumers.add(consumer)
+        return consumer
+
+    async def follow(self, run_id: str, handler: StatusHandler) -> _Follower:
+        follower = _Follower(self, run_id, handler)
+        follower.pump = asyncio.create_task(follower.run(), name=f"follow:{run_id}")
+        self.followers[run_id].add(follower)
+        return follower

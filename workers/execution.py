@@ -1,0 +1,173 @@
+"""Running one attempt of a step: load inputs, call the body, persist outputs.
+
+Blocking work (file I/O, hashing, sync step bodies) runs in a thread pool with the
+caller's context copied, so log bindings survive and the event loop stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from conveyor.contracts import (
+    ArtifactRef,
+    ArtifactStore,
+    ConveyorError,
+    StepFailed,
+    StepReady,
+    StepSucceeded,
+    WorkerFacts,
+)
+from conveyor.workers import materializers
+from conveyor.workers.steps import StepDefinition, StepResolver
+
+T = TypeVar("T")
+
+
+def load_artifact(store: ArtifactStore, ref: ArtifactRef, *, allow_pickle: bool) -> Any:
+    """The value of a persisted artifact, verified against its sha256."""
+    materializer = materializers.by_name(ref.materializer, allow_pickle=allow_pickle)
+    return materializer.load(store.get(ref.uri, ref.sha256), ref)
+
+
+def save_artifact(
+    store: ArtifactStore, value: object, *, allow_pickle: bool, what: str
+) -> ArtifactRef:
+    """Persist ``value``; ``what`` names it in the error if no materializer fits."""
+    materializer = materializers.choose(value, allow_pickle=allow_pickle, what=what)
+    data = materializer.dump(value)
+    uri, digest = store.put(data)
+    return ArtifactRef(
+        uri=uri,
+        sha256=digest,
+        size=len(data),
+        materializer=materializer.name,
+        data_type=materializers.type_name(value),
+    )
+
+
+def split_outputs(definition: StepDefinition, result: Any) -> dict[str, Any]:
+    """Map a step's return value onto its output names."""
+    names = definition.outputs
+    if not names:
+        return {}
+    if len(names) == 1:
+        return {names[0]: result}
+    if not isinstance(result, tuple) or len(result) != len(names):
+        raise ConveyorError(
+            f"step {definition.name!r} is annotated to return {len(names)} values "
+            f"but returned {type(result).__name__}",
+            retryable=False,
+        )
+    return dict(zip(names, result, strict=True))
+
+
+class StepExecutor:
+    """Executes StepReady events and answers with a StepSucceeded or StepFailed."""
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        resolver: StepResolver,
+        facts: WorkerFacts,
+        threads: ThreadPoolExecutor,
+    ) -> None:
+        self._store = store
+        self._resolver = resolver
+        self._facts = facts
+        self._threads = threads
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, context.run, fn, *args)
+
+    def _load_inputs(self, ready: StepReady) -> dict[str, Any]:
+        pickle_ok = ready.step.allow_pickle
+        values: dict[str, Any] = {}
+        for name, refs in ready.inputs.items():
+            if isinstance(refs, list):
+                values[name] = [load_artifact(self._store, r, allow_pickle=pickle_ok) for r in refs]
+            else:
+                values[name] = load_artifact(self._store, refs, allow_pickle=pickle_ok)
+        return values
+
+    def _save_outputs(
+        self, ready: StepReady, definition: StepDefinition, result: Any
+    ) -> dict[str, ArtifactRef]:
+        return {
+            name: save_artifact(
+                self._store,
+                value,
+                allow_pickle=ready.step.allow_pickle,
+                what=f"output {name!r} of step {ready.step.name!r}",
+            )
+            for name, value in split_outputs(definition, result).items()
+        }
+
+    def _run_sync(
+        self, ready: StepReady, definition: StepDefinition
+    ) -> tuple[dict[str, ArtifactRef], float]:
+        kwargs = {**ready.step.parameters, **self._load_inputs(ready)}
+        started = time.perf_counter()
+        result = definition.fn(**kwargs)
+        body = time.perf_counter() - started
+        return self._save_outputs(ready, definition, result), body
+
+    async def _run_async(
+        self, ready: StepReady, definition: StepDefinition
+    ) -> tuple[dict[str, ArtifactRef], float]:
+        kwargs = {**ready.step.parameters, **await self._in_thread(self._load_inputs, ready)}
+        started = time.perf_counter()
+        result = await definition.fn(**kwargs)
+        body = time.perf_counter() - started
+        return await self._in_thread(self._save_outputs, ready, definition, result), body
+
+    async def execute(self, ready: StepReady) -> StepSucceeded | StepFailed:
+        """Run one attempt; every exception becomes a StepFailed, never escapes."""
+        started = time.perf_counter()
+        try:
+            definition = self._resolver.resolve(ready.step.ref)
+            if definition.is_async:
+                attempt = self._run_async(ready, definition)
+            else:
+                attempt = self._in_thread(self._run_sync, ready, definition)
+            outputs, body = await asyncio.wait_for(attempt, ready.step.timeout_s)
+        except TimeoutError:
+            return self._failed(
+                ready, f"TimeoutError: step timed out after {ready.step.timeout_s}s", None, True,
+                started,
+            )
+        except ConveyorError as exc:
+            return self._failed(ready, f"{type(exc).__name__}: {exc}", None, exc.retryable, started)
+        except Exception as exc:
+            return self._failed(
+                ready, f"{type(exc).__name__}: {exc}", traceback.format_exc(), True, started
+            )
+        return StepSucceeded(
+            run_id=ready.run_id,
+            step=ready.step.name,
+            attempt=ready.attempt,
+            outputs=outputs,
+            duration_s=body,
+            by=self._facts,
+        )
+
+    def _failed(
+        self, ready: StepReady, error: str, tb: str | None, retryable: bool, started: float
+    ) -> StepFailed:
+        return StepFailed(
+            run_id=ready.run_id,
+            step=ready.step.name,
+            attempt=ready.attempt,
+            error=error,
+            traceback=tb,
+            retryable=retryable,
+            duration_s=time.perf_counter() - started,
+            by=self._facts,
+        )

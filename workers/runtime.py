@@ -1,0 +1,134 @@
+"""The worker runtime: consume StepReady, execute, publish the completion, then ack.
+
+Ack timing is one policy, here: a StepReady is acked only after its StepSucceeded or
+StepFailed was confirmed by the broker. A worker that dies before that leaves the message
+unacked, and the broker delivers it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+from conveyor.contracts import (
+    DEFAULT_POOL,
+    ArtifactStore,
+    Broker,
+    Delivery,
+    StepReady,
+    StepStarted,
+    Subscription,
+    WorkerFacts,
+)
+from conveyor.workers.execution import StepExecutor
+from conveyor.workers.steps import StepResolver
+
+log = structlog.get_logger("conveyor.worker")
+
+
+def worker_facts(name: str | None = None) -> WorkerFacts:
+    """Who this worker process is, as recorded on each step it runs."""
+    pid = os.getpid()
+    return WorkerFacts(worker=name or f"{socket.gethostname()}:{pid}", pid=pid)
+
+
+class WorkerPool:
+    """Runs up to ``concurrency`` steps at once from the queues of ``pools``.
+
+    Lifecycle: ``start()``, ``stop()`` (idempotent, safe before start), or ``async with``.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        store: ArtifactStore,
+        *,
+        resolver: StepResolver | None = None,
+        pools: Sequence[str] = (DEFAULT_POOL,),
+        concurrency: int = 4,
+        name: str | None = None,
+    ) -> None:
+        self._broker = broker
+        self._pools = list(pools)
+        self._concurrency = concurrency
+        self.facts = worker_facts(name)
+        self.resolver = resolver or StepResolver()
+        self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="conveyor-step")
+        self._executor = StepExecutor(store, self.resolver, self.facts, self._threads)
+        self._subscriptions: list[Subscription] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    async def __aenter__(self) -> WorkerPool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def consumer_count(self) -> int:
+        """Consumers the broker still delivers to (zero means this worker is deaf)."""
+        return sum(1 for s in self._subscriptions if s.active)
+
+    async def start(self) -> None:
+        """Start consuming the step queue of every pool."""
+        for pool in self._pools:
+            queue = self._broker.topology.step_queue(pool)
+            self._subscriptions.append(
+                await self._broker.consume(queue, self._on_step_ready, prefetch=self._concurrency)
+            )
+        log.info("worker started", worker=self.facts.worker, pools=self._pools)
+
+    async def _on_step_ready(self, delivery: Delivery) -> None:
+        if self._stopping:
+            await delivery.requeue()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            await self._run(delivery)
+        finally:
+            self._in_flight.discard(task)
+
+    async def _run(self, delivery: Delivery) -> None:
+        ready = delivery.event
+        if not isinstance(ready, StepReady):
+            await delivery.reject(f"expected StepReady on a step queue, got {ready.type}")
+            return
+        with structlog.contextvars.bound_contextvars(
+            run_id=ready.run_id, step=ready.step.name, attempt=ready.attempt
+        ):
+            await self._broker.publish(
+                [
+                    StepStarted(
+                        run_id=ready.run_id,
+                        step=ready.step.name,
+                        attempt=ready.attempt,
+                        by=self.facts,
+                    )
+                ]
+            )
+            outcome = await self._executor.execute(ready)
+            await self._broker.publish([outcome])
+            await delivery.ack()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop consuming, let running steps finish within ``grace`` s, requeue the rest."""
+        self._stopping = True
+        subscriptions, self._subscriptions = self._subscriptions, []
+        running = list(self._in_flight)
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for subscription in subscriptions:
+            await subscription.cancel()
+        self._threads.shutdown(wait=False, cancel_futures=True)
