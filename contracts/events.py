@@ -10,12 +10,11 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, TypeAdapter
-from pydantic import ValidationError as PydanticValidationError
-
 from conveyor.contracts.errors import ConveyorError
 from conveyor.contracts.models import ArtifactRef, Frozen, RunStatus, StepStatus
 from conveyor.contracts.pipeline_spec import PipelineSpec, StepSpec
+from pydantic import Field, TypeAdapter
+from pydantic import ValidationError as PydanticValidationError
 
 SCHEMA_VERSION = 1
 
@@ -34,7 +33,7 @@ class Envelope(Frozen):
     """Fields every event carries."""
 
     event_id: str = Field(default_factory=new_id)
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     run_id: str
     time: datetime = Field(default_factory=utcnow)
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
-
 from conveyor.contracts.models import Frozen
+from pydantic import Field
 
 DEFAULT_POOL = "default"
 

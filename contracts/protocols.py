@@ -62,9 +62,7 @@ class Broker(Protocol):
     async def publish(self, events: Sequence[Event]) -> None:
         """Route and publish ``events``; returns once the broker confirmed every one."""
 
-    async def consume(
-        self, queue: str, handler: DeliveryHandler, *, prefetch: int
-    ) -> Subscription:
+    async def consume(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> Subscription:
         """Deliver messages of ``queue`` to ``handler``, at most ``prefetch`` unsettled."""
 
     async def follow(self, run_id: str, handler: StatusHandler) -> Subscription:

@@ -1,17 +1,17 @@
 """Conveyor: event-driven ML pipelines on stacks.
 
-    from conveyor import pipeline, step
+from conveyor import pipeline, step
 
-    @step
-    def make() -> int: return 41
+@step
+def make() -> int: return 41
 
-    @step
-    def inc(x: int) -> int: return x + 1
+@step
+def inc(x: int) -> int: return x + 1
 
-    @pipeline
-    def p(): inc(make())
+@pipeline
+def p(): inc(make())
 
-    run = p()  # runs on the active stack
+run = p()  # runs on the active stack
 """
 
 from conveyor.contracts import (

@@ -1,6 +1,6 @@
 """A small but real ML pipeline: make data, split it, fit logistic regression, evaluate.
 
-    conveyor pipeline run examples/quickstart.py:training_pipeline
+conveyor pipeline run examples/quickstart.py:training_pipeline
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ def make_dataset(n_samples: int = 1000, n_features: int = 5, seed: int = 0) -> n
 
 
 @step
-def split(data: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> tuple[
-    np.ndarray, np.ndarray
-]:
+def split(
+    data: np.ndarray, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Shuffle, then split into train and test rows."""
     order = np.random.default_rng(seed).permutation(len(data))
     cut = int(len(data) * (1 - test_fraction))

@@ -122,7 +122,9 @@ class Client:
 
     # --- artifacts ---
 
-    def list_artifacts(self, *, run_id: str | None = None, limit: int = 100) -> list[ArtifactRecord]:
+    def list_artifacts(
+        self, *, run_id: str | None = None, limit: int = 100
+    ) -> list[ArtifactRecord]:
         async def call(s: Services) -> list[ArtifactRecord]:
             full_id = (await s.runs.get_run(run_id)).id if run_id else None
             return await s.runs.list_artifacts(run_id=full_id, limit=limit)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import structlog
-
 from conveyor.contracts import (
     Broker,
     ConveyorError,

@@ -70,8 +70,10 @@ class _Builder:
                 raise ValidationError(f"step {step.name!r}: *args and **kwargs are not supported")
             if isinstance(value, OutputHandle):
                 inputs[param] = value.selector()
-            elif isinstance(value, list | tuple) and value and all(
-                isinstance(v, OutputHandle) for v in value
+            elif (
+                isinstance(value, list | tuple)
+                and value
+                and all(isinstance(v, OutputHandle) for v in value)
             ):
                 inputs[param] = [v.selector() for v in value]
             else:

@@ -238,9 +238,8 @@ def apply_event(run: RunState, event: Event) -> Transition:
                 if _ready(run, child):
                     _dispatch(run, out, child, 1)
             _finish_if_done(run, out)
-    elif isinstance(event, StepFailed):
-        if _is_current(run, event.step, event.attempt):
-            _on_failure(run, out, event)
+    elif isinstance(event, StepFailed) and _is_current(run, event.step, event.attempt):
+        _on_failure(run, out, event)
     return out
 
 
@@ -275,8 +274,11 @@ def cancel_run(run: RunState, now: datetime, reason: str) -> Transition:
         return out
     for name, state in run.steps.items():
         if state.status not in FINISHED_STEP_STATUSES:
-            _record(run, out, StepUpdate(name, StepStatus.CANCELLED, state.attempt, finished=now,
-                                         error=reason))
+            _record(
+                run,
+                out,
+                StepUpdate(name, StepStatus.CANCELLED, state.attempt, finished=now, error=reason),
+            )
     run.status, run.error = RunStatus.CANCELLED, reason
     out.run_status, out.run_error = run.status, reason
     out.emit.append(RunFinished(run_id=run.run_id, status=run.status, error=reason))

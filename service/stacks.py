@@ -43,12 +43,20 @@ class StackService:
         orchestrator = await self.store.component(ComponentType.ORCHESTRATOR, DEFAULT)
         store = await self.store.component(ComponentType.ARTIFACT_STORE, DEFAULT)
         orchestrator = orchestrator or ComponentSpec(
-            id=new_id(), type=ComponentType.ORCHESTRATOR, name=DEFAULT, flavor="local",
-            config={}, created=now,
+            id=new_id(),
+            type=ComponentType.ORCHESTRATOR,
+            name=DEFAULT,
+            flavor="local",
+            config={},
+            created=now,
         )
         store = store or ComponentSpec(
-            id=new_id(), type=ComponentType.ARTIFACT_STORE, name=DEFAULT, flavor="local",
-            config={"path": str(self.home.default_artifacts)}, created=now,
+            id=new_id(),
+            type=ComponentType.ARTIFACT_STORE,
+            name=DEFAULT,
+            flavor="local",
+            config={"path": str(self.home.default_artifacts)},
+            created=now,
         )
         async with self.db.transaction() as conn:
             # Another process may have created it since we looked.
@@ -73,15 +81,11 @@ class StackService:
         for stack in stacks:
             if stack.name == name:
                 return stack
-        raise NotFoundError(
-            f"no stack named {name!r}{suggest(name, (s.name for s in stacks))}"
-        )
+        raise NotFoundError(f"no stack named {name!r}{suggest(name, (s.name for s in stacks))}")
 
     async def active_name(self) -> str:
         """$CONVEYOR_STACK, else the client's chosen stack, else the default stack."""
-        return (
-            os.environ.get(STACK_ENV) or await self.store.setting(ACTIVE_STACK_KEY) or DEFAULT
-        )
+        return os.environ.get(STACK_ENV) or await self.store.setting(ACTIVE_STACK_KEY) or DEFAULT
 
     async def resolve(self, name: str | None = None) -> StackSpec:
         """The stack a command works on: ``name`` if given, else the active stack."""

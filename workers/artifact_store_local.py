@@ -8,9 +8,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from conveyor.contracts import ConveyorError
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class LocalArtifactStoreConfig(BaseModel):

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
-
 from conveyor.contracts import (
     DeliveryHandler,
     Event,

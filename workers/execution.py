@@ -140,7 +140,10 @@ class StepExecutor:
             outputs, body = await asyncio.wait_for(attempt, ready.step.timeout_s)
         except TimeoutError:
             return self._failed(
-                ready, f"TimeoutError: step timed out after {ready.step.timeout_s}s", None, True,
+                ready,
+                f"TimeoutError: step timed out after {ready.step.timeout_s}s",
+                None,
+                True,
                 started,
             )
         except ConveyorError as exc:

@@ -9,9 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
-from pydantic import ValidationError as PydanticValidationError
-
 from conveyor.contracts import (
     ArtifactStore,
     Broker,
@@ -23,6 +20,8 @@ from conveyor.contracts import (
 )
 from conveyor.workers.artifact_store_local import LocalArtifactStore, LocalArtifactStoreConfig
 from conveyor.workers.broker_inprocess import InProcessBroker
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import ValidationError as PydanticValidationError
 
 
 class LocalOrchestratorConfig(BaseModel):
@@ -30,14 +29,16 @@ class LocalOrchestratorConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    concurrency: int = Field(default=4, ge=1, description="Steps the embedded worker pool runs at once")
+    concurrency: int = Field(
+        default=4, ge=1, description="Steps the embedded worker pool runs at once"
+    )
 
 
 @dataclass(frozen=True)
 class Flavor:
     """One flavor of one component type."""
 
-    type: ComponentType
+    component_type: ComponentType
     name: str
     config_model: type[BaseModel]
     description: str
@@ -59,7 +60,7 @@ class Flavor:
                 else:
                     problems.append(f"{key!r}: {error['msg']} (got {error.get('input')!r})")
             raise ValidationError(
-                f"invalid config for {self.type.value} flavor {self.name!r}: "
+                f"invalid config for {self.component_type.value} flavor {self.name!r}: "
                 + "; ".join(problems)
             ) from None
 

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
-
 from conveyor.contracts import (
     DEFAULT_POOL,
     ArtifactStore,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import typer
-
 from conveyor.service.cli import runs, stack
 from conveyor.service.cli.state import open_client
 from conveyor.service.logs import configure_logging
@@ -24,3 +23,7 @@ app.add_typer(runs.artifact_app, name="artifact")
 def main() -> None:
     configure_logging()
     app()
+
+
+if __name__ == "__main__":
+    main()

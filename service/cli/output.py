@@ -11,12 +11,11 @@ from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 import typer
+from conveyor.contracts import ConveyorError
 from pydantic import BaseModel
 from rich import box
 from rich.console import Console
 from rich.table import Table
-
-from conveyor.contracts import ConveyorError
 
 # Piped output (scripts, tests) must not be cut to 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -59,7 +58,10 @@ def print_json(value: Any) -> None:
 
 
 def table(
-    columns: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str | None = None,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    title: str | None = None,
     caption: str | None = None,
 ) -> Table:
     result = Table(title=title, caption=caption, box=box.HEAVY_EDGE, caption_justify="center")

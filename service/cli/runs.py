@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-
 from conveyor.contracts import (
     ArtifactRecord,
     RunRecord,
@@ -121,8 +120,7 @@ def run_pipeline(
         console.print(f"{name} = {json.dumps(value)}")
     style = "green" if record.status is RunStatus.COMPLETED else "red"
     console.print(
-        f"Run {record.id} [{style}]{record.status.value}[/{style}] "
-        f"in {seconds(record.duration_s)}"
+        f"Run {record.id} [{style}]{record.status.value}[/{style}] in {seconds(record.duration_s)}"
     )
     if record.status is not RunStatus.COMPLETED:
         for step in steps:
@@ -156,8 +154,14 @@ def list_runs(
         lambda data: table(
             ["RUN ID", "PIPELINE", "STACK", "STATUS", "STARTED", "DURATION"],
             [
-                [r.id, r.pipeline, r.stack_name, r.status.value, when(r.started or r.created),
-                 seconds(r.duration_s)]
+                [
+                    r.id,
+                    r.pipeline,
+                    r.stack_name,
+                    r.status.value,
+                    when(r.started or r.created),
+                    seconds(r.duration_s),
+                ]
                 for r in data
             ],
         ),
@@ -245,8 +249,7 @@ def list_artifacts(
         lambda data: table(
             ["ARTIFACT ID", "RUN ID", "STEP", "OUTPUT", "TYPE", "SIZE", "URI"],
             [
-                [a.id, a.run_id, a.step_name, a.output_name, a.ref.data_type, a.ref.size,
-                 a.ref.uri]
+                [a.id, a.run_id, a.step_name, a.output_name, a.ref.data_type, a.ref.size, a.ref.uri]
                 for a in data
             ],
         ),

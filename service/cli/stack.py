@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import typer
-
 from conveyor.contracts import ComponentType, StackSpec
 from conveyor.service.cli.output import OUTPUT_OPTION, OutputFormat, emit, table, user_errors
 from conveyor.service.cli.state import client
@@ -93,8 +92,11 @@ def describe(
         parts: list[object] = [
             table(
                 ["COMPONENT_TYPE", "COMPONENT_NAME"],
-                [[_column(t), stack.components[t].name] for t in COMPONENT_ORDER
-                 if t in stack.components],
+                [
+                    [_column(t), stack.components[t].name]
+                    for t in COMPONENT_ORDER
+                    if t in stack.components
+                ],
                 title="Stack Configuration",
                 caption=f"'{stack.name}' stack{marker}",
             ),

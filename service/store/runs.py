@@ -8,7 +8,6 @@ from datetime import datetime
 from typing import Any
 
 import aiosqlite
-
 from conveyor.contracts import (
     FINISHED_RUN_STATUSES,
     ArtifactRecord,
@@ -151,8 +150,18 @@ class RunStore:
             "INSERT OR IGNORE INTO artifacts (id, run_id, step_name, output_name, uri, sha256,"
             " size, materializer, data_type, created) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (
-                (new_id(), run_id, u.name, output, r.uri, r.sha256, r.size, r.materializer,
-                 r.data_type, now.isoformat())
+                (
+                    new_id(),
+                    run_id,
+                    u.name,
+                    output,
+                    r.uri,
+                    r.sha256,
+                    r.size,
+                    r.materializer,
+                    r.data_type,
+                    now.isoformat(),
+                )
                 for u in change.steps
                 for output, r in u.outputs.items()
             ),
@@ -166,8 +175,13 @@ class RunStore:
             await conn.execute(
                 "UPDATE runs SET status = ?, finished = ?, error = ?,"
                 " started = COALESCE(started, ?) WHERE id = ?",
-                (change.run_status.value, now.isoformat(), change.run_error, now.isoformat(),
-                 run_id),
+                (
+                    change.run_status.value,
+                    now.isoformat(),
+                    change.run_error,
+                    now.isoformat(),
+                    run_id,
+                ),
             )
 
     async def add_outbox(
@@ -184,7 +198,9 @@ class RunStore:
             ids.append(cursor.lastrowid)
         return ids
 
-    async def mark_sent(self, conn: aiosqlite.Connection, ids: Iterable[int], now: datetime) -> None:
+    async def mark_sent(
+        self, conn: aiosqlite.Connection, ids: Iterable[int], now: datetime
+    ) -> None:
         await self.db.executemany(
             conn, "UPDATE outbox SET sent = ? WHERE id = ?", ((now.isoformat(), i) for i in ids)
         )
@@ -333,8 +349,7 @@ class RunStore:
 
     async def owned_active_runs(self, host: str) -> list[tuple[str, int, str]]:
         rows = await self.db.fetchall(
-            "SELECT id, owner_pid, owner_token FROM runs"
-            " WHERE owner_host = ? AND status IN (?, ?)",
+            "SELECT id, owner_pid, owner_token FROM runs WHERE owner_host = ? AND status IN (?, ?)",
             (host, *ACTIVE),
         )
         return [(row["id"], row["owner_pid"], row["owner_token"]) for row in rows]
