@@ -53,6 +53,13 @@ class RunRequested(Envelope):
     idempotency_key: str | None = None
 
 
+class RunCancelRequested(Envelope):
+    """Cancel a run: unfinished steps become cancelled, late completions are ignored."""
+
+    type: Literal["RunCancelRequested"] = "RunCancelRequested"
+    reason: str = "cancelled by user"
+
+
 class StepReady(Envelope):
     """A step's inputs exist: a worker of ``step.pool`` may run attempt ``attempt``."""
 
@@ -124,6 +131,7 @@ class RunFinished(Envelope):
 
 Event = Annotated[
     RunRequested
+    | RunCancelRequested
     | StepReady
     | StepStarted
     | StepSucceeded
@@ -136,6 +144,7 @@ Event = Annotated[
 
 EVENT_TYPES: tuple[type[Envelope], ...] = (
     RunRequested,
+    RunCancelRequested,
     StepReady,
     StepStarted,
     StepSucceeded,

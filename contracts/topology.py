@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from conveyor.contracts.events import (
     Event,
+    RunCancelRequested,
     RunFinished,
     RunRequested,
     StepReady,
@@ -56,7 +57,7 @@ class Topology(Frozen):
 
     @property
     def runs_queue(self) -> str:
-        """RunRequested messages, consumed by the controller."""
+        """RunRequested and RunCancelRequested messages, consumed by the controller."""
         return f"{self.base}.runs"
 
     def step_queue(self, pool: str) -> str:
@@ -67,7 +68,7 @@ class Topology(Frozen):
         """The queue an event is published to (status events: the run id as routing key)."""
         if isinstance(event, StepReady):
             return self.step_queue(event.step.pool)
-        if isinstance(event, RunRequested):
+        if isinstance(event, RunRequested | RunCancelRequested):
             return self.runs_queue
         if isinstance(event, StepStatusChanged | RunFinished):
             return event.run_id

@@ -19,6 +19,7 @@ from conveyor.contracts import (
     Delivery,
     Event,
     PipelineSpec,
+    RunCancelRequested,
     RunFinished,
     RunRequested,
     RunStatus,
@@ -174,6 +175,12 @@ class Controller:
             event = delivery.event
             if isinstance(event, RunRequested):
                 await self._on_run_requested(batch, event)
+            elif isinstance(event, RunCancelRequested):
+                state = await self._state_of(event.run_id)
+                if state is not None:
+                    batch.change(
+                        event.run_id, scheduling.cancel_run(state, batch.now, event.reason)
+                    )
             elif isinstance(event, StepStarted | StepSucceeded | StepFailed):
                 state = await self._state_of(event.run_id)
                 if state is not None:

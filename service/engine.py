@@ -18,6 +18,7 @@ from conveyor.contracts import (
     ComponentType,
     ConveyorError,
     Event,
+    RunCancelRequested,
     RunFinished,
     RunRecord,
     RunRequested,
@@ -221,3 +222,7 @@ class Conveyor:
             ]
         )
         return run
+
+    async def cancel(self, run_id: str, reason: str = "cancelled by user") -> None:
+        """Ask the stack's controller to cancel a run; running steps finish but count not."""
+        await self.broker.publish([RunCancelRequested(run_id=run_id, reason=reason)])
