@@ -10,11 +10,12 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+from pydantic import Field, TypeAdapter
+from pydantic import ValidationError as PydanticValidationError
+
 from conveyor.contracts.errors import ConveyorError
 from conveyor.contracts.models import ArtifactRef, Frozen, RunStatus, StepStatus
 from conveyor.contracts.pipeline_spec import PipelineSpec, StepSpec
-from pydantic import Field, TypeAdapter
-from pydantic import ValidationError as PydanticValidationError
 
 SCHEMA_VERSION = 1
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from conveyor.contracts.models import Frozen
 from pydantic import Field
+
+from conveyor.contracts.models import Frozen
 
 DEFAULT_POOL = "default"
 

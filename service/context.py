@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+
 from conveyor.service.home import Home
 from conveyor.service.liveness import is_alive, this_process
 from conveyor.service.stacks import StackService

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import structlog
+
 from conveyor.contracts import (
     Broker,
     ConveyorError,

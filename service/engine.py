@@ -226,3 +226,5 @@ class Conveyor:
     async def cancel(self, run_id: str, reason: str = "cancelled by user") -> None:
         """Ask the stack's controller to cancel a run; running steps finish but count not."""
         await self.broker.publish([RunCancelRequested(run_id=run_id, reason=reason)])
+        if self._workers is not None:
+            self._workers.cancel_run(run_id)

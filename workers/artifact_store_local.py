@@ -8,8 +8,9 @@ import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from conveyor.contracts import ConveyorError
 from pydantic import BaseModel, ConfigDict, Field
+
+from conveyor.contracts import ConveyorError
 
 
 class LocalArtifactStoreConfig(BaseModel):

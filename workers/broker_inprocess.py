@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
+
 from conveyor.contracts import (
     DeliveryHandler,
     Event,

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from conveyor.contracts import ArtifactRef, ConveyorError, Materializer
 from pydantic import BaseModel
+
+from conveyor.contracts import ArtifactRef, ConveyorError, Materializer
 
 
 def type_name(value: object) -> str:

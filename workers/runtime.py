@@ -12,8 +12,10 @@ import os
 import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import structlog
+
 from conveyor.contracts import (
     DEFAULT_POOL,
     ArtifactStore,
@@ -61,6 +63,7 @@ class WorkerPool:
         self._executor = StepExecutor(store, self.resolver, self.facts, self._threads)
         self._subscriptions: list[Subscription] = []
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._executions: dict[str, set[asyncio.Task[Any]]] = {}
         self._stopping = False
 
     async def __aenter__(self) -> WorkerPool:
@@ -114,9 +117,35 @@ class WorkerPool:
                     )
                 ]
             )
-            outcome = await self._executor.execute(ready)
+            execution = asyncio.create_task(self._executor.execute(ready))
+            running = self._executions.setdefault(ready.run_id, set())
+            running.add(execution)
+            try:
+                outcome = await execution
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+                # cancel_run() stopped this attempt: the run is over, nothing to report.
+                await delivery.ack()
+                return
+            finally:
+                running.discard(execution)
+                if not running:
+                    self._executions.pop(ready.run_id, None)
             await self._broker.publish([outcome])
             await delivery.ack()
+
+    def cancel_run(self, run_id: str) -> int:
+        """Stop the running attempts of a cancelled run; returns how many were stopped.
+
+        An async step is cancelled where it awaits; a sync step's thread cannot be
+        interrupted, so it finishes in the background and its result is dropped.
+        """
+        executions = list(self._executions.get(run_id, ()))
+        for execution in executions:
+            execution.cancel()
+        return len(executions)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop consuming, let running steps finish within ``grace`` s, requeue the rest."""

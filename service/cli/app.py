@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+
 from conveyor.service.cli import runs, stack
 from conveyor.service.cli.state import open_client
 from conveyor.service.logs import configure_logging

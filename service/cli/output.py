@@ -11,11 +11,12 @@ from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 import typer
-from conveyor.contracts import ConveyorError
 from pydantic import BaseModel
 from rich import box
 from rich.console import Console
 from rich.table import Table
+
+from conveyor.contracts import ConveyorError
 
 # Piped output (scripts, tests) must not be cut to 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+
 from conveyor.contracts import (
     ArtifactRecord,
     RunRecord,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+
 from conveyor.contracts import ComponentType, StackSpec
 from conveyor.service.cli.output import OUTPUT_OPTION, OutputFormat, emit, table, user_errors
 from conveyor.service.cli.state import client

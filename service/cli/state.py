@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+
 from conveyor.service.client import Client
 
 

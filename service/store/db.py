@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
 from conveyor.service.store.migrations import MIGRATIONS
 
 BUSY_TIMEOUT_MS = 30_000

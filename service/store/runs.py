@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import aiosqlite
+
 from conveyor.contracts import (
     FINISHED_RUN_STATUSES,
     ArtifactRecord,

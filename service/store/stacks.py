@@ -6,6 +6,7 @@ import json
 from datetime import datetime
 
 import aiosqlite
+
 from conveyor.contracts import ComponentSpec, ComponentType, StackSpec
 from conveyor.service.store.db import Database
 

@@ -1,0 +1,138 @@
+"""``conveyor pipeline run`` and ``conveyor run ...`` as a user runs them, in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import ROOT, conveyor_cli
+
+PIPELINES = "tests/pipelines/cli_pipelines.py"
+
+
+def runs_json() -> list[dict[str, object]]:
+    result = conveyor_cli("run", "list", "--output", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_quickstart_runs_and_prints_steps_and_metric() -> None:
+    result = conveyor_cli("pipeline", "run", "examples/quickstart.py:training_pipeline")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for name in ("make_dataset", "split", "train", "evaluate"):
+        assert f"completed {name}" in out
+    assert '"accuracy": 0.9' in out
+    (run,) = runs_json()
+    assert run["status"] == "completed" and run["pipeline"] == "training_pipeline"
+    assert f"Run {run['id']} completed" in out
+
+
+def test_run_describe_shows_each_step_with_outputs() -> None:
+    assert conveyor_cli("pipeline", "run", f"{PIPELINES}:squares", "-p", "n=4").returncode == 0
+    (run,) = runs_json()
+    described = conveyor_cli("run", "describe", str(run["id"])[:8], "--output", "json")
+    assert described.returncode == 0, described.stderr
+    data = json.loads(described.stdout)
+    steps = {s["name"]: s for s in data["steps"]}
+    assert [s["status"] for s in steps.values()] == ["completed"] * 3
+    assert steps["square"]["attempt"] == 1 and steps["square"]["duration_s"] >= 0.05
+    assert steps["total"]["outputs"]["output"]["uri"].startswith("file://")
+    assert data["run"]["parameters"] == {"n": 4}
+    table = conveyor_cli("run", "describe", str(run["id"]))
+    assert "square" in table.stdout and "completed" in table.stdout
+
+
+def test_failing_step_exits_1_and_shows_the_error() -> None:
+    result = conveyor_cli("pipeline", "run", f"{PIPELINES}:failing")
+    assert result.returncode == 1
+    assert re.search(r"failed\s+explode", result.stdout)
+    assert "KeyError" in result.stderr and "no such column" in result.stderr
+    assert "Traceback" in result.stderr
+    (run,) = runs_json()
+    assert run["status"] == "failed"
+
+
+def test_pipeline_that_does_not_import_is_a_clear_error() -> None:
+    result = conveyor_cli("pipeline", "run", "tests/pipelines/broken_import.py:p")
+    assert result.returncode == 1
+    assert "cannot import" in result.stderr and "conveyor_no_such_dependency" in result.stderr
+    missing = conveyor_cli("pipeline", "run", "tests/pipelines/nope.py:p")
+    assert missing.returncode == 1 and "no such file" in missing.stderr
+    not_pipeline = conveyor_cli("pipeline", "run", f"{PIPELINES}:total")
+    assert not_pipeline.returncode == 1 and "not a @pipeline" in not_pipeline.stderr
+    assert runs_json() == []
+
+
+def test_unknown_stack_is_a_clear_error_and_changes_nothing() -> None:
+    assert conveyor_cli("pipeline", "run", f"{PIPELINES}:squares").returncode == 0
+    result = conveyor_cli("pipeline", "run", f"{PIPELINES}:squares", "--stack", "defaul")
+    assert result.returncode == 1
+    assert "no stack named 'defaul' (did you mean: default?)" in result.stderr
+    assert [r["status"] for r in runs_json()] == ["completed"]
+
+
+def test_two_processes_on_one_home_both_complete(home: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "conveyor.service.cli.app",
+        "pipeline",
+        "run",
+        f"{PIPELINES}:squares",
+        "-p",
+        "n=50",
+    ]
+    procs = [
+        subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for proc, (_out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+        assert "database is locked" not in err
+    runs = runs_json()
+    assert len(runs) == 2 and {r["status"] for r in runs} == {"completed"}
+
+
+def test_killed_run_is_marked_failed_by_the_next_command(tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "conveyor.service.cli.app",
+            "pipeline",
+            "run",
+            f"{PIPELINES}:hanging",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "CONVEYOR_TEST_MARKER": str(marker)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert proc.poll() is None, "the run ended before its step started"
+        assert time.monotonic() < deadline, "the step never started"
+        time.sleep(0.05)
+    (run,) = runs_json()
+    assert run["status"] == "running", "a live process's run must not be touched"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    (run,) = runs_json()
+    assert run["status"] == "failed"
+    assert f"pid {proc.pid}" in str(run["error"]) and "died" in str(run["error"])
+    described = json.loads(conveyor_cli("run", "describe", str(run["id"]), "-o", "json").stdout)
+    assert {s["name"]: s["status"] for s in described["steps"]} == {
+        "hang": "failed",
+        "total": "skipped",
+    }

@@ -1,0 +1,349 @@
+"""Runs on the embedded default stack, end to end through events and the artifact store."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
+from conveyor.contracts import NotFoundError
+from conveyor.service.context import Services
+
+SEEN: dict[str, Any] = {}
+ATTEMPTS: dict[str, int] = {}
+LOCK = threading.Lock()
+
+
+@step
+def produce() -> dict[str, list[int]]:
+    value = {"numbers": [1, 2, 3]}
+    SEEN["produced"] = value
+    return value
+
+
+@step
+def consume(data: dict[str, list[int]]) -> int:
+    SEEN["consumed"] = data
+    return sum(data["numbers"])
+
+
+@pipeline
+def handoff() -> None:
+    consume(produce())
+
+
+async def test_output_is_a_file_in_the_store_and_next_step_loads_it(home: Path) -> None:
+    async with Conveyor() as cv:
+        run = await cv.submit(handoff)
+        record = await run.wait(timeout=30)
+        steps = {s.name: s for s in await run.steps()}
+        assert record.status is RunStatus.COMPLETED
+        ref = steps["produce"].outputs["output"]
+        path = Path(cv.artifacts.path_of(ref.uri))
+        assert path.is_file() and path.is_relative_to(home / "artifacts")
+        assert path.read_bytes() == b'{"numbers":[1,2,3]}'
+        assert await run.load("consume") == 6
+    assert SEEN["consumed"] == SEEN["produced"]
+    assert SEEN["consumed"] is not SEEN["produced"]
+
+
+@step
+def boom(x: int) -> int:
+    raise ValueError(f"bad value {x}")
+
+
+@step
+def after(x: int) -> int:
+    return x
+
+
+@step
+def one() -> int:
+    return 1
+
+
+@step
+def slow_branch() -> int:
+    return 2
+
+
+@pipeline
+def partly_failing() -> None:
+    after(after(boom(one())))
+    after(slow_branch())
+
+
+async def test_failure_skips_downstream_other_branches_finish() -> None:
+    async with Conveyor() as cv:
+        run = await cv.submit(partly_failing)
+        record = await run.wait(timeout=30)
+        steps = {s.name: s for s in await run.steps()}
+    assert record.status is RunStatus.FAILED
+    assert "boom" in (record.error or "")
+    assert steps["boom"].status is StepStatus.FAILED
+    assert steps["boom"].error == "ValueError: bad value 1"
+    assert "raise ValueError" in (steps["boom"].traceback or "")
+    assert steps["after"].status is StepStatus.SKIPPED
+    assert steps["after_2"].status is StepStatus.SKIPPED
+    assert steps["slow_branch"].status is StepStatus.COMPLETED
+    assert steps["after_3"].status is StepStatus.COMPLETED
+
+
+@step(retries=2)
+def flaky(key: str) -> str:
+    with LOCK:
+        ATTEMPTS[key] = ATTEMPTS.get(key, 0) + 1
+        attempt = ATTEMPTS[key]
+    if attempt < 3:
+        raise ConnectionError(f"attempt {attempt} failed")
+    return f"ok after {attempt}"
+
+
+@pipeline
+def retrying(key: str) -> None:
+    flaky(key=key)
+
+
+async def test_retries_until_success_and_records_attempts() -> None:
+    async with Conveyor() as cv:
+        run = await cv.submit(retrying, key="r1")
+        record = await run.wait(timeout=30)
+        (flaky_step,) = await run.steps()
+        assert await run.load("flaky") == "ok after 3"
+    assert record.status is RunStatus.COMPLETED
+    assert flaky_step.status is StepStatus.COMPLETED
+    assert flaky_step.attempt == 3
+    assert flaky_step.error is None
+
+
+@step(retries=1)
+def always_fails() -> int:
+    raise RuntimeError("never works")
+
+
+@pipeline
+def exhausting() -> None:
+    always_fails()
+
+
+async def test_retries_exhausted_fails_with_last_error() -> None:
+    async with Conveyor() as cv:
+        run = await cv.submit(exhausting)
+        record = await run.wait(timeout=30)
+        (only,) = await run.steps()
+    assert record.status is RunStatus.FAILED
+    assert only.attempt == 2 and only.error == "RuntimeError: never works"
+
+
+class Unstorable:
+    pass
+
+
+@step(retries=3)
+def unstorable() -> Unstorable:
+    return Unstorable()
+
+
+@pipeline
+def bad_output() -> None:
+    unstorable()
+
+
+async def test_non_serializable_output_fails_the_step_clearly_without_retry() -> None:
+    async with Conveyor() as cv:
+        run = await cv.submit(bad_output)
+        record = await run.wait(timeout=30)
+        (only,) = await run.steps()
+    assert record.status is RunStatus.FAILED
+    assert only.attempt == 1, "a missing materializer is not worth retrying"
+    assert "Unstorable" in (only.error or "")
+    assert "allow_pickle=True" in (only.error or "")
+
+
+@step(allow_pickle=True)
+def pickled() -> Unstorable:
+    return Unstorable()
+
+
+@step(allow_pickle=True)
+def unpickle(x: Unstorable) -> str:
+    return type(x).__name__
+
+
+@pipeline
+def pickling() -> None:
+    unpickle(pickled())
+
+
+async def test_pickle_works_when_steps_opt_in() -> None:
+    async with Conveyor() as cv:
+        run = await cv.submit(pickling)
+        assert (await run.wait(timeout=30)).status is RunStatus.COMPLETED
+        assert await run.load("unpickle") == "Unstorable"
+
+
+@step
+def weights() -> np.ndarray:
+    return np.arange(5.0)
+
+
+@step
+def corrupt_store(_: np.ndarray) -> str:
+    # Stands in for a disk fault: damage every stored artifact between two steps.
+    root = Path(os.environ["CONVEYOR_HOME"]) / "artifacts"
+    damaged = 0
+    for path in root.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+            damaged += 1
+    return f"damaged {damaged}"
+
+
+@step(retries=2)
+def use_weights(w: np.ndarray, note: str) -> float:
+    return float(w.sum())
+
+
+@pipeline
+def corrupted() -> None:
+    w = weights()
+    use_weights(w, corrupt_store(w))
+
+
+async def test_corrupted_artifact_fails_the_consumer_and_keeps_records() -> None:
+    async with Conveyor() as cv:
+        run = await cv.submit(corrupted)
+        record = await run.wait(timeout=30)
+        steps = {s.name: s for s in await run.steps()}
+    assert record.status is RunStatus.FAILED
+    assert steps["weights"].status is StepStatus.COMPLETED
+    assert steps["weights"].outputs["output"].size > 0
+    assert steps["corrupt_store"].status is StepStatus.COMPLETED
+    failed = steps["use_weights"]
+    assert failed.status is StepStatus.FAILED and failed.attempt == 1
+    assert "corrupted" in (failed.error or "") and "sha256" in (failed.error or "")
+
+
+@step
+async def tick(label: str, i: int) -> str:
+    await asyncio.sleep(0.05)
+    return f"{label}{i}"
+
+
+@step
+def gather(parts: list[str]) -> str:
+    return ",".join(parts)
+
+
+@pipeline
+def ticking(label: str, n: int = 6) -> None:
+    gather([tick(label, i) for i in range(n)])
+
+
+async def test_two_concurrent_runs_complete_with_steps_interleaved() -> None:
+    async with Conveyor() as cv:
+        first, second = await cv.submit(ticking, "a"), await cv.submit(ticking, "b")
+        records = await asyncio.gather(first.wait(timeout=60), second.wait(timeout=60))
+        assert [r.status for r in records] == [RunStatus.COMPLETED, RunStatus.COMPLETED]
+        assert await first.load("gather") == "a0,a1,a2,a3,a4,a5"
+        assert await second.load("gather") == "b0,b1,b2,b3,b4,b5"
+        a_steps = [s for s in await first.steps() if s.name.startswith("tick")]
+        b_steps = [s for s in await second.steps() if s.name.startswith("tick")]
+    a_start = min(s.started for s in a_steps if s.started)
+    a_end = max(s.finished for s in a_steps if s.finished)
+    b_start = min(s.started for s in b_steps if s.started)
+    b_end = max(s.finished for s in b_steps if s.finished)
+    assert b_start < a_end and a_start < b_end, "the two runs' steps did not overlap in time"
+
+
+@step(timeout=0.2)
+async def sleepy() -> int:
+    await asyncio.sleep(5)
+    return 1
+
+
+@pipeline
+def too_slow() -> None:
+    sleepy()
+
+
+async def test_step_timeout_fails_the_step() -> None:
+    async with Conveyor() as cv:
+        run = await cv.submit(too_slow)
+        record = await run.wait(timeout=30)
+        (only,) = await run.steps()
+    assert record.status is RunStatus.FAILED
+    assert "timed out after 0.2s" in (only.error or "")
+
+
+async def test_unknown_stack_is_a_clear_error_and_changes_nothing(home: Path) -> None:
+    with pytest.raises(
+        NotFoundError, match=r"no stack named 'defualt' \(did you mean: default\?\)"
+    ):
+        async with Conveyor(stack="defualt"):
+            pass
+    async with Conveyor() as cv:
+        run = await cv.submit(handoff)
+        await run.wait(timeout=30)
+    with pytest.raises(NotFoundError):
+        async with Conveyor(stack="nope"):
+            pass
+    services = await Services.open(home)
+    try:
+        runs = await services.runs.list_runs()
+        assert [r.status for r in runs] == [RunStatus.COMPLETED]
+    finally:
+        await services.close()
+
+
+async def test_idempotency_key_creates_one_run() -> None:
+    async with Conveyor() as cv:
+        first = await cv.submit(handoff, idempotency_key="k-1")
+        await first.wait(timeout=30)
+        second = await cv.submit(handoff, idempotency_key="k-1")
+        assert second.id == first.id
+        assert len(await cv.services.runs.list_runs()) == 1
+
+
+@step
+async def blocker(marker: str) -> int:
+    Path(marker).touch()
+    await asyncio.sleep(30)
+    return 1
+
+
+@pipeline
+def blocking(marker: str) -> None:
+    after(blocker(marker))
+
+
+async def test_cancel_marks_unfinished_steps_cancelled(tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+    async with Conveyor() as cv:
+        run = await cv.submit(blocking, marker=str(marker))
+        for _ in range(200):
+            if marker.exists():
+                break
+            await asyncio.sleep(0.05)
+        await cv.cancel(run.id, "changed my mind")
+        record = await run.wait(timeout=30)
+        steps = {s.name: s for s in await run.steps()}
+    assert record.status is RunStatus.CANCELLED and record.error == "changed my mind"
+    assert {s.status for s in steps.values()} == {StepStatus.CANCELLED}
+
+
+def test_calling_a_pipeline_runs_it_and_returns_a_handle() -> None:
+    handle = handoff()
+    assert handle.status is RunStatus.COMPLETED
+    assert handle.step_statuses == {
+        "produce": StepStatus.COMPLETED,
+        "consume": StepStatus.COMPLETED,
+    }
+    assert handle.load("consume") == 6
+    assert handle.load("produce") == {"numbers": [1, 2, 3]}

@@ -1,0 +1,113 @@
+"""Materializers and the local artifact store: round trips, integrity, containment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import BaseModel
+
+from conveyor.contracts import ConveyorError
+from conveyor.workers.artifact_store_local import ArtifactUnreadable, LocalArtifactStore
+from conveyor.workers.execution import load_artifact, save_artifact
+from conveyor.workers.materializers import NoMaterializer
+
+
+class Metrics(BaseModel):
+    accuracy: float
+    labels: list[str]
+
+
+class Opaque:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalArtifactStore:
+    return LocalArtifactStore(tmp_path / "artifacts")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": [1, 2.5, None, True]},
+        [1, "two"],
+        (1, 2),
+        42,
+        3.5,
+        None,
+        "text",
+        b"\x00\x01bytes",
+        Metrics(accuracy=0.9, labels=["x"]),
+        np.float64(2.5),
+        np.int64(7),
+    ],
+)
+def test_values_round_trip_through_a_file(store: LocalArtifactStore, value: object) -> None:
+    ref = save_artifact(store, value, allow_pickle=False, what="v")
+    path = Path(store.path_of(ref.uri))
+    assert path.is_file() and path.is_relative_to(store.root)
+    loaded = load_artifact(store, ref, allow_pickle=False)
+    assert loaded == value
+    assert type(loaded) is type(value)
+
+
+def test_numpy_arrays_round_trip(store: LocalArtifactStore) -> None:
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ref = save_artifact(store, array, allow_pickle=False, what="v")
+    loaded = load_artifact(store, ref, allow_pickle=False)
+    assert loaded.dtype == np.float32 and np.array_equal(loaded, array)
+
+
+def test_content_addressing_writes_identical_values_once(store: LocalArtifactStore) -> None:
+    first = save_artifact(store, [1, 2, 3], allow_pickle=False, what="v")
+    second = save_artifact(store, [1, 2, 3], allow_pickle=False, what="v")
+    assert first == second
+    files = [p for p in store.root.rglob("*") if p.is_file()]
+    assert len(files) == 1
+    assert not any(p.name.startswith(".tmp-") for p in store.root.rglob("*"))
+
+
+def test_value_without_materializer_names_type_and_opt_in(store: LocalArtifactStore) -> None:
+    with pytest.raises(NoMaterializer, match=r"test_artifacts\.Opaque.*allow_pickle=True"):
+        save_artifact(store, Opaque(1), allow_pickle=False, what="output 'output' of step 's'")
+
+
+def test_pickle_needs_opt_in_to_write_and_to_read(store: LocalArtifactStore) -> None:
+    ref = save_artifact(store, Opaque(3), allow_pickle=True, what="v")
+    assert ref.materializer == "pickle"
+    with pytest.raises(ConveyorError, match="pickled"):
+        load_artifact(store, ref, allow_pickle=False)
+    assert load_artifact(store, ref, allow_pickle=True).value == 3
+
+
+def test_corrupted_artifact_is_detected(store: LocalArtifactStore) -> None:
+    ref = save_artifact(store, {"weights": [1, 2, 3]}, allow_pickle=False, what="v")
+    Path(store.path_of(ref.uri)).write_bytes(b'{"weights": [6, 6, 6]}')
+    with pytest.raises(ArtifactUnreadable, match="corrupted"):
+        load_artifact(store, ref, allow_pickle=False)
+
+
+def test_missing_artifact_is_a_clear_error(store: LocalArtifactStore) -> None:
+    ref = save_artifact(store, "x", allow_pickle=False, what="v")
+    os.remove(store.path_of(ref.uri))
+    with pytest.raises(ArtifactUnreadable, match="cannot read artifact"):
+        load_artifact(store, ref, allow_pickle=False)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "file:///etc/passwd",
+        "file://{root}/../outside",
+        "file://{root}/ab/../../../etc/passwd",
+        "http://example.invalid/x",
+        "{root}/ab/cd",
+    ],
+)
+def test_uris_outside_the_root_are_refused(store: LocalArtifactStore, uri: str) -> None:
+    with pytest.raises(ArtifactUnreadable):
+        store.get(uri.format(root=store.root), "0" * 64)

@@ -1,0 +1,82 @@
+"""The wire contract: public names are pinned and every event's JSON Schema is snapshotted.
+
+A change to an event is a visible diff of tests/snapshots/event_schemas.json. To accept a
+deliberate change, run with CONVEYOR_UPDATE_SNAPSHOTS=1 and commit the new snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import conveyor
+import conveyor.contracts as contracts
+from conveyor.contracts import (
+    MalformedEvent,
+    StepReady,
+    StepSpec,
+    encode_event,
+    event_json_schemas,
+    parse_event,
+)
+
+SNAPSHOT = Path(__file__).parents[1] / "snapshots" / "event_schemas.json"
+
+
+def test_public_names_are_pinned() -> None:
+    assert set(conveyor.__all__) == {
+        "ArtifactRef",
+        "AsyncRun",
+        "Conveyor",
+        "ConveyorError",
+        "PipelineDefinition",
+        "RunHandle",
+        "RunRecord",
+        "RunStatus",
+        "StackSpec",
+        "StepDefinition",
+        "StepRecord",
+        "StepStatus",
+        "pipeline",
+        "step",
+    }
+    for name in contracts.__all__:
+        assert getattr(contracts, name) is not None
+
+
+def test_event_schemas_match_snapshot() -> None:
+    current = json.loads(json.dumps(event_json_schemas(), sort_keys=True))
+    if os.environ.get("CONVEYOR_UPDATE_SNAPSHOTS"):
+        SNAPSHOT.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    assert current == json.loads(SNAPSHOT.read_text())
+
+
+def test_event_round_trips_through_json() -> None:
+    event = StepReady(run_id="r", attempt=1, step=StepSpec(name="a", ref="m:a"))
+    assert parse_event(encode_event(event)) == event
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"not json", "invalid event"),
+        (b'{"type": "Nope", "run_id": "r"}', "invalid event"),
+        (
+            b'{"type": "RunFinished", "run_id": "r", "status": "completed", "schema_version": 2}',
+            "schema_version",
+        ),
+        (b'{"type": "RunFinished", "run_id": "r", "status": "completed", "extra": 1}', "extra"),
+    ],
+)
+def test_malformed_events_are_refused_with_a_reason(data: bytes, why: str) -> None:
+    with pytest.raises(MalformedEvent, match=why):
+        parse_event(data)
+
+
+def test_events_are_immutable() -> None:
+    event = StepReady(run_id="r", attempt=1, step=StepSpec(name="a", ref="m:a"))
+    with pytest.raises(Exception, match="frozen"):
+        event.attempt = 2  # type: ignore[misc]

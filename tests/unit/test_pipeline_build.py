@@ -1,0 +1,118 @@
+"""Compiling pipelines into DAGs, output names, and references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conveyor import pipeline, step
+from conveyor.contracts import ConveyorError, OutputSelector, ValidationError
+from conveyor.workers.steps import load_reference, output_names, reference_of
+
+
+@step
+def source(n: int = 3) -> list[int]:
+    return list(range(n))
+
+
+@step
+def work(xs: list[int], i: int) -> int:
+    return xs[i] * 2
+
+
+@step
+def join(parts: list[int]) -> int:
+    return sum(parts)
+
+
+@step
+def pair() -> tuple[int, str]:
+    return 1, "one"
+
+
+@step
+def sink(x: int) -> None:
+    pass
+
+
+@pipeline
+def fan(n: int = 3) -> None:
+    xs = source(n=n)
+    join([work(xs, i) for i in range(n)])
+
+
+def test_output_names_follow_the_annotation() -> None:
+    assert output_names(source.fn) == ["output"]
+    assert output_names(pair.fn) == ["output_0", "output_1"]
+    assert output_names(sink.fn) == []
+    assert output_names(lambda: 1) == ["output"]
+
+
+def test_fan_out_and_fan_in_compile() -> None:
+    spec, definitions = fan.compile(n=4)
+    names = [s.name for s in spec.steps]
+    assert names == ["source", "work", "work_2", "work_3", "work_4", "join"]
+    assert spec.parameters == {"n": 4}
+    joined = spec.steps[-1]
+    assert joined.inputs["parts"] == [OutputSelector(step=n, output="output") for n in names[1:5]]
+    assert spec.steps[2].parameters == {"i": 1}
+    assert spec.steps[0].parameters == {"n": 4}
+    assert set(definitions) == {source.ref, work.ref, join.ref}
+
+
+def test_several_outputs_are_separate_handles() -> None:
+    @pipeline
+    def p() -> None:
+        number, _word = pair()
+        sink(number)
+
+    spec, _ = p.compile()
+    assert spec.steps[1].inputs["x"] == OutputSelector(step="pair", output="output_0")
+
+
+def test_step_called_outside_a_pipeline_runs_its_body() -> None:
+    assert work([1, 2], 1) == 4
+
+
+def test_non_json_parameters_are_refused() -> None:
+    @pipeline
+    def p() -> None:
+        work(object(), 1)
+
+    with pytest.raises(ValidationError, match="'xs' must be JSON-compatible"):
+        p.compile()
+
+
+def test_wrong_arguments_name_the_step() -> None:
+    @pipeline
+    def p() -> None:
+        work(1, 2, 3)
+
+    with pytest.raises(ValidationError, match="step 'work'"):
+        p.compile()
+
+
+def test_branching_on_an_output_while_building_is_an_error() -> None:
+    @pipeline
+    def p() -> None:
+        if source():
+            sink(1)
+
+    with pytest.raises(ConveyorError, match="branch inside a step"):
+        p.compile()
+
+
+def test_references_import_by_module_and_by_file(tmp_path: Path) -> None:
+    assert load_reference(reference_of(source.fn)) is source
+    script = tmp_path / "mine.py"
+    script.write_text("from conveyor import step\n@step\ndef hello() -> str:\n    return 'hi'\n")
+    loaded = load_reference(f"{script}:hello")
+    assert loaded.fn() == "hi"
+    assert reference_of(loaded.fn) == f"{script}:hello"
+
+
+@pytest.mark.parametrize("ref", ["nope", "no_such_module_xyz:f", "tests:missing_name", "x.py:f"])
+def test_bad_references_say_what_is_wrong(ref: str) -> None:
+    with pytest.raises(ConveyorError, match=r"not a reference|cannot import"):
+        load_reference(ref)
