@@ -97,6 +97,9 @@ class Controller:
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self._subscriptions: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
+        # Confirmed outbox rows are marked sent in the next batch's transaction (or when
+        # idle), which saves a transaction per batch; a crash in between only republishes.
+        self._confirmed: list[str] = []
 
     async def __aenter__(self) -> Controller:
         await self.start()
@@ -132,16 +135,23 @@ class Controller:
             await asyncio.gather(task, return_exceptions=True)
         while not self._inbox.empty():
             await self._inbox.get_nowait().requeue()
+        await self._flush_confirmed()
 
     async def _resume(self) -> None:
         unsent = await self._runs.unsent(self._stack.id)
         if unsent:
             log.info("replaying outbox", events=len(unsent))
-            await self._broker.publish([event for _, event in unsent])
+            await self._broker.publish(unsent)
             async with self._db.transaction() as conn:
-                await self._runs.mark_sent(conn, [i for i, _ in unsent], utcnow())
+                await self._runs.mark_sent(conn, [e.event_id for e in unsent], utcnow())
         for run_id in await self._runs.active_run_ids(self._stack.id):
             self._states[run_id] = await self._runs.load_state(run_id)
+
+    async def _flush_confirmed(self) -> None:
+        confirmed, self._confirmed = self._confirmed, []
+        if confirmed:
+            async with self._db.transaction() as conn:
+                await self._runs.mark_sent(conn, confirmed, utcnow())
 
     async def _hand_over(self, delivery: Delivery) -> None:
         self._inbox.put_nowait(delivery)
@@ -233,7 +243,9 @@ class Controller:
         # follower a refresh, while RunFinished (which a follower waits for) is kept.
         durable = [e for e in batch.events if not is_status_event(e) or isinstance(e, RunFinished)]
         snapshot = self._stack.model_dump(mode="json")
+        confirmed, self._confirmed = self._confirmed, []
         async with self._db.transaction() as conn:
+            await self._runs.mark_sent(conn, confirmed, batch.now)
             for request, spec, _ in batch.new_runs:
                 await self._runs.insert_run(
                     conn,
@@ -248,10 +260,11 @@ class Controller:
                 )
             for run_id, change in batch.changes.items():
                 await self._runs.apply(conn, run_id, change, batch.now)
-            outbox_ids = await self._runs.add_outbox(conn, self._stack.id, durable, batch.now)
+            await self._runs.add_outbox(conn, self._stack.id, durable, batch.now)
         await self._broker.publish(batch.events)
-        async with self._db.transaction() as conn:
-            await self._runs.mark_sent(conn, outbox_ids, utcnow())
+        self._confirmed.extend(e.event_id for e in durable)
+        if self._inbox.empty():
+            await self._flush_confirmed()
         for run_id, change in batch.changes.items():
             if change.run_status is not None and change.run_status is not RunStatus.RUNNING:
                 self._states.pop(run_id, None)

@@ -38,13 +38,19 @@ class StepState:
 
 @dataclass
 class RunState:
-    """What the controller knows of one run."""
+    """What the controller knows of one run.
+
+    ``waiting`` (upstream steps not yet completed, per step) and ``unfinished`` are kept as
+    counters so that each event costs the same whatever the size of the DAG.
+    """
 
     run_id: str
     status: RunStatus
     steps: dict[str, StepState]
     downstream: dict[str, list[str]]
     error: str | None = None
+    waiting: dict[str, int] = field(default_factory=dict)
+    unfinished: int = 0
 
     @classmethod
     def new(cls, run_id: str, spec: PipelineSpec) -> RunState:
@@ -54,7 +60,28 @@ class RunState:
         for s in spec.steps:
             for up in s.upstream:
                 downstream[up].append(s.name)
-        return cls(run_id=run_id, status=RunStatus.PENDING, steps=steps, downstream=downstream)
+        run = cls(run_id=run_id, status=RunStatus.PENDING, steps=steps, downstream=downstream)
+        run.recount()
+        return run
+
+    def recount(self) -> None:
+        """Derive the counters from the steps' statuses (after loading them from the store)."""
+        self.unfinished = sum(s.status not in FINISHED_STEP_STATUSES for s in self.steps.values())
+        self.waiting = {
+            name: sum(self.steps[up].status is not StepStatus.COMPLETED for up in s.spec.upstream)
+            for name, s in self.steps.items()
+        }
+
+    def set_status(self, name: str, status: StepStatus) -> None:
+        """Change a step's status, keeping the counters true."""
+        state = self.steps[name]
+        was_finished = state.status in FINISHED_STEP_STATUSES
+        now_finished = status in FINISHED_STEP_STATUSES
+        self.unfinished += int(was_finished) - int(now_finished)
+        if status is StepStatus.COMPLETED and state.status is not StepStatus.COMPLETED:
+            for child in self.downstream[name]:
+                self.waiting[child] -= 1
+        state.status = status
 
 
 @dataclass
@@ -105,7 +132,7 @@ def _status_event(run: RunState, update: StepUpdate) -> StepStatusChanged:
 
 def _record(run: RunState, out: Transition, update: StepUpdate) -> None:
     state = run.steps[update.name]
-    state.status = update.status
+    run.set_status(update.name, update.status)
     state.attempt = update.attempt
     if update.outputs:
         state.outputs = update.outputs
@@ -129,7 +156,7 @@ def _dispatch(
     """Publish a StepReady for ``attempt``; the stored row records the attempt dispatched."""
     state = run.steps[name]
     state.attempt = attempt
-    state.status = StepStatus.PENDING
+    run.set_status(name, StepStatus.PENDING)
     out.steps.append(update or StepUpdate(name, StepStatus.PENDING, attempt))
     out.emit.append(
         StepReady(
@@ -140,13 +167,11 @@ def _dispatch(
 
 def _ready(run: RunState, name: str) -> bool:
     state = run.steps[name]
-    if state.attempt != 0 or state.status is not StepStatus.PENDING:
-        return False
-    return all(run.steps[up].status is StepStatus.COMPLETED for up in state.spec.upstream)
+    return state.attempt == 0 and state.status is StepStatus.PENDING and run.waiting[name] == 0
 
 
 def _finish_if_done(run: RunState, out: Transition) -> None:
-    if any(s.status not in FINISHED_STEP_STATUSES for s in run.steps.values()):
+    if run.unfinished:
         return
     failed = [s for s in run.steps.values() if s.status is StepStatus.FAILED]
     run.status = RunStatus.FAILED if failed else RunStatus.COMPLETED
@@ -261,7 +286,7 @@ def _on_failure(run: RunState, out: Transition, event: StepFailed) -> None:
     if retry:
         _dispatch(run, out, event.step, update.attempt, update)
         return
-    state.status = StepStatus.FAILED
+    run.set_status(event.step, StepStatus.FAILED)
     out.steps.append(update)
     _skip_downstream(run, out, event.step, event.time)
     _finish_if_done(run, out)

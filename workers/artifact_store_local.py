@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import os
-import tempfile
+import re
+import socket
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -24,6 +27,9 @@ class LocalArtifactStoreConfig(BaseModel):
     )
 
 
+_CONTENT_NAME = re.compile(r"/[0-9a-f]{2}/[0-9a-f]{64}")
+
+
 class ArtifactUnreadable(ConveyorError):
     """An artifact is missing, outside the store, or its bytes do not match its sha256."""
 
@@ -37,28 +43,44 @@ class LocalArtifactStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
+        self._root_text = str(self.root)
+        self._root_uri = self.root.as_uri()
         self._made_dirs: set[str] = set()
+        self._tmp_names = itertools.count()
+        # Unique across the machines that share the directory, not just across processes.
+        self._tmp_prefix = f".tmp-{socket.gethostname()}-{os.getpid()}-"
 
     def put(self, data: bytes) -> tuple[str, str]:
+        # os-level calls on strings: this runs once per step output, and pathlib's object
+        # overhead was most of its cost.
         digest = hashlib.sha256(data).hexdigest()
-        folder = self.root / digest[:2]
-        target = folder / digest
+        folder = os.path.join(self._root_text, digest[:2])
+        target = os.path.join(folder, digest)
         if digest[:2] not in self._made_dirs:
-            folder.mkdir(parents=True, exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
             self._made_dirs.add(digest[:2])
-        if not (target.exists() and target.stat().st_size == len(data)):
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        try:
+            exists = os.stat(target).st_size == len(data)
+        except FileNotFoundError:
+            exists = False
+        if not exists:
+            tmp = os.path.join(folder, f"{self._tmp_prefix}{next(self._tmp_names)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
                 os.replace(tmp, target)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
                 raise
-        return target.as_uri(), digest
+        return f"{self._root_uri}/{digest[:2]}/{digest}", digest
 
     def path_of(self, uri: str) -> str:
         """The file behind ``uri``; refuses anything that resolves outside the root."""
+        if uri.startswith(self._root_uri) and _CONTENT_NAME.fullmatch(uri, len(self._root_uri)):
+            # The shape this store writes: hex names only, nothing that could climb out.
+            return self._root_text + uri[len(self._root_uri) :]
         parsed = urlparse(uri)
         if parsed.scheme != "file":
             raise ArtifactUnreadable(f"{uri!r} is not a file URI of this store")

@@ -80,7 +80,8 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (run_id, step_name, output_name)
     );
     CREATE TABLE outbox (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL UNIQUE,
         run_id TEXT NOT NULL,
         stack_id TEXT NOT NULL,
         event TEXT NOT NULL,

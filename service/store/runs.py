@@ -187,31 +187,31 @@ class RunStore:
 
     async def add_outbox(
         self, conn: aiosqlite.Connection, stack_id: str, events: Sequence[Event], now: datetime
-    ) -> list[int]:
-        """Record events to publish; returns their outbox ids."""
-        ids: list[int] = []
-        for event in events:
-            cursor = await conn.execute(
-                "INSERT INTO outbox (run_id, stack_id, event, created) VALUES (?, ?, ?, ?)",
-                (event.run_id, stack_id, encode_event(event).decode(), now.isoformat()),
-            )
-            assert cursor.lastrowid is not None
-            ids.append(cursor.lastrowid)
-        return ids
+    ) -> None:
+        """Record events to publish, in order."""
+        created = now.isoformat()
+        await self.db.executemany(
+            conn,
+            "INSERT INTO outbox (event_id, run_id, stack_id, event, created) VALUES (?,?,?,?,?)",
+            ((e.event_id, e.run_id, stack_id, encode_event(e).decode(), created) for e in events),
+        )
 
     async def mark_sent(
-        self, conn: aiosqlite.Connection, ids: Iterable[int], now: datetime
+        self, conn: aiosqlite.Connection, event_ids: Iterable[str], now: datetime
     ) -> None:
+        """Record that the broker confirmed these events."""
+        sent = now.isoformat()
         await self.db.executemany(
-            conn, "UPDATE outbox SET sent = ? WHERE id = ?", ((now.isoformat(), i) for i in ids)
+            conn, "UPDATE outbox SET sent = ? WHERE event_id = ?", ((sent, i) for i in event_ids)
         )
 
-    async def unsent(self, stack_id: str) -> list[tuple[int, Event]]:
+    async def unsent(self, stack_id: str) -> list[Event]:
+        """Events recorded but never confirmed, oldest first."""
         rows = await self.db.fetchall(
-            "SELECT id, event FROM outbox WHERE stack_id = ? AND sent IS NULL ORDER BY id",
+            "SELECT event FROM outbox WHERE stack_id = ? AND sent IS NULL ORDER BY seq",
             (stack_id,),
         )
-        return [(row["id"], parse_event(row["event"])) for row in rows]
+        return [parse_event(row["event"]) for row in rows]
 
     # --- reads ---
 
@@ -239,9 +239,16 @@ class RunStore:
         status: RunStatus | None = None,
         limit: int = 100,
         offset: int = 0,
+        stack_name: str | None = None,
     ) -> list[RunRecord]:
         where, params = [], []
-        for column, value in (("stack_id", stack_id), ("pipeline", pipeline), ("status", status)):
+        filters = (
+            ("stack_id", stack_id),
+            ("stack_name", stack_name),
+            ("pipeline", pipeline),
+            ("status", status),
+        )
+        for column, value in filters:
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(str(value))
@@ -304,6 +311,7 @@ class RunStore:
                 attempt=record.attempt,
                 outputs=dict(record.outputs),
             )
+        state.recount()
         return state
 
     async def active_run_ids(self, stack_id: str) -> list[str]:

@@ -183,3 +183,17 @@ def test_events_of_unknown_steps_are_ignored() -> None:
     run = RunState.new("r", spec(node("a")))
     start_run(run, NOW)
     assert apply_event(run, ok(run, "nope")).steps == []
+
+
+def test_counters_rebuilt_from_statuses_match_the_live_ones() -> None:
+    pipeline_spec = spec(node("a"), node("b"), node("c", "a", "b"), node("d", "c"))
+    live = RunState.new("r", pipeline_spec)
+    start_run(live, NOW)
+    apply_event(live, ok(live, "a"))
+    reloaded = RunState.new("r", pipeline_spec)
+    for name, state in live.steps.items():
+        reloaded.steps[name].status = state.status
+        reloaded.steps[name].attempt = state.attempt
+    reloaded.recount()
+    assert (reloaded.waiting, reloaded.unfinished) == (live.waiting, live.unfinished)
+    assert live.waiting == {"a": 0, "b": 0, "c": 1, "d": 1} and live.unfinished == 3
