@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from conveyor.contracts import (
     FINISHED_RUN_STATUSES,
     ArtifactStore,
@@ -31,6 +33,7 @@ from conveyor.contracts import (
 from conveyor.service.context import Services
 from conveyor.service.controller import Controller
 from conveyor.service.home import Home
+from conveyor.service.logs import configure_logging
 from conveyor.service.liveness import this_process
 from conveyor.service.pipelines import PipelineDefinition, load_pipeline
 from conveyor.workers.execution import load_artifact
@@ -150,6 +153,8 @@ class Conveyor:
         """Open the store; on an embedded stack, start the controller and workers."""
         if self._services is not None:
             return
+        if not structlog.is_configured():
+            configure_logging()
         self._services = services = await Services.open(self._home)
         try:
             self.stack = stack = await services.stacks.resolve(self._stack_name)
