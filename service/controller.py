@@ -43,6 +43,7 @@ MAX_BATCH = 512
 INBOX_PREFETCH = 4096
 
 Owner = tuple[str, int, str]
+WorkerEvent = StepStarted | StepSucceeded | StepFailed
 
 
 def compile_request(request: RunRequested) -> PipelineSpec:
@@ -100,6 +101,7 @@ class Controller:
         # Confirmed outbox rows are marked sent in the next batch's transaction (or when
         # idle), which saves a transaction per batch; a crash in between only republishes.
         self._confirmed: list[str] = []
+        self._committed: list[Event] = []
 
     async def __aenter__(self) -> Controller:
         await self.start()
@@ -161,22 +163,40 @@ class Controller:
             batch = [await self._inbox.get()]
             while len(batch) < MAX_BATCH and not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
+            batch = [d for d in batch if await self._accepts(d)]
             try:
+                await self._publish_committed()
                 await self._process(batch)
             except Exception:
-                # The store or broker failed: nothing was acked, so all of it comes back.
+                # The store or the broker failed. Nothing of the batch was acked, so all of it
+                # comes back; the cached states may be ahead of the store, so they reload.
                 log.exception("batch failed; requeueing", size=len(batch))
+                self._states.clear()
                 for delivery in batch:
                     await delivery.requeue()
                 await asyncio.sleep(0.5)
 
+    async def _accepts(self, delivery: Delivery) -> bool:
+        if isinstance(delivery.event, RunRequested | RunCancelRequested | WorkerEvent):
+            return True
+        await delivery.reject(f"the controller does not take {delivery.event.type} events")
+        return False
+
+    async def _publish_committed(self) -> None:
+        """Publish what a committed batch produced (again, if publishing failed before)."""
+        if self._committed:
+            await self._broker.publish(self._committed)
+            self._committed = []
+
     async def _state_of(self, run_id: str) -> RunState | None:
         state = self._states.get(run_id)
-        if state is None and self._owner is None:
+        if state is None:
             try:
                 state = await self._runs.load_state(run_id)
             except ConveyorError:
                 return None
+            if state.status not in (RunStatus.PENDING, RunStatus.RUNNING):
+                return state  # a late event of a finished run: nothing to keep
             self._states[run_id] = state
         return state
 
@@ -186,20 +206,14 @@ class Controller:
             event = delivery.event
             if isinstance(event, RunRequested):
                 await self._on_run_requested(batch, event)
+                continue
+            state = await self._state_of(event.run_id)
+            if state is None:
+                log.warning("event of an unknown run", run_id=event.run_id, type=event.type)
             elif isinstance(event, RunCancelRequested):
-                state = await self._state_of(event.run_id)
-                if state is not None:
-                    batch.change(
-                        event.run_id, scheduling.cancel_run(state, batch.now, event.reason)
-                    )
-            elif isinstance(event, StepStarted | StepSucceeded | StepFailed):
-                state = await self._state_of(event.run_id)
-                if state is not None:
-                    batch.change(event.run_id, scheduling.apply_event(state, event))
-                else:
-                    log.warning("event of an unknown run", run_id=event.run_id, type=event.type)
-            else:
-                await delivery.reject(f"the controller does not take {event.type} events")
+                batch.change(event.run_id, scheduling.cancel_run(state, batch.now, event.reason))
+            elif isinstance(event, WorkerEvent):
+                batch.change(event.run_id, scheduling.apply_event(state, event))
         await self._commit(batch)
         for delivery in deliveries:
             await delivery.ack()
@@ -261,7 +275,8 @@ class Controller:
             for run_id, change in batch.changes.items():
                 await self._runs.apply(conn, run_id, change, batch.now)
             await self._runs.add_outbox(conn, self._stack.id, durable, batch.now)
-        await self._broker.publish(batch.events)
+        self._committed = batch.events
+        await self._publish_committed()
         self._confirmed.extend(e.event_id for e in durable)
         if self._inbox.empty():
             await self._flush_confirmed()

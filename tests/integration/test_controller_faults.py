@@ -1,0 +1,86 @@
+"""The controller loses nothing when its store or its broker fails in the middle of a batch."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
+from conveyor.contracts import Event, StepReady
+from conveyor.service.store.runs import RunStore
+from conveyor.workers.broker_inprocess import InProcessBroker
+
+
+@step
+def start() -> int:
+    return 1
+
+
+@step
+def add(x: int) -> int:
+    return x + 1
+
+
+@step
+def total(xs: list[int]) -> int:
+    return sum(xs)
+
+
+@pipeline
+def diamond() -> None:
+    s = start()
+    total([add(add(s)), add(s), add(s)])
+
+
+async def run_to_end() -> tuple[RunStatus, dict[str, Any], int]:
+    async with Conveyor() as cv:
+        run = await cv.submit(diamond)
+        record = await run.wait(timeout=60)
+        steps = await run.steps()
+        return (
+            record.status,
+            {s.name: (s.status, s.attempt) for s in steps},
+            await run.load("total"),
+        )
+
+
+async def test_a_failed_store_write_is_retried_and_the_run_completes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = {"n": 0}
+    original = RunStore.apply
+
+    async def flaky_apply(self: RunStore, *args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] in (3, 4):
+            raise sqlite3.OperationalError("disk I/O error")
+        await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunStore, "apply", flaky_apply)
+    status, steps, value = await run_to_end()
+    assert calls["n"] > 4, "the fault was never injected"
+    assert status is RunStatus.COMPLETED
+    assert value == 3 + 2 + 2
+    assert all(s == (StepStatus.COMPLETED, 1) for s in steps.values()), steps
+
+
+async def test_a_failed_publish_is_retried_and_nothing_runs_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failures = {"left": 2}
+    original = InProcessBroker.publish
+
+    async def flaky_publish(self: InProcessBroker, events: Sequence[Event]) -> None:
+        if failures["left"] and any(isinstance(e, StepReady) for e in events):
+            failures["left"] -= 1
+            raise ConnectionError("broker went away")
+        await original(self, events)
+
+    monkeypatch.setattr(InProcessBroker, "publish", flaky_publish)
+    status, steps, value = await run_to_end()
+    assert failures["left"] == 0, "the fault was never injected"
+    assert status is RunStatus.COMPLETED and value == 7
+    assert all(s == (StepStatus.COMPLETED, 1) for s in steps.values()), steps
