@@ -219,9 +219,12 @@ class Controller:
             await delivery.ack()
 
     async def _on_run_requested(self, batch: _Batch, request: RunRequested) -> None:
-        if request.run_id in self._states or any(
-            r.run_id == request.run_id for r, _, _ in batch.new_runs
-        ):
+        for earlier, _, _ in batch.new_runs:
+            if earlier.run_id == request.run_id or (
+                request.idempotency_key and earlier.idempotency_key == request.idempotency_key
+            ):
+                return
+        if request.run_id in self._states:
             return
         if request.idempotency_key and await self._runs.find_by_key(request.idempotency_key):
             return

@@ -67,6 +67,15 @@ def split_outputs(definition: StepDefinition, result: Any) -> dict[str, Any]:
     return dict(zip(names, result, strict=True))
 
 
+class _ThreadTimeout(Exception):
+    """A sync step raised TimeoutError; carries its error and traceback as text."""
+
+    def __init__(self, error: str, traceback_text: str) -> None:
+        super().__init__(error)
+        self.error = error
+        self.traceback = traceback_text
+
+
 class StepExecutor:
     """Executes StepReady events and answers with a StepSucceeded or StepFailed."""
 
@@ -115,7 +124,12 @@ class StepExecutor:
     ) -> tuple[dict[str, ArtifactRef], float]:
         kwargs = {**ready.step.parameters, **self._load_inputs(ready)}
         started = time.perf_counter()
-        result = definition.fn(**kwargs)
+        try:
+            result = definition.fn(**kwargs)
+        except TimeoutError as exc:
+            # asyncio re-creates a TimeoutError that crosses from a thread, without its
+            # traceback: keep the step's own traceback as text.
+            raise _ThreadTimeout(f"TimeoutError: {exc}", traceback.format_exc()) from None
         body = time.perf_counter() - started
         return self._save_outputs(ready, definition, result), body
 
@@ -131,20 +145,24 @@ class StepExecutor:
     async def execute(self, ready: StepReady) -> StepSucceeded | StepFailed:
         """Run one attempt; every exception becomes a StepFailed, never escapes."""
         started = time.perf_counter()
+        limit = ready.step.timeout_s
+        deadline = asyncio.timeout(limit)
         try:
             definition = self._resolver.resolve(ready.step.ref)
-            if definition.is_async:
-                attempt = self._run_async(ready, definition)
-            else:
-                attempt = self._in_thread(self._run_sync, ready, definition)
-            outputs, body = await asyncio.wait_for(attempt, ready.step.timeout_s)
-        except TimeoutError:
+            async with deadline:
+                if definition.is_async:
+                    outputs, body = await self._run_async(ready, definition)
+                else:
+                    outputs, body = await self._in_thread(self._run_sync, ready, definition)
+        except _ThreadTimeout as exc:
+            return self._failed(ready, exc.error, exc.traceback, True, started)
+        except TimeoutError as exc:
+            if not deadline.expired():  # the step itself raised TimeoutError
+                return self._failed(
+                    ready, f"TimeoutError: {exc}", traceback.format_exc(), True, started
+                )
             return self._failed(
-                ready,
-                f"TimeoutError: step timed out after {ready.step.timeout_s}s",
-                None,
-                True,
-                started,
+                ready, f"TimeoutError: step timed out after {limit}s", None, True, started
             )
         except ConveyorError as exc:
             return self._failed(ready, f"{type(exc).__name__}: {exc}", None, exc.retryable, started)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
-from conveyor.contracts import NotFoundError
+from conveyor.contracts import NotFoundError, RunRequested, new_id
 from conveyor.service.context import Services
 
 SEEN: dict[str, Any] = {}
@@ -347,3 +347,38 @@ def test_calling_a_pipeline_runs_it_and_returns_a_handle() -> None:
     }
     assert handle.load("consume") == 6
     assert handle.load("produce") == {"numbers": [1, 2, 3]}
+
+
+@step
+def raises_timeout() -> int:
+    raise TimeoutError("the database did not answer")
+
+
+@pipeline
+def own_timeout() -> None:
+    raises_timeout()
+
+
+async def test_a_step_raising_timeout_error_is_not_mistaken_for_its_timeout() -> None:
+    async with Conveyor() as cv:
+        run = await cv.submit(own_timeout)
+        await run.wait(timeout=30)
+        (only,) = await run.steps()
+    assert only.error == "TimeoutError: the database did not answer"
+    assert "raise TimeoutError" in (only.traceback or "")
+
+
+async def test_one_key_twice_in_one_batch_creates_one_run() -> None:
+    async with Conveyor() as cv:
+        spec, _ = handoff.compile()
+        requests = [
+            RunRequested(run_id=new_id(), pipeline="handoff", spec=spec, idempotency_key="dup")
+            for _ in range(2)
+        ]
+        await cv.broker.publish(requests)  # both reach the controller in one batch
+        for _ in range(200):
+            runs = await cv.services.runs.list_runs()
+            if runs and runs[0].status is RunStatus.COMPLETED:
+                break
+            await asyncio.sleep(0.05)
+        assert [(r.id, r.status) for r in runs] == [(requests[0].run_id, RunStatus.COMPLETED)]
