@@ -7,23 +7,30 @@ used from inside a running loop; there, use ``Services`` (or ``Conveyor``) direc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from conveyor.contracts import (
     ArtifactRecord,
     ArtifactStore,
+    ComponentSpec,
+    ComponentType,
     ConveyorError,
+    NotFoundError,
     RunRecord,
     RunStatus,
     StackSpec,
     StepRecord,
 )
+from conveyor.service.components import parse_type
 from conveyor.service.context import Services
 from conveyor.service.home import Home
 from conveyor.workers.execution import load_artifact
-from conveyor.workers.flavors import make_artifact_store
+from conveyor.workers.flavors import Flavor, make_artifact_store
+
+TypeName = ComponentType | str
+Components = Mapping[ComponentType, str] | Mapping[str, str]
 
 T = TypeVar("T")
 
@@ -76,7 +83,7 @@ class Client:
     # --- stacks ---
 
     def list_stacks(self) -> list[StackSpec]:
-        return self._run(lambda s: s.stacks.store.stacks())
+        return self._run(lambda s: s.stacks.list_stacks())
 
     def get_stack(self, name: str | None = None) -> StackSpec:
         """The stack called ``name``, or the active stack."""
@@ -84,6 +91,74 @@ class Client:
 
     def active_stack_name(self) -> str:
         return self._run(lambda s: s.stacks.active_name())
+
+    def register_stack(
+        self,
+        name: str,
+        components: Components,
+        activate: bool = False,
+    ) -> StackSpec:
+        """A new stack of existing components: ``{"orchestrator": "o", "artifact_store": "a"}``."""
+        chosen = _typed(components)
+        return self._run(lambda s: s.stacks.register_stack(name, chosen, activate))
+
+    def activate_stack(self, name: str) -> StackSpec:
+        """Make ``name`` the active stack of this client (``$CONVEYOR_STACK`` still wins)."""
+        return self._run(lambda s: s.stacks.activate(name))
+
+    def update_stack(self, name: str, components: Components) -> StackSpec:
+        chosen = _typed(components)
+        return self._run(lambda s: s.stacks.update_stack(name, chosen))
+
+    def rename_stack(self, name: str, new_name: str) -> StackSpec:
+        return self._run(lambda s: s.stacks.rename_stack(name, new_name))
+
+    def copy_stack(self, source: str, target: str) -> StackSpec:
+        return self._run(lambda s: s.stacks.copy_stack(source, target))
+
+    def delete_stack(self, name: str) -> None:
+        """Delete a stack (not its components); never the default or the active one."""
+        self._run(lambda s: s.stacks.delete_stack(name))
+
+    def export_stack(self, name: str, *, include_secrets: bool = False) -> dict[str, Any]:
+        """The stack as data for a YAML file; secrets masked unless ``include_secrets``."""
+        return self._run(lambda s: s.stacks.export_stack(name, include_secrets))
+
+    def import_stack(self, data: Any, name: str | None = None) -> StackSpec:
+        """Recreate an exported stack, creating the components that do not exist yet."""
+        return self._run(lambda s: s.stacks.import_stack(data, name))
+
+    # --- components ---
+
+    def list_components(self, type_: TypeName | None = None) -> list[ComponentSpec]:
+        chosen = parse_type(type_) if type_ is not None else None
+        return self._run(lambda s: s.stacks.list_components(chosen))
+
+    def get_component(self, type_: TypeName, name: str) -> ComponentSpec:
+        return self._run(lambda s: s.stacks.get_component(parse_type(type_), name))
+
+    def register_component(
+        self, type_: TypeName, name: str, flavor: str, config: dict[str, Any] | None = None
+    ) -> ComponentSpec:
+        """A new component; its config is validated against the flavor's config model."""
+        return self._run(
+            lambda s: s.stacks.register_component(parse_type(type_), name, flavor, config)
+        )
+
+    def update_component(self, type_: TypeName, name: str, config: dict[str, Any]) -> ComponentSpec:
+        """Set config keys of a component (a ``None`` value removes a key)."""
+        return self._run(lambda s: s.stacks.update_component(parse_type(type_), name, config))
+
+    def rename_component(self, type_: TypeName, name: str, new_name: str) -> ComponentSpec:
+        return self._run(lambda s: s.stacks.rename_component(parse_type(type_), name, new_name))
+
+    def delete_component(self, type_: TypeName, name: str) -> None:
+        """Delete a component that no stack uses."""
+        self._run(lambda s: s.stacks.delete_component(parse_type(type_), name))
+
+    def list_flavors(self, type_: TypeName | None = None) -> list[Flavor]:
+        chosen = parse_type(type_) if type_ is not None else None
+        return self._run(lambda s: s.stacks.list_flavors(chosen))
 
     # --- runs ---
 
@@ -97,9 +172,18 @@ class Client:
         offset: int = 0,
     ) -> list[RunRecord]:
         async def call(s: Services) -> list[RunRecord]:
-            stack_id = (await s.stacks.get(stack)).id if stack else None
+            stack_id = stack_name = None
+            if stack:
+                try:
+                    stack_id = (await s.stacks.get(stack)).id
+                except NotFoundError:
+                    # Runs outlive their stack: a deleted stack's name still finds them.
+                    if not await s.runs.list_runs(stack_name=stack, limit=1):
+                        raise
+                    stack_name = stack
             return await s.runs.list_runs(
                 stack_id=stack_id,
+                stack_name=stack_name,
                 pipeline=pipeline,
                 status=RunStatus(status) if status else None,
                 limit=limit,
@@ -151,3 +235,7 @@ class Client:
 
 async def _home_of(services: Services) -> Home:
     return services.home
+
+
+def _typed(components: Components) -> dict[ComponentType, str]:
+    return {parse_type(t): name for t, name in components.items()}

@@ -1,34 +1,43 @@
-"""Stack rules: the default stack, the active stack, and lookups with suggestions."""
+"""Stack rules: the default and active stacks, lookups with suggestions, and every change.
+
+The component rules live in ``service.components`` (``ComponentRules``, a base of
+``StackService``). Every write checks its rules and changes the store inside one transaction,
+so a refused change leaves everything as it was.
+"""
 
 from __future__ import annotations
 
-import difflib
 import os
-from collections.abc import Iterable
+from collections.abc import Mapping
+from typing import Any
 
 from conveyor.contracts import (
     ComponentSpec,
     ComponentType,
+    ConflictError,
     NotFoundError,
     StackSpec,
+    ValidationError,
     new_id,
     utcnow,
 )
+from conveyor.service.components import ComponentRules, check_name, label, suggest
 from conveyor.service.home import STACK_ENV, Home
+from conveyor.service.stack_files import ExportedComponent, export_data, parse_export
 from conveyor.service.store import Database, StackStore
+from conveyor.workers.flavors import exported_config, get_flavor
+from conveyor.workers.secrets import masked_paths
 
 DEFAULT = "default"
 ACTIVE_STACK_KEY = "active_stack"
+# Every stack runs pipelines, so it needs both; later component types may be optional.
+REQUIRED_TYPES = (ComponentType.ORCHESTRATOR, ComponentType.ARTIFACT_STORE)
+
+__all__ = ["ACTIVE_STACK_KEY", "DEFAULT", "REQUIRED_TYPES", "StackService", "suggest"]
 
 
-def suggest(name: str, candidates: Iterable[str]) -> str:
-    """' (did you mean: a, b?)' for the closest names, or '' when none is close."""
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
-    return f" (did you mean: {', '.join(close)}?)" if close else ""
-
-
-class StackService:
-    """Reads stacks and knows which one is active."""
+class StackService(ComponentRules):
+    """Stacks and their components: reads, the active stack, and every change under the rules."""
 
     def __init__(self, db: Database, home: Home) -> None:
         self.db = db
@@ -75,11 +84,18 @@ class StackService:
                 ),
             )
 
+    async def list_stacks(self) -> list[StackSpec]:
+        """Every stack, oldest first."""
+        return await self.store.stacks()
+
     async def get(self, name: str) -> StackSpec:
-        """The stack called ``name``; the error suggests the closest names."""
+        """The stack called ``name`` (or with that id); the error suggests the closest names."""
         stacks = await self.store.stacks()
         for stack in stacks:
             if stack.name == name:
+                return stack
+        for stack in stacks:
+            if stack.id == name:
                 return stack
         raise NotFoundError(f"no stack named {name!r}{suggest(name, (s.name for s in stacks))}")
 
@@ -90,3 +106,176 @@ class StackService:
     async def resolve(self, name: str | None = None) -> StackSpec:
         """The stack a command works on: ``name`` if given, else the active stack."""
         return await self.get(name or await self.active_name())
+
+    # --- changes ---
+
+    async def _components(
+        self, components: Mapping[ComponentType, str]
+    ) -> dict[ComponentType, ComponentSpec]:
+        return {t: await self.get_component(t, name) for t, name in components.items()}
+
+    async def _check_free(self, name: str) -> None:
+        check_name("stack", name)
+        if await self.store.stack(name) is not None:
+            raise ConflictError(f"stack {name!r} exists already; choose another name")
+
+    async def register_stack(
+        self,
+        name: str,
+        components: Mapping[ComponentType, str],
+        activate: bool = False,
+    ) -> StackSpec:
+        """Create a stack of existing components (by name), and make it active if asked."""
+        missing = [label(t) for t in REQUIRED_TYPES if not components.get(t)]
+        if missing:
+            raise ValidationError(
+                f"stack {name!r} needs an orchestrator and an artifact store; missing: "
+                + ", ".join(missing)
+            )
+        async with self.db.transaction() as conn:
+            await self._check_free(name)
+            stack = StackSpec(
+                id=new_id(),
+                name=name,
+                components=await self._components(components),
+                created=utcnow(),
+            )
+            await self.store.save_stack(conn, stack)
+            if activate:
+                await self.store.set_setting(conn, ACTIVE_STACK_KEY, stack.name)
+        return stack
+
+    async def update_stack(self, name: str, components: Mapping[ComponentType, str]) -> StackSpec:
+        """Replace some components of a stack; later runs use them, past runs keep theirs."""
+        chosen = {t: c for t, c in components.items() if c}
+        if not chosen:
+            raise ValidationError(f"nothing to update on stack {name!r}: give a component")
+        async with self.db.transaction() as conn:
+            stack = await self.get(name)
+            updated = stack.model_copy(
+                update={"components": {**stack.components, **await self._components(chosen)}}
+            )
+            await self.store.save_stack(conn, updated)
+        return updated
+
+    async def rename_stack(self, name: str, new_name: str) -> StackSpec:
+        """Rename a stack; it stays active if it was, and its runs stay its runs (by id)."""
+        async with self.db.transaction() as conn:
+            stack = await self.get(name)
+            if stack.name == DEFAULT:
+                raise ConflictError("the default stack cannot be renamed; copy it instead")
+            if new_name == stack.name:
+                return stack
+            await self._check_free(new_name)
+            renamed = stack.model_copy(update={"name": new_name})
+            await self.store.save_stack(conn, renamed)
+            if await self.store.setting(ACTIVE_STACK_KEY) == stack.name:
+                await self.store.set_setting(conn, ACTIVE_STACK_KEY, new_name)
+        return renamed
+
+    async def copy_stack(self, source: str, target: str) -> StackSpec:
+        """A new stack ``target`` with the same components as ``source``."""
+        async with self.db.transaction() as conn:
+            stack = await self.get(source)
+            await self._check_free(target)
+            copy = StackSpec(
+                id=new_id(), name=target, components=dict(stack.components), created=utcnow()
+            )
+            await self.store.save_stack(conn, copy)
+        return copy
+
+    async def delete_stack(self, name: str) -> None:
+        """Delete a stack, not its components; never the default or the active stack."""
+        async with self.db.transaction() as conn:
+            stack = await self.get(name)
+            if stack.name == DEFAULT:
+                raise ConflictError("the default stack cannot be deleted")
+            chosen = await self.store.setting(ACTIVE_STACK_KEY)
+            if stack.name == os.environ.get(STACK_ENV):
+                raise ConflictError(
+                    f"stack {stack.name!r} is the active stack (through ${STACK_ENV}); "
+                    "unset it and activate another stack first"
+                )
+            if stack.name == (chosen or DEFAULT):
+                raise ConflictError(
+                    f"stack {stack.name!r} is the active stack; activate another stack first"
+                )
+            await self.store.delete_stack(conn, stack.id)
+
+    async def activate(self, name: str) -> StackSpec:
+        """Make ``name`` this client's active stack (``$CONVEYOR_STACK`` still wins)."""
+        async with self.db.transaction() as conn:
+            stack = await self.get(name)
+            await self.store.set_setting(conn, ACTIVE_STACK_KEY, stack.name)
+        return stack
+
+    # --- files ---
+
+    async def export_stack(self, name: str, include_secrets: bool = False) -> dict[str, Any]:
+        """The stack as plain data for a file; secrets masked unless ``include_secrets``."""
+        return export_data(await self.get(name), include_secrets=include_secrets)
+
+    async def import_stack(self, data: Any, name: str | None = None) -> StackSpec:
+        """Recreate an exported stack, as ``name`` if given.
+
+        A component of the same type, name, flavor and configuration is reused; one that does
+        not exist is created; a different one of the same name makes a new component with a
+        free name (``NAME-2``...), so nothing existing changes.
+        """
+        export = parse_export(data)
+        stack_name = name or export.stack_name
+        missing = [label(t) for t in REQUIRED_TYPES if t not in export.components]
+        if missing:
+            raise ValidationError(f"the export has no {', '.join(missing)}")
+        async with self.db.transaction() as conn:
+            if await self.store.stack(stack_name) is not None:
+                raise ConflictError(
+                    f"stack {stack_name!r} exists already; import it under another name"
+                )
+            check_name("stack", stack_name)
+            components = {}
+            for type_, exported in sorted(export.components.items()):
+                component = await self._reuse(type_, exported)
+                if component is None:
+                    component = await self._new_component(type_, exported)
+                    await self.store.save_component(conn, component)
+                components[type_] = component
+            stack = StackSpec(id=new_id(), name=stack_name, components=components, created=utcnow())
+            await self.store.save_stack(conn, stack)
+        return stack
+
+    async def _reuse(
+        self, type_: ComponentType, exported: ExportedComponent
+    ) -> ComponentSpec | None:
+        existing = await self.store.component(type_, exported.name)
+        if existing is None or existing.flavor != exported.flavor:
+            return None
+        if masked_paths(exported.configuration):
+            return existing if exported.configuration == exported_config(existing) else None
+        config = get_flavor(type_, exported.flavor).normalize(exported.configuration)
+        return existing if config == existing.config else None
+
+    async def _new_component(
+        self, type_: ComponentType, exported: ExportedComponent
+    ) -> ComponentSpec:
+        masked = masked_paths(exported.configuration)
+        if masked:
+            raise ValidationError(
+                f"{label(type_)} {exported.name!r} was exported with its secrets masked "
+                f"({', '.join(masked)}): export with --include-secrets, or register the "
+                "component with its secrets first and import again"
+            )
+        check_name(label(type_), exported.name)
+        config = get_flavor(type_, exported.flavor).normalize(exported.configuration)
+        name, n = exported.name, 1
+        while await self.store.component(type_, name) is not None:
+            n += 1
+            name = f"{exported.name}-{n}"
+        return ComponentSpec(
+            id=new_id(),
+            type=type_,
+            name=name,
+            flavor=exported.flavor,
+            config=config,
+            created=utcnow(),
+        )

@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from conveyor.contracts import ConveyorError
 
@@ -25,6 +25,12 @@ class LocalArtifactStoreConfig(BaseModel):
         description="Directory that holds the artifacts; shared storage when workers run on "
         "several machines"
     )
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        # A relative path would mean a different directory for each working directory.
+        return str(Path(value).expanduser().resolve())
 
 
 _CONTENT_NAME = re.compile(r"/[0-9a-f]{2}/[0-9a-f]{64}")

@@ -5,9 +5,14 @@ A new flavor is a new module with its config model and factory, plus one entry h
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_core import to_jsonable_python
 
 from conveyor.contracts import (
     ArtifactStore,
@@ -20,8 +25,7 @@ from conveyor.contracts import (
 )
 from conveyor.workers.artifact_store_local import LocalArtifactStore, LocalArtifactStoreConfig
 from conveyor.workers.broker_inprocess import InProcessBroker
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
-from pydantic import ValidationError as PydanticValidationError
+from conveyor.workers.secrets import mask, mask_value, reveal, secret_keys
 
 
 class LocalOrchestratorConfig(BaseModel):
@@ -49,20 +53,83 @@ class Flavor:
         try:
             return self.config_model.model_validate(config)
         except PydanticValidationError as exc:
-            valid = ", ".join(self.config_model.model_fields) or "(none)"
+            fields = self.config_model.model_fields
+            valid = ", ".join(fields) or "(none)"
+            secret = secret_keys(self.config_model)
             problems = []
             for error in exc.errors():
                 key = ".".join(str(p) for p in error["loc"]) or "config"
+                top = str(error["loc"][0]) if error["loc"] else ""
                 if error["type"] == "extra_forbidden":
                     problems.append(f"unknown key {key!r} (valid keys: {valid})")
                 elif error["type"] == "missing":
                     problems.append(f"missing key {key!r}")
                 else:
-                    problems.append(f"{key!r}: {error['msg']} (got {error.get('input')!r})")
+                    expected = (
+                        f" expects {type_name(fields[top].annotation)}" if top in fields else ""
+                    )
+                    got = mask_value(top, error.get("input"), secret=top in secret)
+                    problems.append(f"key {key!r}{expected}: {error['msg']} (got {got!r})")
             raise ValidationError(
                 f"invalid config for {self.component_type.value} flavor {self.name!r}: "
                 + "; ".join(problems)
             ) from None
+
+    def normalize(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The keys a user set, validated and coerced to their types, secrets in clear.
+
+        Only the keys that were set are kept, so a later default of the flavor applies.
+        """
+        validated = self.validate(config)
+        return dict(to_jsonable_python(reveal(validated.model_dump(exclude_unset=True))))
+
+    def config_keys(self) -> list[ConfigKey]:
+        """Each key of the config model: its type, default and description."""
+        secret = secret_keys(self.config_model)
+        found = []
+        for key, field in self.config_model.model_fields.items():
+            required = field.is_required()
+            default = None if required else field.get_default(call_default_factory=True)
+            found.append(
+                ConfigKey(
+                    key=key,
+                    type=type_name(field.annotation),
+                    required=required,
+                    default=mask_value(
+                        key, to_jsonable_python(reveal(default)), secret=key in secret
+                    ),
+                    description=field.description or "",
+                    secret=key in secret,
+                )
+            )
+        return found
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One configuration key of a flavor, as ``flavor list`` shows it."""
+
+    key: str
+    type: str
+    required: bool
+    default: Any
+    description: str
+    secret: bool
+
+
+def type_name(annotation: Any) -> str:
+    """A readable name of a field's type: ``int``, ``str | None``, ``list[str]``."""
+    if annotation is None or annotation is type(None):
+        return "None"
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join(type_name(a) for a in args)}]" if args else name
+    return getattr(annotation, "__name__", str(annotation))
 
 
 FLAVORS: dict[tuple[ComponentType, str], Flavor] = {
@@ -95,16 +162,37 @@ def flavors_of(type_: ComponentType) -> list[Flavor]:
 
 
 def masked_config(component: ComponentSpec) -> dict[str, Any]:
-    """The component's config with every secret field (and secret in a URL) hidden."""
+    """Every key of the component's config, defaults included, with every secret hidden."""
     flavor = FLAVORS.get((component.type, component.flavor))
-    shown: dict[str, Any] = {}
-    for key, value in component.config.items():
-        field = flavor.config_model.model_fields.get(key) if flavor else None
-        if field is not None and field.annotation is SecretStr:
-            shown[key] = "********"
-        else:
-            shown[key] = value
-    return shown
+    if flavor is None:
+        return mask(component.config)
+    try:
+        validated = flavor.config_model.model_validate(component.config)
+    except PydanticValidationError:
+        return mask(component.config, secret_keys(flavor.config_model))
+    # Revealed first, so that mask() can keep the host of a secret URL visible.
+    full = to_jsonable_python(reveal(validated.model_dump()))
+    return mask(full, secret_keys(flavor.config_model))
+
+
+def exported_config(component: ComponentSpec, *, include_secrets: bool = False) -> dict[str, Any]:
+    """The keys a user set on the component, secrets hidden unless ``include_secrets``."""
+    if include_secrets:
+        return dict(component.config)
+    flavor = FLAVORS.get((component.type, component.flavor))
+    return mask(component.config, secret_keys(flavor.config_model) if flavor else set())
+
+
+def masked_stack_snapshot(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """A run's stack snapshot with the configs of its components shown as ``masked_config``."""
+    try:
+        stack = StackSpec.model_validate(snapshot)
+    except PydanticValidationError:
+        return {k: v for k, v in snapshot.items() if k != "components"}
+    shown = stack.model_dump(mode="json")
+    for type_, component in stack.components.items():
+        shown["components"][type_.value]["config"] = masked_config(component)
+    return dict(shown)
 
 
 def make_artifact_store(stack: StackSpec) -> ArtifactStore:

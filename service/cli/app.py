@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from conveyor.service.cli import runs, stack
+from conveyor.service.cli.components import COMMANDS, component_app
 from conveyor.service.cli.state import open_client
 from conveyor.service.logs import configure_logging
 
@@ -16,6 +17,8 @@ app = typer.Typer(
 )
 app.callback()(open_client)
 app.add_typer(stack.app, name="stack")
+for command in COMMANDS:
+    app.add_typer(component_app(command), name=command.command)
 app.add_typer(runs.pipeline_app, name="pipeline")
 app.add_typer(runs.run_app, name="run")
 app.add_typer(runs.artifact_app, name="artifact")

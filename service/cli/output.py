@@ -14,6 +14,7 @@ import typer
 from pydantic import BaseModel
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from conveyor.contracts import ConveyorError
@@ -34,7 +35,7 @@ OUTPUT_OPTION = typer.Option(OutputFormat.table, "--output", "-o", help="table o
 
 
 def fail(message: str) -> NoReturn:
-    errors.print(f"[red]Error:[/red] {message}")
+    errors.print(f"[red]Error:[/red] {escape(message)}")
     raise typer.Exit(1)
 
 
@@ -69,7 +70,8 @@ def table(
     for column in columns:
         result.add_column(column)
     for row in rows:
-        result.add_row(*["" if cell is None else str(cell) for cell in row])
+        # Cells hold user data (list[str], [section]): never read them as rich markup.
+        result.add_row(*["" if cell is None else escape(str(cell)) for cell in row])
     return result
 
 

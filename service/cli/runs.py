@@ -32,6 +32,7 @@ from conveyor.service.cli.output import (
 from conveyor.service.cli.state import client
 from conveyor.service.engine import AsyncRun, Conveyor
 from conveyor.service.pipelines import load_pipeline
+from conveyor.workers.flavors import masked_stack_snapshot
 
 pipeline_app = typer.Typer(help="Run pipelines.")
 run_app = typer.Typer(help="Inspect pipeline runs.")
@@ -47,6 +48,22 @@ STATUS_STYLE = {
     StepStatus.PENDING: "white",
 }
 PREVIEW_BYTES = 4096
+
+
+def run_json(run: RunRecord) -> dict[str, Any]:
+    """A run as ``--output json`` prints it: the snapshot of its stack with secrets masked."""
+    shown = run.model_dump(mode="json")
+    shown["stack_snapshot"] = masked_stack_snapshot(run.stack_snapshot)
+    shown["duration_s"] = run.duration_s
+    return shown
+
+
+def _snapshot_rows(run: RunRecord) -> list[list[str]]:
+    components = masked_stack_snapshot(run.stack_snapshot).get("components", {})
+    return [
+        [kind.upper(), c.get("name", ""), c.get("flavor", ""), c.get("id", "")]
+        for kind, c in sorted(components.items())
+    ]
 
 
 def _parse_params(pairs: list[str]) -> dict[str, Any]:
@@ -151,8 +168,8 @@ def list_runs(
         runs = client(ctx).list_runs(stack=stack, pipeline=pipeline, status=status, limit=limit)
     emit(
         output,
-        runs,
-        lambda data: table(
+        [run_json(r) for r in runs],
+        lambda _: table(
             ["RUN ID", "PIPELINE", "STACK", "STATUS", "STARTED", "DURATION"],
             [
                 [
@@ -163,7 +180,7 @@ def list_runs(
                     when(r.started or r.created),
                     seconds(r.duration_s),
                 ]
-                for r in data
+                for r in runs
             ],
         ),
     )
@@ -187,7 +204,8 @@ def describe_run(
     def render(_: object) -> list[object]:
         header = (
             f"Run [bold]{run.id}[/bold] of pipeline [bold]{run.pipeline}[/bold] on stack "
-            f"'{run.stack_name}': {run.status.value} in {seconds(run.duration_s)}"
+            f"'{run.stack_name}' (id {run.stack_id}): {run.status.value} in "
+            f"{seconds(run.duration_s)}"
         )
         rows = [
             [
@@ -203,13 +221,18 @@ def describe_run(
         ]
         parts: list[object] = [
             header,
+            table(
+                ["COMPONENT_TYPE", "COMPONENT_NAME", "FLAVOR", "COMPONENT ID"],
+                _snapshot_rows(run),
+                caption="the stack as it was when the run started",
+            ),
             table(["STEP", "STATUS", "ATTEMPTS", "DURATION", "PID", "ERROR", "OUTPUTS"], rows),
         ]
         if run.error:
             parts.append(f"[red]{run.error}[/red]")
         return parts
 
-    emit(output, {"run": run, "steps": steps}, render)
+    emit(output, {"run": run_json(run), "steps": steps}, render)
 
 
 @run_app.command("delete")

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
 import typer
+import yaml
 
 from conveyor.contracts import ComponentType, StackSpec
-from conveyor.service.cli.output import OUTPUT_OPTION, OutputFormat, emit, table, user_errors
+from conveyor.service.cli.components import column, shown
+from conveyor.service.cli.output import (
+    OUTPUT_OPTION,
+    OutputFormat,
+    console,
+    emit,
+    errors,
+    fail,
+    table,
+    user_errors,
+)
 from conveyor.service.cli.state import client
+from conveyor.service.home import STACK_ENV
 from conveyor.workers.flavors import masked_config
 
-app = typer.Typer(help="Stacks: the orchestrator and artifact store a run executes on.")
+app = typer.Typer(
+    help="Stacks: the orchestrator and artifact store a run executes on.", no_args_is_help=True
+)
 
 COMPONENT_ORDER = sorted(ComponentType, key=lambda t: t.value)
-
-
-def _column(type_: ComponentType) -> str:
-    return type_.value.upper()
 
 
 def stack_json(stack: StackSpec, active: str) -> dict[str, object]:
@@ -66,7 +81,7 @@ def list_stacks(ctx: typer.Context, output: OutputFormat = OUTPUT_OPTION) -> Non
             )
         return table(
             ["ACTIVE", "STACK NAME", "STACK ID", "SHARED", "OWNER"]
-            + [_column(t) for t in COMPONENT_ORDER],
+            + [column(t) for t in COMPONENT_ORDER],
             rows,
         )
 
@@ -94,7 +109,7 @@ def describe(
             table(
                 ["COMPONENT_TYPE", "COMPONENT_NAME"],
                 [
-                    [_column(t), stack.components[t].name]
+                    [column(t), stack.components[t].name]
                     for t in COMPONENT_ORDER
                     if t in stack.components
                 ],
@@ -112,10 +127,219 @@ def describe(
             parts.append(
                 table(
                     ["KEY", "VALUE"],
-                    [["flavor", component.flavor], *[[k, v] for k, v in config.items()]],
-                    title=f"{_column(t)} '{component.name}'",
+                    [["flavor", component.flavor], *[[k, shown(v)] for k, v in config.items()]],
+                    title=f"{column(t)} '{component.name}'",
                 )
             )
         return parts
 
     emit(output, stack_json(stack, active), render)
+
+
+def _components_table(stack: StackSpec) -> object:
+    return table(
+        ["COMPONENT_TYPE", "COMPONENT_NAME"],
+        [[column(t), stack.components[t].name] for t in COMPONENT_ORDER if t in stack.components],
+        caption=f"'{stack.name}' stack",
+    )
+
+
+def _chosen(orchestrator: str | None, artifact_store: str | None) -> dict[ComponentType, str]:
+    chosen = {
+        ComponentType.ORCHESTRATOR: orchestrator,
+        ComponentType.ARTIFACT_STORE: artifact_store,
+    }
+    return {t: name for t, name in chosen.items() if name}
+
+
+def _note_env_override(name: str) -> None:
+    override = os.environ.get(STACK_ENV)
+    if override and override != name:
+        errors.print(f"Note: ${STACK_ENV}={override} overrides the active stack in this shell.")
+
+
+ORCHESTRATOR_OPTION = typer.Option(
+    None, "--orchestrator", "-o", help="Name of the orchestrator (conveyor orchestrator list)"
+)
+ARTIFACT_STORE_OPTION = typer.Option(
+    None, "--artifact-store", "-a", help="Name of the artifact store (conveyor artifact-store list)"
+)
+
+
+@app.command("register")
+def register(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Name of the new stack"),
+    orchestrator: str = ORCHESTRATOR_OPTION,
+    artifact_store: str = ARTIFACT_STORE_OPTION,
+    set_active: bool = typer.Option(False, "--set", help="Make it the active stack"),
+) -> None:
+    """Register a stack made of existing components.
+
+    Example: conveyor stack register shared -o default -a nfs --set
+    """
+    with user_errors():
+        stack = client(ctx).register_stack(
+            name, _chosen(orchestrator, artifact_store), activate=set_active
+        )
+    console.print(f"Registered stack '{stack.name}'.")
+    console.print(_components_table(stack))
+    if set_active:
+        console.print(f"Active stack set to '{stack.name}'.")
+        _note_env_override(stack.name)
+
+
+@app.command("set")
+def set_active(
+    ctx: typer.Context, name: str = typer.Argument(..., help="Name or id of the stack")
+) -> None:
+    """Make a stack the active stack of this client (saved in CONVEYOR_HOME).
+
+    Example: conveyor stack set shared
+    """
+    with user_errors():
+        stack = client(ctx).activate_stack(name)
+    console.print(f"Active stack set to '{stack.name}'.")
+    _note_env_override(stack.name)
+
+
+@app.command("get")
+def get_active(ctx: typer.Context, output: OutputFormat = OUTPUT_OPTION) -> None:
+    """Print the active stack, and whether $CONVEYOR_STACK chose it.
+
+    Example: conveyor stack get
+    """
+    with user_errors():
+        stack = client(ctx).get_stack()
+    source = f"${STACK_ENV}" if os.environ.get(STACK_ENV) else "this client"
+    emit(
+        output,
+        {"name": stack.name, "id": stack.id, "chosen_by": source},
+        lambda _: f"The active stack is '{stack.name}' (chosen by {source}).",
+    )
+
+
+@app.command("update")
+def update(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Name or id of the stack"),
+    orchestrator: str = ORCHESTRATOR_OPTION,
+    artifact_store: str = ARTIFACT_STORE_OPTION,
+) -> None:
+    """Replace components of a stack; past runs keep the components they ran on.
+
+    Example: conveyor stack update shared -a nfs
+    """
+    with user_errors():
+        stack = client(ctx).update_stack(name, _chosen(orchestrator, artifact_store))
+    console.print(f"Updated stack '{stack.name}'.")
+    console.print(_components_table(stack))
+
+
+@app.command("rename")
+def rename(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Current name of the stack"),
+    new_name: str = typer.Argument(..., help="New name"),
+) -> None:
+    """Rename a stack; it stays active if it was, and keeps its runs.
+
+    Example: conveyor stack rename shared team
+    """
+    with user_errors():
+        stack = client(ctx).rename_stack(name, new_name)
+    console.print(f"Renamed stack '{name}' to '{stack.name}'.")
+
+
+@app.command("copy")
+def copy(
+    ctx: typer.Context,
+    source: str = typer.Argument(..., help="Stack to copy"),
+    target: str = typer.Argument(..., help="Name of the new stack"),
+) -> None:
+    """Register a new stack with the same components as another.
+
+    Example: conveyor stack copy default experiments
+    """
+    with user_errors():
+        stack = client(ctx).copy_stack(source, target)
+    console.print(f"Copied stack '{source}' to '{stack.name}'.")
+
+
+@app.command("delete")
+def delete(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Name or id of the stack"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation"),
+) -> None:
+    """Delete a stack (not its components, not its runs); never the default or active one.
+
+    Example: conveyor stack delete experiments -y
+    """
+    with user_errors():
+        c = client(ctx)
+        stack = c.get_stack(name)
+        if not yes:
+            typer.confirm(f"Delete stack '{stack.name}'? Its components are kept.", abort=True)
+        c.delete_stack(stack.name)
+    console.print(f"Deleted stack '{stack.name}'.")
+
+
+@app.command("export")
+def export(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Name or id of the stack"),
+    file: str = typer.Argument(None, help="YAML file to write (default: NAME.yaml; - for stdout)"),
+    include_secrets: bool = typer.Option(
+        False,
+        "--include-secrets",
+        help="Write secrets in clear; without it they are masked and an import needs them "
+        "registered first",
+    ),
+) -> None:
+    """Write a stack and its components' configuration to a YAML file (secrets masked).
+
+    Example: conveyor stack export shared shared.yaml
+    """
+    with user_errors():
+        data = client(ctx).export_stack(name, include_secrets=include_secrets)
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    if file == "-":
+        sys.stdout.write(text)
+        return
+    target = Path(file or f"{data['stack_name']}.yaml")
+    target.write_text(text)
+    masked = "secrets in clear" if include_secrets else "secrets masked"
+    console.print(f"Exported stack '{data['stack_name']}' to {target} ({masked}).")
+
+
+@app.command("import")
+def import_(
+    ctx: typer.Context,
+    file: Path = typer.Argument(..., help="YAML file written by conveyor stack export"),
+    name: str = typer.Option(None, "--name", "-n", help="Stack name (default: the file's)"),
+) -> None:
+    """Register a stack from an exported YAML file, creating the components that do not exist.
+
+    Example: conveyor stack import shared.yaml --name shared-copy
+    """
+    try:
+        data: Any = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        fail(f"cannot read {file}: {exc}")
+    with user_errors():
+        c = client(ctx)
+        before = {x.id for x in c.list_components()}
+        stack = c.import_stack(data, name=name)
+    console.print(f"Imported stack '{stack.name}'.")
+    exported = data.get("components", {}) if isinstance(data, dict) else {}
+    for type_ in COMPONENT_ORDER:
+        component = stack.components.get(type_)
+        if component is None:
+            continue
+        how = "created" if component.id not in before else "reused"
+        line = f"  {column(type_)} '{component.name}': {how}"
+        original = exported.get(type_.value, {}).get("name")
+        if original and original != component.name:
+            line += f" ('{original}' exists with a different configuration)"
+        console.print(line)

@@ -1,0 +1,339 @@
+"""``conveyor orchestrator ...`` and ``conveyor artifact-store ...``, made by one function.
+
+Configuration is given as ``--key=value`` (or ``--key value``) options that the command does
+not declare: click hands them over in ``ctx.args`` and they are checked against the flavor's
+config model by the service.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin
+
+import typer
+from pydantic import BaseModel, SecretStr
+
+from conveyor.contracts import ComponentSpec, ComponentType, StackSpec
+from conveyor.service.cli.output import (
+    OUTPUT_OPTION,
+    OutputFormat,
+    console,
+    emit,
+    fail,
+    table,
+    user_errors,
+    when,
+)
+from conveyor.service.cli.state import client
+from conveyor.service.client import Client
+from conveyor.service.components import label
+from conveyor.workers.flavors import FLAVORS, Flavor, masked_config
+
+EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@dataclass(frozen=True)
+class ComponentCommand:
+    """How one component type appears on the command line, with examples for its help."""
+
+    type: ComponentType
+    command: str
+    example: str  # a component name used in the examples
+    register_example: str
+    update_example: str
+
+
+COMMANDS = (
+    ComponentCommand(
+        ComponentType.ORCHESTRATOR,
+        "orchestrator",
+        "fast",
+        "--flavor local --concurrency=8",
+        "--concurrency=2",
+    ),
+    ComponentCommand(
+        ComponentType.ARTIFACT_STORE,
+        "artifact-store",
+        "nfs",
+        "--flavor local --path=/mnt/artifacts",
+        "--path=/srv/artifacts",
+    ),
+)
+
+
+def column(type_: ComponentType) -> str:
+    """The column or row header of a component type: ARTIFACT_STORE."""
+    return type_.value.upper()
+
+
+def shown(value: Any) -> str:
+    """A config value in a table cell: text as is, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def component_json(
+    component: ComponentSpec, *, active: bool, stacks: list[str] | None = None
+) -> dict[str, Any]:
+    """A component as ``--output json`` prints it: its config masked, defaults included."""
+    shown: dict[str, Any] = {
+        "id": component.id,
+        "type": component.type.value,
+        "name": component.name,
+        "flavor": component.flavor,
+        "active": active,
+        "shared": component.shared,
+        "owner": component.owner,
+        "created": component.created,
+        "config": masked_config(component),
+    }
+    if stacks is not None:
+        shown["stacks"] = stacks
+    return shown
+
+
+def _is_text(annotation: Any) -> bool:
+    if annotation in (str, SecretStr, Path):
+        return True
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return bool(args) and all(_is_text(a) for a in args)
+    return False
+
+
+def _value(raw: str, field_type: Any) -> Any:
+    # `null` removes a key on update; text fields keep digits as text (a password "1234").
+    if raw == "null":
+        return None
+    if field_type is not None and _is_text(field_type):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def parse_config(args: list[str], model: type[BaseModel] | None) -> dict[str, Any]:
+    """``--key=value`` and ``--key value`` pairs; values are JSON when they parse as JSON."""
+    fields = model.model_fields if model is not None else {}
+    config: dict[str, Any] = {}
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if not arg.startswith("--") or arg == "--":
+            fail(f"unexpected argument {arg!r}: give configuration as --key=value")
+        key, sep, raw = arg[2:].partition("=")
+        if not sep:
+            raw = rest.pop(0) if rest and not rest[0].startswith("--") else "true"
+        key = key.replace("-", "_")
+        field = fields.get(key)
+        config[key] = _value(raw, field.annotation if field is not None else None)
+    return config
+
+
+def _active_ids(c: Client, stack: str | None) -> set[str]:
+    return {component.id for component in c.get_stack(stack).components.values()}
+
+
+def _users(stacks: list[StackSpec], component: ComponentSpec) -> list[str]:
+    return [s.name for s in stacks if any(m.id == component.id for m in s.components.values())]
+
+
+def _config_table(component: ComponentSpec) -> object:
+    rows = [[key, shown(value)] for key, value in masked_config(component).items()]
+    return table(["KEY", "VALUE"], rows or [["(no configuration)", ""]], title="Configuration")
+
+
+def _describe(component: ComponentSpec, *, active: bool, stacks: list[str]) -> list[object]:
+    marker = " (ACTIVE)" if active else ""
+    properties = table(
+        ["COMPONENT_PROPERTY", "VALUE"],
+        [
+            ["NAME", component.name],
+            ["COMPONENT ID", component.id],
+            ["TYPE", column(component.type)],
+            ["FLAVOR", component.flavor],
+            ["SHARED", "✅" if component.shared else "➖"],
+            ["OWNER", component.owner],
+            ["CREATED", when(component.created)],
+            ["STACKS", ", ".join(stacks) or "(none)"],
+        ],
+        title=f"{column(component.type)} '{component.name}'",
+        caption=f"'{component.name}' {label(component.type)}{marker}",
+    )
+    return [properties, _config_table(component)]
+
+
+def flavor_json(flavor: Flavor) -> dict[str, Any]:
+    return {
+        "type": flavor.component_type.value,
+        "name": flavor.name,
+        "description": flavor.description,
+        "embedded": flavor.embedded,
+        "config": [asdict(key) for key in flavor.config_keys()],
+    }
+
+
+def _flavor_table(flavor: Flavor) -> object:
+    rows = [
+        [
+            key.key,
+            f"{key.type} (secret)" if key.secret and "Secret" not in key.type else key.type,
+            "(required)" if key.required else json.dumps(key.default),
+            key.description,
+        ]
+        for key in flavor.config_keys()
+    ]
+    return table(
+        ["KEY", "TYPE", "DEFAULT", "DESCRIPTION"],
+        rows or [["(no configuration)", "", "", ""]],
+        title=f"{label(flavor.component_type)} flavor '{flavor.name}'",
+        caption=flavor.description,
+    )
+
+
+def component_app(spec: ComponentCommand) -> typer.Typer:
+    """The sub-command of one component type: list, register, describe, update, ..."""
+    type_, kind, ex = spec.type, label(spec.type), spec.example
+    cmd = f"conveyor {spec.command}"
+    app = typer.Typer(
+        help=f"Manage {kind}s, the {kind} components of stacks.", no_args_is_help=True
+    )
+    flavor_app = typer.Typer(help=f"Flavors an {kind} can have.", no_args_is_help=True)
+    app.add_typer(flavor_app, name="flavor")
+
+    @app.command(
+        "list",
+        help=f"List every {kind}; ACTIVE marks the one in the active stack.\n\n"
+        f"Example: {cmd} list --output json",
+    )
+    def list_components(
+        ctx: typer.Context,
+        stack: str = typer.Option(
+            None, "--stack", "-s", help="Mark this stack's (default: active)"
+        ),
+        output: OutputFormat = OUTPUT_OPTION,
+    ) -> None:
+        with user_errors():
+            c = client(ctx)
+            active = _active_ids(c, stack)
+            components = c.list_components(type_)
+        emit(
+            output,
+            [component_json(x, active=x.id in active) for x in components],
+            lambda _: table(
+                ["ACTIVE", "NAME", "COMPONENT ID", "FLAVOR", "SHARED", "OWNER"],
+                [
+                    [
+                        "👉" if x.id in active else "",
+                        x.name,
+                        x.id,
+                        x.flavor,
+                        "✅" if x.shared else "➖",
+                        x.owner,
+                    ]
+                    for x in components
+                ],
+            ),
+        )
+
+    @app.command(
+        "register",
+        context_settings=EXTRA_ARGS,
+        help=f"Register a new {kind} of a flavor, configured with --key=value options.\n\n"
+        f"Example: {cmd} register {ex} {spec.register_example}",
+    )
+    def register(
+        ctx: typer.Context,
+        name: str = typer.Argument(..., help=f"Name of the new {kind}"),
+        flavor: str = typer.Option(..., "--flavor", "-f", help=f"See: {cmd} flavor list"),
+    ) -> None:
+        found = FLAVORS.get((type_, flavor))
+        config = parse_config(ctx.args, found.config_model if found else None)
+        with user_errors():
+            component = client(ctx).register_component(type_, name, flavor, config)
+        console.print(f"Registered {kind} '{component.name}' (flavor {component.flavor}).")
+        console.print(_config_table(component))
+
+    @app.command(
+        "describe",
+        help=f"Show an {kind}: flavor, configuration with defaults (secrets masked), stacks.\n\n"
+        f"Example: {cmd} describe {ex}",
+    )
+    def describe(
+        ctx: typer.Context,
+        name: str = typer.Argument(..., help=f"Name or id of the {kind}"),
+        output: OutputFormat = OUTPUT_OPTION,
+    ) -> None:
+        with user_errors():
+            c = client(ctx)
+            component = c.get_component(type_, name)
+            active = component.id in _active_ids(c, None)
+            stacks = _users(c.list_stacks(), component)
+        emit(
+            output,
+            component_json(component, active=active, stacks=stacks),
+            lambda _: _describe(component, active=active, stacks=stacks),
+        )
+
+    @app.command(
+        "update",
+        context_settings=EXTRA_ARGS,
+        help=f"Change configuration keys of an {kind} (--key=null resets a key to its default)."
+        f"\n\nExample: {cmd} update {ex} {spec.update_example}",
+    )
+    def update(
+        ctx: typer.Context, name: str = typer.Argument(..., help=f"Name or id of the {kind}")
+    ) -> None:
+        with user_errors():
+            c = client(ctx)
+            current = c.get_component(type_, name)
+            found = FLAVORS.get((type_, current.flavor))
+            config = parse_config(ctx.args, found.config_model if found else None)
+            component = c.update_component(type_, current.name, config)
+        console.print(f"Updated {kind} '{component.name}'.")
+        console.print(_config_table(component))
+
+    @app.command(
+        "rename",
+        help=f"Rename an {kind}; the stacks that use it follow.\n\n"
+        f"Example: {cmd} rename {ex} {ex}-2",
+    )
+    def rename(
+        ctx: typer.Context,
+        name: str = typer.Argument(..., help=f"Current name of the {kind}"),
+        new_name: str = typer.Argument(..., help="New name"),
+    ) -> None:
+        with user_errors():
+            component = client(ctx).rename_component(type_, name, new_name)
+        console.print(f"Renamed {kind} '{name}' to '{component.name}'.")
+
+    @app.command(
+        "delete", help=f"Delete an {kind} that no stack uses.\n\nExample: {cmd} delete {ex}"
+    )
+    def delete(
+        ctx: typer.Context, name: str = typer.Argument(..., help=f"Name or id of the {kind}")
+    ) -> None:
+        with user_errors():
+            c = client(ctx)
+            component = c.get_component(type_, name)
+            c.delete_component(type_, component.name)
+        console.print(f"Deleted {kind} '{component.name}'.")
+
+    @flavor_app.command(
+        "list",
+        help=f"List the {kind} flavors with their configuration keys, types and defaults.\n\n"
+        f"Example: {cmd} flavor list",
+    )
+    def list_flavors(ctx: typer.Context, output: OutputFormat = OUTPUT_OPTION) -> None:
+        with user_errors():
+            flavors = client(ctx).list_flavors(type_)
+        emit(
+            output,
+            [flavor_json(f) for f in flavors],
+            lambda _: [_flavor_table(f) for f in flavors],
+        )
+
+    return app

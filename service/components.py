@@ -1,0 +1,164 @@
+"""Component rules, the component half of ``StackService``.
+
+Names are unique per component type, a flavor's config is validated on every write, and a
+component that a stack uses cannot be deleted. Writes check and change inside one
+transaction, so a refused change leaves everything as it was.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from conveyor.contracts import (
+    ComponentSpec,
+    ComponentType,
+    ConflictError,
+    NotFoundError,
+    ValidationError,
+    new_id,
+    utcnow,
+)
+from conveyor.service.store import Database, StackStore
+from conveyor.workers.flavors import Flavor, flavors_of, get_flavor
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def suggest(name: str, candidates: Iterable[str]) -> str:
+    """' (did you mean: a, b?)' for the closest names, or '' when none is close."""
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
+    return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
+def label(type_: ComponentType) -> str:
+    """How messages name a component type: 'orchestrator', 'artifact store'."""
+    return type_.value.replace("_", " ")
+
+
+def check_name(kind: str, name: str) -> None:
+    """Names end up in queue names and file names: keep them to a safe alphabet."""
+    if not _NAME.match(name):
+        raise ValidationError(
+            f"invalid {kind} name {name!r}: use letters, digits, '.', '_' and '-', starting "
+            "with a letter or digit, at most 100 characters"
+        )
+
+
+def parse_type(value: ComponentType | str) -> ComponentType:
+    """A component type from its value, also spelled as on the command line (artifact-store)."""
+    if isinstance(value, ComponentType):
+        return value
+    try:
+        return ComponentType(value.strip().lower().replace("-", "_"))
+    except ValueError:
+        valid = ", ".join(t.value for t in ComponentType)
+        raise ValidationError(f"unknown component type {value!r} (valid: {valid})") from None
+
+
+class ComponentRules:
+    """Register, update, rename and delete stack components under the rules."""
+
+    db: Database
+    store: StackStore
+
+    async def list_components(self, type_: ComponentType | None = None) -> list[ComponentSpec]:
+        """Every component, or every component of ``type_``, by name."""
+        return await self.store.components(type_)
+
+    async def list_flavors(self, type_: ComponentType | None = None) -> list[Flavor]:
+        """The flavors a component of ``type_`` (or of any type) can have."""
+        types = [type_] if type_ is not None else list(ComponentType)
+        return [f for t in types for f in flavors_of(t)]
+
+    async def get_component(self, type_: ComponentType, name: str) -> ComponentSpec:
+        """The component of ``type_`` called ``name`` (or with that id); suggests names."""
+        components = await self.store.components(type_)
+        for component in components:
+            if component.name == name:
+                return component
+        for component in components:
+            if component.id == name:
+                return component
+        names = (c.name for c in components)
+        raise NotFoundError(f"no {label(type_)} named {name!r}{suggest(name, names)}")
+
+    async def stacks_using(self, component_id: str) -> list[str]:
+        """Names of the stacks that include the component."""
+        return [
+            s.name
+            for s in await self.store.stacks()
+            if any(c.id == component_id for c in s.components.values())
+        ]
+
+    async def register_component(
+        self,
+        type_: ComponentType,
+        name: str,
+        flavor: str,
+        config: dict[str, Any] | None = None,
+    ) -> ComponentSpec:
+        """Create a component; refuses an existing name, an unknown flavor, an invalid config."""
+        check_name(label(type_), name)
+        normalized = get_flavor(type_, flavor).normalize(config or {})
+        async with self.db.transaction() as conn:
+            existing = await self.store.component(type_, name)
+            if existing is not None:
+                raise ConflictError(
+                    f"{label(type_)} {name!r} exists already (flavor {existing.flavor!r}); "
+                    "choose another name, or update that one"
+                )
+            component = ComponentSpec(
+                id=new_id(),
+                type=type_,
+                name=name,
+                flavor=flavor,
+                config=normalized,
+                created=utcnow(),
+            )
+            await self.store.save_component(conn, component)
+        return component
+
+    async def update_component(
+        self, type_: ComponentType, name: str, config: dict[str, Any]
+    ) -> ComponentSpec:
+        """Set the given config keys (a ``None`` value removes a key, back to its default)."""
+        if not config:
+            raise ValidationError(f"nothing to update on {label(type_)} {name!r}: give a key")
+        async with self.db.transaction() as conn:
+            component = await self.get_component(type_, name)
+            merged = {k: v for k, v in {**component.config, **config}.items() if v is not None}
+            normalized = get_flavor(type_, component.flavor).normalize(merged)
+            updated = component.model_copy(update={"config": normalized})
+            await self.store.save_component(conn, updated)
+        return updated
+
+    async def rename_component(
+        self, type_: ComponentType, name: str, new_name: str
+    ) -> ComponentSpec:
+        """Rename a component; the stacks that use it follow (they refer to it by id)."""
+        check_name(label(type_), new_name)
+        async with self.db.transaction() as conn:
+            component = await self.get_component(type_, name)
+            if new_name != component.name and await self.store.component(type_, new_name):
+                raise ConflictError(f"{label(type_)} {new_name!r} exists already")
+            renamed = component.model_copy(update={"name": new_name})
+            await self.store.save_component(conn, renamed)
+        return renamed
+
+    async def delete_component(self, type_: ComponentType, name: str) -> None:
+        """Delete a component that no stack uses; the error names the stacks that do."""
+        async with self.db.transaction() as conn:
+            component = await self.get_component(type_, name)
+            users = await self.stacks_using(component.id)
+            if users:
+                raise ConflictError(
+                    f"{label(type_)} {component.name!r} is used by stack"
+                    f"{'s' if len(users) > 1 else ''} {', '.join(repr(u) for u in users)}; "
+                    "remove it from "
+                    f"{'those stacks' if len(users) > 1 else 'that stack'} or delete "
+                    f"{'them' if len(users) > 1 else 'it'} first"
+                )
+            await self.store.delete_component(conn, component.id)
