@@ -20,21 +20,25 @@ from conveyor.contracts import (
     ComponentType,
     ConveyorError,
     Event,
+    NotFoundError,
+    PipelineSpec,
     RunCancelRequested,
     RunFinished,
     RunRecord,
     RunRequested,
     StackSpec,
     StepRecord,
+    StepStatus,
     StepStatusChanged,
     Subscription,
     new_id,
+    utcnow,
 )
 from conveyor.service.context import Services
 from conveyor.service.controller import Controller
 from conveyor.service.home import Home
-from conveyor.service.logs import configure_logging
 from conveyor.service.liveness import this_process
+from conveyor.service.logs import configure_logging
 from conveyor.service.pipelines import PipelineDefinition, load_pipeline
 from conveyor.workers.execution import load_artifact
 from conveyor.workers.flavors import (
@@ -52,22 +56,37 @@ StepCallback = Callable[[StepStatusChanged], Awaitable[None] | None]
 class AsyncRun:
     """A submitted run: wait for it, read its steps, load its outputs."""
 
-    def __init__(self, run_id: str, conveyor: Conveyor, on_step: StepCallback | None) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        conveyor: Conveyor,
+        on_step: StepCallback | None,
+        spec: PipelineSpec | None = None,
+    ) -> None:
         self.id = run_id
         self._conveyor = conveyor
         self._on_step = on_step
         self._finished = asyncio.Event()
         self._subscription: Subscription | None = None
+        # What the status events said, for a client whose store does not hold the run (a
+        # service stack's controller records it in its own store, maybe on another machine).
+        self._spec = spec
+        self._created = utcnow()
+        self._statuses: dict[str, StepStatusChanged] = {}
+        self._outcome: RunFinished | None = None
 
     async def _follow(self) -> None:
         self._subscription = await self._conveyor.broker.follow(self.id, self._on_status)
 
     async def _on_status(self, event: Event) -> None:
-        if isinstance(event, StepStatusChanged) and self._on_step is not None:
-            result = self._on_step(event)
-            if result is not None:
-                await result
+        if isinstance(event, StepStatusChanged):
+            self._statuses[event.step] = event
+            if self._on_step is not None:
+                result = self._on_step(event)
+                if result is not None:
+                    await result
         elif isinstance(event, RunFinished):
+            self._outcome = event
             self._finished.set()
 
     async def wait(self, timeout: float | None = None) -> RunRecord:
@@ -89,13 +108,52 @@ class AsyncRun:
                     raise
         if self._subscription is not None:
             await self._subscription.cancel()
-        return await services.runs.get_run(self.id)
+        return await self.record()
 
     async def record(self) -> RunRecord:
-        return await self._conveyor.services.runs.get_run(self.id)
+        try:
+            return await self._conveyor.services.runs.get_run(self.id)
+        except NotFoundError:
+            if self._spec is None or self._outcome is None or self._conveyor.stack is None:
+                raise
+        stack = self._conveyor.stack
+        return RunRecord(
+            id=self.id,
+            pipeline=self._spec.name,
+            stack_id=stack.id,
+            stack_name=stack.name,
+            stack_snapshot=stack.model_dump(mode="json"),
+            status=self._outcome.status,
+            parameters=self._spec.parameters,
+            created=self._created,
+            started=self._created,
+            finished=self._outcome.time,
+            error=self._outcome.error,
+        )
 
     async def steps(self) -> list[StepRecord]:
-        return await self._conveyor.services.runs.steps_of(self.id)
+        try:
+            return await self._conveyor.services.runs.steps_of(self.id)
+        except NotFoundError:
+            if self._spec is None:
+                raise
+        records = []
+        for spec in self._spec.steps:
+            seen = self._statuses.get(spec.name)
+            records.append(
+                StepRecord(
+                    run_id=self.id,
+                    name=spec.name,
+                    status=seen.status if seen else StepStatus.PENDING,
+                    attempt=seen.attempt if seen else 0,
+                    max_retries=spec.retries,
+                    duration_s=seen.duration_s if seen else None,
+                    error=seen.error if seen else None,
+                    upstream=spec.upstream,
+                    outputs=seen.outputs if seen else {},
+                )
+            )
+        return records
 
     async def load(self, step: str, output: str = "output", *, allow_pickle: bool = False) -> Any:
         """The value of one output, read back from the artifact store."""
@@ -148,6 +206,11 @@ class Conveyor:
         if self._artifacts is None:
             raise RuntimeError("Conveyor is not started")
         return self._artifacts
+
+    @property
+    def controller_alive(self) -> bool | None:
+        """Whether this process's controller runs (``None``: the stack's runs elsewhere)."""
+        return None if self._controller is None else self._controller.alive
 
     async def start(self) -> None:
         """Open the store; on an embedded stack, start the controller and workers."""
@@ -211,7 +274,7 @@ class Conveyor:
                 run = AsyncRun(existing.id, self, on_step)
                 await run._follow()
                 return run
-        run = AsyncRun(new_id(), self, on_step)
+        run = AsyncRun(new_id(), self, on_step, spec)
         await run._follow()
         assert self.stack is not None
         await self.broker.publish(

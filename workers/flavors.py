@@ -25,6 +25,8 @@ from conveyor.contracts import (
 )
 from conveyor.workers.artifact_store_local import LocalArtifactStore, LocalArtifactStoreConfig
 from conveyor.workers.broker_inprocess import InProcessBroker
+from conveyor.workers.broker_rabbitmq import RabbitMQBroker
+from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.secrets import mask, mask_value, reveal, secret_keys
 
 
@@ -140,6 +142,12 @@ FLAVORS: dict[tuple[ComponentType, str], Flavor] = {
         "Embedded: an in-process broker and worker pool; no set-up.",
         embedded=True,
     ),
+    (ComponentType.ORCHESTRATOR, "rabbitmq"): Flavor(
+        ComponentType.ORCHESTRATOR,
+        "rabbitmq",
+        RabbitMQOrchestratorConfig,
+        "RabbitMQ: a long-running controller and any number of worker processes.",
+    ),
     (ComponentType.ARTIFACT_STORE, "local"): Flavor(
         ComponentType.ARTIFACT_STORE,
         "local",
@@ -202,9 +210,15 @@ def make_artifact_store(stack: StackSpec) -> ArtifactStore:
     return LocalArtifactStore(config.path)
 
 
+def _rabbitmq_broker(stack: StackSpec, config: BaseModel) -> Broker:
+    assert isinstance(config, RabbitMQOrchestratorConfig)
+    return RabbitMQBroker(Topology(stack=stack.name, prefix=config.prefix), config)
+
+
 BrokerFactory = Callable[[StackSpec, BaseModel], Broker]
 BROKERS: dict[str, BrokerFactory] = {
     "local": lambda stack, _config: InProcessBroker(Topology(stack=stack.name)),
+    "rabbitmq": _rabbitmq_broker,
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,8 +22,10 @@ from conveyor.contracts import (
     ArtifactStore,
     Broker,
     Delivery,
+    StepFailed,
     StepReady,
     StepStarted,
+    StepSucceeded,
     Subscription,
     WorkerFacts,
 )
@@ -30,6 +33,9 @@ from conveyor.workers.execution import StepExecutor
 from conveyor.workers.steps import StepResolver
 
 log = structlog.get_logger("conveyor.worker")
+
+Outcome = StepSucceeded | StepFailed
+REMEMBERED_OUTCOMES = 10_000
 
 
 def worker_facts(name: str | None = None) -> WorkerFacts:
@@ -53,6 +59,8 @@ class WorkerPool:
         pools: Sequence[str] = (DEFAULT_POOL,),
         concurrency: int = 4,
         name: str | None = None,
+        step_timeout: float | None = None,
+        announce_after: float = 0.0,
     ) -> None:
         self._broker = broker
         self._pools = list(pools)
@@ -65,6 +73,11 @@ class WorkerPool:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._executions: dict[str, set[asyncio.Task[Any]]] = {}
         self._stopping = False
+        self._step_timeout = step_timeout
+        self._announce_after = announce_after
+        # Outcomes of the attempts this worker ran, by (run, step, attempt): a StepReady
+        # delivered again (its ack was lost with a channel) is answered, not run twice.
+        self._outcomes: OrderedDict[tuple[str, str, int], asyncio.Future[Outcome]] = OrderedDict()
 
     async def __aenter__(self) -> WorkerPool:
         await self.start()
@@ -107,34 +120,77 @@ class WorkerPool:
         with structlog.contextvars.bound_contextvars(
             run_id=ready.run_id, step=ready.step.name, attempt=ready.attempt
         ):
-            await self._broker.publish(
-                [
-                    StepStarted(
-                        run_id=ready.run_id,
-                        step=ready.step.name,
-                        attempt=ready.attempt,
-                        by=self.facts,
-                    )
-                ]
-            )
-            execution = asyncio.create_task(self._executor.execute(ready))
-            running = self._executions.setdefault(ready.run_id, set())
-            running.add(execution)
-            try:
-                outcome = await execution
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
-                # cancel_run() stopped this attempt: the run is over, nothing to report.
+            key = (ready.run_id, ready.step.name, ready.attempt)
+            known = self._outcomes.get(key)
+            if known is not None:
+                log.info("attempt delivered again; answering with its outcome")
+                await asyncio.wait([known])
+                if known.cancelled():
+                    await delivery.requeue()
+                    return
+                await self._broker.publish([known.result()])
                 await delivery.ack()
                 return
-            finally:
-                running.discard(execution)
-                if not running:
-                    self._executions.pop(ready.run_id, None)
+            known = self._outcomes[key] = asyncio.get_running_loop().create_future()
+            while len(self._outcomes) > REMEMBERED_OUTCOMES:
+                self._outcomes.popitem(last=False)
+            try:
+                outcome = await self._attempt(ready, delivery)
+            except BaseException:
+                self._outcomes.pop(key, None)
+                known.cancel()
+                raise
+            if outcome is None:
+                self._outcomes.pop(key, None)
+                known.cancel()
+                return
+            known.set_result(outcome)
             await self._broker.publish([outcome])
             await delivery.ack()
+
+    async def _attempt(self, ready: StepReady, delivery: Delivery) -> Outcome | None:
+        """Run one attempt; None when cancel_run() stopped it (and the delivery is acked)."""
+        if self._step_timeout is not None and (
+            ready.step.timeout_s is None or ready.step.timeout_s > self._step_timeout
+        ):
+            step = ready.step.model_copy(update={"timeout_s": self._step_timeout})
+            ready = ready.model_copy(update={"step": step})
+        started = StepStarted(
+            run_id=ready.run_id, step=ready.step.name, attempt=ready.attempt, by=self.facts
+        )
+        # The step starts while its StepStarted is confirmed (waiting first would add a
+        # broker round trip to every step); with ``announce_after``, a step that finishes
+        # sooner is not announced at all, its completion says it all. A StepStarted that was
+        # sent is confirmed, so ahead of the completion on the wire, before returning.
+        announcing: list[asyncio.Task[None]] = []
+
+        def announce() -> None:
+            announcing.append(asyncio.create_task(self._broker.publish([started])))
+
+        timer = asyncio.get_running_loop().call_later(self._announce_after, announce)
+        execution = asyncio.create_task(self._executor.execute(ready))
+        running = self._executions.setdefault(ready.run_id, set())
+        running.add(execution)
+        try:
+            outcome = await execution
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                for task in announcing:
+                    task.cancel()
+                await asyncio.gather(*announcing, return_exceptions=True)
+                raise
+            # cancel_run() stopped this attempt: the run is over, nothing to report.
+            await asyncio.gather(*announcing)
+            await delivery.ack()
+            return None
+        finally:
+            timer.cancel()
+            running.discard(execution)
+            if not running:
+                self._executions.pop(ready.run_id, None)
+        await asyncio.gather(*announcing)
+        return outcome
 
     def cancel_run(self, run_id: str) -> int:
         """Stop the running attempts of a cancelled run; returns how many were stopped.

@@ -1,0 +1,200 @@
+"""Fixtures and helpers of the RabbitMQ tests: a vhost per test, a stack on it, processes.
+
+Every test gets a fresh virtual host, deleted afterwards with everything declared in it, so
+tests cannot see each other's messages. Processes are real ``conveyor`` commands; whatever
+a test leaves running is killed at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import quote
+
+import pytest
+
+from conveyor.contracts import ComponentType, StackSpec
+from conveyor.service.context import Services
+from tests.conftest import ROOT
+from tests.pipelines.rabbitmq_pipelines import MARKERS_ENV
+
+STACK = "prod"
+PIPELINES = "tests/pipelines/rabbitmq_pipelines.py"
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def vhost(rabbitmq: str) -> Iterator[str]:
+    """The AMQP URL of a fresh virtual host, deleted after the test."""
+    name = f"conveyor-test-{uuid.uuid4().hex[:12]}"
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield f"{rabbitmq.rstrip('/')}/{quote(name, safe='')}"
+    finally:
+        rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture
+def markers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The folder where test steps record their starts and wait for their release."""
+    path = tmp_path / "markers"
+    path.mkdir()
+    monkeypatch.setenv(MARKERS_ENV, str(path))
+    return path
+
+
+async def register_stack(
+    url: str, artifacts: Path, *, name: str = STACK, home: Path | None = None, **config: Any
+) -> StackSpec:
+    """Register a rabbitmq stack in this test's CONVEYOR_HOME (or ``home``), active."""
+    services = await Services.open(home)
+    try:
+        await services.stacks.register_component(
+            ComponentType.ORCHESTRATOR,
+            "rmq",
+            "rabbitmq",
+            {"url": url, "concurrency": 2, "reconnect_interval_s": 0.5, **config},
+        )
+        await services.stacks.register_component(
+            ComponentType.ARTIFACT_STORE, "shared", "local", {"path": str(artifacts)}
+        )
+        return await services.stacks.register_stack(
+            name,
+            {ComponentType.ORCHESTRATOR: "rmq", ComponentType.ARTIFACT_STORE: "shared"},
+            activate=True,
+        )
+    finally:
+        await services.close()
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll ``predicate`` until it holds; fail saying ``what`` did not happen in time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def starts(markers: Path) -> list[tuple[str, int]]:
+    """(step name, pid) of every step start recorded so far, in order."""
+    path = markers / "starts.log"
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text().splitlines():
+        name, pid = line.split()
+        found.append((name, int(pid)))
+    return found
+
+
+def release(markers: Path, name: str) -> None:
+    (markers / f"release-{name}").touch()
+
+
+class Process:
+    """A ``conveyor`` command running in the background, its output in a log file."""
+
+    def __init__(self, label: str, args: list[str], logs: Path, env: dict[str, str]) -> None:
+        self.label = label
+        self.args = args
+        self.log_path = logs / f"{label}.log"
+        self._log: IO[str] = open(self.log_path, "w")  # noqa: SIM115 (closed in wait/kill)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "conveyor.service.cli.app", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def send(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """The exit status, once the process ended within ``timeout``."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{self.label} still running after {timeout:g}s:\n{self.output()[-3000:]}"
+            ) from None
+        self._log.close()
+        return code
+
+    def kill(self) -> None:
+        if self.alive:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        self._log.close()
+
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+        def logged() -> bool:
+            if not self.alive:
+                raise AssertionError(f"{self.label} exited early:\n{self.output()[-3000:]}")
+            return text in self.output()
+
+        wait_until(logged, f"{self.label} to log {text!r}", timeout)
+
+
+class Processes:
+    """Starts ``conveyor`` processes for one test; kills the ones still alive at the end."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: list[Process] = []
+
+    def start(self, label: str, *args: str, env: dict[str, str] | None = None) -> Process:
+        full_env = {**os.environ, "CONVEYOR_LOG_LEVEL": "INFO", **(env or {})}
+        full_env.pop("PYTHONASYNCIODEBUG", None)  # debug mode slows services down a lot
+        process = Process(label, list(args), self.logs, full_env)
+        self.started.append(process)
+        return process
+
+    def controller(self, label: str = "controller", **env: str) -> Process:
+        process = self.start(label, "controller", "start", "--stack", STACK, env=env)
+        process.wait_for_log("controller started")
+        return process
+
+    def worker(self, label: str, *args: str) -> Process:
+        process = self.start(label, "worker", "start", "--stack", STACK, "--name", label, *args)
+        process.wait_for_log("worker started")
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            process.kill()
+
+    def dump(self) -> str:
+        return "\n".join(f"--- {p.label} ---\n{p.output()[-4000:]}" for p in self.started)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    running = Processes(tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop_all()

@@ -1,0 +1,269 @@
+"""The RabbitMQ broker under a controller and a worker pool in this process.
+
+Duplicates, poison messages, unroutable publishes, unimportable steps and worker pools,
+against the real broker (a fresh vhost per test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from structlog.testing import capture_logs
+
+from conveyor.contracts import (
+    ConveyorError,
+    Event,
+    PipelineSpec,
+    RunRecord,
+    RunRequested,
+    RunStatus,
+    StackSpec,
+    StepSpec,
+    StepStatus,
+    StepSucceeded,
+    WorkerFacts,
+    new_id,
+)
+from conveyor.service.context import Services
+from conveyor.service.controller import Controller
+from conveyor.service.engine import Conveyor
+from conveyor.workers.broker_rabbitmq import RabbitMQBroker
+from conveyor.workers.flavors import make_artifact_store, make_broker
+from conveyor.workers.rabbitmq_topology import QUEUE_HEADER, REASON_HEADER
+from conveyor.workers.runtime import WorkerPool
+from tests.integration.rabbitmq_support import (
+    markers,
+    register_stack,
+    release,
+    starts,
+    vhost,
+)
+from tests.pipelines import rabbitmq_pipelines as pipelines
+
+__all__ = ["markers", "vhost"]  # fixtures
+
+pytestmark = pytest.mark.rabbitmq
+
+
+class RecordingBroker(RabbitMQBroker):
+    """A RabbitMQBroker that keeps what it published."""
+
+    def __init__(self, broker: RabbitMQBroker) -> None:
+        super().__init__(broker.topology, broker.config, name=broker.name)
+        self.published: list[Event] = []
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        await super().publish(events)
+        self.published.extend(events)
+
+
+@dataclass
+class Rig:
+    url: str
+    stack: StackSpec
+    services: Services
+    controller_broker: RabbitMQBroker
+    controller: Controller
+    worker_broker: RecordingBroker
+    workers: list[WorkerPool] = field(default_factory=list)
+
+    async def add_workers(self, *, pools: Sequence[str] = ("default",), name: str) -> WorkerPool:
+        pool = WorkerPool(
+            self.worker_broker,
+            make_artifact_store(self.stack),
+            pools=pools,
+            concurrency=2,
+            name=name,
+        )
+        self.workers.append(pool)
+        await pool.start()
+        return pool
+
+    async def finished(self, run_id: str, timeout: float = 60) -> RunRecord:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                record = await self.services.runs.get_run(run_id)
+            except ConveyorError:
+                record = None
+            if record is not None and record.status not in (RunStatus.PENDING, RunStatus.RUNNING):
+                return record
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"run {run_id} did not finish in {timeout}s: {record}")
+            await asyncio.sleep(0.05)
+
+    async def raw_publish(self, queue: str, body: bytes, **properties: Any) -> None:
+        connection = await aio_pika.connect(self.url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.default_exchange.publish(
+                aio_pika.Message(body, **properties), routing_key=queue
+            )
+
+    async def queue_depth(self, queue: str) -> int:
+        connection = await aio_pika.connect(self.url)
+        async with connection:
+            channel = await connection.channel()
+            declared = await channel.declare_queue(queue, passive=True)
+            count = declared.declaration_result.message_count
+            assert count is not None
+            return count
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        if check():
+            return
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def rig(vhost: str, tmp_path: Path) -> AsyncIterator[Rig]:
+    stack = await register_stack(vhost, tmp_path / "artifacts")
+    services = await Services.open()
+    made = make_broker(stack)
+    assert isinstance(made, RabbitMQBroker)
+    controller_broker = made
+    worker_broker = RecordingBroker(made)
+    controller = Controller(services.db, controller_broker, stack, owner=None)
+    rig = Rig(vhost, stack, services, controller_broker, controller, worker_broker)
+    try:
+        await controller_broker.start()
+        await worker_broker.start()
+        await controller.start()
+        yield rig
+    finally:
+        for pool in rig.workers:
+            await pool.stop(grace=0)
+        await controller.stop()
+        await worker_broker.stop()
+        await controller_broker.stop()
+        await services.close()
+
+
+async def test_duplicated_completions_change_nothing_and_poison_goes_to_the_dead_letters(
+    rig: Rig, markers: Path
+) -> None:
+    topology = rig.controller_broker.topology
+    await rig.add_workers(name="w")
+    async with Conveyor(stack=rig.stack.name) as cv:
+        run = await cv.submit(pipelines.gated_chain)
+        await eventually(lambda: any(name == "gate" for name, _ in starts(markers)))
+        [seed_done] = [
+            e
+            for e in rig.worker_broker.published
+            if isinstance(e, StepSucceeded) and e.step == "seed"
+        ]
+        before = {s.name: s for s in await rig.services.runs.steps_of(run.id)}
+
+        poison = {
+            "not json": b"{this is not json",
+            "unknown type": json.dumps({"type": "StepExploded", "run_id": run.id}).encode(),
+            "unknown version": seed_done.model_copy()
+            .model_dump_json()
+            .replace('"schema_version":1', '"schema_version":7')
+            .encode(),
+            "missing field": json.dumps({"type": "StepReady", "run_id": run.id}).encode(),
+        }
+        queues = [topology.runs_queue, topology.events_queue, topology.step_queue("default")]
+        with capture_logs() as logs:
+            for _ in range(2):
+                await rig.raw_publish(
+                    topology.events_queue,
+                    seed_done.model_dump_json().encode(),
+                    message_id=seed_done.event_id,
+                )
+            for queue in queues:
+                for what, body in poison.items():
+                    await rig.raw_publish(queue, body, message_id=f"poison-{what}-{queue}")
+            expected = len(queues) * len(poison)
+            for _ in range(600):
+                if await rig.queue_depth(topology.dead_letter_queue) >= expected:
+                    break
+                await asyncio.sleep(0.05)
+
+        # The run goes on: the consumers survived, and the duplicates dispatched nothing.
+        release(markers, "gate")
+        record = await run.wait(timeout=60)
+        assert record.status is RunStatus.COMPLETED
+        after = {s.name: s for s in await rig.services.runs.steps_of(run.id)}
+    assert after["seed"] == before["seed"]
+    assert [name for name, _ in starts(markers)] == ["seed", "gate", "last"]
+    artifacts = await rig.services.runs.list_artifacts()
+    assert sorted(a.step_name for a in artifacts) == ["gated", "plus", "seed"]
+
+    connection = await aio_pika.connect(rig.url)
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.declare_queue(topology.dead_letter_queue, passive=True)
+        letters = []
+        while (message := await dead.get(fail=False)) is not None:
+            letters.append(message)
+            await message.ack()
+    found = {
+        (m.headers[QUEUE_HEADER], m.message_id): str(m.headers[REASON_HEADER]) for m in letters
+    }
+    assert len(letters) == len(found) == len(queues) * len(poison)
+    for queue in queues:
+        for what in poison:
+            reason = found[(queue, f"poison-{what}-{queue}")]
+            assert reason.startswith("invalid event"), reason
+    events = topology.events_queue
+    assert "schema_version" in found[(events, f"poison-unknown version-{events}")]
+    dead_logs = [entry for entry in logs if entry["event"] == "dead-lettered"]
+    assert {entry["message_id"] for entry in dead_logs} >= {m.message_id for m in letters}
+    assert not any("this is not json" in json.dumps(entry, default=str) for entry in logs)
+
+
+async def test_a_step_that_cannot_be_imported_fails_naming_its_reference(
+    rig: Rig, markers: Path
+) -> None:
+    pool = await rig.add_workers(name="w")
+    ref = "tests/pipelines/not_there.py:ghost"
+    spec = PipelineSpec(name="ghostly", steps=[StepSpec(name="ghost", ref=ref, outputs=["output"])])
+    request = RunRequested(run_id=new_id(), pipeline="ghostly", spec=spec)
+    await rig.worker_broker.publish([request])
+    record = await rig.finished(request.run_id)
+    assert record.status is RunStatus.FAILED
+    [ghost] = await rig.services.runs.steps_of(request.run_id)
+    assert ghost.status is StepStatus.FAILED
+    assert ghost.error is not None and ref in ghost.error
+    # The worker is still there and runs the next run.
+    assert pool.consumer_count == 1
+    async with Conveyor(stack=rig.stack.name) as cv:
+        run = await cv.submit(pipelines.small, value=5)
+        assert (await run.wait(timeout=60)).status is RunStatus.COMPLETED
+        assert await run.load("plus") == 105
+
+
+async def test_a_step_of_a_pool_runs_on_a_worker_of_that_pool(rig: Rig, markers: Path) -> None:
+    await rig.add_workers(name="cpu")
+    await rig.add_workers(name="gpu", pools=["gpu"])
+    async with Conveyor(stack=rig.stack.name) as cv:
+        run = await cv.submit(pipelines.pooled)
+        assert (await run.wait(timeout=60)).status is RunStatus.COMPLETED
+        steps = {s.name: s for s in await run.steps()}
+    assert steps["seed"].worker == "cpu" and steps["on_gpu"].worker == "gpu"
+    assert await rig.queue_depth(rig.controller_broker.topology.step_queue("gpu")) == 0
+
+
+async def test_an_unroutable_publish_is_an_error_not_a_silent_loss(rig: Rig) -> None:
+    topology = rig.controller_broker.topology
+    connection = await aio_pika.connect(rig.url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(topology.events_queue)
+    done = StepSucceeded(
+        run_id=new_id(), step="s", attempt=1, duration_s=0.0, by=WorkerFacts(worker="w", pid=1)
+    )
+    with pytest.raises(ConveyorError, match="could not route"):
+        await rig.worker_broker.publish([done])

@@ -1,0 +1,70 @@
+"""Pipelines that worker processes of the RabbitMQ tests import by file path.
+
+Steps append ``NAME PID`` to ``$CONVEYOR_TEST_MARKERS/starts.log`` when they start, so a
+test knows which process runs what; a gated step then waits until the test creates
+``release-NAME`` in that folder, which is how a test holds a step in the middle.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from conveyor import pipeline, step
+
+MARKERS_ENV = "CONVEYOR_TEST_MARKERS"
+
+
+def _markers() -> Path:
+    return Path(os.environ[MARKERS_ENV])
+
+
+def _record(name: str) -> None:
+    with open(_markers() / "starts.log", "a") as log:
+        log.write(f"{name} {os.getpid()}\n")
+
+
+@step
+def seed(value: int = 1) -> int:
+    _record("seed")
+    return value
+
+
+@step
+def gated(x: int, name: str = "gated") -> int:
+    _record(name)
+    release = _markers() / f"release-{name}"
+    deadline = time.monotonic() + 110
+    while not release.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{release} never appeared")
+        time.sleep(0.05)
+    return x + 10
+
+
+@step
+def plus(x: int, name: str = "plus") -> int:
+    _record(name)
+    return x + 100
+
+
+@pipeline
+def gated_chain() -> None:
+    plus(gated(seed(), name="gate"), name="last")
+
+
+@pipeline
+def small(value: int = 1) -> None:
+    plus(seed(value=value), name="last")
+
+
+@step(pool="gpu")
+def on_gpu(x: int) -> int:
+    _record("on_gpu")
+    return x * 2
+
+
+@pipeline
+def pooled() -> None:
+    on_gpu(seed())

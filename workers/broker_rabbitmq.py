@@ -1,0 +1,491 @@
+"""The ``rabbitmq`` orchestrator flavor: a Broker on RabbitMQ, through aio-pika.
+
+Semantics match the in-process broker. Publishing is persistent, confirmed, and
+``mandatory`` (an unroutable work message is an error, not a silent loss); a batch of
+events is published at once and its confirms gathered. Consumers settle every message
+explicitly; a message that is not a valid event goes to the dead-letter queue with the
+reason in a header. The connection is robust: it reconnects and re-registers consumers,
+and this module keeps strong references to everything aio-pika must restore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+
+from conveyor.contracts import (
+    ConveyorError,
+    DeliveryHandler,
+    Event,
+    MalformedEvent,
+    StatusHandler,
+    StepReady,
+    Topology,
+    encode_event,
+    is_status_event,
+    parse_event,
+)
+from conveyor.workers.crash import crash_point
+from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
+from conveyor.workers.rabbitmq_topology import (
+    QUEUE_HEADER,
+    REASON_HEADER,
+    Declared,
+    declare_topology,
+    declare_work_queue,
+    queue_arguments,
+)
+
+log = structlog.get_logger("conveyor.broker.rabbitmq")
+
+PUBLISH_DEADLINE_S = 60.0
+
+# Errors after which the same operation can succeed once the robust connection is back.
+TRANSIENT = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelClosed,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+class BrokerUnavailable(ConveyorError):
+    """The broker did not take a message in time; the caller may try again later."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)
+
+
+RETRYABLE = (*TRANSIENT, BrokerUnavailable)
+
+
+def _live_consumer_tags(channel: AbstractRobustChannel) -> Mapping[str, object]:
+    # aio-pika has no public view of the consumers the broker still delivers to: the
+    # underlay channel's table is where a lost or broker-cancelled consumer disappears.
+    underlay = getattr(channel, "_channel", None)
+    amqp_channel = getattr(underlay, "channel", None)
+    if amqp_channel is None or amqp_channel.is_closed:
+        return {}
+    consumers: Mapping[str, object] = amqp_channel.consumers
+    return consumers
+
+
+class _Delivery:
+    __slots__ = ("_consumer", "_event", "_message", "_settled")
+
+    def __init__(self, consumer: _Consumer, message: AbstractIncomingMessage, event: Event) -> None:
+        self._consumer = consumer
+        self._message = message
+        self._event = event
+        self._settled = False
+
+    @property
+    def event(self) -> Event:
+        return self._event
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(self._message.redelivered)
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        return True
+
+    async def ack(self) -> None:
+        if self._settle():
+            try:
+                await self._message.ack()
+            except TRANSIENT:
+                # The channel it came on is gone: the broker delivers it again, and the
+                # (run, step, attempt) key makes the second delivery harmless.
+                log.warning(
+                    "ack on a closed channel; the message will be delivered again",
+                    queue=self._consumer.queue,
+                    event_id=self._event.event_id,
+                )
+
+    async def reject(self, reason: str) -> None:
+        if self._settle():
+            await self._consumer.broker.dead_letter(self._consumer.queue, self._message, reason)
+
+    async def requeue(self) -> None:
+        if self._settle():
+            # A closed channel requeues it anyway.
+            with contextlib.suppress(*TRANSIENT):
+                await self._message.nack(requeue=True)
+
+
+class _Consumer:
+    """One consumer on its own channel, so that its prefetch and failures stay its own."""
+
+    def __init__(
+        self, broker: RabbitMQBroker, queue: str, handler: DeliveryHandler, prefetch: int
+    ) -> None:
+        self.broker = broker
+        self.queue = queue
+        self.handler = handler
+        self.prefetch = prefetch
+        self.channel: AbstractRobustChannel | None = None
+        self.amqp_queue: AbstractQueue | None = None
+        self.tag: str | None = None
+        self.receiving = False
+        # Handler tasks are kept here: aio-pika would throw into its own callback tasks when
+        # the channel closes, and a step that finishes anyway can still publish its result.
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def active(self) -> bool:
+        if not self.receiving or self.channel is None or self.tag is None:
+            return False
+        return self.tag in _live_consumer_tags(self.channel)
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        channel = await connection.channel(publisher_confirms=False)
+        self.channel = channel
+        await channel.set_qos(prefetch_count=self.prefetch)
+        topology = self.broker.topology
+        arguments = None if self.queue == topology.dead_letter_queue else queue_arguments(topology)
+        self.amqp_queue = await channel.declare_queue(self.queue, durable=True, arguments=arguments)
+        self.tag = await self.amqp_queue.consume(self._on_message)
+        self.receiving = True
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(self._handle(message))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            event = parse_event(message.body)
+        except MalformedEvent as exc:
+            await self.broker.dead_letter(self.queue, message, str(exc))
+            return
+        delivery = _Delivery(self, message, event)
+        try:
+            await self.handler(delivery)
+        except RETRYABLE as exc:
+            log.warning(
+                "broker lost while handling; the message will be delivered again",
+                queue=self.queue,
+                event_id=event.event_id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            await delivery.requeue()
+        except Exception as exc:
+            log.exception("handler failed", queue=self.queue, event_id=event.event_id)
+            await delivery.reject(f"handler raised {type(exc).__name__}: {exc}")
+
+    async def pause(self) -> None:
+        """Stop new deliveries; those in hand can still be acked on the open channel."""
+        if not self.receiving or self.amqp_queue is None or self.tag is None:
+            return
+        self.receiving = False
+        with contextlib.suppress(*TRANSIENT):  # a lost channel delivers nothing more either
+            await self.amqp_queue.cancel(self.tag)
+
+    async def cancel(self) -> None:
+        await self.pause()
+        channel, self.channel = self.channel, None
+        if channel is not None and not channel.is_closed:
+            # Closing the channel is what makes the broker requeue what is unsettled.
+            with contextlib.suppress(*TRANSIENT):
+                await channel.close()
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.broker.consumers.discard(self)
+
+
+class _Follower:
+    """Status events of one run, through an exclusive queue bound by the run id."""
+
+    def __init__(self, broker: RabbitMQBroker, run_id: str, handler: StatusHandler) -> None:
+        self.broker = broker
+        self.run_id = run_id
+        self.handler = handler
+        self.inbox: asyncio.Queue[Event] = asyncio.Queue()
+        self.amqp_queue: AbstractQueue | None = None
+        self.tag: str | None = None
+        self.pump: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.pump is not None and not self.pump.done()
+
+    async def start(self, channel: AbstractRobustChannel) -> None:
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        self.amqp_queue = queue
+        await queue.bind(self.broker.topology.status_exchange, routing_key=self.run_id)
+        self.tag = await queue.consume(self._on_message, no_ack=True)
+        self.pump = asyncio.create_task(self._run(), name=f"follow:{self.run_id}")
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            self.inbox.put_nowait(parse_event(message.body))
+        except MalformedEvent as exc:
+            log.warning("malformed status event", message_id=message.message_id, reason=str(exc))
+
+    async def _run(self) -> None:
+        # One pump per follower keeps the handler's view of a run in publication order.
+        while True:
+            event = await self.inbox.get()
+            try:
+                await self.handler(event)
+            except Exception:
+                log.exception("status handler failed", run_id=self.run_id)
+
+    async def cancel(self) -> None:
+        queue, tag, self.tag = self.amqp_queue, self.tag, None
+        if queue is not None and tag is not None:
+            with contextlib.suppress(*TRANSIENT):
+                await queue.cancel(tag)
+        if self.pump is not None:
+            self.pump.cancel()
+            await asyncio.gather(self.pump, return_exceptions=True)
+        self.broker.followers.discard(self)
+
+
+class RabbitMQBroker:
+    """A Broker on one stack's topology in RabbitMQ.
+
+    Lifecycle: ``start()`` connects and declares the topology; ``stop()`` is idempotent and
+    safe before ``start()``.
+    """
+
+    def __init__(
+        self, topology: Topology, config: RabbitMQOrchestratorConfig, *, name: str | None = None
+    ) -> None:
+        self._topology = topology
+        self.config = config
+        self.name = name or f"conveyor {socket.gethostname()}:{os.getpid()}"
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._follow_channel: AbstractRobustChannel | None = None
+        self._declared: Declared | None = None
+        self._declare_lock = asyncio.Lock()
+        self.consumers: set[_Consumer] = set()
+        self.followers: set[_Follower] = set()
+
+    @property
+    def topology(self) -> Topology:
+        return self._topology
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise ConveyorError("the RabbitMQ broker is not started")
+        return self._connection
+
+    @property
+    def declared(self) -> Declared:
+        if self._declared is None:
+            raise ConveyorError("the RabbitMQ broker is not started")
+        return self._declared
+
+    async def start(self) -> None:
+        """Connect (robustly) and declare the stack's exchanges and queues."""
+        if self._connection is not None:
+            return
+        url = self.config.url.get_secret_value()
+        try:
+            connection = await aio_pika.connect_robust(
+                url,
+                reconnect_interval=self.config.reconnect_interval_s,
+                client_properties={"connection_name": self.name},
+            )
+        except (*TRANSIENT, OSError) as exc:
+            raise BrokerUnavailable(
+                f"cannot connect to RabbitMQ at {_safe_url(url)}: {type(exc).__name__}: {exc}"
+            ) from None
+        self._connection = connection
+        connection.reconnect_callbacks.add(self._on_reconnect)
+        try:
+            self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._declared = await declare_topology(
+                self._channel, self._topology, self.config.pools
+            )
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("connected to RabbitMQ", url=_safe_url(url), stack=self._topology.stack)
+
+    def _on_reconnect(self, *_: Any) -> None:
+        log.info("reconnected to RabbitMQ", stack=self._topology.stack)
+
+    async def stop(self) -> None:
+        """Cancel consumers and followers, then close the connection. Idempotent."""
+        for consumer in list(self.consumers):
+            await consumer.cancel()
+        for follower in list(self.followers):
+            await follower.cancel()
+        connection, self._connection = self._connection, None
+        self._channel = self._follow_channel = None
+        self._declared = None
+        if connection is not None:
+            await connection.close()
+
+    async def pause(self) -> None:
+        """Stop every consumer from receiving more, keeping their channels for acks."""
+        for consumer in list(self.consumers):
+            await consumer.pause()
+
+    async def ensure_queue(self, name: str) -> None:
+        """Declare (and bind) a work queue not declared at start, e.g. a new pool's."""
+        declared = self.declared
+        if name in declared.queues:
+            return
+        async with self._declare_lock:
+            assert self._channel is not None
+            await declare_work_queue(self._channel, self._topology, declared, name)
+
+    def _message(self, event: Event) -> aio_pika.Message:
+        return aio_pika.Message(
+            encode_event(event),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=event.event_id,
+            type=event.type,
+        )
+
+    async def _publish_one(self, event: Event, message: aio_pika.Message) -> None:
+        declared = self.declared
+        if is_status_event(event):
+            # Followers come and go: a status event nobody follows is dropped on purpose.
+            await declared.status.publish(message, routing_key=event.run_id, mandatory=False)
+            return
+        key = self._topology.route(event)
+        if isinstance(event, StepReady) and key not in declared.queues:
+            await self.ensure_queue(key)
+        await declared.work.publish(message, routing_key=key, mandatory=True)
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        """Publish ``events`` at once; return when the broker confirmed every one.
+
+        Interrupted publishes are retried once the connection is back (at-least-once);
+        a message the broker returns as unroutable, or refuses, raises.
+        """
+        crash_point("before-publish", events)
+        pending = [(event, self._message(event)) for event in events]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PUBLISH_DEADLINE_S
+        while pending:
+            results = await asyncio.gather(
+                *(self._publish_one(event, message) for event, message in pending),
+                return_exceptions=True,
+            )
+            retry = []
+            for (event, message), result in zip(pending, results, strict=True):
+                if result is None:
+                    continue
+                if isinstance(result, TRANSIENT):
+                    retry.append((event, message))
+                elif isinstance(result, aiormq.exceptions.PublishError):
+                    raise ConveyorError(
+                        f"RabbitMQ could not route {event.type} {event.event_id} to "
+                        f"{self._topology.route(event)!r}: is the topology declared?"
+                    ) from result
+                elif isinstance(result, aiormq.exceptions.DeliveryError):
+                    raise BrokerUnavailable(
+                        f"RabbitMQ refused {event.type} {event.event_id}: {result}"
+                    ) from result
+                else:
+                    raise result
+            pending = retry
+            if pending:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise BrokerUnavailable(
+                        f"RabbitMQ did not confirm {len(pending)} message(s) "
+                        f"within {PUBLISH_DEADLINE_S:g}s"
+                    )
+                log.warning("publish interrupted; retrying on reconnect", messages=len(pending))
+                assert self._channel is not None
+                try:
+                    await asyncio.wait_for(self._channel.ready(), timeout=remaining)
+                except TimeoutError:
+                    continue
+        crash_point("after-publish", events)
+
+    async def dead_letter(self, queue: str, message: AbstractIncomingMessage, reason: str) -> None:
+        """Move ``message`` to the dead-letter queue with ``reason`` in a header, then ack it.
+
+        Logged with the message id, never the body: the body may be large or sensitive.
+        """
+        log.warning(
+            "dead-lettered", queue=queue, message_id=message.message_id, reason=reason[:500]
+        )
+        headers = dict(message.headers or {})
+        headers[REASON_HEADER] = reason[:1000]
+        headers[QUEUE_HEADER] = queue
+        copy = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            type=message.type,
+        )
+        try:
+            await self.declared.dead.publish(copy, routing_key=queue, mandatory=True)
+        except Exception as exc:
+            # The queue's own dead-letter exchange still takes it, only without our reason.
+            log.warning("dead letter not published; rejecting instead", error=str(exc))
+            with contextlib.suppress(*TRANSIENT):
+                await message.reject(requeue=False)
+            return
+        with contextlib.suppress(*TRANSIENT):  # if lost: delivered, and dead-lettered, again
+            await message.ack()
+
+    async def consume(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> _Consumer:
+        """Consume ``queue`` on a channel of its own with ``prefetch`` unsettled at most."""
+        if queue != self._topology.dead_letter_queue:
+            await self.ensure_queue(queue)
+        consumer = _Consumer(self, queue, handler, prefetch)
+        self.consumers.add(consumer)
+        try:
+            await consumer.start(self.connection)
+        except BaseException:
+            await consumer.cancel()
+            raise
+        return consumer
+
+    async def follow(self, run_id: str, handler: StatusHandler) -> _Follower:
+        """Receive the status events of ``run_id`` (from now on) in order."""
+        if self._follow_channel is None:
+            self._follow_channel = await self.connection.channel(publisher_confirms=False)
+        follower = _Follower(self, run_id, handler)
+        self.followers.add(follower)
+        try:
+            await follower.start(self._follow_channel)
+        except BaseException:
+            await follower.cancel()
+            raise
+        return follower
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without its password, for logs and errors."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"

@@ -1,0 +1,148 @@
+"""Long-running processes: signals, the consumer watchdog, and the worker process itself.
+
+A first SIGTERM or SIGINT asks for a graceful stop; a second one stops at once (the broker
+requeues whatever this process held unacked). A process whose consumers are all gone for
+too long (pitfall: a worker alive but deaf after a reconnect) exits non-zero, so that its
+supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from conveyor.contracts import DEFAULT_POOL, ComponentType, ConveyorError, StackSpec
+from conveyor.workers.broker_rabbitmq import RabbitMQBroker
+from conveyor.workers.flavors import get_flavor, make_artifact_store, make_broker
+from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
+from conveyor.workers.runtime import WorkerPool
+
+log = structlog.get_logger("conveyor.process")
+
+EXIT_OK = 0
+EXIT_HARD_STOP = 130
+EXIT_DEAF = 3
+"""Exit status of a process that had no consumer for longer than its watchdog allows."""
+
+
+class Signals:
+    """SIGTERM/SIGINT handling: the first sets :attr:`stop`, the second exits at once."""
+
+    def __init__(self, on_hard_stop: Callable[[], None] | None = None) -> None:
+        self.stop = asyncio.Event()
+        self._on_hard_stop = on_hard_stop
+        self._installed: list[signal.Signals] = []
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._received, sig)
+            self._installed.append(sig)
+
+    def uninstall(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._installed:
+            loop.remove_signal_handler(sig)
+        self._installed.clear()
+
+    def _received(self, sig: signal.Signals) -> None:
+        if not self.stop.is_set():
+            log.info("stopping gracefully; send the signal again to stop at once", signal=sig.name)
+            self.stop.set()
+            return
+        log.warning("second signal: stopping at once", signal=sig.name)
+        if self._on_hard_stop is not None:
+            self._on_hard_stop()
+        os._exit(EXIT_HARD_STOP)
+
+
+async def watch_consumers(count: Callable[[], int], limit_s: float, every_s: float = 1.0) -> None:
+    """Return once ``count()`` has been zero for ``limit_s`` seconds in a row."""
+    loop = asyncio.get_running_loop()
+    zero_since: float | None = None
+    while True:
+        await asyncio.sleep(every_s)
+        if count() > 0:
+            if zero_since is not None:
+                log.info("consumers are back")
+            zero_since = None
+            continue
+        now = loop.time()
+        if zero_since is None:
+            zero_since = now
+            log.warning("no consumer: the broker delivers nothing to this process")
+        elif now - zero_since >= limit_s:
+            log.error("no consumer for too long; exiting so a supervisor restarts this process")
+            return
+
+
+async def wait_for_stop(signals: Signals, watchdog: asyncio.Task[None]) -> bool:
+    """Wait for a stop signal or the watchdog; True if the watchdog fired."""
+    stop = asyncio.create_task(signals.stop.wait(), name="wait-for-signal")
+    try:
+        await asyncio.wait([stop, watchdog], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        await asyncio.gather(stop, return_exceptions=True)
+    return watchdog.done() and not watchdog.cancelled()
+
+
+def rabbitmq_config(stack: StackSpec) -> RabbitMQOrchestratorConfig:
+    """The stack's orchestrator config, or an error saying it needs a rabbitmq orchestrator."""
+    component = stack.component(ComponentType.ORCHESTRATOR)
+    config = get_flavor(component.type, component.flavor).validate(component.config)
+    if not isinstance(config, RabbitMQOrchestratorConfig):
+        raise ConveyorError(
+            f"stack {stack.name!r} has a {component.flavor!r} orchestrator, which runs its "
+            "workers inside the client; worker and controller processes need a rabbitmq one"
+        )
+    return config
+
+
+async def serve_workers(
+    stack: StackSpec,
+    *,
+    pools: Sequence[str] = (),
+    concurrency: int | None = None,
+    grace_s: float | None = None,
+    name: str | None = None,
+) -> int:
+    """Run a worker process on ``stack`` until a signal (or the watchdog); its exit status."""
+    config = rabbitmq_config(stack)
+    signals = Signals()
+    signals.install()
+    broker = make_broker(stack)
+    pool = WorkerPool(
+        broker,
+        make_artifact_store(stack),
+        pools=list(pools) or [DEFAULT_POOL],
+        concurrency=concurrency or config.concurrency,
+        name=name,
+        step_timeout=config.step_timeout_s,
+        announce_after=config.announce_after_s,
+    )
+    watchdog: asyncio.Task[None] | None = None
+    try:
+        await broker.start()
+        await pool.start()
+        watchdog = asyncio.create_task(
+            watch_consumers(lambda: pool.consumer_count, config.watchdog_s), name="watchdog"
+        )
+        deaf = await wait_for_stop(signals, watchdog)
+        log.info("worker stopping", worker=pool.facts.worker)
+        if isinstance(broker, RabbitMQBroker):
+            await broker.pause()
+        await pool.stop(grace=config.grace_s if grace_s is None else grace_s)
+        return EXIT_DEAF if deaf else EXIT_OK
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+        await pool.stop(grace=0)
+        await broker.stop()
+        signals.uninstall()
+        log.info("worker stopped", worker=pool.facts.worker)

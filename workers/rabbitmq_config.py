@@ -1,0 +1,70 @@
+"""Configuration of the ``rabbitmq`` orchestrator flavor, checked when it is registered."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+
+from conveyor.contracts import DEFAULT_PREFIX
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+RABBITMQ_CONSUMER_TIMEOUT_S = 1800.0
+
+
+class RabbitMQOrchestratorConfig(BaseModel):
+    """Configuration of the ``rabbitmq`` orchestrator flavor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: SecretStr = Field(
+        default=SecretStr(DEFAULT_URL),
+        description="AMQP URL of the broker, with credentials and virtual host",
+    )
+    concurrency: int = Field(
+        default=4, ge=1, description="Steps a worker process runs at once (and its prefetch)"
+    )
+    prefix: str = Field(
+        default=DEFAULT_PREFIX,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Start of every exchange and queue name of the stack",
+    )
+    pools: list[str] = Field(
+        default_factory=list,
+        description="Worker pools whose step queues are declared up front (besides 'default')",
+    )
+    consumer_timeout_s: float = Field(
+        default=RABBITMQ_CONSUMER_TIMEOUT_S,
+        gt=0,
+        description="The broker's consumer_timeout (RabbitMQ's default is 30 minutes)",
+    )
+    step_timeout_s: float = Field(
+        default=1500.0,
+        gt=0,
+        description="Longest a step attempt may run; must be below consumer_timeout_s",
+    )
+    announce_after_s: float = Field(
+        default=0.1,
+        ge=0,
+        description="A step that finishes sooner publishes only its completion, no StepStarted",
+    )
+    reconnect_interval_s: float = Field(
+        default=2.0, gt=0, description="Pause between reconnection attempts"
+    )
+    watchdog_s: float = Field(
+        default=60.0, gt=0, description="A worker with no consumer for this long exits non-zero"
+    )
+    grace_s: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, how long running steps may finish"
+    )
+
+    @field_validator("step_timeout_s")
+    @classmethod
+    def _below_consumer_timeout(cls, value: float, info: ValidationInfo) -> float:
+        # A step that outlives consumer_timeout gets its channel closed by the broker (406),
+        # and is delivered again while it still runs.
+        limit = info.data.get("consumer_timeout_s", RABBITMQ_CONSUMER_TIMEOUT_S)
+        if value >= limit:
+            raise ValueError(
+                f"must be below the broker's consumer_timeout ({limit:g}s); raise "
+                "consumer_timeout in rabbitmq.conf and set consumer_timeout_s to match"
+            )
+        return value
