@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from conveyor.service.cli import runs, services, stack
+from conveyor.service.cli import runs, server, services, stack
 from conveyor.service.cli.components import COMMANDS, component_app
 from conveyor.service.cli.state import open_client
 from conveyor.service.logs import configure_logging
@@ -22,6 +22,7 @@ for command in COMMANDS:
 app.add_typer(runs.pipeline_app, name="pipeline")
 app.add_typer(runs.run_app, name="run")
 app.add_typer(runs.artifact_app, name="artifact")
+app.add_typer(server.app, name="server")
 app.add_typer(services.worker_app, name="worker")
 app.add_typer(services.controller_app, name="controller")
 app.add_typer(services.contracts_app, name="contracts")

@@ -1,0 +1,187 @@
+"""The ASGI app: the HTTP API, the dashboard, health and metrics, on one set of services.
+
+``create_app()`` builds it; its lifespan opens the store and starts a ``Conveyor`` for the
+served stack (on an embedded stack: the controller and a worker pool in this process), and
+stops them on shutdown. Serve it with ``conveyor server up`` or any ASGI server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from urllib.parse import quote
+
+import structlog
+from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from conveyor.contracts import ConveyorError
+from conveyor.service.api import (
+    dashboard,
+    metrics,
+    routes_artifacts,
+    routes_runs,
+    routes_stacks,
+)
+from conveyor.service.api.errors import LoginRequired, error_body, status_of
+from conveyor.service.api.gateway import RunGateway
+from conveyor.service.api.state import ApiState, ServerSettings
+from conveyor.service.home import Home
+from conveyor.service.store.summaries import RunSummaries
+
+log = structlog.get_logger("conveyor.server")
+
+JSON_PREFIXES = ("/api/", "/ui/", "/metrics", "/healthz", "/openapi.json")
+DESCRIPTION = """Stacks, components, flavors, pipelines, runs, steps and artifacts of one
+Conveyor home. Errors are `{"error", "message", "status"}`: 404 for an unknown name or id,
+409 when a rule refuses a change, 422 for invalid input, 401 without the server's token."""
+
+
+def _version() -> str:
+    try:
+        return version("conveyor")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _wants_json(request: Request) -> bool:
+    path = request.url.path
+    return path == "/api" or path.startswith(JSON_PREFIXES)
+
+
+def _error(request: Request, status: int, code: str, message: str) -> Response:
+    if _wants_json(request):
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse(error_body(status, code, message), status, headers=headers)
+    return dashboard.render(
+        request, "error.html", status_code=status, title=f"{status}", status=status, message=message
+    )
+
+
+async def conveyor_error(request: Request, exc: Exception) -> Response:
+    """The one handler of Conveyor's errors: 404, 409, 422, 401, 403 (see ``errors``)."""
+    assert isinstance(exc, ConveyorError)
+    if isinstance(exc, LoginRequired) and not _wants_json(request):
+        return RedirectResponse(f"/login?next={quote(exc.next_path)}", status_code=303)
+    status, code = status_of(exc)
+    return _error(request, status, code, exc.message)
+
+
+async def invalid_request(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+    message = "invalid request: " + "; ".join(problems)
+    if not _wants_json(request):
+        return _error(request, 422, "invalid", message)
+    body = error_body(422, "invalid", message) | {"detail": jsonable_encoder(exc.errors())}
+    return JSONResponse(body, status_code=422)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    message = exc.detail if isinstance(exc.detail, str) else "error"
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"nothing at {request.url.path}"
+    code = "not_found" if exc.status_code == 404 else "http_error"
+    response = _error(request, exc.status_code, code, message)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """A bug: say so without details (they may hold paths or secrets); the log has them."""
+    log.error("request failed", path=request.url.path, error=type(exc).__name__)
+    return _error(
+        request, 500, "internal", f"internal error ({type(exc).__name__}); see the server's log"
+    )
+
+
+class NoSniff:
+    """Every response is what its Content-Type says, never sniffed into HTML."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-content-type-options", b"nosniff")]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+def create_app(
+    home: str | Path | Home | None = None,
+    *,
+    stack: str | None = None,
+    token: str | None = None,
+    poll_interval_s: float = 0.5,
+    record_timeout_s: float = 5.0,
+) -> FastAPI:
+    """The app for ``home``, serving ``stack`` (default: the active one).
+
+    With a ``token``, every API route needs ``Authorization: Bearer <token>`` and the
+    dashboard asks for it once.
+    """
+    settings = ServerSettings(
+        home=home if isinstance(home, Home) else Home.resolve(home),
+        stack=stack,
+        token=token or None,
+        poll_interval_s=poll_interval_s,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gateway = RunGateway(settings.home, record_timeout=record_timeout_s)
+        try:
+            await gateway.start(settings.stack)
+            app.state.conveyor = ApiState(gateway, RunSummaries(gateway.services.db))
+            log.info("server started", stack=gateway.stack.name, home=str(settings.home.path))
+            yield
+        finally:
+            app.state.conveyor = None
+            await gateway.stop()
+
+    app = FastAPI(
+        title="Conveyor",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.conveyor = None
+    app.add_exception_handler(ConveyorError, conveyor_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    # Starlette still raises the exception after this answer, so the server logs it.
+    app.add_exception_handler(Exception, internal_error)
+    app.add_middleware(NoSniff)
+    for router in (
+        routes_stacks.router,
+        routes_runs.router,
+        routes_artifacts.router,
+        metrics.router,
+        dashboard.router,
+        dashboard.pages,
+    ):
+        app.include_router(router)
+    app.mount("/static", StaticFiles(directory=dashboard.STATIC), name="static")
+    return app

@@ -1,0 +1,217 @@
+"""The dashboard: server-rendered pages of stacks, runs and artifacts, and the login form.
+
+The run page polls ``/ui/runs/{id}/state`` (the same ``RunDetail`` it was rendered from)
+until the run finishes; polling rather than server-sent events keeps every request short,
+so a shutdown never waits on an open stream, and works with the session cookie as is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import jinja2
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.templating import Jinja2Templates
+
+from conveyor.contracts import RunStatus, StepStatus
+from conveyor.service.api import views
+from conveyor.service.api.artifact_files import open_artifact, preview_artifact
+from conveyor.service.api.dag import layout
+from conveyor.service.api.schemas import Paging
+from conveyor.service.api.security import (
+    SESSION_COOKIE,
+    SESSION_MAX_AGE_S,
+    require_session,
+    safe_next,
+    session_value,
+    token_ok,
+)
+from conveyor.service.api.state import ApiState, settings_of, state_of
+
+TEMPLATES = Path(__file__).parent / "templates"
+STATIC = Path(__file__).parent / "static"
+MAX_LOGIN_BODY = 4096
+HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+STATUS_ORDER = [s.value for s in StepStatus]
+
+
+def seconds(value: float | None) -> str:
+    """A duration as the CLI prints it: 250ms, 3.20s."""
+    if value is None:
+        return "—"
+    return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
+
+
+def size(value: int) -> str:
+    """A byte count for people: 812 B, 3.4 KiB."""
+    if value < 1024:
+        return f"{value} B"
+    amount, unit = float(value), "B"
+    for unit in ("KiB", "MiB", "GiB"):  # noqa: B007 (the unit it stops at is the answer)
+        amount /= 1024
+        if amount < 1024:
+            break
+    return f"{amount:.1f} {unit}"
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["seconds"] = seconds
+    env.filters["size"] = size
+    env.filters["when"] = lambda v: v.strftime("%Y-%m-%d %H:%M:%S UTC") if v else "—"
+    return env
+
+
+templates = Jinja2Templates(env=_environment())
+router = APIRouter(include_in_schema=False)
+pages = APIRouter(include_in_schema=False, dependencies=[Depends(require_session)])
+
+
+def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    """A page with the dashboard's security headers."""
+    settings = settings_of(request)
+    context.setdefault("auth", settings.token is not None)
+    context.setdefault("title", "Conveyor")
+    return templates.TemplateResponse(
+        request, name, context, status_code=status_code, headers=HEADERS
+    )
+
+
+@pages.get("/", response_class=HTMLResponse)
+async def stacks_page(request: Request, state: ApiState = Depends(state_of)) -> HTMLResponse:
+    stacks = await views.stack_views(state.services)
+    return render(
+        request,
+        "stacks.html",
+        title="Stacks",
+        stacks=stacks,
+        types=views.COMPONENT_ORDER,
+        served=state.gateway.stack.name,
+    )
+
+
+@pages.get("/stacks/{name}", response_class=HTMLResponse)
+async def stack_page(
+    request: Request,
+    name: str,
+    paging: Paging = Depends(),
+    state: ApiState = Depends(state_of),
+) -> HTMLResponse:
+    stack = await views.stack_view(state.services, name)
+    runs = await views.runs_page(state.services, paging, stack=stack.name)
+    return render(
+        request,
+        "stack.html",
+        title=f"Stack {stack.name}",
+        stack=stack,
+        types=[t for t in views.COMPONENT_ORDER if t in stack.components],
+        runs=runs,
+        elapsed=views.elapsed,
+        active_statuses=(RunStatus.PENDING, RunStatus.RUNNING),
+    )
+
+
+@pages.get("/runs/{run_id}", response_class=HTMLResponse)
+async def run_page(
+    request: Request, run_id: str, state: ApiState = Depends(state_of)
+) -> HTMLResponse:
+    detail = await views.run_detail(state.services, run_id)
+    graph = layout([(s.name, s.upstream) for s in detail.steps])
+    return render(
+        request,
+        "run.html",
+        title=f"Run {detail.run.id[:8]}",
+        detail=detail,
+        run=detail.run,
+        graph=graph,
+        steps={s.name: s for s in detail.steps},
+        interval_ms=int(settings_of(request).poll_interval_s * 1000),
+        status_order=STATUS_ORDER,
+    )
+
+
+@pages.get("/ui/runs/{run_id}/state", response_model=views.RunDetail)
+async def run_state(run_id: str, state: ApiState = Depends(state_of)) -> views.RunDetail:
+    """What the run page polls for while the run is going."""
+    return await views.run_detail(state.services, run_id)
+
+
+@pages.get("/artifacts/{artifact_id}", response_class=HTMLResponse)
+async def artifact_page(
+    request: Request, artifact_id: str, state: ApiState = Depends(state_of)
+) -> HTMLResponse:
+    artifact = await state.services.runs.get_artifact(artifact_id)
+    preview = await preview_artifact(state.services, artifact.id)
+    run = await state.services.runs.get_run(artifact.run_id)
+    return render(
+        request,
+        "artifact.html",
+        title=f"Artifact {views.artifact_title(artifact)}",
+        artifact=artifact,
+        preview=preview,
+        run=run,
+    )
+
+
+@pages.get("/artifacts/{artifact_id}/download")
+async def artifact_download(artifact_id: str, state: ApiState = Depends(state_of)) -> Response:
+    found = await open_artifact(state.services, artifact_id)
+    return FileResponse(found.path, media_type="application/octet-stream", filename=found.filename)
+
+
+@router.get("/login", response_class=HTMLResponse)
+async def login_form(request: Request, next: str = "/") -> Response:
+    if settings_of(request).token is None:
+        return RedirectResponse("/", status_code=303)
+    return render(request, "login.html", title="Log in", next=safe_next(next), error=None)
+
+
+@router.post("/login", response_class=HTMLResponse)
+async def login(request: Request) -> Response:
+    """Check the token once; a session cookie carries proof of it from then on."""
+    token = settings_of(request).token
+    if token is None:
+        return RedirectResponse("/", status_code=303)
+    body = await request.body()
+    fields = parse_qs(body[:MAX_LOGIN_BODY].decode("utf-8", errors="replace"))
+    given = fields.get("token", [""])[0]
+    target = safe_next(fields.get("next", ["/"])[0])
+    if not token_ok(given, token):
+        return render(
+            request,
+            "login.html",
+            status_code=401,
+            title="Log in",
+            next=target,
+            error="That is not the server's token.",
+        )
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        session_value(token),
+        max_age=SESSION_MAX_AGE_S,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@router.post("/logout")
+async def logout() -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE)
+    return response

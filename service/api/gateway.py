@@ -1,0 +1,296 @@
+"""Submitting and cancelling runs for the server: one ``Conveyor`` per stack it serves.
+
+The stack the server was started for gets its ``Conveyor`` (and so, on an embedded stack,
+its controller and workers) at start-up; another stack named in a request gets one on first
+use. A submission returns once the controller has recorded the run, so that an HTTP client
+gets a run it can read, and so that an idempotency key is settled before the next request
+with the same key is looked at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from conveyor.contracts import (
+    FINISHED_RUN_STATUSES,
+    ComponentType,
+    ConflictError,
+    ConveyorError,
+    NotFoundError,
+    RunRecord,
+    RunStatus,
+    StackSpec,
+    ValidationError,
+    utcnow,
+)
+from conveyor.service.context import Services
+from conveyor.service.engine import AsyncRun, Conveyor
+from conveyor.service.home import Home
+from conveyor.service.liveness import this_process
+from conveyor.service.pipelines import PipelineDefinition, load_pipeline
+from conveyor.workers.flavors import get_flavor
+
+log = structlog.get_logger("conveyor.server")
+
+RESERVED_PARAMETERS = frozenset({"idempotency_key", "on_step"})
+
+
+@dataclass(frozen=True)
+class Submission:
+    """The outcome of a submit: the run, whether this call created it, whether it is stored."""
+
+    run: RunRecord
+    created: bool
+    recorded: bool
+
+
+class _KeyLocks:
+    """One lock per idempotency key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+def _load(ref: str) -> PipelineDefinition:
+    try:
+        return load_pipeline(ref)
+    except ConveyorError as exc:
+        raise ValidationError(str(exc)) from None
+
+
+class RunGateway:
+    """Submits and cancels runs through the ``Conveyor`` of each stack.
+
+    Lifecycle: ``start()``, then ``stop()`` (idempotent, safe before start).
+    """
+
+    def __init__(self, home: Home, *, record_timeout: float = 5.0) -> None:
+        self._home = home
+        self._record_timeout = record_timeout
+        self._served: Conveyor | None = None
+        self._others: dict[str, Conveyor] = {}
+        self._opening = asyncio.Lock()
+        self._keys = _KeyLocks()
+        # Each submitted run's status subscription is released by a task that waits for the
+        # run's end; the tasks are kept here so that none is dropped or outlives the server.
+        self._followers: set[asyncio.Task[None]] = set()
+
+    @property
+    def served(self) -> Conveyor:
+        """The ``Conveyor`` of the stack the server was started for."""
+        if self._served is None:
+            raise RuntimeError("RunGateway is not started")
+        return self._served
+
+    @property
+    def services(self) -> Services:
+        return self.served.services
+
+    @property
+    def stack(self) -> StackSpec:
+        stack = self.served.stack
+        assert stack is not None
+        return stack
+
+    def conveyors(self) -> list[Conveyor]:
+        """Every started ``Conveyor``, the served one first."""
+        return [self.served, *self._others.values()]
+
+    async def start(self, stack: str | None = None) -> None:
+        """Start the ``Conveyor`` of ``stack`` (default: the active stack)."""
+        if self._served is not None:
+            return
+        served = Conveyor(home=self._home, stack=stack)
+        await served.start()
+        self._served = served
+
+    async def stop(self) -> None:
+        """Stop following runs, then every ``Conveyor`` (others first, the served one last)."""
+        followers, self._followers = self._followers, set()
+        for task in followers:
+            task.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
+        others, self._others = self._others, {}
+        for conveyor in others.values():
+            await conveyor.stop()
+        served, self._served = self._served, None
+        if served is not None:
+            await served.stop()
+
+    async def conveyor_for(self, stack_name: str | None) -> Conveyor:
+        """The ``Conveyor`` of ``stack_name``, started on first use."""
+        if stack_name is None:
+            return self.served
+        # A stack may be named by its id too: one Conveyor per stack, whatever it is called.
+        name = (await self.services.stacks.get(stack_name)).name
+        if name == self.stack.name:
+            return self.served
+        async with self._opening:
+            found = self._others.get(name)
+            if found is None:
+                found = Conveyor(home=self._home, stack=name)
+                await found.start()
+                self._others[name] = found
+            return found
+
+    async def submit(
+        self,
+        pipeline: str,
+        parameters: dict[str, Any],
+        *,
+        stack: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Submission:
+        """Start a run of ``pipeline`` (an importable reference) and wait until it is stored.
+
+        With an ``idempotency_key`` that a run already has, that run is the answer; a key
+        reused for another pipeline, other parameters or another stack is refused.
+        """
+        reserved = RESERVED_PARAMETERS & parameters.keys()
+        if reserved:
+            raise ValidationError(f"parameter names reserved by Conveyor: {sorted(reserved)}")
+        # Importing runs the module's top level, which may block: keep it off the loop.
+        definition = await asyncio.to_thread(_load, pipeline)
+        spec, _ = definition.compile(**parameters)
+        conveyor = await self.conveyor_for(stack)
+        if idempotency_key is None:
+            return await self._submit(conveyor, definition, parameters, None)
+        async with self._keys.hold(idempotency_key):
+            existing = await self.services.runs.find_by_key(idempotency_key)
+            if existing is None:
+                return await self._submit(conveyor, definition, parameters, idempotency_key)
+        target = conveyor.stack
+        assert target is not None
+        # Compare as stored: the store keeps parameters as JSON (a tuple comes back a list).
+        asked = (spec.name, json.loads(json.dumps(spec.parameters)), target.id)
+        if (existing.pipeline, existing.parameters, existing.stack_id) != asked:
+            raise ConflictError(
+                f"idempotency key {idempotency_key!r} was used for run {existing.id} (pipeline "
+                f"{existing.pipeline!r} on stack {existing.stack_name!r} with parameters "
+                f"{existing.parameters}); use a new key for a different run"
+            )
+        return Submission(existing, created=False, recorded=True)
+
+    async def _submit(
+        self,
+        conveyor: Conveyor,
+        definition: PipelineDefinition,
+        parameters: dict[str, Any],
+        key: str | None,
+    ) -> Submission:
+        run = await conveyor.submit(definition, idempotency_key=key, **parameters)
+        self._follow(run)
+        record = await self._recorded(run.id, key)
+        if record is not None:
+            return Submission(record, created=record.id == run.id, recorded=True)
+        # The stack's controller has not answered yet (a service controller may be down):
+        # the request is queued, and the run will appear under this id.
+        stack = conveyor.stack
+        assert stack is not None
+        spec, _ = definition.compile(**parameters)
+        pending = RunRecord(
+            id=run.id,
+            pipeline=spec.name,
+            stack_id=stack.id,
+            stack_name=stack.name,
+            status=RunStatus.PENDING,
+            parameters=spec.parameters,
+            created=utcnow(),
+            idempotency_key=key,
+        )
+        return Submission(pending, created=True, recorded=False)
+
+    def _follow(self, run: AsyncRun) -> None:
+        task = asyncio.create_task(self._release(run), name=f"follow:{run.id}")
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
+
+    @staticmethod
+    async def _release(run: AsyncRun) -> None:
+        try:
+            await run.wait()
+        except Exception:
+            log.exception("following a run failed", run_id=run.id)
+
+    async def _recorded(self, run_id: str, key: str | None) -> RunRecord | None:
+        runs = self.services.runs
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._record_timeout
+        while True:
+            try:
+                return await runs.get_run(run_id)
+            except NotFoundError:
+                pass
+            # Another process may have won the key: the controller then drops our request.
+            if key is not None and (existing := await runs.find_by_key(key)) is not None:
+                return existing
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(0.02)
+
+    async def cancel(self, run_id: str, reason: str = "cancelled by user") -> RunRecord:
+        """Ask the controller of the run's stack to cancel it; the record once it took."""
+        services = self.services
+        run = await services.runs.get_run(run_id)
+        if run.status in FINISHED_RUN_STATUSES:
+            raise ConflictError(
+                f"run {run.id} is {run.status.value} already; only a pending or running run "
+                "can be cancelled"
+            )
+        try:
+            stack = await services.stacks.get(run.stack_id)
+        except NotFoundError:
+            raise ConflictError(
+                f"run {run.id} ran on stack {run.stack_name!r}, which no longer exists"
+            ) from None
+        orchestrator = stack.component(ComponentType.ORCHESTRATOR)
+        if get_flavor(orchestrator.type, orchestrator.flavor).embedded:
+            await self._check_owned(run)
+        await (await self.conveyor_for(stack.name)).cancel(run.id, reason)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._record_timeout
+        while loop.time() < deadline:
+            run = await services.runs.get_run(run.id)
+            if run.status in FINISHED_RUN_STATUSES:
+                break
+            await asyncio.sleep(0.02)
+        return run
+
+    async def _check_owned(self, run: RunRecord) -> None:
+        # An embedded stack's controller lives in the process that submitted the run; only
+        # that process's broker reaches it.
+        host = this_process()[0]
+        for run_id, owner_pid, _ in await self.services.runs.owned_active_runs(host):
+            if run_id == run.id:
+                if owner_pid == os.getpid():
+                    return
+                raise ConflictError(
+                    f"run {run.id} runs on the embedded stack {run.stack_name!r} inside "
+                    f"another process (pid {owner_pid}); cancel it from there"
+                )
+        raise ConflictError(
+            f"run {run.id} runs on the embedded stack {run.stack_name!r} of another "
+            "process; cancel it from there"
+        )

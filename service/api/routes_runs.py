@@ -1,0 +1,134 @@
+"""``/api/runs`` (with their steps) and ``/api/pipelines``: read, submit, cancel, delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Body, Depends, Header, Response
+
+from conveyor.contracts import RunRecord, RunStatus, StepRecord, ValidationError
+from conveyor.service.api import views
+from conveyor.service.api.schemas import CancelRun, Page, Paging, SubmitRun
+from conveyor.service.api.security import require_token
+from conveyor.service.api.state import ApiState, state_of
+from conveyor.service.store.summaries import PipelineSummary
+
+router = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+@router.get("/runs", response_model=Page[RunRecord], tags=["runs"])
+async def list_runs(
+    stack: str | None = None,
+    pipeline: str | None = None,
+    status: RunStatus | None = None,
+    paging: Paging = Depends(),
+    state: ApiState = Depends(state_of),
+) -> Page[RunRecord]:
+    """Runs, newest first; filter by stack, pipeline and status."""
+    return await views.runs_page(
+        state.services, paging, stack=stack, pipeline=pipeline, status=status
+    )
+
+
+@router.post(
+    "/runs",
+    response_model=RunRecord,
+    status_code=201,
+    tags=["runs"],
+    responses={
+        200: {"model": RunRecord, "description": "The run this idempotency key created before"},
+        202: {"model": RunRecord, "description": "Requested; the controller has not yet answered"},
+    },
+)
+async def submit_run(
+    body: SubmitRun,
+    response: Response,
+    idempotency_key: str | None = Header(
+        None,
+        alias=IDEMPOTENCY_HEADER,
+        min_length=1,
+        max_length=255,
+        description="The same key twice creates one run",
+    ),
+    state: ApiState = Depends(state_of),
+) -> RunRecord:
+    """Start a run of a pipeline; returns once the controller has recorded it."""
+    if idempotency_key and body.idempotency_key and idempotency_key != body.idempotency_key:
+        raise ValidationError(
+            f"the {IDEMPOTENCY_HEADER} header and the body's idempotency_key differ"
+        )
+    submission = await state.gateway.submit(
+        body.pipeline,
+        body.parameters,
+        stack=body.stack,
+        idempotency_key=idempotency_key or body.idempotency_key,
+    )
+    response.headers["Location"] = f"/api/runs/{submission.run.id}"
+    if not submission.recorded:
+        response.status_code = 202
+    elif not submission.created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    return views.public_run(submission.run)
+
+
+@router.get("/runs/{run_id}", response_model=RunRecord, tags=["runs"])
+async def get_run(run_id: str, state: ApiState = Depends(state_of)) -> RunRecord:
+    """A run (a unique prefix of its id is enough)."""
+    return views.public_run(await state.services.runs.get_run(run_id))
+
+
+@router.post("/runs/{run_id}/cancel", response_model=RunRecord, status_code=202, tags=["runs"])
+async def cancel_run(
+    run_id: str,
+    body: CancelRun | None = Body(None),
+    state: ApiState = Depends(state_of),
+) -> RunRecord:
+    """Cancel a pending or running run (409 if it finished already)."""
+    reason = body.reason if body is not None else CancelRun().reason
+    return views.public_run(await state.gateway.cancel(run_id, reason))
+
+
+@router.delete("/runs/{run_id}", status_code=204, tags=["runs"])
+async def delete_run(run_id: str, state: ApiState = Depends(state_of)) -> Response:
+    """Delete a finished run's records (409 while it is going); its artifacts stay."""
+    await state.services.runs.delete_run(run_id)
+    return Response(status_code=204)
+
+
+@router.get("/runs/{run_id}/steps", response_model=list[StepRecord], tags=["steps"])
+async def list_steps(run_id: str, state: ApiState = Depends(state_of)) -> list[StepRecord]:
+    """Every step of a run, in pipeline order."""
+    run = await state.services.runs.get_run(run_id)
+    return await state.services.runs.steps_of(run.id)
+
+
+@router.get("/runs/{run_id}/steps/{step}", response_model=StepRecord, tags=["steps"])
+async def get_step(run_id: str, step: str, state: ApiState = Depends(state_of)) -> StepRecord:
+    return await views.step_of(state.services, run_id, step)
+
+
+@router.get("/pipelines", response_model=Page[PipelineSummary], tags=["pipelines"])
+async def list_pipelines(
+    paging: Paging = Depends(), state: ApiState = Depends(state_of)
+) -> Page[PipelineSummary]:
+    """Every pipeline that ran, the most recently run first."""
+    found = await state.summaries.pipelines(limit=paging.limit + 1, offset=paging.offset)
+    return paging.page(found)
+
+
+@router.get("/pipelines/{name}", response_model=PipelineSummary, tags=["pipelines"])
+async def get_pipeline(name: str, state: ApiState = Depends(state_of)) -> PipelineSummary:
+    return await views.pipeline_summary(state.summaries, name)
+
+
+@router.get("/pipelines/{name}/runs", response_model=Page[RunRecord], tags=["pipelines"])
+async def pipeline_runs(
+    name: str,
+    status: RunStatus | None = None,
+    paging: Paging = Depends(),
+    state: ApiState = Depends(state_of),
+) -> Page[RunRecord]:
+    """The runs of one pipeline, newest first."""
+    await views.pipeline_summary(state.summaries, name)
+    return await views.runs_page(state.services, paging, pipeline=name, status=status)

@@ -1,0 +1,198 @@
+"""``/api/stacks``, ``/api/components`` and ``/api/flavors``: reads and changes under the rules.
+
+Each route hands over to ``StackService``, which checks the rules and raises the errors that
+the app's one handler turns into 404, 409 or 422; what leaves here is masked by ``views``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Response
+
+from conveyor.contracts import ComponentSpec, ComponentType, RunRecord, RunStatus
+from conveyor.service.api import views
+from conveyor.service.api.schemas import (
+    CopyStack,
+    FlavorInfo,
+    ImportStack,
+    Page,
+    Paging,
+    RegisterComponent,
+    RegisterStack,
+    Rename,
+    StackView,
+    UpdateComponent,
+    UpdateStack,
+)
+from conveyor.service.api.security import require_token
+from conveyor.service.api.state import ApiState, state_of
+
+router = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
+
+
+async def _shown(state: ApiState, stack_name: str) -> StackView:
+    return await views.stack_view(state.services, stack_name)
+
+
+# --- stacks ---
+
+
+@router.get("/stacks", response_model=Page[StackView], tags=["stacks"])
+async def list_stacks(
+    paging: Paging = Depends(), state: ApiState = Depends(state_of)
+) -> Page[StackView]:
+    """Every stack (the columns of ``conveyor stack list``), oldest first."""
+    return paging.slice(await views.stack_views(state.services))
+
+
+@router.post("/stacks", response_model=StackView, status_code=201, tags=["stacks"])
+async def register_stack(body: RegisterStack, state: ApiState = Depends(state_of)) -> StackView:
+    """Register a stack of existing components, by name; activate it if asked."""
+    stack = await state.services.stacks.register_stack(
+        body.name, body.components, activate=body.activate
+    )
+    return await _shown(state, stack.name)
+
+
+@router.post("/stacks/import", response_model=StackView, status_code=201, tags=["stacks"])
+async def import_stack(body: ImportStack, state: ApiState = Depends(state_of)) -> StackView:
+    """Recreate a stack from what ``GET /api/stacks/{name}/export`` returned."""
+    stack = await state.services.stacks.import_stack(body.data, name=body.name)
+    return await _shown(state, stack.name)
+
+
+@router.get("/stacks/{name}", response_model=StackView, tags=["stacks"])
+async def get_stack(name: str, state: ApiState = Depends(state_of)) -> StackView:
+    """A stack's components, their flavors and masked configurations."""
+    return await _shown(state, name)
+
+
+@router.patch("/stacks/{name}", response_model=StackView, tags=["stacks"])
+async def update_stack(
+    name: str, body: UpdateStack, state: ApiState = Depends(state_of)
+) -> StackView:
+    """Replace some components of a stack; past runs keep the ones they ran on."""
+    stack = await state.services.stacks.update_stack(name, body.components)
+    return await _shown(state, stack.name)
+
+
+@router.post("/stacks/{name}/rename", response_model=StackView, tags=["stacks"])
+async def rename_stack(name: str, body: Rename, state: ApiState = Depends(state_of)) -> StackView:
+    stack = await state.services.stacks.rename_stack(name, body.new_name)
+    return await _shown(state, stack.name)
+
+
+@router.post("/stacks/{name}/copy", response_model=StackView, status_code=201, tags=["stacks"])
+async def copy_stack(name: str, body: CopyStack, state: ApiState = Depends(state_of)) -> StackView:
+    stack = await state.services.stacks.copy_stack(name, body.target)
+    return await _shown(state, stack.name)
+
+
+@router.post("/stacks/{name}/activate", response_model=StackView, tags=["stacks"])
+async def activate_stack(name: str, state: ApiState = Depends(state_of)) -> StackView:
+    """Make the stack the active one of this home (the server keeps serving its own)."""
+    stack = await state.services.stacks.activate(name)
+    return await _shown(state, stack.name)
+
+
+@router.delete("/stacks/{name}", status_code=204, tags=["stacks"])
+async def delete_stack(name: str, state: ApiState = Depends(state_of)) -> Response:
+    """Delete a stack (never the default or the active one); its components stay."""
+    await state.services.stacks.delete_stack(name)
+    return Response(status_code=204)
+
+
+@router.get("/stacks/{name}/export", tags=["stacks"])
+async def export_stack(name: str, state: ApiState = Depends(state_of)) -> dict[str, Any]:
+    """The stack as data for ``POST /api/stacks/import``; secrets are always masked."""
+    return await state.services.stacks.export_stack(name, include_secrets=False)
+
+
+@router.get("/stacks/{name}/runs", response_model=Page[RunRecord], tags=["stacks"])
+async def stack_runs(
+    name: str,
+    status: RunStatus | None = None,
+    pipeline: str | None = None,
+    paging: Paging = Depends(),
+    state: ApiState = Depends(state_of),
+) -> Page[RunRecord]:
+    """The runs executed on this stack, newest first."""
+    return await views.runs_page(
+        state.services, paging, stack=name, status=status, pipeline=pipeline
+    )
+
+
+# --- components ---
+
+
+@router.get("/components", response_model=Page[ComponentSpec], tags=["components"])
+async def list_components(
+    type: ComponentType | None = Query(None, description="Only components of this type"),
+    flavor: str | None = Query(None, description="Only components of this flavor"),
+    paging: Paging = Depends(),
+    state: ApiState = Depends(state_of),
+) -> Page[ComponentSpec]:
+    found = await state.services.stacks.list_components(type)
+    shown = [views.public_component(c) for c in found if flavor is None or c.flavor == flavor]
+    return paging.slice(shown)
+
+
+@router.post("/components", response_model=ComponentSpec, status_code=201, tags=["components"])
+async def register_component(
+    body: RegisterComponent, state: ApiState = Depends(state_of)
+) -> ComponentSpec:
+    """Register a component; its config is validated against its flavor."""
+    component = await state.services.stacks.register_component(
+        body.type, body.name, body.flavor, body.config
+    )
+    return views.public_component(component)
+
+
+@router.get("/components/{type}/{name}", response_model=ComponentSpec, tags=["components"])
+async def get_component(
+    type: ComponentType, name: str, state: ApiState = Depends(state_of)
+) -> ComponentSpec:
+    return views.public_component(await state.services.stacks.get_component(type, name))
+
+
+@router.patch("/components/{type}/{name}", response_model=ComponentSpec, tags=["components"])
+async def update_component(
+    type: ComponentType, name: str, body: UpdateComponent, state: ApiState = Depends(state_of)
+) -> ComponentSpec:
+    """Set config keys (null removes a key); stacks that use it see the change."""
+    component = await state.services.stacks.update_component(type, name, body.config)
+    return views.public_component(component)
+
+
+@router.post("/components/{type}/{name}/rename", response_model=ComponentSpec, tags=["components"])
+async def rename_component(
+    type: ComponentType, name: str, body: Rename, state: ApiState = Depends(state_of)
+) -> ComponentSpec:
+    component = await state.services.stacks.rename_component(type, name, body.new_name)
+    return views.public_component(component)
+
+
+@router.delete("/components/{type}/{name}", status_code=204, tags=["components"])
+async def delete_component(
+    type: ComponentType, name: str, state: ApiState = Depends(state_of)
+) -> Response:
+    """Delete a component that no stack uses (409 names the stacks that do)."""
+    await state.services.stacks.delete_component(type, name)
+    return Response(status_code=204)
+
+
+# --- flavors ---
+
+
+@router.get("/flavors", response_model=list[FlavorInfo], tags=["flavors"])
+async def list_flavors(
+    type: ComponentType | None = Query(None, description="Only flavors of this type"),
+    state: ApiState = Depends(state_of),
+) -> list[FlavorInfo]:
+    return [views.flavor_info(f) for f in await state.services.stacks.list_flavors(type)]
+
+
+@router.get("/flavors/{type}/{name}", response_model=FlavorInfo, tags=["flavors"])
+async def get_flavor_info(type: ComponentType, name: str) -> FlavorInfo:
+    return views.flavor_named(type, name)

@@ -1,0 +1,166 @@
+"""Request and response bodies of the HTTP API that the contracts do not already define.
+
+Responses reuse the contract models (``RunRecord``, ``StepRecord``, ``StackSpec``,
+``ComponentSpec``, ``ArtifactRecord``), always with configurations masked.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from fastapi import Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from conveyor.contracts import ComponentType, StackSpec
+
+T = TypeVar("T")
+
+MAX_PAGE = 1000
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list; ``next_offset`` is ``null`` on the last page."""
+
+    items: list[T]
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class Paging:
+    """The ``limit`` and ``offset`` query parameters of every list."""
+
+    def __init__(
+        self,
+        limit: int = Query(50, ge=1, le=MAX_PAGE, description="At most this many items"),
+        offset: int = Query(0, ge=0, description="Skip this many items"),
+    ) -> None:
+        self.limit = limit
+        self.offset = offset
+
+    def page(self, fetched: list[T]) -> Page[T]:
+        """The page of ``fetched``, which holds up to ``limit + 1`` items from ``offset``."""
+        more = len(fetched) > self.limit
+        return Page(
+            items=fetched[: self.limit],
+            limit=self.limit,
+            offset=self.offset,
+            next_offset=self.offset + self.limit if more else None,
+        )
+
+    def slice(self, everything: list[T]) -> Page[T]:
+        """The page of a list that was read whole (stacks, components: a few dozen)."""
+        return self.page(everything[self.offset : self.offset + self.limit + 1])
+
+
+class StackView(StackSpec):
+    """A stack with its configuration masked, and whether it is the active one."""
+
+    active: bool = False
+
+
+class FlavorKey(BaseModel):
+    """One configuration key of a flavor."""
+
+    key: str
+    type: str
+    required: bool
+    default: Any = None
+    description: str = ""
+    secret: bool = False
+
+
+class FlavorInfo(BaseModel):
+    """A flavor of a component type and the configuration it takes."""
+
+    type: ComponentType
+    name: str
+    description: str
+    embedded: bool
+    keys: list[FlavorKey]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SubmitRun(_Body):
+    """Start a run of a pipeline named by an importable reference."""
+
+    pipeline: str = Field(
+        min_length=1,
+        description="'package.module:pipeline' or 'path/to/file.py:pipeline', importable by "
+        "the server",
+        examples=["examples/quickstart.py:training_pipeline"],
+    )
+    parameters: dict[str, Any] = Field(default_factory=dict, examples=[{"epochs": 100}])
+    stack: str | None = Field(default=None, description="Stack to run on (default: the server's)")
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="Same key, same run; the Idempotency-Key header does the same",
+    )
+
+
+class CancelRun(_Body):
+    reason: str = Field(default="cancelled by user", max_length=500)
+
+
+class RegisterComponent(_Body):
+    type: ComponentType
+    name: str
+    flavor: str
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class UpdateComponent(_Body):
+    config: dict[str, Any] = Field(description="Keys to set; a null value removes a key")
+
+
+class Rename(_Body):
+    new_name: str
+
+
+class RegisterStack(_Body):
+    name: str
+    components: dict[ComponentType, str] = Field(
+        description="Component name by type", examples=[{"orchestrator": "default"}]
+    )
+    activate: bool = False
+
+
+class UpdateStack(_Body):
+    components: dict[ComponentType, str]
+
+
+class CopyStack(_Body):
+    target: str
+
+
+class ImportStack(_Body):
+    data: dict[str, Any] = Field(description="What GET /api/stacks/{name}/export returned")
+    name: str | None = None
+
+
+class ArtifactPreview(BaseModel):
+    """A human-readable look at a small artifact's value."""
+
+    artifact_id: str
+    materializer: str
+    data_type: str
+    size: int
+    kind: Literal["json", "text", "array", "none"]
+    text: str | None = None
+    note: str | None = None
+
+
+class HealthCheck(BaseModel):
+    ok: bool
+    detail: str
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unhealthy"]
+    stack: str
+    checks: dict[str, HealthCheck]

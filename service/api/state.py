@@ -1,0 +1,54 @@
+"""What the app holds: settings from ``create_app`` and the services its lifespan opens.
+
+Both live on ``app.state`` (set by the factory and the lifespan), not in module globals, so
+two apps in one process (tests) never share a store or a controller.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from conveyor.service.api.gateway import RunGateway
+from conveyor.service.context import Services
+from conveyor.service.home import Home
+from conveyor.service.store.summaries import RunSummaries
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the app was created: which home, which stack to serve, which token to ask for."""
+
+    home: Home
+    stack: str | None = None
+    token: str | None = None
+    poll_interval_s: float = 0.5
+
+
+@dataclass
+class ApiState:
+    """The open services of a running app."""
+
+    gateway: RunGateway
+    summaries: RunSummaries
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def services(self) -> Services:
+        return self.gateway.services
+
+
+def settings_of(request: Request) -> ServerSettings:
+    settings = request.app.state.settings
+    assert isinstance(settings, ServerSettings)
+    return settings
+
+
+def state_of(request: Request) -> ApiState:
+    """Dependency: the services of the app serving ``request``."""
+    state = getattr(request.app.state, "conveyor", None)
+    if not isinstance(state, ApiState):
+        raise RuntimeError("the app's lifespan has not run: serve it with uvicorn")
+    return state

@@ -1,0 +1,215 @@
+"""What the API and the dashboard show: records with every secret masked, and run details.
+
+Every stack, component and run snapshot leaves the server through these functions, so the
+masking rule (``workers.flavors.masked_config``) is applied in one place.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel
+
+from conveyor.contracts import (
+    FINISHED_RUN_STATUSES,
+    ArtifactRecord,
+    ComponentSpec,
+    ComponentType,
+    NotFoundError,
+    RunRecord,
+    RunStatus,
+    StackSpec,
+    StepRecord,
+    StepStatus,
+    ValidationError,
+    utcnow,
+)
+from conveyor.service.api.schemas import FlavorInfo, FlavorKey, Page, Paging, StackView
+from conveyor.service.context import Services
+from conveyor.service.store.summaries import PipelineSummary, RunSummaries
+from conveyor.workers.flavors import Flavor, get_flavor, masked_config, masked_stack_snapshot
+
+COMPONENT_ORDER = sorted(ComponentType, key=lambda t: t.value)
+
+
+def public_component(component: ComponentSpec) -> ComponentSpec:
+    """``component`` with its configuration masked (defaults shown, secrets hidden)."""
+    return component.model_copy(update={"config": masked_config(component)})
+
+
+def public_stack(stack: StackSpec, active: str) -> StackView:
+    """``stack`` with every component masked, and whether it is the active stack."""
+    data = stack.model_dump()
+    data["components"] = {t: public_component(c) for t, c in stack.components.items()}
+    return StackView(**data, active=stack.name == active)
+
+
+def public_run(run: RunRecord) -> RunRecord:
+    """``run`` with the configuration in its stack snapshot masked."""
+    return run.model_copy(update={"stack_snapshot": masked_stack_snapshot(run.stack_snapshot)})
+
+
+def flavor_info(flavor: Flavor) -> FlavorInfo:
+    config_keys = flavor.config_keys()
+    return FlavorInfo(
+        type=flavor.component_type,
+        name=flavor.name,
+        description=flavor.description,
+        embedded=flavor.embedded,
+        keys=[
+            FlavorKey(
+                key=k.key,
+                type=k.type,
+                required=k.required,
+                default=k.default,
+                description=k.description,
+                secret=k.secret,
+            )
+            for k in config_keys
+        ],
+    )
+
+
+def flavor_named(type_: ComponentType, name: str) -> FlavorInfo:
+    """The flavor ``name`` of ``type_``; unknown is a 404 here, not invalid input."""
+    try:
+        return flavor_info(get_flavor(type_, name))
+    except ValidationError as exc:
+        raise NotFoundError(str(exc)) from None
+
+
+async def runs_page(
+    services: Services,
+    paging: Paging,
+    *,
+    stack: str | None = None,
+    pipeline: str | None = None,
+    status: RunStatus | None = None,
+) -> Page[RunRecord]:
+    """Runs, newest first, filtered by stack name (or id), pipeline and status."""
+    stack_id = (await services.stacks.get(stack)).id if stack else None
+    runs = await services.runs.list_runs(
+        stack_id=stack_id,
+        pipeline=pipeline,
+        status=status,
+        limit=paging.limit + 1,
+        offset=paging.offset,
+    )
+    return paging.page([public_run(r) for r in runs])
+
+
+async def pipeline_summary(summaries: RunSummaries, name: str) -> PipelineSummary:
+    """A pipeline that ran, by name; a 404 when no run of that name exists."""
+    found = await summaries.pipelines(name=name, limit=1)
+    if not found:
+        raise NotFoundError(f"no run of a pipeline named {name!r}")
+    return found[0]
+
+
+async def stack_views(services: Services) -> list[StackView]:
+    """Every stack, masked, the active one marked."""
+    active = await services.stacks.active_name()
+    return [public_stack(s, active) for s in await services.stacks.list_stacks()]
+
+
+async def stack_view(services: Services, name: str) -> StackView:
+    active = await services.stacks.active_name()
+    return public_stack(await services.stacks.get(name), active)
+
+
+async def step_of(services: Services, run_id: str, name: str) -> StepRecord:
+    """One step of a run, by name."""
+    run = await services.runs.get_run(run_id)
+    steps = await services.runs.steps_of(run.id)
+    for step in steps:
+        if step.name == name:
+            return step
+    raise NotFoundError(
+        f"run {run.id} has no step {name!r} (its steps: {', '.join(s.name for s in steps)})"
+    )
+
+
+def elapsed(run: RunRecord, now: datetime | None = None) -> float | None:
+    """Seconds the run took, or has taken so far while it is going."""
+    if run.duration_s is not None:
+        return run.duration_s
+    if run.started is None:
+        return None
+    return ((now or utcnow()) - run.started).total_seconds()
+
+
+class OutputLink(BaseModel):
+    """An output of a step and the artifact that holds it."""
+
+    name: str
+    artifact_id: str | None
+    size: int
+    data_type: str
+
+
+class StepView(BaseModel):
+    name: str
+    status: StepStatus
+    attempt: int
+    max_retries: int
+    duration_s: float | None
+    error: str | None
+    upstream: list[str]
+    outputs: list[OutputLink]
+
+
+class RunDetail(BaseModel):
+    """A run and its steps as the run page shows them (and its live updates send)."""
+
+    run: RunRecord
+    finished: bool
+    elapsed_s: float | None
+    steps: list[StepView]
+    counts: dict[str, int]
+
+
+async def run_detail(services: Services, run_id: str) -> RunDetail:
+    """The run, masked, with each step's outputs linked to their artifacts."""
+    run = await services.runs.get_run(run_id)
+    steps = await services.runs.steps_of(run.id)
+    artifacts = await services.runs.list_artifacts(run_id=run.id, limit=100_000)
+    ids = {(a.step_name, a.output_name): a.id for a in artifacts}
+    counts: dict[str, int] = {}
+    for step in steps:
+        counts[step.status.value] = counts.get(step.status.value, 0) + 1
+    return RunDetail(
+        run=public_run(run),
+        finished=run.status in FINISHED_RUN_STATUSES,
+        elapsed_s=elapsed(run),
+        steps=[_step_view(s, ids) for s in steps],
+        counts=counts,
+    )
+
+
+def _step_view(step: StepRecord, ids: dict[tuple[str, str], str]) -> StepView:
+    return StepView(
+        name=step.name,
+        status=step.status,
+        attempt=step.attempt,
+        max_retries=step.max_retries,
+        duration_s=step.duration_s,
+        error=step.error,
+        upstream=step.upstream,
+        outputs=[
+            OutputLink(
+                name=name,
+                artifact_id=ids.get((step.name, name)),
+                size=ref.size,
+                data_type=ref.data_type,
+            )
+            for name, ref in step.outputs.items()
+        ],
+    )
+
+
+def artifact_title(artifact: ArtifactRecord) -> str:
+    return f"{artifact.step_name}.{artifact.output_name}"
+
+
+def is_active(status: RunStatus) -> bool:
+    return status not in FINISHED_RUN_STATUSES

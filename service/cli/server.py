@@ -1,0 +1,71 @@
+"""``conveyor server up``: the HTTP API and dashboard, plus the active stack's controller."""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import FrameType
+
+import typer
+
+from conveyor.service.cli.output import console, user_errors
+from conveyor.service.cli.state import client
+
+app = typer.Typer(help="The HTTP API and the dashboard.")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8237
+GRACEFUL_SHUTDOWN_S = 10
+
+
+def _after_shutdown(signum: int, frame: FrameType | None) -> None:
+    """uvicorn re-raises the signal it stopped on once it is done; by then we exit 0."""
+
+
+@app.command("up")
+def up(
+    ctx: typer.Context,
+    host: str = typer.Option(DEFAULT_HOST, "--host", help="Address to listen on"),
+    port: int = typer.Option(DEFAULT_PORT, "--port", help="Port to listen on"),
+    stack: str = typer.Option(
+        None, "--stack", "-s", help="Stack whose controller to run (default: the active stack)"
+    ),
+) -> None:
+    """Serve the API and dashboard, and run the stack's controller (on an embedded stack).
+
+    Beyond 127.0.0.1 it needs a token in $CONVEYOR_SERVER_TOKEN.
+
+    Example: conveyor server up --port 8237
+    """
+    # Imported here: the web stack would slow every other command down.
+    import uvicorn
+
+    from conveyor.service.api.app import create_app
+    from conveyor.service.api.security import TOKEN_ENV, check_bind
+
+    token = os.environ.get(TOKEN_ENV) or None
+    with user_errors():
+        check_bind(host, token)
+        c = client(ctx)
+        served = c.get_stack(stack)
+        home = c.home
+        c.close()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(home, stack=served.name, token=token),
+            host=host,
+            port=port,
+            access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+    )
+    console.print(
+        f"Conveyor server on http://{host}:{port} (stack '{served.name}'"
+        f"{', token required' if token else ''}); Ctrl+C to stop"
+    )
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _after_shutdown)
+    server.run()
+    if not server.started:
+        raise typer.Exit(1)
+    console.print("Conveyor server stopped")
