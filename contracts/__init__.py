@@ -15,6 +15,7 @@ from conveyor.contracts.events import (
     MalformedEvent,
     RunCancelRequested,
     RunFinished,
+    RunProgress,
     RunRequested,
     StepFailed,
     StepReady,
@@ -26,6 +27,7 @@ from conveyor.contracts.events import (
     event_json_schemas,
     new_id,
     parse_event,
+    progress_of,
     utcnow,
 )
 from conveyor.contracts.models import (
@@ -87,6 +89,7 @@ __all__ = [
     "PipelineSpec",
     "RunCancelRequested",
     "RunFinished",
+    "RunProgress",
     "RunRecord",
     "RunRequested",
     "RunStatus",
@@ -109,5 +112,6 @@ __all__ = [
     "is_status_event",
     "new_id",
     "parse_event",
+    "progress_of",
     "utcnow",
 ]

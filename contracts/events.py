@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import os
 import secrets
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -150,6 +151,17 @@ class StepStatusChanged(Envelope):
     outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
 
 
+class RunProgress(Envelope):
+    """The status changes of one run recorded in one controller transaction, in order.
+
+    Followers get one message per run and batch instead of one per step change: on a
+    fan-out, status messages would otherwise outnumber the work itself.
+    """
+
+    type: Literal["RunProgress"] = "RunProgress"
+    changes: list[StepStatusChanged]
+
+
 class RunFinished(Envelope):
     """The run reached a final status."""
 
@@ -166,6 +178,7 @@ Event = Annotated[
     | StepSucceeded
     | StepFailed
     | StepStatusChanged
+    | RunProgress
     | RunFinished,
     Field(discriminator="type"),
 ]
@@ -179,6 +192,7 @@ EVENT_TYPES: tuple[type[Envelope], ...] = (
     StepSucceeded,
     StepFailed,
     StepStatusChanged,
+    RunProgress,
     RunFinished,
 )
 COMPLETION_TYPES = (StepSucceeded, StepFailed)
@@ -198,6 +212,23 @@ def parse_event(data: bytes | str) -> Event:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "message"
         raise MalformedEvent(f"invalid event: {where}: {first['msg']}") from None
+
+
+def progress_of(events: Sequence[Event]) -> list[Event]:
+    """``events`` with the StepStatusChanged of each run folded into one RunProgress.
+
+    Each run's progress comes before its other events, so that a follower sees every step
+    change before the RunFinished of the same batch.
+    """
+    changes: dict[str, list[StepStatusChanged]] = {}
+    rest: list[Event] = []
+    for event in events:
+        if isinstance(event, StepStatusChanged):
+            changes.setdefault(event.run_id, []).append(event)
+        else:
+            rest.append(event)
+    folded: list[Event] = [RunProgress(run_id=r, changes=c) for r, c in changes.items()]
+    return folded + rest
 
 
 def encode_event(event: Event) -> bytes:

@@ -6,6 +6,7 @@ from conveyor.contracts.events import (
     Event,
     RunCancelRequested,
     RunFinished,
+    RunProgress,
     RunRequested,
     StepReady,
     StepStatusChanged,
@@ -70,11 +71,11 @@ class Topology(Frozen):
             return self.step_queue(event.step.pool)
         if isinstance(event, RunRequested | RunCancelRequested):
             return self.runs_queue
-        if isinstance(event, StepStatusChanged | RunFinished):
+        if isinstance(event, StepStatusChanged | RunProgress | RunFinished):
             return event.run_id
         return self.events_queue
 
 
 def is_status_event(event: Event) -> bool:
     """Whether ``event`` is a status update for followers rather than work."""
-    return isinstance(event, StepStatusChanged | RunFinished)
+    return isinstance(event, StepStatusChanged | RunProgress | RunFinished)

@@ -30,6 +30,7 @@ from conveyor.contracts import (
     StepSucceeded,
     Subscription,
     is_status_event,
+    progress_of,
     utcnow,
 )
 from conveyor.service import scheduling
@@ -278,7 +279,7 @@ class Controller:
             for run_id, change in batch.changes.items():
                 await self._runs.apply(conn, run_id, change, batch.now)
             await self._runs.add_outbox(conn, self._stack.id, durable, batch.now)
-        self._committed = batch.events
+        self._committed = progress_of(batch.events)
         await self._publish_committed()
         self._confirmed.extend(e.event_id for e in durable)
         if self._inbox.empty():

@@ -24,6 +24,7 @@ from conveyor.contracts import (
     PipelineSpec,
     RunCancelRequested,
     RunFinished,
+    RunProgress,
     RunRecord,
     RunRequested,
     StackSpec,
@@ -79,15 +80,20 @@ class AsyncRun:
         self._subscription = await self._conveyor.broker.follow(self.id, self._on_status)
 
     async def _on_status(self, event: Event) -> None:
-        if isinstance(event, StepStatusChanged):
-            self._statuses[event.step] = event
-            if self._on_step is not None:
-                result = self._on_step(event)
-                if result is not None:
-                    await result
-        elif isinstance(event, RunFinished):
+        changes = event.changes if isinstance(event, RunProgress) else [event]
+        for change in changes:
+            if isinstance(change, StepStatusChanged):
+                await self._on_change(change)
+        if isinstance(event, RunFinished):
             self._outcome = event
             self._finished.set()
+
+    async def _on_change(self, change: StepStatusChanged) -> None:
+        self._statuses[change.step] = change
+        if self._on_step is not None:
+            result = self._on_step(change)
+            if result is not None:
+                await result
 
     async def wait(self, timeout: float | None = None) -> RunRecord:
         """Wait until the run finished; its record."""
@@ -106,9 +112,14 @@ class AsyncRun:
                     break
                 if timeout is not None:
                     raise
-        if self._subscription is not None:
-            await self._subscription.cancel()
+        await self.close()
         return await self.record()
+
+    async def close(self) -> None:
+        """Stop following the run's status events (the run goes on); idempotent."""
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            await subscription.cancel()
 
     async def record(self) -> RunRecord:
         try:

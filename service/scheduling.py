@@ -7,7 +7,7 @@ functions, persists the returned :class:`Transition` and publishes its events.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from conveyor.contracts import (
     FINISHED_STEP_STATUSES,
@@ -252,6 +252,7 @@ def apply_event(run: RunState, event: Event) -> Transition:
                     event.step,
                     StepStatus.COMPLETED,
                     event.attempt,
+                    started=_unannounced_start(run, event),
                     finished=event.time,
                     duration_s=event.duration_s,
                     pid=event.by.pid,
@@ -268,6 +269,13 @@ def apply_event(run: RunState, event: Event) -> Transition:
     return out
 
 
+def _unannounced_start(run: RunState, event: StepSucceeded | StepFailed) -> datetime | None:
+    """When a worker did not announce a short step, its start is its end minus its duration."""
+    if run.steps[event.step].status is not StepStatus.PENDING:
+        return None
+    return event.time - timedelta(seconds=event.duration_s)
+
+
 def _on_failure(run: RunState, out: Transition, event: StepFailed) -> None:
     state = run.steps[event.step]
     retry = event.retryable and event.attempt <= state.spec.retries
@@ -275,6 +283,7 @@ def _on_failure(run: RunState, out: Transition, event: StepFailed) -> None:
         event.step,
         StepStatus.PENDING if retry else StepStatus.FAILED,
         event.attempt + 1 if retry else event.attempt,
+        started=_unannounced_start(run, event),
         finished=None if retry else event.time,
         duration_s=event.duration_s,
         error=event.error,

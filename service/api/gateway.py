@@ -32,7 +32,7 @@ from conveyor.contracts import (
     utcnow,
 )
 from conveyor.service.context import Services
-from conveyor.service.engine import AsyncRun, Conveyor
+from conveyor.service.engine import Conveyor
 from conveyor.service.home import Home
 from conveyor.service.liveness import this_process
 from conveyor.service.pipelines import PipelineDefinition, load_pipeline
@@ -93,9 +93,6 @@ class RunGateway:
         self._others: dict[str, Conveyor] = {}
         self._opening = asyncio.Lock()
         self._keys = _KeyLocks()
-        # Each submitted run's status subscription is released by a task that waits for the
-        # run's end; the tasks are kept here so that none is dropped or outlives the server.
-        self._followers: set[asyncio.Task[None]] = set()
 
     @property
     def served(self) -> Conveyor:
@@ -127,11 +124,7 @@ class RunGateway:
         self._served = served
 
     async def stop(self) -> None:
-        """Stop following runs, then every ``Conveyor`` (others first, the served one last)."""
-        followers, self._followers = self._followers, set()
-        for task in followers:
-            task.cancel()
-        await asyncio.gather(*followers, return_exceptions=True)
+        """Stop every ``Conveyor`` (others first, the served one last)."""
         others, self._others = self._others, {}
         for conveyor in others.values():
             await conveyor.stop()
@@ -201,7 +194,7 @@ class RunGateway:
         key: str | None,
     ) -> Submission:
         run = await conveyor.submit(definition, idempotency_key=key, **parameters)
-        self._follow(run)
+        await run.close()  # the dashboard reads the store; nothing here follows the run
         record = await self._recorded(run.id, key)
         if record is not None:
             return Submission(record, created=record.id == run.id, recorded=True)
@@ -221,18 +214,6 @@ class RunGateway:
             idempotency_key=key,
         )
         return Submission(pending, created=True, recorded=False)
-
-    def _follow(self, run: AsyncRun) -> None:
-        task = asyncio.create_task(self._release(run), name=f"follow:{run.id}")
-        self._followers.add(task)
-        task.add_done_callback(self._followers.discard)
-
-    @staticmethod
-    async def _release(run: AsyncRun) -> None:
-        try:
-            await run.wait()
-        except Exception:
-            log.exception("following a run failed", run_id=run.id)
 
     async def _recorded(self, run_id: str, key: str | None) -> RunRecord | None:
         runs = self.services.runs

@@ -16,11 +16,17 @@ import conveyor
 import conveyor.contracts as contracts
 from conveyor.contracts import (
     MalformedEvent,
+    RunFinished,
+    RunProgress,
+    RunStatus,
     StepReady,
     StepSpec,
+    StepStatus,
+    StepStatusChanged,
     encode_event,
     event_json_schemas,
     parse_event,
+    progress_of,
 )
 
 SNAPSHOT = Path(__file__).parents[1] / "snapshots" / "event_schemas.json"
@@ -80,3 +86,23 @@ def test_events_are_immutable() -> None:
     event = StepReady(run_id="r", attempt=1, step=StepSpec(name="a", ref="m:a"))
     with pytest.raises(Exception, match="frozen"):
         event.attempt = 2  # type: ignore[misc]
+
+
+def test_progress_folds_step_changes_per_run_ahead_of_other_events() -> None:
+    def change(run: str, step: str) -> StepStatusChanged:
+        return StepStatusChanged(run_id=run, step=step, status=StepStatus.COMPLETED, attempt=1)
+
+    ready = StepReady(run_id="a", attempt=1, step=StepSpec(name="s3", ref="m:s3"))
+    finished = RunFinished(run_id="b", status=RunStatus.COMPLETED)
+    events = [change("a", "s1"), ready, change("b", "t1"), change("a", "s2"), finished]
+    folded = progress_of(events)
+    assert [type(e).__name__ for e in folded] == [
+        "RunProgress",
+        "RunProgress",
+        "StepReady",
+        "RunFinished",
+    ]
+    first, second = folded[0], folded[1]
+    assert isinstance(first, RunProgress) and isinstance(second, RunProgress)
+    assert (first.run_id, [c.step for c in first.changes]) == ("a", ["s1", "s2"])
+    assert (second.run_id, [c.step for c in second.changes]) == ("b", ["t1"])

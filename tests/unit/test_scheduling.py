@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
 from conveyor.contracts import (
     ArtifactRef,
     OutputSelector,
@@ -197,3 +199,15 @@ def test_counters_rebuilt_from_statuses_match_the_live_ones() -> None:
     reloaded.recount()
     assert (reloaded.waiting, reloaded.unfinished) == (live.waiting, live.unfinished)
     assert live.waiting == {"a": 0, "b": 0, "c": 1, "d": 1} and live.unfinished == 3
+
+
+def test_a_step_never_announced_gets_its_start_from_its_duration() -> None:
+    run = RunState.new("r", spec(node("a"), node("b")))
+    start_run(run, NOW)
+    quiet = ok(run, "a")
+    (update,) = apply_event(run, quiet).steps
+    assert update.started is not None and quiet.duration_s == 0.1
+    assert (quiet.time - update.started).total_seconds() == pytest.approx(0.1)
+    apply_event(run, StepStarted(run_id="r", step="b", attempt=1, by=BY))
+    (announced,) = apply_event(run, ok(run, "b")).steps
+    assert announced.started is None, "the announced start is kept"
