@@ -15,7 +15,9 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from conveyor import Conveyor, RunStatus, pipeline, step
 from conveyor.service.logs import configure_logging
@@ -106,6 +108,15 @@ def print_table(results: list[Result]) -> None:
         )
 
 
+def report(results: Sequence[Result], *, as_json: bool, table: Callable[[Any], None]) -> None:
+    """Print ``results`` as JSON lines or through ``table``."""
+    if as_json:
+        for result in results:
+            sys.stdout.write(json.dumps(asdict(result)) + "\n")
+    else:
+        table(results)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--large", action="store_true", help="also a fan-out of 10,000")
@@ -113,9 +124,4 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=3, help="runs per workload; best kept")
     arguments = parser.parse_args()
     configure_logging("WARNING")
-    measured = asyncio.run(main(arguments))
-    if arguments.json:
-        for result in measured:
-            sys.stdout.write(json.dumps(asdict(result)) + "\n")
-    else:
-        print_table(measured)
+    report(asyncio.run(main(arguments)), as_json=arguments.json, table=print_table)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import aio_pika
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from overhead import Result, chain, fan_out, measure  # noqa: E402
+from overhead import Result, chain, fan_out, measure, report  # noqa: E402
 
 from conveyor import Conveyor  # noqa: E402
 from conveyor.contracts import ComponentType  # noqa: E402
@@ -266,9 +265,4 @@ if __name__ == "__main__":
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     arguments = parser.parse_args()
     configure_logging("WARNING")
-    measured = asyncio.run(main(arguments))
-    if arguments.json:
-        for result in measured:
-            sys.stdout.write(json.dumps(asdict(result)) + "\n")
-    else:
-        print_table(measured)
+    report(asyncio.run(main(arguments)), as_json=arguments.json, table=print_table)

@@ -28,6 +28,7 @@ from aio_pika.abc import (
 )
 
 from conveyor.contracts import (
+    ConflictError,
     ConveyorError,
     DeliveryHandler,
     Event,
@@ -163,7 +164,16 @@ class _Consumer:
         topology = self.broker.topology
         arguments = None if self.queue == topology.dead_letter_queue else queue_arguments(topology)
         self.amqp_queue = await channel.declare_queue(self.queue, durable=True, arguments=arguments)
-        self.tag = await self.amqp_queue.consume(self._on_message)
+        # The controller's queues take one consumer: a second controller on the stack would
+        # write the same runs from another store; the broker refuses it at start.
+        exclusive = self.queue in (topology.events_queue, topology.runs_queue)
+        try:
+            self.tag = await self.amqp_queue.consume(self._on_message, exclusive=exclusive)
+        except aiormq.exceptions.ChannelAccessRefused:
+            raise ConflictError(
+                f"queue {self.queue!r} already has its consumer: is another controller of "
+                f"stack {topology.stack!r} running?"
+            ) from None
         self.receiving = True
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:

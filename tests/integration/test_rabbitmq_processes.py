@@ -276,3 +276,15 @@ def test_a_run_requested_by_a_plain_aio_pika_publish_completes(
         assert record.status is RunStatus.COMPLETED, (record.error, processes.dump())
         assert record.parameters["epochs"] == 100
         assert [s.status for s in client.get_steps(run_id)] == [StepStatus.COMPLETED] * 4
+
+
+def test_a_second_controller_of_the_stack_is_refused(
+    vhost: str, tmp_path: Path, processes: Processes
+) -> None:
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    first = processes.controller()
+    second = processes.start("controller-2", "controller", "start", "--stack", STACK)
+    assert second.wait(timeout=60) == 1
+    assert "is another controller of stack" in second.output()
+    assert "Traceback" not in second.output()
+    assert first.alive, "the first controller must keep running"
