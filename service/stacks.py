@@ -167,11 +167,27 @@ class StackService(ComponentRules):
             if new_name == stack.name:
                 return stack
             await self._check_free(new_name)
+            await self._check_no_queued_work(stack)
             renamed = stack.model_copy(update={"name": new_name})
             await self.store.save_stack(conn, renamed)
             if await self.store.setting(ACTIVE_STACK_KEY) == stack.name:
                 await self.store.set_setting(conn, ACTIVE_STACK_KEY, new_name)
         return renamed
+
+    async def _check_no_queued_work(self, stack: StackSpec) -> None:
+        """A service stack's queues are named after it: a rename would strand their messages."""
+        orchestrator = stack.component(ComponentType.ORCHESTRATOR)
+        if get_flavor(orchestrator.type, orchestrator.flavor).embedded:
+            return
+        row = await self.db.fetchone(
+            "SELECT COUNT(*) FROM runs WHERE stack_id = ? AND status IN ('pending', 'running')",
+            (stack.id,),
+        )
+        if row is not None and row[0]:
+            raise ConflictError(
+                f"stack {stack.name!r} has {row[0]} unfinished run(s) in queues named after it; "
+                "rename it once they finish, then restart its controller and workers"
+            )
 
     async def copy_stack(self, source: str, target: str) -> StackSpec:
         """A new stack ``target`` with the same components as ``source``."""

@@ -17,7 +17,10 @@ from conveyor.contracts import (
     ComponentType,
     ConflictError,
     NotFoundError,
+    PipelineSpec,
+    StepSpec,
     ValidationError,
+    utcnow,
 )
 from conveyor.service.context import Services
 from conveyor.service.stacks import DEFAULT, StackService
@@ -375,3 +378,31 @@ async def test_import_compares_configs_by_value_not_by_spelling(
     imported = await stacks.import_stack(data, name="same")
     assert imported.component(ORCH).id == (await stacks.get_component(ORCH, "fast")).id
     assert len(await stacks.list_components()) == 4
+
+
+async def test_a_service_stack_with_queued_runs_cannot_be_renamed(
+    services: Services, stacks: StackService, tmp_path: Path
+) -> None:
+    url = "amqp://guest:guest@127.0.0.1:5672/"
+    await stacks.register_component(ORCH, "rmq", "rabbitmq", {"url": url})
+    await stacks.register_stack("prod", {ORCH: "rmq", STORE: DEFAULT})
+    stack = await stacks.get("prod")
+    spec = PipelineSpec(name="p", steps=[StepSpec(name="a", ref="m:a")])
+    async with services.db.transaction() as conn:
+        await services.runs.insert_run(
+            conn,
+            run_id="r1",
+            spec=spec,
+            stack_id=stack.id,
+            stack_name="prod",
+            stack_snapshot={},
+            idempotency_key=None,
+            owner=None,
+            now=utcnow(),
+        )
+    before = await state(stacks)
+    with pytest.raises(ConflictError, match="1 unfinished run"):
+        await stacks.rename_stack("prod", "production")
+    assert await state(stacks) == before
+    await services.runs.fail_abandoned("r1", "test over")
+    assert (await stacks.rename_stack("prod", "production")).name == "production"
