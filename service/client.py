@@ -25,6 +25,7 @@ from conveyor.contracts import (
 )
 from conveyor.service.components import parse_type
 from conveyor.service.context import Services
+from conveyor.service.gateway import RunGateway
 from conveyor.service.home import Home
 from conveyor.workers.execution import load_artifact
 from conveyor.workers.flavors import Flavor, make_artifact_store
@@ -198,6 +199,23 @@ class Client:
     def get_steps(self, run_id: str) -> list[StepRecord]:
         async def call(s: Services) -> list[StepRecord]:
             return await s.runs.steps_of((await s.runs.get_run(run_id)).id)
+
+        return self._run(call)
+
+    def cancel_run(self, run_id: str, reason: str = "cancelled by user") -> RunRecord:
+        """Ask the controller of the run's stack to cancel it; the run as recorded then.
+
+        An embedded run can only be cancelled by the process that runs it (Ctrl+C on its
+        ``conveyor pipeline run`` cancels it); the error says which process that is.
+        """
+
+        async def call(s: Services) -> RunRecord:
+            gateway = RunGateway(s.home)
+            await gateway.start()
+            try:
+                return await gateway.cancel((await s.runs.get_run(run_id)).id, reason)
+            finally:
+                await gateway.stop()
 
         return self._run(call)
 

@@ -31,8 +31,8 @@ from conveyor.service.api import (
     routes_stacks,
 )
 from conveyor.service.api.errors import LoginRequired, error_body, status_of
-from conveyor.service.api.gateway import RunGateway
 from conveyor.service.api.state import ApiState, ServerSettings
+from conveyor.service.gateway import RunGateway
 from conveyor.service.home import Home
 from conveyor.service.store.summaries import RunSummaries
 

@@ -15,11 +15,11 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from conveyor.contracts import RunStatus
-from conveyor.service.api.gateway import RunGateway
 from conveyor.service.api.schemas import Health, HealthCheck
 from conveyor.service.api.security import require_token
 from conveyor.service.api.state import ApiState, state_of
 from conveyor.service.engine import Conveyor
+from conveyor.service.gateway import RunGateway
 from conveyor.workers.broker_probes import queue_depths, reachable
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"

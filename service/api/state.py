@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from conveyor.service.api.gateway import RunGateway
 from conveyor.service.context import Services
+from conveyor.service.gateway import RunGateway
 from conveyor.service.home import Home
 from conveyor.service.store.summaries import RunSummaries
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ import typer
 
 from conveyor.contracts import (
     ArtifactRecord,
+    ConveyorError,
     RunRecord,
     RunStatus,
     StepRecord,
@@ -117,9 +121,21 @@ async def _run_pipeline(
             f"Running pipeline [bold]{definition.name}[/bold] on stack "
             f"'{cv.stack.name}' as run [bold]{run.id}[/bold]"
         )
-        record = await run.wait()
+        try:
+            record = await run.wait()
+        except asyncio.CancelledError:
+            await _cancel_on_interrupt(cv, run)
+            raise
         steps = await run.steps()
         return record, steps, await _leaf_outputs(run, steps)
+
+
+async def _cancel_on_interrupt(cv: Conveyor, run: AsyncRun) -> None:
+    """Ctrl+C: cancel the run rather than leave it to be found dead later."""
+    errors.print(f"Interrupted: cancelling run {run.id}")
+    await cv.cancel(run.id, "interrupted (Ctrl+C on conveyor pipeline run)")
+    with contextlib.suppress(TimeoutError, ConveyorError):
+        await run.wait(timeout=5)
 
 
 @pipeline_app.command("run")
@@ -133,7 +149,14 @@ def run_pipeline(
     Example: conveyor pipeline run examples/quickstart.py:training_pipeline -p epochs=100
     """
     with user_errors():
-        record, steps, outputs = asyncio.run(_run_pipeline(target, stack, _parse_params(param)))
+        try:
+            record, steps, outputs = asyncio.run(_run_pipeline(target, stack, _parse_params(param)))
+        except KeyboardInterrupt:
+            # The run is cancelled and recorded. A sync step's thread cannot be stopped and
+            # would hold the interpreter's exit until the step's end: leave without it.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
     for name, value in outputs.items():
         console.print(f"{name} = {json.dumps(value)}")
     style = "green" if record.status is RunStatus.COMPLETED else "red"
@@ -233,6 +256,21 @@ def describe_run(
         return parts
 
     emit(output, {"run": run_json(run), "steps": steps}, render)
+
+
+@run_app.command("cancel")
+def cancel_run(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., help="Run id (a unique prefix is enough)"),
+    reason: str = typer.Option("cancelled by user", "--reason", help="Recorded on the run"),
+) -> None:
+    """Cancel a pending or running run: unfinished steps are cancelled, late results ignored.
+
+    Example: conveyor run cancel 3f2a --reason "wrong data set"
+    """
+    with user_errors():
+        run = client(ctx).cancel_run(run_id, reason)
+    console.print(f"Run {run.id} is {run.status.value}")
 
 
 @run_app.command("delete")

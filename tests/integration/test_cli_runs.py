@@ -104,7 +104,22 @@ def test_two_processes_on_one_home_both_complete(home: Path) -> None:
 
 
 def test_killed_run_is_marked_failed_by_the_next_command(tmp_path: Path) -> None:
-    marker = tmp_path / "started"
+    proc = _start_hanging(tmp_path / "started")
+    (run,) = runs_json()
+    assert run["status"] == "running", "a live process's run must not be touched"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    (run,) = runs_json()
+    assert run["status"] == "failed"
+    assert f"pid {proc.pid}" in str(run["error"]) and "died" in str(run["error"])
+    described = json.loads(conveyor_cli("run", "describe", str(run["id"]), "-o", "json").stdout)
+    assert {s["name"]: s["status"] for s in described["steps"]} == {
+        "hang": "failed",
+        "total": "skipped",
+    }
+
+
+def _start_hanging(marker: Path) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -116,23 +131,30 @@ def test_killed_run_is_marked_failed_by_the_next_command(tmp_path: Path) -> None
         ],
         cwd=ROOT,
         env={**os.environ, "CONVEYOR_TEST_MARKER": str(marker)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 60
     while not marker.exists():
         assert proc.poll() is None, "the run ended before its step started"
         assert time.monotonic() < deadline, "the step never started"
         time.sleep(0.05)
+    return proc
+
+
+def test_ctrl_c_cancels_the_run_and_another_process_cannot(tmp_path: Path) -> None:
+    proc = _start_hanging(tmp_path / "started")
     (run,) = runs_json()
-    assert run["status"] == "running", "a live process's run must not be touched"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    refused = conveyor_cli("run", "cancel", str(run["id"]))
+    assert refused.returncode == 1
+    assert f"inside another process (pid {proc.pid})" in refused.stderr
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert f"Interrupted: cancelling run {run['id']}" in err
     (run,) = runs_json()
-    assert run["status"] == "failed"
-    assert f"pid {proc.pid}" in str(run["error"]) and "died" in str(run["error"])
-    described = json.loads(conveyor_cli("run", "describe", str(run["id"]), "-o", "json").stdout)
-    assert {s["name"]: s["status"] for s in described["steps"]} == {
-        "hang": "failed",
-        "total": "skipped",
-    }
+    assert run["status"] == "cancelled"
+    assert "Ctrl+C" in str(run["error"])
+    again = conveyor_cli("run", "cancel", str(run["id"]))
+    assert again.returncode == 1 and "cancelled already" in again.stderr

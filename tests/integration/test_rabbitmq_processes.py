@@ -288,3 +288,28 @@ def test_a_second_controller_of_the_stack_is_refused(
     assert "is another controller of stack" in second.output()
     assert "Traceback" not in second.output()
     assert first.alive, "the first controller must keep running"
+
+
+def test_run_cancel_from_another_process_cancels_a_service_run(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    processes.controller()
+    processes.worker("w1")
+    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:gated_chain")
+    wait_until(lambda: any(n == "gate" for n, _ in starts(markers)), "the gated step to start")
+    with Client() as client:
+        run_id = _only_run(client).id
+        result = conveyor_cli("run", "cancel", run_id, "--reason", "not needed")
+        assert result.returncode == 0, result.stderr + processes.dump()
+        assert f"Run {run_id} is cancelled" in result.stdout
+        assert follower.wait(60) == 1, "the follower sees the run end, not completed"
+        release(markers, "gate")  # let the held step end; the run stays cancelled
+        record = client.get_run(run_id)
+        assert record.status is RunStatus.CANCELLED and record.error == "not needed"
+        statuses = {s.name: s.status for s in client.get_steps(run_id)}
+    assert statuses == {
+        "seed": StepStatus.COMPLETED,
+        "gated": StepStatus.CANCELLED,
+        "plus": StepStatus.CANCELLED,
+    }
