@@ -405,7 +405,10 @@ class RabbitMQBroker:
             for (event, message), result in zip(pending, results, strict=True):
                 if result is None:
                     continue
-                if isinstance(result, TRANSIENT):
+                # aiormq cancels the confirms still pending on a connection it gave up (no
+                # frame within the heartbeat grace): that publish is lost, not cancelled. A
+                # cancellation of this task would have been raised by gather() itself.
+                if isinstance(result, (*TRANSIENT, asyncio.CancelledError)):
                     retry.append((event, message))
                 elif isinstance(result, aiormq.exceptions.PublishError):
                     raise ConveyorError(

@@ -8,6 +8,7 @@ a test leaves running is killed at teardown.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from urllib.parse import quote
 
 import pytest
 
-from conveyor.contracts import ComponentType, StackSpec
+from conveyor.contracts import ComponentType, RunRecord, StackSpec, StepStatus
+from conveyor.service.client import Client
 from conveyor.service.context import Services
 from tests.conftest import ROOT
 from tests.pipelines.rabbitmq_pipelines import MARKERS_ENV
@@ -76,6 +78,29 @@ async def register_stack(
         )
     finally:
         await services.close()
+
+
+def run_id_in(output: str) -> str:
+    """The run id that ``pipeline run`` printed."""
+    found = re.search(r"as run ([0-9a-f]{32})", output)
+    assert found, output
+    return found.group(1)
+
+
+def only_run(client: Client) -> RunRecord:
+    [run] = client.list_runs()
+    return run
+
+
+def assert_committed_once(client: Client, run_id: str) -> None:
+    """Each step completed once, at attempt 1, with one recorded artifact per output."""
+    steps = client.get_steps(run_id)
+    assert [(s.name, s.status, s.attempt) for s in steps] == [
+        (s.name, StepStatus.COMPLETED, 1) for s in steps
+    ]
+    artifacts = client.list_artifacts(run_id=run_id)
+    keys = [(a.step_name, a.output_name) for a in artifacts]
+    assert sorted(keys) == sorted({(s.name, o) for s in steps for o in s.outputs})
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.contracts import RunRecord, RunStatus, StepStatus
+from conveyor.contracts import RunStatus, StepStatus
 from conveyor.service.client import Client
 from conveyor.workers.crash import CRASH_ENV
 from tests.conftest import ROOT, conveyor_cli
@@ -23,10 +23,13 @@ from tests.integration.rabbitmq_support import (
     PIPELINES,
     STACK,
     Processes,
+    assert_committed_once,
     markers,
+    only_run,
     processes,
     register_stack,
     release,
+    run_id_in,
     starts,
     vhost,
     wait_until,
@@ -35,28 +38,6 @@ from tests.integration.rabbitmq_support import (
 __all__ = ["markers", "processes", "vhost"]  # fixtures
 
 pytestmark = pytest.mark.rabbitmq
-
-
-def _run_id(output: str) -> str:
-    found = re.search(r"as run ([0-9a-f]{32})", output)
-    assert found, output
-    return found.group(1)
-
-
-def _only_run(client: Client) -> RunRecord:
-    [run] = client.list_runs()
-    return run
-
-
-def _assert_committed_once(client: Client, run_id: str) -> None:
-    """Each step completed once, at attempt 1, with one recorded artifact per output."""
-    steps = client.get_steps(run_id)
-    assert [(s.name, s.status, s.attempt) for s in steps] == [
-        (s.name, StepStatus.COMPLETED, 1) for s in steps
-    ]
-    artifacts = client.list_artifacts(run_id=run_id)
-    keys = [(a.step_name, a.output_name) for a in artifacts]
-    assert sorted(keys) == sorted({(s.name, o) for s in steps for o in s.outputs})
 
 
 def test_quickstart_runs_on_a_controller_and_two_workers(
@@ -74,7 +55,7 @@ def test_quickstart_runs_on_a_controller_and_two_workers(
             )
             assert result.returncode == 0, result.stdout + result.stderr + processes.dump()
             assert "evaluate.output = " in result.stdout
-            run = client.get_run(_run_id(result.stdout))
+            run = client.get_run(run_id_in(result.stdout))
             assert run.status is RunStatus.COMPLETED and run.stack_name == STACK
             steps = client.get_steps(run.id)
             assert [s.status for s in steps] == [StepStatus.COMPLETED] * 4
@@ -110,9 +91,9 @@ def test_worker_killed_mid_step_is_replaced_by_the_other_and_output_committed_on
     assert run.wait(90) == 0, processes.dump()
 
     with Client() as client:
-        record = _only_run(client)
+        record = only_run(client)
         assert record.status is RunStatus.COMPLETED
-        _assert_committed_once(client, record.id)
+        assert_committed_once(client, record.id)
         gate = {s.name: s for s in client.get_steps(record.id)}["gated"]
         assert gate.pid == survivor.pid and gate.worker == survivor.label
         [last] = [a for a in client.list_artifacts(run_id=record.id) if a.step_name == "plus"]
@@ -151,9 +132,9 @@ def test_controller_restarted_continues_the_run_without_doing_a_step_twice(
     assert run.wait(90) == 0, processes.dump()
 
     with Client() as client:
-        record = _only_run(client)
+        record = only_run(client)
         assert record.status is RunStatus.COMPLETED
-        _assert_committed_once(client, record.id)
+        assert_committed_once(client, record.id)
         [last] = [a for a in client.list_artifacts(run_id=record.id) if a.step_name == "plus"]
         assert client.load_artifact(last.id) == 111
     names = [n for n, _ in starts(markers)]
@@ -192,7 +173,7 @@ def test_worker_sigterm_lets_the_step_finish_or_hands_it_back_and_exits_0(
     assert run.wait(90) == 0, processes.dump()
 
     with Client() as client:
-        steps = {s.name: s for s in client.get_steps(_only_run(client).id)}
+        steps = {s.name: s for s in client.get_steps(only_run(client).id)}
     assert steps["gated"].pid == (first.pid if within_grace else second.pid)
     assert steps["plus"].pid == second.pid
 
@@ -233,7 +214,7 @@ def test_pipeline_run_follows_through_status_events_from_a_client_with_another_s
     with Client(elsewhere) as client:
         assert client.list_runs() == []
     with Client() as client:
-        record = client.get_run(_run_id(result.stdout))
+        record = client.get_run(run_id_in(result.stdout))
         assert record.status is RunStatus.COMPLETED
         assert {s.pid for s in client.get_steps(record.id)} == {worker.pid}
     assert not (tmp_path / "no-store").exists()
@@ -299,7 +280,7 @@ def test_run_cancel_from_another_process_cancels_a_service_run(
     follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:gated_chain")
     wait_until(lambda: any(n == "gate" for n, _ in starts(markers)), "the gated step to start")
     with Client() as client:
-        run_id = _only_run(client).id
+        run_id = only_run(client).id
         result = conveyor_cli("run", "cancel", run_id, "--reason", "not needed")
         assert result.returncode == 0, result.stderr + processes.dump()
         assert f"Run {run_id} is cancelled" in result.stdout

@@ -68,3 +68,29 @@ def on_gpu(x: int) -> int:
 @pipeline
 def pooled() -> None:
     on_gpu(seed())
+
+
+@step
+def slow(x: int, name: str = "slow", seconds: float = 0.3) -> int:
+    _record(name)
+    time.sleep(seconds)
+    return x + 1
+
+
+@step
+def gated_sum(xs: list[int], name: str = "join") -> int:
+    _record(name)
+    release = _markers() / f"release-{name}"
+    deadline = time.monotonic() + 110
+    while not release.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{release} never appeared")
+        time.sleep(0.05)
+    return sum(xs)
+
+
+@pipeline
+def gated_fan_out(width: int = 6) -> None:
+    """A seed, ``width`` branches of a second each, then a join held by its gate."""
+    root = seed()
+    gated_sum([slow(root, name=f"branch-{i}", seconds=1.0) for i in range(width)], name="join")
