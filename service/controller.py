@@ -55,6 +55,12 @@ def compile_request(request: RunRequested) -> PipelineSpec:
     return spec
 
 
+def _being_cancelled() -> bool:
+    """Whether the current task was asked to stop (not a library's stray cancellation)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 @dataclass
 class _Batch:
     """What one batch changes, gathered before the one transaction that records it."""
@@ -168,9 +174,13 @@ class Controller:
             try:
                 await self._publish_committed()
                 await self._process(batch)
-            except Exception:
-                # The store or the broker failed. Nothing of the batch was acked, so all of it
-                # comes back; the cached states may be ahead of the store, so they reload.
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                    raise
+                # The store or the broker failed (a client library may say so with a
+                # CancelledError of its own, as aiormq does for a connection it gave up).
+                # Nothing of the batch was acked, so all of it comes back; the cached states
+                # may be ahead of the store, so they reload.
                 log.exception("batch failed; requeueing", size=len(batch))
                 self._states.clear()
                 for delivery in batch:

@@ -126,9 +126,13 @@ async def serve_controller(
         await broker.start()
         controller = Controller(services.db, broker, spec, owner=None)
         await controller.start()
-        watched = broker
+        watched, driving = broker, controller
+        # A controller whose loop ended hears nothing either: it counts as deaf.
         watchdog = asyncio.create_task(
-            watch_consumers(lambda: sum(c.active for c in watched.consumers), config.watchdog_s),
+            watch_consumers(
+                lambda: sum(c.active for c in watched.consumers) if driving.alive else 0,
+                config.watchdog_s,
+            ),
             name="watchdog",
         )
         deaf = await wait_for_stop(signals, watchdog)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
@@ -80,6 +81,27 @@ async def test_a_failed_publish_is_retried_and_nothing_runs_twice(
         await original(self, events)
 
     monkeypatch.setattr(InProcessBroker, "publish", flaky_publish)
+    status, steps, value = await run_to_end()
+    assert failures["left"] == 0, "the fault was never injected"
+    assert status is RunStatus.COMPLETED and value == 7
+    assert all(s == (StepStatus.COMPLETED, 1) for s in steps.values()), steps
+
+
+async def test_a_stray_cancelled_error_from_the_broker_does_not_stop_the_controller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # aiormq cancels the confirms pending on a connection it gave up: the controller's
+    # publish then raises CancelledError although nobody cancelled the controller.
+    failures = {"left": 1}
+    original = InProcessBroker.publish
+
+    async def cancelled_publish(self: InProcessBroker, events: Sequence[Event]) -> None:
+        if failures["left"] and any(isinstance(e, StepReady) for e in events):
+            failures["left"] -= 1
+            raise asyncio.CancelledError
+        await original(self, events)
+
+    monkeypatch.setattr(InProcessBroker, "publish", cancelled_publish)
     status, steps, value = await run_to_end()
     assert failures["left"] == 0, "the fault was never injected"
     assert status is RunStatus.COMPLETED and value == 7
