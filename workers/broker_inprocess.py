@@ -21,6 +21,7 @@ from conveyor.contracts import (
     Topology,
     is_status_event,
 )
+from conveyor.workers.status_pump import StatusPump
 
 log = structlog.get_logger("conveyor.broker.inprocess")
 
@@ -127,28 +128,15 @@ class _Consumer:
 class _Follower:
     def __init__(self, broker: InProcessBroker, run_id: str, handler: StatusHandler) -> None:
         self.broker = broker
-        self.run_id = run_id
-        self.handler = handler
-        self.inbox: asyncio.Queue[Event] = asyncio.Queue()
-        self.pump: asyncio.Task[None] | None = None
+        self.pump = StatusPump(run_id, handler)
 
     @property
     def active(self) -> bool:
-        return self.pump is not None and not self.pump.done()
-
-    async def run(self) -> None:
-        while True:
-            event = await self.inbox.get()
-            try:
-                await self.handler(event)
-            except Exception:
-                log.exception("status handler failed", run_id=self.run_id)
+        return self.pump.active
 
     async def cancel(self) -> None:
-        if self.pump is not None:
-            self.pump.cancel()
-            await asyncio.gather(self.pump, return_exceptions=True)
-        self.broker.followers[self.run_id].discard(self)
+        await self.pump.stop()
+        self.broker.followers[self.pump.run_id].discard(self)
 
 
 class InProcessBroker:
@@ -195,7 +183,7 @@ class InProcessBroker:
         for event in events:
             if is_status_event(event):
                 for follower in self.followers.get(event.run_id, ()):
-                    follower.inbox.put_nowait(event)
+                    follower.pump.inbox.put_nowait(event)
             else:
                 self.queue(self._topology.route(event)).put_nowait(_Message(event))
 
@@ -207,6 +195,6 @@ class InProcessBroker:
 
     async def follow(self, run_id: str, handler: StatusHandler) -> _Follower:
         follower = _Follower(self, run_id, handler)
-        follower.pump = asyncio.create_task(follower.run(), name=f"follow:{run_id}")
+        follower.pump.start()
         self.followers[run_id].add(follower)
         return follower

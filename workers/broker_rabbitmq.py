@@ -50,6 +50,7 @@ from conveyor.workers.rabbitmq_topology import (
     declare_work_queue,
     queue_arguments,
 )
+from conveyor.workers.status_pump import StatusPump
 
 log = structlog.get_logger("conveyor.broker.rabbitmq")
 
@@ -229,47 +230,33 @@ class _Follower:
 
     def __init__(self, broker: RabbitMQBroker, run_id: str, handler: StatusHandler) -> None:
         self.broker = broker
-        self.run_id = run_id
-        self.handler = handler
-        self.inbox: asyncio.Queue[Event] = asyncio.Queue()
+        self.pump = StatusPump(run_id, handler)
         self.amqp_queue: AbstractQueue | None = None
         self.tag: str | None = None
-        self.pump: asyncio.Task[None] | None = None
 
     @property
     def active(self) -> bool:
-        return self.pump is not None and not self.pump.done()
+        return self.pump.active
 
     async def start(self, channel: AbstractRobustChannel) -> None:
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         self.amqp_queue = queue
-        await queue.bind(self.broker.topology.status_exchange, routing_key=self.run_id)
+        await queue.bind(self.broker.topology.status_exchange, routing_key=self.pump.run_id)
         self.tag = await queue.consume(self._on_message, no_ack=True)
-        self.pump = asyncio.create_task(self._run(), name=f"follow:{self.run_id}")
+        self.pump.start()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:
-            self.inbox.put_nowait(parse_event(message.body))
+            self.pump.inbox.put_nowait(parse_event(message.body))
         except MalformedEvent as exc:
             log.warning("malformed status event", message_id=message.message_id, reason=str(exc))
-
-    async def _run(self) -> None:
-        # One pump per follower keeps the handler's view of a run in publication order.
-        while True:
-            event = await self.inbox.get()
-            try:
-                await self.handler(event)
-            except Exception:
-                log.exception("status handler failed", run_id=self.run_id)
 
     async def cancel(self) -> None:
         queue, tag, self.tag = self.amqp_queue, self.tag, None
         if queue is not None and tag is not None:
             with contextlib.suppress(*TRANSIENT):
                 await queue.cancel(tag)
-        if self.pump is not None:
-            self.pump.cancel()
-            await asyncio.gather(self.pump, return_exceptions=True)
+        await self.pump.stop()
         self.broker.followers.discard(self)
 
 
