@@ -124,6 +124,7 @@ class StepSucceeded(Envelope):
     outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
     duration_s: float
     by: WorkerFacts
+    logs: ArtifactRef | None = Field(default=None, description="What the attempt printed")
 
 
 class StepFailed(Envelope):
@@ -137,6 +138,7 @@ class StepFailed(Envelope):
     retryable: bool = True
     duration_s: float = 0.0
     by: WorkerFacts
+    logs: ArtifactRef | None = Field(default=None, description="What the attempt printed")
 
 
 class StepStatusChanged(Envelope):

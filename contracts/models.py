@@ -111,6 +111,7 @@ class StepRecord(Frozen):
     worker: str | None = None
     upstream: list[str] = Field(default_factory=list)
     outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
+    logs: ArtifactRef | None = None
 
 
 class RunRecord(Frozen):

@@ -202,6 +202,19 @@ class Client:
 
         return self._run(call)
 
+    def get_logs(self, run_id: str, step: str | None = None) -> dict[str, str]:
+        """What each step's last attempt printed and logged, by step name, in DAG order."""
+        run = self.get_run(run_id)
+        steps = [s for s in self.get_steps(run.id) if step is None or s.name == step]
+        if step is not None and not steps:
+            raise NotFoundError(f"run {run.id} has no step {step!r}")
+        store = make_artifact_store(StackSpec.model_validate(run.stack_snapshot))
+        return {
+            s.name: store.get(s.logs.uri, s.logs.sha256).decode(errors="replace")
+            for s in steps
+            if s.logs is not None
+        }
+
     def cancel_run(self, run_id: str, reason: str = "cancelled by user") -> RunRecord:
         """Ask the controller of the run's stack to cancel it; the run as recorded then.
 

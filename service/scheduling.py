@@ -99,6 +99,7 @@ class StepUpdate:
     pid: int | None = None
     worker: str | None = None
     outputs: dict[str, ArtifactRef] = field(default_factory=dict)
+    logs: ArtifactRef | None = None
 
 
 @dataclass
@@ -258,6 +259,7 @@ def apply_event(run: RunState, event: Event) -> Transition:
                     pid=event.by.pid,
                     worker=event.by.worker,
                     outputs=event.outputs,
+                    logs=event.logs,
                 ),
             )
             for child in run.downstream[event.step]:
@@ -290,6 +292,7 @@ def _on_failure(run: RunState, out: Transition, event: StepFailed) -> None:
         traceback=event.traceback,
         pid=event.by.pid,
         worker=event.by.worker,
+        logs=event.logs,
     )
     out.emit.append(_status_event(run, update))
     if retry:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import structlog
+
 from conveyor.contracts import (
     ArtifactRef,
     ArtifactStore,
@@ -23,10 +25,11 @@ from conveyor.contracts import (
     StepSucceeded,
     WorkerFacts,
 )
-from conveyor.workers import materializers
+from conveyor.workers import materializers, step_logs
 from conveyor.workers.steps import StepDefinition, StepResolver
 
 T = TypeVar("T")
+log = structlog.get_logger("conveyor.worker")
 
 
 def load_artifact(store: ArtifactStore, ref: ArtifactRef, *, allow_pickle: bool) -> Any:
@@ -143,7 +146,30 @@ class StepExecutor:
         return await self._in_thread(self._save_outputs, ready, definition, result), body
 
     async def execute(self, ready: StepReady) -> StepSucceeded | StepFailed:
-        """Run one attempt; every exception becomes a StepFailed, never escapes."""
+        """Run one attempt; every exception becomes a StepFailed, never escapes.
+
+        What the attempt prints or logs is kept as a text artifact, named on the outcome.
+        """
+        with step_logs.capturing() as buffer:
+            outcome = await self._attempt(ready)
+        text = step_logs.text_of(buffer)
+        if not text:
+            return outcome
+        try:
+            logs = await self._in_thread(self._save_logs, text)
+        except OSError as exc:
+            log.warning("step logs not kept", step=ready.step.name, error=str(exc))
+            return outcome
+        return outcome.model_copy(update={"logs": logs})
+
+    def _save_logs(self, text: str) -> ArtifactRef:
+        data = text.encode()
+        uri, digest = self._store.put(data)
+        return ArtifactRef(
+            uri=uri, sha256=digest, size=len(data), materializer="str", data_type="builtins.str"
+        )
+
+    async def _attempt(self, ready: StepReady) -> StepSucceeded | StepFailed:
         started = time.perf_counter()
         limit = ready.step.timeout_s
         deadline = asyncio.timeout(limit)

@@ -29,6 +29,7 @@ from conveyor.contracts import (
     Subscription,
     WorkerFacts,
 )
+from conveyor.workers import step_logs
 from conveyor.workers.execution import StepExecutor
 from conveyor.workers.steps import StepResolver
 
@@ -93,6 +94,7 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Start consuming the step queue of every pool."""
+        step_logs.install()
         for pool in self._pools:
             queue = self._broker.topology.step_queue(pool)
             self._subscriptions.append(

@@ -258,6 +258,25 @@ def describe_run(
     emit(output, {"run": run_json(run), "steps": steps}, render)
 
 
+@run_app.command("logs")
+def run_logs(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., help="Run id (a unique prefix is enough)"),
+    step: str = typer.Option(None, "--step", "-s", help="Only this step"),
+) -> None:
+    """Print what each step printed and logged (its last attempt), step by step.
+
+    Example: conveyor run logs 3f2a --step train
+    """
+    with user_errors():
+        logs = client(ctx).get_logs(run_id, step)
+    if not logs:
+        console.print("No step printed or logged anything.")
+    for name, text in logs.items():
+        console.print(f"[bold]── {name} ──[/bold]")
+        console.print(text.rstrip("\n"), markup=False, highlight=False)
+
+
 @run_app.command("cancel")
 def cancel_run(
     ctx: typer.Context,

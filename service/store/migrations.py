@@ -90,4 +90,8 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX outbox_unsent ON outbox (stack_id) WHERE sent IS NULL;
     """,
+    # 2: what each step's last attempt printed
+    """
+    ALTER TABLE steps ADD COLUMN logs TEXT;
+    """,
 )

@@ -127,8 +127,8 @@ class RunStore:
             conn,
             "UPDATE steps SET status = ?, attempt = ?, started = COALESCE(?, started),"
             " finished = ?, duration_s = COALESCE(?, duration_s), error = ?,"
-            " traceback = ?, pid = COALESCE(?, pid), worker = COALESCE(?, worker)"
-            " WHERE run_id = ? AND name = ?",
+            " traceback = ?, pid = COALESCE(?, pid), worker = COALESCE(?, worker),"
+            " logs = COALESCE(?, logs) WHERE run_id = ? AND name = ?",
             (
                 (
                     u.status.value,
@@ -140,6 +140,7 @@ class RunStore:
                     u.traceback,
                     u.pid,
                     u.worker,
+                    u.logs.model_dump_json() if u.logs else None,
                     run_id,
                     u.name,
                 )
@@ -295,6 +296,7 @@ class RunStore:
                 worker=row["worker"],
                 upstream=upstream.get(row["name"], []),
                 outputs=outputs.get(row["name"], {}),
+                logs=ArtifactRef.model_validate_json(row["logs"]) if row["logs"] else None,
             )
             for row in rows
         ]

@@ -158,3 +158,20 @@ def test_ctrl_c_cancels_the_run_and_another_process_cannot(tmp_path: Path) -> No
     assert "Ctrl+C" in str(run["error"])
     again = conveyor_cli("run", "cancel", str(run["id"]))
     assert again.returncode == 1 and "cancelled already" in again.stderr
+
+
+def test_run_logs_show_what_each_step_printed_and_logged() -> None:
+    result = conveyor_cli("pipeline", "run", f"{PIPELINES}:talking")
+    assert result.returncode == 1
+    assert "loading 3 rows" in result.stdout, "the console still shows what steps print"
+    (run,) = runs_json()
+    logs = conveyor_cli("run", "logs", str(run["id"]))
+    assert logs.returncode == 0, logs.stderr
+    chatty_part, grumpy_part = logs.stdout.split("── grumpy ──")
+    assert "── chatty ──" in chatty_part and "loading 3 rows" in chatty_part
+    assert "WARNING chatty: row 2 looks odd" in chatty_part
+    assert "about to fail with 3" in grumpy_part and "loading" not in grumpy_part
+    only = conveyor_cli("run", "logs", str(run["id"]), "--step", "grumpy")
+    assert "about to fail with 3" in only.stdout and "chatty" not in only.stdout
+    unknown = conveyor_cli("run", "logs", str(run["id"]), "--step", "nope")
+    assert unknown.returncode == 1 and "has no step 'nope'" in unknown.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -382,3 +383,46 @@ async def test_one_key_twice_in_one_batch_creates_one_run() -> None:
                 break
             await asyncio.sleep(0.05)
         assert [(r.id, r.status) for r in runs] == [(requests[0].run_id, RunStatus.COMPLETED)]
+
+
+@step
+def sync_talker(i: int) -> int:
+    for line in range(20):
+        print(f"sync-{i} line {line}")
+        time.sleep(0.001)
+    return i
+
+
+@step
+async def async_talker(i: int) -> int:
+    for line in range(20):
+        print(f"async-{i} line {line}")
+        await asyncio.sleep(0.001)
+    return i
+
+
+@pipeline
+def talkers() -> None:
+    gather_ints([sync_talker(i) for i in range(3)] + [async_talker(i) for i in range(3)])
+
+
+@step
+def gather_ints(xs: list[int]) -> int:
+    return sum(xs)
+
+
+async def test_each_step_keeps_only_what_it_printed_itself() -> None:
+    async with Conveyor() as cv:
+        run = await cv.submit(talkers)
+        assert (await run.wait(timeout=60)).status is RunStatus.COMPLETED
+        steps = {s.name: s for s in await run.steps()}
+        texts = {}
+        for name, record in steps.items():
+            if record.logs is not None:
+                texts[name] = cv.artifacts.get(record.logs.uri, record.logs.sha256).decode()
+    assert set(texts) == {n for n in steps if "talker" in n}
+    for name, text in texts.items():
+        lines = text.splitlines()
+        assert len(lines) == 20, (name, lines)
+        assert len({line.split(" line ")[0] for line in lines}) == 1, (name, lines)
+    assert steps["gather_ints"].logs is None, "a step that prints nothing keeps no log"

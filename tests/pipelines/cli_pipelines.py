@@ -50,3 +50,23 @@ def hang() -> int:
 @pipeline
 def hanging() -> None:
     total([hang()])
+
+
+@step
+def chatty(n: int = 3) -> int:
+    import logging
+
+    print(f"loading {n} rows")
+    logging.getLogger("chatty").warning("row 2 looks odd")
+    return n
+
+
+@step
+def grumpy(x: int) -> int:
+    print(f"about to fail with {x}")
+    raise ValueError("bad row")
+
+
+@pipeline
+def talking() -> None:
+    grumpy(chatty())

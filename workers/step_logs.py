@@ -1,0 +1,93 @@
+"""What a step prints and logs, captured per attempt while the worker's console still shows it.
+
+Steps run concurrently, in threads and on the event loop, so capture follows the context:
+``sys.stdout``, ``sys.stderr`` and the root logger are wrapped once per worker process, and
+each write goes to the buffer of the attempt whose context made it (contexts are copied
+into the step's thread), as well as to the original stream.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TextIO
+
+MAX_LOG_CHARS = 1_000_000
+
+_buffer: ContextVar[io.StringIO | None] = ContextVar("conveyor_step_log", default=None)
+
+
+class _Tee(io.TextIOBase):
+    """A text stream that also copies writes into the current attempt's buffer."""
+
+    def __init__(self, original: TextIO) -> None:
+        self.original = original
+
+    def write(self, text: str) -> int:
+        buffer = _buffer.get()
+        if buffer is not None:
+            buffer.write(text)
+        return self.original.write(text)
+
+    def flush(self) -> None:
+        self.original.flush()
+
+    def isatty(self) -> bool:
+        return self.original.isatty()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.original.encoding
+
+
+class _CaptureHandler(logging.Handler):
+    """Copies log records made inside an attempt into its buffer."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        buffer = _buffer.get()
+        if buffer is not None:
+            buffer.write(self.format(record) + "\n")
+        if record.levelno >= logging.WARNING and logging.getLogger().handlers == [self]:
+            # Being the root's only handler turns off logging's last-resort printing of
+            # warnings to stderr: keep doing what it did.
+            sys.stderr.write(record.getMessage() + "\n")
+
+
+def install() -> None:
+    """Wrap stdout, stderr and the root logger of this process (once; idempotent).
+
+    Log levels are the process's own: a step's ``logging.info`` is captured where the
+    application lets INFO through.
+    """
+    if not isinstance(sys.stdout, _Tee):
+        sys.stdout = _Tee(sys.stdout)
+    if not isinstance(sys.stderr, _Tee):
+        sys.stderr = _Tee(sys.stderr)
+    root = logging.getLogger()
+    if not any(isinstance(h, _CaptureHandler) for h in root.handlers):
+        handler = _CaptureHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+
+
+@contextmanager
+def capturing() -> Iterator[io.StringIO]:
+    """Collect what the current context prints and logs until the block ends."""
+    buffer = io.StringIO()
+    token = _buffer.set(buffer)
+    try:
+        yield buffer
+    finally:
+        _buffer.reset(token)
+
+
+def text_of(buffer: io.StringIO) -> str:
+    """The captured text, keeping the end when it is longer than MAX_LOG_CHARS."""
+    text = buffer.getvalue()
+    if len(text) <= MAX_LOG_CHARS:
+        return text
+    return f"[... {len(text) - MAX_LOG_CHARS} characters cut ...]\n" + text[-MAX_LOG_CHARS:]
