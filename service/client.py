@@ -28,7 +28,7 @@ from conveyor.service.context import Services
 from conveyor.service.gateway import RunGateway
 from conveyor.service.home import Home
 from conveyor.workers.execution import load_artifact
-from conveyor.workers.flavors import Flavor, make_artifact_store
+from conveyor.workers.flavors import Flavor, run_artifact_store
 
 TypeName = ComponentType | str
 Components = Mapping[ComponentType, str] | Mapping[str, str]
@@ -208,7 +208,7 @@ class Client:
         steps = [s for s in self.get_steps(run.id) if step is None or s.name == step]
         if step is not None and not steps:
             raise NotFoundError(f"run {run.id} has no step {step!r}")
-        store = make_artifact_store(StackSpec.model_validate(run.stack_snapshot))
+        store = run_artifact_store(run.stack_snapshot)
         return {
             s.name: store.get(s.logs.uri, s.logs.sha256).decode(errors="replace")
             for s in steps
@@ -251,7 +251,7 @@ class Client:
 
     def _store_of(self, artifact: ArtifactRecord) -> ArtifactStore:
         run = self.get_run(artifact.run_id)
-        return make_artifact_store(StackSpec.model_validate(run.stack_snapshot))
+        return run_artifact_store(run.stack_snapshot)
 
     def load_artifact(self, artifact_id: str, *, allow_pickle: bool = False) -> Any:
         """The value of an artifact, read from the store of the stack its run ran on."""

@@ -9,12 +9,11 @@ from conveyor.contracts import (
     ConveyorError,
     RunRecord,
     RunStatus,
-    StackSpec,
     StepRecord,
     StepStatus,
 )
 from conveyor.workers.execution import load_artifact
-from conveyor.workers.flavors import make_artifact_store
+from conveyor.workers.flavors import run_artifact_store
 
 if TYPE_CHECKING:
     from conveyor.service.pipelines import PipelineDefinition
@@ -44,7 +43,7 @@ class RunHandle:
         record = self.steps.get(step)
         if record is None or output not in record.outputs:
             raise ConveyorError(f"run {self.id} has no output {output!r} of step {step!r}")
-        store = make_artifact_store(StackSpec.model_validate(self.record.stack_snapshot))
+        store = run_artifact_store(self.record.stack_snapshot)
         return load_artifact(store, record.outputs[output], allow_pickle=allow_pickle)
 
     def __repr__(self) -> str:

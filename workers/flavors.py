@@ -19,6 +19,7 @@ from conveyor.contracts import (
     Broker,
     ComponentSpec,
     ComponentType,
+    ConveyorError,
     StackSpec,
     Topology,
     ValidationError,
@@ -201,6 +202,17 @@ def masked_stack_snapshot(snapshot: dict[str, Any]) -> dict[str, Any]:
     for type_, component in stack.components.items():
         shown["components"][type_.value]["config"] = masked_config(component)
     return dict(shown)
+
+
+def run_artifact_store(snapshot: dict[str, Any]) -> ArtifactStore:
+    """The artifact store of the stack a run ran on, from the run's stack snapshot."""
+    try:
+        stack = StackSpec.model_validate(snapshot)
+    except PydanticValidationError:
+        raise ConveyorError(
+            "the run's stack snapshot is unreadable; cannot find its store"
+        ) from None
+    return make_artifact_store(stack)
 
 
 def make_artifact_store(stack: StackSpec) -> ArtifactStore:

@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import ValidationError as PydanticValidationError
 
-from conveyor.contracts import ArtifactRecord, ArtifactRef, ConveyorError, NotFoundError, StackSpec
+from conveyor.contracts import ArtifactRecord, ArtifactRef, NotFoundError
 from conveyor.service.api.errors import Forbidden
 from conveyor.service.api.schemas import ArtifactPreview
 from conveyor.service.context import Services
 from conveyor.workers.artifact_store_local import ArtifactUnreadable
-from conveyor.workers.flavors import make_artifact_store
+from conveyor.workers.flavors import run_artifact_store
 
 PREVIEW_MAX_BYTES = 64 * 1024
 PREVIEW_MAX_CHARS = 20_000
@@ -60,13 +59,7 @@ def _verify(path: Path, ref: ArtifactRef) -> None:
 
 
 def _locate(snapshot: dict[str, object], ref: ArtifactRef) -> Path:
-    try:
-        stack = StackSpec.model_validate(snapshot)
-    except PydanticValidationError:
-        raise ConveyorError(
-            "the run's stack snapshot is unreadable; cannot find its store"
-        ) from None
-    store = make_artifact_store(stack)
+    store = run_artifact_store(snapshot)
     try:
         path = Path(store.path_of(ref.uri))
     except ArtifactUnreadable as exc:
