@@ -36,7 +36,7 @@ from conveyor.contracts import (
 from conveyor.service import scheduling
 from conveyor.service.pipelines import load_pipeline
 from conveyor.service.scheduling import RunState, Transition
-from conveyor.service.store import Database, RunStore
+from conveyor.service.store import Database, RunStore, Writes
 
 log = structlog.get_logger("conveyor.controller")
 
@@ -151,16 +151,17 @@ class Controller:
         if unsent:
             log.info("replaying outbox", events=len(unsent))
             await self._broker.publish(unsent)
-            async with self._db.transaction() as conn:
-                await self._runs.mark_sent(conn, [e.event_id for e in unsent], utcnow())
+            writes = Writes()
+            self._runs.mark_sent(writes, [e.event_id for e in unsent], utcnow())
+            await self._db.write(writes)
         for run_id in await self._runs.active_run_ids(self._stack.id):
             self._states[run_id] = await self._runs.load_state(run_id)
 
     async def _flush_confirmed(self) -> None:
         confirmed, self._confirmed = self._confirmed, []
-        if confirmed:
-            async with self._db.transaction() as conn:
-                await self._runs.mark_sent(conn, confirmed, utcnow())
+        writes = Writes()
+        self._runs.mark_sent(writes, confirmed, utcnow())
+        await self._db.write(writes)
 
     async def _hand_over(self, delivery: Delivery) -> None:
         self._inbox.put_nowait(delivery)
@@ -272,23 +273,24 @@ class Controller:
         durable = [e for e in batch.events if not is_status_event(e) or isinstance(e, RunFinished)]
         snapshot = self._stack.model_dump(mode="json")
         confirmed, self._confirmed = self._confirmed, []
-        async with self._db.transaction() as conn:
-            await self._runs.mark_sent(conn, confirmed, batch.now)
-            for request, spec, _ in batch.new_runs:
-                await self._runs.insert_run(
-                    conn,
-                    run_id=request.run_id,
-                    spec=spec,
-                    stack_id=self._stack.id,
-                    stack_name=self._stack.name,
-                    stack_snapshot=snapshot,
-                    idempotency_key=request.idempotency_key,
-                    owner=self._owner,
-                    now=batch.now,
-                )
-            for run_id, change in batch.changes.items():
-                await self._runs.apply(conn, run_id, change, batch.now)
-            await self._runs.add_outbox(conn, self._stack.id, durable, batch.now)
+        writes = Writes()
+        self._runs.mark_sent(writes, confirmed, batch.now)
+        for request, spec, _ in batch.new_runs:
+            self._runs.insert_run(
+                writes,
+                run_id=request.run_id,
+                spec=spec,
+                stack_id=self._stack.id,
+                stack_name=self._stack.name,
+                stack_snapshot=snapshot,
+                idempotency_key=request.idempotency_key,
+                owner=self._owner,
+                now=batch.now,
+            )
+        for run_id, change in batch.changes.items():
+            self._runs.apply(writes, run_id, change, batch.now)
+        self._runs.add_outbox(writes, self._stack.id, durable, batch.now)
+        await self._db.write(writes)
         self._committed = progress_of(batch.events)
         await self._publish_committed()
         self._confirmed.extend(e.event_id for e in durable)

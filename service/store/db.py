@@ -9,6 +9,7 @@ so that concurrent writers wait on ``busy_timeout`` instead of failing with
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,6 +20,36 @@ import aiosqlite
 from conveyor.service.store.migrations import MIGRATIONS
 
 BUSY_TIMEOUT_MS = 30_000
+
+
+class Writes:
+    """The statements of one write transaction, gathered before it runs.
+
+    Gathering first lets :meth:`Database.write` run them all in one trip to the
+    connection's thread: each trip costs more than a small statement itself.
+    """
+
+    def __init__(self) -> None:
+        self.statements: list[tuple[str, list[Sequence[Any]]]] = []
+
+    def add(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Execute ``sql`` once per row of parameters (nothing if there are none)."""
+        rows = list(rows)
+        if rows:
+            self.statements.append((sql, rows))
+
+
+def _run_writes(
+    conn: sqlite3.Connection, statements: list[tuple[str, list[Sequence[Any]]]]
+) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, rows in statements:
+            conn.executemany(sql, rows)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 class Database:
@@ -88,6 +119,17 @@ class Database:
                 await conn.execute("ROLLBACK")
                 raise
             await conn.execute("COMMIT")
+
+    async def write(self, writes: Writes) -> None:
+        """Run ``writes`` as one transaction, in one trip to the connection's thread."""
+        if not writes.statements:
+            return
+        async with self._write_lock:
+            conn = self.conn
+            # aiosqlite has no public way to run several statements in one trip; these two
+            # private names have been stable since its early releases (a unit test runs
+            # this path, so an upgrade that drops them fails loudly).
+            await conn._execute(_run_writes, conn._conn, writes.statements)  # type: ignore[no-untyped-call]
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
         async with self.conn.execute(sql, params) as cursor:

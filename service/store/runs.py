@@ -27,7 +27,7 @@ from conveyor.contracts import (
     utcnow,
 )
 from conveyor.service.scheduling import RunState, StepState, Transition
-from conveyor.service.store.db import Database
+from conveyor.service.store.db import Database, Writes
 
 ACTIVE = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
 
@@ -70,16 +70,20 @@ def _artifact_ref(row: aiosqlite.Row) -> ArtifactRef:
 
 
 class RunStore:
-    """Reads and writes of run state. Writes happen inside a ``Database.transaction()``."""
+    """Reads and writes of run state.
+
+    The controller's writes are gathered into a :class:`Writes` and run by ``Database.write``
+    as one transaction.
+    """
 
     def __init__(self, db: Database) -> None:
         self.db = db
 
     # --- writes (the controller's) ---
 
-    async def insert_run(
+    def insert_run(
         self,
-        conn: aiosqlite.Connection,
+        writes: Writes,
         *,
         run_id: str,
         spec: PipelineSpec,
@@ -91,27 +95,29 @@ class RunStore:
         now: datetime,
     ) -> None:
         host, pid, token = owner if owner else (None, None, None)
-        await conn.execute(
+        writes.add(
             "INSERT INTO runs (id, pipeline, stack_id, stack_name, stack_snapshot, status,"
             " parameters, spec, created, idempotency_key, owner_host, owner_pid, owner_token)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                run_id,
-                spec.name,
-                stack_id,
-                stack_name,
-                json.dumps(stack_snapshot),
-                RunStatus.PENDING.value,
-                json.dumps(spec.parameters),
-                spec.model_dump_json(),
-                now.isoformat(),
-                idempotency_key,
-                host,
-                pid,
-                token,
-            ),
+            [
+                (
+                    run_id,
+                    spec.name,
+                    stack_id,
+                    stack_name,
+                    json.dumps(stack_snapshot),
+                    RunStatus.PENDING.value,
+                    json.dumps(spec.parameters),
+                    spec.model_dump_json(),
+                    now.isoformat(),
+                    idempotency_key,
+                    host,
+                    pid,
+                    token,
+                )
+            ],
         )
-        await conn.executemany(
+        writes.add(
             "INSERT INTO steps (run_id, name, position, status, max_retries) VALUES (?,?,?,?,?)",
             [
                 (run_id, s.name, i, StepStatus.PENDING.value, s.retries)
@@ -119,12 +125,9 @@ class RunStore:
             ],
         )
 
-    async def apply(
-        self, conn: aiosqlite.Connection, run_id: str, change: Transition, now: datetime
-    ) -> None:
+    def apply(self, writes: Writes, run_id: str, change: Transition, now: datetime) -> None:
         """Persist a transition of ``run_id``: step rows, artifacts and the run's status."""
-        await self.db.executemany(
-            conn,
+        writes.add(
             "UPDATE steps SET status = ?, attempt = ?, started = COALESCE(?, started),"
             " finished = ?, duration_s = COALESCE(?, duration_s), error = ?,"
             " traceback = ?, pid = COALESCE(?, pid), worker = COALESCE(?, worker),"
@@ -147,8 +150,7 @@ class RunStore:
                 for u in change.steps
             ),
         )
-        await self.db.executemany(
-            conn,
+        writes.add(
             "INSERT OR IGNORE INTO artifacts (id, run_id, step_name, output_name, uri, sha256,"
             " size, materializer, data_type, created) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (
@@ -169,42 +171,39 @@ class RunStore:
             ),
         )
         if change.run_status is RunStatus.RUNNING:
-            await conn.execute(
+            writes.add(
                 "UPDATE runs SET status = ?, started = COALESCE(started, ?) WHERE id = ?",
-                (RunStatus.RUNNING.value, now.isoformat(), run_id),
+                [(RunStatus.RUNNING.value, now.isoformat(), run_id)],
             )
         elif change.run_status is not None:
-            await conn.execute(
+            writes.add(
                 "UPDATE runs SET status = ?, finished = ?, error = ?,"
                 " started = COALESCE(started, ?) WHERE id = ?",
-                (
-                    change.run_status.value,
-                    now.isoformat(),
-                    change.run_error,
-                    now.isoformat(),
-                    run_id,
-                ),
+                [
+                    (
+                        change.run_status.value,
+                        now.isoformat(),
+                        change.run_error,
+                        now.isoformat(),
+                        run_id,
+                    )
+                ],
             )
 
-    async def add_outbox(
-        self, conn: aiosqlite.Connection, stack_id: str, events: Sequence[Event], now: datetime
+    def add_outbox(
+        self, writes: Writes, stack_id: str, events: Sequence[Event], now: datetime
     ) -> None:
         """Record events to publish, in order."""
         created = now.isoformat()
-        await self.db.executemany(
-            conn,
+        writes.add(
             "INSERT INTO outbox (event_id, run_id, stack_id, event, created) VALUES (?,?,?,?,?)",
             ((e.event_id, e.run_id, stack_id, encode_event(e).decode(), created) for e in events),
         )
 
-    async def mark_sent(
-        self, conn: aiosqlite.Connection, event_ids: Iterable[str], now: datetime
-    ) -> None:
+    def mark_sent(self, writes: Writes, event_ids: Iterable[str], now: datetime) -> None:
         """Record that the broker confirmed these events."""
         sent = now.isoformat()
-        await self.db.executemany(
-            conn, "UPDATE outbox SET sent = ? WHERE event_id = ?", ((sent, i) for i in event_ids)
-        )
+        writes.add("UPDATE outbox SET sent = ? WHERE event_id = ?", ((sent, i) for i in event_ids))
 
     async def unsent(self, stack_id: str) -> list[Event]:
         """Events recorded but never confirmed, oldest first."""

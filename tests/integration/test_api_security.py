@@ -14,6 +14,7 @@ import pytest
 from conveyor.contracts import PipelineSpec, StepSpec, new_id, utcnow
 from conveyor.service.api import create_app
 from conveyor.service.context import Services
+from conveyor.service.store import Writes
 from conveyor.service.store.summaries import RunSummaries
 from tests.integration.api_helpers import (
     QUICKSTART,
@@ -164,18 +165,19 @@ async def test_secrets_never_appear_in_a_response_or_page(
         remote = await services.stacks.get("remote")
         spec = PipelineSpec(name="p", steps=[StepSpec(name="s", ref="m:s")])
         run_id = new_id()
-        async with services.db.transaction() as conn:
-            await services.runs.insert_run(
-                conn,
-                run_id=run_id,
-                spec=spec,
-                stack_id=remote.id,
-                stack_name=remote.name,
-                stack_snapshot=remote.model_dump(mode="json"),
-                idempotency_key=None,
-                owner=None,
-                now=utcnow(),
-            )
+        writes = Writes()
+        services.runs.insert_run(
+            writes,
+            run_id=run_id,
+            spec=spec,
+            stack_id=remote.id,
+            stack_name=remote.name,
+            stack_snapshot=remote.model_dump(mode="json"),
+            idempotency_key=None,
+            owner=None,
+            now=utcnow(),
+        )
+        await services.db.write(writes)
     assert SECRET in json.dumps(remote.model_dump(mode="json"))  # the test can fail
     for path in (
         "/api/stacks",

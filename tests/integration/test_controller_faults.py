@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +10,7 @@ import pytest
 
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
 from conveyor.contracts import Event, StepReady
-from conveyor.service.store.runs import RunStore
+from conveyor.service.store import Database, Writes
 from conveyor.workers.broker_inprocess import InProcessBroker
 
 
@@ -52,15 +51,17 @@ async def test_a_failed_store_write_is_retried_and_the_run_completes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls = {"n": 0}
-    original = RunStore.apply
+    original = Database.write
 
-    async def flaky_apply(self: RunStore, *args: Any, **kwargs: Any) -> None:
+    async def failing_write(self: Database, writes: Writes) -> None:
         calls["n"] += 1
         if calls["n"] in (3, 4):
-            raise sqlite3.OperationalError("disk I/O error")
-        await original(self, *args, **kwargs)
+            # A statement that fails after the batch's own ones: the whole transaction
+            # must roll back, as after a disk error.
+            writes.add("INSERT INTO no_such_table VALUES (?)", [(1,)])
+        await original(self, writes)
 
-    monkeypatch.setattr(RunStore, "apply", flaky_apply)
+    monkeypatch.setattr(Database, "write", failing_write)
     status, steps, value = await run_to_end()
     assert calls["n"] > 4, "the fault was never injected"
     assert status is RunStatus.COMPLETED

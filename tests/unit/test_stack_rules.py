@@ -24,6 +24,7 @@ from conveyor.contracts import (
 )
 from conveyor.service.context import Services
 from conveyor.service.stacks import DEFAULT, StackService
+from conveyor.service.store import Writes
 from conveyor.workers import flavors
 from conveyor.workers.flavors import Flavor
 
@@ -388,18 +389,19 @@ async def test_a_service_stack_with_queued_runs_cannot_be_renamed(
     await stacks.register_stack("prod", {ORCH: "rmq", STORE: DEFAULT})
     stack = await stacks.get("prod")
     spec = PipelineSpec(name="p", steps=[StepSpec(name="a", ref="m:a")])
-    async with services.db.transaction() as conn:
-        await services.runs.insert_run(
-            conn,
-            run_id="r1",
-            spec=spec,
-            stack_id=stack.id,
-            stack_name="prod",
-            stack_snapshot={},
-            idempotency_key=None,
-            owner=None,
-            now=utcnow(),
-        )
+    writes = Writes()
+    services.runs.insert_run(
+        writes,
+        run_id="r1",
+        spec=spec,
+        stack_id=stack.id,
+        stack_name="prod",
+        stack_snapshot={},
+        idempotency_key=None,
+        owner=None,
+        now=utcnow(),
+    )
+    await services.db.write(writes)
     before = await state(stacks)
     with pytest.raises(ConflictError, match="1 unfinished run"):
         await stacks.rename_stack("prod", "production")
