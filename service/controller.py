@@ -30,11 +30,11 @@ from conveyor.contracts import (
     StepSucceeded,
     Subscription,
     is_status_event,
-    progress_of,
     utcnow,
 )
 from conveyor.service import scheduling
 from conveyor.service.pipelines import load_pipeline
+from conveyor.service.progress import ProgressBuffer
 from conveyor.service.scheduling import RunState, Transition
 from conveyor.service.store import Database, RunStore, Writes
 
@@ -109,6 +109,7 @@ class Controller:
         # idle), which saves a transaction per batch; a crash in between only republishes.
         self._confirmed: list[str] = []
         self._committed: list[Event] = []
+        self._progress = ProgressBuffer()
 
     async def __aenter__(self) -> Controller:
         await self.start()
@@ -144,6 +145,12 @@ class Controller:
             await asyncio.gather(task, return_exceptions=True)
         while not self._inbox.empty():
             await self._inbox.get_nowait().requeue()
+        self._committed.extend(self._progress.release_all(asyncio.get_running_loop().time()))
+        try:
+            await self._publish_committed()
+        except Exception as exc:
+            # What was durable is in the outbox, republished at the next start.
+            log.warning("events not published at stop", error=f"{type(exc).__name__}: {exc}")
         await self._flush_confirmed()
 
     async def _resume(self) -> None:
@@ -168,13 +175,11 @@ class Controller:
 
     async def _loop(self) -> None:
         while True:
-            batch = [await self._inbox.get()]
-            while len(batch) < MAX_BATCH and not self._inbox.empty():
-                batch.append(self._inbox.get_nowait())
-            batch = [d for d in batch if await self._accepts(d)]
+            batch = await self._take_batch()
             try:
                 await self._publish_committed()
-                await self._process(batch)
+                if batch:
+                    await self._process(batch)
             except (Exception, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                     raise
@@ -187,6 +192,23 @@ class Controller:
                 for delivery in batch:
                     await delivery.requeue()
                 await asyncio.sleep(0.5)
+
+    async def _take_batch(self) -> list[Delivery]:
+        """The deliveries waiting, once there is one; none if held progress falls due first."""
+        loop = asyncio.get_running_loop()
+        if self._progress.pending:
+            try:
+                async with asyncio.timeout_at(self._progress.due):
+                    first = await self._inbox.get()
+            except TimeoutError:
+                self._committed.extend(self._progress.release_all(loop.time()))
+                return []
+        else:
+            first = await self._inbox.get()
+        batch = [first]
+        while len(batch) < MAX_BATCH and not self._inbox.empty():
+            batch.append(self._inbox.get_nowait())
+        return [d for d in batch if await self._accepts(d)]
 
     async def _accepts(self, delivery: Delivery) -> bool:
         if isinstance(delivery.event, RunRequested | RunCancelRequested | WorkerEvent):
@@ -291,7 +313,8 @@ class Controller:
             self._runs.apply(writes, run_id, change, batch.now)
         self._runs.add_outbox(writes, self._stack.id, durable, batch.now)
         await self._db.write(writes)
-        self._committed = progress_of(batch.events)
+        loop = asyncio.get_running_loop()
+        self._committed.extend(self._progress.outgoing(batch.events, loop.time()))
         await self._publish_committed()
         self._confirmed.extend(e.event_id for e in durable)
         if self._inbox.empty():

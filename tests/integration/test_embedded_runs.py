@@ -426,3 +426,41 @@ async def test_each_step_keeps_only_what_it_printed_itself() -> None:
         assert len(lines) == 20, (name, lines)
         assert len({line.split(" line ")[0] for line in lines}) == 1, (name, lines)
     assert steps["gather_ints"].logs is None, "a step that prints nothing keeps no log"
+
+
+@step
+async def slow_after(x: int) -> int:
+    await asyncio.sleep(1.0)
+    return x
+
+
+@pipeline
+def quick_then_slow() -> None:
+    slow_after(produce_number())
+
+
+@step
+def produce_number() -> int:
+    return 1
+
+
+async def test_followers_hear_every_change_in_order_while_a_step_still_runs() -> None:
+    # Status changes are released at most every 0.2 s: a change made just after a release
+    # must still reach followers while nothing else happens, not only when the run ends.
+    heard: list[tuple[float, str, StepStatus]] = []
+    async with Conveyor() as cv:
+        started = time.monotonic()
+        run = await cv.submit(
+            quick_then_slow,
+            on_step=lambda c: heard.append((time.monotonic() - started, c.step, c.status)),
+        )
+        await run.wait(timeout=30)
+    order = [(step, status) for _, step, status in heard]
+    assert order == [
+        ("produce_number", StepStatus.RUNNING),
+        ("produce_number", StepStatus.COMPLETED),
+        ("slow_after", StepStatus.RUNNING),
+        ("slow_after", StepStatus.COMPLETED),
+    ], order
+    running_at = next(t for t, step, s in heard if (step, s) == ("slow_after", StepStatus.RUNNING))
+    assert running_at < 0.8, f"'running' reached the follower only after {running_at:.2f}s"
