@@ -373,6 +373,28 @@ class RabbitMQBroker:
             await self.ensure_queue(key)
         await declared.work.publish(message, routing_key=key, mandatory=True)
 
+    async def _publish_each(
+        self, pending: list[tuple[Event, aio_pika.Message]]
+    ) -> list[BaseException | None]:
+        """Publish every message at once; what each raised (None when confirmed)."""
+        if len(pending) > 1:
+            return await asyncio.gather(
+                *(self._publish_one(event, message) for event, message in pending),
+                return_exceptions=True,
+            )
+        # One message (each completion a worker reports) needs no task of its own.
+        event, message = pending[0]
+        try:
+            await self._publish_one(event, message)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return [exc]
+        except Exception as exc:
+            return [exc]
+        return [None]
+
     async def publish(self, events: Sequence[Event]) -> None:
         """Publish ``events`` at once; return when the broker confirmed every one.
 
@@ -384,10 +406,7 @@ class RabbitMQBroker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + PUBLISH_DEADLINE_S
         while pending:
-            results = await asyncio.gather(
-                *(self._publish_one(event, message) for event, message in pending),
-                return_exceptions=True,
-            )
+            results = await self._publish_each(pending)
             retry = []
             for (event, message), result in zip(pending, results, strict=True):
                 if result is None:

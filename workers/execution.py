@@ -145,13 +145,15 @@ class StepExecutor:
         body = time.perf_counter() - started
         return await self._in_thread(self._save_outputs, ready, definition, result), body
 
-    async def execute(self, ready: StepReady) -> StepSucceeded | StepFailed:
-        """Run one attempt; every exception becomes a StepFailed, never escapes.
+    async def execute(
+        self, ready: StepReady, *, timeout: float | None = None
+    ) -> StepSucceeded | StepFailed:
+        """Run one attempt within ``timeout`` s; every exception becomes a StepFailed.
 
         What the attempt prints or logs is kept as a text artifact, named on the outcome.
         """
         with step_logs.capturing() as buffer:
-            outcome = await self._attempt(ready)
+            outcome = await self._attempt(ready, timeout)
         text = step_logs.text_of(buffer)
         if not text:
             return outcome
@@ -169,9 +171,8 @@ class StepExecutor:
             uri=uri, sha256=digest, size=len(data), materializer="str", data_type="builtins.str"
         )
 
-    async def _attempt(self, ready: StepReady) -> StepSucceeded | StepFailed:
+    async def _attempt(self, ready: StepReady, limit: float | None) -> StepSucceeded | StepFailed:
         started = time.perf_counter()
-        limit = ready.step.timeout_s
         deadline = asyncio.timeout(limit)
         try:
             definition = self._resolver.resolve(ready.step.ref)

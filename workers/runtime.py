@@ -152,11 +152,7 @@ class WorkerPool:
 
     async def _attempt(self, ready: StepReady, delivery: Delivery) -> Outcome | None:
         """Run one attempt; None when cancel_run() stopped it (and the delivery is acked)."""
-        if self._step_timeout is not None and (
-            ready.step.timeout_s is None or ready.step.timeout_s > self._step_timeout
-        ):
-            step = ready.step.model_copy(update={"timeout_s": self._step_timeout})
-            ready = ready.model_copy(update={"step": step})
+        limits = [t for t in (ready.step.timeout_s, self._step_timeout) if t is not None]
         started = StepStarted(
             run_id=ready.run_id, step=ready.step.name, attempt=ready.attempt, by=self.facts
         )
@@ -170,7 +166,9 @@ class WorkerPool:
             announcing.append(asyncio.create_task(self._broker.publish([started])))
 
         timer = asyncio.get_running_loop().call_later(self._announce_after, announce)
-        execution = asyncio.create_task(self._executor.execute(ready))
+        execution = asyncio.create_task(
+            self._executor.execute(ready, timeout=min(limits, default=None))
+        )
         running = self._executions.setdefault(ready.run_id, set())
         running.add(execution)
         try:
@@ -183,7 +181,8 @@ class WorkerPool:
                 await asyncio.gather(*announcing, return_exceptions=True)
                 raise
             # cancel_run() stopped this attempt: the run is over, nothing to report.
-            await asyncio.gather(*announcing)
+            if announcing:
+                await asyncio.gather(*announcing)
             await delivery.ack()
             return None
         finally:
@@ -191,7 +190,8 @@ class WorkerPool:
             running.discard(execution)
             if not running:
                 self._executions.pop(ready.run_id, None)
-        await asyncio.gather(*announcing)
+        if announcing:
+            await asyncio.gather(*announcing)
         return outcome
 
     def cancel_run(self, run_id: str) -> int:

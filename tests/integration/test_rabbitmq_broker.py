@@ -74,13 +74,16 @@ class Rig:
     worker_broker: RecordingBroker
     workers: list[WorkerPool] = field(default_factory=list)
 
-    async def add_workers(self, *, pools: Sequence[str] = ("default",), name: str) -> WorkerPool:
+    async def add_workers(
+        self, *, pools: Sequence[str] = ("default",), name: str, step_timeout: float | None = None
+    ) -> WorkerPool:
         pool = WorkerPool(
             self.worker_broker,
             make_artifact_store(self.stack),
             pools=pools,
             concurrency=2,
             name=name,
+            step_timeout=step_timeout,
         )
         self.workers.append(pool)
         await pool.start()
@@ -267,3 +270,15 @@ async def test_an_unroutable_publish_is_an_error_not_a_silent_loss(rig: Rig) -> 
     )
     with pytest.raises(ConveyorError, match="could not route"):
         await rig.worker_broker.publish([done])
+
+
+async def test_the_worker_step_timeout_caps_a_step_without_its_own(rig: Rig, markers: Path) -> None:
+    await rig.add_workers(name="w", step_timeout=0.5)
+    async with Conveyor(stack=rig.stack.name) as cv:
+        run = await cv.submit(pipelines.overlong)
+        record = await run.wait(timeout=60)
+    steps = {s.name: s for s in await rig.services.runs.steps_of(run.id)}
+    assert record.status is RunStatus.FAILED
+    assert steps["seed"].status is StepStatus.COMPLETED
+    assert steps["slow"].status is StepStatus.FAILED
+    assert steps["slow"].error == "TimeoutError: step timed out after 0.5s"

@@ -94,3 +94,9 @@ def gated_fan_out(width: int = 6) -> None:
     """A seed, ``width`` branches of a second each, then a join held by its gate."""
     root = seed()
     gated_sum([slow(root, name=f"branch-{i}", seconds=1.0) for i in range(width)], name="join")
+
+
+@pipeline
+def overlong() -> None:
+    """A step of 3 s with no timeout of its own."""
+    slow(seed(), name="overlong", seconds=3.0)
