@@ -31,7 +31,10 @@ class Delivery(Protocol):
         """Give it back to be delivered again, to any consumer."""
 
 
-DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+DeliveryHandler = Callable[[Delivery], Awaitable[None] | None]
+"""Called once per delivery, in delivery order. A coroutine function runs on a task of its
+own for each delivery (long work never holds the consumer); a plain function, which should
+only hand the delivery over, runs inline and costs no task. An exception rejects it."""
 StatusHandler = Callable[[Event], Awaitable[None]]
 
 

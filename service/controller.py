@@ -170,7 +170,7 @@ class Controller:
         self._runs.mark_sent(writes, confirmed, utcnow())
         await self._db.write(writes)
 
-    async def _hand_over(self, delivery: Delivery) -> None:
+    def _hand_over(self, delivery: Delivery) -> None:
         self._inbox.put_nowait(delivery)
 
     async def _loop(self) -> None:

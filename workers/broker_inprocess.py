@@ -8,6 +8,7 @@ a dead-letter queue with reasons, and per-run status fan-out to followers.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class _Consumer:
         self.broker = broker
         self.queue = queue
         self.handler = handler
+        self.hands_over = not inspect.iscoroutinefunction(handler)
         self.window = asyncio.Semaphore(prefetch)
         self.unsettled: set[_Delivery] = set()
         # Handler tasks are kept referenced here until they finish, or asyncio may drop them.
@@ -105,13 +107,18 @@ class _Consumer:
             message = await source.get()
             delivery = _Delivery(self, message)
             self.unsettled.add(delivery)
+            if self.hands_over:
+                await self._handle(delivery)
+                continue
             task = asyncio.create_task(self._handle(delivery))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
     async def _handle(self, delivery: _Delivery) -> None:
         try:
-            await self.handler(delivery)
+            pending = self.handler(delivery)
+            if pending is not None:
+                await pending
         except Exception as exc:
             log.exception("handler failed", queue=self.queue, event_id=delivery.event.event_id)
             await delivery.reject(f"handler raised {type(exc).__name__}: {exc}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import socket
 from collections.abc import Mapping, Sequence
@@ -143,6 +144,7 @@ class _Consumer:
         self.broker = broker
         self.queue = queue
         self.handler = handler
+        self.hands_over = not inspect.iscoroutinefunction(handler)
         self.prefetch = prefetch
         self.channel: AbstractRobustChannel | None = None
         self.amqp_queue: AbstractQueue | None = None
@@ -178,30 +180,43 @@ class _Consumer:
         self.receiving = True
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(self._handle(message))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
         try:
             event = parse_event(message.body)
         except MalformedEvent as exc:
             await self.broker.dead_letter(self.queue, message, str(exc))
             return
         delivery = _Delivery(self, message, event)
+        if self.hands_over:
+            try:
+                self.handler(delivery)
+            except Exception as exc:
+                await self._failed(delivery, exc)
+            return
+        task = asyncio.create_task(self._handle(delivery))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _handle(self, delivery: _Delivery) -> None:
         try:
-            await self.handler(delivery)
-        except RETRYABLE as exc:
+            pending = self.handler(delivery)
+            if pending is not None:
+                await pending
+        except Exception as exc:
+            await self._failed(delivery, exc)
+
+    async def _failed(self, delivery: _Delivery, exc: Exception) -> None:
+        event_id = delivery.event.event_id
+        if isinstance(exc, RETRYABLE):
             log.warning(
                 "broker lost while handling; the message will be delivered again",
                 queue=self.queue,
-                event_id=event.event_id,
+                event_id=event_id,
                 error=f"{type(exc).__name__}: {exc}",
             )
             await delivery.requeue()
-        except Exception as exc:
-            log.exception("handler failed", queue=self.queue, event_id=event.event_id)
-            await delivery.reject(f"handler raised {type(exc).__name__}: {exc}")
+            return
+        log.exception("handler failed", queue=self.queue, event_id=event_id, exc_info=exc)
+        await delivery.reject(f"handler raised {type(exc).__name__}: {exc}")
 
     async def pause(self) -> None:
         """Stop new deliveries; those in hand can still be acked on the open channel."""
