@@ -293,7 +293,6 @@ class Controller:
         # Status updates for followers are not kept in the outbox: losing one costs a
         # follower a refresh, while RunFinished (which a follower waits for) is kept.
         durable = [e for e in batch.events if not is_status_event(e) or isinstance(e, RunFinished)]
-        snapshot = self._stack.model_dump(mode="json")
         confirmed, self._confirmed = self._confirmed, []
         writes = Writes()
         self._runs.mark_sent(writes, confirmed, batch.now)
@@ -304,7 +303,7 @@ class Controller:
                 spec=spec,
                 stack_id=self._stack.id,
                 stack_name=self._stack.name,
-                stack_snapshot=snapshot,
+                stack_snapshot=self._stack.model_dump(mode="json"),
                 idempotency_key=request.idempotency_key,
                 owner=self._owner,
                 now=batch.now,

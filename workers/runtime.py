@@ -28,6 +28,7 @@ from conveyor.contracts import (
     StepSucceeded,
     Subscription,
     WorkerFacts,
+    utcnow,
 )
 from conveyor.workers import step_logs
 from conveyor.workers.execution import StepExecutor
@@ -153,9 +154,7 @@ class WorkerPool:
     async def _attempt(self, ready: StepReady, delivery: Delivery) -> Outcome | None:
         """Run one attempt; None when cancel_run() stopped it (and the delivery is acked)."""
         limits = [t for t in (ready.step.timeout_s, self._step_timeout) if t is not None]
-        started = StepStarted(
-            run_id=ready.run_id, step=ready.step.name, attempt=ready.attempt, by=self.facts
-        )
+        started_at = utcnow()
         # The step starts while its StepStarted is confirmed (waiting first would add a
         # broker round trip to every step); with ``announce_after``, a step that finishes
         # sooner is not announced at all, its completion says it all. A StepStarted that was
@@ -163,6 +162,13 @@ class WorkerPool:
         announcing: list[asyncio.Task[None]] = []
 
         def announce() -> None:
+            started = StepStarted(
+                run_id=ready.run_id,
+                step=ready.step.name,
+                attempt=ready.attempt,
+                by=self.facts,
+                time=started_at,
+            )
             announcing.append(asyncio.create_task(self._broker.publish([started])))
 
         timer = asyncio.get_running_loop().call_later(self._announce_after, announce)
