@@ -138,10 +138,3 @@ class Database:
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
         async with self.conn.execute(sql, params) as cursor:
             return await cursor.fetchone()
-
-    async def executemany(
-        self, conn: aiosqlite.Connection, sql: str, rows: Iterable[Sequence[Any]]
-    ) -> None:
-        rows = list(rows)
-        if rows:
-            await conn.executemany(sql, rows)
