@@ -1,9 +1,13 @@
 """What both planes agree on: events, records, the pipeline spec, topology and Protocols."""
 
 from conveyor.contracts.errors import (
+    ArtifactUnreadable,
     ConflictError,
     ConveyorError,
     NotFoundError,
+    OutsideStore,
+    StoreUnavailable,
+    UntrustedStep,
     ValidationError,
 )
 from conveyor.contracts.events import (
@@ -35,6 +39,7 @@ from conveyor.contracts.models import (
     FINISHED_STEP_STATUSES,
     ArtifactRecord,
     ArtifactRef,
+    BlobRef,
     ComponentSpec,
     ComponentType,
     RunRecord,
@@ -72,6 +77,8 @@ __all__ = [
     "ArtifactRecord",
     "ArtifactRef",
     "ArtifactStore",
+    "ArtifactUnreadable",
+    "BlobRef",
     "Broker",
     "ComponentSpec",
     "ComponentType",
@@ -86,6 +93,7 @@ __all__ = [
     "Materializer",
     "NotFoundError",
     "OutputSelector",
+    "OutsideStore",
     "PipelineSpec",
     "RunCancelRequested",
     "RunFinished",
@@ -103,8 +111,10 @@ __all__ = [
     "StepStatus",
     "StepStatusChanged",
     "StepSucceeded",
+    "StoreUnavailable",
     "Subscription",
     "Topology",
+    "UntrustedStep",
     "ValidationError",
     "WorkerFacts",
     "encode_event",

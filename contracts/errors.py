@@ -31,3 +31,23 @@ class ConflictError(ConveyorError):
 
 class ValidationError(ConveyorError):
     """Input has the wrong shape: an unknown config key, a wrong type (an HTTP 422)."""
+
+
+class ArtifactUnreadable(ConveyorError):
+    """Stored bytes are missing, outside their store, or do not match their digest."""
+
+
+class OutsideStore(ArtifactUnreadable):
+    """A URI that does not name an object of the store it is read from: refused unread."""
+
+
+class StoreUnavailable(ConveyorError):
+    """An artifact store cannot be used: unreachable, a missing bucket, refused credentials.
+
+    The message names the store (bucket and endpoint, or directory) and what to check.
+    """
+
+
+class UntrustedStep(ConveyorError):
+    """A StepReady names code a worker will not run: not a ``@step`` of the run's code
+    archive or of a package the worker trusts. Such a message is dead-lettered."""

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Frozen(BaseModel):
@@ -56,14 +56,57 @@ FINISHED_STEP_STATUSES = frozenset(
 FINISHED_RUN_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 
 
+DIGEST_PATTERN = r"^(blake3|sha256):[0-9a-f]{64}$"
+"""A content digest: the algorithm, a colon, 64 hex digits (sha256 only in older records)."""
+MAX_URI_LENGTH = 2048
+
+
+class BlobRef(Frozen):
+    """Bytes kept in an artifact store under their content address."""
+
+    uri: str = Field(max_length=MAX_URI_LENGTH, description="Location inside the store")
+    digest: str = Field(pattern=DIGEST_PATTERN, description="Digest of the bytes, checked on read")
+    size: int = Field(ge=0, description="Size of the bytes")
+
+
 class ArtifactRef(Frozen):
     """Where a persisted step output lives and how to read it back."""
 
-    uri: str = Field(description="Location inside the artifact store, e.g. file:///.../ab/abcd...")
-    sha256: str = Field(description="Hex digest of the stored bytes; checked on every read")
-    size: int = Field(description="Size of the stored bytes")
-    materializer: str = Field(description="Name of the materializer that wrote the bytes")
-    data_type: str = Field(description="Qualified name of the Python type that was stored")
+    uri: str = Field(
+        max_length=MAX_URI_LENGTH,
+        description="Location inside the artifact store: file:///.../ab/abcd... or s3://b/p/ab/...",
+    )
+    digest: str = Field(
+        pattern=DIGEST_PATTERN, description="Digest of the stored bytes; checked on every read"
+    )
+    size: int = Field(ge=0, description="Size of the stored bytes")
+    materializer: str = Field(
+        max_length=100, description="Name of the materializer that wrote the bytes"
+    )
+    data_type: str = Field(
+        max_length=500, description="Qualified name of the Python type that was stored"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_sha256(cls, data: Any) -> Any:
+        # Records written before digests named their algorithm held a bare sha256.
+        if isinstance(data, dict) and "sha256" in data and "digest" not in data:
+            legacy = {k: v for k, v in data.items() if k != "sha256"}
+            legacy["digest"] = f"sha256:{data['sha256']}"
+            return legacy
+        return data
+
+    @classmethod
+    def of(cls, blob: BlobRef, *, materializer: str, data_type: str) -> ArtifactRef:
+        """The reference of ``blob`` as written by ``materializer`` from a ``data_type``."""
+        return cls(
+            uri=blob.uri,
+            digest=blob.digest,
+            size=blob.size,
+            materializer=materializer,
+            data_type=data_type,
+        )
 
 
 class ComponentSpec(Frozen):

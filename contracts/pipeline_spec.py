@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field
 
-from conveyor.contracts.models import Frozen
+from conveyor.contracts.models import BlobRef, Frozen
 
 DEFAULT_POOL = "default"
 
@@ -26,7 +26,11 @@ class StepSpec(Frozen):
     """One invocation of a step inside a pipeline."""
 
     name: str = Field(description="Unique name of the invocation inside the pipeline")
-    ref: str = Field(description="Importable reference: 'package.module:function' or 'file.py:fn'")
+    ref: str = Field(
+        max_length=1000,
+        description="Importable reference: 'package.module:function' or 'path/file.py:fn', "
+        "a path relative to the root of the code archive",
+    )
     inputs: dict[str, InputBinding] = Field(default_factory=dict)
     parameters: dict[str, Any] = Field(default_factory=dict)
     outputs: list[str] = Field(default_factory=list)
@@ -34,6 +38,11 @@ class StepSpec(Frozen):
     timeout_s: float | None = Field(default=None, gt=0)
     pool: str = DEFAULT_POOL
     allow_pickle: bool = False
+    code: BlobRef | None = Field(
+        default=None,
+        description="The code archive that holds the step's source; None for a step of an "
+        "installed package that workers trust",
+    )
 
     @property
     def upstream(self) -> list[str]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from conveyor.contracts.events import Event
-from conveyor.contracts.models import ArtifactRef
+from conveyor.contracts.models import ArtifactRef, BlobRef
 from conveyor.contracts.topology import Topology
+
+T = TypeVar("T")
 
 
 class Delivery(Protocol):
@@ -74,28 +76,41 @@ class Broker(Protocol):
 
 @runtime_checkable
 class ArtifactStore(Protocol):
-    """Where step outputs live as bytes. Blocking: callers run it off the event loop."""
+    """Where step outputs and code archives live, named by content.
 
-    def put(self, data: bytes) -> tuple[str, str]:
-        """Store ``data`` atomically under its content address; return (uri, sha256)."""
+    Bytes move through local files, never whole in memory, so an object may be larger than
+    the memory of the process. Blocking: callers run it off the event loop.
+    """
 
-    def get(self, uri: str, sha256: str) -> bytes:
-        """The bytes at ``uri``, checked against ``sha256``; raise if missing or corrupted."""
+    @property
+    def location(self) -> str:
+        """Where the bytes live, for messages: a directory, or a bucket and its endpoint."""
 
-    def path_of(self, uri: str) -> str:
-        """The local path of ``uri`` if the store is a directory (for downloads)."""
+    def put(self, write: Callable[[str], None]) -> BlobRef:
+        """Call ``write(path)`` to create a file at a fresh local ``path``, then store its
+        bytes under their content address (atomically: no reader sees a partial object)."""
+
+    def put_bytes(self, data: bytes) -> BlobRef:
+        """Store small ``data`` under its content address."""
+
+    def get(self, uri: str, digest: str, read: Callable[[str], T]) -> T:
+        """``read(path)`` of a local file holding the bytes at ``uri``, verified against
+        ``digest``; raises ArtifactUnreadable if they are missing, corrupted or outside."""
+
+    def check(self) -> None:
+        """Raise StoreUnavailable, saying what to check, if the store cannot be used."""
 
 
 class Materializer(Protocol):
-    """Turns values of some types into bytes and back."""
+    """Turns values of some types into a file and back."""
 
     name: str
 
     def handles(self, value: object) -> bool:
         """Whether this materializer can write ``value``."""
 
-    def dump(self, value: object) -> bytes:
-        """The bytes of ``value``."""
+    def save(self, value: object, path: str) -> None:
+        """Write ``value`` to a new file at ``path``."""
 
-    def load(self, data: bytes, ref: ArtifactRef) -> object:
-        """The value stored as ``data``."""
+    def load(self, path: str, ref: ArtifactRef) -> object:
+        """The value stored in the file at ``path``."""

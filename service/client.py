@@ -7,6 +7,7 @@ used from inside a running loop; there, use ``Services`` (or ``Conveyor``) direc
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -210,7 +211,7 @@ class Client:
             raise NotFoundError(f"run {run.id} has no step {step!r}")
         store = run_artifact_store(run.stack_snapshot)
         return {
-            s.name: store.get(s.logs.uri, s.logs.sha256).decode(errors="replace")
+            s.name: store.get(s.logs.uri, s.logs.digest, _read_text)
             for s in steps
             if s.logs is not None
         }
@@ -258,10 +259,19 @@ class Client:
         artifact = self.get_artifact(artifact_id)
         return load_artifact(self._store_of(artifact), artifact.ref, allow_pickle=allow_pickle)
 
-    def read_artifact_bytes(self, artifact_id: str) -> bytes:
-        """The stored bytes of an artifact, checked against its sha256."""
+    def save_artifact_file(self, artifact_id: str, to: str | Path) -> int:
+        """Copy an artifact's stored bytes, checked against their digest, to the file ``to``;
+        returns the number of bytes. The bytes stream: an artifact may exceed memory."""
         artifact = self.get_artifact(artifact_id)
-        return self._store_of(artifact).get(artifact.ref.uri, artifact.ref.sha256)
+        self._store_of(artifact).get(
+            artifact.ref.uri, artifact.ref.digest, lambda path: shutil.copyfile(path, to)
+        )
+        return artifact.ref.size
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as handle:
+        return handle.read().decode(errors="replace")
 
 
 async def _home_of(services: Services) -> Home:

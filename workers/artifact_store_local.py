@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import os
 import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from conveyor.contracts import ConveyorError
+from conveyor.contracts import BlobRef, OutsideStore, StoreUnavailable
+from conveyor.workers import digests
+
+T = TypeVar("T")
 
 
 class LocalArtifactStoreConfig(BaseModel):
@@ -22,8 +26,8 @@ class LocalArtifactStoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(
-        description="Directory that holds the artifacts; shared storage when workers run on "
-        "several machines"
+        description="Directory that holds the artifacts; for workers on other machines, use "
+        "an s3 store instead"
     )
 
     @field_validator("path")
@@ -34,53 +38,80 @@ class LocalArtifactStoreConfig(BaseModel):
 
 
 _CONTENT_NAME = re.compile(r"/[0-9a-f]{2}/[0-9a-f]{64}")
-
-
-class ArtifactUnreadable(ConveyorError):
-    """An artifact is missing, outside the store, or its bytes do not match its sha256."""
+STAGING = ".staging"
+"""Folder under the root where files are written before they are renamed into place."""
 
 
 class LocalArtifactStore:
-    """Artifacts as files ``ROOT/ab/abcdef...`` named by the sha256 of their bytes.
+    """Artifacts as files ``ROOT/ab/abcdef...`` named by the digest of their bytes.
 
-    Writes go to a temporary file in the same directory and are renamed into place, so a
-    reader never sees a partial file and a re-executed step rewrites identical bytes.
+    A file is written under ``ROOT/.staging``, hashed, and renamed into place, so a reader
+    never sees a partial file and a re-executed step rewrites identical bytes.
     """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
         self._root_text = str(self.root)
         self._root_uri = self.root.as_uri()
+        self._staging = os.path.join(self._root_text, STAGING)
         self._made_dirs: set[str] = set()
         self._tmp_names = itertools.count()
         # Unique across the machines that share the directory, not just across processes.
-        self._tmp_prefix = f".tmp-{socket.gethostname()}-{os.getpid()}-"
+        self._tmp_prefix = f"{socket.gethostname()}-{os.getpid()}-"
 
-    def put(self, data: bytes) -> tuple[str, str]:
+    @property
+    def location(self) -> str:
+        return f"directory {self._root_text}"
+
+    def _makedirs(self, folder: str) -> None:
         # os-level calls on strings: this runs once per step output, and pathlib's object
         # overhead was most of its cost.
-        digest = hashlib.sha256(data).hexdigest()
-        folder = os.path.join(self._root_text, digest[:2])
-        target = os.path.join(folder, digest)
-        if digest[:2] not in self._made_dirs:
+        if folder not in self._made_dirs:
             os.makedirs(folder, exist_ok=True)
-            self._made_dirs.add(digest[:2])
+            self._made_dirs.add(folder)
+
+    def _staged(self) -> str:
+        self._makedirs(self._staging)
+        return os.path.join(self._staging, f"{self._tmp_prefix}{next(self._tmp_names)}")
+
+    def _commit(self, tmp: str, digest: str, size: int) -> BlobRef:
+        hexdigest = digest.partition(":")[2]
+        folder = os.path.join(self._root_text, hexdigest[:2])
+        target = os.path.join(folder, hexdigest)
+        self._makedirs(folder)
         try:
-            exists = os.stat(target).st_size == len(data)
+            exists = os.stat(target).st_size == size
         except FileNotFoundError:
             exists = False
-        if not exists:
-            tmp = os.path.join(folder, f"{self._tmp_prefix}{next(self._tmp_names)}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
-        return f"{self._root_uri}/{digest[:2]}/{digest}", digest
+        if exists:
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, target)
+        return BlobRef(
+            uri=f"{self._root_uri}/{hexdigest[:2]}/{hexdigest}", digest=digest, size=size
+        )
+
+    def put(self, write: Callable[[str], None]) -> BlobRef:
+        tmp = self._staged()
+        try:
+            write(tmp)
+            digest, size = digests.of_file(tmp)
+            return self._commit(tmp, digest, size)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def put_bytes(self, data: bytes) -> BlobRef:
+        tmp = self._staged()
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            return self._commit(tmp, digests.of_bytes(data), len(data))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
     def path_of(self, uri: str) -> str:
         """The file behind ``uri``; refuses anything that resolves outside the root."""
@@ -89,23 +120,25 @@ class LocalArtifactStore:
             return self._root_text + uri[len(self._root_uri) :]
         parsed = urlparse(uri)
         if parsed.scheme != "file":
-            raise ArtifactUnreadable(f"{uri!r} is not a file URI of this store")
+            raise OutsideStore(f"{uri!r} is not a file URI of this store")
         path = Path(unquote(parsed.path)).resolve()
         if not path.is_relative_to(self.root):
-            raise ArtifactUnreadable(f"{uri!r} is outside the artifact store {self.root}")
+            raise OutsideStore(f"{uri!r} is outside the artifact store {self.root}")
         return str(path)
 
-    def get(self, uri: str, sha256: str) -> bytes:
+    def get(self, uri: str, digest: str, read: Callable[[str], T]) -> T:
         path = self.path_of(uri)
+        digests.verify_file(path, digest, uri)
+        return read(path)
+
+    def check(self) -> None:
         try:
-            with open(path, "rb") as handle:
-                data = handle.read()
+            tmp = self._staged()
+            with open(tmp, "wb"):
+                pass
+            os.unlink(tmp)
         except OSError as exc:
-            raise ArtifactUnreadable(f"cannot read artifact {uri}: {exc.strerror}") from None
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != sha256:
-            raise ArtifactUnreadable(
-                f"artifact {uri} is corrupted: sha256 is {actual[:12]}..., "
-                f"expected {sha256[:12]}..."
-            )
-        return data
+            self._made_dirs.clear()
+            raise StoreUnavailable(
+                f"artifact store directory {self._root_text} is not writable: {exc.strerror or exc}"
+            ) from None

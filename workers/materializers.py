@@ -6,7 +6,6 @@ Pickle is never chosen unless the step opted in: unpickling is code execution.
 from __future__ import annotations
 
 import importlib
-import io
 import json
 import pickle
 from collections.abc import Sequence
@@ -40,18 +39,28 @@ def _import_type(qualified: str) -> Any:
     raise ConveyorError(f"cannot import type {qualified!r}")
 
 
+def _write(path: str, data: bytes | bytearray) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
 class StrMaterializer:
     name = "str"
 
     def handles(self, value: object) -> bool:
         return isinstance(value, str)
 
-    def dump(self, value: object) -> bytes:
+    def save(self, value: object, path: str) -> None:
         assert isinstance(value, str)
-        return value.encode()
+        _write(path, value.encode())
 
-    def load(self, data: bytes, ref: ArtifactRef) -> object:
-        return data.decode()
+    def load(self, path: str, ref: ArtifactRef) -> object:
+        return _read(path).decode()
 
 
 class BytesMaterializer:
@@ -60,15 +69,18 @@ class BytesMaterializer:
     def handles(self, value: object) -> bool:
         return isinstance(value, bytes | bytearray)
 
-    def dump(self, value: object) -> bytes:
+    def save(self, value: object, path: str) -> None:
         assert isinstance(value, bytes | bytearray)
-        return bytes(value)
+        _write(path, value)
 
-    def load(self, data: bytes, ref: ArtifactRef) -> object:
-        return data
+    def load(self, path: str, ref: ArtifactRef) -> object:
+        return _read(path)
 
 
 class NumpyMaterializer:
+    """Arrays as ``.npy`` files: numpy writes and reads them straight from the file, so an
+    array crosses the store without a second copy in memory."""
+
     name = "numpy"
 
     def handles(self, value: object) -> bool:
@@ -76,13 +88,13 @@ class NumpyMaterializer:
             return True
         return isinstance(value, np.ndarray) and value.dtype != object
 
-    def dump(self, value: object) -> bytes:
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(value), allow_pickle=False)
-        return buffer.getvalue()
+    def save(self, value: object, path: str) -> None:
+        with open(path, "wb") as handle:
+            np.save(handle, np.asarray(value), allow_pickle=False)
 
-    def load(self, data: bytes, ref: ArtifactRef) -> object:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
+    def load(self, path: str, ref: ArtifactRef) -> object:
+        with open(path, "rb") as handle:
+            array = np.load(handle, allow_pickle=False)
         return array if ref.data_type == "numpy.ndarray" else array[()]
 
 
@@ -92,15 +104,15 @@ class PydanticMaterializer:
     def handles(self, value: object) -> bool:
         return isinstance(value, BaseModel)
 
-    def dump(self, value: object) -> bytes:
+    def save(self, value: object, path: str) -> None:
         assert isinstance(value, BaseModel)
-        return value.model_dump_json().encode()
+        _write(path, value.model_dump_json().encode())
 
-    def load(self, data: bytes, ref: ArtifactRef) -> object:
+    def load(self, path: str, ref: ArtifactRef) -> object:
         model = _import_type(ref.data_type)
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise ConveyorError(f"{ref.data_type!r} is not a pydantic model")
-        return model.model_validate_json(data)
+        return model.model_validate_json(_read(path))
 
 
 class JsonMaterializer:
@@ -117,11 +129,11 @@ class JsonMaterializer:
             return False
         return True
 
-    def dump(self, value: object) -> bytes:
-        return json.dumps(value, separators=(",", ":")).encode()
+    def save(self, value: object, path: str) -> None:
+        _write(path, json.dumps(value, separators=(",", ":")).encode())
 
-    def load(self, data: bytes, ref: ArtifactRef) -> object:
-        value = json.loads(data)
+    def load(self, path: str, ref: ArtifactRef) -> object:
+        value = json.loads(_read(path))
         return tuple(value) if ref.data_type == "builtins.tuple" else value
 
 
@@ -133,11 +145,13 @@ class PickleMaterializer:
     def handles(self, value: object) -> bool:
         return True
 
-    def dump(self, value: object) -> bytes:
-        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    def save(self, value: object, path: str) -> None:
+        with open(path, "wb") as handle:
+            pickle.dump(value, handle, protocol=pickle.HIGHEST_PROTOCOL)
 
-    def load(self, data: bytes, ref: ArtifactRef) -> object:
-        return pickle.loads(data)
+    def load(self, path: str, ref: ArtifactRef) -> object:
+        with open(path, "rb") as handle:
+            return pickle.load(handle)
 
 
 SAFE_MATERIALIZERS: Sequence[Materializer] = (

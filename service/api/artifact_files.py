@@ -1,27 +1,28 @@
 """Reading an artifact's bytes for a download or a preview, never outside its store.
 
-The file is located through the artifact store of the stack the run ran on, whose
-``path_of`` refuses any URI that resolves (symlinks included) outside the store's root; the
-bytes are checked against the recorded size and sha256 before anything is sent.
+The bytes are read through the artifact store of the stack the run ran on, whose ``get``
+refuses any URI outside the store (symlinks included) and verifies the digest before the
+first byte is sent. A download streams: a local store's file, or an object store's object
+fetched into a temporary file, is sent in chunks and never held whole in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
+from urllib.parse import quote
 
 import numpy as np
+from fastapi.responses import StreamingResponse
 
-from conveyor.contracts import ArtifactRecord, ArtifactRef, NotFoundError
+from conveyor.contracts import ArtifactRecord, OutsideStore
 from conveyor.service.api.errors import Forbidden
 from conveyor.service.api.schemas import ArtifactPreview
 from conveyor.service.context import Services
-from conveyor.workers.artifact_store_local import ArtifactUnreadable
 from conveyor.workers.flavors import run_artifact_store
 
 PREVIEW_MAX_BYTES = 64 * 1024
@@ -32,48 +33,40 @@ SUFFIX = {"json": ".json", "str": ".txt", "numpy": ".npy", "pydantic": ".json", 
 
 @dataclass(frozen=True)
 class ArtifactFile:
-    """A verified artifact file and the name to offer for it."""
+    """An open, verified artifact file and the name to offer for it."""
 
     record: ArtifactRecord
-    path: Path
+    handle: BinaryIO
 
     @property
     def filename(self) -> str:
         suffix = SUFFIX.get(self.record.ref.materializer, ".bin")
         return f"{self.record.step_name}.{self.record.output_name}{suffix}"
 
-
-def _verify(path: Path, ref: ArtifactRef) -> None:
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise NotFoundError(f"the bytes of {ref.uri} are missing from the artifact store") from None
-    if size != ref.size:
-        raise ArtifactUnreadable(f"artifact {ref.uri} is corrupted: {size} bytes, not {ref.size}")
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    if digest.hexdigest() != ref.sha256:
-        raise ArtifactUnreadable(f"artifact {ref.uri} is corrupted: its sha256 does not match")
+    def chunks(self) -> Iterator[bytes]:
+        """The bytes in chunks; closes the file at the end (or when the client goes away)."""
+        with self.handle:
+            while chunk := self.handle.read(CHUNK):
+                yield chunk
 
 
-def _locate(snapshot: dict[str, object], ref: ArtifactRef) -> Path:
+def _open(snapshot: dict[str, object], record: ArtifactRecord) -> BinaryIO:
     store = run_artifact_store(snapshot)
+    ref = record.ref
     try:
-        path = Path(store.path_of(ref.uri))
-    except ArtifactUnreadable as exc:
+        # The open handle outlives a temporary download file, which is unlinked on return.
+        handle: BinaryIO = store.get(ref.uri, ref.digest, lambda path: open(path, "rb"))  # noqa: SIM115
+    except OutsideStore as exc:
         raise Forbidden(f"refused: {exc}") from None
-    _verify(path, ref)
-    return path
+    return handle
 
 
 async def open_artifact(services: Services, artifact_id: str) -> ArtifactFile:
-    """The artifact's file inside its store, its bytes verified."""
+    """The artifact's bytes, verified, open for reading."""
     record = await services.runs.get_artifact(artifact_id)
     run = await services.runs.get_run(record.run_id)
-    path = await asyncio.to_thread(_locate, run.stack_snapshot, record.ref)
-    return ArtifactFile(record, path)
+    handle = await asyncio.to_thread(_open, run.stack_snapshot, record)
+    return ArtifactFile(record, handle)
 
 
 def _clip(text: str) -> tuple[str, str | None]:
@@ -107,14 +100,15 @@ def _render(record: ArtifactRecord, data: bytes) -> ArtifactPreview:
     if materializer == "str":
         return _made(record, "text", *_clip(data.decode("utf-8", errors="replace")))
     if materializer == "numpy":
-        array = np.load(io.BytesIO(data), allow_pickle=False)
+        array = np.load(io.BytesIO(data), allow_pickle=False)  # small: under the limit
         text, _ = _clip(np.array2string(array, threshold=200, edgeitems=3))
         return _made(record, "array", text, f"shape {array.shape}, dtype {array.dtype}")
     return _made(record, "none", note=f"{materializer} data is not previewed")
 
 
-def _preview(record: ArtifactRecord, path: Path) -> ArtifactPreview:
-    return _render(record, path.read_bytes())
+def _preview(located: ArtifactFile) -> ArtifactPreview:
+    with located.handle:
+        return _render(located.record, located.handle.read(PREVIEW_MAX_BYTES + 1))
 
 
 async def preview_artifact(services: Services, artifact_id: str) -> ArtifactPreview:
@@ -130,4 +124,17 @@ async def preview_artifact(services: Services, artifact_id: str) -> ArtifactPrev
             f"{PREVIEW_MAX_BYTES // 1024} KiB); download it",
         )
     located = await open_artifact(services, record.id)
-    return await asyncio.to_thread(_preview, record, located.path)
+    return await asyncio.to_thread(_preview, located)
+
+
+def download_response(found: ArtifactFile) -> StreamingResponse:
+    """A response that streams the artifact's bytes as a file named after its step."""
+    quoted = quote(found.filename)
+    return StreamingResponse(
+        found.chunks(),
+        media_type="application/octet-stream",
+        headers={
+            "content-disposition": f"attachment; filename*=utf-8''{quoted}",
+            "content-length": str(found.record.ref.size),
+        },
+    )

@@ -13,12 +13,16 @@ from urllib.parse import parse_qs
 
 import jinja2
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
 from conveyor.contracts import RunStatus, StepStatus
 from conveyor.service.api import views
-from conveyor.service.api.artifact_files import open_artifact, preview_artifact
+from conveyor.service.api.artifact_files import (
+    download_response,
+    open_artifact,
+    preview_artifact,
+)
 from conveyor.service.api.dag import layout
 from conveyor.service.api.schemas import Paging
 from conveyor.service.api.security import (
@@ -168,8 +172,7 @@ async def artifact_page(
 
 @pages.get("/artifacts/{artifact_id}/download")
 async def artifact_download(artifact_id: str, state: ApiState = Depends(state_of)) -> Response:
-    found = await open_artifact(state.services, artifact_id)
-    return FileResponse(found.path, media_type="application/octet-stream", filename=found.filename)
+    return download_response(await open_artifact(state.services, artifact_id))
 
 
 @router.get("/login", response_class=HTMLResponse)

@@ -7,8 +7,13 @@ each into a JSON body ``{"error", "message", "status"}`` or, for the dashboard, 
 
 from __future__ import annotations
 
-from conveyor.contracts import ConflictError, ConveyorError, NotFoundError, ValidationError
-from conveyor.workers.artifact_store_local import ArtifactUnreadable
+from conveyor.contracts import (
+    ArtifactUnreadable,
+    ConflictError,
+    ConveyorError,
+    NotFoundError,
+    ValidationError,
+)
 
 
 class Unauthorized(ConveyorError):
@@ -35,7 +40,7 @@ STATUS: tuple[tuple[type[ConveyorError], int, str], ...] = (
     (Unauthorized, 401, "unauthorized"),
     (LoginRequired, 401, "unauthorized"),
     (Forbidden, 403, "forbidden"),
-    # An artifact whose bytes are gone or do not match its sha256: the store is at fault.
+    # An artifact whose bytes are gone or do not match its digest: the store is at fault.
     (ArtifactUnreadable, 500, "artifact_unreadable"),
 )
 # Any other ConveyorError is something the caller asked for that cannot be done as asked,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
 from conveyor.contracts import ArtifactRecord
-from conveyor.service.api.artifact_files import open_artifact, preview_artifact
+from conveyor.service.api.artifact_files import (
+    download_response,
+    open_artifact,
+    preview_artifact,
+)
 from conveyor.service.api.schemas import ArtifactPreview, Page, Paging
 from conveyor.service.api.security import require_token
 from conveyor.service.api.state import ApiState, state_of
@@ -29,7 +33,7 @@ async def list_artifacts(
 
 @router.get("/artifacts/{artifact_id}", response_model=ArtifactRecord)
 async def get_artifact(artifact_id: str, state: ApiState = Depends(state_of)) -> ArtifactRecord:
-    """An artifact's metadata: its run and step, type, size, sha256 and location."""
+    """An artifact's metadata: its run and step, type, size, digest and location."""
     return await state.services.runs.get_artifact(artifact_id)
 
 
@@ -41,10 +45,9 @@ async def get_preview(artifact_id: str, state: ApiState = Depends(state_of)) -> 
 
 @router.get(
     "/artifacts/{artifact_id}/download",
-    response_class=FileResponse,
+    response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-async def download(artifact_id: str, state: ApiState = Depends(state_of)) -> FileResponse:
-    """The stored bytes, checked against their sha256 (403 for a path outside the store)."""
-    found = await open_artifact(state.services, artifact_id)
-    return FileResponse(found.path, media_type="application/octet-stream", filename=found.filename)
+async def download(artifact_id: str, state: ApiState = Depends(state_of)) -> StreamingResponse:
+    """The stored bytes, checked against their digest (403 for a path outside the store)."""
+    return download_response(await open_artifact(state.services, artifact_id))

@@ -363,7 +363,7 @@ def _artifact_table(a: ArtifactRecord) -> object:
             ["type", a.ref.data_type],
             ["materializer", a.ref.materializer],
             ["size", a.ref.size],
-            ["sha256", a.ref.sha256],
+            ["digest", a.ref.digest],
             ["uri", a.ref.uri],
             ["created", when(a.created)],
         ],
@@ -385,9 +385,8 @@ def get_artifact(
         c = client(ctx)
         if to is not None:
             artifact = c.get_artifact(artifact_id)
-            data = c.read_artifact_bytes(artifact.id)
-            to.write_bytes(data)
-            console.print(f"Wrote {len(data)} bytes to {to}")
+            size = c.save_artifact_file(artifact.id, to)
+            console.print(f"Wrote {size} bytes to {to}")
             return
         value = c.load_artifact(artifact_id, allow_pickle=allow_pickle)
     console.print(repr(value) if not isinstance(value, str) else value, markup=False)

@@ -94,4 +94,9 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE steps ADD COLUMN logs TEXT;
     """,
+    # 3: digests name their algorithm (blake3 now; the bare sha256 of older artifacts)
+    """
+    ALTER TABLE artifacts RENAME COLUMN sha256 TO digest;
+    UPDATE artifacts SET digest = 'sha256:' || digest WHERE digest NOT LIKE '%:%';
+    """,
 )

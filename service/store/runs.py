@@ -62,7 +62,7 @@ def _run_record(row: aiosqlite.Row) -> RunRecord:
 def _artifact_ref(row: aiosqlite.Row) -> ArtifactRef:
     return ArtifactRef(
         uri=row["uri"],
-        sha256=row["sha256"],
+        digest=row["digest"],
         size=row["size"],
         materializer=row["materializer"],
         data_type=row["data_type"],
@@ -151,7 +151,7 @@ class RunStore:
             ),
         )
         writes.add(
-            "INSERT OR IGNORE INTO artifacts (id, run_id, step_name, output_name, uri, sha256,"
+            "INSERT OR IGNORE INTO artifacts (id, run_id, step_name, output_name, uri, digest,"
             " size, materializer, data_type, created) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (
                 (
@@ -160,7 +160,7 @@ class RunStore:
                     u.name,
                     output,
                     r.uri,
-                    r.sha256,
+                    r.digest,
                     r.size,
                     r.materializer,
                     r.data_type,

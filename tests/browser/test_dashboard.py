@@ -111,7 +111,7 @@ def test_watch_a_run_move_on_the_dashboard(browser: Browser, tmp_path: Path) -> 
 
         output.click()
         expect(page.locator("#preview")).to_contain_text('"mean": 2.0')
-        expect(page.locator("#metadata")).to_contain_text("sha256")
+        expect(page.locator("#metadata")).to_contain_text("blake3:")
         assert server.stop() == 0, server.output()
 
 

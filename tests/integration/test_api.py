@@ -6,11 +6,11 @@ Requests go through httpx's ASGI transport, so every layer but the socket is the
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import blake3
 import httpx
 import pytest
 
@@ -234,7 +234,8 @@ async def test_a_submitted_run_is_readable_with_its_steps_and_artifacts(
     assert big["kind"] == "none" and "too large" in big["note"]
     download = await api.get(f"/api/artifacts/{evaluate['id']}/download")
     assert download.status_code == 200
-    assert hashlib.sha256(download.content).hexdigest() == evaluate["ref"]["sha256"]
+    assert "blake3:" + blake3.blake3(download.content).hexdigest() == evaluate["ref"]["digest"]
+    assert download.headers["content-length"] == str(evaluate["ref"]["size"])
     assert "evaluate.output.json" in download.headers["content-disposition"]
     assert_error(await api.get("/api/artifacts/nope/download"), 404, "nope")
     assert_error(await api.get("/api/artifacts?run_id=nope"), 404)
@@ -406,7 +407,7 @@ async def test_dashboard_pages(api: httpx.AsyncClient) -> None:
     artifact_id = state["steps"][-1]["outputs"][0]["artifact_id"]
     assert f"/artifacts/{artifact_id}" in page
     artifact = (await api.get(f"/artifacts/{artifact_id}")).text
-    assert "sha256" in artifact and "accuracy" in artifact
+    assert "blake3:" in artifact and "accuracy" in artifact
     missing = await api.get("/stacks/nope")
     assert missing.status_code == 404 and "no stack named" in missing.text
     assert missing.headers["content-type"].startswith("text/html")

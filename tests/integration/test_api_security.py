@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import blake3
 import httpx
 import pytest
 
@@ -100,11 +100,11 @@ async def test_artifact_routes_never_leave_the_store(api: httpx.AsyncClient, hom
         "symlink": f"file://{root}/escape",
         "not-a-file": "http://example.com/x",
     }
-    digest = hashlib.sha256(outside.read_bytes()).hexdigest()
+    digest = "blake3:" + blake3.blake3(outside.read_bytes()).hexdigest()
     async with await Services.open(home) as services, services.db.transaction() as conn:
         for name, uri in sneaky.items():
             await conn.execute(
-                "INSERT INTO artifacts (id, run_id, step_name, output_name, uri, sha256, size,"
+                "INSERT INTO artifacts (id, run_id, step_name, output_name, uri, digest, size,"
                 " materializer, data_type, created) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
                     f"bad-{name}",

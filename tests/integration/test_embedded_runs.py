@@ -228,7 +228,7 @@ async def test_corrupted_artifact_fails_the_consumer_and_keeps_records() -> None
     assert steps["corrupt_store"].status is StepStatus.COMPLETED
     failed = steps["use_weights"]
     assert failed.status is StepStatus.FAILED and failed.attempt == 1
-    assert "corrupted" in (failed.error or "") and "sha256" in (failed.error or "")
+    assert "corrupted" in (failed.error or "") and "blake3" in (failed.error or "")
 
 
 @step
@@ -419,7 +419,9 @@ async def test_each_step_keeps_only_what_it_printed_itself() -> None:
         texts = {}
         for name, record in steps.items():
             if record.logs is not None:
-                texts[name] = cv.artifacts.get(record.logs.uri, record.logs.sha256).decode()
+                texts[name] = cv.artifacts.get(
+                    record.logs.uri, record.logs.digest, lambda p: Path(p).read_text()
+                )
     assert set(texts) == {n for n in steps if "talker" in n}
     for name, text in texts.items():
         lines = text.splitlines()

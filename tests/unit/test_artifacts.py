@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 from pydantic import BaseModel
 
-from conveyor.contracts import ConveyorError
-from conveyor.workers.artifact_store_local import ArtifactUnreadable, LocalArtifactStore
+from conveyor.contracts import ArtifactRef, ArtifactUnreadable, ConveyorError, OutsideStore
+from conveyor.workers.artifact_store_local import LocalArtifactStore
 from conveyor.workers.execution import load_artifact, save_artifact
 from conveyor.workers.materializers import NoMaterializer
 
@@ -94,7 +95,7 @@ def test_corrupted_artifact_is_detected(store: LocalArtifactStore) -> None:
 def test_missing_artifact_is_a_clear_error(store: LocalArtifactStore) -> None:
     ref = save_artifact(store, "x", allow_pickle=False, what="v")
     os.remove(store.path_of(ref.uri))
-    with pytest.raises(ArtifactUnreadable, match="cannot read artifact"):
+    with pytest.raises(ArtifactUnreadable, match="is missing from its store"):
         load_artifact(store, ref, allow_pickle=False)
 
 
@@ -109,5 +110,46 @@ def test_missing_artifact_is_a_clear_error(store: LocalArtifactStore) -> None:
     ],
 )
 def test_uris_outside_the_root_are_refused(store: LocalArtifactStore, uri: str) -> None:
-    with pytest.raises(ArtifactUnreadable):
-        store.get(uri.format(root=store.root), "0" * 64)
+    read: list[str] = []
+    with pytest.raises(OutsideStore):
+        store.get(uri.format(root=store.root), "blake3:" + "0" * 64, read.append)
+    assert read == []
+
+
+def test_a_large_array_is_written_and_read_through_files(store: LocalArtifactStore) -> None:
+    array = np.random.default_rng(0).random((1024, 1024))  # 8 MB
+    ref = save_artifact(store, array, allow_pickle=False, what="v")
+    assert ref.digest.startswith("blake3:") and ref.size > array.nbytes
+    assert Path(store.path_of(ref.uri)).stat().st_size == ref.size
+    assert np.array_equal(load_artifact(store, ref, allow_pickle=False), array)
+    # Nothing is left in the staging folder once the file is in place.
+    assert list((store.root / ".staging").iterdir()) == []
+
+
+def test_a_materializer_that_fails_leaves_no_file_behind(store: LocalArtifactStore) -> None:
+    def broken(path: str) -> None:
+        Path(path).write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        store.put(broken)
+    assert list((store.root / ".staging").iterdir()) == []
+    assert [p for p in store.root.iterdir() if p.name != ".staging"] == []
+
+
+def test_records_written_with_a_bare_sha256_still_verify(store: LocalArtifactStore) -> None:
+    ref = save_artifact(store, "old", allow_pickle=False, what="v")
+    legacy = ArtifactRef.model_validate(
+        {
+            "uri": ref.uri,
+            "sha256": hashlib.sha256(b"old").hexdigest(),
+            "size": 3,
+            "materializer": "str",
+            "data_type": "builtins.str",
+        }
+    )
+    assert legacy.digest.startswith("sha256:")
+    assert load_artifact(store, legacy, allow_pickle=False) == "old"
+    wrong = legacy.model_copy(update={"digest": "sha256:" + "0" * 64})
+    with pytest.raises(ArtifactUnreadable, match="corrupted"):
+        load_artifact(store, wrong, allow_pickle=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 
 import pytest
@@ -27,8 +28,13 @@ BY = WorkerFacts(worker="w", pid=1)
 
 
 def ref(name: str) -> ArtifactRef:
+    digest = "blake3:" + hashlib.sha256(name.encode()).hexdigest()
     return ArtifactRef(
-        uri=f"file:///a/{name}", sha256=name, size=1, materializer="json", data_type="builtins.int"
+        uri=f"file:///a/{name}",
+        digest=digest,
+        size=1,
+        materializer="json",
+        data_type="builtins.int",
     )
 
 
