@@ -15,6 +15,7 @@ from datetime import datetime
 import structlog
 
 from conveyor.contracts import (
+    ArtifactStore,
     Broker,
     ConveyorError,
     Delivery,
@@ -37,6 +38,7 @@ from conveyor.service.pipelines import load_pipeline
 from conveyor.service.progress import ProgressBuffer
 from conveyor.service.scheduling import RunState, Transition
 from conveyor.service.store import Database, RunStore, Writes
+from conveyor.workers.code_archive import attach_code
 
 log = structlog.get_logger("conveyor.controller")
 
@@ -47,12 +49,13 @@ Owner = tuple[str, int, str]
 WorkerEvent = StepStarted | StepSucceeded | StepFailed
 
 
-def compile_request(request: RunRequested) -> PipelineSpec:
-    """The DAG of a RunRequested: its own spec, or the pipeline it names, compiled."""
-    if request.spec is not None:
-        return request.spec
-    spec, _ = load_pipeline(request.pipeline).compile(**request.parameters)
-    return spec
+def compile_request(request: RunRequested, code_store: ArtifactStore | None) -> PipelineSpec:
+    """The DAG of a RunRequested that names a pipeline, compiled here; with a
+    ``code_store``, its source is packed into code archives there for remote workers."""
+    spec, definitions = load_pipeline(request.pipeline).compile(**request.parameters)
+    if code_store is None:
+        return spec
+    return attach_code(spec, definitions, code_store)
 
 
 def _being_cancelled() -> bool:
@@ -95,8 +98,10 @@ class Controller:
         stack: StackSpec,
         *,
         owner: Owner | None = None,
+        code_store: ArtifactStore | None = None,
     ) -> None:
         self._db = db
+        self._code_store = code_store
         self._runs = RunStore(db)
         self._broker = broker
         self._stack = stack
@@ -269,7 +274,10 @@ class Controller:
             pass
         error: str | None = None
         try:
-            spec = compile_request(request)
+            if request.spec is not None:
+                spec = request.spec
+            else:
+                spec = await asyncio.to_thread(compile_request, request, self._code_store)
         except Exception as exc:
             error = f"cannot compile pipeline {request.pipeline!r}: {exc}"
             spec = PipelineSpec(name=request.pipeline, parameters=request.parameters, steps=[])

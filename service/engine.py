@@ -41,6 +41,7 @@ from conveyor.service.home import Home
 from conveyor.service.liveness import this_process
 from conveyor.service.logs import configure_logging
 from conveyor.service.pipelines import PipelineDefinition, load_pipeline
+from conveyor.workers.code_archive import attach_code
 from conveyor.workers.execution import load_artifact
 from conveyor.workers.flavors import (
     LocalOrchestratorConfig,
@@ -50,6 +51,8 @@ from conveyor.workers.flavors import (
     orchestrator_config,
 )
 from conveyor.workers.runtime import WorkerPool
+from conveyor.workers.step_resolver import StepResolver
+from conveyor.workers.steps import StepDefinition
 
 StepCallback = Callable[[StepStatusChanged], Awaitable[None] | None]
 
@@ -191,6 +194,7 @@ class Conveyor:
         self._artifacts: ArtifactStore | None = None
         self._controller: Controller | None = None
         self._workers: WorkerPool | None = None
+        self._store_checked = False
         self.stack: StackSpec | None = None
 
     async def __aenter__(self) -> Conveyor:
@@ -244,7 +248,10 @@ class Conveyor:
                 )
                 await self._controller.start()
                 self._workers = WorkerPool(
-                    self._broker, self._artifacts, concurrency=config.concurrency
+                    self._broker,
+                    self._artifacts,
+                    resolver=StepResolver(self._artifacts, in_process=True),
+                    concurrency=config.concurrency,
                 )
                 await self._workers.start()
         except BaseException:
@@ -279,6 +286,8 @@ class Conveyor:
         spec, definitions = definition.compile(*args, **parameters)
         if self._workers is not None:
             self._workers.resolver.add(definitions)
+        else:
+            spec = await self._with_code(spec, definitions)
         if idempotency_key:
             existing = await self.services.runs.find_by_key(idempotency_key)
             if existing is not None:
@@ -301,6 +310,16 @@ class Conveyor:
             ]
         )
         return run
+
+    async def _with_code(
+        self, spec: PipelineSpec, definitions: dict[str, StepDefinition]
+    ) -> PipelineSpec:
+        """``spec`` with its steps' source packed into code archives in the stack's store,
+        for workers on other machines; the store is checked once, on first use."""
+        if not self._store_checked:
+            await asyncio.to_thread(self.artifacts.check)
+            self._store_checked = True
+        return await asyncio.to_thread(attach_code, spec, definitions, self.artifacts)
 
     async def cancel(self, run_id: str, reason: str = "cancelled by user") -> None:
         """Ask the stack's controller to cancel a run; running steps finish but count not."""

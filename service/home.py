@@ -31,3 +31,8 @@ class Home:
     @property
     def default_artifacts(self) -> Path:
         return self.path / "artifacts"
+
+    @property
+    def code_cache(self) -> Path:
+        """Where a worker keeps the code archives of the runs it executed, unpacked."""
+        return self.path / "cache" / "code"

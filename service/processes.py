@@ -20,7 +20,7 @@ from conveyor.service.controller import Controller
 from conveyor.service.home import Home
 from conveyor.service.stack_files import parse_export
 from conveyor.workers.broker_rabbitmq import RabbitMQBroker
-from conveyor.workers.flavors import get_flavor, make_broker
+from conveyor.workers.flavors import get_flavor, make_artifact_store, make_broker
 from conveyor.workers.process import (
     EXIT_DEAF,
     EXIT_OK,
@@ -124,7 +124,9 @@ async def serve_controller(
         broker = made
         signals.install()
         await broker.start()
-        controller = Controller(services.db, broker, spec, owner=None)
+        controller = Controller(
+            services.db, broker, spec, owner=None, code_store=make_artifact_store(spec)
+        )
         await controller.start()
         watched, driving = broker, controller
         # A controller whose loop ended hears nothing either: it counts as deaf.

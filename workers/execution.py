@@ -23,19 +23,21 @@ from conveyor.contracts import (
     StepFailed,
     StepReady,
     StepSucceeded,
+    UntrustedStep,
     WorkerFacts,
 )
 from conveyor.workers import materializers, step_logs
-from conveyor.workers.steps import StepDefinition, StepResolver
+from conveyor.workers.step_resolver import StepResolver
+from conveyor.workers.steps import StepDefinition
 
 T = TypeVar("T")
 log = structlog.get_logger("conveyor.worker")
 
 
 def load_artifact(store: ArtifactStore, ref: ArtifactRef, *, allow_pickle: bool) -> Any:
-    """The value of a persisted artifact, verified against its sha256."""
+    """The value of a persisted artifact, verified against its digest."""
     materializer = materializers.by_name(ref.materializer, allow_pickle=allow_pickle)
-    return materializer.load(store.get(ref.uri, ref.sha256), ref)
+    return store.get(ref.uri, ref.digest, lambda path: materializer.load(path, ref))
 
 
 def save_artifact(
@@ -43,14 +45,9 @@ def save_artifact(
 ) -> ArtifactRef:
     """Persist ``value``; ``what`` names it in the error if no materializer fits."""
     materializer = materializers.choose(value, allow_pickle=allow_pickle, what=what)
-    data = materializer.dump(value)
-    uri, digest = store.put(data)
-    return ArtifactRef(
-        uri=uri,
-        sha256=digest,
-        size=len(data),
-        materializer=materializer.name,
-        data_type=materializers.type_name(value),
+    blob = store.put(lambda path: materializer.save(value, path))
+    return ArtifactRef.of(
+        blob, materializer=materializer.name, data_type=materializers.type_name(value)
     )
 
 
@@ -165,17 +162,15 @@ class StepExecutor:
         return outcome.model_copy(update={"logs": logs})
 
     def _save_logs(self, text: str) -> ArtifactRef:
-        data = text.encode()
-        uri, digest = self._store.put(data)
-        return ArtifactRef(
-            uri=uri, sha256=digest, size=len(data), materializer="str", data_type="builtins.str"
-        )
+        blob = self._store.put_bytes(text.encode())
+        return ArtifactRef.of(blob, materializer="str", data_type="builtins.str")
 
     async def _attempt(self, ready: StepReady, limit: float | None) -> StepSucceeded | StepFailed:
         started = time.perf_counter()
         deadline = asyncio.timeout(limit)
         try:
-            definition = self._resolver.resolve(ready.step.ref)
+            # Resolving may download a code archive and imports user code: off the loop.
+            definition = await self._in_thread(self._resolver.resolve, ready.step)
             async with deadline:
                 if definition.is_async:
                     outputs, body = await self._run_async(ready, definition)
@@ -191,6 +186,8 @@ class StepExecutor:
             return self._failed(
                 ready, f"TimeoutError: step timed out after {limit}s", None, True, started
             )
+        except UntrustedStep:
+            raise  # not a step failure: the worker refuses the message itself
         except ConveyorError as exc:
             return self._failed(ready, f"{type(exc).__name__}: {exc}", None, exc.retryable, started)
         except Exception as exc:
@@ -205,6 +202,10 @@ class StepExecutor:
             duration_s=body,
             by=self._facts,
         )
+
+    def refused(self, ready: StepReady, reason: UntrustedStep) -> StepFailed:
+        """The outcome of a StepReady this worker will not run: failed, not to be retried."""
+        return self._failed(ready, f"refused: {reason}", None, False, time.perf_counter())
 
     def _failed(
         self, ready: StepReady, error: str, tb: str | None, retryable: bool, started: float

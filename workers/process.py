@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import structlog
 
@@ -20,6 +21,7 @@ from conveyor.workers.broker_rabbitmq import RabbitMQBroker
 from conveyor.workers.flavors import get_flavor, make_artifact_store, make_broker
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.runtime import WorkerPool
+from conveyor.workers.step_resolver import StepResolver
 
 log = structlog.get_logger("conveyor.process")
 
@@ -110,15 +112,28 @@ async def serve_workers(
     concurrency: int | None = None,
     grace_s: float | None = None,
     name: str | None = None,
+    code_cache: Path,
+    trusted: Sequence[str] = (),
 ) -> int:
-    """Run a worker process on ``stack`` until a signal (or the watchdog); its exit status."""
+    """Run a worker process on ``stack`` until a signal (or the watchdog); its exit status.
+
+    Steps come from each run's code archive, kept under ``code_cache``, or from the installed
+    packages in ``trusted`` and the orchestrator's ``trusted_packages``; nothing else runs.
+    """
     config = rabbitmq_config(stack)
+    store = make_artifact_store(stack)
+    # A worker that cannot use its store says so at once, not once per step.
+    await asyncio.to_thread(store.check)
     signals = Signals()
     signals.install()
     broker = make_broker(stack)
+    resolver = StepResolver(
+        store, cache_dir=code_cache, trusted=[*config.trusted_packages, *trusted]
+    )
     pool = WorkerPool(
         broker,
-        make_artifact_store(stack),
+        store,
+        resolver=resolver,
         pools=list(pools) or [DEFAULT_POOL],
         concurrency=concurrency or config.concurrency,
         name=name,

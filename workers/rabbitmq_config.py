@@ -55,6 +55,19 @@ class RabbitMQOrchestratorConfig(BaseModel):
     grace_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long running steps may finish"
     )
+    trusted_packages: list[str] = Field(
+        default_factory=list,
+        description="Installed packages whose @step functions workers run without a code "
+        "archive (steps of the run's own code always travel in its archive)",
+    )
+
+    @field_validator("trusted_packages")
+    @classmethod
+    def _package_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name.isidentifier():
+                raise ValueError(f"{name!r} is not a top-level package name")
+        return value
 
     @field_validator("step_timeout_s")
     @classmethod

@@ -27,12 +27,13 @@ from conveyor.contracts import (
     StepStarted,
     StepSucceeded,
     Subscription,
+    UntrustedStep,
     WorkerFacts,
     utcnow,
 )
 from conveyor.workers import step_logs
 from conveyor.workers.execution import StepExecutor
-from conveyor.workers.steps import StepResolver
+from conveyor.workers.step_resolver import StepResolver
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -68,7 +69,7 @@ class WorkerPool:
         self._pools = list(pools)
         self._concurrency = concurrency
         self.facts = worker_facts(name)
-        self.resolver = resolver or StepResolver()
+        self.resolver = resolver or StepResolver(store)
         self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="conveyor-step")
         self._executor = StepExecutor(store, self.resolver, self.facts, self._threads)
         self._subscriptions: list[Subscription] = []
@@ -139,6 +140,15 @@ class WorkerPool:
                 self._outcomes.popitem(last=False)
             try:
                 outcome = await self._attempt(ready, delivery)
+            except UntrustedStep as exc:
+                # Nothing of it was imported or run. The run hears that the step failed (a
+                # real run must not wait for ever), and the message goes to the dead letters.
+                log.warning("step refused", reason=str(exc))
+                self._outcomes.pop(key, None)
+                known.cancel()
+                await self._broker.publish([self._executor.refused(ready, exc)])
+                await delivery.reject(str(exc))
+                return
             except BaseException:
                 self._outcomes.pop(key, None)
                 known.cancel()

@@ -1,7 +1,10 @@
-"""Step definitions: the ``@step`` decorator, output names, and import by reference.
+"""Step definitions: the ``@step`` decorator, output names, references, and what a worker runs.
 
-A step is named on the wire by an importable reference (``package.module:function`` or
-``path/to/file.py:function``), so that a worker on another machine can import it.
+A step is named on the wire by a reference (``package.module:function`` or
+``path/to/file.py:function``) plus, for code that is not an installed package, the code archive
+that holds it (see ``code_archive``). The client imports references freely (``load_reference``);
+a worker goes through ``StepResolver``, which runs only ``@step`` functions of the run's archive
+or of packages it trusts: a message is data, never an instruction to import arbitrary code.
 """
 
 from __future__ import annotations
@@ -13,12 +16,18 @@ import inspect
 import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
-from conveyor.contracts import DEFAULT_POOL, ConveyorError
+from conveyor.contracts import (
+    DEFAULT_POOL,
+    ConveyorError,
+)
+
+if TYPE_CHECKING:
+    pass
 
 FILE_MODULE_PREFIX = "conveyor_user_"
 
@@ -211,28 +220,3 @@ def step(
         )
 
     return wrap(fn) if fn is not None else wrap
-
-
-class StepResolver:
-    """Finds the StepDefinition of a reference: known definitions first, then by import."""
-
-    def __init__(self, known: Mapping[str, StepDefinition] | None = None) -> None:
-        self._known: dict[str, StepDefinition] = dict(known or {})
-
-    def add(self, definitions: Mapping[str, StepDefinition]) -> None:
-        """Make definitions of this process resolvable (steps defined in a test, say)."""
-        self._known.update(definitions)
-
-    def resolve(self, ref: str) -> StepDefinition:
-        found = self._known.get(ref)
-        if found is not None:
-            return found
-        obj = load_reference(ref)
-        if isinstance(obj, StepDefinition):
-            definition = obj
-        elif callable(obj):
-            definition = StepDefinition(obj)
-        else:
-            raise ConveyorError(f"{ref!r} is not a step")
-        self._known[ref] = definition
-        return definition

@@ -13,6 +13,7 @@ import typer
 from conveyor.contracts import StackSpec, event_json_schemas
 from conveyor.service.cli.output import fail, user_errors
 from conveyor.service.cli.state import client
+from conveyor.service.home import Home
 from conveyor.service.logs import LEVEL_ENV, configure_logging
 from conveyor.service.processes import (
     read_stack_file,
@@ -75,23 +76,37 @@ def start_worker(
     ),
     name: str = typer.Option(None, "--name", help="Worker name shown on steps (default host:pid)"),
     url: str = URL_OPTION,
+    trust: list[str] = typer.Option(
+        [],
+        "--trust",
+        help="An installed package whose @step functions may run without a code archive "
+        "(repeatable; adds to the orchestrator's trusted_packages)",
+    ),
 ) -> None:
     """Run a worker process: execute the steps of a rabbitmq stack until SIGTERM.
 
-    Steps are imported by reference from the working directory or installed packages.
-    On SIGTERM it stops taking steps, lets running ones finish within the grace period,
-    hands back the rest, and exits 0. Start as many as wanted, on any machine that reaches
-    the broker and the artifact store.
+    A worker runs only @step functions: from each run's code archive (the client's source,
+    fetched once from the artifact store into CONVEYOR_HOME/cache/code) or from the
+    installed packages it trusts; a message naming anything else is dead-lettered. On
+    SIGTERM it stops taking steps, lets running ones finish within the grace period, hands
+    back the rest, and exits 0. Start as many as wanted, on any machine that reaches the
+    broker and the artifact store.
 
     Example: conveyor worker start --stack prod --concurrency 4 --pool gpu
     """
     _service_logging()
     with user_errors():
         spec = _stack(ctx, stack, stack_file, url)
-        # Step references name files relative to the working directory, as on the client.
-        sys.path.insert(0, os.getcwd())
         code = asyncio.run(
-            serve_workers(spec, pools=pool, concurrency=concurrency, grace_s=grace, name=name)
+            serve_workers(
+                spec,
+                pools=pool,
+                concurrency=concurrency,
+                grace_s=grace,
+                name=name,
+                code_cache=Home.resolve().code_cache,
+                trusted=trust,
+            )
         )
     # A sync step past its grace period still runs in its thread, and the interpreter would
     # wait for it at exit: its StepReady is already handed back, so leave it behind.

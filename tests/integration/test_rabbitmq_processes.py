@@ -217,7 +217,11 @@ def test_pipeline_run_follows_through_status_events_from_a_client_with_another_s
         record = client.get_run(run_id_in(result.stdout))
         assert record.status is RunStatus.COMPLETED
         assert {s.pid for s in client.get_steps(record.id)} == {worker.pid}
-    assert not (tmp_path / "no-store").exists()
+    # The worker kept no metadata store, only the run's code, fetched from the artifact store.
+    worker_home = tmp_path / "no-store"
+    assert not (worker_home / "conveyor.db").exists()
+    assert [p.name for p in worker_home.iterdir()] == ["cache"]
+    assert list((worker_home / "cache" / "code").iterdir())
 
 
 def test_a_run_requested_by_a_plain_aio_pika_publish_completes(

@@ -1,0 +1,476 @@
+"""Code archives: what a run ships, that the same source gives the same digest, and that a
+worker extracts an archive once and refuses one that would write outside its folder."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import stat
+import sys
+import threading
+import types
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from conveyor import pipeline
+from conveyor.contracts import BlobRef, ConveyorError, UntrustedStep
+from conveyor.workers import code_archive
+from conveyor.workers.artifact_store_local import LocalArtifactStore
+from conveyor.workers.code_archive import CodeCache, attach_code, pack
+from conveyor.workers.steps import StepDefinition, load_reference
+
+T = TypeVar("T")
+
+STEP_SCRIPT = """\
+from conveyor import step
+import helper
+
+@step
+def train() -> int:
+    return helper.VALUE
+"""
+
+
+def write(root: Path, files: dict[str, str | bytes]) -> None:
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+
+
+def script_project(root: Path) -> dict[str, StepDefinition]:
+    """A script beside a helper, with everything a project folder holds that must not ship."""
+    write(
+        root,
+        {
+            "train.py": STEP_SCRIPT,
+            "helper.py": "VALUE = 1\n",
+            "sub/util.py": "X = 1\n",
+            "data.csv": "a,b\n1,2\n",
+            ".venv/pyvenv.cfg": "home = /usr\n",
+            ".venv/lib/python3.11/site-packages/dep.py": "",
+            "env/pyvenv.cfg": "home = /usr\n",
+            "env/lib/mod.py": "",
+            ".git/hooks/hook.py": "",
+            "__pycache__/helper.cpython-311.py": "",
+            "node_modules/pkg/index.py": "",
+            "site-packages/dep.py": "",
+            ".hidden/secret.py": "",
+        },
+    )
+    definition = load_reference(f"{root / 'train.py'}:train")
+    assert isinstance(definition, StepDefinition)
+    return {definition.ref: definition}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalArtifactStore:
+    return LocalArtifactStore(tmp_path / "store")
+
+
+@pytest.fixture
+def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A local, not installed package importable from a folder on sys.path."""
+    name = f"localpkg_{uuid.uuid4().hex[:8]}"
+    write(
+        tmp_path / "proj",
+        {
+            f"{name}/__init__.py": "",
+            f"{name}/steps.py": "from conveyor import step\n@step\ndef run() -> int:\n"
+            "    return 7\n",
+            f"{name}/sub/__init__.py": "",
+            f"{name}/sub/tool.py": "from conveyor import step\n@step\ndef tool() -> int:\n"
+            "    return 8\n",
+            f"{name}/model.bin": b"\0" * 10,
+            "outside.py": "",
+        },
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "proj"))
+    yield name
+    for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+        del sys.modules[module]
+
+
+def module_step(name: str) -> dict[str, StepDefinition]:
+    definition = importlib.import_module(f"{name}.steps").run
+    assert isinstance(definition, StepDefinition)
+    return {definition.ref: definition}
+
+
+def only(packed: dict[str, code_archive.ShippedStep]) -> code_archive.ShippedStep:
+    (shipped,) = packed.values()
+    return shipped
+
+
+def test_a_script_ships_its_python_sources_and_nothing_else(tmp_path: Path) -> None:
+    shipped = only(pack(script_project(tmp_path / "proj")))
+    assert shipped.ref == "train.py:train"
+    assert shipped.archive is not None
+    assert shipped.archive.root == (tmp_path / "proj").resolve()
+    assert shipped.archive.files == ("helper.py", "sub/util.py", "train.py")
+    with zipfile.ZipFile(shipped.archive.path) as archive:
+        assert archive.namelist() == ["helper.py", "sub/util.py", "train.py"]
+        assert archive.read("helper.py") == b"VALUE = 1\n"
+
+
+def test_a_module_of_a_local_package_ships_its_top_level_package(
+    package: str, tmp_path: Path
+) -> None:
+    shipped = only(pack(module_step(package)))
+    assert shipped.ref == f"{package}.steps:run"
+    assert shipped.archive is not None
+    assert shipped.archive.root == (tmp_path / "proj").resolve()
+    assert shipped.archive.files == (
+        f"{package}/__init__.py",
+        f"{package}/steps.py",
+        f"{package}/sub/__init__.py",
+        f"{package}/sub/tool.py",
+    )
+
+
+def test_a_script_inside_a_package_ships_the_top_most_package(package: str, tmp_path: Path) -> None:
+    definition = load_reference(f"{tmp_path / 'proj' / package / 'sub' / 'tool.py'}:tool")
+    shipped = only(pack({definition.ref: definition}))
+    assert shipped.ref == f"{package}/sub/tool.py:tool"
+    assert shipped.archive is not None
+    assert shipped.archive.root == (tmp_path / "proj").resolve()
+    assert f"{package}/steps.py" in shipped.archive.files
+    assert "outside.py" not in shipped.archive.files
+
+
+def test_tests_is_a_local_package_and_conveyor_an_installed_one() -> None:
+    from tests.unit import test_pipeline_build as local
+
+    def body() -> int:
+        return 1
+
+    body.__module__ = "conveyor.workers.steps"  # as if the step came with conveyor itself
+    installed = StepDefinition(body)
+    packed = pack({local.source.ref: local.source, installed.ref: installed})
+    assert packed[installed.ref] == code_archive.ShippedStep(installed.ref, None)
+    shipped = packed[local.source.ref]
+    assert shipped.ref == "tests.unit.test_pipeline_build:source"
+    assert shipped.archive is not None
+    assert "tests/unit/test_pipeline_build.py" in shipped.archive.files
+    assert all(name.startswith("tests/") for name in shipped.archive.files)
+
+
+def test_pyproject_adds_and_removes_files(tmp_path: Path) -> None:
+    root = tmp_path / "proj"
+    write(
+        root,
+        {
+            "pyproject.toml": '[tool.conveyor.code]\ninclude = ["*.yaml", "conf/*.json"]\n'
+            'exclude = ["sub", "helper_*.py"]\n',
+            "config.yaml": "a: 1\n",
+            "deep/more.yaml": "b: 2\n",
+            "conf/x.json": "{}",
+            "other.json": "{}",
+            "helper_old.py": "",
+        },
+    )
+    shipped = only(pack(script_project(root)))
+    assert shipped.archive is not None
+    assert shipped.archive.files == (
+        "conf/x.json",
+        "config.yaml",
+        "deep/more.yaml",
+        "helper.py",
+        "train.py",
+    )
+
+
+def test_the_nearest_pyproject_above_the_root_counts(tmp_path: Path) -> None:
+    write(tmp_path, {"pyproject.toml": '[tool.conveyor.code]\ninclude = ["*.csv"]\n'})
+    shipped = only(pack(script_project(tmp_path / "a" / "proj")))
+    assert shipped.archive is not None
+    assert "data.csv" in shipped.archive.files
+
+
+def test_over_the_cap_the_error_says_what_to_exclude(tmp_path: Path) -> None:
+    root = tmp_path / "proj"
+    write(
+        root,
+        {
+            "pyproject.toml": "[tool.conveyor.code]\nmax_size_mb = 0.5\n",
+            "big_table.py": "x = 1\n" * 200_000,
+        },
+    )
+    with pytest.raises(ConveyorError) as caught:
+        pack(script_project(root))
+    message = str(caught.value)
+    assert str(root.resolve()) in message
+    assert "1.1 MB" in message
+    assert "max_size_mb = 0.5" in message
+    assert "big_table.py" in message
+    assert "exclude = [" in message
+    assert str(root / "pyproject.toml") in message
+
+
+def test_a_bad_config_names_its_file(tmp_path: Path) -> None:
+    root = tmp_path / "proj"
+    write(root, {"pyproject.toml": "[tool.conveyor.code]\nmax_size_mb = -1\nincludes = []\n"})
+    with pytest.raises(ConveyorError, match=r"pyproject.toml: max_size_mb: .*includes"):
+        pack(script_project(root))
+
+
+def test_the_same_source_gives_the_same_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    definitions = script_project(tmp_path / "proj")
+    first = only(pack(definitions)).archive
+    assert first is not None
+    # Unchanged: the process does not zip again.
+    monkeypatch.setattr(code_archive, "_write_zip", _forbidden)
+    assert only(pack(definitions)).archive is first
+    monkeypatch.undo()
+    # Zipped afresh (another process, say), the bytes are the same.
+    monkeypatch.setattr(code_archive, "_packed", {})
+    again = only(pack(definitions)).archive
+    assert again is not None
+    assert again.digest == first.digest
+    # A copy of the tree elsewhere, with other times, too.
+    copy = tmp_path / "copy"
+    write(copy, {"train.py": STEP_SCRIPT, "helper.py": "VALUE = 1\n", "sub/util.py": "X = 1\n"})
+    os.utime(copy / "helper.py", (1_000_000, 1_000_000))
+    moved = only(pack(script_project(copy))).archive
+    assert moved is not None
+    assert moved.digest == first.digest
+
+
+def test_an_edit_gives_a_new_digest(tmp_path: Path) -> None:
+    definitions = script_project(tmp_path / "proj")
+    first = only(pack(definitions)).archive
+    assert first is not None
+    (tmp_path / "proj" / "helper.py").write_text("VALUE = 2\n")
+    os.utime(tmp_path / "proj" / "helper.py", ns=(first_mtime(first) + 10**9,) * 2)
+    edited = only(pack(definitions)).archive
+    assert edited is not None
+    assert edited.digest != first.digest
+    with zipfile.ZipFile(edited.path) as archive:
+        assert archive.read("helper.py") == b"VALUE = 2\n"
+    (tmp_path / "proj" / "new.py").write_text("")
+    added = only(pack(definitions)).archive
+    assert added is not None
+    assert "new.py" in added.files
+
+
+def first_mtime(archive: code_archive.CodeArchive) -> int:
+    return (archive.root / "helper.py").stat().st_mtime_ns
+
+
+def _forbidden(*args: object) -> None:
+    raise AssertionError("zipped again")
+
+
+def test_attach_code_uploads_one_archive_per_root(
+    tmp_path: Path, store: LocalArtifactStore, package: str
+) -> None:
+    root = tmp_path / "proj2"
+    write(root, {"train.py": STEP_SCRIPT, "helper.py": "VALUE = 1\n"})
+    train = load_reference(f"{root / 'train.py'}:train")
+    local = importlib.import_module(f"{package}.steps").run
+
+    def body() -> int:
+        return 1
+
+    body.__module__ = "conveyor.workers.steps"
+    installed = StepDefinition(body)
+
+    @pipeline
+    def p() -> None:
+        train()
+        train()
+        local()
+        installed()
+
+    spec, definitions = p.compile()
+    attached = attach_code(spec, definitions, store)
+    first, second, third, fourth = attached.steps
+    assert (first.ref, second.ref) == ("train.py:train", "train.py:train")
+    assert first.code is not None
+    assert second.code == first.code
+    assert third.ref == f"{package}.steps:run"
+    assert third.code is not None
+    assert third.code != first.code
+    assert fourth.ref == installed.ref
+    assert fourth.code is None
+    zipped = store.get(first.code.uri, first.code.digest, zip_names)
+    assert zipped == ["helper.py", "train.py"]
+    assert [s.name for s in attached.steps] == [s.name for s in spec.steps]
+
+
+def zip_names(path: str) -> list[str]:
+    with zipfile.ZipFile(path) as archive:
+        return archive.namelist()
+
+
+# --- the worker side ----------------------------------------------------------------------
+
+
+class CountingStore(LocalArtifactStore):
+    """A local store that counts reads and can run something in the middle of one."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reads = 0
+        self.during_read: Callable[[], None] | None = None
+
+    def get(self, uri: str, digest: str, read: Callable[[str], T]) -> T:
+        self.reads += 1
+        if self.during_read is not None:
+            during, self.during_read = self.during_read, None
+            during()
+        return super().get(uri, digest, read)
+
+
+def zip_blob(
+    store: LocalArtifactStore, entries: list[tuple[zipfile.ZipInfo | str, bytes]]
+) -> BlobRef:
+    def write_zip(path: str) -> None:
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for info, data in entries:
+                archive.writestr(info, data)
+
+    return store.put(write_zip)
+
+
+def test_an_archive_is_extracted_once_and_reused(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path / "store")
+    blob = zip_blob(store, [("a.py", b"A = 1\n"), ("pkg/b.py", b"B = 2\n")])
+    cache = CodeCache(store, tmp_path / "cache")
+    folder = cache.extracted(blob)
+    assert (folder / "a.py").read_text() == "A = 1\n"
+    assert (folder / "pkg" / "b.py").read_text() == "B = 2\n"
+    assert cache.extracted(blob) == folder
+    # Another process on the same machine finds it too.
+    assert CodeCache(store, tmp_path / "cache").extracted(blob) == folder
+    assert store.reads == 1
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [folder.name]
+
+
+def test_two_extractions_of_one_digest_at_once_both_succeed(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path / "store")
+    blob = zip_blob(store, [("a.py", b"A = 1\n")])
+    first = CodeCache(store, tmp_path / "cache")
+    second = CodeCache(store, tmp_path / "cache")
+    won: list[Path] = []
+    # The second process extracts, and while it does, the first one finishes the same archive.
+    store.during_read = lambda: won.append(first.extracted(blob))
+    folder = second.extracted(blob)
+    assert won == [folder]
+    assert (folder / "a.py").read_text() == "A = 1\n"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]
+
+
+def test_threads_extracting_one_digest_share_one_download(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path / "store")
+    blob = zip_blob(store, [("a.py", b"A = 1\n")])
+    cache = CodeCache(store, tmp_path / "cache")
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.extracted(blob))) for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(results)) == 1
+    assert len(results) == 8
+    assert store.reads == 1
+
+
+def symlink(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info, target.encode()
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        (("../evil.py", b"x"), "climbs out"),
+        (("sub/../../evil.py", b"x"), "climbs out"),
+        (("/tmp/evil.py", b"x"), "absolute path"),
+        (("C:/evil.py", b"x"), "absolute path"),
+        (("sub\\..\\evil.py", b"x"), "backslash"),
+        (symlink("link.py", "/etc/passwd"), "symbolic link"),
+        (("folder/", b""), "not a regular file"),
+    ],
+)
+def test_a_hostile_archive_is_refused(
+    tmp_path: Path, store: LocalArtifactStore, entry: tuple[Any, bytes], why: str
+) -> None:
+    blob = zip_blob(store, [("good.py", b""), entry])
+    cache = CodeCache(store, tmp_path / "work" / "cache")
+    with pytest.raises(UntrustedStep, match=why):
+        cache.extracted(blob)
+    assert not (tmp_path / "work" / "evil.py").exists()
+    assert not (tmp_path / "evil.py").exists()
+    # Nothing extracted, nothing left behind: not even the good entry.
+    assert list((tmp_path / "work" / "cache").iterdir()) == []
+
+
+def test_a_zip_bomb_is_refused(tmp_path: Path, store: LocalArtifactStore) -> None:
+    blob = zip_blob(store, [("bomb.py", b"\0" * (4 << 20))])
+    assert blob.size < 100_000
+    cache = CodeCache(store, tmp_path / "cache", max_unpacked=1 << 20)
+    with pytest.raises(UntrustedStep, match=r"unpacks to 4.0 MB or more, over .* 1.0 MB"):
+        cache.extracted(blob)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_bomb_that_lies_about_its_size_is_stopped(tmp_path: Path) -> None:
+    source = tmp_path / "liar.zip"
+    with zipfile.ZipFile(source, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("bomb.py", b"\0" * (4 << 20))
+    data = bytearray(source.read_bytes())
+    # Rewrite the declared sizes (local header and central directory) to 10 bytes.
+    for offset in _size_offsets(data):
+        data[offset : offset + 4] = (10).to_bytes(4, "little")
+    source.write_bytes(bytes(data))
+    # zipfile stops at the declared size and fails its CRC; the count would stop it anyway.
+    with pytest.raises(ConveyorError):
+        code_archive.extract_archive(str(source), tmp_path / "out", max_unpacked=1 << 20)
+    out = tmp_path / "out" / "bomb.py"
+    assert not out.exists() or out.stat().st_size <= 1 << 20
+
+
+def _size_offsets(data: bytearray) -> list[int]:
+    local = data.find(b"PK\x03\x04")
+    central = data.find(b"PK\x01\x02")
+    return [local + 22, central + 24]
+
+
+def test_too_many_entries_are_refused(tmp_path: Path, store: LocalArtifactStore) -> None:
+    blob = zip_blob(store, [(f"m{i}.py", b"") for i in range(20)])
+    cache = CodeCache(store, tmp_path / "cache", max_entries=10)
+    with pytest.raises(UntrustedStep, match="20 entries, more than 10"):
+        cache.extracted(blob)
+
+
+def test_a_step_without_a_source_file_is_an_error_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    notebook = types.ModuleType(f"conveyor_user_notebook_{uuid.uuid4().hex[:8]}")
+    monkeypatch.setitem(sys.modules, notebook.__name__, notebook)
+
+    def cell() -> int:
+        return 1
+
+    cell.__module__ = notebook.__name__
+    definition = StepDefinition(cell)
+    with pytest.raises(ConveyorError, match="has no source file to ship"):
+        pack({"cell": definition})
+    assert pack({"cell": definition}, strict=False) == {
+        "cell": code_archive.ShippedStep("cell", None)
+    }

@@ -1,0 +1,626 @@
+"""Code that travels with a run: the client packs its steps' source, a worker unpacks it.
+
+Workers share nothing with the client but the broker and the artifact store, so a run carries
+the source of its steps as a zip in the artifact store, named by its content. The client side
+(``pack``, ``attach_code``) zips each code root once per change; the worker side (``CodeCache``)
+fetches an archive once per digest and extracts it, refusing anything that could write outside
+its directory, for ``steps.StepResolver`` to import from.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import re
+import shutil
+import stat
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from importlib.metadata import packages_distributions
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import pydantic
+
+from conveyor.contracts import (
+    ArtifactStore,
+    ArtifactUnreadable,
+    BlobRef,
+    ConveyorError,
+    PipelineSpec,
+    UntrustedStep,
+)
+from conveyor.contracts.models import DIGEST_PATTERN
+from conveyor.workers import digests
+from conveyor.workers.steps import FILE_MODULE_PREFIX, StepDefinition
+
+
+@functools.cache
+def installed_packages() -> frozenset[str]:
+    """Top-level packages of the distributions installed here (editable installs count)."""
+    return frozenset(packages_distributions())
+
+
+DEFAULT_MAX_SIZE_MB = 20.0
+"""How much source a code root may ship, unless its pyproject.toml says otherwise."""
+DEFAULT_MAX_UNPACKED = 1 << 30
+"""The most bytes a worker extracts from one archive: a zip bomb stops here."""
+DEFAULT_MAX_ENTRIES = 100_000
+"""The most files a worker extracts from one archive."""
+MAX_ENTRY_NAME = 1000
+
+# Never shipped, whatever the globs say: environments, caches, other tools' trees.
+_NEVER_DIRS = frozenset({"__pycache__", "node_modules", "site-packages", "dist-packages"})
+# Fixed metadata, so that the same source gives the same bytes, hence the same digest.
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+_ZIP_MODE = (stat.S_IFREG | 0o644) << 16
+_ZIP_UNIX = 3
+_CHUNK = 1 << 20
+_STALE_STAGING_S = 24 * 3600
+
+
+# --- Configuration: [tool.conveyor.code] ---------------------------------------------------
+
+
+class _CodeTable(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    include: list[str] = pydantic.Field(default_factory=list)
+    exclude: list[str] = pydantic.Field(default_factory=list)
+    max_size_mb: float = pydantic.Field(default=DEFAULT_MAX_SIZE_MB, gt=0)
+
+
+@dataclass(frozen=True)
+class CodeConfig:
+    """What a code root ships beyond its ``*.py`` files, what it leaves out, and its cap.
+
+    Globs are shell-style and match a path relative to the code root (``*`` crosses ``/``);
+    a glob without ``/`` also matches a file or folder name at any depth.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    max_size_mb: float = DEFAULT_MAX_SIZE_MB
+    pyproject: Path | None = None
+
+
+def _nearest_pyproject(root: Path) -> Path | None:
+    for folder in (root, *root.parents):
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_config(root: Path) -> CodeConfig:
+    """``[tool.conveyor.code]`` of the nearest pyproject.toml at or above ``root``."""
+    pyproject = _nearest_pyproject(root)
+    if pyproject is None:
+        return CodeConfig()
+    try:
+        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConveyorError(f"cannot read {pyproject}: {exc}") from None
+    table: Any = data.get("tool", {}).get("conveyor", {}).get("code", {})
+    try:
+        parsed = _CodeTable.model_validate(table)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'table'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ConveyorError(f"[tool.conveyor.code] in {pyproject}: {problems}") from None
+    return CodeConfig(tuple(parsed.include), tuple(parsed.exclude), parsed.max_size_mb, pyproject)
+
+
+# --- Client side: where a step's source is, and its archive --------------------------------
+
+
+@dataclass(frozen=True)
+class CodeArchive:
+    """A zip of the source under one code root, kept in a local file until the process ends."""
+
+    root: Path
+    path: Path
+    digest: str
+    size: int
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ShippedStep:
+    """How one step travels: its reference inside ``archive``, or ``archive=None`` for a step
+    of an installed package (workers import it from their own environment)."""
+
+    ref: str
+    archive: CodeArchive | None
+
+
+@dataclass(frozen=True)
+class _Source:
+    root: Path
+    members: frozenset[str] | None
+    """Top-level packages or modules to ship; None: the whole directory."""
+    ref: str
+
+
+@dataclass(frozen=True)
+class _File:
+    name: str
+    """Posix path inside the archive."""
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+def _script_source(path: Path, qualname: str) -> _Source:
+    folder = path.parent
+    if not (folder / "__init__.py").is_file():
+        return _Source(folder, None, f"{path.name}:{qualname}")
+    # A script inside a package ships its top-most package, which it may import by name.
+    top = folder
+    while (top.parent / "__init__.py").is_file() and top.parent != top:
+        top = top.parent
+    relative = path.relative_to(top.parent).as_posix()
+    return _Source(top.parent, frozenset({top.name}), f"{relative}:{qualname}")
+
+
+def _module_source(name: str, path: Path, qualname: str) -> _Source:
+    parts = name.split(".")
+    is_package = path.name == "__init__.py"
+    # The sys.path entry the module was imported from: as many folders up as the name is deep.
+    levels = len(parts) if is_package else len(parts) - 1
+    root = path.parents[min(levels, len(path.parents) - 1)]
+    if is_package:
+        expected = root.joinpath(*parts, "__init__.py")
+    else:
+        expected = root.joinpath(*parts[:-1], f"{parts[-1]}.py")
+    if expected != path:
+        raise ConveyorError(
+            f"cannot tell which folder module {name!r} was imported from ({path}); "
+            "ship it as a script or install its package on the workers"
+        )
+    return _Source(root, frozenset({parts[0]}), f"{name}:{qualname}")
+
+
+def _locate(ref: str, definition: StepDefinition) -> _Source | None:
+    """Where the source of ``definition`` is; None for a step of an installed package."""
+    fn = definition.fn
+    module_name = fn.__module__
+    filename = getattr(sys.modules.get(module_name), "__file__", None)
+    is_script = module_name == "__main__" or module_name.startswith(FILE_MODULE_PREFIX)
+    if not is_script and module_name.partition(".")[0] in installed_packages():
+        return None
+    if filename is None:
+        raise ConveyorError(
+            f"step {definition.name!r} ({ref}) has no source file to ship with the run: "
+            "define it in a .py file"
+        )
+    path = Path(filename).resolve()
+    if is_script:
+        return _script_source(path, fn.__qualname__)
+    return _module_source(module_name, path, fn.__qualname__)
+
+
+def _matches(relative: str, patterns: tuple[str, ...]) -> bool:
+    name = relative.rpartition("/")[2]
+    return any(
+        fnmatchcase(relative, pattern) or ("/" not in pattern and fnmatchcase(name, pattern))
+        for pattern in patterns
+    )
+
+
+def _keep_dir(root: Path, folder: Path, config: CodeConfig) -> bool:
+    name = folder.name
+    if name.startswith(".") or name in _NEVER_DIRS or (folder / "pyvenv.cfg").exists():
+        return False
+    return not _matches(folder.relative_to(root).as_posix(), config.exclude)
+
+
+def _file_entry(root: Path, path: Path, config: CodeConfig) -> _File | None:
+    relative = path.relative_to(root).as_posix()
+    if path.name.startswith("."):
+        return None
+    if not path.name.endswith(".py") and not _matches(relative, config.include):
+        return None
+    if _matches(relative, config.exclude):
+        return None
+    try:
+        info = path.stat()
+    except OSError:  # a dangling symbolic link
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    return _File(relative, path, info.st_size, info.st_mtime_ns)
+
+
+def _walk(root: Path, top: Path, config: CodeConfig) -> Iterator[_File]:
+    for folder_text, folders, names in os.walk(top):
+        folder = Path(folder_text)
+        folders[:] = [name for name in folders if _keep_dir(root, folder / name, config)]
+        for name in names:
+            entry = _file_entry(root, folder / name, config)
+            if entry is not None:
+                yield entry
+
+
+def _select(root: Path, members: frozenset[str] | None, config: CodeConfig) -> list[_File]:
+    found: list[_File] = []
+    if members is None:
+        found.extend(_walk(root, root, config))
+    for member in sorted(members or ()):
+        if (root / member).is_dir():
+            found.extend(_walk(root, root / member, config))
+        entry = _file_entry(root, root / f"{member}.py", config)
+        if entry is not None:
+            found.append(entry)
+    return sorted(found, key=lambda entry: entry.name)
+
+
+def _megabytes(size: float) -> str:
+    return f"{size / (1 << 20):.1f} MB"
+
+
+def _check_size(root: Path, files: list[_File], config: CodeConfig) -> None:
+    cap = config.max_size_mb * (1 << 20)
+    total = sum(entry.size for entry in files)
+    if total <= cap:
+        return
+    largest = sorted(files, key=lambda entry: entry.size, reverse=True)[:3]
+    where = config.pyproject or root / "pyproject.toml"
+    raise ConveyorError(
+        f"the code under {root} to ship with the run is {_megabytes(total)}, over the cap of "
+        f"max_size_mb = {config.max_size_mb:g} (largest: "
+        f"{', '.join(f'{e.name} {_megabytes(e.size)}' for e in largest)}); leave out what the "
+        f'steps do not need with exclude = ["pattern", ...] under [tool.conveyor.code] in '
+        f"{where}, or raise max_size_mb there"
+    )
+
+
+def _write_zip(path: str, files: list[_File]) -> None:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for entry in files:
+            info = zipfile.ZipInfo(entry.name, date_time=_ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.create_system = _ZIP_UNIX  # whatever the client's OS: same source, same bytes
+            info.external_attr = _ZIP_MODE
+            info.file_size = entry.size
+            with entry.path.open("rb") as source, archive.open(info, "w") as target:
+                shutil.copyfileobj(source, target, _CHUNK)
+
+
+_state_lock = threading.Lock()
+_workdir: Path | None = None
+_packed: dict[tuple[Path, frozenset[str] | None], tuple[tuple[Any, ...], CodeArchive]] = {}
+_roots: dict[str, Path] = {}
+
+
+def _archive_folder() -> Path:
+    global _workdir
+    with _state_lock:
+        if _workdir is None:
+            _workdir = Path(tempfile.mkdtemp(prefix="conveyor-code-"))
+            atexit.register(shutil.rmtree, _workdir, True)
+        return _workdir
+
+
+def _build(root: Path, files: list[_File]) -> CodeArchive:
+    folder = _archive_folder()
+    handle, staged = tempfile.mkstemp(dir=folder, suffix=".zip.tmp")
+    os.close(handle)
+    try:
+        _write_zip(staged, files)
+        digest, size = digests.of_file(staged)
+        # Named by content, and never deleted while the process lives: an upload in another
+        # thread may still read an archive that an edit has since superseded.
+        path = folder / f"{digest.partition(':')[2]}.zip"
+        os.replace(staged, path)
+    except BaseException:
+        Path(staged).unlink(missing_ok=True)
+        raise
+    return CodeArchive(root, path, digest, size, tuple(entry.name for entry in files))
+
+
+def _archive(root: Path, members: frozenset[str] | None) -> CodeArchive:
+    config = read_config(root)
+    files = _select(root, members, config)
+    _check_size(root, files, config)
+    # Listing and stat-ing the tree is cheap next to zipping and hashing it.
+    fingerprint = tuple((entry.name, entry.size, entry.mtime_ns) for entry in files)
+    key = (root, members)
+    with _state_lock:
+        cached = _packed.get(key)
+    # The file may be gone if something cleans the temporary folder under a long process.
+    if cached is not None and cached[0] == fingerprint and cached[1].path.is_file():
+        return cached[1]
+    archive = _build(root, files)
+    with _state_lock:
+        _packed[key] = (fingerprint, archive)
+        _roots[archive.digest] = root
+    return archive
+
+
+def _merge(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+    return None if a is None or b is None else a | b
+
+
+def _locate_or_skip(ref: str, definition: StepDefinition, strict: bool) -> _Source | None:
+    try:
+        return _locate(ref, definition)
+    except ConveyorError:
+        if strict:
+            raise
+        return None
+
+
+def pack(
+    definitions: Mapping[str, StepDefinition], *, strict: bool = True
+) -> dict[str, ShippedStep]:
+    """How each step of a compiled pipeline travels, by its reference in ``definitions``.
+
+    Steps of installed distributions ship nothing. A script ships its folder (or, inside a
+    package, its top-most package); a module of a local package ships that top-level package
+    from the sys.path entry it came from. Steps that share a root share one archive; an
+    unchanged root is not zipped again in this process. A step whose source cannot be found
+    (defined in a notebook, say) is a ConveyorError, or with ``strict=False`` ships nothing,
+    for workers of this same process that know it already.
+    """
+    sources = {ref: _locate_or_skip(ref, d, strict) for ref, d in definitions.items()}
+    members: dict[Path, frozenset[str] | None] = {}
+    for found in filter(None, sources.values()):
+        members[found.root] = _merge(members.get(found.root, frozenset()), found.members)
+    archives = {root: _archive(root, chosen) for root, chosen in members.items()}
+    shipped: dict[str, ShippedStep] = {}
+    for ref, source in sources.items():
+        if source is None:
+            shipped[ref] = ShippedStep(ref, None)
+        else:
+            shipped[ref] = ShippedStep(source.ref, archives[source.root])
+    return shipped
+
+
+def packed_root(digest: str) -> Path | None:
+    """The code root this process packed into the archive ``digest``, if it did."""
+    with _state_lock:
+        return _roots.get(digest)
+
+
+def _upload(store: ArtifactStore, archive: CodeArchive) -> BlobRef:
+    def write(path: str) -> None:
+        shutil.copyfile(archive.path, path)
+
+    blob = store.put(write)
+    with _state_lock:
+        # Under the store's digest too, should it hash with another algorithm than ours.
+        _roots[blob.digest] = archive.root
+    return blob
+
+
+def attach_code(
+    spec: PipelineSpec,
+    definitions: Mapping[str, StepDefinition],
+    store: ArtifactStore,
+    *,
+    strict: bool = True,
+) -> PipelineSpec:
+    """``spec`` with each step's code archive uploaded to ``store`` and set on the step.
+
+    File references become relative to their archive's root (``sub/script.py:fn``); module
+    references stay; steps of installed packages keep ``code=None``. ``strict`` as in
+    ``pack``. Blocking.
+    """
+    shipped = pack(definitions, strict=strict)
+    blobs: dict[str, BlobRef] = {}
+    steps = []
+    for step in spec.steps:
+        how = shipped.get(step.ref)
+        if how is None:
+            raise ConveyorError(f"step {step.name!r} ({step.ref}) has no definition to ship")
+        code = None
+        if how.archive is not None:
+            code = blobs.get(how.archive.digest)
+            if code is None:
+                code = blobs[how.archive.digest] = _upload(store, how.archive)
+        steps.append(step.model_copy(update={"ref": how.ref, "code": code}))
+    return spec.model_copy(update={"steps": steps})
+
+
+# --- Worker side: fetch once, extract safely ----------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """Where a worker keeps extracted archives unless told otherwise."""
+    return platformdirs.user_cache_path("conveyor") / "code"
+
+
+def _refuse(name: str, why: str) -> UntrustedStep:
+    shown = name if len(name) <= 200 else name[:200] + "..."
+    return UntrustedStep(f"the run's code archive has an unsafe entry {shown!r}: {why}")
+
+
+def _unsafe_kind(info: zipfile.ZipInfo) -> str | None:
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if info.is_dir() or (stat.S_IFMT(mode) and not stat.S_ISREG(mode)):
+        return "not a regular file"
+    if info.flag_bits & 0x1:
+        return "encrypted"
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        return "an unsupported compression method"
+    return None
+
+
+def _unsafe_name(name: str) -> str | None:
+    if not name or len(name) > MAX_ENTRY_NAME or "\0" in name:
+        return "an empty or overlong name"
+    if "\\" in name:
+        return "a backslash in its name"
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name):
+        return "an absolute path"
+    segments = name.split("/")
+    if ".." in segments:
+        return "a '..' that climbs out of the archive"
+    if "" in segments or "." in segments:
+        return "an empty or '.' path segment"
+    return None
+
+
+def _check_entries(entries: list[zipfile.ZipInfo], max_unpacked: int, max_entries: int) -> None:
+    if len(entries) > max_entries:
+        raise UntrustedStep(
+            f"the run's code archive has {len(entries)} entries, more than {max_entries}"
+        )
+    seen: set[str] = set()
+    for info in entries:
+        why = _unsafe_kind(info) or _unsafe_name(info.filename)
+        if info.filename in seen:
+            why = "a second entry of that name"
+        if why is not None:
+            raise _refuse(info.filename, why)
+        seen.add(info.filename)
+    declared = sum(info.file_size for info in entries)
+    if declared > max_unpacked:
+        raise _bomb(declared, max_unpacked)
+
+
+def _bomb(size: int, max_unpacked: int) -> UntrustedStep:
+    return UntrustedStep(
+        f"the run's code archive unpacks to {_megabytes(size)} or more, over this worker's "
+        f"bound of {_megabytes(max_unpacked)}"
+    )
+
+
+def _extract_entry(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, total: int, bound: int
+) -> int:
+    destination = target.joinpath(*info.filename.split("/"))
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with archive.open(info) as source, destination.open("xb") as out:
+            # Sizes in the headers may lie: count what actually comes out.
+            while chunk := source.read(_CHUNK):
+                total += len(chunk)
+                if total > bound:
+                    raise _bomb(total, bound)
+                out.write(chunk)
+    except (FileExistsError, NotADirectoryError, IsADirectoryError):
+        raise _refuse(info.filename, "it overlaps another entry") from None
+    return total
+
+
+def extract_archive(
+    path: str,
+    target: Path,
+    *,
+    max_unpacked: int = DEFAULT_MAX_UNPACKED,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+) -> list[str]:
+    """Extract the zip at ``path`` into the empty folder ``target``; its file names.
+
+    Every entry is checked before anything is written: only regular files, with relative
+    names that stay inside ``target``, no more than ``max_entries`` of them and
+    ``max_unpacked`` bytes in all. UntrustedStep names the first entry that fails.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+            _check_entries(entries, max_unpacked, max_entries)
+            total = 0
+            for info in entries:
+                total = _extract_entry(archive, info, target, total, max_unpacked)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise ArtifactUnreadable(f"the run's code archive is not a readable zip: {exc}") from None
+    return [info.filename for info in entries]
+
+
+def _folder_name(digest: str) -> str:
+    if not re.fullmatch(DIGEST_PATTERN, digest):
+        raise ArtifactUnreadable(f"{digest!r} is not a digest")
+    algorithm, _, hexdigest = digest.partition(":")
+    return f"{algorithm}-{hexdigest}"
+
+
+class CodeCache:
+    """Extracted code archives, one folder per digest, shared by the processes of a machine.
+
+    An archive is fetched once per digest (the store verifies its bytes), extracted into a
+    temporary folder beside its final place, then renamed into place: a folder under its
+    digest's name is always complete, and when two processes extract the same archive at once,
+    the second finds the first's folder and drops its own.
+    """
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        directory: Path,
+        *,
+        max_unpacked: int = DEFAULT_MAX_UNPACKED,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> None:
+        self._store = store
+        self.directory = Path(directory).expanduser().resolve()
+        self._max_unpacked = max_unpacked
+        self._max_entries = max_entries
+        self._lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._sweep()
+
+    def extracted(self, code: BlobRef) -> Path:
+        """The local folder that holds the files of the archive ``code``."""
+        name = _folder_name(code.digest)
+        with self._lock:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            target = self.directory / name
+            if not target.is_dir():
+                self._extract(code, target)
+            return target
+
+    def _extract(self, code: BlobRef, target: Path) -> None:
+        if code.size > self._max_unpacked:
+            raise _bomb(code.size, self._max_unpacked)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        staging = Path(
+            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=self.directory)
+        )
+        try:
+            self._store.get(code.uri, code.digest, lambda path: self._unpack(path, staging))
+            try:
+                os.rename(staging, target)
+            except OSError:
+                if not target.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _unpack(self, path: str, staging: Path) -> list[str]:
+        return extract_archive(
+            path, staging, max_unpacked=self._max_unpacked, max_entries=self._max_entries
+        )
+
+    def _sweep(self) -> None:
+        # Staging folders of processes that died mid-extraction; a live one is never this old.
+        try:
+            entries = list(os.scandir(self.directory))
+        except OSError:
+            return
+        for entry in entries:
+            if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                continue
+            try:
+                stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > _STALE_STAGING_S
+            except OSError:
+                continue
+            if stale:
+                shutil.rmtree(entry.path, ignore_errors=True)
