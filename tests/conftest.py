@@ -139,3 +139,34 @@ def running_server(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+# --- a real S3 endpoint: moto's server (see tests/s3_support.py) ---
+
+from tests.s3_support import (  # noqa: E402  (appended section; boto3 is a dev dependency)
+    TEST_KEY,
+    TEST_REGION,
+    TEST_SECRET,
+    S3Bucket,
+    moto_server,
+    new_bucket,
+)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """The endpoint URL of a moto S3 server shared by the session; any key is accepted."""
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
+    """A fresh bucket on ``s3_server``, with test keys and region in the AWS_* environment
+    variables and no profile, token or endpoint override."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", TEST_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET)
+    monkeypatch.setenv("AWS_REGION", TEST_REGION)
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    return S3Bucket(s3_server, new_bucket(s3_server))

@@ -25,6 +25,7 @@ from conveyor.contracts import (
     ValidationError,
 )
 from conveyor.workers.artifact_store_local import LocalArtifactStore, LocalArtifactStoreConfig
+from conveyor.workers.artifact_store_s3 import S3ArtifactStoreConfig, make_s3_store
 from conveyor.workers.broker_inprocess import InProcessBroker
 from conveyor.workers.broker_rabbitmq import RabbitMQBroker
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
@@ -155,6 +156,12 @@ FLAVORS: dict[tuple[ComponentType, str], Flavor] = {
         LocalArtifactStoreConfig,
         "A directory; shared storage when workers run on several machines.",
     ),
+    (ComponentType.ARTIFACT_STORE, "s3"): Flavor(
+        ComponentType.ARTIFACT_STORE,
+        "s3",
+        S3ArtifactStoreConfig,
+        "A bucket of AWS S3 or any S3-compatible store (MinIO, R2); for workers anywhere.",
+    ),
 }
 
 
@@ -215,11 +222,22 @@ def run_artifact_store(snapshot: dict[str, Any]) -> ArtifactStore:
     return make_artifact_store(stack)
 
 
+def _local_store(config: BaseModel) -> ArtifactStore:
+    return LocalArtifactStore(LocalArtifactStoreConfig.model_validate(config).path)
+
+
+StoreFactory = Callable[[BaseModel], ArtifactStore]
+ARTIFACT_STORES: dict[str, StoreFactory] = {
+    "local": _local_store,
+    "s3": make_s3_store,
+}
+
+
 def make_artifact_store(stack: StackSpec) -> ArtifactStore:
+    """The artifact store of ``stack``, built from its component's flavor and config."""
     component = stack.component(ComponentType.ARTIFACT_STORE)
     config = get_flavor(component.type, component.flavor).validate(component.config)
-    assert isinstance(config, LocalArtifactStoreConfig)
-    return LocalArtifactStore(config.path)
+    return ARTIFACT_STORES[component.flavor](config)
 
 
 def _rabbitmq_broker(stack: StackSpec, config: BaseModel) -> Broker:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,8 @@ from conveyor.service.cli.output import (
 from conveyor.service.cli.state import client
 from conveyor.service.home import STACK_ENV
 from conveyor.workers.flavors import masked_config
+from conveyor.workers.secrets import mask_urls
+from conveyor.workers.stack_probes import probe_stack
 
 app = typer.Typer(
     help="Stacks: the orchestrator and artifact store a run executes on.", no_args_is_help=True
@@ -102,6 +105,7 @@ def describe(
         c = client(ctx)
         active = c.active_stack_name()
         stack = c.get_stack(name)
+    probes = asyncio.run(probe_stack(stack))
 
     def render(_: object) -> list[object]:
         marker = " (ACTIVE)" if stack.name == active else ""
@@ -131,9 +135,24 @@ def describe(
                     title=f"{column(t)} '{component.name}'",
                 )
             )
+        parts.append(
+            table(
+                ["COMPONENT_TYPE", "REACHABLE", "DETAIL"],
+                [
+                    [column(t), "yes" if probe.ok else "NO", mask_urls(probe.detail)]
+                    for t, probe in sorted(probes.items())
+                ],
+                title="Reachability",
+            )
+        )
         return parts
 
-    emit(output, stack_json(stack, active), render)
+    shown_json = stack_json(stack, active)
+    shown_json["reachability"] = {
+        t.value: {"ok": probe.ok, "detail": mask_urls(probe.detail)}
+        for t, probe in sorted(probes.items())
+    }
+    emit(output, shown_json, render)
 
 
 def _components_table(stack: StackSpec) -> object:

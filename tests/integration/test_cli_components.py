@@ -36,13 +36,22 @@ def test_flavor_list_shows_each_key_with_type_default_and_description() -> None:
     table = ok("orchestrator", "flavor", "list").stdout
     assert ["concurrency", "int", "4", "Steps the embedded worker pool runs at once"] in rows(table)
     assert "orchestrator flavor 'local'" in table
-    (store,) = as_json("artifact-store", "flavor", "list")
-    assert store["name"] == "local" and store["type"] == "artifact_store"
-    (path,) = store["config"]
+    stores = {f["name"]: f for f in as_json("artifact-store", "flavor", "list")}
+    assert set(stores) == {"local", "s3"}
+    assert {f["type"] for f in stores.values()} == {"artifact_store"}
+    (path,) = stores["local"]["config"]
     assert path["key"] == "path" and path["type"] == "str" and path["required"] is True
-    header, path_row = rows(ok("artifact-store", "flavor", "list").stdout)
-    assert header == ["KEY", "TYPE", "DEFAULT", "DESCRIPTION"]
-    assert path_row[:3] == ["path", "str", "(required)"]
+    s3 = {key["key"]: key for key in stores["s3"]["config"]}
+    assert s3["bucket"]["required"] is True
+    assert {k for k, key in s3.items() if key["secret"]} == {
+        "access_key_id",
+        "secret_access_key",
+        "session_token",
+    }
+    table = rows(ok("artifact-store", "flavor", "list").stdout)
+    assert table[0] == ["KEY", "TYPE", "DEFAULT", "DESCRIPTION"]
+    assert ["path", "str", "(required)"] in [row[:3] for row in table]
+    assert ["bucket", "str", "(required)"] in [row[:3] for row in table]
 
 
 def test_register_describe_update_rename_delete(nfs: Path) -> None:
