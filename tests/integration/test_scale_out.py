@@ -50,7 +50,7 @@ from tests.integration.rabbitmq_support import (
     vhost,
     wait_until,
 )
-from tests.s3_support import S3Bucket
+from tests.s3_support import S3Bucket, auth_server
 
 __all__ = ["processes", "vhost"]  # fixtures
 
@@ -428,3 +428,24 @@ def test_a_store_that_cannot_be_used_fails_the_submit_and_workers_keep_going(
     assert worker.proc.poll() is None, worker.output()
     result = conveyor_cli("pipeline", "run", "team_pipeline.py:scale_out", cwd=client_dir)
     assert result.returncode == 0, result.stdout + result.stderr + worker.output()[-3000:]
+
+
+def test_refused_credentials_fail_the_submit_with_a_clear_error(
+    vhost: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client_dir = tmp_path / "client"
+    client_dir.mkdir()
+    pipeline_file = client_dir / "team_pipeline.py"
+    pipeline_file.write_text(PIPELINE.format(version=1, client_file=str(pipeline_file)))
+    with auth_server() as server:
+        asyncio.run(register_s3_stack(vhost, S3Bucket(server.endpoint, server.bucket)))
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        result = conveyor_cli("pipeline", "run", "team_pipeline.py:scale_out", cwd=client_dir)
+    message = result.stdout + result.stderr
+    assert result.returncode == 1, message
+    assert server.bucket in message and server.endpoint in message, message
+    assert "refused" in message and "Traceback" not in message, message
+    assert "not-the-secret" not in message
+    with Client() as client:
+        assert client.list_runs() == []
