@@ -28,12 +28,8 @@ from conveyor.contracts import (
     StepSpec,
     UntrustedStep,
 )
-from conveyor.workers.code_archive import (
-    CodeCache,
-    default_cache_dir,
-    installed_packages,
-    packed_root,
-)
+from conveyor.workers.code_archive import installed_packages, packed_root
+from conveyor.workers.code_cache import CodeCache, default_cache_dir
 from conveyor.workers.steps import FILE_MODULE_PREFIX, StepDefinition, load_reference
 
 MAX_REF_LENGTH = 1000

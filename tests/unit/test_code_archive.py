@@ -19,9 +19,10 @@ import pytest
 
 from conveyor import pipeline
 from conveyor.contracts import BlobRef, ConveyorError, UntrustedStep
-from conveyor.workers import code_archive
+from conveyor.workers import code_archive, code_cache
 from conveyor.workers.artifact_store_local import LocalArtifactStore
-from conveyor.workers.code_archive import CodeCache, attach_code, pack
+from conveyor.workers.code_archive import attach_code, pack
+from conveyor.workers.code_cache import CodeCache
 from conveyor.workers.steps import StepDefinition, load_reference
 
 T = TypeVar("T")
@@ -440,7 +441,7 @@ def test_a_bomb_that_lies_about_its_size_is_stopped(tmp_path: Path) -> None:
     source.write_bytes(bytes(data))
     # zipfile stops at the declared size and fails its CRC; the count would stop it anyway.
     with pytest.raises(ConveyorError):
-        code_archive.extract_archive(str(source), tmp_path / "out", max_unpacked=1 << 20)
+        code_cache.extract_archive(str(source), tmp_path / "out", max_unpacked=1 << 20)
     out = tmp_path / "out" / "bomb.py"
     assert not out.exists() or out.stat().st_size <= 1 << 20
 
