@@ -49,11 +49,9 @@ from overhead import report  # noqa: E402
 
 from conveyor.contracts import ArtifactRef  # noqa: E402
 from conveyor.workers.artifact_store_local import LocalArtifactStore  # noqa: E402
-from conveyor.workers.artifact_store_s3 import (  # noqa: E402
-    S3ArtifactStore,
-    S3ArtifactStoreConfig,
-)
+from conveyor.workers.artifact_store_s3 import S3ArtifactStore  # noqa: E402
 from conveyor.workers.execution import load_artifact, save_artifact  # noqa: E402
+from conveyor.workers.s3_config import S3ArtifactStoreConfig  # noqa: E402
 
 UNITS = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
 BASELINE = {"local": "numpy", "s3": "obstore"}

@@ -25,10 +25,11 @@ from conveyor.contracts import (
     ValidationError,
 )
 from conveyor.workers.artifact_store_local import LocalArtifactStore, LocalArtifactStoreConfig
-from conveyor.workers.artifact_store_s3 import S3ArtifactStoreConfig, make_s3_store
+from conveyor.workers.artifact_store_s3 import make_s3_store
 from conveyor.workers.broker_inprocess import InProcessBroker
 from conveyor.workers.broker_rabbitmq import RabbitMQBroker
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
+from conveyor.workers.s3_config import S3ArtifactStoreConfig
 from conveyor.workers.secrets import mask, mask_value, reveal, secret_keys
 
 

@@ -22,11 +22,8 @@ import pytest
 from conveyor.contracts import ArtifactUnreadable, ComponentType, StoreUnavailable
 from conveyor.service.context import Services
 from conveyor.workers import digests
-from conveyor.workers.artifact_store_s3 import (
-    S3ArtifactStore,
-    S3ArtifactStoreConfig,
-    resolve_credentials,
-)
+from conveyor.workers.artifact_store_s3 import S3ArtifactStore
+from conveyor.workers.s3_config import S3ArtifactStoreConfig, resolve_credentials
 from tests.integration.api_helpers import serving, submit, wait_status
 from tests.s3_support import AuthServer, S3Bucket, auth_server, unused_endpoint
 

@@ -7,12 +7,9 @@ from typing import Any
 import pytest
 
 from conveyor.contracts import ComponentSpec, ComponentType, ValidationError
-from conveyor.workers.artifact_store_s3 import (
-    S3ArtifactStore,
-    S3ArtifactStoreConfig,
-    resolve_region,
-)
+from conveyor.workers.artifact_store_s3 import S3ArtifactStore
 from conveyor.workers.flavors import ARTIFACT_STORES, flavors_of, get_flavor, masked_config
+from conveyor.workers.s3_config import S3ArtifactStoreConfig, resolve_region
 
 FLAVOR = get_flavor(ComponentType.ARTIFACT_STORE, "s3")
 
