@@ -64,6 +64,10 @@ class Broker(Protocol):
     async def stop(self) -> None:
         """Cancel consumers and disconnect. Idempotent and safe before ``start``."""
 
+    async def pause(self) -> None:
+        """Stop every consumer from taking more messages, while the deliveries in hand can
+        still be settled: the first step of a graceful stop. Idempotent."""
+
     async def publish(self, events: Sequence[Event]) -> None:
         """Route and publish ``events``; returns once the broker confirmed every one."""
 

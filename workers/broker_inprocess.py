@@ -123,10 +123,14 @@ class _Consumer:
             log.exception("handler failed", queue=self.queue, event_id=delivery.event.event_id)
             await delivery.reject(f"handler raised {type(exc).__name__}: {exc}")
 
-    async def cancel(self) -> None:
+    async def pause(self) -> None:
+        """Take no more messages; the deliveries in hand can still be settled."""
         if self.pump is not None:
             self.pump.cancel()
             await asyncio.gather(self.pump, return_exceptions=True)
+
+    async def cancel(self) -> None:
+        await self.pause()
         for delivery in list(self.unsettled):
             await delivery.requeue()
         self.broker.consumers.discard(self)
@@ -177,6 +181,11 @@ class InProcessBroker:
 
     async def start(self) -> None:
         """Nothing to connect to."""
+
+    async def pause(self) -> None:
+        """Stop every consumer from taking more messages; idempotent."""
+        for consumer in list(self.consumers):
+            await consumer.pause()
 
     async def stop(self) -> None:
         """Cancel every consumer and follower; idempotent."""

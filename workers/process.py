@@ -17,7 +17,6 @@ from pathlib import Path
 import structlog
 
 from conveyor.contracts import DEFAULT_POOL, ComponentType, ConveyorError, StackSpec
-from conveyor.workers.broker_rabbitmq import RabbitMQBroker
 from conveyor.workers.flavors import get_flavor, make_artifact_store, make_broker
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.runtime import WorkerPool
@@ -149,8 +148,7 @@ async def serve_workers(
         )
         deaf = await wait_for_stop(signals, watchdog)
         log.info("worker stopping", worker=pool.facts.worker)
-        if isinstance(broker, RabbitMQBroker):
-            await broker.pause()
+        await broker.pause()
         await pool.stop(grace=config.grace_s if grace_s is None else grace_s)
         return EXIT_DEAF if deaf else EXIT_OK
     finally:
