@@ -90,9 +90,11 @@ class ArtifactStore(Protocol):
     def location(self) -> str:
         """Where the bytes live, for messages: a directory, or a bucket and its endpoint."""
 
-    def put(self, write: Callable[[str], None]) -> BlobRef:
+    def put(self, write: Callable[[str], str | None]) -> BlobRef:
         """Call ``write(path)`` to create a file at a fresh local ``path``, then store its
-        bytes under their content address (atomically: no reader sees a partial object)."""
+        bytes under their content address (atomically: no reader sees a partial object).
+        ``write`` may return the digest of what it wrote, when it hashed the bytes on the way;
+        else the store hashes the file."""
 
     def put_bytes(self, data: bytes) -> BlobRef:
         """Store small ``data`` under its content address."""
@@ -113,8 +115,9 @@ class Materializer(Protocol):
     def handles(self, value: object) -> bool:
         """Whether this materializer can write ``value``."""
 
-    def save(self, value: object, path: str) -> None:
-        """Write ``value`` to a new file at ``path``."""
+    def save(self, value: object, path: str) -> str | None:
+        """Write ``value`` to a new file at ``path``; return the digest of the bytes written
+        if it hashed them on the way (see ``workers.digests``), else None."""
 
     def load(self, path: str, ref: ArtifactRef) -> object:
         """The value stored in the file at ``path``."""

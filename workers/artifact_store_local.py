@@ -91,11 +91,14 @@ class LocalArtifactStore:
             uri=f"{self._root_uri}/{hexdigest[:2]}/{hexdigest}", digest=digest, size=size
         )
 
-    def put(self, write: Callable[[str], None]) -> BlobRef:
+    def put(self, write: Callable[[str], str | None]) -> BlobRef:
         tmp = self._staged()
         try:
-            write(tmp)
-            digest, size = digests.of_file(tmp)
+            digest = write(tmp)
+            if digest is None:
+                digest, size = digests.of_file(tmp)
+            else:
+                size = os.stat(tmp).st_size
             return self._commit(tmp, digest, size)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -140,10 +140,13 @@ class S3ArtifactStore:
     def _ref(self, digest: str, size: int) -> BlobRef:
         return BlobRef(uri=f"s3://{self.bucket}/{self.key_of(digest)}", digest=digest, size=size)
 
-    def put(self, write: Callable[[str], None]) -> BlobRef:
+    def put(self, write: Callable[[str], str | None]) -> BlobRef:
         with _scratch_file() as path:
-            write(path)
-            digest, size = digests.of_file(path)
+            digest = write(path)
+            if digest is None:
+                digest, size = digests.of_file(path)
+            else:
+                size = os.stat(path).st_size
             self._upload(Path(path), digest, size)
         return self._ref(digest, size)
 

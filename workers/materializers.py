@@ -6,15 +6,21 @@ Pickle is never chosen unless the step opted in: unpickling is code execution.
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import pickle
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npy
 from pydantic import BaseModel
 
 from conveyor.contracts import ArtifactRef, ConveyorError, Materializer
+from conveyor.workers import digests
+
+HASH_ALONGSIDE_MIN = 4 << 20
+"""Arrays from this size on are hashed from memory while they are written."""
 
 
 def type_name(value: object) -> str:
@@ -39,9 +45,10 @@ def _import_type(qualified: str) -> Any:
     raise ConveyorError(f"cannot import type {qualified!r}")
 
 
-def _write(path: str, data: bytes | bytearray) -> None:
+def _write(path: str, data: bytes | bytearray) -> str | None:
     with open(path, "wb") as handle:
         handle.write(data)
+    return None  # small: the store hashes the file
 
 
 def _read(path: str) -> bytes:
@@ -55,9 +62,9 @@ class StrMaterializer:
     def handles(self, value: object) -> bool:
         return isinstance(value, str)
 
-    def save(self, value: object, path: str) -> None:
+    def save(self, value: object, path: str) -> str | None:
         assert isinstance(value, str)
-        _write(path, value.encode())
+        return _write(path, value.encode())
 
     def load(self, path: str, ref: ArtifactRef) -> object:
         return _read(path).decode()
@@ -69,9 +76,9 @@ class BytesMaterializer:
     def handles(self, value: object) -> bool:
         return isinstance(value, bytes | bytearray)
 
-    def save(self, value: object, path: str) -> None:
+    def save(self, value: object, path: str) -> str | None:
         assert isinstance(value, bytes | bytearray)
-        _write(path, value)
+        return _write(path, value)
 
     def load(self, path: str, ref: ArtifactRef) -> object:
         return _read(path)
@@ -88,9 +95,25 @@ class NumpyMaterializer:
             return True
         return isinstance(value, np.ndarray) and value.dtype != object
 
-    def save(self, value: object, path: str) -> None:
-        with open(path, "wb") as handle:
-            np.save(handle, np.asarray(value), allow_pickle=False)
+    def save(self, value: object, path: str) -> str | None:
+        array = np.asarray(value)
+        if array.nbytes < HASH_ALONGSIDE_MIN or not array.flags.c_contiguous:
+            with open(path, "wb") as handle:
+                np.save(handle, array, allow_pickle=False)
+            return None
+        # The bytes np.save would write (its header, then the data as is), hashed from memory
+        # while they are written, so the store need not read the file back.
+        header = io.BytesIO()
+        npy.write_array_header_1_0(header, npy.header_data_from_array_1_0(array))
+        head = header.getvalue()
+        data = array.reshape(-1).view(np.uint8).data
+
+        def write() -> None:
+            with open(path, "wb") as handle:
+                handle.write(head)
+                array.tofile(handle)
+
+        return digests.alongside(write, [head, data])
 
     def load(self, path: str, ref: ArtifactRef) -> object:
         with open(path, "rb") as handle:
@@ -104,9 +127,9 @@ class PydanticMaterializer:
     def handles(self, value: object) -> bool:
         return isinstance(value, BaseModel)
 
-    def save(self, value: object, path: str) -> None:
+    def save(self, value: object, path: str) -> str | None:
         assert isinstance(value, BaseModel)
-        _write(path, value.model_dump_json().encode())
+        return _write(path, value.model_dump_json().encode())
 
     def load(self, path: str, ref: ArtifactRef) -> object:
         model = _import_type(ref.data_type)
@@ -129,8 +152,8 @@ class JsonMaterializer:
             return False
         return True
 
-    def save(self, value: object, path: str) -> None:
-        _write(path, json.dumps(value, separators=(",", ":")).encode())
+    def save(self, value: object, path: str) -> str | None:
+        return _write(path, json.dumps(value, separators=(",", ":")).encode())
 
     def load(self, path: str, ref: ArtifactRef) -> object:
         value = json.loads(_read(path))
@@ -145,9 +168,10 @@ class PickleMaterializer:
     def handles(self, value: object) -> bool:
         return True
 
-    def save(self, value: object, path: str) -> None:
+    def save(self, value: object, path: str) -> str | None:
         with open(path, "wb") as handle:
             pickle.dump(value, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        return None
 
     def load(self, path: str, ref: ArtifactRef) -> object:
         with open(path, "rb") as handle:

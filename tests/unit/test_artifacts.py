@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from conveyor.contracts import ArtifactRef, ArtifactUnreadable, ConveyorError, OutsideStore
+from conveyor.workers import digests
 from conveyor.workers.artifact_store_local import LocalArtifactStore
 from conveyor.workers.execution import load_artifact, save_artifact
 from conveyor.workers.materializers import NoMaterializer
@@ -153,3 +154,34 @@ def test_records_written_with_a_bare_sha256_still_verify(store: LocalArtifactSto
     wrong = legacy.model_copy(update={"digest": "sha256:" + "0" * 64})
     with pytest.raises(ArtifactUnreadable, match="corrupted"):
         load_artifact(store, wrong, allow_pickle=False)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.random.default_rng(1).random(1 << 20),  # 8 MB: hashed while written
+        np.arange(1 << 20, dtype=np.int32).reshape(1024, 1024),
+        np.zeros((4, 1 << 20), dtype=np.float32)[:, ::2],  # not contiguous: hashed after
+        np.arange(1 << 21, dtype=np.float64).reshape(1024, 2048).T,  # Fortran order
+    ],
+)
+def test_large_arrays_are_stored_as_np_save_writes_them_under_their_true_digest(
+    store: LocalArtifactStore, array: np.ndarray, tmp_path: Path
+) -> None:
+    ref = save_artifact(store, array, allow_pickle=False, what="v")
+    path = store.path_of(ref.uri)
+    np.save(tmp_path / "plain.npy", array, allow_pickle=False)
+    assert Path(path).read_bytes() == (tmp_path / "plain.npy").read_bytes()
+    assert digests.of_file(path) == (ref.digest, ref.size)
+    assert np.array_equal(load_artifact(store, ref, allow_pickle=False), array)
+
+
+def test_a_large_corrupted_file_is_detected_through_the_mapped_check(
+    store: LocalArtifactStore,
+) -> None:
+    ref = save_artifact(store, np.ones(1 << 20), allow_pickle=False, what="v")
+    with open(store.path_of(ref.uri), "r+b") as handle:
+        handle.seek(ref.size - 1)
+        handle.write(b"\x00")
+    with pytest.raises(ArtifactUnreadable, match="corrupted"):
+        load_artifact(store, ref, allow_pickle=False)
