@@ -193,40 +193,76 @@ def object_keys(bucket: S3Bucket) -> list[str]:
     return [item["Key"] for item in listed.get("Contents", [])]
 
 
-def test_a_file_that_only_the_client_has_runs_on_workers_that_share_nothing(
+@dataclass
+class Team:
+    """A rabbitmq + s3 stack, a controller sharing the client's store, a client folder with
+    a pipeline file in it, and the stack exported to a file outside that folder."""
+
+    vhost: str
+    tmp_path: Path
+    home: Path
+    isolated: list[Isolated]
+    client_dir: Path
+    stack_file: Path
+
+    @property
+    def pipeline_file(self) -> Path:
+        return self.client_dir / "team_pipeline.py"
+
+    def write(self, version: int, extra: str = "") -> None:
+        text = PIPELINE.format(version=version, client_file=str(self.pipeline_file))
+        self.pipeline_file.write_text(text + extra)
+
+    def worker(self, label: str) -> Isolated:
+        """A worker that sees neither the client's folder nor its home."""
+        worker = start_isolated_worker(
+            label,
+            tmp_path=self.tmp_path,
+            hidden=[self.client_dir, self.home],
+            stack_file=self.stack_file,
+            url=self.vhost,
+        )
+        self.isolated.append(worker)
+        return worker
+
+    def run(self, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return conveyor_cli(
+            "pipeline", "run", "team_pipeline.py:scale_out", cwd=self.client_dir, timeout=timeout
+        )
+
+
+@pytest.fixture
+def team(
     vhost: str,
     s3_bucket: S3Bucket,
     tmp_path: Path,
     home: Path,
     processes: Processes,
     isolated: list[Isolated],
-) -> None:
+) -> Team:
     client_dir = tmp_path / "client"
     client_dir.mkdir()
-    pipeline_file = client_dir / "team_pipeline.py"
-    pipeline_file.write_text(PIPELINE.format(version=1, client_file=str(pipeline_file)))
     asyncio.run(register_s3_stack(vhost, s3_bucket))
     stack_file = tmp_path / "shared" / "stack.yaml"
     stack_file.parent.mkdir()
     exported = conveyor_cli("stack", "export", STACK, str(stack_file))
     assert exported.returncode == 0, exported.stderr
+    processes.controller()  # the controller may share the client's metadata store
+    made = Team(vhost, tmp_path, home, isolated, client_dir, stack_file)
+    made.write(version=1)
+    return made
 
-    # The controller may share the client's metadata store.
-    processes.controller()
-    workers = [
-        start_isolated_worker(
-            f"w{i}", tmp_path=tmp_path, hidden=[client_dir, home], stack_file=stack_file, url=vhost
-        )
-        for i in (1, 2)
-    ]
-    isolated.extend(workers)
+
+def test_a_file_that_only_the_client_has_runs_on_workers_that_share_nothing(
+    team: Team, s3_bucket: S3Bucket, tmp_path: Path, home: Path, processes: Processes
+) -> None:
+    client_dir = team.client_dir
+    workers = [team.worker(f"w{i}") for i in (1, 2)]
     worker_pids = {w.proc.pid for w in workers}
 
     for version in (1, 2):
-        pipeline_file.write_text(PIPELINE.format(version=version, client_file=str(pipeline_file)))
-        result = conveyor_cli(
-            "pipeline", "run", "team_pipeline.py:scale_out", cwd=client_dir, timeout=120
-        )
+        team.write(version)
+        result = team.run()
         logs = "\n".join(f"--- {w.label}\n{w.output()[-3000:]}" for w in workers)
         assert result.returncode == 0, result.stdout + result.stderr + logs + processes.dump()
         run_id = run_id_in(result.stdout)
@@ -311,34 +347,15 @@ async def stack_spec() -> StackSpec:
 
 
 def test_hostile_step_messages_are_dead_lettered_and_nothing_of_them_runs(
-    vhost: str,
-    s3_bucket: S3Bucket,
-    tmp_path: Path,
-    home: Path,
-    processes: Processes,
-    isolated: list[Isolated],
+    team: Team, vhost: str, tmp_path: Path
 ) -> None:
-    client_dir = tmp_path / "client"
-    client_dir.mkdir()
-    pipeline_file = client_dir / "team_pipeline.py"
+    client_dir = team.client_dir
     markers = {name: tmp_path / f"marker-{name}" for name in ("system", "escape", "plain")}
-    pipeline_file.write_text(
-        PIPELINE.format(version=1, client_file=str(pipeline_file))
-        + HELPER.format(marker=str(markers["plain"]))
-    )
+    team.write(version=1, extra=HELPER.format(marker=str(markers["plain"])))
     elsewhere = tmp_path / "evil" / "elsewhere.py"
     elsewhere.parent.mkdir()
     elsewhere.write_text(EVIL.format(marker=str(markers["escape"])))
-    asyncio.run(register_s3_stack(vhost, s3_bucket))
-    stack_file = tmp_path / "stack.yaml"
-    assert conveyor_cli("stack", "export", STACK, str(stack_file)).returncode == 0
-    processes.controller()
-    [worker] = [
-        start_isolated_worker(
-            "w1", tmp_path=tmp_path, hidden=[client_dir, home], stack_file=stack_file, url=vhost
-        )
-    ]
-    isolated.append(worker)
+    worker = team.worker("w1")
 
     # A real code archive of the client's file, as a run would carry it.
     os.chdir(client_dir)
@@ -369,47 +386,28 @@ def test_hostile_step_messages_are_dead_lettered_and_nothing_of_them_runs(
 
     # The worker is still up and takes the next good run.
     assert worker.proc.poll() is None, worker.output()
-    result = conveyor_cli("pipeline", "run", "team_pipeline.py:scale_out", cwd=client_dir)
+    result = team.run()
     assert result.returncode == 0, result.stdout + result.stderr + worker.output()[-3000:]
     assert not any(marker.exists() for marker in markers.values())
 
 
 def test_a_store_that_cannot_be_used_fails_the_submit_and_workers_keep_going(
-    vhost: str,
-    s3_bucket: S3Bucket,
-    tmp_path: Path,
-    home: Path,
-    processes: Processes,
-    isolated: list[Isolated],
+    team: Team, s3_bucket: S3Bucket
 ) -> None:
-    client_dir = tmp_path / "client"
-    client_dir.mkdir()
-    pipeline_file = client_dir / "team_pipeline.py"
-    pipeline_file.write_text(PIPELINE.format(version=1, client_file=str(pipeline_file)))
-    asyncio.run(register_s3_stack(vhost, s3_bucket))
-    stack_file = tmp_path / "stack.yaml"
-    assert conveyor_cli("stack", "export", STACK, str(stack_file)).returncode == 0
-    processes.controller()
-    worker = start_isolated_worker(
-        "w1", tmp_path=tmp_path, hidden=[client_dir, home], stack_file=stack_file, url=vhost
-    )
-    isolated.append(worker)
+    worker = team.worker("w1")
 
     dead_port = free_port()
     broken = {
-        "missing bucket": (["--bucket", "no-such-bucket-here"], {}, "no-such-bucket-here"),
+        "missing bucket": (["--bucket", "no-such-bucket-here"], "no-such-bucket-here"),
         "unreachable endpoint": (
             ["--endpoint-url", f"http://127.0.0.1:{dead_port}"],
-            {},
             f"127.0.0.1:{dead_port}",
         ),
     }
-    for what, (options, env, named) in broken.items():
+    for what, (options, named) in broken.items():
         update = conveyor_cli("artifact-store", "update", "s3", *options)
         assert update.returncode == 0, update.stderr
-        result = conveyor_cli(
-            "pipeline", "run", "team_pipeline.py:scale_out", cwd=client_dir, env=env, timeout=90
-        )
+        result = team.run(timeout=90)
         assert result.returncode == 1, (what, result.stdout, result.stderr)
         message = result.stdout + result.stderr
         assert named in message, (what, message)
@@ -426,7 +424,7 @@ def test_a_store_that_cannot_be_used_fails_the_submit_and_workers_keep_going(
         assert restore.returncode == 0, restore.stderr
 
     assert worker.proc.poll() is None, worker.output()
-    result = conveyor_cli("pipeline", "run", "team_pipeline.py:scale_out", cwd=client_dir)
+    result = team.run()
     assert result.returncode == 0, result.stdout + result.stderr + worker.output()[-3000:]
 
 
