@@ -125,7 +125,8 @@ class StepExecutor:
         kwargs = {**ready.step.parameters, **self._load_inputs(ready)}
         started = time.perf_counter()
         try:
-            result = definition.fn(**kwargs)
+            with self._resolver.running(ready.step):
+                result = definition.fn(**kwargs)
         except TimeoutError as exc:
             # asyncio re-creates a TimeoutError that crosses from a thread, without its
             # traceback: keep the step's own traceback as text.
@@ -138,7 +139,8 @@ class StepExecutor:
     ) -> tuple[dict[str, ArtifactRef], float]:
         kwargs = {**ready.step.parameters, **await self._in_thread(self._load_inputs, ready)}
         started = time.perf_counter()
-        result = await definition.fn(**kwargs)
+        with self._resolver.running(ready.step):
+            result = await definition.fn(**kwargs)
         body = time.perf_counter() - started
         return await self._in_thread(self._save_outputs, ready, definition, result), body
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import os
 import re
@@ -17,6 +19,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,6 +305,39 @@ class _ArchiveImports:
 
 _IMPORTS = _ArchiveImports()
 
+_running_from: ContextVar[str | None] = ContextVar("conveyor_running_from", default=None)
+
+
+class _LateImports(importlib.abc.MetaPathFinder):
+    """Finds a top-level module that a running step imports late (inside its body) in the
+    code archive it came from, after everything the interpreter finds on its own path.
+
+    Modules are cached by name for the whole process: when two versions of one archive run
+    at once, a module first imported late by one is what the other gets too.
+    """
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: types.ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        root = _running_from.get()
+        if root is None or path is not None:
+            return None
+        return importlib.machinery.PathFinder.find_spec(fullname, [root])
+
+
+@contextlib.contextmanager
+def _late_imports_from(root: Path) -> Iterator[None]:
+    if not any(isinstance(finder, _LateImports) for finder in sys.meta_path):
+        sys.meta_path.append(_LateImports())
+    token = _running_from.set(str(root))
+    try:
+        yield
+    finally:
+        _running_from.reset(token)
+
 
 def _step_at(module: types.ModuleType, ref: str, target: StepReference) -> StepDefinition:
     obj: Any = module
@@ -381,6 +417,15 @@ class StepResolver:
         definition = self._load(step)
         with self._lock:
             return self._resolved.setdefault(key, definition)
+
+    @contextlib.contextmanager
+    def running(self, step: StepSpec) -> Iterator[None]:
+        """Around a step's body: what it imports late is found in its own code archive."""
+        if step.code is None or self._store is None:
+            yield
+            return
+        with _late_imports_from(self._extracted(step.code)):
+            yield
 
     def _known_definition(self, step: StepSpec) -> StepDefinition | None:
         with self._lock:

@@ -347,3 +347,24 @@ def test_a_module_of_this_process_does_not_hide_the_archive_s_namesake(
     code = archive(store, {"train.py": TRAIN, "helper.py": "VALUE = 1\n"})
     assert resolver.resolve(spec("train.py:train", code)).fn() == 1
     assert sys.modules["helper"] is local
+
+
+def test_a_module_imported_inside_a_step_body_is_found_in_the_run_archive(
+    store: CountingStore, resolver: StepResolver, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    late = f"{unique}_late"
+    body = f"from conveyor import step\n\n@step\ndef train() -> int:\n    import {late}\n"
+    body += f"    return {late}.VALUE\n"
+    code = archive(store, {"train.py": body, f"{late}.py": "VALUE = 7\n"})
+    monkeypatch.chdir(store.root.parent)
+    step_spec = spec("train.py:train", code)
+    definition = resolver.resolve(step_spec)
+    try:
+        # Outside a running step the archive is not on the import path...
+        with pytest.raises(ModuleNotFoundError):
+            definition.fn()
+        # ...inside one, the step's own archive is.
+        with resolver.running(step_spec):
+            assert definition.fn() == 7
+    finally:
+        sys.modules.pop(late, None)
