@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import obstore
+import structlog
 from obstore.exceptions import (
     AlreadyExistsError,
     BaseError,
@@ -38,6 +41,7 @@ from conveyor.workers.s3_errors import DENIED, NO_OBJECT, REFUSED, classify, sum
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig, S3Credential
 
+log = structlog.get_logger("conveyor.s3")
 T = TypeVar("T")
 
 # --- the store ----------------------------------------------------------------------
@@ -70,6 +74,9 @@ largest object sent in one conditional request, which obstore holds in memory.""
 _MAX_PARTS = 9_000
 """S3 allows 10,000 parts per upload; the part size grows past this for huge objects."""
 _CONCURRENCY = 8
+_ATTEMPTS = 3
+"""Whole transfers tried at most this often when they fail in a way that may pass."""
+_BACKOFF_S = 0.5
 """Parts in flight at once; memory held by an upload is about this many parts."""
 _CONTENT_NAME = re.compile(r"/([0-9a-f]{2})/(\1[0-9a-f]{62})")
 
@@ -157,7 +164,8 @@ class S3ArtifactStore:
 
     def _upload(self, source: Path | bytes, digest: str, size: int) -> None:
         key = self.key_of(digest)
-        try:
+
+        def upload() -> None:
             if size <= _PART:
                 self._create(key, source)
             elif not self._holds(key, size):
@@ -171,8 +179,25 @@ class S3ArtifactStore:
                     chunk_size=max(_PART, -(-size // _MAX_PARTS)),
                     max_concurrency=_CONCURRENCY,
                 )
-        except (BaseError, FileNotFoundError) as exc:
-            raise self._error(exc, f"cannot store an object in {self.location}") from None
+
+        self._again_if_transient(upload, f"cannot store an object in {self.location}")
+
+    def _again_if_transient(
+        self, operation: Callable[[], T], doing: str, *, uri: str | None = None
+    ) -> T:
+        """``operation()``, done again from the start when it fails in a way that may pass
+        (a dropped connection in the middle of a large transfer, which obstore's own
+        retries of single requests do not cover), with backoff and jitter."""
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                return operation()
+            except (BaseError, FileNotFoundError) as exc:
+                error = self._error(exc, doing, uri=uri)
+                if not error.retryable or attempt == _ATTEMPTS:
+                    raise error from None
+                log.warning("s3 transfer failed; trying again", attempt=attempt, error=str(error))
+                time.sleep(_BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+        raise AssertionError("unreachable")
 
     def _create(self, key: str, source: Path | bytes) -> None:
         # A content address holds the same bytes whoever wrote them: an existing object
@@ -199,7 +224,11 @@ class S3ArtifactStore:
         key = self.key_of_uri(uri)
         algorithm, expected = digests.split(digest)
         with _scratch_file() as path:
-            actual = self._download(key, uri, path, algorithm)
+            actual = self._again_if_transient(
+                lambda: self._download(key, path, algorithm),
+                f"cannot read {uri} from {self.location}",
+                uri=uri,
+            )
             if actual != expected:
                 raise ArtifactUnreadable(
                     f"artifact {uri} is corrupted: its {algorithm} is {actual[:12]}..., "
@@ -208,16 +237,13 @@ class S3ArtifactStore:
             # Unlinked when read returns; a handle read opened stays readable on POSIX.
             return read(path)
 
-    def _download(self, key: str, uri: str, path: str, algorithm: str) -> str:
-        """Stream the object at ``key`` into ``path``; the hex digest of its bytes."""
+    def _download(self, key: str, path: str, algorithm: str) -> str:
+        """Stream the object at ``key`` into ``path`` (from its start); the hex digest."""
         hasher = digests.new_hasher(algorithm)
         with open(path, "wb") as out:
-            try:
-                for chunk in obstore.get(self._s3, key).stream(min_chunk_size=_PART):
-                    hasher.update(chunk)
-                    out.write(chunk)
-            except (BaseError, FileNotFoundError) as exc:
-                raise self._error(exc, f"cannot read {uri} from {self.location}", uri=uri) from None
+            for chunk in obstore.get(self._s3, key).stream(min_chunk_size=_PART):
+                hasher.update(chunk)
+                out.write(chunk)
         return hasher.hexdigest()
 
     def check(self) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import blake3
 import obstore
 import pytest
+from obstore.exceptions import GenericError, PermissionDeniedError
 
 from conveyor.contracts import ArtifactUnreadable, ComponentType, StoreUnavailable
 from conveyor.service.context import Services
@@ -411,3 +412,37 @@ async def test_api_and_dashboard_downloads_stream_from_an_s3_store(
         damaged = await api.get(f"/api/artifacts/{weights['id']}/download")
         assert damaged.status_code == 500 and "corrupted" in damaged.text
     assert not (home / "artifacts").exists()
+
+
+def test_a_transfer_dropped_midway_is_done_again_and_refusals_are_not(
+    store: S3ArtifactStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    real_put, real_get = obstore.put, obstore.get
+    calls = {"put": 0, "get": 0}
+
+    def flaky_put(*args: Any, **kwargs: Any) -> Any:
+        calls["put"] += 1
+        if calls["put"] == 1:
+            raise GenericError("Generic S3 error: error sending request")
+        return real_put(*args, **kwargs)
+
+    def flaky_get(*args: Any, **kwargs: Any) -> Any:
+        calls["get"] += 1
+        if calls["get"] == 1:
+            raise GenericError("Generic S3 error: error sending request")
+        return real_get(*args, **kwargs)
+
+    monkeypatch.setattr(obstore, "put", flaky_put)
+    monkeypatch.setattr(obstore, "get", flaky_get)
+    ref = store.put_bytes(b"worth keeping")
+    assert store.get(ref.uri, ref.digest, lambda p: Path(p).read_bytes()) == b"worth keeping"
+    assert calls == {"put": 2, "get": 2}
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        calls["put"] += 1
+        raise PermissionDeniedError("Forbidden (status code: 403) <Code>AccessDenied</Code>")
+
+    monkeypatch.setattr(obstore, "put", refused)
+    with pytest.raises(StoreUnavailable, match="denied"):
+        store.put_bytes(b"not allowed")
+    assert calls["put"] == 3  # tried once: a refusal does not pass by trying again
