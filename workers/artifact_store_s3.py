@@ -61,11 +61,19 @@ _RETRY: RetryConfig = {
     },
 }
 # obstore's default 30 s `timeout` covers a whole response body and would cut off a large
-# download; a per-read timeout detects a stalled transfer instead.
-_CLIENT: ClientConfig = {
+# download; a per-read timeout detects a stalled transfer instead. It is long, because a
+# store answers the request that completes a multipart upload only once it has assembled the
+# object (AWS says this can take minutes; a test server took over 20 s for 1 GB).
+_TRANSFERS: ClientConfig = {
     "connect_timeout": timedelta(seconds=2),
-    "read_timeout": timedelta(seconds=20),
+    "read_timeout": timedelta(minutes=5),
     "timeout": timedelta(hours=1),
+}
+# Checks and HEADs answer at once from a working store: a hung one is told in seconds.
+_PROBES: ClientConfig = {
+    "connect_timeout": timedelta(seconds=2),
+    "read_timeout": timedelta(seconds=10),
+    "timeout": timedelta(seconds=30),
 }
 
 _PART = 8 << 20
@@ -74,10 +82,10 @@ largest object sent in one conditional request, which obstore holds in memory.""
 _MAX_PARTS = 9_000
 """S3 allows 10,000 parts per upload; the part size grows past this for huge objects."""
 _CONCURRENCY = 8
+"""Parts in flight at once; memory held by an upload is about this many parts."""
 _ATTEMPTS = 3
 """Whole transfers tried at most this often when they fail in a way that may pass."""
 _BACKOFF_S = 0.5
-"""Parts in flight at once; memory held by an upload is about this many parts."""
 _CONTENT_NAME = re.compile(r"/([0-9a-f]{2})/(\1[0-9a-f]{62})")
 
 
@@ -104,12 +112,15 @@ class S3ArtifactStore:
         self.credential_source = (
             credentials.source if credentials else "obstore's chain (instance or web identity)"
         )
-        self._s3 = self._client(region, credentials)
+        self._s3 = self._client(region, credentials, _TRANSFERS)
+        self._probe = self._client(region, credentials, _PROBES)
 
-    def _client(self, region: str, credentials: AwsCredentials | None) -> S3Store:
+    def _client(
+        self, region: str, credentials: AwsCredentials | None, options: ClientConfig
+    ) -> S3Store:
         endpoint = self.config.endpoint_url
         # Plain http only when the user named an http endpoint (MinIO, a test server).
-        client: ClientConfig = {**_CLIENT, "allow_http": bool(endpoint and endpoint[:5] == "http:")}
+        client: ClientConfig = {**options, "allow_http": bool(endpoint and endpoint[:5] == "http:")}
         provider = None if credentials is None else _static_provider(credentials)
         try:
             if endpoint:
@@ -171,14 +182,20 @@ class S3ArtifactStore:
             elif not self._holds(key, size):
                 # obstore sends a conditional put whole, from memory; a large object goes
                 # in parts instead, read from the file as they are sent.
-                obstore.put(
-                    self._s3,
-                    key,
-                    source,
-                    use_multipart=True,
-                    chunk_size=max(_PART, -(-size // _MAX_PARTS)),
-                    max_concurrency=_CONCURRENCY,
-                )
+                try:
+                    obstore.put(
+                        self._s3,
+                        key,
+                        source,
+                        use_multipart=True,
+                        chunk_size=max(_PART, -(-size // _MAX_PARTS)),
+                        max_concurrency=_CONCURRENCY,
+                    )
+                except FileNotFoundError:
+                    # Its clean-up found no upload to abort: the store completed it after
+                    # all, though the answer did not arrive.
+                    if not self._holds(key, size):
+                        raise
 
         self._again_if_transient(upload, f"cannot store an object in {self.location}")
 
@@ -207,7 +224,7 @@ class S3ArtifactStore:
 
     def _holds(self, key: str, size: int) -> bool:
         try:
-            return obstore.head(self._s3, key)["size"] == size
+            return obstore.head(self._probe, key)["size"] == size
         except FileNotFoundError:
             return False
 
@@ -250,7 +267,7 @@ class S3ArtifactStore:
         # Listing a folder that does not exist is one cheap request, and it fails on a
         # missing bucket, which a HEAD of a missing key cannot tell from a missing key.
         try:
-            obstore.list_with_delimiter(self._s3, f"{self._keys}.conveyor-check")
+            obstore.list_with_delimiter(self._probe, f"{self._keys}.conveyor-check")
         except (BaseError, FileNotFoundError) as exc:
             raise self._error(exc, f"cannot use the s3 artifact store {self.location}") from None
 
