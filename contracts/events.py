@@ -18,7 +18,15 @@ from pydantic import Field, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
 from conveyor.contracts.errors import ConveyorError
-from conveyor.contracts.models import ArtifactRef, Frozen, RunStatus, StepStatus
+from conveyor.contracts.models import (
+    MAX_NAME_LENGTH,
+    ArtifactRef,
+    Frozen,
+    Id,
+    Name,
+    RunStatus,
+    StepStatus,
+)
 from conveyor.contracts.pipeline_spec import PipelineSpec, StepSpec
 
 SCHEMA_VERSION = 1
@@ -62,9 +70,9 @@ def utcnow() -> datetime:
 class Envelope(Frozen):
     """Fields every event carries."""
 
-    event_id: str = Field(default_factory=new_id)
+    event_id: Id = Field(default_factory=new_id)
     schema_version: Literal[1] = 1
-    run_id: str
+    run_id: Id
     time: datetime = Field(default_factory=utcnow)
 
 
@@ -76,18 +84,18 @@ class RunRequested(Envelope):
     """
 
     type: Literal["RunRequested"] = "RunRequested"
-    pipeline: str
+    pipeline: str = Field(min_length=1, max_length=1000)
     parameters: dict[str, Any] = Field(default_factory=dict)
-    stack: str | None = None
+    stack: Name | None = None
     spec: PipelineSpec | None = None
-    idempotency_key: str | None = None
+    idempotency_key: str | None = Field(default=None, max_length=MAX_NAME_LENGTH)
 
 
 class RunCancelRequested(Envelope):
     """Cancel a run: unfinished steps become cancelled, late completions are ignored."""
 
     type: Literal["RunCancelRequested"] = "RunCancelRequested"
-    reason: str = "cancelled by user"
+    reason: str = Field(default="cancelled by user", max_length=1000)
 
 
 class StepReady(Envelope):
@@ -110,7 +118,7 @@ class StepStarted(Envelope):
     """A worker began attempt ``attempt`` of ``step``."""
 
     type: Literal["StepStarted"] = "StepStarted"
-    step: str
+    step: Name
     attempt: int
     by: WorkerFacts
 
@@ -119,7 +127,7 @@ class StepSucceeded(Envelope):
     """Attempt ``attempt`` of ``step`` finished; its outputs are in the artifact store."""
 
     type: Literal["StepSucceeded"] = "StepSucceeded"
-    step: str
+    step: Name
     attempt: int
     outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
     duration_s: float
@@ -131,7 +139,7 @@ class StepFailed(Envelope):
     """Attempt ``attempt`` of ``step`` raised; ``retryable`` says whether a retry may help."""
 
     type: Literal["StepFailed"] = "StepFailed"
-    step: str
+    step: Name
     attempt: int
     error: str
     traceback: str | None = None
@@ -145,7 +153,7 @@ class StepStatusChanged(Envelope):
     """The controller recorded a new status for a step (for followers and dashboards)."""
 
     type: Literal["StepStatusChanged"] = "StepStatusChanged"
-    step: str
+    step: Name
     status: StepStatus
     attempt: int
     error: str | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -55,6 +55,13 @@ FINISHED_STEP_STATUSES = frozenset(
 )
 FINISHED_RUN_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 
+
+MAX_ID_LENGTH = 128
+MAX_NAME_LENGTH = 200
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+"""An identifier that arrives from outside (a run id, an event id): bounded."""
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
+"""A name that arrives from outside (a step, a pool, a stack): bounded."""
 
 DIGEST_PATTERN = r"^(blake3|sha256):[0-9a-f]{64}$"
 """A content digest: the algorithm, a colon, 64 hex digits (sha256 only in older records)."""

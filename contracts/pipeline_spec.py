@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field
 
-from conveyor.contracts.models import BlobRef, Frozen
+from conveyor.contracts.models import BlobRef, Frozen, Name
 
 DEFAULT_POOL = "default"
 
@@ -25,7 +25,7 @@ InputBinding = OutputSelector | list[OutputSelector]
 class StepSpec(Frozen):
     """One invocation of a step inside a pipeline."""
 
-    name: str = Field(description="Unique name of the invocation inside the pipeline")
+    name: Name = Field(description="Unique name of the invocation inside the pipeline")
     ref: str = Field(
         max_length=1000,
         description="Importable reference: 'package.module:function' or 'path/file.py:fn', "
@@ -36,7 +36,7 @@ class StepSpec(Frozen):
     outputs: list[str] = Field(default_factory=list)
     retries: int = Field(default=0, ge=0)
     timeout_s: float | None = Field(default=None, gt=0)
-    pool: str = DEFAULT_POOL
+    pool: Name = DEFAULT_POOL
     allow_pickle: bool = False
     code: BlobRef | None = Field(
         default=None,

@@ -268,7 +268,7 @@ class Controller:
         if request.idempotency_key and await self._runs.find_by_key(request.idempotency_key):
             return
         try:
-            await self._runs.get_run(request.run_id)
+            await self._runs.run_by_id(request.run_id)
             return  # a redelivered request of a run that exists
         except ConveyorError:
             pass

@@ -108,7 +108,7 @@ class AsyncRun:
             except TimeoutError:
                 # A missed status event must not hang the caller: look at the store too.
                 try:
-                    record = await services.runs.get_run(self.id)
+                    record = await services.runs.run_by_id(self.id)
                 except ConveyorError:
                     record = None
                 if record is not None and record.status in FINISHED_RUN_STATUSES:
@@ -126,7 +126,7 @@ class AsyncRun:
 
     async def record(self) -> RunRecord:
         try:
-            return await self._conveyor.services.runs.get_run(self.id)
+            return await self._conveyor.services.runs.run_by_id(self.id)
         except NotFoundError:
             if self._spec is None or self._outcome is None or self._conveyor.stack is None:
                 raise

@@ -221,7 +221,7 @@ class RunGateway:
         deadline = loop.time() + self._record_timeout
         while True:
             try:
-                return await runs.get_run(run_id)
+                return await runs.run_by_id(run_id)
             except NotFoundError:
                 pass
             # Another process may have won the key: the controller then drops our request.

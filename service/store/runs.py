@@ -26,6 +26,7 @@ from conveyor.contracts import (
     parse_event,
     utcnow,
 )
+from conveyor.contracts.models import MAX_ID_LENGTH
 from conveyor.service.scheduling import RunState, StepState, Transition
 from conveyor.service.store.db import Database, Writes
 
@@ -67,6 +68,17 @@ def _artifact_ref(row: aiosqlite.Row) -> ArtifactRef:
         materializer=row["materializer"],
         data_type=row["data_type"],
     )
+
+
+def like_prefix(text: str) -> str:
+    """A LIKE pattern matching what starts with ``text``, in which ``%`` and ``_`` are
+    themselves, not wildcards (with ``ESCAPE '\\'``)."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"{escaped}%"
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 100 else text[:100] + "...")
 
 
 class RunStore:
@@ -215,14 +227,23 @@ class RunStore:
 
     # --- reads ---
 
-    async def get_run(self, run_id: str) -> RunRecord:
+    async def run_by_id(self, run_id: str) -> RunRecord:
+        """The run of exactly this id (what the controller looks up: never a prefix)."""
         row = await self.db.fetchone("SELECT * FROM runs WHERE id = ?", (run_id,))
         if row is None:
+            raise NotFoundError(f"no run with id {_shown(run_id)}")
+        return _run_record(row)
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """The run of this id, or else the newest whose id starts with it (for people)."""
+        row = await self.db.fetchone("SELECT * FROM runs WHERE id = ?", (run_id,))
+        if row is None and 0 < len(run_id) <= MAX_ID_LENGTH:
             row = await self.db.fetchone(
-                "SELECT * FROM runs WHERE id LIKE ? ORDER BY created DESC", (f"{run_id}%",)
+                "SELECT * FROM runs WHERE id LIKE ? ESCAPE '\\' ORDER BY created DESC",
+                (like_prefix(run_id),),
             )
         if row is None:
-            raise NotFoundError(f"no run with id {run_id!r}")
+            raise NotFoundError(f"no run with id {_shown(run_id)}")
         return _run_record(row)
 
     async def find_by_key(self, idempotency_key: str) -> RunRecord | None:
@@ -302,7 +323,7 @@ class RunStore:
 
     async def load_state(self, run_id: str) -> RunState:
         """Rebuild the controller's view of a run from the store (after a restart)."""
-        run = await self.get_run(run_id)
+        run = await self.run_by_id(run_id)
         state = RunState.new(run.id, await self.spec_of(run.id))
         state.status, state.error = run.status, run.error
         for record in await self.steps_of(run.id):
@@ -334,12 +355,13 @@ class RunStore:
 
     async def get_artifact(self, artifact_id: str) -> ArtifactRecord:
         row = await self.db.fetchone("SELECT * FROM artifacts WHERE id = ?", (artifact_id,))
-        if row is None:
+        if row is None and 0 < len(artifact_id) <= MAX_ID_LENGTH:
             row = await self.db.fetchone(
-                "SELECT * FROM artifacts WHERE id LIKE ?", (f"{artifact_id}%",)
+                "SELECT * FROM artifacts WHERE id LIKE ? ESCAPE '\\'",
+                (like_prefix(artifact_id),),
             )
         if row is None:
-            raise NotFoundError(f"no artifact with id {artifact_id!r}")
+            raise NotFoundError(f"no artifact with id {_shown(artifact_id)}")
         return self._artifact_record(row)
 
     @staticmethod

@@ -47,6 +47,12 @@ def test_run_describe_shows_each_step_with_outputs() -> None:
     assert data["run"]["parameters"] == {"n": 4}
     table = conveyor_cli("run", "describe", str(run["id"]))
     assert "square" in table.stdout and "completed" in table.stdout
+    # A prefix is a prefix: % and _ are not wildcards, and a huge id is just not found.
+    for hostile in ("%", "_", "_" * 8, str(run["id"])[:3] + "%", "x" * 60_000):
+        refused = conveyor_cli("run", "describe", hostile)
+        assert refused.returncode == 1, (hostile[:20], refused.stdout)
+        assert "no run with id" in refused.stderr + refused.stdout
+        assert "Traceback" not in refused.stderr
 
 
 def test_failing_step_exits_1_and_shows_the_error() -> None:

@@ -282,3 +282,44 @@ async def test_the_worker_step_timeout_caps_a_step_without_its_own(rig: Rig, mar
     assert steps["seed"].status is StepStatus.COMPLETED
     assert steps["slow"].status is StepStatus.FAILED
     assert steps["slow"].error == "TimeoutError: step timed out after 0.5s"
+
+
+async def test_a_run_id_of_60000_characters_is_dead_lettered_and_the_stack_moves_on(
+    rig: Rig, markers: Path
+) -> None:
+    """It used to fail the controller's whole batch (a LIKE pattern SQLite refuses), which
+    was requeued for ever: no run on the stack moved again."""
+    topology = rig.controller_broker.topology
+    await rig.add_workers(name="w")
+    async with Conveyor(stack=rig.stack.name) as cv:
+        run = await cv.submit(pipelines.gated_chain)
+        await eventually(lambda: any(name == "gate" for name, _ in starts(markers)))
+        cancels = {
+            "huge": {"type": "RunCancelRequested", "run_id": "x" * 60_000},
+            "percent": {"type": "RunCancelRequested", "run_id": "%"},
+            "underscore": {"type": "RunCancelRequested", "run_id": "_" * 32},
+            "prefix": {"type": "RunCancelRequested", "run_id": run.id[:4]},
+        }
+        for what, body in cancels.items():
+            await rig.raw_publish(
+                topology.runs_queue, json.dumps(body).encode(), message_id=f"cancel-{what}"
+            )
+        for _ in range(200):
+            if await rig.queue_depth(topology.dead_letter_queue) >= 1:
+                break
+            await asyncio.sleep(0.05)
+        release(markers, "gate")
+        # The run goes on, and no wildcard or prefix cancelled it.
+        record = await run.wait(timeout=60)
+        assert record.status is RunStatus.COMPLETED
+
+    connection = await aio_pika.connect(rig.url)
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.declare_queue(topology.dead_letter_queue, passive=True)
+        letters = []
+        while (message := await dead.get(fail=False)) is not None:
+            letters.append(message)
+            await message.ack()
+    assert [m.message_id for m in letters] == ["cancel-huge"]
+    assert "run_id" in str(letters[0].headers[REASON_HEADER])
