@@ -43,6 +43,8 @@ from conveyor.workers.code_archive import attach_code
 log = structlog.get_logger("conveyor.controller")
 
 MAX_BATCH = 512
+BACK_OFF_S = 0.5
+"""Pause after a batch failed for want of the store or the broker."""
 INBOX_PREFETCH = 4096
 
 Owner = tuple[str, int, str]
@@ -188,15 +190,57 @@ class Controller:
             except (Exception, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                     raise
-                # The store or the broker failed (a client library may say so with a
-                # CancelledError of its own, as aiormq does for a connection it gave up).
-                # Nothing of the batch was acked, so all of it comes back; the cached states
-                # may be ahead of the store, so they reload.
-                log.exception("batch failed; requeueing", size=len(batch))
+                # The cached states may be ahead of the store: they reload.
+                log.exception("batch failed", size=len(batch))
                 self._states.clear()
-                for delivery in batch:
-                    await delivery.requeue()
-                await asyncio.sleep(0.5)
+                if self._committed:
+                    # Recorded but not published: the broker failed, not a message.
+                    await self._back_off(batch)
+                else:
+                    await self._narrow(batch)
+
+    async def _back_off(self, deliveries: list[Delivery]) -> None:
+        # Nothing of these was acked, so all of it comes back.
+        for delivery in deliveries:
+            await delivery.requeue()
+        await asyncio.sleep(BACK_OFF_S)
+
+    async def _narrow(self, batch: list[Delivery]) -> None:
+        """Process a failed batch one delivery at a time: a message that fails alone, twice,
+        while the store answers, is what failed the batch, and goes to the dead letters."""
+        for index, delivery in enumerate(batch):
+            if await self._alone(delivery) is None:
+                continue
+            if await self._store_answers():
+                error = await self._alone(delivery)
+                if error is None:
+                    continue
+                if not self._committed and await self._store_answers():
+                    log.error("dead-lettering the message that fails its batch", error=error)
+                    await delivery.reject(f"the controller cannot process it: {error}")
+                    continue
+            await self._back_off(batch[index:])
+            return
+
+    async def _alone(self, delivery: Delivery) -> str | None:
+        """Process one delivery; what went wrong, or None."""
+        try:
+            await self._process([delivery])
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                raise
+            self._states.clear()
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    async def _store_answers(self) -> bool:
+        probe = Writes()
+        probe.add("UPDATE settings SET value = value WHERE 0", [()])
+        try:
+            await self._db.write(probe)
+        except Exception:
+            return False
+        return True
 
     async def _take_batch(self) -> list[Delivery]:
         """The deliveries waiting, once there is one; none if held progress falls due first."""

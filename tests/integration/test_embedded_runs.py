@@ -13,8 +13,16 @@ import numpy as np
 import pytest
 
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
-from conveyor.contracts import NotFoundError, RunRequested, new_id
+from conveyor.contracts import (
+    NotFoundError,
+    OutputSelector,
+    PipelineSpec,
+    RunRequested,
+    StepSpec,
+    new_id,
+)
 from conveyor.service.context import Services
+from conveyor.workers.broker_inprocess import InProcessBroker
 
 SEEN: dict[str, Any] = {}
 ATTEMPTS: dict[str, int] = {}
@@ -383,6 +391,35 @@ async def test_one_key_twice_in_one_batch_creates_one_run() -> None:
                 break
             await asyncio.sleep(0.05)
         assert [(r.id, r.status) for r in runs] == [(requests[0].run_id, RunStatus.COMPLETED)]
+
+
+async def test_a_message_that_fails_its_batch_is_dead_lettered_and_the_rest_proceed() -> None:
+    """A spec whose step reads an output of a step that does not exist used to fail the
+    controller's whole batch, requeued for ever."""
+    async with Conveyor() as cv:
+        good, _ = handoff.compile()
+        dangling = StepSpec(
+            name="orphan",
+            ref=good.steps[0].ref,
+            inputs={"x": OutputSelector(step="ghost", output="o")},
+        )
+        poison = RunRequested(
+            run_id=new_id(), pipeline="broken", spec=PipelineSpec(name="broken", steps=[dangling])
+        )
+        fine = [RunRequested(run_id=new_id(), pipeline="handoff", spec=good) for _ in range(2)]
+        await cv.broker.publish([fine[0], poison, fine[1]])  # one batch
+        for _ in range(200):
+            runs = await cv.services.runs.list_runs()
+            if len(runs) == 2 and all(r.status is RunStatus.COMPLETED for r in runs):
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(r.id for r in runs) == sorted(r.run_id for r in fine)
+        assert {r.status for r in runs} == {RunStatus.COMPLETED}
+        broker = cv.broker
+        assert isinstance(broker, InProcessBroker)
+        [letter] = broker.dead_letters
+        assert letter.event.run_id == poison.run_id
+        assert "cannot process" in letter.reason and "ghost" in letter.reason
 
 
 @step
