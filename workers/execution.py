@@ -171,8 +171,11 @@ class StepExecutor:
         started = time.perf_counter()
         deadline = asyncio.timeout(limit)
         try:
-            # Resolving may download a code archive and imports user code: off the loop.
-            definition = await self._in_thread(self._resolver.resolve, ready.step)
+            # Resolving may download a code archive and imports user code: off the loop,
+            # unless it was done before.
+            definition = self._resolver.resolved(ready.step)
+            if definition is None:
+                definition = await self._in_thread(self._resolver.resolve, ready.step)
             async with deadline:
                 if definition.is_async:
                     outputs, body = await self._run_async(ready, definition)

@@ -388,6 +388,7 @@ class StepResolver:
         self._known_files: dict[tuple[str, str], StepDefinition] = {}
         self._resolved: dict[tuple[str, str], StepDefinition] = {}
         self._codes: CodeCache | None = None
+        self._roots: dict[str, Path] = {}
 
     @property
     def trusted(self) -> frozenset[str]:
@@ -403,6 +404,13 @@ class StepResolver:
                 source = _source_file(definition.fn)
                 if source is not None:
                     self._known_files[(source, definition.fn.__qualname__)] = definition
+
+    def resolved(self, step: StepSpec) -> StepDefinition | None:
+        """The definition of ``step`` if this resolver found it before; never does I/O, so
+        the event loop may ask before it hands ``resolve`` to a thread."""
+        key = (step.code.digest if step.code is not None else "", step.ref)
+        with self._lock:
+            return self._known.get(step.ref) or self._resolved.get(key)
 
     def resolve(self, step: StepSpec) -> StepDefinition:
         """The definition ``step`` names; UntrustedStep if this worker will not run it."""
@@ -493,7 +501,13 @@ class StepResolver:
                 "to fetch it from"
             )
         with self._lock:
+            root = self._roots.get(code.digest)
+            if root is not None:
+                return root
             if self._codes is None:
                 self._codes = CodeCache(self._store, self._cache_dir or default_cache_dir())
             codes = self._codes
-        return codes.extracted(code)
+        root = codes.extracted(code)
+        with self._lock:
+            self._roots[code.digest] = root
+        return root
