@@ -99,6 +99,9 @@ class ArtifactStore(Protocol):
     def put_bytes(self, data: bytes) -> BlobRef:
         """Store small ``data`` under its content address."""
 
+    def get_bytes(self, uri: str, digest: str) -> bytes:
+        """The small object at ``uri`` in memory, verified against ``digest``."""
+
     def get(self, uri: str, digest: str, read: Callable[[str], T]) -> T:
         """``read(path)`` of a local file holding the bytes at ``uri``, verified against
         ``digest``; raises ArtifactUnreadable if they are missing, corrupted or outside."""

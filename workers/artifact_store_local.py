@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from conveyor.contracts import BlobRef, OutsideStore, StoreUnavailable
+from conveyor.contracts import ArtifactUnreadable, BlobRef, OutsideStore, StoreUnavailable
 from conveyor.workers import digests
 
 T = TypeVar("T")
@@ -74,6 +74,17 @@ class LocalArtifactStore:
         self._makedirs(self._staging)
         return os.path.join(self._staging, f"{self._tmp_prefix}{next(self._tmp_names)}")
 
+    def _existing(self, digest: str, size: int) -> BlobRef | None:
+        hexdigest = digest.partition(":")[2]
+        try:
+            if os.stat(os.path.join(self._root_text, hexdigest[:2], hexdigest)).st_size != size:
+                return None
+        except FileNotFoundError:
+            return None
+        return BlobRef(
+            uri=f"{self._root_uri}/{hexdigest[:2]}/{hexdigest}", digest=digest, size=size
+        )
+
     def _commit(self, tmp: str, digest: str, size: int) -> BlobRef:
         hexdigest = digest.partition(":")[2]
         folder = os.path.join(self._root_text, hexdigest[:2])
@@ -106,11 +117,15 @@ class LocalArtifactStore:
             raise
 
     def put_bytes(self, data: bytes) -> BlobRef:
+        digest = digests.of_bytes(data)
+        found = self._existing(digest, len(data))
+        if found is not None:
+            return found  # a content address holds the same bytes: nothing to write
         tmp = self._staged()
         try:
             with open(tmp, "wb") as handle:
                 handle.write(data)
-            return self._commit(tmp, digests.of_bytes(data), len(data))
+            return self._commit(tmp, digest, len(data))
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -128,6 +143,18 @@ class LocalArtifactStore:
         if not path.is_relative_to(self.root):
             raise OutsideStore(f"{uri!r} is outside the artifact store {self.root}")
         return str(path)
+
+    def get_bytes(self, uri: str, digest: str) -> bytes:
+        path = self.path_of(uri)
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            raise ArtifactUnreadable(f"artifact {uri} is missing from its store") from None
+        except OSError as exc:
+            raise ArtifactUnreadable(f"cannot read artifact {uri}: {exc.strerror}") from None
+        digests.verify_bytes(data, digest, uri)
+        return data
 
     def get(self, uri: str, digest: str, read: Callable[[str], T]) -> T:
         path = self.path_of(uri)

@@ -237,6 +237,16 @@ class S3ArtifactStore:
             f"(expected {self._root}/ab/<64 hex digits>)"
         )
 
+    def get_bytes(self, uri: str, digest: str) -> bytes:
+        key = self.key_of_uri(uri)
+        data = self._again_if_transient(
+            lambda: bytes(obstore.get(self._s3, key).bytes()),
+            f"cannot read {uri} from {self.location}",
+            uri=uri,
+        )
+        digests.verify_bytes(data, digest, uri)
+        return data
+
     def get(self, uri: str, digest: str, read: Callable[[str], T]) -> T:
         key = self.key_of_uri(uri)
         algorithm, expected = digests.split(digest)

@@ -89,6 +89,19 @@ def alongside(write: Callable[[], None], parts: Sequence[bytes | memoryview]) ->
     return f"{ALGORITHM}:{hasher.hexdigest()}"
 
 
+def verify_bytes(data: bytes, digest: str, uri: str) -> None:
+    """Raise ArtifactUnreadable unless ``data`` has ``digest``."""
+    algorithm, expected = split(digest)
+    hasher = new_hasher(algorithm)
+    hasher.update(data)
+    actual = hasher.hexdigest()
+    if actual != expected:
+        raise ArtifactUnreadable(
+            f"artifact {uri} is corrupted: its {algorithm} is {actual[:12]}..., "
+            f"expected {expected[:12]}..."
+        )
+
+
 def verify_file(path: str, digest: str, uri: str) -> None:
     """Raise ArtifactUnreadable unless the file at ``path`` has ``digest``."""
     algorithm, expected = split(digest)

@@ -34,9 +34,15 @@ T = TypeVar("T")
 log = structlog.get_logger("conveyor.worker")
 
 
+SMALL = 1 << 20
+"""Values up to this size, when their materializer keeps them in memory, are read at once."""
+
+
 def load_artifact(store: ArtifactStore, ref: ArtifactRef, *, allow_pickle: bool) -> Any:
     """The value of a persisted artifact, verified against its digest."""
     materializer = materializers.by_name(ref.materializer, allow_pickle=allow_pickle)
+    if isinstance(materializer, materializers.InMemory) and ref.size <= SMALL:
+        return materializer.parse(store.get_bytes(ref.uri, ref.digest), ref)
     return store.get(ref.uri, ref.digest, lambda path: materializer.load(path, ref))
 
 
@@ -45,7 +51,12 @@ def save_artifact(
 ) -> ArtifactRef:
     """Persist ``value``; ``what`` names it in the error if no materializer fits."""
     materializer = materializers.choose(value, allow_pickle=allow_pickle, what=what)
-    blob = store.put(lambda path: materializer.save(value, path))
+    if isinstance(materializer, materializers.InMemory):
+        # A small value is bytes already: hashed first, it is not written at all when its
+        # content address is taken (a re-executed step, a value many runs produce).
+        blob = store.put_bytes(materializer.dump(value))
+    else:
+        blob = store.put(lambda path: materializer.save(value, path))
     return ArtifactRef.of(
         blob, materializer=materializer.name, data_type=materializers.type_name(value)
     )

@@ -10,7 +10,7 @@ import io
 import json
 import pickle
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.lib import format as npy
@@ -45,44 +45,64 @@ def _import_type(qualified: str) -> Any:
     raise ConveyorError(f"cannot import type {qualified!r}")
 
 
-def _write(path: str, data: bytes | bytearray) -> str | None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-    # Hashed from memory: the store need not read the file back.
-    return digests.of_bytes(data)
+@runtime_checkable
+class InMemory(Protocol):
+    """A materializer of small values, which are bytes in memory anyway: the store can hash
+    them before anything is written (and write nothing when their address is taken)."""
+
+    def dump(self, value: object) -> bytes:
+        """The bytes of ``value``."""
+
+    def parse(self, data: bytes, ref: ArtifactRef) -> object:
+        """The value stored as ``data``."""
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read()
+class _BytesBacked:
+    """``save`` and ``load`` of an in-memory materializer, through its ``dump``/``parse``."""
+
+    def dump(self, value: object) -> bytes:
+        raise NotImplementedError
+
+    def parse(self, data: bytes, ref: ArtifactRef) -> object:
+        raise NotImplementedError
+
+    def save(self, value: object, path: str) -> str | None:
+        data = self.dump(value)
+        with open(path, "wb") as handle:
+            handle.write(data)
+        return digests.of_bytes(data)
+
+    def load(self, path: str, ref: ArtifactRef) -> object:
+        with open(path, "rb") as handle:
+            return self.parse(handle.read(), ref)
 
 
-class StrMaterializer:
+class StrMaterializer(_BytesBacked):
     name = "str"
 
     def handles(self, value: object) -> bool:
         return isinstance(value, str)
 
-    def save(self, value: object, path: str) -> str | None:
+    def dump(self, value: object) -> bytes:
         assert isinstance(value, str)
-        return _write(path, value.encode())
+        return value.encode()
 
-    def load(self, path: str, ref: ArtifactRef) -> object:
-        return _read(path).decode()
+    def parse(self, data: bytes, ref: ArtifactRef) -> object:
+        return data.decode()
 
 
-class BytesMaterializer:
+class BytesMaterializer(_BytesBacked):
     name = "bytes"
 
     def handles(self, value: object) -> bool:
         return isinstance(value, bytes | bytearray)
 
-    def save(self, value: object, path: str) -> str | None:
+    def dump(self, value: object) -> bytes:
         assert isinstance(value, bytes | bytearray)
-        return _write(path, value)
+        return bytes(value)
 
-    def load(self, path: str, ref: ArtifactRef) -> object:
-        return _read(path)
+    def parse(self, data: bytes, ref: ArtifactRef) -> object:
+        return data
 
 
 class NumpyMaterializer:
@@ -122,24 +142,24 @@ class NumpyMaterializer:
         return array if ref.data_type == "numpy.ndarray" else array[()]
 
 
-class PydanticMaterializer:
+class PydanticMaterializer(_BytesBacked):
     name = "pydantic"
 
     def handles(self, value: object) -> bool:
         return isinstance(value, BaseModel)
 
-    def save(self, value: object, path: str) -> str | None:
+    def dump(self, value: object) -> bytes:
         assert isinstance(value, BaseModel)
-        return _write(path, value.model_dump_json().encode())
+        return value.model_dump_json().encode()
 
-    def load(self, path: str, ref: ArtifactRef) -> object:
+    def parse(self, data: bytes, ref: ArtifactRef) -> object:
         model = _import_type(ref.data_type)
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise ConveyorError(f"{ref.data_type!r} is not a pydantic model")
-        return model.model_validate_json(_read(path))
+        return model.model_validate_json(data)
 
 
-class JsonMaterializer:
+class JsonMaterializer(_BytesBacked):
     """Dicts, lists, tuples, numbers, booleans and None; tuples come back as tuples."""
 
     name = "json"
@@ -153,11 +173,11 @@ class JsonMaterializer:
             return False
         return True
 
-    def save(self, value: object, path: str) -> str | None:
-        return _write(path, json.dumps(value, separators=(",", ":")).encode())
+    def dump(self, value: object) -> bytes:
+        return json.dumps(value, separators=(",", ":")).encode()
 
-    def load(self, path: str, ref: ArtifactRef) -> object:
-        value = json.loads(_read(path))
+    def parse(self, data: bytes, ref: ArtifactRef) -> object:
+        value = json.loads(data)
         return tuple(value) if ref.data_type == "builtins.tuple" else value
 
 
