@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from conveyor.contracts.models import BlobRef, Frozen, Name
 
@@ -54,10 +54,36 @@ class StepSpec(Frozen):
         return list(seen)
 
 
-class PipelineSpec(Frozen):
-    """The DAG a pipeline function built, ready to run on any stack."""
+MAX_STEPS = 100_000
+"""The most step invocations one pipeline may hold."""
 
-    name: str
-    ref: str | None = Field(default=None, description="Importable reference of the pipeline")
+
+class PipelineSpec(Frozen):
+    """The DAG a pipeline function built, ready to run on any stack.
+
+    Steps come in an order where each reads only outputs of steps before it (the order a
+    pipeline function calls them in), which also makes the graph acyclic.
+    """
+
+    name: Name
+    ref: str | None = Field(
+        default=None, max_length=1000, description="Importable reference of the pipeline"
+    )
     parameters: dict[str, Any] = Field(default_factory=dict)
-    steps: list[StepSpec]
+    steps: list[StepSpec] = Field(max_length=MAX_STEPS)
+
+    @model_validator(mode="after")
+    def _a_dag_in_call_order(self) -> PipelineSpec:
+        outputs: dict[str, set[str]] = {}
+        for step in self.steps:
+            if step.name in outputs:
+                raise ValueError(f"two steps are named {step.name!r}")
+            for binding in step.inputs.values():
+                for selector in binding if isinstance(binding, list) else [binding]:
+                    if selector.output not in outputs.get(selector.step, ()):
+                        raise ValueError(
+                            f"step {step.name!r} reads output {selector.output!r} of "
+                            f"{selector.step!r}, which no earlier step of the pipeline has"
+                        )
+            outputs[step.name] = set(step.outputs)
+        return self

@@ -11,11 +11,14 @@ import os
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError as PydanticValidationError
 
 import conveyor
 import conveyor.contracts as contracts
 from conveyor.contracts import (
     MalformedEvent,
+    OutputSelector,
+    PipelineSpec,
     RunFinished,
     RunProgress,
     RunStatus,
@@ -106,3 +109,45 @@ def test_progress_folds_step_changes_per_run_ahead_of_other_events() -> None:
     assert isinstance(first, RunProgress) and isinstance(second, RunProgress)
     assert (first.run_id, [c.step for c in first.changes]) == ("a", ["s1", "s2"])
     assert (second.run_id, [c.step for c in second.changes]) == ("b", ["t1"])
+
+
+@pytest.mark.parametrize(
+    ("steps", "problem"),
+    [
+        ([StepSpec(name="a", ref="m:f"), StepSpec(name="a", ref="m:g")], "two steps are named"),
+        (
+            [StepSpec(name="b", ref="m:f", inputs={"x": OutputSelector(step="ghost", output="o")})],
+            "which no earlier step",
+        ),
+        (
+            [
+                StepSpec(name="a", ref="m:f", outputs=["output"]),
+                StepSpec(
+                    name="b", ref="m:f", inputs={"x": OutputSelector(step="a", output="nope")}
+                ),
+            ],
+            "reads output 'nope'",
+        ),
+        (
+            [
+                StepSpec(name="b", ref="m:f", inputs={"x": [OutputSelector(step="a", output="o")]}),
+                StepSpec(name="a", ref="m:f", outputs=["o"]),
+            ],
+            "which no earlier step",
+        ),
+    ],
+)
+def test_a_pipeline_spec_is_a_dag_in_call_order(steps: list[StepSpec], problem: str) -> None:
+    with pytest.raises(PydanticValidationError, match=problem):
+        PipelineSpec(name="p", steps=steps)
+    # On the wire the same spec is an invalid event, which goes to the dead letters.
+    body = json.dumps(
+        {
+            "type": "RunRequested",
+            "run_id": "r",
+            "pipeline": "p",
+            "spec": {"name": "p", "steps": [s.model_dump(mode="json") for s in steps]},
+        }
+    )
+    with pytest.raises(MalformedEvent, match=problem):
+        parse_event(body.encode())
