@@ -327,7 +327,13 @@ def export(
         sys.stdout.write(text)
         return
     target = Path(file or f"{data['stack_name']}.yaml")
-    target.write_text(text)
+    if include_secrets:
+        # Secrets in clear: readable by their owner only, from the moment the file exists.
+        target.unlink(missing_ok=True)
+        with os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(text)
+    else:
+        target.write_text(text)
     masked = "secrets in clear" if include_secrets else "secrets masked"
     console.print(f"Exported stack '{data['stack_name']}' to {target} ({masked}).")
 

@@ -9,6 +9,8 @@ so that concurrent writers wait on ``busy_timeout`` instead of failing with
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -20,6 +22,15 @@ import aiosqlite
 from conveyor.service.store.migrations import MIGRATIONS
 
 BUSY_TIMEOUT_MS = 30_000
+
+
+def _create_private(path: Path) -> None:
+    """Create the store's folder and file readable by their owner only, when they are new:
+    the store holds component configurations with their secrets. (SQLite gives its WAL and
+    shared-memory files the mode of the database file.)"""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 class Writes:
@@ -77,7 +88,7 @@ class Database:
         """Connect, switch to WAL and apply pending migrations."""
         if self._conn is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_create_private, self.path)
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         conn.row_factory = aiosqlite.Row
         await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +304,25 @@ def test_export_to_the_default_file_and_import_under_another_name(
     Path("other.yaml").write_text("hello: world\n")
     assert "not a Conveyor stack export" in refused("stack", "import", "other.yaml")
     assert stacks_state() == before
+
+
+def test_files_that_hold_secrets_are_readable_by_their_owner_only(
+    tmp_path: Path, home: Path
+) -> None:
+    ok("stack", "list")  # creates the home and its store
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    stores = list(home.glob("conveyor.db*"))  # the WAL is gone after a clean close
+    assert home / "conveyor.db" in stores
+    for path in stores:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    masked, clear = tmp_path / "masked.yaml", tmp_path / "clear.yaml"
+    clear.write_text("old contents, world-readable\n")
+    clear.chmod(0o644)
+    ok("stack", "export", "default", str(masked))
+    ok("stack", "export", "default", str(clear), "--include-secrets")
+    assert stat.S_IMODE(clear.stat().st_mode) == 0o600
+    assert "secrets: included" in clear.read_text()
+    assert "secrets: masked" in masked.read_text()
 
 
 def test_every_command_has_a_one_line_description_and_an_example() -> None:
