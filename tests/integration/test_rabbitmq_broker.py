@@ -15,6 +15,7 @@ from typing import Any
 
 import aio_pika
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 from structlog.testing import capture_logs
 
 from conveyor.contracts import (
@@ -110,6 +111,19 @@ class Rig:
                 aio_pika.Message(body, **properties), routing_key=queue
             )
 
+    async def dead_letters(self) -> list[AbstractIncomingMessage]:
+        """Take every message out of the stack's dead-letter queue."""
+        queue = self.controller_broker.topology.dead_letter_queue
+        connection = await aio_pika.connect(self.url)
+        async with connection:
+            channel = await connection.channel()
+            dead = await channel.declare_queue(queue, passive=True)
+            letters = []
+            while (message := await dead.get(fail=False)) is not None:
+                letters.append(message)
+                await message.ack()
+        return letters
+
     async def queue_depth(self, queue: str) -> int:
         connection = await aio_pika.connect(self.url)
         async with connection:
@@ -204,14 +218,7 @@ async def test_duplicated_completions_change_nothing_and_poison_goes_to_the_dead
     artifacts = await rig.services.runs.list_artifacts()
     assert sorted(a.step_name for a in artifacts) == ["gated", "plus", "seed"]
 
-    connection = await aio_pika.connect(rig.url)
-    async with connection:
-        channel = await connection.channel()
-        dead = await channel.declare_queue(topology.dead_letter_queue, passive=True)
-        letters = []
-        while (message := await dead.get(fail=False)) is not None:
-            letters.append(message)
-            await message.ack()
+    letters = await rig.dead_letters()
     found = {
         (m.headers[QUEUE_HEADER], m.message_id): str(m.headers[REASON_HEADER]) for m in letters
     }
@@ -313,13 +320,6 @@ async def test_a_run_id_of_60000_characters_is_dead_lettered_and_the_stack_moves
         record = await run.wait(timeout=60)
         assert record.status is RunStatus.COMPLETED
 
-    connection = await aio_pika.connect(rig.url)
-    async with connection:
-        channel = await connection.channel()
-        dead = await channel.declare_queue(topology.dead_letter_queue, passive=True)
-        letters = []
-        while (message := await dead.get(fail=False)) is not None:
-            letters.append(message)
-            await message.ack()
+    letters = await rig.dead_letters()
     assert [m.message_id for m in letters] == ["cancel-huge"]
     assert "run_id" in str(letters[0].headers[REASON_HEADER])
