@@ -74,33 +74,24 @@ class LocalArtifactStore:
         self._makedirs(self._staging)
         return os.path.join(self._staging, f"{self._tmp_prefix}{next(self._tmp_names)}")
 
-    def _existing(self, digest: str, size: int) -> BlobRef | None:
+    def _stored(self, digest: str, size: int) -> tuple[BlobRef, str, bool]:
+        """The reference of ``digest``, its file, and whether that file holds it already."""
         hexdigest = digest.partition(":")[2]
+        target = os.path.join(self._root_text, hexdigest[:2], hexdigest)
+        ref = BlobRef(uri=f"{self._root_uri}/{hexdigest[:2]}/{hexdigest}", digest=digest, size=size)
         try:
-            if os.stat(os.path.join(self._root_text, hexdigest[:2], hexdigest)).st_size != size:
-                return None
+            return ref, target, os.stat(target).st_size == size
         except FileNotFoundError:
-            return None
-        return BlobRef(
-            uri=f"{self._root_uri}/{hexdigest[:2]}/{hexdigest}", digest=digest, size=size
-        )
+            return ref, target, False
 
     def _commit(self, tmp: str, digest: str, size: int) -> BlobRef:
-        hexdigest = digest.partition(":")[2]
-        folder = os.path.join(self._root_text, hexdigest[:2])
-        target = os.path.join(folder, hexdigest)
-        self._makedirs(folder)
-        try:
-            exists = os.stat(target).st_size == size
-        except FileNotFoundError:
-            exists = False
+        ref, target, exists = self._stored(digest, size)
         if exists:
             os.unlink(tmp)
         else:
+            self._makedirs(os.path.dirname(target))
             os.replace(tmp, target)
-        return BlobRef(
-            uri=f"{self._root_uri}/{hexdigest[:2]}/{hexdigest}", digest=digest, size=size
-        )
+        return ref
 
     def put(self, write: Callable[[str], str | None]) -> BlobRef:
         tmp = self._staged()
@@ -118,18 +109,16 @@ class LocalArtifactStore:
 
     def put_bytes(self, data: bytes) -> BlobRef:
         digest = digests.of_bytes(data)
-        found = self._existing(digest, len(data))
-        if found is not None:
-            return found  # a content address holds the same bytes: nothing to write
-        tmp = self._staged()
-        try:
-            with open(tmp, "wb") as handle:
+        ref, _, exists = self._stored(digest, len(data))
+        if exists:
+            return ref  # a content address holds the same bytes: nothing to write
+
+        def write(path: str) -> str:
+            with open(path, "wb") as handle:
                 handle.write(data)
-            return self._commit(tmp, digest, len(data))
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            return digest
+
+        return self.put(write)
 
     def path_of(self, uri: str) -> str:
         """The file behind ``uri``; refuses anything that resolves outside the root."""

@@ -89,12 +89,10 @@ def alongside(write: Callable[[], None], parts: Sequence[bytes | memoryview]) ->
     return f"{ALGORITHM}:{hasher.hexdigest()}"
 
 
-def verify_bytes(data: bytes, digest: str, uri: str) -> None:
-    """Raise ArtifactUnreadable unless ``data`` has ``digest``."""
+def require(uri: str, digest: str, actual: str) -> None:
+    """Raise ArtifactUnreadable unless ``actual``, the hex digest of the bytes read with
+    ``digest``'s algorithm, is the one ``digest`` names."""
     algorithm, expected = split(digest)
-    hasher = new_hasher(algorithm)
-    hasher.update(data)
-    actual = hasher.hexdigest()
     if actual != expected:
         raise ArtifactUnreadable(
             f"artifact {uri} is corrupted: its {algorithm} is {actual[:12]}..., "
@@ -102,17 +100,20 @@ def verify_bytes(data: bytes, digest: str, uri: str) -> None:
         )
 
 
+def verify_bytes(data: bytes, digest: str, uri: str) -> None:
+    """Raise ArtifactUnreadable unless ``data`` has ``digest``."""
+    hasher = new_hasher(split(digest)[0])
+    hasher.update(data)
+    require(uri, digest, hasher.hexdigest())
+
+
 def verify_file(path: str, digest: str, uri: str) -> None:
     """Raise ArtifactUnreadable unless the file at ``path`` has ``digest``."""
-    algorithm, expected = split(digest)
+    algorithm = split(digest)[0]
     try:
         actual = _of_mapped_file(path, algorithm)
     except FileNotFoundError:
         raise ArtifactUnreadable(f"artifact {uri} is missing from its store") from None
     except OSError as exc:
         raise ArtifactUnreadable(f"cannot read artifact {uri}: {exc.strerror}") from None
-    if actual != digest:
-        raise ArtifactUnreadable(
-            f"artifact {uri} is corrupted: its {algorithm} is {split(actual)[1][:12]}..., "
-            f"expected {expected[:12]}..."
-        )
+    require(uri, digest, split(actual)[1])
