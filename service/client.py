@@ -211,7 +211,7 @@ class Client:
             raise NotFoundError(f"run {run.id} has no step {step!r}")
         store = run_artifact_store(run.stack_snapshot)
         return {
-            s.name: store.get(s.logs.uri, s.logs.digest, _read_text)
+            s.name: store.get_bytes(s.logs.uri, s.logs.digest).decode(errors="replace")
             for s in steps
             if s.logs is not None
         }
@@ -267,11 +267,6 @@ class Client:
             artifact.ref.uri, artifact.ref.digest, lambda path: shutil.copyfile(path, to)
         )
         return artifact.ref.size
-
-
-def _read_text(path: str) -> str:
-    with open(path, "rb") as handle:
-        return handle.read().decode(errors="replace")
 
 
 async def _home_of(services: Services) -> Home:

@@ -144,22 +144,24 @@ class WorkerPool:
                 # Nothing of it was imported or run. The run hears that the step failed (a
                 # real run must not wait for ever), and the message goes to the dead letters.
                 log.warning("step refused", reason=str(exc))
-                self._outcomes.pop(key, None)
-                known.cancel()
+                self._forget(key, known)
                 await self._broker.publish([self._executor.refused(ready, exc)])
                 await delivery.reject(str(exc))
                 return
             except BaseException:
-                self._outcomes.pop(key, None)
-                known.cancel()
+                self._forget(key, known)
                 raise
             if outcome is None:
-                self._outcomes.pop(key, None)
-                known.cancel()
+                self._forget(key, known)
                 return
             known.set_result(outcome)
             await self._broker.publish([outcome])
             await delivery.ack()
+
+    def _forget(self, key: tuple[str, str, int], known: asyncio.Future[Outcome]) -> None:
+        """Drop an attempt that has no outcome: a redelivery waiting on it is requeued."""
+        self._outcomes.pop(key, None)
+        known.cancel()
 
     async def _attempt(self, ready: StepReady, delivery: Delivery) -> Outcome | None:
         """Run one attempt; None when cancel_run() stopped it (and the delivery is acked)."""
