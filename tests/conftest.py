@@ -7,14 +7,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
+
+from tests.subprocesses import free_port, stop, wait_until_answers
 
 ROOT = Path(__file__).resolve().parents[1]
 RABBITMQ_REQUIRED_ENV = "CONVEYOR_REQUIRE_RABBITMQ"
@@ -74,13 +74,6 @@ def conveyor_cli(
 SERVER_UP = (sys.executable, "-m", "conveyor.service.cli.app", "server", "up")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
 class Server:
     url: str
@@ -116,29 +109,10 @@ def running_server(
         )
     server = Server(f"http://127.0.0.1:{port}", process, stdout, stderr)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(
-                    f"the server exited with {process.returncode}\n{server.output()}"
-                )
-            try:
-                if httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the server did not become healthy\n{server.output()}")
-            time.sleep(0.1)
+        wait_until_answers(f"{server.url}/healthz", process, server.output, timeout)
         yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)
 
 
 # --- a real S3 endpoint: moto's server (see tests/s3_support.py) ---

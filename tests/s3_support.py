@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import boto3
-import httpx
+
+from tests.subprocesses import free_port, stop, wait_until_answers
 
 TEST_KEY = "testing-key"
 TEST_SECRET = "testing-secret"
@@ -31,16 +29,9 @@ _AUTH_SETUP_REQUESTS = 4
 """Requests moto serves without checking keys when auth is enforced: see ``_auth_setup``."""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def unused_endpoint() -> str:
     """An http URL on which nothing listens (connections are refused)."""
-    return f"http://127.0.0.1:{_free_port()}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def s3_client(endpoint: str, key: str = TEST_KEY, secret: str = TEST_SECRET) -> Any:
@@ -94,7 +85,7 @@ class AuthServer:
 @contextmanager
 def moto_server(*, enforce_auth: bool = False, timeout: float = 30) -> Iterator[str]:
     """Run moto's S3 server on a free port until the block ends; yields its endpoint URL."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     if enforce_auth:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(_AUTH_SETUP_REQUESTS)
@@ -107,10 +98,16 @@ def moto_server(*, enforce_auth: bool = False, timeout: float = 30) -> Iterator[
         )
         endpoint = f"http://127.0.0.1:{port}"
         try:
-            _wait_until_up(endpoint, process, log, timeout)
+            wait_until_answers(
+                # moto's own API answers without touching any state or auth counter.
+                f"{endpoint}/moto-api/data.json",
+                process,
+                lambda: _text_of(log),
+                timeout,
+            )
             yield endpoint
         finally:
-            _stop(process)
+            stop(process, timeout=10)
 
 
 @contextmanager
@@ -144,31 +141,6 @@ def _auth_setup(endpoint: str) -> tuple[str, str]:
     return str(created["AccessKeyId"]), str(created["SecretAccessKey"])
 
 
-def _wait_until_up(
-    endpoint: str, process: subprocess.Popen[bytes], log: Any, timeout: float
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            log.seek(0)
-            output = log.read().decode(errors="replace")
-            raise AssertionError(f"moto exited with {process.returncode}:\n{output}")
-        try:
-            # moto's own API answers without touching any state or auth counter.
-            if httpx.get(f"{endpoint}/moto-api/data.json", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"moto did not answer on {endpoint} within {timeout}s")
-        time.sleep(0.1)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def _text_of(log: Any) -> str:
+    log.seek(0)
+    return str(log.read().decode(errors="replace"))
