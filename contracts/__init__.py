@@ -14,6 +14,7 @@ from conveyor.contracts.events import (
     COMPLETION_TYPES,
     EVENT_TYPES,
     SCHEMA_VERSION,
+    AttemptsCancelled,
     Envelope,
     Event,
     MalformedEvent,
@@ -22,6 +23,7 @@ from conveyor.contracts.events import (
     RunProgress,
     RunRequested,
     StepFailed,
+    StepHeartbeat,
     StepReady,
     StepStarted,
     StepStatusChanged,
@@ -64,7 +66,12 @@ from conveyor.contracts.protocols import (
     StatusHandler,
     Subscription,
 )
-from conveyor.contracts.topology import DEFAULT_PREFIX, Topology, is_status_event
+from conveyor.contracts.topology import (
+    DEFAULT_PREFIX,
+    Topology,
+    is_control_event,
+    is_status_event,
+)
 
 __all__ = [
     "COMPLETION_TYPES",
@@ -78,6 +85,7 @@ __all__ = [
     "ArtifactRef",
     "ArtifactStore",
     "ArtifactUnreadable",
+    "AttemptsCancelled",
     "BlobRef",
     "Broker",
     "ComponentSpec",
@@ -104,6 +112,7 @@ __all__ = [
     "StackSpec",
     "StatusHandler",
     "StepFailed",
+    "StepHeartbeat",
     "StepReady",
     "StepRecord",
     "StepSpec",
@@ -119,6 +128,7 @@ __all__ = [
     "WorkerFacts",
     "encode_event",
     "event_json_schemas",
+    "is_control_event",
     "is_status_event",
     "new_id",
     "parse_event",

@@ -123,6 +123,15 @@ class StepStarted(Envelope):
     by: WorkerFacts
 
 
+class StepHeartbeat(Envelope):
+    """Attempt ``attempt`` of ``step`` is still running on ``by``: its lease is renewed."""
+
+    type: Literal["StepHeartbeat"] = "StepHeartbeat"
+    step: Name
+    attempt: int
+    by: WorkerFacts
+
+
 class StepSucceeded(Envelope):
     """Attempt ``attempt`` of ``step`` finished; its outputs are in the artifact store."""
 
@@ -172,6 +181,18 @@ class RunProgress(Envelope):
     changes: list[StepStatusChanged]
 
 
+class AttemptsCancelled(Envelope):
+    """Broadcast to every worker: stop these attempts of the run where they are running.
+
+    ``attempts`` maps a step to the attempt to stop; empty means every attempt of the run
+    (the run was cancelled). A worker also drops such attempts still waiting in its queue.
+    """
+
+    type: Literal["AttemptsCancelled"] = "AttemptsCancelled"
+    attempts: dict[Name, int] = Field(default_factory=dict, max_length=100_000)
+    reason: str = Field(max_length=1000)
+
+
 class RunFinished(Envelope):
     """The run reached a final status."""
 
@@ -185,10 +206,12 @@ Event = Annotated[
     | RunCancelRequested
     | StepReady
     | StepStarted
+    | StepHeartbeat
     | StepSucceeded
     | StepFailed
     | StepStatusChanged
     | RunProgress
+    | AttemptsCancelled
     | RunFinished,
     Field(discriminator="type"),
 ]
@@ -199,10 +222,12 @@ EVENT_TYPES: tuple[type[Envelope], ...] = (
     RunCancelRequested,
     StepReady,
     StepStarted,
+    StepHeartbeat,
     StepSucceeded,
     StepFailed,
     StepStatusChanged,
     RunProgress,
+    AttemptsCancelled,
     RunFinished,
 )
 COMPLETION_TYPES = (StepSucceeded, StepFailed)

@@ -20,8 +20,9 @@ class Delivery(Protocol):
         """The decoded event."""
 
     @property
-    def redelivered(self) -> bool:
-        """Whether the broker delivered this message before (to this or another consumer)."""
+    def deliveries(self) -> int:
+        """How many times this message was delivered, this time included: a delivery that
+        ended without being settled (its consumer died or lost the broker) counts."""
 
     async def ack(self) -> None:
         """Done with it: the broker forgets the message."""
@@ -76,6 +77,10 @@ class Broker(Protocol):
 
     async def follow(self, run_id: str, handler: StatusHandler) -> Subscription:
         """Receive the status events of one run (``StepStatusChanged``, ``RunFinished``)."""
+
+    async def listen(self, handler: StatusHandler) -> Subscription:
+        """Receive the control events broadcast to every worker of the stack, from now on
+        (a listener that is disconnected meanwhile misses them)."""
 
 
 @runtime_checkable

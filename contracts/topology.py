@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conveyor.contracts.events import (
+    AttemptsCancelled,
     Event,
     RunCancelRequested,
     RunFinished,
@@ -42,6 +43,11 @@ class Topology(Frozen):
         return f"{self.base}.status"
 
     @property
+    def control_exchange(self) -> str:
+        """Fan-out exchange of control events every worker hears (attempts to stop)."""
+        return f"{self.base}.control"
+
+    @property
     def dead_letter_exchange(self) -> str:
         """Where rejected messages go, with the reason in a header."""
         return f"{self.base}.dlx"
@@ -66,16 +72,24 @@ class Topology(Frozen):
         return f"{self.base}.steps.{pool}"
 
     def route(self, event: Event) -> str:
-        """The queue an event is published to (status events: the run id as routing key)."""
+        """The queue an event is published to (status events: the run id as routing key;
+        control events: none, every worker hears them)."""
         if isinstance(event, StepReady):
             return self.step_queue(event.step.pool)
         if isinstance(event, RunRequested | RunCancelRequested):
             return self.runs_queue
         if isinstance(event, StepStatusChanged | RunProgress | RunFinished):
             return event.run_id
+        if isinstance(event, AttemptsCancelled):
+            return ""
         return self.events_queue
 
 
 def is_status_event(event: Event) -> bool:
     """Whether ``event`` is a status update for followers rather than work."""
     return isinstance(event, StepStatusChanged | RunProgress | RunFinished)
+
+
+def is_control_event(event: Event) -> bool:
+    """Whether ``event`` is broadcast to every worker rather than queued for one consumer."""
+    return isinstance(event, AttemptsCancelled)

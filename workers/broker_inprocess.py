@@ -20,6 +20,7 @@ from conveyor.contracts import (
     Event,
     StatusHandler,
     Topology,
+    is_control_event,
     is_status_event,
 )
 from conveyor.workers.status_pump import StatusPump
@@ -37,11 +38,11 @@ class DeadLetter:
 
 
 class _Message:
-    __slots__ = ("event", "redelivered")
+    __slots__ = ("deliveries", "event")
 
-    def __init__(self, event: Event, redelivered: bool = False) -> None:
+    def __init__(self, event: Event) -> None:
         self.event = event
-        self.redelivered = redelivered
+        self.deliveries = 0
 
 
 class _Delivery:
@@ -57,8 +58,8 @@ class _Delivery:
         return self._message.event
 
     @property
-    def redelivered(self) -> bool:
-        return self._message.redelivered
+    def deliveries(self) -> int:
+        return self._message.deliveries
 
     def _settle(self) -> bool:
         if self._settled:
@@ -77,9 +78,7 @@ class _Delivery:
 
     async def requeue(self) -> None:
         if self._settle():
-            self._consumer.broker.queue(self._consumer.queue).put_nowait(
-                _Message(self.event, redelivered=True)
-            )
+            self._consumer.broker.queue(self._consumer.queue).put_nowait(self._message)
 
 
 class _Consumer:
@@ -105,6 +104,7 @@ class _Consumer:
         while True:
             await self.window.acquire()
             message = await source.get()
+            message.deliveries += 1
             delivery = _Delivery(self, message)
             self.unsettled.add(delivery)
             if self.hands_over:
@@ -137,6 +137,8 @@ class _Consumer:
 
 
 class _Follower:
+    """A follower of one run's status events, or (``run_id`` CONTROL) a control listener."""
+
     def __init__(self, broker: InProcessBroker, run_id: str, handler: StatusHandler) -> None:
         self.broker = broker
         self.pump = StatusPump(run_id, handler)
@@ -148,6 +150,10 @@ class _Follower:
     async def cancel(self) -> None:
         await self.pump.stop()
         self.broker.followers[self.pump.run_id].discard(self)
+
+
+CONTROL = ""
+"""The followers' key of control listeners: no run id is empty."""
 
 
 class InProcessBroker:
@@ -197,8 +203,9 @@ class InProcessBroker:
 
     async def publish(self, events: Sequence[Event]) -> None:
         for event in events:
-            if is_status_event(event):
-                for follower in self.followers.get(event.run_id, ()):
+            if is_status_event(event) or is_control_event(event):
+                key = CONTROL if is_control_event(event) else event.run_id
+                for follower in self.followers.get(key, ()):
                     follower.pump.inbox.put_nowait(event)
             else:
                 self.queue(self._topology.route(event)).put_nowait(_Message(event))
@@ -214,3 +221,6 @@ class InProcessBroker:
         follower.pump.start()
         self.followers[run_id].add(follower)
         return follower
+
+    async def listen(self, handler: StatusHandler) -> _Follower:
+        return await self.follow(CONTROL, handler)

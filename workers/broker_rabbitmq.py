@@ -38,12 +38,14 @@ from conveyor.contracts import (
     StepReady,
     Topology,
     encode_event,
+    is_control_event,
     is_status_event,
     parse_event,
 )
 from conveyor.workers.crash import crash_point
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.rabbitmq_topology import (
+    DELIVERIES_HEADER,
     QUEUE_HEADER,
     REASON_HEADER,
     Declared,
@@ -102,8 +104,8 @@ class _Delivery:
         return self._event
 
     @property
-    def redelivered(self) -> bool:
-        return bool(self._message.redelivered)
+    def deliveries(self) -> int:
+        return lost_deliveries(self._message) + 1
 
     def _settle(self) -> bool:
         if self._settled:
@@ -129,10 +131,17 @@ class _Delivery:
             await self._consumer.broker.dead_letter(self._consumer.queue, self._message, reason)
 
     async def requeue(self) -> None:
-        if self._settle():
-            # A closed channel requeues it anyway.
-            with contextlib.suppress(*TRANSIENT):
-                await self._message.nack(requeue=True)
+        if not self._settle():
+            return
+        if isinstance(self._event, StepReady):
+            # Handed back on purpose, not lost: a requeue would count as a lost delivery.
+            await self._consumer.broker.put_back(
+                self._consumer.queue, self._message, lost_deliveries(self._message)
+            )
+            return
+        # A closed channel requeues it anyway.
+        with contextlib.suppress(*TRANSIENT):
+            await self._message.nack(requeue=True)
 
 
 class _Consumer:
@@ -184,6 +193,12 @@ class _Consumer:
             event = parse_event(message.body)
         except MalformedEvent as exc:
             await self.broker.dead_letter(self.queue, message, str(exc))
+            return
+        if message.redelivered and isinstance(event, StepReady):
+            # Its last delivery ended unsettled: a worker died or lost the broker while it
+            # held it. Classic queues do not count that, so the count travels in a header of
+            # a copy; the worker that gets the copy decides whether to run it again.
+            await self.broker.put_back(self.queue, message, lost_deliveries(message) + 1)
             return
         delivery = _Delivery(self, message, event)
         if self.hands_over:
@@ -241,10 +256,14 @@ class _Consumer:
 
 
 class _Follower:
-    """Status events of one run, through an exclusive queue bound by the run id."""
+    """Status events of one run, through an exclusive queue bound by the run id; or, bound
+    to the control exchange, the control events of the stack."""
 
-    def __init__(self, broker: RabbitMQBroker, run_id: str, handler: StatusHandler) -> None:
+    def __init__(
+        self, broker: RabbitMQBroker, run_id: str, handler: StatusHandler, exchange: str
+    ) -> None:
         self.broker = broker
+        self.exchange = exchange
         self.pump = StatusPump(run_id, handler)
         self.amqp_queue: AbstractQueue | None = None
         self.tag: str | None = None
@@ -256,7 +275,7 @@ class _Follower:
     async def start(self, channel: AbstractRobustChannel) -> None:
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         self.amqp_queue = queue
-        await queue.bind(self.broker.topology.status_exchange, routing_key=self.pump.run_id)
+        await queue.bind(self.exchange, routing_key=self.pump.run_id)
         self.tag = await queue.consume(self._on_message, no_ack=True)
         self.pump.start()
 
@@ -322,6 +341,7 @@ class RabbitMQBroker:
                 url,
                 reconnect_interval=self.config.reconnect_interval_s,
                 client_properties={"connection_name": self.name},
+                heartbeat=self._heartbeat(url),
             )
         except (*TRANSIENT, OSError) as exc:
             raise BrokerUnavailable(
@@ -338,6 +358,14 @@ class RabbitMQBroker:
             await self.stop()
             raise
         log.info("connected to RabbitMQ", url=_safe_url(url), stack=self._topology.stack)
+
+    def _heartbeat(self, url: str) -> int | None:
+        """The AMQP heartbeat, unless the URL sets one: about a lease, so that the broker
+        drops a frozen process's connection (and requeues what it held) within one, also
+        when it froze before it announced its step."""
+        if "heartbeat=" in url:
+            return None
+        return max(2, round(self.config.lease_s))
 
     def _on_reconnect(self, *_: Any) -> None:
         log.info("reconnected to RabbitMQ", stack=self._topology.stack)
@@ -382,6 +410,11 @@ class RabbitMQBroker:
         if is_status_event(event):
             # Followers come and go: a status event nobody follows is dropped on purpose.
             await declared.status.publish(message, routing_key=event.run_id, mandatory=False)
+            return
+        if is_control_event(event):
+            # Heard by the workers connected now; one that is not runs its attempt to the
+            # end, and the controller ignores the outcome.
+            await declared.control.publish(message, routing_key="", mandatory=False)
             return
         key = self._topology.route(event)
         if isinstance(event, StepReady) and key not in declared.queues:
@@ -466,17 +499,7 @@ class RabbitMQBroker:
         log.warning(
             "dead-lettered", queue=queue, message_id=message.message_id, reason=reason[:500]
         )
-        headers = dict(message.headers or {})
-        headers[REASON_HEADER] = reason[:1000]
-        headers[QUEUE_HEADER] = queue
-        copy = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            type=message.type,
-        )
+        copy = _copy(message, {REASON_HEADER: reason[:1000], QUEUE_HEADER: queue})
         try:
             await self.declared.dead.publish(copy, routing_key=queue, mandatory=True)
         except Exception as exc:
@@ -486,6 +509,20 @@ class RabbitMQBroker:
                 await message.reject(requeue=False)
             return
         with contextlib.suppress(*TRANSIENT):  # if lost: delivered, and dead-lettered, again
+            await message.ack()
+
+    async def put_back(self, queue: str, message: AbstractIncomingMessage, lost: int) -> None:
+        """Requeue a copy of ``message`` that says ``lost`` deliveries ended unsettled, then
+        ack the original (if the copy is not confirmed, the original is requeued instead)."""
+        copy = _copy(message, {DELIVERIES_HEADER: lost})
+        try:
+            await self.declared.work.publish(copy, routing_key=queue, mandatory=True)
+        except Exception as exc:
+            log.warning("message not put back; requeued as it is", error=str(exc))
+            with contextlib.suppress(*TRANSIENT):
+                await message.nack(requeue=True)
+            return
+        with contextlib.suppress(*TRANSIENT):  # if lost: delivered again, counted once more
             await message.ack()
 
     async def consume(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> _Consumer:
@@ -503,9 +540,16 @@ class RabbitMQBroker:
 
     async def follow(self, run_id: str, handler: StatusHandler) -> _Follower:
         """Receive the status events of ``run_id`` (from now on) in order."""
+        return await self._follow(run_id, handler, self._topology.status_exchange)
+
+    async def listen(self, handler: StatusHandler) -> _Follower:
+        """Receive the control events of the stack (from now on) in order."""
+        return await self._follow("control", handler, self._topology.control_exchange)
+
+    async def _follow(self, key: str, handler: StatusHandler, exchange: str) -> _Follower:
         if self._follow_channel is None:
             self._follow_channel = await self.connection.channel(publisher_confirms=False)
-        follower = _Follower(self, run_id, handler)
+        follower = _Follower(self, key, handler, exchange)
         self.followers.add(follower)
         try:
             await follower.start(self._follow_channel)
@@ -513,6 +557,24 @@ class RabbitMQBroker:
             await follower.cancel()
             raise
         return follower
+
+
+def lost_deliveries(message: AbstractIncomingMessage) -> int:
+    """Deliveries of ``message`` that ended unsettled, as its header says (0 if none or junk)."""
+    value = (message.headers or {}).get(DELIVERIES_HEADER, 0)
+    return value if isinstance(value, int) and 0 <= value < 1_000_000 else 0
+
+
+def _copy(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> aio_pika.Message:
+    """A persistent copy of ``message`` with ``headers`` added to its own."""
+    return aio_pika.Message(
+        message.body,
+        headers={**(message.headers or {}), **headers},
+        content_type=message.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        type=message.type,
+    )
 
 
 def _safe_url(url: str) -> str:

@@ -20,6 +20,8 @@ REASON_HEADER = "x-conveyor-reason"
 """Why a message was dead-lettered (set by Conveyor; RabbitMQ's own is in ``x-death``)."""
 QUEUE_HEADER = "x-conveyor-queue"
 """The queue a dead-lettered message was consumed from."""
+DELIVERIES_HEADER = "x-conveyor-deliveries"
+"""Deliveries of a step message that ended unsettled (classic queues count none of their own)."""
 
 
 def queue_arguments(topology: Topology) -> dict[str, Any]:
@@ -47,22 +49,26 @@ class Declared:
 
     work: AbstractExchange
     status: AbstractExchange
+    control: AbstractExchange
     dead: AbstractExchange
     queues: dict[str, AbstractQueue] = field(default_factory=dict)
 
 
 async def declare_exchanges(channel: AbstractChannel, topology: Topology) -> Declared:
-    """Declare the stack's three exchanges and its dead-letter queue."""
+    """Declare the stack's four exchanges and its dead-letter queue."""
     work = await channel.declare_exchange(
         topology.exchange, aio_pika.ExchangeType.DIRECT, durable=True
     )
     status = await channel.declare_exchange(
         topology.status_exchange, aio_pika.ExchangeType.TOPIC, durable=True
     )
+    control = await channel.declare_exchange(
+        topology.control_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
     dead = await channel.declare_exchange(
         topology.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
     )
-    declared = Declared(work=work, status=status, dead=dead)
+    declared = Declared(work=work, status=status, control=control, dead=dead)
     dead_queue = await channel.declare_queue(topology.dead_letter_queue, durable=True)
     await dead_queue.bind(dead, routing_key="")
     declared.queues[topology.dead_letter_queue] = dead_queue
@@ -130,6 +136,7 @@ def definitions(topology: Topology, pools: Iterable[str] = (), vhost: str = "/")
         "exchanges": [
             exchange(topology.exchange, "direct"),
             exchange(topology.status_exchange, "topic"),
+            exchange(topology.control_exchange, "fanout"),
             exchange(topology.dead_letter_exchange, "fanout"),
         ],
         "queues": [
