@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -27,6 +27,7 @@ from conveyor.contracts import (
     RunStatus,
     StackSpec,
     StepFailed,
+    StepHeartbeat,
     StepStarted,
     StepSucceeded,
     Subscription,
@@ -48,7 +49,11 @@ BACK_OFF_S = 0.5
 INBOX_PREFETCH = 4096
 
 Owner = tuple[str, int, str]
-WorkerEvent = StepStarted | StepSucceeded | StepFailed
+WorkerEvent = StepStarted | StepHeartbeat | StepSucceeded | StepFailed
+LEASE_S = 30.0
+"""How long a running attempt is the worker's without a heartbeat."""
+MAX_LOST = 3
+"""Lapsed leases after which a step fails instead of being tried again."""
 
 
 def compile_request(request: RunRequested, code_store: ArtifactStore | None) -> PipelineSpec:
@@ -101,8 +106,16 @@ class Controller:
         *,
         owner: Owner | None = None,
         code_store: ArtifactStore | None = None,
+        lease_s: float = LEASE_S,
+        max_lost: int = MAX_LOST,
     ) -> None:
         self._db = db
+        self._lease = timedelta(seconds=lease_s)
+        self._max_lost = max_lost
+        # Leases are checked a few times per lease; a check that comes much later than
+        # planned means this process was stalled, and the leases are extended by as much.
+        self._check_every = lease_s / 4
+        self._next_check = 0.0
         self._code_store = code_store
         self._runs = RunStore(db)
         self._broker = broker
@@ -169,7 +182,12 @@ class Controller:
             self._runs.mark_sent(writes, [e.event_id for e in unsent], utcnow())
             await self._db.write(writes)
         for run_id in await self._runs.active_run_ids(self._stack.id):
-            self._states[run_id] = await self._runs.load_state(run_id)
+            self._states[run_id] = await self._loaded(run_id)
+
+    async def _loaded(self, run_id: str) -> RunState:
+        state = await self._runs.load_state(run_id)
+        scheduling.grant_leases(state, utcnow() + self._lease)
+        return state
 
     async def _flush_confirmed(self) -> None:
         confirmed, self._confirmed = self._confirmed, []
@@ -181,12 +199,14 @@ class Controller:
         self._inbox.put_nowait(delivery)
 
     async def _loop(self) -> None:
+        self._next_check = asyncio.get_running_loop().time() + self._check_every
         while True:
             batch = await self._take_batch()
             try:
                 await self._publish_committed()
                 if batch:
                     await self._process(batch)
+                await self._check_leases()
             except (Exception, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                     raise
@@ -243,17 +263,19 @@ class Controller:
         return True
 
     async def _take_batch(self) -> list[Delivery]:
-        """The deliveries waiting, once there is one; none if held progress falls due first."""
+        """The deliveries waiting, once there is one; none if held progress or a lease
+        check falls due first."""
         loop = asyncio.get_running_loop()
+        due = self._next_check
         if self._progress.pending:
-            try:
-                async with asyncio.timeout_at(self._progress.due):
-                    first = await self._inbox.get()
-            except TimeoutError:
+            due = min(due, self._progress.due)
+        try:
+            async with asyncio.timeout_at(due):
+                first = await self._inbox.get()
+        except TimeoutError:
+            if self._progress.pending and self._progress.due <= loop.time():
                 self._committed.extend(self._progress.release_all(loop.time()))
-                return []
-        else:
-            first = await self._inbox.get()
+            return []
         batch = [first]
         while len(batch) < MAX_BATCH and not self._inbox.empty():
             batch.append(self._inbox.get_nowait())
@@ -271,11 +293,32 @@ class Controller:
             await self._broker.publish(self._committed)
             self._committed = []
 
+    async def _check_leases(self) -> None:
+        """Start new attempts of the steps whose worker stopped renewing its lease."""
+        now = asyncio.get_running_loop().time()
+        if now < self._next_check:
+            return
+        late = now - self._next_check
+        self._next_check = now + self._check_every
+        if late > self._lease.total_seconds() / 2:
+            log.warning("controller was stalled; extending every lease", stalled_s=round(late, 1))
+            for state in self._states.values():
+                scheduling.extend_leases(state, timedelta(seconds=late))
+            return
+        batch = _Batch(now=utcnow())
+        for run_id, state in list(self._states.items()):
+            change = scheduling.expire_leases(state, batch.now, max_lost=self._max_lost)
+            if change.steps:
+                log.warning("leases lapsed", run_id=run_id, steps=[u.name for u in change.steps])
+                batch.change(run_id, change)
+        if batch.changes:
+            await self._commit(batch)
+
     async def _state_of(self, run_id: str) -> RunState | None:
         state = self._states.get(run_id)
         if state is None:
             try:
-                state = await self._runs.load_state(run_id)
+                state = await self._loaded(run_id)
             except ConveyorError:
                 return None
             if state.status not in (RunStatus.PENDING, RunStatus.RUNNING):
@@ -297,6 +340,9 @@ class Controller:
                 batch.change(event.run_id, scheduling.cancel_run(state, batch.now, event.reason))
             elif isinstance(event, WorkerEvent):
                 batch.change(event.run_id, scheduling.apply_event(state, event))
+                if isinstance(event, StepStarted | StepHeartbeat):
+                    until = batch.now + self._lease
+                    scheduling.renew_lease(state, event.step, event.attempt, until)
         await self._commit(batch)
         for delivery in deliveries:
             await delivery.ack()

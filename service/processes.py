@@ -125,7 +125,13 @@ async def serve_controller(
         signals.install()
         await broker.start()
         controller = Controller(
-            services.db, broker, spec, owner=None, code_store=make_artifact_store(spec)
+            services.db,
+            broker,
+            spec,
+            owner=None,
+            code_store=make_artifact_store(spec),
+            lease_s=config.lease_s,
+            max_lost=config.max_deliveries,
         )
         await controller.start()
         watched, driving = broker, controller

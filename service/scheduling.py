@@ -12,11 +12,13 @@ from datetime import datetime, timedelta
 from conveyor.contracts import (
     FINISHED_STEP_STATUSES,
     ArtifactRef,
+    AttemptsCancelled,
     Event,
     PipelineSpec,
     RunFinished,
     RunStatus,
     StepFailed,
+    StepHeartbeat,
     StepReady,
     StepSpec,
     StepStarted,
@@ -28,12 +30,20 @@ from conveyor.contracts import (
 
 @dataclass
 class StepState:
-    """What the controller knows of one step; ``attempt`` 0 means not dispatched yet."""
+    """What the controller knows of one step; ``attempt`` 0 means not dispatched yet.
+
+    A running attempt holds a lease until ``lease_until``, renewed by its worker's
+    heartbeats; ``lost`` counts the attempts whose lease lapsed. Both live in memory only:
+    a controller that starts grants every running attempt a fresh lease.
+    """
 
     spec: StepSpec
     status: StepStatus = StepStatus.PENDING
     attempt: int = 0
     outputs: dict[str, ArtifactRef] = field(default_factory=dict)
+    lease_until: datetime | None = None
+    lost: int = 0
+    worker: str | None = None
 
 
 @dataclass
@@ -135,6 +145,8 @@ def _record(run: RunState, out: Transition, update: StepUpdate) -> None:
     state = run.steps[update.name]
     run.set_status(update.name, update.status)
     state.attempt = update.attempt
+    if update.worker is not None:
+        state.worker = update.worker
     if update.outputs:
         state.outputs = update.outputs
     out.steps.append(update)
@@ -157,6 +169,7 @@ def _dispatch(
     """Publish a StepReady for ``attempt``; the stored row records the attempt dispatched."""
     state = run.steps[name]
     state.attempt = attempt
+    state.lease_until = None
     run.set_status(name, StepStatus.PENDING)
     out.steps.append(update or StepUpdate(name, StepStatus.PENDING, attempt))
     out.emit.append(
@@ -230,8 +243,12 @@ def apply_event(run: RunState, event: Event) -> Transition:
     out = Transition()
     if run.status is not RunStatus.RUNNING:
         return out
-    if isinstance(event, StepStarted):
-        if _is_current(run, event.step, event.attempt):
+    if isinstance(event, StepStarted | StepHeartbeat):
+        # A heartbeat also says the attempt started, should its StepStarted come later.
+        current = _is_current(run, event.step, event.attempt)
+        if current and (
+            isinstance(event, StepStarted) or run.steps[event.step].status is StepStatus.PENDING
+        ):
             _record(
                 run,
                 out,
@@ -280,7 +297,8 @@ def _unannounced_start(run: RunState, event: StepSucceeded | StepFailed) -> date
 
 def _on_failure(run: RunState, out: Transition, event: StepFailed) -> None:
     state = run.steps[event.step]
-    retry = event.retryable and event.attempt <= state.spec.retries
+    # Attempts lost with their worker are not the step's own: they use none of its retries.
+    retry = event.retryable and event.attempt - state.lost <= state.spec.retries
     update = StepUpdate(
         event.step,
         StepStatus.PENDING if retry else StepStatus.FAILED,
@@ -305,10 +323,12 @@ def _on_failure(run: RunState, out: Transition, event: StepFailed) -> None:
 
 
 def cancel_run(run: RunState, now: datetime, reason: str) -> Transition:
-    """Cancel every unfinished step and the run; late events are ignored afterwards."""
+    """Cancel every unfinished step and the run; late events are ignored afterwards, and
+    the workers hear that the run's attempts are to stop where they run."""
     out = Transition()
     if run.status not in (RunStatus.PENDING, RunStatus.RUNNING):
         return out
+    out.emit.append(AttemptsCancelled(run_id=run.run_id, reason=reason))
     for name, state in run.steps.items():
         if state.status not in FINISHED_STEP_STATUSES:
             _record(
@@ -319,4 +339,63 @@ def cancel_run(run: RunState, now: datetime, reason: str) -> Transition:
     run.status, run.error = RunStatus.CANCELLED, reason
     out.run_status, out.run_error = run.status, reason
     out.emit.append(RunFinished(run_id=run.run_id, status=run.status, error=reason))
+    return out
+
+
+def renew_lease(run: RunState, step: str, attempt: int, until: datetime) -> None:
+    """Extend the lease of ``step``'s running ``attempt`` (a stale attempt has none)."""
+    state = run.steps.get(step)
+    if state is not None and state.attempt == attempt and state.status is StepStatus.RUNNING:
+        state.lease_until = until
+
+
+def grant_leases(run: RunState, until: datetime) -> None:
+    """Give every running attempt without a lease one until ``until`` (after a restart)."""
+    for state in run.steps.values():
+        if state.status is StepStatus.RUNNING and state.lease_until is None:
+            state.lease_until = until
+
+
+def extend_leases(run: RunState, by: timedelta) -> None:
+    """Extend every lease by ``by``: the controller was stalled, not the workers."""
+    for state in run.steps.values():
+        if state.lease_until is not None:
+            state.lease_until += by
+
+
+def expire_leases(run: RunState, now: datetime, *, max_lost: int) -> Transition:
+    """Start a new attempt of every step whose lease lapsed before ``now``; the old attempt
+    is told to stop, and its late outcome is ignored (it is no longer current). A step
+    whose attempts were lost ``max_lost`` times fails instead."""
+    out = Transition()
+    if run.status is not RunStatus.RUNNING:
+        return out
+    lapsed = [
+        name
+        for name, state in run.steps.items()
+        if state.status is StepStatus.RUNNING
+        and state.lease_until is not None
+        and state.lease_until < now
+    ]
+    for name in lapsed:
+        state = run.steps[name]
+        state.lost += 1
+        state.lease_until = None
+        who = state.worker or "its worker"
+        error = f"attempt {state.attempt} lost: {who} stopped renewing its lease"
+        out.emit.append(
+            AttemptsCancelled(run_id=run.run_id, attempts={name: state.attempt}, reason=error)
+        )
+        if state.lost < max_lost:
+            update = StepUpdate(name, StepStatus.PENDING, state.attempt + 1, error=error)
+            out.emit.append(_status_event(run, update))
+            _dispatch(run, out, name, update.attempt, update)
+            continue
+        error = f"its attempts were lost {state.lost} times (last: {who} stopped answering)"
+        _record(
+            run, out, StepUpdate(name, StepStatus.FAILED, state.attempt, finished=now, error=error)
+        )
+        _skip_downstream(run, out, name, now)
+    if lapsed:
+        _finish_if_done(run, out)
     return out
