@@ -322,7 +322,5 @@ class Conveyor:
         return await asyncio.to_thread(attach_code, spec, definitions, self.artifacts)
 
     async def cancel(self, run_id: str, reason: str = "cancelled by user") -> None:
-        """Ask the stack's controller to cancel a run; running steps finish but count not."""
+        """Ask the stack's controller to cancel a run; it stops the run's running attempts."""
         await self.broker.publish([RunCancelRequested(run_id=run_id, reason=reason)])
-        if self._workers is not None:
-            self._workers.cancel_run(run_id)

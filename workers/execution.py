@@ -221,7 +221,11 @@ class StepExecutor:
 
     def refused(self, ready: StepReady, reason: UntrustedStep) -> StepFailed:
         """The outcome of a StepReady this worker will not run: failed, not to be retried."""
-        return self._failed(ready, f"refused: {reason}", None, False, time.perf_counter())
+        return self.failed(ready, f"refused: {reason}")
+
+    def failed(self, ready: StepReady, error: str) -> StepFailed:
+        """The outcome of an attempt that was not run, for ``error``: not to be retried."""
+        return self._failed(ready, error, None, False, time.perf_counter())
 
     def _failed(
         self, ready: StepReady, error: str, tb: str | None, retryable: bool, started: float

@@ -138,6 +138,8 @@ async def serve_workers(
         name=name,
         step_timeout=config.step_timeout_s,
         announce_after=config.announce_after_s,
+        max_deliveries=config.max_deliveries,
+        heartbeat_s=config.heartbeat_s,
     )
     watchdog: asyncio.Task[None] | None = None
     try:

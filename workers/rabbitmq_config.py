@@ -46,6 +46,21 @@ class RabbitMQOrchestratorConfig(BaseModel):
         ge=0,
         description="A step that finishes sooner publishes only its completion, no StepStarted",
     )
+    heartbeat_s: float = Field(
+        default=10.0, gt=0, description="How often a worker renews the leases of its running steps"
+    )
+    lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A running step whose worker sent no heartbeat for this long (frozen, "
+        "cut off, dead) gets a new attempt elsewhere; must exceed twice heartbeat_s",
+    )
+    max_deliveries: int = Field(
+        default=3,
+        ge=1,
+        description="A step attempt whose worker died (or lost the broker, or its lease) this "
+        "many times fails instead of being run again",
+    )
     reconnect_interval_s: float = Field(
         default=2.0, gt=0, description="Pause between reconnection attempts"
     )
@@ -67,6 +82,15 @@ class RabbitMQOrchestratorConfig(BaseModel):
         for name in value:
             if not name.isidentifier():
                 raise ValueError(f"{name!r} is not a top-level package name")
+        return value
+
+    @field_validator("lease_s")
+    @classmethod
+    def _above_heartbeats(cls, value: float, info: ValidationInfo) -> float:
+        # One late or lost heartbeat must not cost an attempt.
+        heartbeat = info.data.get("heartbeat_s", 10.0)
+        if value <= 2 * heartbeat:
+            raise ValueError(f"must exceed twice heartbeat_s ({heartbeat:g}s)")
         return value
 
     @field_validator("step_timeout_s")

@@ -20,9 +20,12 @@ import structlog
 from conveyor.contracts import (
     DEFAULT_POOL,
     ArtifactStore,
+    AttemptsCancelled,
     Broker,
     Delivery,
+    Event,
     StepFailed,
+    StepHeartbeat,
     StepReady,
     StepStarted,
     StepSucceeded,
@@ -38,7 +41,12 @@ from conveyor.workers.step_resolver import StepResolver
 log = structlog.get_logger("conveyor.worker")
 
 Outcome = StepSucceeded | StepFailed
+Attempt = tuple[str, str, int]
+"""(run id, step, attempt)"""
 REMEMBERED_OUTCOMES = 10_000
+REMEMBERED_CANCELLATIONS = 10_000
+MAX_DELIVERIES = 3
+HEARTBEAT_S = 10.0
 
 
 def worker_facts(name: str | None = None) -> WorkerFacts:
@@ -64,6 +72,8 @@ class WorkerPool:
         name: str | None = None,
         step_timeout: float | None = None,
         announce_after: float = 0.0,
+        max_deliveries: int = MAX_DELIVERIES,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         self._broker = broker
         self._pools = list(pools)
@@ -73,14 +83,24 @@ class WorkerPool:
         self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="conveyor-step")
         self._executor = StepExecutor(store, self.resolver, self.facts, self._threads)
         self._subscriptions: list[Subscription] = []
+        self._control: Subscription | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._executions: dict[str, set[asyncio.Task[Any]]] = {}
+        # The running executions by run, then by (step, attempt).
+        self._executions: dict[str, dict[tuple[str, int], asyncio.Task[Any]]] = {}
+        # Attempts whose StepStarted went out: their leases are renewed by heartbeats.
+        self._announced: set[Attempt] = set()
+        self._heartbeats: asyncio.Task[None] | None = None
+        self._heartbeat_s = heartbeat_s
         self._stopping = False
         self._step_timeout = step_timeout
         self._announce_after = announce_after
+        self._max_deliveries = max_deliveries
         # Outcomes of the attempts this worker ran, by (run, step, attempt): a StepReady
         # delivered again (its ack was lost with a channel) is answered, not run twice.
-        self._outcomes: OrderedDict[tuple[str, str, int], asyncio.Future[Outcome]] = OrderedDict()
+        self._outcomes: OrderedDict[Attempt, asyncio.Future[Outcome]] = OrderedDict()
+        # Runs (step "", attempt 0) and attempts the controller said to stop: a StepReady of
+        # one that is still queued is dropped instead of run.
+        self._cancelled: OrderedDict[Attempt, None] = OrderedDict()
 
     async def __aenter__(self) -> WorkerPool:
         await self.start()
@@ -97,12 +117,57 @@ class WorkerPool:
     async def start(self) -> None:
         """Start consuming the step queue of every pool."""
         step_logs.install()
+        # Listening first: a cancellation must not slip between the first step and it.
+        self._control = await self._broker.listen(self._on_control)
         for pool in self._pools:
             queue = self._broker.topology.step_queue(pool)
             self._subscriptions.append(
                 await self._broker.consume(queue, self._on_step_ready, prefetch=self._concurrency)
             )
+        self._heartbeats = asyncio.create_task(self._beat(), name="heartbeats")
         log.info("worker started", worker=self.facts.worker, pools=self._pools)
+
+    async def _on_control(self, event: Event) -> None:
+        if not isinstance(event, AttemptsCancelled):
+            return
+        running = self._executions.get(event.run_id, {})
+        if event.attempts:
+            stop = [(event.run_id, s, a) for s, a in event.attempts.items()]
+        else:
+            stop = [(event.run_id, "", 0)] + [(event.run_id, s, a) for s, a in running]
+        stopped = 0
+        for key in stop:
+            self._cancelled[key] = None
+            execution = running.get(key[1:])
+            if execution is not None:
+                execution.cancel()
+                stopped += 1
+        while len(self._cancelled) > REMEMBERED_CANCELLATIONS:
+            self._cancelled.popitem(last=False)
+        if stopped:
+            log.info("attempts stopped", run_id=event.run_id, stopped=stopped, reason=event.reason)
+
+    def _is_cancelled(self, ready: StepReady) -> bool:
+        return (ready.run_id, "", 0) in self._cancelled or (
+            ready.run_id,
+            ready.step.name,
+            ready.attempt,
+        ) in self._cancelled
+
+    async def _beat(self) -> None:
+        """Renew the leases of the announced attempts, every ``heartbeat_s``."""
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            beats = [
+                StepHeartbeat(run_id=run_id, step=step, attempt=attempt, by=self.facts)
+                for run_id, step, attempt in self._announced
+            ]
+            if not beats:
+                continue
+            try:
+                await self._broker.publish(beats)
+            except Exception as exc:
+                log.warning("heartbeats not sent", error=f"{type(exc).__name__}: {exc}")
 
     async def _on_step_ready(self, delivery: Delivery) -> None:
         if self._stopping:
@@ -135,6 +200,13 @@ class WorkerPool:
                 await self._broker.publish([known.result()])
                 await delivery.ack()
                 return
+            if self._is_cancelled(ready):
+                log.info("attempt dropped: the controller stopped it")
+                await delivery.ack()
+                return
+            if delivery.deliveries > self._max_deliveries:
+                await self._give_up(ready, delivery)
+                return
             known = self._outcomes[key] = asyncio.get_running_loop().create_future()
             while len(self._outcomes) > REMEMBERED_OUTCOMES:
                 self._outcomes.popitem(last=False)
@@ -158,13 +230,25 @@ class WorkerPool:
             await self._broker.publish([outcome])
             await delivery.ack()
 
-    def _forget(self, key: tuple[str, str, int], known: asyncio.Future[Outcome]) -> None:
+    async def _give_up(self, ready: StepReady, delivery: Delivery) -> None:
+        """Fail an attempt whose deliveries kept ending with their worker: it is not run."""
+        lost = delivery.deliveries - 1
+        error = (
+            f"the worker running it died {lost} times (or lost the broker while it ran); "
+            f"not run again after {self._max_deliveries} deliveries"
+        )
+        log.error("attempt given up", reason=error)
+        failed = self._executor.failed(ready, error)
+        await self._broker.publish([failed])
+        await delivery.ack()
+
+    def _forget(self, key: Attempt, known: asyncio.Future[Outcome]) -> None:
         """Drop an attempt that has no outcome: a redelivery waiting on it is requeued."""
         self._outcomes.pop(key, None)
         known.cancel()
 
     async def _attempt(self, ready: StepReady, delivery: Delivery) -> Outcome | None:
-        """Run one attempt; None when cancel_run() stopped it (and the delivery is acked)."""
+        """Run one attempt; None when the controller stopped it (the delivery is acked)."""
         limits = [t for t in (ready.step.timeout_s, self._step_timeout) if t is not None]
         started_at = utcnow()
         # The step starts while its StepStarted is confirmed (waiting first would add a
@@ -173,7 +257,10 @@ class WorkerPool:
         # sent is confirmed, so ahead of the completion on the wire, before returning.
         announcing: list[asyncio.Task[None]] = []
 
+        key = (ready.run_id, ready.step.name, ready.attempt)
+
         def announce() -> None:
+            self._announced.add(key)
             started = StepStarted(
                 run_id=ready.run_id,
                 step=ready.step.name,
@@ -187,8 +274,8 @@ class WorkerPool:
         execution = asyncio.create_task(
             self._executor.execute(ready, timeout=min(limits, default=None))
         )
-        running = self._executions.setdefault(ready.run_id, set())
-        running.add(execution)
+        running = self._executions.setdefault(ready.run_id, {})
+        running[key[1:]] = execution
         try:
             outcome = await execution
         except asyncio.CancelledError:
@@ -198,34 +285,29 @@ class WorkerPool:
                     task.cancel()
                 await asyncio.gather(*announcing, return_exceptions=True)
                 raise
-            # cancel_run() stopped this attempt: the run is over, nothing to report.
+            # The controller stopped this attempt (the run was cancelled, or the attempt's
+            # lease lapsed and another took over): nothing to report.
             if announcing:
                 await asyncio.gather(*announcing)
             await delivery.ack()
             return None
         finally:
             timer.cancel()
-            running.discard(execution)
+            self._announced.discard(key)
+            running.pop(key[1:], None)
             if not running:
                 self._executions.pop(ready.run_id, None)
         if announcing:
             await asyncio.gather(*announcing)
         return outcome
 
-    def cancel_run(self, run_id: str) -> int:
-        """Stop the running attempts of a cancelled run; returns how many were stopped.
-
-        An async step is cancelled where it awaits; a sync step's thread cannot be
-        interrupted, so it finishes in the background and its result is dropped.
-        """
-        executions = list(self._executions.get(run_id, ()))
-        for execution in executions:
-            execution.cancel()
-        return len(executions)
-
     async def stop(self, grace: float = 10.0) -> None:
         """Stop consuming, let running steps finish within ``grace`` s, requeue the rest."""
         self._stopping = True
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+        if self._control is not None:
+            await self._control.cancel()
         subscriptions, self._subscriptions = self._subscriptions, []
         running = list(self._in_flight)
         if running:

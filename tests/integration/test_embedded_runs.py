@@ -323,7 +323,11 @@ async def test_idempotency_key_creates_one_run() -> None:
 @step
 async def blocker(marker: str) -> int:
     Path(marker).touch()
-    await asyncio.sleep(30)
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        Path(marker + ".cancelled").touch()
+        raise
     return 1
 
 
@@ -332,7 +336,9 @@ def blocking(marker: str) -> None:
     after(blocker(marker))
 
 
-async def test_cancel_marks_unfinished_steps_cancelled(tmp_path: Path) -> None:
+async def test_cancel_marks_unfinished_steps_cancelled_and_stops_the_running_one(
+    tmp_path: Path,
+) -> None:
     marker = tmp_path / "started"
     async with Conveyor() as cv:
         run = await cv.submit(blocking, marker=str(marker))
@@ -343,6 +349,11 @@ async def test_cancel_marks_unfinished_steps_cancelled(tmp_path: Path) -> None:
         await cv.cancel(run.id, "changed my mind")
         record = await run.wait(timeout=30)
         steps = {s.name: s for s in await run.steps()}
+        for _ in range(100):
+            if Path(f"{marker}.cancelled").exists():
+                break
+            await asyncio.sleep(0.05)
+    assert Path(f"{marker}.cancelled").exists(), "the running step was not stopped"
     assert record.status is RunStatus.CANCELLED and record.error == "changed my mind"
     assert {s.status for s in steps.values()} == {StepStatus.CANCELLED}
 

@@ -7,7 +7,9 @@ test knows which process runs what; a gated step then waits until the test creat
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -100,3 +102,36 @@ def gated_fan_out(width: int = 6) -> None:
 def overlong() -> None:
     """A step of 3 s with no timeout of its own."""
     slow(seed(), name="overlong", seconds=3.0)
+
+
+@step
+def suicide(x: int) -> int:
+    """Kills the worker running it, as a segfault or the OOM killer would."""
+    _record("suicide")
+    os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+@pipeline
+def doomed() -> None:
+    """A step that kills its worker on every delivery, between two ordinary ones."""
+    plus(suicide(seed()), name="after")
+
+
+@step
+async def waiting(x: int, name: str = "waiting") -> int:
+    """An async step held by its gate; records ``cancelled-NAME`` if it is cancelled."""
+    _record(name)
+    release = _markers() / f"release-{name}"
+    try:
+        while not release.exists():  # noqa: ASYNC110 (another process makes the file)
+            await asyncio.sleep(0.05)
+    except asyncio.CancelledError:
+        (_markers() / f"cancelled-{name}").touch()
+        raise
+    return x + 10
+
+
+@pipeline
+def waiting_chain() -> None:
+    plus(waiting(seed(), name="wait"), name="last")

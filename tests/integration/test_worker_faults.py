@@ -1,0 +1,140 @@
+"""Steps and workers that misbehave must not hold a stack: issue "nothing stops a stack".
+
+Real RabbitMQ (a vhost per test), real controller and worker processes, real signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conveyor.contracts import RunStatus, StepStatus
+from conveyor.service.client import Client
+from tests.conftest import conveyor_cli
+from tests.integration.rabbitmq_support import (
+    PIPELINES,
+    STACK,
+    Process,
+    Processes,
+    markers,
+    only_run,
+    processes,
+    register_stack,
+    release,
+    starts,
+    vhost,
+    wait_until,
+)
+
+__all__ = ["markers", "processes", "vhost"]  # fixtures
+
+pytestmark = pytest.mark.rabbitmq
+
+
+def test_a_step_that_kills_its_worker_fails_after_three_deliveries_and_the_run_ends(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    # Today: the StepReady is redelivered to every new worker for ever, the run never ends.
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    processes.controller()
+    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:doomed")
+    deaths = 0
+
+    def start_worker(label: str) -> Process:  # it may die before it says it started
+        return processes.start(label, "worker", "start", "--stack", STACK, "--name", label)
+
+    worker = start_worker("w0")
+    deadline = time.monotonic() + 120
+    while follower.alive and time.monotonic() < deadline:
+        if not worker.alive:  # what a supervisor does: start another one
+            assert worker.wait() == -signal.SIGKILL, worker.output()[-2000:]
+            deaths += 1
+            assert deaths <= 3, "the step was delivered again after three deaths"
+            worker = start_worker(f"w{deaths}")
+        time.sleep(0.05)
+    assert follower.wait(30) == 1, processes.dump()
+    assert worker.alive, "the fourth worker gives the step up instead of running it"
+    assert deaths == 3
+    with Client() as client:
+        run = only_run(client)
+        assert run.status is RunStatus.FAILED
+        steps = {s.name: s for s in client.get_steps(run.id)}
+    assert steps["seed"].status is StepStatus.COMPLETED
+    assert steps["suicide"].status is StepStatus.FAILED
+    assert "died 3 times" in (steps["suicide"].error or "")
+    assert steps["plus"].status is StepStatus.SKIPPED
+    assert [name for name, _ in starts(markers)].count("suicide") == 3
+
+
+def test_a_frozen_worker_loses_its_step_to_another_and_its_late_outcome_is_fenced_off(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    # Today: a SIGSTOPped worker holds its step for as long as it is frozen.
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts", heartbeat_s=0.5, lease_s=3.0))
+    processes.controller()
+    workers = {w.pid: w for w in (processes.worker("w1"), processes.worker("w2"))}
+    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:gated_chain")
+    client = Client()
+
+    def gated_status() -> StepStatus | None:
+        runs = client.list_runs()
+        steps = {s.name: s.status for s in client.get_steps(runs[0].id)} if runs else {}
+        return steps.get("gated")
+
+    wait_until(lambda: gated_status() is StepStatus.RUNNING, "the gated step to run")
+    client.close()
+    [first_pid] = [pid for name, pid in starts(markers) if name == "gate"]
+    frozen = workers[first_pid]
+    frozen.send(signal.SIGSTOP)
+    try:
+        wait_until(
+            lambda: [n for n, _ in starts(markers)].count("gate") == 2,
+            "a second attempt of the gated step on the other worker",
+            timeout=30,
+        )
+        [(_, second_pid)] = [(n, p) for n, p in starts(markers) if n == "gate"][1:]
+        assert second_pid != first_pid
+        release(markers, "gate")
+        assert follower.wait(60) == 0, processes.dump()
+    finally:
+        frozen.send(signal.SIGCONT)
+    # The resumed worker hears that its attempt was taken over, or finishes it late: either
+    # way the recorded step stays the second attempt's.
+    frozen.wait_for_log("attempt", timeout=30)
+    time.sleep(2)
+    with Client() as client:
+        run = only_run(client)
+        steps = {s.name: s for s in client.get_steps(run.id)}
+    assert run.status is RunStatus.COMPLETED
+    assert steps["gated"].status is StepStatus.COMPLETED and steps["gated"].attempt == 2
+    assert steps["gated"].pid == second_pid
+    assert frozen.alive
+
+
+def test_run_cancel_stops_a_step_running_on_a_remote_worker(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    # Today: cancellation stops at the queue; the running step goes on to its end.
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    processes.controller()
+    worker = processes.worker("w1")
+    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:waiting_chain")
+    wait_until(lambda: any(n == "wait" for n, _ in starts(markers)), "the waiting step to start")
+    with Client() as client:
+        run_id = only_run(client).id
+        result = conveyor_cli("run", "cancel", run_id)
+        assert result.returncode == 0, result.stderr + processes.dump()
+        assert follower.wait(60) == 1
+        wait_until(lambda: (markers / "cancelled-wait").exists(), "the step to be cancelled")
+        steps = {s.name: s.status for s in client.get_steps(run_id)}
+    assert steps == {
+        "seed": StepStatus.COMPLETED,
+        "waiting": StepStatus.CANCELLED,
+        "plus": StepStatus.CANCELLED,
+    }
+    worker.wait_for_log("attempts stopped")
+    assert worker.alive
