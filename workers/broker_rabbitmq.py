@@ -502,13 +502,27 @@ class RabbitMQBroker:
         return consumer
 
     async def follow(self, run_id: str, handler: StatusHandler) -> _Follower:
-        """Receive the status events of ``run_id`` (from now on) in order."""
-        if self._follow_channel is None:
-            self._follow_channel = await self.connection.channel(publisher_confirms=False)
+        """Receive the status events of ``run_id`` (from now on) in order.
+
+        Raises BrokerUnavailable while the connection is down: nothing can be followed,
+        and a submit that follows its run first fails fast instead of waiting."""
+        down = BrokerUnavailable(
+            f"RabbitMQ of stack {self._topology.stack!r} does not answer (reconnecting); "
+            "try again once it is back"
+        )
+        if self.connection.is_closed:
+            raise down
         follower = _Follower(self, run_id, handler)
         self.followers.add(follower)
         try:
+            if self._follow_channel is None:
+                self._follow_channel = await self.connection.channel(publisher_confirms=False)
             await follower.start(self._follow_channel)
+        except (*TRANSIENT, RuntimeError) as exc:
+            # aiormq says "<Connection ...> closed" with a RuntimeError when a channel is
+            # asked of a connection that is down while the robust one still reconnects.
+            await follower.cancel()
+            raise down from exc
         except BaseException:
             await follower.cancel()
             raise
