@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import jinja2
+import structlog
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
@@ -35,6 +36,8 @@ from conveyor.service.api.security import (
     token_ok,
 )
 from conveyor.service.api.state import ApiState, login_attempts_of, settings_of, state_of
+
+log = structlog.get_logger("conveyor.server")
 
 TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"
@@ -210,6 +213,8 @@ async def login(request: Request) -> Response:
         return refused
     if not token_ok(given, token):
         attempts.failed(address)
+        if wait_s := attempts.wait_s(address):
+            log.warning("too many failed logins: address refused", client=address, wait_s=wait_s)
         return render(
             request,
             "login.html",
