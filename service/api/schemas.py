@@ -114,8 +114,8 @@ class SubmitRun(_Body):
 
     pipeline: str = Field(
         min_length=1,
-        description="'package.module:pipeline' or 'path/to/file.py:pipeline', importable by "
-        "the server",
+        description="'path/to/file.py:pipeline' under the server's pipelines folder "
+        "(--pipelines), or 'package.module:pipeline' of a package it trusts (--trust)",
         examples=["examples/quickstart.py:training_pipeline"],
     )
     parameters: dict[str, Any] = Field(default_factory=dict, examples=[{"epochs": 100}])
