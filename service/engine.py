@@ -284,6 +284,20 @@ class Conveyor:
         """Compile ``pipeline`` with these parameters and start a run of it."""
         definition = load_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
         spec, definitions = definition.compile(*args, **parameters)
+        return await self.submit_compiled(
+            spec, definitions, idempotency_key=idempotency_key, on_step=on_step
+        )
+
+    async def submit_compiled(
+        self,
+        spec: PipelineSpec,
+        definitions: dict[str, StepDefinition],
+        *,
+        idempotency_key: str | None = None,
+        on_step: StepCallback | None = None,
+    ) -> AsyncRun:
+        """Start a run of a pipeline compiled already (``PipelineDefinition.compile``),
+        for a caller that compiles off the event loop."""
         if self._workers is not None:
             self._workers.resolver.add(definitions)
         else:

@@ -25,6 +25,7 @@ from conveyor.contracts import (
     ConflictError,
     ConveyorError,
     NotFoundError,
+    PipelineSpec,
     RunRecord,
     RunStatus,
     StackSpec,
@@ -35,12 +36,17 @@ from conveyor.service.context import Services
 from conveyor.service.engine import Conveyor
 from conveyor.service.home import Home
 from conveyor.service.liveness import this_process
-from conveyor.service.pipelines import PipelineDefinition, load_pipeline
+from conveyor.service.pipelines import PipelineTooLarge, load_pipeline
 from conveyor.workers.flavors import get_flavor
+from conveyor.workers.steps import StepDefinition
 
 log = structlog.get_logger("conveyor.server")
 
 RESERVED_PARAMETERS = frozenset({"idempotency_key", "on_step"})
+DEFAULT_MAX_STEPS = 10_000
+"""The most steps a pipeline submitted to the server may have (``--max-steps``)."""
+MAX_COMPILING = 2
+"""Pipelines compiled at once; more wait. A thread cannot be stopped, so they are few."""
 
 
 @dataclass(frozen=True)
@@ -73,11 +79,33 @@ class _KeyLocks:
                 self._locks[key] = (lock, users - 1)
 
 
-def _load(ref: str) -> PipelineDefinition:
+@dataclass(frozen=True)
+class _Compiled:
+    spec: PipelineSpec
+    steps: dict[str, StepDefinition]
+
+
+def _compile(ref: str, parameters: dict[str, Any], max_steps: int) -> _Compiled:
+    """Import and compile the pipeline ``ref``: user code, so in a thread, never on the loop."""
     try:
-        return load_pipeline(ref)
+        definition = load_pipeline(ref)
     except ConveyorError as exc:
         raise ValidationError(str(exc)) from None
+    try:
+        spec, steps = definition.compile_within(max_steps, (), parameters)
+    except PipelineTooLarge as exc:
+        raise PipelineTooLarge(
+            f"{exc}; this server compiles at most {max_steps} (conveyor server up --max-steps)"
+        ) from None
+    except ConveyorError:
+        raise
+    except Exception as exc:
+        # The pipeline function failed on these parameters: the request's fault, not ours.
+        raise ValidationError(
+            f"pipeline {ref!r} failed while building its DAG with these parameters: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    return _Compiled(spec, steps)
 
 
 class RunGateway:
@@ -86,9 +114,13 @@ class RunGateway:
     Lifecycle: ``start()``, then ``stop()`` (idempotent, safe before start).
     """
 
-    def __init__(self, home: Home, *, record_timeout: float = 5.0) -> None:
+    def __init__(
+        self, home: Home, *, record_timeout: float = 5.0, max_steps: int = DEFAULT_MAX_STEPS
+    ) -> None:
         self._home = home
         self._record_timeout = record_timeout
+        self._max_steps = max_steps
+        self._compiling = asyncio.Semaphore(MAX_COMPILING)
         self._served: Conveyor | None = None
         self._others: dict[str, Conveyor] = {}
         self._opening = asyncio.Lock()
@@ -164,18 +196,18 @@ class RunGateway:
         reserved = RESERVED_PARAMETERS & parameters.keys()
         if reserved:
             raise ValidationError(f"parameter names reserved by Conveyor: {sorted(reserved)}")
-        # Importing runs the module's top level, which may block: keep it off the loop.
-        definition = await asyncio.to_thread(_load, pipeline)
-        spec, _ = definition.compile(**parameters)
+        async with self._compiling:
+            compiled = await asyncio.to_thread(_compile, pipeline, parameters, self._max_steps)
         conveyor = await self.conveyor_for(stack)
         if idempotency_key is None:
-            return await self._submit(conveyor, definition, parameters, None)
+            return await self._submit(conveyor, compiled, None)
         async with self._keys.hold(idempotency_key):
             existing = await self.services.runs.find_by_key(idempotency_key)
             if existing is None:
-                return await self._submit(conveyor, definition, parameters, idempotency_key)
+                return await self._submit(conveyor, compiled, idempotency_key)
         target = conveyor.stack
         assert target is not None
+        spec = compiled.spec
         # Compare as stored: the store keeps parameters as JSON (a tuple comes back a list).
         asked = (spec.name, json.loads(json.dumps(spec.parameters)), target.id)
         if (existing.pipeline, existing.parameters, existing.stack_id) != asked:
@@ -186,14 +218,8 @@ class RunGateway:
             )
         return Submission(existing, created=False, recorded=True)
 
-    async def _submit(
-        self,
-        conveyor: Conveyor,
-        definition: PipelineDefinition,
-        parameters: dict[str, Any],
-        key: str | None,
-    ) -> Submission:
-        run = await conveyor.submit(definition, idempotency_key=key, **parameters)
+    async def _submit(self, conveyor: Conveyor, compiled: _Compiled, key: str | None) -> Submission:
+        run = await conveyor.submit_compiled(compiled.spec, compiled.steps, idempotency_key=key)
         await run.close()  # the dashboard reads the store; nothing here follows the run
         record = await self._recorded(run.id, key)
         if record is not None:
@@ -202,14 +228,13 @@ class RunGateway:
         # the request is queued, and the run will appear under this id.
         stack = conveyor.stack
         assert stack is not None
-        spec, _ = definition.compile(**parameters)
         pending = RunRecord(
             id=run.id,
-            pipeline=spec.name,
+            pipeline=compiled.spec.name,
             stack_id=stack.id,
             stack_name=stack.name,
             status=RunStatus.PENDING,
-            parameters=spec.parameters,
+            parameters=compiled.spec.parameters,
             created=utcnow(),
             idempotency_key=key,
         )

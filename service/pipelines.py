@@ -18,6 +18,7 @@ from conveyor.contracts import (
     StepSpec,
     ValidationError,
 )
+from conveyor.contracts.pipeline_spec import MAX_STEPS
 from conveyor.workers.steps import StepDefinition, building, load_reference, reference_of
 
 if TYPE_CHECKING:
@@ -45,11 +46,24 @@ class OutputHandle:
         )
 
 
+class PipelineTooLarge(ValidationError):
+    """A pipeline calls more steps than its compiler may record."""
+
+
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, pipeline: str, max_steps: int) -> None:
         self.steps: list[StepSpec] = []
         self.definitions: dict[str, StepDefinition] = {}
         self._counts: dict[str, int] = {}
+        self._pipeline = pipeline
+        self._max_steps = max_steps
+        self.overflowed = False
+
+    def too_large(self) -> PipelineTooLarge:
+        self.overflowed = True
+        return PipelineTooLarge(
+            f"pipeline {self._pipeline!r} has more than {self._max_steps} steps"
+        )
 
     def _name(self, base: str) -> str:
         count = self._counts.get(base, 0) + 1
@@ -57,6 +71,9 @@ class _Builder:
         return base if count == 1 else f"{base}_{count}"
 
     def record(self, step: StepDefinition, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # Stop at the limit, not after: a fan-out of millions would fill the memory first.
+        if len(self.steps) >= self._max_steps:
+            raise self.too_large()
         name = self._name(step.name)
         try:
             bound = step.signature.bind(*args, **kwargs)
@@ -126,6 +143,12 @@ class PipelineDefinition:
 
     def compile(self, *args: Any, **kwargs: Any) -> tuple[PipelineSpec, dict[str, StepDefinition]]:
         """Build the DAG with these pipeline parameters; also return the step definitions."""
+        return self.compile_within(MAX_STEPS, args, kwargs)
+
+    def compile_within(
+        self, max_steps: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[PipelineSpec, dict[str, StepDefinition]]:
+        """``compile``, refusing (PipelineTooLarge) a DAG of more than ``max_steps`` steps."""
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -134,12 +157,14 @@ class PipelineDefinition:
         parameters = dict(bound.arguments)
         for key, value in parameters.items():
             _check_json(self.name, key, value)
-        builder = _Builder()
+        builder = _Builder(self.name, max_steps)
         token = building.set(builder)
         try:
             self.fn(*bound.args, **bound.kwargs)
         finally:
             building.reset(token)
+        if builder.overflowed:  # the pipeline function caught the error and went on
+            raise builder.too_large()
         if not builder.steps:
             raise ValidationError(f"pipeline {self.name!r} calls no step")
         spec = PipelineSpec(

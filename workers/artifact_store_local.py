@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import re
 import socket
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -38,6 +40,10 @@ class LocalArtifactStoreConfig(BaseModel):
 
 
 _CONTENT_NAME = re.compile(r"/[0-9a-f]{2}/[0-9a-f]{64}")
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+# Non-blocking: a FIFO swapped in must not hang the reader (a regular file ignores it).
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+_FD_FOLDER = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
 STAGING = ".staging"
 """Folder under the root where files are written before they are renamed into place."""
 
@@ -133,22 +139,52 @@ class LocalArtifactStore:
             raise OutsideStore(f"{uri!r} is outside the artifact store {self.root}")
         return str(path)
 
-    def get_bytes(self, uri: str, digest: str) -> bytes:
-        path = self.path_of(uri)
+    def _open(self, uri: str) -> int:
+        """A descriptor of the regular file behind ``uri``, opened without following a link.
+
+        ``path_of`` checks a name; a link swapped in after that check would still be
+        followed by an ``open`` of the name. Each folder from the root down, and the file,
+        is opened relative to the one before with ``O_NOFOLLOW``: what is read is what was
+        checked, and a link anywhere below the root is refused.
+        """
+        parts = Path(self.path_of(uri)).relative_to(self.root).parts
         try:
-            with open(path, "rb") as handle:
-                data = handle.read()
+            folder = os.open(self._root_text, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for part in parts[:-1]:
+                    inner = os.open(part, _FOLDER_FLAGS, dir_fd=folder)
+                    os.close(folder)
+                    folder = inner
+                fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=folder)
+            finally:
+                os.close(folder)
         except FileNotFoundError:
             raise ArtifactUnreadable(f"artifact {uri} is missing from its store") from None
         except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise OutsideStore(f"{uri!r} goes through a link; refused") from None
             raise ArtifactUnreadable(f"cannot read artifact {uri}: {exc.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OutsideStore(f"{uri!r} is not a regular file; refused")
+        return fd
+
+    def get_bytes(self, uri: str, digest: str) -> bytes:
+        with open(self._open(uri), "rb") as handle:
+            data = handle.read()
         digests.verify_bytes(data, digest, uri)
         return data
 
     def get(self, uri: str, digest: str, read: Callable[[str], T]) -> T:
-        path = self.path_of(uri)
-        digests.verify_file(path, digest, uri)
-        return read(path)
+        fd = self._open(uri)
+        try:
+            # The open file by its descriptor: verified and read are the same bytes, whatever
+            # the name points at by then.
+            path = f"{_FD_FOLDER}/{fd}"
+            digests.verify_file(path, digest, uri)
+            return read(path)
+        finally:
+            os.close(fd)
 
     def check(self) -> None:
         try:

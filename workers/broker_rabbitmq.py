@@ -539,7 +539,10 @@ class RabbitMQBroker:
         return consumer
 
     async def follow(self, run_id: str, handler: StatusHandler) -> _Follower:
-        """Receive the status events of ``run_id`` (from now on) in order."""
+        """Receive the status events of ``run_id`` (from now on) in order.
+
+        Raises BrokerUnavailable while the connection is down: nothing can be followed,
+        and a submit that follows its run first fails fast instead of waiting."""
         return await self._follow(run_id, handler, self._topology.status_exchange)
 
     async def listen(self, handler: StatusHandler) -> _Follower:
@@ -547,12 +550,23 @@ class RabbitMQBroker:
         return await self._follow("control", handler, self._topology.control_exchange)
 
     async def _follow(self, key: str, handler: StatusHandler, exchange: str) -> _Follower:
-        if self._follow_channel is None:
-            self._follow_channel = await self.connection.channel(publisher_confirms=False)
+        down = BrokerUnavailable(
+            f"RabbitMQ of stack {self._topology.stack!r} does not answer (reconnecting); "
+            "try again once it is back"
+        )
+        if self.connection.is_closed:
+            raise down
         follower = _Follower(self, key, handler, exchange)
         self.followers.add(follower)
         try:
+            if self._follow_channel is None:
+                self._follow_channel = await self.connection.channel(publisher_confirms=False)
             await follower.start(self._follow_channel)
+        except (*TRANSIENT, RuntimeError) as exc:
+            # aiormq says "<Connection ...> closed" with a RuntimeError when a channel is
+            # asked of a connection that is down while the robust one still reconnects.
+            await follower.cancel()
+            raise down from exc
         except BaseException:
             await follower.cancel()
             raise

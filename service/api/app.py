@@ -7,7 +7,7 @@ stops them on shutdown. Serve it with ``conveyor server up`` or any ASGI server.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -30,18 +30,28 @@ from conveyor.service.api import (
     routes_runs,
     routes_stacks,
 )
-from conveyor.service.api.errors import LoginRequired, error_body, status_of
+from conveyor.service.api.errors import RETRY_AFTER_S, LoginRequired, error_body, status_of
+from conveyor.service.api.host_check import AllowedHosts, allowed_names
+from conveyor.service.api.login_limit import LoginAttempts
+from conveyor.service.api.origin_check import SameOriginWrites
+from conveyor.service.api.pipeline_refs import TrustedPipelines
+from conveyor.service.api.security import check_token
 from conveyor.service.api.state import ApiState, ServerSettings
-from conveyor.service.gateway import RunGateway
+from conveyor.service.gateway import DEFAULT_MAX_STEPS, RunGateway
 from conveyor.service.home import Home
 from conveyor.service.store.summaries import RunSummaries
 
 log = structlog.get_logger("conveyor.server")
 
 JSON_PREFIXES = ("/api/", "/ui/", "/metrics", "/healthz", "/openapi.json")
+MAX_BODY_BYTES = 1 << 20
+"""The largest request body read: parameters, configurations and stack files are small."""
 DESCRIPTION = """Stacks, components, flavors, pipelines, runs, steps and artifacts of one
 Conveyor home. Errors are `{"error", "message", "status"}`: 404 for an unknown name or id,
-409 when a rule refuses a change, 422 for invalid input, 401 without the server's token."""
+409 when a rule refuses a change, 422 for invalid input, 401 without the server's token,
+403 for a pipeline the server does not compile or a request from another site's page, 413
+for a body over 1 MiB or a pipeline over the server's step limit, 421 for a Host header
+that is not the server's, 503 while a broker does not answer."""
 
 
 def _version() -> str:
@@ -71,19 +81,24 @@ async def conveyor_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, LoginRequired) and not _wants_json(request):
         return RedirectResponse(f"/login?next={quote(exc.next_path)}", status_code=303)
     status, code = status_of(exc)
-    return _error(request, status, code, exc.message)
+    response = _error(request, status, code, exc.message)
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
 async def invalid_request(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
+    # The given input is left out: it may be huge, and Infinity or NaN cannot be JSON.
+    errors = [{k: v for k, v in e.items() if k != "input"} for e in exc.errors()]
     problems = []
-    for error in exc.errors():
+    for error in errors:
         where = ".".join(str(part) for part in error.get("loc", ()))
         problems.append(f"{where}: {error.get('msg', 'invalid')}")
     message = "invalid request: " + "; ".join(problems)
     if not _wants_json(request):
         return _error(request, 422, "invalid", message)
-    body = error_body(422, "invalid", message) | {"detail": jsonable_encoder(exc.errors())}
+    body = error_body(422, "invalid", message) | {"detail": jsonable_encoder(errors)}
     return JSONResponse(body, status_code=422)
 
 
@@ -92,6 +107,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
     message = exc.detail if isinstance(exc.detail, str) else "error"
     if exc.status_code == 404 and message == "Not Found":
         message = f"nothing at {request.url.path}"
+    elif exc.status_code == 413:
+        message = f"the request body is larger than {MAX_BODY_BYTES} bytes, the most read"
     code = "not_found" if exc.status_code == 404 else "http_error"
     response = _error(request, exc.status_code, code, message)
     if exc.headers:
@@ -134,22 +151,32 @@ def create_app(
     token: str | None = None,
     poll_interval_s: float = 0.5,
     record_timeout_s: float = 5.0,
+    allowed_hosts: Sequence[str] = (),
+    pipelines: str | Path | None = None,
+    trusted_packages: Sequence[str] = (),
+    max_steps: int = DEFAULT_MAX_STEPS,
 ) -> FastAPI:
     """The app for ``home``, serving ``stack`` (default: the active one).
 
     With a ``token``, every API route needs ``Authorization: Bearer <token>`` and the
-    dashboard asks for it once.
+    dashboard asks for it once. It answers to ``localhost``, IP addresses and the
+    ``allowed_hosts``; it compiles pipelines from files under ``pipelines`` (default: the
+    working directory) and from modules of the ``trusted_packages``, of ``max_steps`` steps
+    at most. See ``docs/server.md``.
     """
+    check_token(token or None)
     settings = ServerSettings(
         home=home if isinstance(home, Home) else Home.resolve(home),
+        pipelines=TrustedPipelines.of(pipelines, trusted_packages),
         stack=stack,
         token=token or None,
         poll_interval_s=poll_interval_s,
     )
+    hosts = allowed_names(allowed_hosts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway = RunGateway(settings.home, record_timeout=record_timeout_s)
+        gateway = RunGateway(settings.home, record_timeout=record_timeout_s, max_steps=max_steps)
         try:
             await gateway.start(settings.stack)
             app.state.conveyor = ApiState(gateway, RunSummaries(gateway.services.db))
@@ -165,14 +192,19 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
         redoc_url=None,
+        max_body_size=MAX_BODY_BYTES,
     )
     app.state.settings = settings
     app.state.conveyor = None
+    app.state.login_attempts = LoginAttempts()
     app.add_exception_handler(ConveyorError, conveyor_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
     # Starlette still raises the exception after this answer, so the server logs it.
     app.add_exception_handler(Exception, internal_error)
+    # The last added runs first: a wrong Host is refused before anything else is looked at.
+    app.add_middleware(SameOriginWrites)
+    app.add_middleware(AllowedHosts, allowed=hosts)
     app.add_middleware(NoSniff)
     for router in (
         routes_stacks.router,

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import jinja2
+import structlog
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
@@ -24,6 +25,7 @@ from conveyor.service.api.artifact_files import (
     preview_artifact,
 )
 from conveyor.service.api.dag import layout
+from conveyor.service.api.login_limit import LOGIN_ATTEMPTS, LOGIN_WINDOW_S
 from conveyor.service.api.schemas import Paging
 from conveyor.service.api.security import (
     SESSION_COOKIE,
@@ -33,7 +35,9 @@ from conveyor.service.api.security import (
     session_value,
     token_ok,
 )
-from conveyor.service.api.state import ApiState, settings_of, state_of
+from conveyor.service.api.state import ApiState, login_attempts_of, settings_of, state_of
+
+log = structlog.get_logger("conveyor.server")
 
 TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"
@@ -192,7 +196,25 @@ async def login(request: Request) -> Response:
     fields = parse_qs(body[:MAX_LOGIN_BODY].decode("utf-8", errors="replace"))
     given = fields.get("token", [""])[0]
     target = safe_next(fields.get("next", ["/"])[0])
+    attempts = login_attempts_of(request)
+    address = request.client.host if request.client else "unknown"
+    wait_s = attempts.wait_s(address)
+    if wait_s:
+        refused = render(
+            request,
+            "login.html",
+            status_code=429,
+            title="Log in",
+            next=target,
+            error=f"Too many failed attempts from your address (at most {LOGIN_ATTEMPTS} "
+            f"in {LOGIN_WINDOW_S:g} seconds): try again in {wait_s} seconds.",
+        )
+        refused.headers["Retry-After"] = str(wait_s)
+        return refused
     if not token_ok(given, token):
+        attempts.failed(address)
+        if wait_s := attempts.wait_s(address):
+            log.warning("too many failed logins: address refused", client=address, wait_s=wait_s)
         return render(
             request,
             "login.html",

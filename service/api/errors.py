@@ -14,6 +14,7 @@ from conveyor.contracts import (
     NotFoundError,
     ValidationError,
 )
+from conveyor.service.pipelines import PipelineTooLarge
 
 
 class Unauthorized(ConveyorError):
@@ -36,6 +37,7 @@ class LoginRequired(ConveyorError):
 STATUS: tuple[tuple[type[ConveyorError], int, str], ...] = (
     (NotFoundError, 404, "not_found"),
     (ConflictError, 409, "conflict"),
+    (PipelineTooLarge, 413, "too_large"),
     (ValidationError, 422, "invalid"),
     (Unauthorized, 401, "unauthorized"),
     (LoginRequired, 401, "unauthorized"),
@@ -47,6 +49,8 @@ STATUS: tuple[tuple[type[ConveyorError], int, str], ...] = (
 # unless trying again may work (a broker that does not answer): then the service is at fault.
 DEFAULT_STATUS = (400, "bad_request")
 RETRYABLE_STATUS = (503, "unavailable")
+RETRY_AFTER_S = 5
+"""What a 503 tells a client to wait before it tries again."""
 
 
 def status_of(exc: ConveyorError) -> tuple[int, str]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Body, Depends, Header, Response
+from fastapi import APIRouter, Body, Depends, Header, Request, Response
 
 from conveyor.contracts import RunRecord, RunStatus, StepRecord, ValidationError
 from conveyor.service.api import views
 from conveyor.service.api.schemas import CancelRun, Page, Paging, SubmitRun
 from conveyor.service.api.security import require_token
-from conveyor.service.api.state import ApiState, state_of
+from conveyor.service.api.state import ApiState, settings_of, state_of
 from conveyor.service.store.summaries import PipelineSummary
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
@@ -42,6 +42,7 @@ async def list_runs(
 )
 async def submit_run(
     body: SubmitRun,
+    request: Request,
     response: Response,
     idempotency_key: str | None = Header(
         None,
@@ -52,13 +53,17 @@ async def submit_run(
     ),
     state: ApiState = Depends(state_of),
 ) -> RunRecord:
-    """Start a run of a pipeline; returns once the controller has recorded it."""
+    """Start a run of a pipeline; returns once the controller has recorded it.
+
+    The server compiles files under its pipelines folder and modules of the packages it
+    trusts (403 for any other reference), of at most its step limit (413)."""
+    pipeline = settings_of(request).pipelines.checked(body.pipeline)
     if idempotency_key and body.idempotency_key and idempotency_key != body.idempotency_key:
         raise ValidationError(
             f"the {IDEMPOTENCY_HEADER} header and the body's idempotency_key differ"
         )
     submission = await state.gateway.submit(
-        body.pipeline,
+        pipeline,
         body.parameters,
         stack=body.stack,
         idempotency_key=idempotency_key or body.idempotency_key,

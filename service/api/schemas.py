@@ -6,16 +6,19 @@ Responses reuse the contract models (``RunRecord``, ``StepRecord``, ``StackSpec`
 
 from __future__ import annotations
 
+import math
 from typing import Any, Generic, Literal, TypeVar
 
 from fastapi import Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from conveyor.contracts import ComponentType, StackSpec
 
 T = TypeVar("T")
 
 MAX_PAGE = 1000
+MAX_OFFSET = 1_000_000_000
+"""Past any list the store will hold; SQLite's integers end at 2**63."""
 
 
 class Page(BaseModel, Generic[T]):
@@ -33,7 +36,7 @@ class Paging:
     def __init__(
         self,
         limit: int = Query(50, ge=1, le=MAX_PAGE, description="At most this many items"),
-        offset: int = Query(0, ge=0, description="Skip this many items"),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET, description="Skip this many items"),
     ) -> None:
         self.limit = limit
         self.offset = offset
@@ -80,8 +83,30 @@ class FlavorInfo(BaseModel):
     keys: list[FlavorKey]
 
 
+def _non_finite(value: Any) -> str | None:
+    """Where ``value`` holds Infinity or NaN (Python's JSON reads them; JSON has neither)."""
+    pending: list[tuple[str, Any]] = [("", value)]
+    while pending:
+        where, item = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return where or "the body"
+        if isinstance(item, dict):
+            pending.extend((f"{where}.{k}" if where else str(k), v) for k, v in item.items())
+        elif isinstance(item, list):
+            pending.extend((f"{where}[{i}]", v) for i, v in enumerate(item))
+    return None
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_numbers(cls, data: Any) -> Any:
+        where = _non_finite(data)
+        if where is not None:
+            raise ValueError(f"{where} is Infinity or NaN, which JSON has no number for")
+        return data
 
 
 class SubmitRun(_Body):
@@ -89,8 +114,8 @@ class SubmitRun(_Body):
 
     pipeline: str = Field(
         min_length=1,
-        description="'package.module:pipeline' or 'path/to/file.py:pipeline', importable by "
-        "the server",
+        description="'path/to/file.py:pipeline' under the server's pipelines folder "
+        "(--pipelines), or 'package.module:pipeline' of a package it trusts (--trust)",
         examples=["examples/quickstart.py:training_pipeline"],
     )
     parameters: dict[str, Any] = Field(default_factory=dict, examples=[{"epochs": 100}])

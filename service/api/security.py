@@ -18,6 +18,9 @@ from conveyor.service.api.errors import LoginRequired, Unauthorized
 from conveyor.service.api.state import settings_of
 
 TOKEN_ENV = "CONVEYOR_SERVER_TOKEN"
+MIN_TOKEN_LENGTH = 16
+"""Characters a token has at least; a short one can be guessed (``/login`` is rate-limited,
+but the API's bearer check is not)."""
 SESSION_COOKIE = "conveyor_session"
 SESSION_MAX_AGE_S = 7 * 24 * 3600
 
@@ -39,6 +42,16 @@ def check_bind(host: str, token: str | None) -> None:
             f"refusing to listen on {host!r} without a token: anyone who reaches the server "
             f"could run code through it. Set {TOKEN_ENV} to a long random value, or keep the "
             "default --host 127.0.0.1"
+        )
+
+
+def check_token(token: str | None) -> None:
+    """Refuse a token short enough to guess; never repeat it in the message."""
+    if token is not None and len(token) < MIN_TOKEN_LENGTH:
+        raise ConflictError(
+            f"the token in {TOKEN_ENV} has {len(token)} characters; use at least "
+            f"{MIN_TOKEN_LENGTH} characters of a random value, for example the output of: "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from conveyor.service.api.login_limit import LoginAttempts
+from conveyor.service.api.pipeline_refs import TrustedPipelines
 from conveyor.service.context import Services
 from conveyor.service.gateway import RunGateway
 from conveyor.service.home import Home
@@ -19,9 +21,11 @@ from conveyor.service.store.summaries import RunSummaries
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """How the app was created: which home, which stack to serve, which token to ask for."""
+    """How the app was created: which home, which stack to serve, which token to ask for,
+    which pipelines a request may name."""
 
     home: Home
+    pipelines: TrustedPipelines
     stack: str | None = None
     token: str | None = None
     poll_interval_s: float = 0.5
@@ -44,6 +48,12 @@ def settings_of(request: Request) -> ServerSettings:
     settings = request.app.state.settings
     assert isinstance(settings, ServerSettings)
     return settings
+
+
+def login_attempts_of(request: Request) -> LoginAttempts:
+    attempts = request.app.state.login_attempts
+    assert isinstance(attempts, LoginAttempts)
+    return attempts
 
 
 def state_of(request: Request) -> ApiState:

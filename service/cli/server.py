@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from types import FrameType
 
 import typer
 
 from conveyor.service.cli.output import console, user_errors
 from conveyor.service.cli.state import client
+from conveyor.service.gateway import DEFAULT_MAX_STEPS
 
 app = typer.Typer(help="The HTTP API and the dashboard.")
 
@@ -30,29 +32,59 @@ def up(
     stack: str = typer.Option(
         None, "--stack", "-s", help="Stack whose controller to run (default: the active stack)"
     ),
+    allowed_hosts: list[str] = typer.Option(
+        [],
+        "--allowed-host",
+        help="A name the server is reached by, besides localhost and IP addresses (repeatable)",
+    ),
+    pipelines: Path = typer.Option(
+        None,
+        "--pipelines",
+        help="Folder whose .py files requests may name as pipelines (default: this folder)",
+    ),
+    trust: list[str] = typer.Option(
+        [],
+        "--trust",
+        help="Top-level package whose modules requests may name as pipelines (repeatable)",
+    ),
+    max_steps: int = typer.Option(
+        DEFAULT_MAX_STEPS, "--max-steps", min=1, help="The most steps a submitted pipeline has"
+    ),
 ) -> None:
     """Serve the API and dashboard, and run the stack's controller (on an embedded stack).
 
-    Beyond 127.0.0.1 it needs a token in $CONVEYOR_SERVER_TOKEN.
+    Beyond 127.0.0.1 it needs a token of 16 characters or more in $CONVEYOR_SERVER_TOKEN.
+    Requests may run pipelines from files under --pipelines and modules of --trust
+    packages only (see docs/server.md).
 
-    Example: conveyor server up --port 8237
+    Example: conveyor server up --port 8237 --pipelines ./pipelines
     """
     # Imported here: the web stack would slow every other command down.
     import uvicorn
 
     from conveyor.service.api.app import create_app
-    from conveyor.service.api.security import TOKEN_ENV, check_bind
+    from conveyor.service.api.security import TOKEN_ENV, check_bind, check_token
 
     token = os.environ.get(TOKEN_ENV) or None
     with user_errors():
         check_bind(host, token)
+        check_token(token)
         c = client(ctx)
         served = c.get_stack(stack)
         home = c.home
         c.close()
+        app = create_app(
+            home,
+            stack=served.name,
+            token=token,
+            allowed_hosts=allowed_hosts,
+            pipelines=pipelines,
+            trusted_packages=trust,
+            max_steps=max_steps,
+        )
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(home, stack=served.name, token=token),
+            app,
             host=host,
             port=port,
             access_log=False,

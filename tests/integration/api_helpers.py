@@ -18,19 +18,22 @@ ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = f"{ROOT / 'examples' / 'quickstart.py'}:training_pipeline"
 GATED = f"{ROOT / 'tests' / 'pipelines' / 'server_demo.py'}:gated_pipeline"
 TOKEN = "test-token-0123456789abcdef"
+BASE_URL = "http://localhost"
+"""Where in-process clients send requests: a Host the server answers to by default."""
 SECRET = "hunter2-do-not-show"
 FINISHED = {"completed", "failed", "cancelled"}
 
 
 @asynccontextmanager
 async def serving(
-    home: Path, *, token: str | None = None
+    home: Path, *, token: str | None = None, **options: Any
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """The app with its lifespan running, and a client that talks to it in-process."""
-    app = create_app(home, token=token, poll_interval_s=0.1)
+    """The app with its lifespan running, and a client that talks to it in-process;
+    ``options`` go to ``create_app``."""
+    app = create_app(home, token=token, poll_interval_s=0.1, **options)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://conveyor.test") as c:
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as c:
             yield app, c
 
 

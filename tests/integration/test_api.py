@@ -275,7 +275,9 @@ async def test_invalid_submissions_are_refused(api: httpx.AsyncClient) -> None:
     post = api.post
     assert_error(await post("/api/runs", json={}), 422, "pipeline")
     assert_error(await post("/api/runs", json={"pipeline": QUICKSTART, "nope": 1}), 422)
-    assert_error(await post("/api/runs", json={"pipeline": "no_such_module:p"}), 422, "import")
+    assert_error(await post("/api/runs", json={"pipeline": "no_such_module:p"}), 403, "--trust")
+    missing = f"{Path(QUICKSTART.partition(':')[0]).parent}/nope.py:p"
+    assert_error(await post("/api/runs", json={"pipeline": missing}), 422, "no file")
     assert_error(await post("/api/runs", json={"pipeline": "not a ref"}), 422, "reference")
     assert_error(
         await post("/api/runs", json={"pipeline": QUICKSTART, "parameters": {"epoch": 3}}),

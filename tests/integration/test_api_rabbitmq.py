@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from conveyor.service.api import create_app
-from tests.integration.api_helpers import QUICKSTART
+from tests.integration.api_helpers import BASE_URL, QUICKSTART, assert_error
 from tests.integration.rabbitmq_support import STACK, register_stack, vhost
+from tests.integration.tcp_proxy import TcpProxy
 
 __all__ = ["vhost"]  # fixtures
 
@@ -28,7 +29,7 @@ async def test_health_and_queue_depths_on_a_rabbitmq_stack(
     app = create_app(home, stack=STACK, record_timeout_s=0.5)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://conveyor.test") as api:
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as api:
             health = await api.get("/healthz")
             assert health.status_code == 200, health.text
             checks = health.json()["checks"]
@@ -49,3 +50,21 @@ async def test_health_and_queue_depths_on_a_rabbitmq_stack(
                 raise AssertionError((await api.get("/metrics")).text)
             text = (await api.get("/metrics")).text
             assert not any(line.startswith("conveyor_controller_up{") for line in text.splitlines())
+
+
+async def test_submitting_while_the_broker_is_down_is_a_503(
+    vhost: str, home: Path, tmp_path: Path
+) -> None:
+    with TcpProxy() as proxy:
+        await register_stack(proxy.url(vhost), tmp_path / "artifacts", home=home)
+        app = create_app(home, stack=STACK, record_timeout_s=0.5)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as api:
+                proxy.stop()  # the broker is gone: the listener and every connection
+                for _ in range(2):
+                    submitted = await asyncio.wait_for(
+                        api.post("/api/runs", json={"pipeline": QUICKSTART}), 60
+                    )
+                    assert_error(submitted, 503, "RabbitMQ", "try again")
+                    assert submitted.headers["Retry-After"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from conveyor.service.context import Services
 from conveyor.service.store import Writes
 from conveyor.service.store.summaries import RunSummaries
 from tests.integration.api_helpers import (
+    BASE_URL,
     QUICKSTART,
     SECRET,
     TOKEN,
@@ -210,7 +213,50 @@ async def test_a_bug_is_a_json_500_without_its_details(
     app = create_app(home)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://conveyor.test") as c:
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as c:
             response = await c.get("/api/pipelines")
     assert_error(response, 500, "RuntimeError", "server's log")
     assert SECRET not in response.text
+
+
+async def test_a_symlink_swapped_in_during_a_download_never_leaks(
+    api: httpx.AsyncClient, home: Path, tmp_path: Path
+) -> None:
+    """A thread keeps swapping an artifact's file for a symlink to a secret and back, while
+    the file is downloaded: each download is the artifact or a refusal, never the secret."""
+    run = await submit(api, parameters={"epochs": 1})
+    await wait_status(api, run["id"])
+    artifact = (await api.get(f"/api/artifacts?run_id={run['id']}")).json()["items"][0]
+    genuine = (await api.get(f"/api/artifacts/{artifact['id']}/download")).content
+    path = Path(artifact["ref"]["uri"].removeprefix("file://"))
+    secret = tmp_path / "passwd"
+    secret.write_bytes(b"root:SECRET".ljust(len(genuine), b"!"))
+    keep = tmp_path / "genuine"
+    os.link(path, keep)
+    stop = threading.Event()
+
+    def swap() -> None:
+        swapping = path.with_name("swap")
+        while not stop.is_set():
+            os.symlink(secret, swapping)
+            os.replace(swapping, path)
+            os.link(keep, swapping)
+            os.replace(swapping, path)
+
+    racer = threading.Thread(target=swap, daemon=True)
+    racer.start()
+    statuses: list[int] = []
+    leaks = wrong = 0
+    try:
+        for _ in range(300):
+            for route in ("/api/artifacts/{}/download", "/artifacts/{}/download"):
+                response = await api.get(route.format(artifact["id"]))
+                leaks += b"SECRET" in response.content
+                statuses.append(response.status_code)
+                wrong += response.status_code == 200 and response.content != genuine
+    finally:
+        stop.set()
+        racer.join(10)
+    assert leaks == 0, f"the secret leaked {leaks} times in {len(statuses)} downloads"
+    assert wrong == 0
+    assert set(statuses) == {200, 403}, sorted(set(statuses))  # both states were seen

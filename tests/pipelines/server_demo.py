@@ -56,3 +56,24 @@ def summarize(array: np.ndarray, text: str) -> dict[str, float | str]:
 def gated_pipeline(n: int = 5, gate: str = "", timeout_s: float = 30.0) -> None:
     data = wait_for_gate(prepare(n=n), gate=gate, timeout_s=timeout_s)
     summarize(to_array(data), describe(data))
+
+
+@step
+def one(i: int) -> int:
+    return i
+
+
+@pipeline
+def fan_out_pipeline(width: int = 3, started: str = "", gate: str = "") -> None:
+    """``width`` parallel steps; with ``started`` and ``gate``, compiling it first marks the
+    file ``started`` and then holds until the file ``gate`` exists (a test's window onto a
+    compilation in progress)."""
+    if started:
+        Path(started).touch()
+        deadline = time.monotonic() + 30
+        while not Path(gate).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nobody opened the gate {gate}")
+            time.sleep(0.02)
+    for i in range(width):
+        one(i)

@@ -1,13 +1,19 @@
-"""The server's rules of who may connect: loopback by default, a token beyond it."""
+"""The server's rules of who may connect: loopback by default, a token beyond it, names
+it goes by, pages of its own origin, a bounded number of wrong tokens."""
 
 from __future__ import annotations
 
 import pytest
+from starlette.datastructures import Headers
 
 from conveyor.contracts import ConflictError, ConveyorError, NotFoundError, ValidationError
 from conveyor.service.api.errors import Forbidden, Unauthorized, status_of
+from conveyor.service.api.host_check import allowed_names, host_allowed, host_name
+from conveyor.service.api.login_limit import LoginAttempts
+from conveyor.service.api.origin_check import cross_site
 from conveyor.service.api.security import (
     check_bind,
+    check_token,
     is_loopback,
     safe_next,
     session_value,
@@ -61,3 +67,78 @@ def test_each_error_class_has_its_status() -> None:
     assert status_of(Forbidden("x"))[0] == 403
     assert status_of(ConveyorError("x"))[0] == 400
     assert status_of(ConveyorError("broker down", retryable=True))[0] == 503
+
+
+# --- Host allow-list, origin checks, token length, login attempts ---
+
+
+@pytest.mark.parametrize(
+    ("header", "name"),
+    [("localhost:8237", "localhost"), ("LocalHost", "localhost"), ("[::1]:80", "::1"),
+     ("[::1]", "::1"), ("10.0.0.1", "10.0.0.1"), ("", None), (":80", None), ("[::1", None),
+     ("a:b", None), ("[::1]x", None), ("[nope]:1", None), ("h:1:2", None)],
+)  # fmt: skip
+def test_the_name_in_a_host_header(header: str, name: str | None) -> None:
+    assert host_name(header) == name
+
+
+def test_hosts_are_loopback_names_addresses_and_configured_names() -> None:
+    allowed = allowed_names(["Conveyor.Example.com"])
+    assert allowed == {"conveyor.example.com"}
+    for header in ("localhost", "127.0.0.1:1", "[::1]:2", "192.168.1.9", "conveyor.example.com"):
+        assert host_allowed(header, allowed), header
+    for header in ("example.com", "localhost.example.com", "evil", "conveyor.example.com.x"):
+        assert not host_allowed(header, allowed), header
+    for wrong in ("http://x.example", "x.example:80", "x.example/path", ""):
+        with pytest.raises(ValidationError, match="not a host name"):
+            allowed_names([wrong])
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "refused"),
+    [
+        ("GET", {"sec-fetch-site": "cross-site"}, False),
+        ("POST", {}, False),
+        ("POST", {"sec-fetch-site": "same-origin", "origin": "null"}, False),
+        ("POST", {"sec-fetch-site": "none"}, False),
+        ("POST", {"origin": "http://h:1", "host": "h:1"}, False),
+        ("POST", {"origin": "http://H:1", "host": "h:1"}, False),
+        ("DELETE", {"sec-fetch-site": "same-site"}, True),
+        ("PATCH", {"sec-fetch-site": "cross-site"}, True),
+        ("PUT", {"origin": "http://other:1", "host": "h:1"}, True),
+        ("POST", {"origin": "null", "host": "h:1"}, True),
+        ("POST", {"origin": "file://h:1", "host": "h:1"}, True),
+        ("POST", {"origin": "http://[::1", "host": "h:1"}, True),
+    ],
+)
+def test_state_changing_requests_of_other_sites(
+    method: str, headers: dict[str, str], refused: bool
+) -> None:
+    assert (cross_site(method, Headers(headers)) is not None) == refused
+
+
+def test_a_token_is_long_enough_to_resist_guessing() -> None:
+    for short in ("Q", "Qz7" * 5):
+        with pytest.raises(ConflictError, match="at least 16 characters") as caught:
+            check_token(short)
+        assert short not in str(caught.value)
+    check_token("a" * 16)
+    check_token(None)
+
+
+def test_login_attempts_are_counted_per_address_in_a_sliding_window() -> None:
+    now = [1000.0]
+    attempts = LoginAttempts(3, 60.0, clock=lambda: now[0], max_addresses=2)
+    for _ in range(3):
+        assert attempts.wait_s("a") == 0
+        attempts.failed("a")
+        now[0] += 10
+    assert attempts.wait_s("a") == 30  # the first failure is 30 s from leaving the window
+    assert attempts.wait_s("b") == 0
+    now[0] += 30
+    assert attempts.wait_s("a") == 0
+    attempts.failed("b")
+    attempts.failed("c")  # a third address: the least recent one is forgotten
+    attempts.failed("c")
+    attempts.failed("c")
+    assert attempts.wait_s("c") > 0 and attempts.wait_s("a") == 0
