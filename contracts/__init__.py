@@ -51,6 +51,7 @@ from conveyor.contracts.models import (
 from conveyor.contracts.pipeline_spec import (
     DEFAULT_POOL,
     InputBinding,
+    Isolation,
     OutputSelector,
     PipelineSpec,
     StepSpec,
@@ -89,6 +90,7 @@ __all__ = [
     "Envelope",
     "Event",
     "InputBinding",
+    "Isolation",
     "MalformedEvent",
     "Materializer",
     "NotFoundError",

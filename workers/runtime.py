@@ -12,7 +12,6 @@ import os
 import socket
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -22,6 +21,7 @@ from conveyor.contracts import (
     ArtifactStore,
     Broker,
     Delivery,
+    Isolation,
     StepFailed,
     StepReady,
     StepStarted,
@@ -50,6 +50,9 @@ def worker_facts(name: str | None = None) -> WorkerFacts:
 class WorkerPool:
     """Runs up to ``concurrency`` steps at once from the queues of ``pools``.
 
+    ``isolation`` is where sync bodies run unless their step says: ``"thread"`` or
+    ``"process"`` (see ``execution``).
+
     Lifecycle: ``start()``, ``stop()`` (idempotent, safe before start), or ``async with``.
     """
 
@@ -64,14 +67,16 @@ class WorkerPool:
         name: str | None = None,
         step_timeout: float | None = None,
         announce_after: float = 0.0,
+        isolation: Isolation = "thread",
     ) -> None:
         self._broker = broker
         self._pools = list(pools)
         self._concurrency = concurrency
         self.facts = worker_facts(name)
         self.resolver = resolver or StepResolver(store)
-        self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="conveyor-step")
-        self._executor = StepExecutor(store, self.resolver, self.facts, self._threads)
+        self._executor = StepExecutor(
+            store, self.resolver, self.facts, concurrency=concurrency, isolation=isolation
+        )
         self._subscriptions: list[Subscription] = []
         self._in_flight: set[asyncio.Task[None]] = set()
         self._executions: dict[str, set[asyncio.Task[Any]]] = {}
@@ -93,6 +98,16 @@ class WorkerPool:
     def consumer_count(self) -> int:
         """Consumers the broker still delivers to (zero means this worker is deaf)."""
         return sum(1 for s in self._subscriptions if s.active)
+
+    @property
+    def stuck_threads(self) -> int:
+        """Threads of sync steps that timed out or were cancelled and still run."""
+        return self._executor.stuck_threads
+
+    @property
+    def healthy(self) -> bool:
+        """False once ``concurrency`` threads are stuck: a worker process then exits."""
+        return self._executor.healthy
 
     async def start(self) -> None:
         """Start consuming the step queue of every pool."""
@@ -215,8 +230,9 @@ class WorkerPool:
     def cancel_run(self, run_id: str) -> int:
         """Stop the running attempts of a cancelled run; returns how many were stopped.
 
-        An async step is cancelled where it awaits; a sync step's thread cannot be
-        interrupted, so it finishes in the background and its result is dropped.
+        An async step is cancelled where it awaits; a process-isolated step's process is
+        killed; a sync step's thread cannot be interrupted, so it is abandoned to finish in
+        the background, its result dropped (and counted in ``stuck_threads`` meanwhile).
         """
         executions = list(self._executions.get(run_id, ()))
         for execution in executions:
@@ -235,4 +251,4 @@ class WorkerPool:
             await asyncio.gather(*pending, return_exceptions=True)
         for subscription in subscriptions:
             await subscription.cancel()
-        self._threads.shutdown(wait=False, cancel_futures=True)
+        self._executor.close()
