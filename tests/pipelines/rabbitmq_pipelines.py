@@ -100,3 +100,18 @@ def gated_fan_out(width: int = 6) -> None:
 def overlong() -> None:
     """A step of 3 s with no timeout of its own."""
     slow(seed(), name="overlong", seconds=3.0)
+
+
+@step(timeout=0.5)
+def hangs(x: int, name: str = "hangs") -> int:
+    """A sync step that outlives its timeout by far (a hung client, a dead lock)."""
+    _record(name)
+    time.sleep(600)
+    return x
+
+
+@pipeline
+def hung_pair() -> None:
+    root = seed()
+    hangs(root, name="hung-1")
+    hangs(root, name="hung-2")
