@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ KILL_GRACE_S = 2.0
 """How long a child may take to end after SIGTERM before it gets SIGKILL."""
 
 _PR_SET_PDEATHSIG = 1
+REAPED_ELSEWHERE = 255
+"""The exit code taken when another waiter reaped the child: its manifest tells the rest."""
 
 
 def _prctl() -> Callable[..., int] | None:
@@ -117,20 +120,25 @@ class Child:
         else:
             self._loop.add_reader(pidfd, self._reap, pidfd)
 
-    def _reap(self, pidfd: int) -> None:
-        self._loop.remove_reader(pidfd)
-        os.close(pidfd)
-        _, status = os.waitpid(self.pid, 0)
-        self._settle(status)
+    def _reap(self, pidfd: int | None = None) -> None:
+        # Reaped here, on the loop, in the same step that settles ``_exited``: until it is
+        # done, the pid cannot belong to another process, so signalling it is safe.
+        if pidfd is not None:
+            self._loop.remove_reader(pidfd)
+            os.close(pidfd)
+        try:
+            _, status = os.waitpid(self.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            code = REAPED_ELSEWHERE  # by a SIGCHLD handler of the application
+        if not self._exited.done():
+            self._exited.set_result(code)
 
     def _wait_in_thread(self) -> None:
-        _, status = os.waitpid(self.pid, 0)
+        # Waits for the exit without reaping: reaping is the loop's (see _reap).
+        os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            self._loop.call_soon_threadsafe(self._settle, status)
-
-    def _settle(self, status: int) -> None:
-        if not self._exited.done():
-            self._exited.set_result(os.waitstatus_to_exitcode(status))
+            self._loop.call_soon_threadsafe(self._reap)
 
     async def wait(self) -> int:
         """The exit code (``-N`` for signal N), once the child ended and was reaped."""
@@ -167,7 +175,11 @@ def start(
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns on every fork of a process with threads: the caveat is known and
+        # documented above (module docstring and docs/steps.md), not news at each step.
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # the child; it never returns from here
         _child(produce, folder, allow_pickle=allow_pickle, step=step, parent=parent)
     return Child(pid)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
-from conveyor.contracts import StepReady, StepSpec, StepSucceeded, WorkerFacts
+from conveyor.contracts import StepFailed, StepReady, StepSpec, StepSucceeded, WorkerFacts
 from conveyor.workers.artifact_store_local import LocalArtifactStore
 from conveyor.workers.execution import StepExecutor, load_artifact
 from conveyor.workers.step_resolver import StepResolver
@@ -92,16 +92,14 @@ async def test_after_more_timeouts_than_the_concurrency_the_worker_still_runs_st
         assert await second.load("quick") == 70
 
 
-def ready_of(
-    definition: StepDefinition, timeout: float | None = None, **parameters: object
-) -> StepReady:
+def ready_of(definition: StepDefinition, **parameters: object) -> StepReady:
     """A StepReady of ``definition`` as the controller would send it."""
     spec = StepSpec(
         name=definition.name,
         ref=definition.ref,
         parameters=parameters,
         outputs=definition.outputs,
-        timeout_s=timeout,
+        timeout_s=definition.timeout,
         isolation=definition.isolation,
     )
     return StepReady(run_id="r" * 32, step=spec, attempt=1)
@@ -112,7 +110,8 @@ def executor(tmp_path: Path) -> Iterator[StepExecutor]:
     """An executor of one step at a time, which resolves the steps of this module."""
     store = LocalArtifactStore(tmp_path / "artifacts")
     resolver = StepResolver(store, in_process=True)
-    resolver.add({d.ref: d for d in (hangs, quick, sleeps_in_a_process)})
+    steps = (hangs, quick, sleeps_in_a_process, pid_in_a_process, ignores_sigterm)
+    resolver.add({d.ref: d for d in steps})
     executor = StepExecutor(store, resolver, WorkerFacts(worker="test", pid=0), concurrency=1)
     yield executor
     executor.close()
@@ -278,9 +277,12 @@ async def test_outputs_and_prints_of_a_process_step_reach_the_store_and_its_logs
     assert "a warning from the child" in text
 
 
-async def test_cancelling_a_process_step_kills_its_process(
-    executor: StepExecutor, tmp_path: Path
+@pytest.mark.parametrize("waiter", ["pidfd", "thread"])
+async def test_cancelling_a_process_step_kills_its_process_and_the_next_one_runs(
+    waiter: str, executor: StepExecutor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if waiter == "thread":  # as where there are no pidfds (macOS, old kernels)
+        monkeypatch.delattr(os, "pidfd_open")
     pid_file = tmp_path / "pid"
     ready = ready_of(sleeps_in_a_process, pid_file=str(pid_file))
     task = asyncio.create_task(executor.execute(ready))
@@ -294,6 +296,27 @@ async def test_cancelling_a_process_step_kills_its_process(
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 10)
     assert pid_gone(pid) and executor.stuck_threads == 0
+    outcome = await asyncio.wait_for(executor.execute(ready_of(pid_in_a_process)), 10)
+    assert isinstance(outcome, StepSucceeded), outcome
+
+
+@step(timeout=0.5, isolation="process")
+def ignores_sigterm(pid_file: str) -> int:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(60)
+    return 1
+
+
+async def test_a_process_step_that_ignores_sigterm_gets_sigkill(
+    executor: StepExecutor, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    ready = ready_of(ignores_sigterm, pid_file=str(pid_file))
+    outcome = await asyncio.wait_for(executor.execute(ready, timeout=0.5), 30)
+    assert isinstance(outcome, StepFailed)
+    assert outcome.error == "TimeoutError: step timed out after 0.5s"
+    assert pid_gone(int(pid_file.read_text()))
 
 
 async def test_the_worker_default_isolation_applies_unless_the_step_says(
