@@ -252,7 +252,6 @@ class Conveyor:
                     self._artifacts,
                     resolver=StepResolver(self._artifacts, in_process=True),
                     concurrency=config.concurrency,
-                    isolation=config.isolation,
                 )
                 await self._workers.start()
         except BaseException:

@@ -176,7 +176,8 @@ class StepExecutor:
         if stuck >= self._stuck_limit:
             log.error(
                 "worker unhealthy: sync steps that timed out or were cancelled still run in "
-                "their threads; they hold memory and CPU until they return",
+                "their threads, holding memory and CPU until they return; give steps that "
+                "hang @step(isolation='process'), which is killed at its timeout",
                 stuck_threads=stuck,
                 limit=self._stuck_limit,
             )

@@ -20,7 +20,6 @@ from conveyor.contracts import (
     ComponentSpec,
     ComponentType,
     ConveyorError,
-    Isolation,
     StackSpec,
     Topology,
     ValidationError,
@@ -41,11 +40,6 @@ class LocalOrchestratorConfig(BaseModel):
 
     concurrency: int = Field(
         default=4, ge=1, description="Steps the embedded worker pool runs at once"
-    )
-    isolation: Isolation = Field(
-        default="thread",
-        description="Where sync step bodies run unless their @step says: 'thread', or "
-        "'process' (a child process per attempt, killed at the step's timeout)",
     )
 
 

@@ -25,7 +25,6 @@ from conveyor.workers.artifact_store_local import LocalArtifactStore
 from conveyor.workers.execution import StepExecutor, load_artifact
 from conveyor.workers.step_resolver import StepResolver
 from conveyor.workers.steps import StepDefinition
-from tests.conftest import conveyor_cli
 
 HUNG = threading.Event()
 """Set at the end of each test: the bodies that hang return then."""
@@ -360,17 +359,3 @@ def test_isolation_is_checked_where_the_step_is_declared() -> None:
 
     with pytest.raises(ValueError, match="async step"):
         step(isolation="process")(body)
-
-
-@pipeline
-def default_pid() -> None:
-    pid_of_default()
-
-
-async def test_the_embedded_stack_takes_its_orchestrator_isolation() -> None:
-    updated = conveyor_cli("orchestrator", "update", "default", "--isolation", "process")
-    assert updated.returncode == 0, updated.stderr
-    async with Conveyor() as cv:
-        run = await cv.submit(default_pid)
-        assert (await run.wait(timeout=30)).status is RunStatus.COMPLETED
-        assert await run.load("pid_of_default") != os.getpid()
