@@ -258,12 +258,12 @@ def _write(folder: str, index: int, value: object, allow_pickle: bool, what: str
 
 def outcome(folder: str, code: int) -> dict[str, OutputFile]:
     """The outputs a child that ended with ``code`` left in ``folder``; else StepBodyFailed."""
+    if code < 0:
+        raise StepBodyFailed(signal_death(code), None, True)
     try:
         manifest = json.loads(Path(folder, MANIFEST).read_text())
     except FileNotFoundError:
         manifest = None
-    if code < 0:
-        raise StepBodyFailed(signal_death(code), None, True)
     if manifest is None:
         raise StepBodyFailed(
             f"the step's process exited with status {code} before its body returned "

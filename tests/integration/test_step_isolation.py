@@ -22,9 +22,12 @@ import pytest
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
 from conveyor.contracts import StepFailed, StepReady, StepSpec, StepSucceeded, WorkerFacts
 from conveyor.workers.artifact_store_local import LocalArtifactStore
+from conveyor.workers.artifact_store_s3 import S3ArtifactStore
 from conveyor.workers.execution import StepExecutor, load_artifact
+from conveyor.workers.s3_config import S3ArtifactStoreConfig
 from conveyor.workers.step_resolver import StepResolver
 from conveyor.workers.steps import StepDefinition
+from tests.s3_support import S3Bucket
 
 HUNG = threading.Event()
 """Set at the end of each test: the bodies that hang return then."""
@@ -359,3 +362,25 @@ def test_isolation_is_checked_where_the_step_is_declared() -> None:
 
     with pytest.raises(ValueError, match="async step"):
         step(isolation="process")(body)
+
+
+async def test_a_process_step_on_an_s3_store_hands_its_outputs_to_the_worker(
+    s3_bucket: S3Bucket,
+) -> None:
+    # The worker's S3 client is in use before the fork; only the worker uses it after.
+    store = S3ArtifactStore(S3ArtifactStoreConfig(**s3_bucket.config()))
+    store.check()
+    resolver = StepResolver(store, in_process=True)
+    resolver.add({makes_data.ref: makes_data})
+    executor = StepExecutor(store, resolver, WorkerFacts(worker="test", pid=0), concurrency=1)
+    try:
+        outcome = await executor.execute(ready_of(makes_data, n=1000))
+    finally:
+        executor.close()
+    assert isinstance(outcome, StepSucceeded), outcome
+    meta = load_artifact(store, outcome.outputs["output_0"], allow_pickle=False)
+    array = load_artifact(store, outcome.outputs["output_1"], allow_pickle=False)
+    assert meta == {"n": 1000}
+    assert np.array_equal(array, np.arange(3000, dtype=np.float64).reshape(1000, 3))
+    assert outcome.logs is not None
+    assert b"made in" in store.get_bytes(outcome.logs.uri, outcome.logs.digest)
