@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -384,3 +385,52 @@ async def test_a_process_step_on_an_s3_store_hands_its_outputs_to_the_worker(
     assert np.array_equal(array, np.arange(3000, dtype=np.float64).reshape(1000, 3))
     assert outcome.logs is not None
     assert b"made in" in store.get_bytes(outcome.logs.uri, outcome.logs.digest)
+
+
+EMBEDDING_PROGRAM = """
+import asyncio, os, sys, time
+from conveyor import Conveyor, pipeline, step
+
+@step(isolation="process")
+def sleeps(pid_file: str) -> int:
+    with open(pid_file, "w") as handle:
+        handle.write(str(os.getpid()))
+    time.sleep(120)
+    return 1
+
+@pipeline
+def held(pid_file: str) -> None:
+    sleeps(pid_file)
+
+async def main() -> None:
+    async with Conveyor() as cv:
+        run = await cv.submit(held, pid_file=sys.argv[1])
+        await run.wait()
+
+asyncio.run(main())
+"""
+
+
+def test_a_worker_killed_with_sigkill_leaves_no_step_process_behind(tmp_path: Path) -> None:
+    program, pid_file = tmp_path / "program.py", tmp_path / "pid"
+    program.write_text(EMBEDDING_PROGRAM)
+    worker = subprocess.Popen([sys.executable, str(program), str(pid_file)], cwd=tmp_path)
+    child = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert worker.poll() is None and time.monotonic() < deadline, "no step started"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        worker.kill()
+        worker.wait(30)
+        deadline = time.monotonic() + 30
+        while not pid_gone(child):  # reparented to init, which reaps it once it died
+            assert time.monotonic() < deadline, f"step process {child} outlived its worker"
+            time.sleep(0.05)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(30)
+        if child is not None and not pid_gone(child):
+            os.kill(child, signal.SIGKILL)
