@@ -37,6 +37,7 @@ from conveyor.contracts import (
 from conveyor.workers import materializers, step_logs, step_process
 from conveyor.workers.step_process import StepBodyFailed
 from conveyor.workers.step_resolver import StepResolver
+from conveyor.workers.step_threads import StepThreads
 from conveyor.workers.steps import StepDefinition
 
 T = TypeVar("T")
@@ -119,12 +120,14 @@ class StepExecutor:
         self._isolation: Isolation = isolation
         self._stuck_limit = concurrency
         self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="conveyor-io")
-        self._abandoned: set[threading.Thread] = set()
+        self._step_threads = StepThreads()
+        self._abandoned: set[threading.Event] = set()
+        """The ends of the sync bodies that were abandoned, set when they return."""
 
     @property
     def stuck_threads(self) -> int:
         """Threads of timed-out or cancelled sync steps that still run."""
-        self._abandoned = {t for t in self._abandoned if t.is_alive()}
+        self._abandoned = {end for end in self._abandoned if not end.is_set()}
         return len(self._abandoned)
 
     @property
@@ -142,12 +145,14 @@ class StepExecutor:
         return await loop.run_in_executor(self._threads, context.run, fn, *args)
 
     async def _in_own_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` in a new thread. Cancelled (the timeout, a run cancelled), this
-        returns at once: the thread, which cannot be interrupted, is abandoned to finish in
-        the background, and counted until it does."""
+        """``fn(*args)`` in a thread that nothing else waits for (see ``step_threads``).
+        Cancelled (the timeout, a run cancelled), this returns at once: the thread, which
+        cannot be interrupted, is abandoned to finish in the background, and counted until
+        it does."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         context = contextvars.copy_context()
+        end = threading.Event()
 
         def run() -> None:
             try:
@@ -160,18 +165,19 @@ class StepExecutor:
                 _settle_threadsafe(loop, done, lambda: done.set_exception(failure))
             else:
                 _settle_threadsafe(loop, done, lambda: done.set_result(result))
+            finally:
+                end.set()
 
-        thread = threading.Thread(target=run, name="conveyor-step", daemon=True)
-        thread.start()
+        self._step_threads.run(run)
         try:
             return await done
         except asyncio.CancelledError:
-            if thread.is_alive():
-                self._abandon(thread)
+            if not end.is_set():
+                self._abandon(end)
             raise
 
-    def _abandon(self, thread: threading.Thread) -> None:
-        self._abandoned.add(thread)
+    def _abandon(self, end: threading.Event) -> None:
+        self._abandoned.add(end)
         stuck = self.stuck_threads
         if stuck >= self._stuck_limit:
             log.error(
