@@ -53,6 +53,7 @@ from conveyor.contracts.models import (
 from conveyor.contracts.pipeline_spec import (
     DEFAULT_POOL,
     InputBinding,
+    Isolation,
     OutputSelector,
     PipelineSpec,
     StepSpec,
@@ -97,6 +98,7 @@ __all__ = [
     "Envelope",
     "Event",
     "InputBinding",
+    "Isolation",
     "MalformedEvent",
     "Materializer",
     "NotFoundError",

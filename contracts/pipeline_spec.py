@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from conveyor.contracts.models import BlobRef, Frozen, Name
 
 DEFAULT_POOL = "default"
+
+Isolation = Literal["thread", "process"]
+"""Where a sync step's body runs: a thread of the worker (abandoned at its timeout), or a
+child process of the worker (killed at its timeout)."""
 
 
 class OutputSelector(Frozen):
@@ -38,6 +42,11 @@ class StepSpec(Frozen):
     timeout_s: float | None = Field(default=None, gt=0)
     pool: Name = DEFAULT_POOL
     allow_pickle: bool = False
+    isolation: Isolation | None = Field(
+        default=None,
+        description="Where a sync body runs: 'thread' or 'process' (a child process, killed "
+        "at the timeout); None for the worker's default",
+    )
     code: BlobRef | None = Field(
         default=None,
         description="The code archive that holds the step's source; None for a step of an "

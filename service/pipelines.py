@@ -109,6 +109,7 @@ class _Builder:
                 timeout_s=step.timeout,
                 pool=step.pool,
                 allow_pickle=step.allow_pickle,
+                isolation=step.isolation,
             )
         )
         handles = [OutputHandle(name, output) for output in step.outputs]

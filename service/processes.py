@@ -143,7 +143,7 @@ async def serve_controller(
             ),
             name="watchdog",
         )
-        deaf = await wait_for_stop(signals, watchdog)
+        deaf = await wait_for_stop(signals, watchdog) is not None
         log.info("controller stopping", stack=spec.name)
         return EXIT_DEAF if deaf else EXIT_OK
     finally:

@@ -1,17 +1,24 @@
 """Running one attempt of a step: load inputs, call the body, persist outputs.
 
-Blocking work (file I/O, hashing, sync step bodies) runs in a thread pool with the
-caller's context copied, so log bindings survive and the event loop stays free.
+Blocking work (file I/O, hashing) runs in a thread pool with the caller's context copied,
+so log bindings survive and the event loop stays free. A sync body runs in a thread of its
+own, or in a child process (``isolation="process"``, see ``step_process``): either way a
+timeout or a cancellation frees the attempt's slot at once. An abandoned thread runs on in
+the background and its result is dropped; a child process is killed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import shutil
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -20,14 +27,17 @@ from conveyor.contracts import (
     ArtifactRef,
     ArtifactStore,
     ConveyorError,
+    Isolation,
     StepFailed,
     StepReady,
     StepSucceeded,
     UntrustedStep,
     WorkerFacts,
 )
-from conveyor.workers import materializers, step_logs
+from conveyor.workers import materializers, step_logs, step_process
+from conveyor.workers.step_process import StepBodyFailed
 from conveyor.workers.step_resolver import StepResolver
+from conveyor.workers.step_threads import StepThreads
 from conveyor.workers.steps import StepDefinition
 
 T = TypeVar("T")
@@ -62,6 +72,20 @@ def save_artifact(
     )
 
 
+def store_file(store: ArtifactStore, output: step_process.OutputFile) -> ArtifactRef:
+    """Persist an output that a step's process wrote (the file is moved, or read if small)."""
+    materializer = materializers.by_name(output.materializer, allow_pickle=True)  # not loaded
+    if isinstance(materializer, materializers.InMemory):
+        blob = store.put_bytes(Path(output.path).read_bytes())
+    else:
+
+        def move(path: str) -> None:
+            shutil.move(output.path, path)
+
+        blob = store.put(move)
+    return ArtifactRef.of(blob, materializer=output.materializer, data_type=output.data_type)
+
+
 def split_outputs(definition: StepDefinition, result: Any) -> dict[str, Any]:
     """Map a step's return value onto its output names."""
     names = definition.outputs
@@ -78,15 +102,6 @@ def split_outputs(definition: StepDefinition, result: Any) -> dict[str, Any]:
     return dict(zip(names, result, strict=True))
 
 
-class _ThreadTimeout(Exception):
-    """A sync step raised TimeoutError; carries its error and traceback as text."""
-
-    def __init__(self, error: str, traceback_text: str) -> None:
-        super().__init__(error)
-        self.error = error
-        self.traceback = traceback_text
-
-
 class StepExecutor:
     """Executes StepReady events and answers with a StepSucceeded or StepFailed."""
 
@@ -95,17 +110,88 @@ class StepExecutor:
         store: ArtifactStore,
         resolver: StepResolver,
         facts: WorkerFacts,
-        threads: ThreadPoolExecutor,
+        *,
+        concurrency: int,
+        isolation: Isolation = "thread",
     ) -> None:
         self._store = store
         self._resolver = resolver
         self._facts = facts
-        self._threads = threads
+        self._isolation: Isolation = isolation
+        self._stuck_limit = concurrency
+        self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="conveyor-io")
+        self._step_threads = StepThreads()
+        self._abandoned: set[threading.Event] = set()
+        """The ends of the sync bodies that were abandoned, set when they return."""
+
+    @property
+    def stuck_threads(self) -> int:
+        """Threads of timed-out or cancelled sync steps that still run."""
+        self._abandoned = {end for end in self._abandoned if not end.is_set()}
+        return len(self._abandoned)
+
+    @property
+    def healthy(self) -> bool:
+        """False once as many threads are stuck as steps run at once (``concurrency``)."""
+        return self.stuck_threads < self._stuck_limit
+
+    def close(self) -> None:
+        """Stop the I/O threads (queued work is dropped); idempotent."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         context = contextvars.copy_context()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._threads, context.run, fn, *args)
+
+    async def _in_own_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a thread that nothing else waits for (see ``step_threads``).
+        Cancelled (the timeout, a run cancelled), this returns at once: the thread, which
+        cannot be interrupted, is abandoned to finish in the background, and counted until
+        it does."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        context = contextvars.copy_context()
+        end = threading.Event()
+
+        def run() -> None:
+            try:
+                result = context.run(fn, *args)
+            except BaseException as exc:
+                # SystemExit and the like must not end the worker; StopIteration cannot be
+                # set on a future.
+                keep = isinstance(exc, Exception) and not isinstance(exc, StopIteration)
+                failure = exc if keep else StepBodyFailed.of(exc)
+                _settle_threadsafe(loop, done, lambda: done.set_exception(failure))
+            else:
+                _settle_threadsafe(loop, done, lambda: done.set_result(result))
+            finally:
+                end.set()
+
+        self._step_threads.run(run)
+        try:
+            return await done
+        except asyncio.CancelledError:
+            if not end.is_set():
+                self._abandon(end)
+            raise
+
+    def _abandon(self, end: threading.Event) -> None:
+        self._abandoned.add(end)
+        stuck = self.stuck_threads
+        if stuck >= self._stuck_limit:
+            log.error(
+                "worker unhealthy: sync steps that timed out or were cancelled still run in "
+                "their threads, holding memory and CPU until they return; give steps that "
+                "hang @step(isolation='process'), which is killed at its timeout",
+                stuck_threads=stuck,
+                limit=self._stuck_limit,
+            )
+        else:
+            log.warning(
+                "sync step abandoned: its thread runs on, its result is dropped",
+                stuck_threads=stuck,
+            )
 
     def _load_inputs(self, ready: StepReady) -> dict[str, Any]:
         pickle_ok = ready.step.allow_pickle
@@ -135,15 +221,45 @@ class StepExecutor:
     ) -> tuple[dict[str, ArtifactRef], float]:
         kwargs = {**ready.step.parameters, **self._load_inputs(ready)}
         started = time.perf_counter()
-        try:
-            with self._resolver.running(ready.step):
-                result = definition.fn(**kwargs)
-        except TimeoutError as exc:
-            # asyncio re-creates a TimeoutError that crosses from a thread, without its
-            # traceback: keep the step's own traceback as text.
-            raise _ThreadTimeout(f"TimeoutError: {exc}", traceback.format_exc()) from None
+        with self._resolver.running(ready.step):
+            result = definition.fn(**kwargs)
         body = time.perf_counter() - started
         return self._save_outputs(ready, definition, result), body
+
+    async def _run_in_process(
+        self, ready: StepReady, definition: StepDefinition
+    ) -> tuple[dict[str, ArtifactRef], float]:
+        kwargs = {**ready.step.parameters, **await self._in_thread(self._load_inputs, ready)}
+
+        def produce() -> dict[str, Any]:  # in the child
+            return split_outputs(definition, definition.fn(**kwargs))
+
+        folder = step_process.private_folder()
+        try:
+            started = time.perf_counter()
+            # Entered here so that the child inherits it: it only reads what resolving found.
+            with self._resolver.running(ready.step):
+                child = step_process.start(
+                    produce, folder, allow_pickle=ready.step.allow_pickle, step=ready.step.name
+                )
+            try:
+                code = await child.wait()
+            except BaseException:  # the timeout, or a cancellation
+                await child.end()
+                raise
+            body = time.perf_counter() - started
+            return await self._in_thread(self._store_outputs_of_child, folder, code), body
+        finally:
+            # Here, not in a thread, as it must happen when cancelled too: a bounded read and
+            # the removal of a local folder.
+            step_logs.echo(step_process.printed(folder, step_logs.MAX_LOG_CHARS))
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _store_outputs_of_child(self, folder: str, code: int) -> dict[str, ArtifactRef]:
+        return {
+            name: store_file(self._store, output)
+            for name, output in step_process.outcome(folder, code).items()
+        }
 
     async def _run_async(
         self, ready: StepReady, definition: StepDefinition
@@ -190,10 +306,12 @@ class StepExecutor:
             async with deadline:
                 if definition.is_async:
                     outputs, body = await self._run_async(ready, definition)
+                elif (ready.step.isolation or self._isolation) == "process":
+                    outputs, body = await self._run_in_process(ready, definition)
                 else:
-                    outputs, body = await self._in_thread(self._run_sync, ready, definition)
-        except _ThreadTimeout as exc:
-            return self._failed(ready, exc.error, exc.traceback, True, started)
+                    outputs, body = await self._in_own_thread(self._run_sync, ready, definition)
+        except StepBodyFailed as exc:
+            return self._failed(ready, exc.error, exc.traceback, exc.retryable, started)
         except TimeoutError as exc:
             if not deadline.expired():  # the step itself raised TimeoutError
                 return self._failed(
@@ -240,3 +358,16 @@ class StepExecutor:
             duration_s=time.perf_counter() - started,
             by=self._facts,
         )
+
+
+def _settle_threadsafe(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], settle: Callable[[], None]
+) -> None:
+    """From another thread: ``settle()`` the future on its loop, unless it is done."""
+
+    def on_loop() -> None:
+        if not future.done():  # cancelled: the thread was abandoned
+            settle()
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(on_loop)

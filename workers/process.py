@@ -2,8 +2,8 @@
 
 A first SIGTERM or SIGINT asks for a graceful stop; a second one stops at once (the broker
 requeues whatever this process held unacked). A process whose consumers are all gone for
-too long (pitfall: a worker alive but deaf after a reconnect) exits non-zero, so that its
-supervisor restarts it.
+too long (pitfall: a worker alive but deaf after a reconnect), or whose threads are stuck in
+sync steps that timed out, exits non-zero, so that its supervisor replaces it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from conveyor.contracts import DEFAULT_POOL, ComponentType, ConveyorError, StackSpec
+from conveyor.contracts import DEFAULT_POOL, ComponentType, ConveyorError, Isolation, StackSpec
 from conveyor.workers.flavors import get_flavor, make_artifact_store, make_broker
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.runtime import WorkerPool
@@ -28,6 +28,8 @@ EXIT_OK = 0
 EXIT_HARD_STOP = 130
 EXIT_DEAF = 3
 """Exit status of a process that had no consumer for longer than its watchdog allows."""
+EXIT_STUCK = 4
+"""Exit status of a worker with as many stuck step threads as its concurrency."""
 
 
 class Signals:
@@ -81,15 +83,32 @@ async def watch_consumers(count: Callable[[], int], limit_s: float, every_s: flo
             return
 
 
-async def wait_for_stop(signals: Signals, watchdog: asyncio.Task[None]) -> bool:
-    """Wait for a stop signal or the watchdog; True if the watchdog fired."""
+async def watch_health(healthy: Callable[[], bool], every_s: float = 1.0) -> None:
+    """Return once ``healthy()`` is false (a worker whose step threads are stuck)."""
+    # Polled: threads end on their own, with no event to wait for.
+    while True:
+        await asyncio.sleep(every_s)
+        if not healthy():
+            break
+    log.error(
+        "as many step threads are stuck as this worker runs steps at once (sync steps that "
+        "timed out or were cancelled, still running); exiting so a supervisor replaces this "
+        "process. Consider @step(isolation='process') for the steps that hang"
+    )
+
+
+async def wait_for_stop(signals: Signals, *watchdogs: asyncio.Task[None]) -> int | None:
+    """Wait for a stop signal or a watchdog; the index of the watchdog that fired, if one."""
     stop = asyncio.create_task(signals.stop.wait(), name="wait-for-signal")
     try:
-        await asyncio.wait([stop, watchdog], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([stop, *watchdogs], return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.cancel()
         await asyncio.gather(stop, return_exceptions=True)
-    return watchdog.done() and not watchdog.cancelled()
+    for index, watchdog in enumerate(watchdogs):
+        if watchdog.done() and not watchdog.cancelled():
+            return index
+    return None
 
 
 def rabbitmq_config(stack: StackSpec) -> RabbitMQOrchestratorConfig:
@@ -113,11 +132,13 @@ async def serve_workers(
     name: str | None = None,
     code_cache: Path,
     trusted: Sequence[str] = (),
+    isolation: Isolation | None = None,
 ) -> int:
-    """Run a worker process on ``stack`` until a signal (or the watchdog); its exit status.
+    """Run a worker process on ``stack`` until a signal (or a watchdog); its exit status.
 
     Steps come from each run's code archive, kept under ``code_cache``, or from the installed
     packages in ``trusted`` and the orchestrator's ``trusted_packages``; nothing else runs.
+    Exits EXIT_DEAF without consumers for too long, EXIT_STUCK once its threads are stuck.
     """
     config = rabbitmq_config(stack)
     store = make_artifact_store(stack)
@@ -140,23 +161,27 @@ async def serve_workers(
         announce_after=config.announce_after_s,
         max_deliveries=config.max_deliveries,
         heartbeat_s=config.heartbeat_s,
+        isolation=isolation or config.isolation,
     )
-    watchdog: asyncio.Task[None] | None = None
+    watchdogs: list[asyncio.Task[None]] = []
     try:
         await broker.start()
         await pool.start()
-        watchdog = asyncio.create_task(
-            watch_consumers(lambda: pool.consumer_count, config.watchdog_s), name="watchdog"
-        )
-        deaf = await wait_for_stop(signals, watchdog)
+        watchdogs = [
+            asyncio.create_task(
+                watch_consumers(lambda: pool.consumer_count, config.watchdog_s), name="watchdog"
+            ),
+            asyncio.create_task(watch_health(lambda: pool.healthy), name="health"),
+        ]
+        fired = await wait_for_stop(signals, *watchdogs)
         log.info("worker stopping", worker=pool.facts.worker)
         await broker.pause()
         await pool.stop(grace=config.grace_s if grace_s is None else grace_s)
-        return EXIT_DEAF if deaf else EXIT_OK
+        return {None: EXIT_OK, 0: EXIT_DEAF, 1: EXIT_STUCK}[fired]
     finally:
-        if watchdog is not None:
+        for watchdog in watchdogs:
             watchdog.cancel()
-            await asyncio.gather(watchdog, return_exceptions=True)
+        await asyncio.gather(*watchdogs, return_exceptions=True)
         await pool.stop(grace=0)
         await broker.stop()
         signals.uninstall()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
-from conveyor.contracts import DEFAULT_PREFIX
+from conveyor.contracts import DEFAULT_PREFIX, Isolation
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 RABBITMQ_CONSUMER_TIMEOUT_S = 1800.0
@@ -21,6 +21,11 @@ class RabbitMQOrchestratorConfig(BaseModel):
     )
     concurrency: int = Field(
         default=4, ge=1, description="Steps a worker process runs at once (and its prefetch)"
+    )
+    isolation: Isolation = Field(
+        default="thread",
+        description="Where sync step bodies run unless their @step says: 'thread', or "
+        "'process' (a child process per attempt, killed at the step's timeout)",
     )
     prefix: str = Field(
         default=DEFAULT_PREFIX,

@@ -12,7 +12,6 @@ import os
 import socket
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -24,6 +23,7 @@ from conveyor.contracts import (
     Broker,
     Delivery,
     Event,
+    Isolation,
     StepFailed,
     StepHeartbeat,
     StepReady,
@@ -58,6 +58,9 @@ def worker_facts(name: str | None = None) -> WorkerFacts:
 class WorkerPool:
     """Runs up to ``concurrency`` steps at once from the queues of ``pools``.
 
+    ``isolation`` is where sync bodies run unless their step says: ``"thread"`` or
+    ``"process"`` (see ``execution``).
+
     Lifecycle: ``start()``, ``stop()`` (idempotent, safe before start), or ``async with``.
     """
 
@@ -74,14 +77,16 @@ class WorkerPool:
         announce_after: float = 0.0,
         max_deliveries: int = MAX_DELIVERIES,
         heartbeat_s: float = HEARTBEAT_S,
+        isolation: Isolation = "thread",
     ) -> None:
         self._broker = broker
         self._pools = list(pools)
         self._concurrency = concurrency
         self.facts = worker_facts(name)
         self.resolver = resolver or StepResolver(store)
-        self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="conveyor-step")
-        self._executor = StepExecutor(store, self.resolver, self.facts, self._threads)
+        self._executor = StepExecutor(
+            store, self.resolver, self.facts, concurrency=concurrency, isolation=isolation
+        )
         self._subscriptions: list[Subscription] = []
         self._control: Subscription | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -113,6 +118,16 @@ class WorkerPool:
     def consumer_count(self) -> int:
         """Consumers the broker still delivers to (zero means this worker is deaf)."""
         return sum(1 for s in self._subscriptions if s.active)
+
+    @property
+    def stuck_threads(self) -> int:
+        """Threads of sync steps that timed out or were cancelled and still run."""
+        return self._executor.stuck_threads
+
+    @property
+    def healthy(self) -> bool:
+        """False once ``concurrency`` threads are stuck: a worker process then exits."""
+        return self._executor.healthy
 
     async def start(self) -> None:
         """Start consuming the step queue of every pool."""
@@ -317,4 +332,4 @@ class WorkerPool:
             await asyncio.gather(*pending, return_exceptions=True)
         for subscription in subscriptions:
             await subscription.cancel()
-        self._threads.shutdown(wait=False, cancel_futures=True)
+        self._executor.close()

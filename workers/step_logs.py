@@ -18,7 +18,8 @@ from typing import TextIO
 
 MAX_LOG_CHARS = 1_000_000
 
-_buffer: ContextVar[io.StringIO | None] = ContextVar("conveyor_step_log", default=None)
+_buffer: ContextVar[TextIO | None] = ContextVar("conveyor_step_log", default=None)
+_echo_warnings = True
 
 
 class _Tee(io.TextIOBase):
@@ -51,7 +52,11 @@ class _CaptureHandler(logging.Handler):
         buffer = _buffer.get()
         if buffer is not None:
             buffer.write(self.format(record) + "\n")
-        if record.levelno >= logging.WARNING and logging.getLogger().handlers == [self]:
+        if (
+            _echo_warnings
+            and record.levelno >= logging.WARNING
+            and logging.getLogger().handlers == [self]
+        ):
             # Being the root's only handler turns off logging's last-resort printing of
             # warnings to stderr: keep doing what it did.
             sys.stderr.write(record.getMessage() + "\n")
@@ -83,6 +88,27 @@ def capturing() -> Iterator[io.StringIO]:
         yield buffer
     finally:
         _buffer.reset(token)
+
+
+def only_into(stream: TextIO) -> None:
+    """In a step's child process: all it prints and logs goes to ``stream`` only, once (the
+    worker adds it to the attempt's log and its console afterwards)."""
+    global _echo_warnings
+    _echo_warnings = False
+    _buffer.set(stream)
+    sys.stdout = sys.stderr = stream
+
+
+def echo(text: str) -> None:
+    """Add ``text`` to the current attempt's log and the console, as if printed here (what a
+    step's child process printed into a file)."""
+    if not text:
+        return
+    buffer = _buffer.get()
+    if buffer is not None:
+        buffer.write(text)
+    stream = sys.stdout
+    (stream.original if isinstance(stream, _Tee) else stream).write(text)
 
 
 def text_of(buffer: io.StringIO) -> str:

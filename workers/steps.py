@@ -19,15 +19,13 @@ import typing
 from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import Any, Protocol, TypeVar, get_args, overload
 
 from conveyor.contracts import (
     DEFAULT_POOL,
     ConveyorError,
+    Isolation,
 )
-
-if TYPE_CHECKING:
-    pass
 
 FILE_MODULE_PREFIX = "conveyor_user_"
 
@@ -145,17 +143,26 @@ class StepDefinition:
         timeout: float | None = None,
         pool: str = DEFAULT_POOL,
         allow_pickle: bool = False,
+        isolation: Isolation | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError("retries must be >= 0")
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
+        if isolation is not None and isolation not in get_args(Isolation):
+            raise ValueError(f"isolation must be 'thread' or 'process', not {isolation!r}")
+        if isolation == "process" and inspect.iscoroutinefunction(fn):
+            raise ValueError(
+                f"{fn.__name__} is an async step: it runs on the worker's event loop and is "
+                "cancelled where it awaits; isolation='process' is for plain functions"
+            )
         self.fn = fn
         self.name = name or fn.__name__
         self.retries = retries
         self.timeout = timeout
         self.pool = pool
         self.allow_pickle = allow_pickle
+        self.isolation = isolation
         self.signature = inspect.signature(fn)
         self.outputs = output_names(fn)
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -189,6 +196,7 @@ def step(
     timeout: float | None = None,
     pool: str = DEFAULT_POOL,
     allow_pickle: bool = False,
+    isolation: Isolation | None = None,
 ) -> Callable[[F], StepDefinition]: ...
 
 
@@ -201,11 +209,15 @@ def step(
     timeout: float | None = None,
     pool: str = DEFAULT_POOL,
     allow_pickle: bool = False,
+    isolation: Isolation | None = None,
 ) -> StepDefinition | Callable[[F], StepDefinition]:
     """Make a function a pipeline step.
 
     ``retries`` extra attempts after a failure; ``timeout`` seconds per attempt; ``pool`` the
-    worker pool whose queue runs it; ``allow_pickle`` lets its outputs (and inputs) be pickled.
+    worker pool whose queue runs it; ``allow_pickle`` lets its outputs (and inputs) be pickled;
+    ``isolation`` where a plain function's body runs: ``"thread"`` (a thread of the worker,
+    abandoned at the timeout) or ``"process"`` (a child process, killed at the timeout);
+    ``None`` takes the worker's default.
     Outputs: one, or several with a ``tuple[...]`` return annotation, or none for ``-> None``.
     """
 
@@ -217,6 +229,7 @@ def step(
             timeout=timeout,
             pool=pool,
             allow_pickle=allow_pickle,
+            isolation=isolation,
         )
 
     return wrap(fn) if fn is not None else wrap

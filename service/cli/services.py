@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import os
 import sys
@@ -32,6 +33,15 @@ contracts_app = typer.Typer(
 )
 
 URL_ENV = "CONVEYOR_AMQP_URL"
+
+
+class IsolationChoice(enum.StrEnum):
+    """The values of ``--isolation`` (contracts.Isolation)."""
+
+    THREAD = "thread"
+    PROCESS = "process"
+
+
 STACK_OPTION = typer.Option(None, "--stack", "-s", help="Stack name (default: the active stack)")
 STACK_FILE_OPTION = typer.Option(
     None, "--stack-file", "-f", help="A `conveyor stack export` file instead of --stack"
@@ -82,6 +92,12 @@ def start_worker(
         help="An installed package whose @step functions may run without a code archive "
         "(repeatable; adds to the orchestrator's trusted_packages)",
     ),
+    isolation: IsolationChoice = typer.Option(
+        None,
+        "--isolation",
+        help="Where sync step bodies run unless their @step says: a thread, or a child "
+        "process killed at the step's timeout (default: the orchestrator's)",
+    ),
 ) -> None:
     """Run a worker process: execute the steps of a rabbitmq stack until SIGTERM.
 
@@ -91,6 +107,10 @@ def start_worker(
     SIGTERM it stops taking steps, lets running ones finish within the grace period, hands
     back the rest, and exits 0. Start as many as wanted, on any machine that reaches the
     broker and the artifact store.
+
+    Exit statuses for a supervisor: 0 after SIGTERM, 3 when the broker delivered nothing to
+    it for watchdog_s, 4 when as many step threads are stuck (in sync steps that timed out)
+    as its concurrency; systemd (Restart=on-failure) and Kubernetes replace it.
 
     Example: conveyor worker start --stack prod --concurrency 4 --pool gpu
     """
@@ -106,6 +126,7 @@ def start_worker(
                 name=name,
                 code_cache=Home.resolve().code_cache,
                 trusted=trust,
+                isolation=None if isolation is None else isolation.value,
             )
         )
     # A sync step past its grace period still runs in its thread, and the interpreter would

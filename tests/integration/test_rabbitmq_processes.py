@@ -18,6 +18,7 @@ import pytest
 from conveyor.contracts import RunStatus, StepStatus
 from conveyor.service.client import Client
 from conveyor.workers.crash import CRASH_ENV
+from conveyor.workers.process import EXIT_STUCK
 from tests.conftest import ROOT, conveyor_cli
 from tests.integration.rabbitmq_support import (
     PIPELINES,
@@ -298,3 +299,38 @@ def test_run_cancel_from_another_process_cancels_a_service_run(
         "gated": StepStatus.CANCELLED,
         "plus": StepStatus.CANCELLED,
     }
+
+
+def test_a_worker_whose_threads_are_stuck_exits_with_its_status_for_a_supervisor(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))  # concurrency 2
+    processes.controller()
+    worker = processes.worker("w1")
+    run = processes.start("run", "pipeline", "run", f"{PIPELINES}:hung_pair")
+    # Two sync steps time out and stay stuck in their threads: as many as the concurrency.
+    assert worker.wait(60) == EXIT_STUCK, worker.output()
+    assert "as many step threads are stuck" in worker.output()
+    assert run.wait(90) == 1, processes.dump()
+    with Client() as client:
+        steps = {s.name: s for s in client.get_steps(only_run(client).id)}
+    assert steps["seed"].status is StepStatus.COMPLETED
+    for name in ("hangs", "hangs_2"):
+        assert steps[name].error == "TimeoutError: step timed out after 0.5s", steps[name]
+
+
+def test_worker_isolation_process_runs_sync_steps_in_child_processes(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    processes.controller()
+    worker = processes.worker("w1", "--isolation", "process")
+    run = processes.start("run", "pipeline", "run", f"{PIPELINES}:small", "-p", "value=5")
+    assert run.wait(90) == 0, processes.dump()
+    assert "plus.output = 105" in run.output()
+    pids = {pid for _, pid in starts(markers)}
+    assert len(pids) == 2 and worker.pid not in pids, (pids, worker.pid)
+    with Client() as client:
+        steps = client.get_steps(only_run(client).id)
+    assert {s.pid for s in steps} == {worker.pid}  # the worker ran them, in its children
+    assert worker.alive

@@ -112,6 +112,14 @@ def suicide(x: int) -> int:
     return x
 
 
+@step(timeout=0.5)
+def hangs(x: int, name: str = "hangs") -> int:
+    """A sync step that outlives its timeout by far (a hung client, a dead lock)."""
+    _record(name)
+    time.sleep(600)
+    return x
+
+
 @pipeline
 def doomed() -> None:
     """A step that kills its worker on every delivery, between two ordinary ones."""
@@ -135,3 +143,10 @@ async def waiting(x: int, name: str = "waiting") -> int:
 @pipeline
 def waiting_chain() -> None:
     plus(waiting(seed(), name="wait"), name="last")
+
+
+@pipeline
+def hung_pair() -> None:
+    root = seed()
+    hangs(root, name="hung-1")
+    hangs(root, name="hung-2")
