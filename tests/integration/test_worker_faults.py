@@ -138,3 +138,26 @@ def test_run_cancel_stops_a_step_running_on_a_remote_worker(
     }
     worker.wait_for_log("attempts stopped")
     assert worker.alive
+
+
+def test_a_cancelled_sync_step_that_keeps_running_gets_its_worker_replaced(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    # Today: the cancelled step's thread holds the worker's only slot for as long as it
+    # runs, and the worker looks healthy meanwhile: the next run waits.
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts", concurrency=1))
+    processes.controller()
+    worker = processes.worker("w1")
+    first = processes.start("first", "pipeline", "run", f"{PIPELINES}:gated_chain")
+    wait_until(lambda: any(n == "gate" for n, _ in starts(markers)), "the gated step to start")
+    with Client() as client:
+        run_id = only_run(client).id
+    assert conveyor_cli("run", "cancel", run_id).returncode == 0
+    assert first.wait(60) == 1
+    # The gate is never released: its thread still waits. The worker says it is stuck and
+    # exits for its supervisor, which starts another that runs the next run.
+    assert worker.wait(60) == 4, worker.output()[-3000:]
+    assert "attempts stopped" in worker.output()
+    processes.worker("w2")
+    second = processes.start("second", "pipeline", "run", f"{PIPELINES}:small")
+    assert second.wait(60) == 0, processes.dump()
