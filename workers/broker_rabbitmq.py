@@ -41,6 +41,7 @@ from conveyor.contracts import (
     is_status_event,
     parse_event,
 )
+from conveyor.workers.backoff import Backoff, with_jitter
 from conveyor.workers.crash import crash_point
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.rabbitmq_topology import (
@@ -55,7 +56,9 @@ from conveyor.workers.status_pump import StatusPump
 
 log = structlog.get_logger("conveyor.broker.rabbitmq")
 
-PUBLISH_DEADLINE_S = 60.0
+CONNECT_TIMEOUT_S = 10.0
+"""One connection attempt (TCP and AMQP handshake) gives up after this long."""
+PACE_EVERY_S = 0.5
 
 # Errors after which the same operation can succeed once the robust connection is back.
 TRANSIENT = (
@@ -295,6 +298,8 @@ class RabbitMQBroker:
         self._declare_lock = asyncio.Lock()
         self.consumers: set[_Consumer] = set()
         self.followers: set[_Follower] = set()
+        self._lost_at: float | None = None
+        self._pacer: asyncio.Task[None] | None = None
 
     @property
     def topology(self) -> Topology:
@@ -312,14 +317,24 @@ class RabbitMQBroker:
             raise ConveyorError("the RabbitMQ broker is not started")
         return self._declared
 
+    @property
+    def safe_url(self) -> str:
+        """The broker's URL without its password, for logs and errors."""
+        return _safe_url(self.config.url.get_secret_value())
+
     async def start(self) -> None:
-        """Connect (robustly) and declare the stack's exchanges and queues."""
+        """Connect (robustly) and declare the stack's exchanges and queues, in one attempt.
+
+        Raises :class:`BrokerUnavailable` if the broker does not answer; see
+        :meth:`start_patiently` to wait for it instead.
+        """
         if self._connection is not None:
             return
         url = self.config.url.get_secret_value()
         try:
             connection = await aio_pika.connect_robust(
                 url,
+                timeout=CONNECT_TIMEOUT_S,
                 reconnect_interval=self.config.reconnect_interval_s,
                 client_properties={"connection_name": self.name},
             )
@@ -329,6 +344,7 @@ class RabbitMQBroker:
             ) from None
         self._connection = connection
         connection.reconnect_callbacks.add(self._on_reconnect)
+        connection.close_callbacks.add(self._on_lost)
         try:
             self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             self._declared = await declare_topology(
@@ -337,18 +353,130 @@ class RabbitMQBroker:
         except BaseException:
             await self.stop()
             raise
+        self._pacer = asyncio.create_task(self._pace_reconnects(), name="rabbitmq-pacer")
         log.info("connected to RabbitMQ", url=_safe_url(url), stack=self._topology.stack)
 
+    async def start_patiently(self, stop: asyncio.Event | None = None) -> bool:
+        """:meth:`start`, trying again with capped exponential backoff and jitter until the
+        broker answers; False if ``stop`` was set first.
+
+        Each attempt is logged with its number and the pause before the next one. With the
+        orchestrator's ``reconnect_timeout_s``, raises :class:`BrokerUnavailable` once the
+        broker has not answered for that long.
+        """
+        config = self.config
+        backoff = Backoff(
+            config.reconnect_interval_s,
+            max(config.reconnect_interval_s, config.reconnect_max_interval_s),
+        )
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while True:
+            try:
+                await self.start()
+                return True
+            except RETRYABLE as exc:
+                delay = backoff.failed()
+                waited = loop.time() - began
+                limit = config.reconnect_timeout_s
+                if limit is not None and waited + delay > limit:
+                    raise BrokerUnavailable(
+                        f"RabbitMQ at {self.safe_url} did not answer for {waited:.0f}s "
+                        f"({backoff.attempt} attempts; reconnect_timeout_s is {limit:g}): {exc}"
+                    ) from None
+                log.warning(
+                    "waiting for RabbitMQ",
+                    url=self.safe_url,
+                    attempt=backoff.attempt,
+                    retry_in_s=round(delay, 2),
+                    error=str(exc),
+                    stack=self._topology.stack,
+                )
+            if stop is None:
+                await asyncio.sleep(delay)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return False
+
+    @property
+    def unreachable_for(self) -> float | None:
+        """Seconds since the connection was lost (it is being re-established); None while
+        connected."""
+        if self._lost_at is None:
+            return None
+        return asyncio.get_running_loop().time() - self._lost_at
+
+    def _on_lost(self, _: object, exc: BaseException | None = None) -> None:
+        if self._connection is None or self._lost_at is not None:
+            return  # closed by stop(), or still down
+        self._lost_at = asyncio.get_running_loop().time()
+        self._set_reconnect_pause(0.0)
+        log.warning(
+            "lost the connection to RabbitMQ; reconnecting",
+            url=self.safe_url,
+            error=f"{type(exc).__name__}: {exc}" if exc else None,
+            stack=self._topology.stack,
+        )
+
     def _on_reconnect(self, *_: Any) -> None:
-        log.info("reconnected to RabbitMQ", stack=self._topology.stack)
+        down_for = self.unreachable_for
+        self._lost_at = None
+        self._set_reconnect_pause(0.0)
+        log.info(
+            "reconnected to RabbitMQ",
+            stack=self._topology.stack,
+            down_for_s=None if down_for is None else round(down_for, 1),
+        )
+
+    def _reconnect_interval(self, down_for: float) -> float:
+        """The pause between two reconnection attempts after ``down_for`` seconds down: the
+        first pause plus the time already down doubles it from one attempt to the next."""
+        first = self.config.reconnect_interval_s
+        return min(max(first, self.config.reconnect_max_interval_s), first + down_for)
+
+    def _set_reconnect_pause(self, down_for: float) -> None:
+        # aio-pika pauses ``reconnect_interval`` after each failed attempt, reading it anew
+        # each time: setting it paces its attempts (it is a connection parameter, not on
+        # the ABC).
+        connection = self._connection
+        if connection is not None:
+            pause = with_jitter(self._reconnect_interval(down_for))
+            setattr(connection, "reconnect_interval", pause)  # noqa: B010
+
+    async def _pace_reconnects(self) -> None:
+        loop = asyncio.get_running_loop()
+        logged_at = loop.time()  # the loss itself was just logged
+        while True:
+            await asyncio.sleep(PACE_EVERY_S)
+            down_for = self.unreachable_for
+            if down_for is None:
+                continue
+            self._set_reconnect_pause(down_for)
+            interval = self._reconnect_interval(down_for)
+            if loop.time() - logged_at >= interval:  # about one line per attempt
+                logged_at = loop.time()
+                log.warning(
+                    "RabbitMQ still unreachable; reconnecting",
+                    url=self.safe_url,
+                    down_for_s=round(down_for, 1),
+                    retry_every_s=round(interval, 1),
+                    stack=self._topology.stack,
+                )
 
     async def stop(self) -> None:
         """Cancel consumers and followers, then close the connection. Idempotent."""
+        pacer, self._pacer = self._pacer, None
+        if pacer is not None:
+            pacer.cancel()
+            await asyncio.gather(pacer, return_exceptions=True)
         for consumer in list(self.consumers):
             await consumer.cancel()
         for follower in list(self.followers):
             await follower.cancel()
         connection, self._connection = self._connection, None
+        self._lost_at = None
         self._channel = self._follow_channel = None
         self._declared = None
         if connection is not None:
@@ -419,7 +547,7 @@ class RabbitMQBroker:
         crash_point("before-publish", events)
         pending = [(event, self._message(event)) for event in events]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + PUBLISH_DEADLINE_S
+        deadline = loop.time() + self.config.publish_timeout_s
         while pending:
             results = await self._publish_each(pending)
             retry = []
@@ -448,7 +576,7 @@ class RabbitMQBroker:
                 if remaining <= 0:
                     raise BrokerUnavailable(
                         f"RabbitMQ did not confirm {len(pending)} message(s) "
-                        f"within {PUBLISH_DEADLINE_S:g}s"
+                        f"within {self.config.publish_timeout_s:g}s"
                     )
                 log.warning("publish interrupted; retrying on reconnect", messages=len(pending))
                 assert self._channel is not None

@@ -1,9 +1,10 @@
 """Long-running processes: signals, the consumer watchdog, and the worker process itself.
 
 A first SIGTERM or SIGINT asks for a graceful stop; a second one stops at once (the broker
-requeues whatever this process held unacked). A process whose consumers are all gone for
-too long (pitfall: a worker alive but deaf after a reconnect) exits non-zero, so that its
-supervisor restarts it.
+requeues whatever this process held unacked). A process connected to its broker whose
+consumers are all gone for too long (pitfall: a worker alive but deaf after a reconnect)
+exits non-zero, so that its supervisor restarts it. A broker that is down is waited for,
+at start and later, for as long as the process runs (or ``reconnect_timeout_s``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import structlog
 
 from conveyor.contracts import DEFAULT_POOL, ComponentType, ConveyorError, StackSpec
+from conveyor.workers.broker_rabbitmq import RabbitMQBroker
 from conveyor.workers.flavors import get_flavor, make_artifact_store, make_broker
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.runtime import WorkerPool
@@ -28,6 +30,8 @@ EXIT_OK = 0
 EXIT_HARD_STOP = 130
 EXIT_DEAF = 3
 """Exit status of a process that had no consumer for longer than its watchdog allows."""
+EXIT_BROKER_DOWN = 4
+"""Exit status of a process whose broker stayed unreachable longer than reconnect_timeout_s."""
 
 
 class Signals:
@@ -61,35 +65,85 @@ class Signals:
         os._exit(EXIT_HARD_STOP)
 
 
-async def watch_consumers(count: Callable[[], int], limit_s: float, every_s: float = 1.0) -> None:
-    """Return once ``count()`` has been zero for ``limit_s`` seconds in a row."""
+async def watch_consumers(
+    count: Callable[[], int],
+    limit_s: float,
+    *,
+    unreachable_for: Callable[[], float | None] = lambda: None,
+    down_limit_s: float | None = None,
+    every_s: float = 1.0,
+) -> int:
+    """The exit status, once the process should end: :data:`EXIT_DEAF` when connected with
+    ``count()`` zero for ``limit_s`` seconds in a row; :data:`EXIT_BROKER_DOWN` when the
+    broker has been unreachable for ``down_limit_s`` (None: never).
+
+    While the broker is unreachable, no consumer is what is expected: the connection is
+    being re-established, and the consumers come back with it.
+    """
     loop = asyncio.get_running_loop()
     zero_since: float | None = None
+    warned = False
     while True:
         await asyncio.sleep(every_s)
-        if count() > 0:
-            if zero_since is not None:
-                log.info("consumers are back")
+        down_for = unreachable_for()
+        if down_for is not None:
             zero_since = None
+            if down_limit_s is not None and down_for >= down_limit_s:
+                log.error(
+                    "broker unreachable for too long; exiting (reconnect_timeout_s)",
+                    down_for_s=round(down_for, 1),
+                )
+                return EXIT_BROKER_DOWN
+            continue
+        if count() > 0:
+            if warned:
+                log.info("consumers are back")
+            zero_since, warned = None, False
             continue
         now = loop.time()
         if zero_since is None:
             zero_since = now
-            log.warning("no consumer: the broker delivers nothing to this process")
+            if not warned:
+                log.warning("no consumer: the broker delivers nothing to this process")
+                warned = True
         elif now - zero_since >= limit_s:
             log.error("no consumer for too long; exiting so a supervisor restarts this process")
-            return
+            return EXIT_DEAF
 
 
-async def wait_for_stop(signals: Signals, watchdog: asyncio.Task[None]) -> bool:
-    """Wait for a stop signal or the watchdog; True if the watchdog fired."""
+async def wait_for_stop(signals: Signals, watchdog: asyncio.Task[int]) -> int | None:
+    """Wait for a stop signal or the watchdog; the watchdog's exit status if it fired."""
     stop = asyncio.create_task(signals.stop.wait(), name="wait-for-signal")
     try:
         await asyncio.wait([stop, watchdog], return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.cancel()
         await asyncio.gather(stop, return_exceptions=True)
-    return watchdog.done() and not watchdog.cancelled()
+    if watchdog.done() and not watchdog.cancelled():
+        return watchdog.result()
+    return None
+
+
+def rabbitmq_broker(stack: StackSpec) -> RabbitMQBroker:
+    """The broker of a stack whose orchestrator is a rabbitmq one (see ``rabbitmq_config``)."""
+    broker = make_broker(stack)
+    assert isinstance(broker, RabbitMQBroker)
+    return broker
+
+
+def watchdog_of(
+    broker: RabbitMQBroker, config: RabbitMQOrchestratorConfig, count: Callable[[], int]
+) -> asyncio.Task[int]:
+    """The watchdog task of a process consuming through ``broker`` (see ``watch_consumers``)."""
+    return asyncio.create_task(
+        watch_consumers(
+            count,
+            config.watchdog_s,
+            unreachable_for=lambda: broker.unreachable_for,
+            down_limit_s=config.reconnect_timeout_s,
+        ),
+        name="watchdog",
+    )
 
 
 def rabbitmq_config(stack: StackSpec) -> RabbitMQOrchestratorConfig:
@@ -125,7 +179,7 @@ async def serve_workers(
     await asyncio.to_thread(store.check)
     signals = Signals()
     signals.install()
-    broker = make_broker(stack)
+    broker = rabbitmq_broker(stack)
     resolver = StepResolver(
         store, cache_dir=code_cache, trusted=[*config.trusted_packages, *trusted]
     )
@@ -139,18 +193,17 @@ async def serve_workers(
         step_timeout=config.step_timeout_s,
         announce_after=config.announce_after_s,
     )
-    watchdog: asyncio.Task[None] | None = None
+    watchdog: asyncio.Task[int] | None = None
     try:
-        await broker.start()
+        if not await broker.start_patiently(signals.stop):
+            return EXIT_OK  # stopped while waiting for the broker
         await pool.start()
-        watchdog = asyncio.create_task(
-            watch_consumers(lambda: pool.consumer_count, config.watchdog_s), name="watchdog"
-        )
-        deaf = await wait_for_stop(signals, watchdog)
+        watchdog = watchdog_of(broker, config, lambda: pool.consumer_count)
+        code = await wait_for_stop(signals, watchdog)
         log.info("worker stopping", worker=pool.facts.worker)
         await broker.pause()
         await pool.stop(grace=config.grace_s if grace_s is None else grace_s)
-        return EXIT_DEAF if deaf else EXIT_OK
+        return EXIT_OK if code is None else code
     finally:
         if watchdog is not None:
             watchdog.cancel()

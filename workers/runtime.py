@@ -21,6 +21,7 @@ from conveyor.contracts import (
     DEFAULT_POOL,
     ArtifactStore,
     Broker,
+    ConveyorError,
     Delivery,
     StepFailed,
     StepReady,
@@ -39,6 +40,16 @@ log = structlog.get_logger("conveyor.worker")
 
 Outcome = StepSucceeded | StepFailed
 REMEMBERED_OUTCOMES = 10_000
+
+
+async def _announced(announcing: list[asyncio.Task[None]]) -> None:
+    """Wait for the StepStarted publishes. One the broker did not take in time (it is down)
+    is not worth the outcome in hand: the completion, published next, says it all."""
+    for result in await asyncio.gather(*announcing, return_exceptions=True):
+        if isinstance(result, ConveyorError) and result.retryable:
+            log.warning("StepStarted not confirmed; publishing the outcome", error=str(result))
+        elif isinstance(result, BaseException):
+            raise result
 
 
 def worker_facts(name: str | None = None) -> WorkerFacts:
@@ -200,7 +211,7 @@ class WorkerPool:
                 raise
             # cancel_run() stopped this attempt: the run is over, nothing to report.
             if announcing:
-                await asyncio.gather(*announcing)
+                await _announced(announcing)
             await delivery.ack()
             return None
         finally:
@@ -209,7 +220,7 @@ class WorkerPool:
             if not running:
                 self._executions.pop(ready.run_id, None)
         if announcing:
-            await asyncio.gather(*announcing)
+            await _announced(announcing)
         return outcome
 
     def cancel_run(self, run_id: str) -> int:
