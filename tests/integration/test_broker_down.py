@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -152,6 +153,13 @@ def test_a_broker_down_longer_than_watchdog_and_publish_timeout_stops_nobody(
     for process in (controller, worker):
         assert _events(process, "lost the connection to RabbitMQ; reconnecting")
         assert _events(process, "RabbitMQ still unreachable; reconnecting")
+        # aio-pika's own line per failed attempt: its pause grew from the first to the cap.
+        pauses = [
+            float(p) for p in re.findall(r"Reconnecting after ([0-9.]+) seconds", process.output())
+        ]
+        assert len(pauses) >= 4, process.output()[-3000:]
+        assert all(p <= MAX_PAUSE_S for p in pauses), pauses
+        assert pauses[0] <= 2 * FIRST_PAUSE_S and max(pauses) > 2 * FIRST_PAUSE_S, pauses
 
     broker.up()
     assert run.wait(90) == 0, processes.dump()
