@@ -244,3 +244,43 @@ async def test_healthz_reports_the_broker_down_then_healthy_again(
             await asyncio.sleep(0.05)
         assert again.status_code == 200, again.text
         assert again.json()["status"] == "ok"
+
+
+def test_a_controller_publishing_when_the_broker_goes_down_backs_off_and_goes_on(
+    vhost: str, tmp_path: Path, markers: Path, broker: Broker, processes: Processes
+) -> None:
+    """The controller has recorded a completion and waits for the confirm of the next
+    StepReady when the broker goes down: its publish gives up after publish_timeout_s, it
+    backs off (unhealthy) instead of dying, and publishes once the broker is back."""
+    asyncio.run(register_stack(broker.url(vhost), tmp_path / "artifacts", **SHORT))
+    with TcpProxy() as own:
+        controller = processes.controller(CONVEYOR_AMQP_URL=own.url(vhost))
+        worker = processes.worker("w1")
+        run = processes.start("run", "pipeline", "run", f"{PIPELINES}:gated_chain")
+        wait_until(lambda: [n for n, _ in starts(markers)] == ["seed", "gate"], "the gate")
+        own.pause(to_client=False)  # what the controller sends stays in the proxy
+        release(markers, "gate")
+        with Client() as client:
+            run_id = only_run(client).id
+
+            def recorded() -> bool:
+                return {s.name: s.status.value for s in client.get_steps(run_id)}[
+                    "gated"
+                ] == "completed"
+
+            wait_until(recorded, "the controller to record the completion", 30)
+        own.refuse()
+        broker.shut_down(vhost)
+        time.sleep(DOWN_S)
+        _assert_alive(controller, worker, run)
+        assert _events(controller, "controller unhealthy: backing off")
+
+        own.resume()
+        own.admit()
+        broker.up()
+        assert run.wait(90) == 0, processes.dump()
+    with Client() as client:
+        assert_committed_once(client, run_id)
+    assert [n for n, _ in starts(markers)] == ["seed", "gate", "last"]
+    _assert_alive(controller, worker)
+    assert _events(controller, "controller healthy again")
