@@ -15,7 +15,7 @@ import contextlib
 import inspect
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aio_pika
@@ -58,6 +58,8 @@ log = structlog.get_logger("conveyor.broker.rabbitmq")
 
 CONNECT_TIMEOUT_S = 10.0
 """One connection attempt (TCP and AMQP handshake) gives up after this long."""
+GOODBYE_TIMEOUT_S = 5.0
+"""Longest wait for the broker to answer a cancel or a close while stopping."""
 PACE_EVERY_S = 0.5
 
 # Errors after which the same operation can succeed once the robust connection is back.
@@ -226,16 +228,17 @@ class _Consumer:
         if not self.receiving or self.amqp_queue is None or self.tag is None:
             return
         self.receiving = False
-        with contextlib.suppress(*TRANSIENT):  # a lost channel delivers nothing more either
-            await self.amqp_queue.cancel(self.tag)
+        # A lost channel delivers nothing more either.
+        queue, tag = self.amqp_queue, self.tag
+        await self.broker.on_the_way_out(lambda: queue.cancel(tag))
 
     async def cancel(self) -> None:
         await self.pause()
         channel, self.channel = self.channel, None
         if channel is not None and not channel.is_closed:
-            # Closing the channel is what makes the broker requeue what is unsettled.
-            with contextlib.suppress(*TRANSIENT):
-                await channel.close()
+            # Closing the channel is what makes the broker requeue what is unsettled (so
+            # does losing the connection).
+            await self.broker.on_the_way_out(channel.close)
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
@@ -272,8 +275,7 @@ class _Follower:
     async def cancel(self) -> None:
         queue, tag, self.tag = self.amqp_queue, self.tag, None
         if queue is not None and tag is not None:
-            with contextlib.suppress(*TRANSIENT):
-                await queue.cancel(tag)
+            await self.broker.on_the_way_out(lambda: queue.cancel(tag))
         await self.pump.stop()
         self.broker.followers.discard(self)
 
@@ -481,6 +483,17 @@ class RabbitMQBroker:
         self._declared = None
         if connection is not None:
             await connection.close()
+
+    async def on_the_way_out(self, call: Callable[[], Awaitable[object]]) -> None:
+        """Await ``call`` (a cancel or a close) unless the broker is unreachable, and for
+        ``GOODBYE_TIMEOUT_S`` at most: aio-pika would hold it until the connection is back,
+        and a process must stop whether its broker answers or not."""
+        if self.unreachable_for is not None:
+            return
+        try:
+            await asyncio.wait_for(call(), GOODBYE_TIMEOUT_S)
+        except (*TRANSIENT, RuntimeError) as exc:  # aio-pika: RuntimeError once closed
+            log.info("the broker did not answer while stopping", error=f"{type(exc).__name__}")
 
     async def pause(self) -> None:
         """Stop every consumer from receiving more, keeping their channels for acks."""

@@ -284,3 +284,32 @@ def test_a_controller_publishing_when_the_broker_goes_down_backs_off_and_goes_on
     assert [n for n, _ in starts(markers)] == ["seed", "gate", "last"]
     _assert_alive(controller, worker)
     assert _events(controller, "controller healthy again")
+
+
+def test_stopping_while_the_broker_is_down_does_not_wait_for_it(
+    vhost: str, tmp_path: Path, broker: Broker, processes: Processes
+) -> None:
+    """SIGTERM during an outage stops a worker at once (exit 0); with reconnect_timeout_s,
+    a controller gives up on its own (exit 4). Before, stopping waited for the broker: a
+    process stayed in "stopping" until it came back."""
+    give_up_s = 6.0
+    asyncio.run(
+        register_stack(
+            broker.url(vhost),
+            tmp_path / "artifacts",
+            **SHORT,
+            reconnect_timeout_s=give_up_s,
+        )
+    )
+    controller = processes.controller()
+    worker = processes.worker("w1")
+    broker.shut_down(vhost)
+    time.sleep(WATCHDOG_S + 1)
+    _assert_alive(controller, worker)
+    worker.send(signal.SIGTERM)
+    assert worker.wait(15) == 0, worker.output()
+    assert controller.wait(give_up_s + 15) == 4, controller.output()
+    [gave_up] = _events(
+        controller, "broker unreachable for too long; exiting (reconnect_timeout_s)"
+    )
+    assert gave_up["down_for_s"] >= give_up_s
