@@ -41,7 +41,7 @@ from conveyor.contracts import (
     is_status_event,
     parse_event,
 )
-from conveyor.workers.backoff import Backoff, with_jitter
+from conveyor.workers.backoff import Backoff
 from conveyor.workers.crash import crash_point
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.rabbitmq_topology import (
@@ -60,7 +60,6 @@ CONNECT_TIMEOUT_S = 10.0
 """One connection attempt (TCP and AMQP handshake) gives up after this long."""
 GOODBYE_TIMEOUT_S = 5.0
 """Longest wait for the broker to answer a cancel or a close while stopping."""
-PACE_EVERY_S = 0.5
 
 # Errors after which the same operation can succeed once the robust connection is back.
 TRANSIENT = (
@@ -301,7 +300,7 @@ class RabbitMQBroker:
         self.consumers: set[_Consumer] = set()
         self.followers: set[_Follower] = set()
         self._lost_at: float | None = None
-        self._pacer: asyncio.Task[None] | None = None
+        self._reconnecting = self._new_backoff()
 
     @property
     def topology(self) -> Topology:
@@ -355,7 +354,6 @@ class RabbitMQBroker:
         except BaseException:
             await self.stop()
             raise
-        self._pacer = asyncio.create_task(self._pace_reconnects(), name="rabbitmq-pacer")
         log.info("connected to RabbitMQ", url=_safe_url(url), stack=self._topology.stack)
 
     async def start_patiently(self, stop: asyncio.Event | None = None) -> bool:
@@ -367,10 +365,7 @@ class RabbitMQBroker:
         broker has not answered for that long.
         """
         config = self.config
-        backoff = Backoff(
-            config.reconnect_interval_s,
-            max(config.reconnect_interval_s, config.reconnect_max_interval_s),
-        )
+        backoff = self._new_backoff()
         loop = asyncio.get_running_loop()
         began = loop.time()
         while True:
@@ -410,69 +405,56 @@ class RabbitMQBroker:
             return None
         return asyncio.get_running_loop().time() - self._lost_at
 
+    def _new_backoff(self) -> Backoff:
+        first = self.config.reconnect_interval_s
+        return Backoff(first, max(first, self.config.reconnect_max_interval_s))
+
     def _on_lost(self, _: object, exc: BaseException | None = None) -> None:
-        if self._connection is None or self._lost_at is not None:
-            return  # closed by stop(), or still down
-        self._lost_at = asyncio.get_running_loop().time()
-        self._set_reconnect_pause(0.0)
+        """The connection closed, or (while it is down) one more attempt failed."""
+        connection = self._connection
+        if connection is None:
+            return  # closed by stop()
+        error = f"{type(exc).__name__}: {exc}" if exc else None
+        if self._lost_at is None:
+            self._lost_at = asyncio.get_running_loop().time()
+            self._reconnecting.reset()
+            log.warning(
+                "lost the connection to RabbitMQ; reconnecting",
+                url=self.safe_url,
+                error=error,
+                stack=self._topology.stack,
+            )
+            return
+        # aio-pika pauses ``reconnect_interval`` after each failed attempt, reading it
+        # anew after it told its close callbacks (this one): setting it here paces its
+        # attempts. (A connection parameter, not on the ABC.)
+        pause = self._reconnecting.failed()
+        setattr(connection, "reconnect_interval", pause)  # noqa: B010
         log.warning(
-            "lost the connection to RabbitMQ; reconnecting",
+            "RabbitMQ still unreachable; reconnecting",
             url=self.safe_url,
-            error=f"{type(exc).__name__}: {exc}" if exc else None,
+            attempt=self._reconnecting.attempt,
+            retry_in_s=round(pause, 2),
+            down_for_s=round(self.unreachable_for or 0.0, 1),
+            error=error,
             stack=self._topology.stack,
         )
 
     def _on_reconnect(self, *_: Any) -> None:
         down_for = self.unreachable_for
         self._lost_at = None
-        self._set_reconnect_pause(0.0)
+        if self._connection is not None:
+            # aio-pika pauses once more after a success: the next loss starts short again.
+            setattr(self._connection, "reconnect_interval", self.config.reconnect_interval_s)  # noqa: B010
         log.info(
             "reconnected to RabbitMQ",
             stack=self._topology.stack,
             down_for_s=None if down_for is None else round(down_for, 1),
+            attempts=self._reconnecting.attempt + 1,
         )
-
-    def _reconnect_interval(self, down_for: float) -> float:
-        """The pause between two reconnection attempts after ``down_for`` seconds down: the
-        first pause plus the time already down doubles it from one attempt to the next."""
-        first = self.config.reconnect_interval_s
-        return min(max(first, self.config.reconnect_max_interval_s), first + down_for)
-
-    def _set_reconnect_pause(self, down_for: float) -> None:
-        # aio-pika pauses ``reconnect_interval`` after each failed attempt, reading it anew
-        # each time: setting it paces its attempts (it is a connection parameter, not on
-        # the ABC).
-        connection = self._connection
-        if connection is not None:
-            pause = with_jitter(self._reconnect_interval(down_for))
-            setattr(connection, "reconnect_interval", pause)  # noqa: B010
-
-    async def _pace_reconnects(self) -> None:
-        loop = asyncio.get_running_loop()
-        logged_at = loop.time()  # the loss itself was just logged
-        while True:
-            await asyncio.sleep(PACE_EVERY_S)
-            down_for = self.unreachable_for
-            if down_for is None:
-                continue
-            self._set_reconnect_pause(down_for)
-            interval = self._reconnect_interval(down_for)
-            if loop.time() - logged_at >= interval:  # about one line per attempt
-                logged_at = loop.time()
-                log.warning(
-                    "RabbitMQ still unreachable; reconnecting",
-                    url=self.safe_url,
-                    down_for_s=round(down_for, 1),
-                    retry_every_s=round(interval, 1),
-                    stack=self._topology.stack,
-                )
 
     async def stop(self) -> None:
         """Cancel consumers and followers, then close the connection. Idempotent."""
-        pacer, self._pacer = self._pacer, None
-        if pacer is not None:
-            pacer.cancel()
-            await asyncio.gather(pacer, return_exceptions=True)
         for consumer in list(self.consumers):
             await consumer.cancel()
         for follower in list(self.followers):
