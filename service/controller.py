@@ -38,14 +38,17 @@ from conveyor.service import scheduling
 from conveyor.service.pipelines import load_pipeline
 from conveyor.service.progress import ProgressBuffer
 from conveyor.service.scheduling import RunState, Transition
-from conveyor.service.store import Database, RunStore, Writes
+from conveyor.service.store import Database, RunStore, Writes, is_store_failure, store_error
+from conveyor.workers.backoff import Backoff
 from conveyor.workers.code_archive import attach_code
 
 log = structlog.get_logger("conveyor.controller")
 
 MAX_BATCH = 512
 BACK_OFF_S = 0.5
-"""Pause after a batch failed for want of the store or the broker."""
+"""First pause after a batch failed for want of the store or the broker; it doubles with
+each failure in a row, up to ``BACK_OFF_MAX_S``."""
+BACK_OFF_MAX_S = 30.0
 INBOX_PREFETCH = 4096
 
 Owner = tuple[str, int, str]
@@ -130,6 +133,9 @@ class Controller:
         self._confirmed: list[str] = []
         self._committed: list[Event] = []
         self._progress = ProgressBuffer()
+        self._backoff = Backoff(BACK_OFF_S, BACK_OFF_MAX_S)
+        self.problem: str | None = None
+        """Why the controller cannot get on (and when it tries again); None while it can."""
 
     async def __aenter__(self) -> Controller:
         await self.start()
@@ -211,38 +217,70 @@ class Controller:
                 if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                     raise
                 # The cached states may be ahead of the store: they reload.
-                log.exception("batch failed", size=len(batch))
+                if not is_store_failure(exc):  # a failing store is logged as it backs off
+                    log.exception("batch failed", size=len(batch))
                 self._states.clear()
                 if self._committed:
                     # Recorded but not published: the broker failed, not a message.
-                    await self._back_off(batch)
+                    await self._back_off(batch, f"the broker did not take the events: {exc}")
                 else:
                     await self._narrow(batch)
+            else:
+                self._recovered()
 
-    async def _back_off(self, deliveries: list[Delivery]) -> None:
+    async def _back_off(self, deliveries: list[Delivery], reason: str) -> None:
+        """Hand ``deliveries`` back and pause, longer after each failure in a row."""
         # Nothing of these was acked, so all of it comes back.
         for delivery in deliveries:
             await delivery.requeue()
-        await asyncio.sleep(BACK_OFF_S)
+        delay = self._backoff.failed()
+        attempt = self._backoff.attempt
+        self.problem = f"{reason} (failed {attempt} time(s) in a row; next try in {delay:.1f}s)"
+        log.warning(
+            "controller unhealthy: backing off",
+            attempt=attempt,
+            retry_in_s=round(delay, 2),
+            error=reason,
+            stack=self._stack.name,
+        )
+        await asyncio.sleep(delay)
+
+    def _recovered(self) -> None:
+        if self.problem is not None:
+            log.info("controller healthy again", after_attempts=self._backoff.attempt)
+        self.problem = None
+        self._backoff.reset()
 
     async def _narrow(self, batch: list[Delivery]) -> None:
         """Process a failed batch one delivery at a time: a message that fails alone, twice,
         while the store answers, is what failed the batch, and goes to the dead letters."""
         for index, delivery in enumerate(batch):
-            if await self._alone(delivery) is None:
+            error = await self._alone(delivery)
+            if error is None:
                 continue
-            if await self._store_answers():
+            # A full, locked or damaged store fails every message: none of them is to blame.
+            if not is_store_failure(error) and await self._store_answers():
                 error = await self._alone(delivery)
                 if error is None:
                     continue
-                if not self._committed and await self._store_answers():
-                    log.error("dead-lettering the message that fails its batch", error=error)
-                    await delivery.reject(f"the controller cannot process it: {error}")
+                if (
+                    not is_store_failure(error)
+                    and not self._committed
+                    and await self._store_answers()
+                ):
+                    reason = f"{type(error).__name__}: {error}"
+                    log.error("dead-lettering the message that fails its batch", error=reason)
+                    await delivery.reject(f"the controller cannot process it: {reason}")
                     continue
-            await self._back_off(batch[index:])
+            if is_store_failure(error):
+                reason = str(store_error(self._db.path, error))
+            else:
+                reason = f"{type(error).__name__}: {error}"
+            await self._back_off(batch[index:], reason)
             return
+        self._recovered()
 
-    async def _alone(self, delivery: Delivery) -> str | None:
+    async def _alone(self, delivery: Delivery) -> BaseException | None:
         """Process one delivery; what went wrong, or None."""
         try:
             await self._process([delivery])
@@ -250,7 +288,7 @@ class Controller:
             if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                 raise
             self._states.clear()
-            return f"{type(exc).__name__}: {exc}"
+            return exc
         return None
 
     async def _store_answers(self) -> bool:

@@ -113,6 +113,11 @@ class AsyncRun:
                     record = None
                 if record is not None and record.status in FINISHED_RUN_STATUSES:
                     break
+                # The controller in this process cannot record anything (its store is full,
+                # say): waiting on would never end.
+                problem = self._conveyor.controller_problem
+                if problem is not None:
+                    raise ConveyorError(f"run {self.id} cannot go on: {problem}") from None
                 if timeout is not None:
                     raise
         await self.close()
@@ -226,6 +231,11 @@ class Conveyor:
     def controller_alive(self) -> bool | None:
         """Whether this process's controller runs (``None``: the stack's runs elsewhere)."""
         return None if self._controller is None else self._controller.alive
+
+    @property
+    def controller_problem(self) -> str | None:
+        """Why this process's controller cannot get on (its store fails, say), or None."""
+        return None if self._controller is None else self._controller.problem
 
     async def start(self) -> None:
         """Open the store; on an embedded stack, start the controller and workers."""

@@ -20,14 +20,14 @@ from conveyor.service.controller import Controller
 from conveyor.service.home import Home
 from conveyor.service.stack_files import parse_export
 from conveyor.workers.broker_rabbitmq import RabbitMQBroker
-from conveyor.workers.flavors import get_flavor, make_artifact_store, make_broker
+from conveyor.workers.flavors import get_flavor, make_artifact_store
 from conveyor.workers.process import (
-    EXIT_DEAF,
     EXIT_OK,
     Signals,
+    rabbitmq_broker,
     rabbitmq_config,
     wait_for_stop,
-    watch_consumers,
+    watchdog_of,
 )
 from conveyor.workers.secrets import masked_paths
 
@@ -114,16 +114,15 @@ async def serve_controller(
     services = await Services.open(home)
     controller: Controller | None = None
     broker: RabbitMQBroker | None = None
-    watchdog: asyncio.Task[None] | None = None
+    watchdog: asyncio.Task[int] | None = None
     signals = Signals()
     try:
         spec = await controller_stack(services, stack, stack_file, url)
         config = rabbitmq_config(spec)
-        made = make_broker(spec)
-        assert isinstance(made, RabbitMQBroker)
-        broker = made
+        broker = rabbitmq_broker(spec)
         signals.install()
-        await broker.start()
+        if not await broker.start_patiently(signals.stop):
+            return EXIT_OK  # stopped while waiting for the broker
         controller = Controller(
             services.db,
             broker,
@@ -136,16 +135,14 @@ async def serve_controller(
         await controller.start()
         watched, driving = broker, controller
         # A controller whose loop ended hears nothing either: it counts as deaf.
-        watchdog = asyncio.create_task(
-            watch_consumers(
-                lambda: sum(c.active for c in watched.consumers) if driving.alive else 0,
-                config.watchdog_s,
-            ),
-            name="watchdog",
+        watchdog = watchdog_of(
+            broker,
+            config,
+            lambda: sum(c.active for c in watched.consumers) if driving.alive else 0,
         )
-        deaf = await wait_for_stop(signals, watchdog) is not None
+        code = await wait_for_stop(signals, watchdog)
         log.info("controller stopping", stack=spec.name)
-        return EXIT_DEAF if deaf else EXIT_OK
+        return EXIT_OK if code is None else code
     finally:
         if watchdog is not None:
             watchdog.cancel()

@@ -22,6 +22,12 @@ class Reachability:
 async def reachable(broker: Broker) -> Reachability:
     """Whether the broker answers now (for RabbitMQ: a channel opens and closes)."""
     if isinstance(broker, RabbitMQBroker):
+        down_for = broker.unreachable_for
+        if down_for is not None:
+            return Reachability(
+                False,
+                f"RabbitMQ at {broker.safe_url} unreachable for {down_for:.0f}s; reconnecting",
+            )
         try:
             connection = broker.connection
             if connection.is_closed:

@@ -15,7 +15,7 @@ import contextlib
 import inspect
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aio_pika
@@ -42,6 +42,7 @@ from conveyor.contracts import (
     is_status_event,
     parse_event,
 )
+from conveyor.workers.backoff import Backoff
 from conveyor.workers.crash import crash_point
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.rabbitmq_topology import (
@@ -57,7 +58,10 @@ from conveyor.workers.status_pump import StatusPump
 
 log = structlog.get_logger("conveyor.broker.rabbitmq")
 
-PUBLISH_DEADLINE_S = 60.0
+CONNECT_TIMEOUT_S = 10.0
+"""One connection attempt (TCP and AMQP handshake) gives up after this long."""
+GOODBYE_TIMEOUT_S = 5.0
+"""Longest wait for the broker to answer a cancel or a close while stopping."""
 
 # Errors after which the same operation can succeed once the robust connection is back.
 TRANSIENT = (
@@ -238,16 +242,17 @@ class _Consumer:
         if not self.receiving or self.amqp_queue is None or self.tag is None:
             return
         self.receiving = False
-        with contextlib.suppress(*TRANSIENT):  # a lost channel delivers nothing more either
-            await self.amqp_queue.cancel(self.tag)
+        # A lost channel delivers nothing more either.
+        queue, tag = self.amqp_queue, self.tag
+        await self.broker.on_the_way_out(lambda: queue.cancel(tag))
 
     async def cancel(self) -> None:
         await self.pause()
         channel, self.channel = self.channel, None
         if channel is not None and not channel.is_closed:
-            # Closing the channel is what makes the broker requeue what is unsettled.
-            with contextlib.suppress(*TRANSIENT):
-                await channel.close()
+            # Closing the channel is what makes the broker requeue what is unsettled (so
+            # does losing the connection).
+            await self.broker.on_the_way_out(channel.close)
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
@@ -288,8 +293,7 @@ class _Follower:
     async def cancel(self) -> None:
         queue, tag, self.tag = self.amqp_queue, self.tag, None
         if queue is not None and tag is not None:
-            with contextlib.suppress(*TRANSIENT):
-                await queue.cancel(tag)
+            await self.broker.on_the_way_out(lambda: queue.cancel(tag))
         await self.pump.stop()
         self.broker.followers.discard(self)
 
@@ -314,6 +318,8 @@ class RabbitMQBroker:
         self._declare_lock = asyncio.Lock()
         self.consumers: set[_Consumer] = set()
         self.followers: set[_Follower] = set()
+        self._lost_at: float | None = None
+        self._reconnecting = self._new_backoff()
 
     @property
     def topology(self) -> Topology:
@@ -331,14 +337,24 @@ class RabbitMQBroker:
             raise ConveyorError("the RabbitMQ broker is not started")
         return self._declared
 
+    @property
+    def safe_url(self) -> str:
+        """The broker's URL without its password, for logs and errors."""
+        return _safe_url(self.config.url.get_secret_value())
+
     async def start(self) -> None:
-        """Connect (robustly) and declare the stack's exchanges and queues."""
+        """Connect (robustly) and declare the stack's exchanges and queues, in one attempt.
+
+        Raises :class:`BrokerUnavailable` if the broker does not answer; see
+        :meth:`start_patiently` to wait for it instead.
+        """
         if self._connection is not None:
             return
         url = self.config.url.get_secret_value()
         try:
             connection = await aio_pika.connect_robust(
                 url,
+                timeout=CONNECT_TIMEOUT_S,
                 reconnect_interval=self.config.reconnect_interval_s,
                 client_properties={"connection_name": self.name},
                 heartbeat=self._heartbeat(url),
@@ -349,6 +365,7 @@ class RabbitMQBroker:
             ) from None
         self._connection = connection
         connection.reconnect_callbacks.add(self._on_reconnect)
+        connection.close_callbacks.add(self._on_lost)
         try:
             self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             self._declared = await declare_topology(
@@ -367,8 +384,102 @@ class RabbitMQBroker:
             return None
         return max(2, round(self.config.lease_s))
 
+    async def start_patiently(self, stop: asyncio.Event | None = None) -> bool:
+        """:meth:`start`, trying again with capped exponential backoff and jitter until the
+        broker answers; False if ``stop`` was set first.
+
+        Each attempt is logged with its number and the pause before the next one. With the
+        orchestrator's ``reconnect_timeout_s``, raises :class:`BrokerUnavailable` once the
+        broker has not answered for that long.
+        """
+        config = self.config
+        backoff = self._new_backoff()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while True:
+            try:
+                await self.start()
+                return True
+            except RETRYABLE as exc:
+                delay = backoff.failed()
+                waited = loop.time() - began
+                limit = config.reconnect_timeout_s
+                if limit is not None and waited + delay > limit:
+                    raise BrokerUnavailable(
+                        f"RabbitMQ at {self.safe_url} did not answer for {waited:.0f}s "
+                        f"({backoff.attempt} attempts; reconnect_timeout_s is {limit:g}): {exc}"
+                    ) from None
+                log.warning(
+                    "waiting for RabbitMQ",
+                    url=self.safe_url,
+                    attempt=backoff.attempt,
+                    retry_in_s=round(delay, 2),
+                    error=str(exc),
+                    stack=self._topology.stack,
+                )
+            if stop is None:
+                await asyncio.sleep(delay)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return False
+
+    @property
+    def unreachable_for(self) -> float | None:
+        """Seconds since the connection was lost (it is being re-established); None while
+        connected."""
+        if self._lost_at is None:
+            return None
+        return asyncio.get_running_loop().time() - self._lost_at
+
+    def _new_backoff(self) -> Backoff:
+        first = self.config.reconnect_interval_s
+        return Backoff(first, max(first, self.config.reconnect_max_interval_s))
+
+    def _on_lost(self, _: object, exc: BaseException | None = None) -> None:
+        """The connection closed, or (while it is down) one more attempt failed."""
+        connection = self._connection
+        if connection is None:
+            return  # closed by stop()
+        error = f"{type(exc).__name__}: {exc}" if exc else None
+        if self._lost_at is None:
+            self._lost_at = asyncio.get_running_loop().time()
+            self._reconnecting.reset()
+            log.warning(
+                "lost the connection to RabbitMQ; reconnecting",
+                url=self.safe_url,
+                error=error,
+                stack=self._topology.stack,
+            )
+            return
+        # aio-pika pauses ``reconnect_interval`` after each failed attempt, reading it
+        # anew after it told its close callbacks (this one): setting it here paces its
+        # attempts. (A connection parameter, not on the ABC.)
+        pause = self._reconnecting.failed()
+        setattr(connection, "reconnect_interval", pause)  # noqa: B010
+        log.warning(
+            "RabbitMQ still unreachable; reconnecting",
+            url=self.safe_url,
+            attempt=self._reconnecting.attempt,
+            retry_in_s=round(pause, 2),
+            down_for_s=round(self.unreachable_for or 0.0, 1),
+            error=error,
+            stack=self._topology.stack,
+        )
+
     def _on_reconnect(self, *_: Any) -> None:
-        log.info("reconnected to RabbitMQ", stack=self._topology.stack)
+        down_for = self.unreachable_for
+        self._lost_at = None
+        if self._connection is not None:
+            # aio-pika pauses once more after a success: the next loss starts short again.
+            setattr(self._connection, "reconnect_interval", self.config.reconnect_interval_s)  # noqa: B010
+        log.info(
+            "reconnected to RabbitMQ",
+            stack=self._topology.stack,
+            down_for_s=None if down_for is None else round(down_for, 1),
+            attempts=self._reconnecting.attempt + 1,
+        )
 
     async def stop(self) -> None:
         """Cancel consumers and followers, then close the connection. Idempotent."""
@@ -377,10 +488,22 @@ class RabbitMQBroker:
         for follower in list(self.followers):
             await follower.cancel()
         connection, self._connection = self._connection, None
+        self._lost_at = None
         self._channel = self._follow_channel = None
         self._declared = None
         if connection is not None:
             await connection.close()
+
+    async def on_the_way_out(self, call: Callable[[], Awaitable[object]]) -> None:
+        """Await ``call`` (a cancel or a close) unless the broker is unreachable, and for
+        ``GOODBYE_TIMEOUT_S`` at most: aio-pika would hold it until the connection is back,
+        and a process must stop whether its broker answers or not."""
+        if self.unreachable_for is not None:
+            return
+        try:
+            await asyncio.wait_for(call(), GOODBYE_TIMEOUT_S)
+        except (*TRANSIENT, RuntimeError) as exc:  # aio-pika: RuntimeError once closed
+            log.info("the broker did not answer while stopping", error=f"{type(exc).__name__}")
 
     async def pause(self) -> None:
         """Stop every consumer from receiving more, keeping their channels for acks."""
@@ -452,7 +575,7 @@ class RabbitMQBroker:
         crash_point("before-publish", events)
         pending = [(event, self._message(event)) for event in events]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + PUBLISH_DEADLINE_S
+        deadline = loop.time() + self.config.publish_timeout_s
         while pending:
             results = await self._publish_each(pending)
             retry = []
@@ -481,7 +604,7 @@ class RabbitMQBroker:
                 if remaining <= 0:
                     raise BrokerUnavailable(
                         f"RabbitMQ did not confirm {len(pending)} message(s) "
-                        f"within {PUBLISH_DEADLINE_S:g}s"
+                        f"within {self.config.publish_timeout_s:g}s"
                     )
                 log.warning("publish interrupted; retrying on reconnect", messages=len(pending))
                 assert self._channel is not None

@@ -1,9 +1,11 @@
 """Long-running processes: signals, the consumer watchdog, and the worker process itself.
 
 A first SIGTERM or SIGINT asks for a graceful stop; a second one stops at once (the broker
-requeues whatever this process held unacked). A process whose consumers are all gone for
-too long (pitfall: a worker alive but deaf after a reconnect), or whose threads are stuck in
-sync steps that timed out, exits non-zero, so that its supervisor replaces it.
+requeues whatever this process held unacked). A process connected to its broker whose
+consumers are all gone for too long (pitfall: a worker alive but deaf after a reconnect)
+exits non-zero, so that its supervisor restarts it; so does a worker whose threads are stuck
+in sync steps that timed out. A broker that is down is waited for, at start and later, for
+as long as the process runs (or ``reconnect_timeout_s``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import structlog
 
 from conveyor.contracts import DEFAULT_POOL, ComponentType, ConveyorError, Isolation, StackSpec
+from conveyor.workers.broker_rabbitmq import RabbitMQBroker
 from conveyor.workers.flavors import get_flavor, make_artifact_store, make_broker
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.runtime import WorkerPool
@@ -30,6 +33,8 @@ EXIT_DEAF = 3
 """Exit status of a process that had no consumer for longer than its watchdog allows."""
 EXIT_STUCK = 4
 """Exit status of a worker with as many stuck step threads as its concurrency."""
+EXIT_BROKER_DOWN = 5
+"""Exit status of a process whose broker stayed unreachable longer than reconnect_timeout_s."""
 
 
 class Signals:
@@ -63,28 +68,54 @@ class Signals:
         os._exit(EXIT_HARD_STOP)
 
 
-async def watch_consumers(count: Callable[[], int], limit_s: float, every_s: float = 1.0) -> None:
-    """Return once ``count()`` has been zero for ``limit_s`` seconds in a row."""
+async def watch_consumers(
+    count: Callable[[], int],
+    limit_s: float,
+    *,
+    unreachable_for: Callable[[], float | None] = lambda: None,
+    down_limit_s: float | None = None,
+    every_s: float = 1.0,
+) -> int:
+    """The exit status, once the process should end: :data:`EXIT_DEAF` when connected with
+    ``count()`` zero for ``limit_s`` seconds in a row; :data:`EXIT_BROKER_DOWN` when the
+    broker has been unreachable for ``down_limit_s`` (None: never).
+
+    While the broker is unreachable, no consumer is what is expected: the connection is
+    being re-established, and the consumers come back with it.
+    """
     loop = asyncio.get_running_loop()
     zero_since: float | None = None
+    warned = False
     while True:
         await asyncio.sleep(every_s)
-        if count() > 0:
-            if zero_since is not None:
-                log.info("consumers are back")
+        down_for = unreachable_for()
+        if down_for is not None:
             zero_since = None
+            if down_limit_s is not None and down_for >= down_limit_s:
+                log.error(
+                    "broker unreachable for too long; exiting (reconnect_timeout_s)",
+                    down_for_s=round(down_for, 1),
+                )
+                return EXIT_BROKER_DOWN
+            continue
+        if count() > 0:
+            if warned:
+                log.info("consumers are back")
+            zero_since, warned = None, False
             continue
         now = loop.time()
         if zero_since is None:
             zero_since = now
-            log.warning("no consumer: the broker delivers nothing to this process")
+            if not warned:
+                log.warning("no consumer: the broker delivers nothing to this process")
+                warned = True
         elif now - zero_since >= limit_s:
             log.error("no consumer for too long; exiting so a supervisor restarts this process")
-            return
+            return EXIT_DEAF
 
 
-async def watch_health(healthy: Callable[[], bool], every_s: float = 1.0) -> None:
-    """Return once ``healthy()`` is false (a worker whose step threads are stuck)."""
+async def watch_health(healthy: Callable[[], bool], every_s: float = 1.0) -> int:
+    """:data:`EXIT_STUCK`, once ``healthy()`` is false (a worker whose step threads are stuck)."""
     # Polled: threads end on their own, with no event to wait for.
     while True:
         await asyncio.sleep(every_s)
@@ -95,20 +126,43 @@ async def watch_health(healthy: Callable[[], bool], every_s: float = 1.0) -> Non
         "timed out or were cancelled, still running); exiting so a supervisor replaces this "
         "process. Consider @step(isolation='process') for the steps that hang"
     )
+    return EXIT_STUCK
 
 
-async def wait_for_stop(signals: Signals, *watchdogs: asyncio.Task[None]) -> int | None:
-    """Wait for a stop signal or a watchdog; the index of the watchdog that fired, if one."""
+async def wait_for_stop(signals: Signals, *watchdogs: asyncio.Task[int]) -> int | None:
+    """Wait for a stop signal or a watchdog; the exit status of the watchdog that fired."""
     stop = asyncio.create_task(signals.stop.wait(), name="wait-for-signal")
     try:
         await asyncio.wait([stop, *watchdogs], return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.cancel()
         await asyncio.gather(stop, return_exceptions=True)
-    for index, watchdog in enumerate(watchdogs):
+    for watchdog in watchdogs:
         if watchdog.done() and not watchdog.cancelled():
-            return index
+            return watchdog.result()
     return None
+
+
+def rabbitmq_broker(stack: StackSpec) -> RabbitMQBroker:
+    """The broker of a stack whose orchestrator is a rabbitmq one (see ``rabbitmq_config``)."""
+    broker = make_broker(stack)
+    assert isinstance(broker, RabbitMQBroker)
+    return broker
+
+
+def watchdog_of(
+    broker: RabbitMQBroker, config: RabbitMQOrchestratorConfig, count: Callable[[], int]
+) -> asyncio.Task[int]:
+    """The watchdog task of a process consuming through ``broker`` (see ``watch_consumers``)."""
+    return asyncio.create_task(
+        watch_consumers(
+            count,
+            config.watchdog_s,
+            unreachable_for=lambda: broker.unreachable_for,
+            down_limit_s=config.reconnect_timeout_s,
+        ),
+        name="watchdog",
+    )
 
 
 def rabbitmq_config(stack: StackSpec) -> RabbitMQOrchestratorConfig:
@@ -138,7 +192,8 @@ async def serve_workers(
 
     Steps come from each run's code archive, kept under ``code_cache``, or from the installed
     packages in ``trusted`` and the orchestrator's ``trusted_packages``; nothing else runs.
-    Exits EXIT_DEAF without consumers for too long, EXIT_STUCK once its threads are stuck.
+    Exits EXIT_DEAF without consumers for too long, EXIT_STUCK once its threads are stuck,
+    EXIT_BROKER_DOWN after ``reconnect_timeout_s`` without its broker.
     """
     config = rabbitmq_config(stack)
     store = make_artifact_store(stack)
@@ -146,7 +201,7 @@ async def serve_workers(
     await asyncio.to_thread(store.check)
     signals = Signals()
     signals.install()
-    broker = make_broker(stack)
+    broker = rabbitmq_broker(stack)
     resolver = StepResolver(
         store, cache_dir=code_cache, trusted=[*config.trusted_packages, *trusted]
     )
@@ -163,21 +218,20 @@ async def serve_workers(
         heartbeat_s=config.heartbeat_s,
         isolation=isolation or config.isolation,
     )
-    watchdogs: list[asyncio.Task[None]] = []
+    watchdogs: list[asyncio.Task[int]] = []
     try:
-        await broker.start()
+        if not await broker.start_patiently(signals.stop):
+            return EXIT_OK  # stopped while waiting for the broker
         await pool.start()
         watchdogs = [
-            asyncio.create_task(
-                watch_consumers(lambda: pool.consumer_count, config.watchdog_s), name="watchdog"
-            ),
+            watchdog_of(broker, config, lambda: pool.consumer_count),
             asyncio.create_task(watch_health(lambda: pool.healthy), name="health"),
         ]
-        fired = await wait_for_stop(signals, *watchdogs)
+        code = await wait_for_stop(signals, *watchdogs)
         log.info("worker stopping", worker=pool.facts.worker)
         await broker.pause()
         await pool.stop(grace=config.grace_s if grace_s is None else grace_s)
-        return {None: EXIT_OK, 0: EXIT_DEAF, 1: EXIT_STUCK}[fired]
+        return EXIT_OK if code is None else code
     finally:
         for watchdog in watchdogs:
             watchdog.cancel()

@@ -67,10 +67,33 @@ class RabbitMQOrchestratorConfig(BaseModel):
         "many times fails instead of being run again",
     )
     reconnect_interval_s: float = Field(
-        default=2.0, gt=0, description="Pause between reconnection attempts"
+        default=2.0,
+        gt=0,
+        description="First pause between connection attempts; it doubles with each failed "
+        "attempt, up to reconnect_max_interval_s (with jitter)",
+    )
+    reconnect_max_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest pause between connection attempts (at least reconnect_interval_s)",
+    )
+    reconnect_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="A worker or controller whose broker stays unreachable this long exits "
+        "non-zero (at start or later); unset: it keeps retrying for as long as it runs",
+    )
+    publish_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long a publish waits for the broker to confirm it (across "
+        "reconnections) before the caller hears the broker is unavailable",
     )
     watchdog_s: float = Field(
-        default=60.0, gt=0, description="A worker with no consumer for this long exits non-zero"
+        default=60.0,
+        gt=0,
+        description="A worker or controller connected to the broker but without a consumer "
+        "for this long exits non-zero (a broker that is down does not count)",
     )
     grace_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long running steps may finish"

@@ -21,6 +21,7 @@ from conveyor.contracts import (
     ArtifactStore,
     AttemptsCancelled,
     Broker,
+    ConveyorError,
     Delivery,
     Event,
     Isolation,
@@ -47,6 +48,16 @@ REMEMBERED_OUTCOMES = 10_000
 REMEMBERED_CANCELLATIONS = 10_000
 MAX_DELIVERIES = 3
 HEARTBEAT_S = 10.0
+
+
+async def _announced(announcing: list[asyncio.Task[None]]) -> None:
+    """Wait for the StepStarted publishes. One the broker did not take in time (it is down)
+    is not worth the outcome in hand: the completion, published next, says it all."""
+    for result in await asyncio.gather(*announcing, return_exceptions=True):
+        if isinstance(result, ConveyorError) and result.retryable:
+            log.warning("StepStarted not confirmed; publishing the outcome", error=str(result))
+        elif isinstance(result, BaseException):
+            raise result
 
 
 def worker_facts(name: str | None = None) -> WorkerFacts:
@@ -303,7 +314,7 @@ class WorkerPool:
             # The controller stopped this attempt (the run was cancelled, or the attempt's
             # lease lapsed and another took over): nothing to report.
             if announcing:
-                await asyncio.gather(*announcing)
+                await _announced(announcing)
             await delivery.ack()
             return None
         finally:
@@ -313,7 +324,7 @@ class WorkerPool:
             if not running:
                 self._executions.pop(ready.run_id, None)
         if announcing:
-            await asyncio.gather(*announcing)
+            await _announced(announcing)
         return outcome
 
     async def stop(self, grace: float = 10.0) -> None:

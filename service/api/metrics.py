@@ -49,7 +49,12 @@ def _controller_check(conveyor: Conveyor) -> HealthCheck:
     alive = conveyor.controller_alive
     if alive is None:
         return HealthCheck(ok=True, detail="runs outside this server (conveyor controller start)")
-    return HealthCheck(ok=alive, detail="running in this process" if alive else "stopped")
+    if not alive:
+        return HealthCheck(ok=False, detail="stopped")
+    problem = conveyor.controller_problem
+    if problem is not None:
+        return HealthCheck(ok=False, detail=f"running in this process but failing: {problem}")
+    return HealthCheck(ok=True, detail="running in this process")
 
 
 async def health(state: ApiState) -> tuple[bool, Health]:

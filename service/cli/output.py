@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +19,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from conveyor.contracts import ConveyorError
+from conveyor.service.home import Home
+from conveyor.service.store import store_error
 
 # Piped output (scripts, tests) must not be cut to 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -41,11 +44,17 @@ def fail(message: str) -> NoReturn:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a ConveyorError into a one-line message and exit code 1."""
+    """Turn a ConveyorError into a one-line message and exit code 1.
+
+    So is a SQLite error of the metadata store met after it opened (a disk that filled up,
+    a page found damaged): the CLI's store is always the one of CONVEYOR_HOME.
+    """
     try:
         yield
     except ConveyorError as exc:
         fail(str(exc))
+    except sqlite3.Error as exc:
+        fail(str(store_error(Home.resolve().db_path, exc)))
 
 
 def print_json(value: Any) -> None:

@@ -19,9 +19,66 @@ from typing import Any
 
 import aiosqlite
 
+from conveyor.contracts import ConveyorError
 from conveyor.service.store.migrations import MIGRATIONS
 
 BUSY_TIMEOUT_MS = 30_000
+
+# What a user can do about each kind of SQLite failure, by its primary result code.
+_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+_NO_SPACE = (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
+_NO_ACCESS = (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM)
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+class MetadataStoreError(ConveyorError):
+    """The metadata store cannot be read or written (damaged, full, unreachable, locked).
+
+    The message names the file and what to do about it.
+    """
+
+
+def is_store_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store itself fails (full, damaged, locked, unwritable), so
+    that any statement would fail the same way, rather than one statement being wrong."""
+    if isinstance(exc, MetadataStoreError):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    if not isinstance(exc, sqlite3.Error) or not isinstance(code, int):
+        return False
+    return code & 0xFF in (*_DAMAGED, *_NO_SPACE, *_NO_ACCESS, *_BUSY)
+
+
+def store_error(path: Path, exc: BaseException) -> MetadataStoreError:
+    """``exc`` (a SQLite or OS error on the store at ``path``) as a message a user can act on."""
+    if isinstance(exc, MetadataStoreError):
+        return exc
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    problem = f"{type(exc).__name__}: {exc}"
+    if primary in _DAMAGED:
+        return MetadataStoreError(
+            f"the metadata store {path} is damaged ({problem}): restore it from a backup, or "
+            "move it aside to start with an empty store (its stacks and runs are then gone)"
+        )
+    if primary in _NO_SPACE or isinstance(exc, OSError):
+        return MetadataStoreError(
+            f"cannot write the metadata store {path} ({problem}): is its disk full? Free "
+            "space there (or set CONVEYOR_HOME to a folder on another disk), then try again",
+            retryable=True,
+        )
+    if primary in _NO_ACCESS:
+        return MetadataStoreError(
+            f"cannot open the metadata store {path} ({problem}): check that its folder "
+            "exists and that this user may read and write it (or set CONVEYOR_HOME)"
+        )
+    if primary in _BUSY:
+        return MetadataStoreError(
+            f"the metadata store {path} stayed locked by another process for "
+            f"{BUSY_TIMEOUT_MS // 1000}s ({problem}): try again",
+            retryable=True,
+        )
+    return MetadataStoreError(f"the metadata store {path} failed: {problem}", retryable=True)
 
 
 def _create_private(path: Path) -> None:
@@ -85,11 +142,34 @@ class Database:
         return self._conn
 
     async def open(self) -> None:
-        """Connect, switch to WAL and apply pending migrations."""
+        """Connect, switch to WAL and apply pending migrations.
+
+        Raises :class:`MetadataStoreError` when the file cannot be used (damaged, on a full
+        disk, not writable).
+        """
         if self._conn is not None:
             return
-        await asyncio.to_thread(_create_private, self.path)
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await asyncio.to_thread(_create_private, self.path)
+            conn = await aiosqlite.connect(self.path, isolation_level=None)
+        except (sqlite3.Error, OSError) as exc:
+            raise store_error(self.path, exc) from exc
+        try:
+            await self._prepare(conn)
+            self._conn = conn
+            await self._migrate()
+        except BaseException as exc:
+            # The connection's thread is not a daemon: left open, it would keep the
+            # process from ever exiting after this error.
+            self._conn = None
+            with contextlib.suppress(sqlite3.Error):
+                await conn.close()
+            if isinstance(exc, sqlite3.Error | OSError):
+                raise store_error(self.path, exc) from exc
+            raise
+
+    @staticmethod
+    async def _prepare(conn: aiosqlite.Connection) -> None:
         conn.row_factory = aiosqlite.Row
         await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         async with conn.execute("PRAGMA journal_mode") as cursor:
@@ -98,8 +178,6 @@ class Database:
             await conn.execute("PRAGMA journal_mode = WAL")
         await conn.execute("PRAGMA synchronous = NORMAL")
         await conn.execute("PRAGMA foreign_keys = ON")
-        self._conn = conn
-        await self._migrate()
 
     async def _migrate(self) -> None:
         async with self.transaction() as conn:

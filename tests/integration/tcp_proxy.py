@@ -9,7 +9,12 @@ while controller and worker subprocesses connect through it:
   partition; it can hold one direction only. Bytes wait in the kernel's buffers; a
   connection opened meanwhile is accepted but reaches the broker only after ``resume()``,
   which lets everything held through.
-- ``stop()`` closes the listener and every connection.
+- ``refuse()`` resets every new connection on arrival (the open ones go on), so that a
+  client which loses its connection cannot get a new one, as from a broker that stopped;
+  ``admit()`` accepts them again.
+- ``stop()`` closes the listener and every connection: clients then find nothing
+  listening (connection refused), as when the broker is down. A new proxy on the same
+  ``port`` brings it back.
 
 Built on protocols and transports: no task per connection besides the short one that opens
 the broker side, and the proxy owns every task it starts.
@@ -52,7 +57,7 @@ class _Side(asyncio.Protocol):
         self.transport = transport
         core = self.link.core
         core.live.add(self)
-        if core.closing:
+        if core.closing or core.refusing:
             transport.abort()
             return
         core.update_reading(self)
@@ -159,6 +164,7 @@ class _ProxyCore:
         self.held_to_client = False
         self.accepted = 0
         self.closing = False
+        self.refusing = False
 
     def accept(self) -> _Side:
         self.accepted += 1
@@ -194,6 +200,9 @@ class _ProxyCore:
         self.flowing.set()
         for side in list(self.live):
             self.update_reading(side)
+
+    async def refuse(self, refusing: bool) -> None:
+        self.refusing = refusing
 
     async def cut(self) -> int:
         """Abort every open connection; how many client connections were cut."""
@@ -234,9 +243,12 @@ class _ProxyCore:
 class TcpProxy:
     """A proxy on 127.0.0.1 (a free port) to the upstream broker, driven from any thread."""
 
-    def __init__(self, upstream_host: str = "127.0.0.1", upstream_port: int = 5672) -> None:
+    def __init__(
+        self, upstream_host: str = "127.0.0.1", upstream_port: int = 5672, *, port: int = 0
+    ) -> None:
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
+        self._listen_port = port  # 0: any free port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._core: _ProxyCore | None = None
         self._stopping: asyncio.Event | None = None
@@ -315,6 +327,14 @@ class TcpProxy:
         """Forward again, starting with what was held."""
         self._call(self._running().resume())
 
+    def refuse(self) -> None:
+        """Reset every new connection as it arrives, until :meth:`admit`."""
+        self._call(self._running().refuse(True))
+
+    def admit(self) -> None:
+        """Accept new connections again."""
+        self._call(self._running().refuse(False))
+
     @property
     def accepted(self) -> int:
         """Client connections accepted since the start, reconnections included."""
@@ -359,7 +379,7 @@ class TcpProxy:
         loop = asyncio.get_running_loop()
         core = _ProxyCore(loop, self.upstream_host, self.upstream_port)
         stopping = asyncio.Event()
-        server = await loop.create_server(core.accept, "127.0.0.1", 0)
+        server = await loop.create_server(core.accept, "127.0.0.1", self._listen_port)
         try:
             self._port = server.sockets[0].getsockname()[1]
             self._core, self._stopping, self._loop = core, stopping, loop
@@ -373,7 +393,9 @@ class TcpProxy:
 
 
 @contextlib.contextmanager
-def tcp_proxy(upstream_host: str = "127.0.0.1", upstream_port: int = 5672) -> Iterator[TcpProxy]:
-    """A started :class:`TcpProxy`, stopped on exit."""
-    with TcpProxy(upstream_host, upstream_port) as proxy:
+def tcp_proxy(
+    upstream_host: str = "127.0.0.1", upstream_port: int = 5672, *, port: int = 0
+) -> Iterator[TcpProxy]:
+    """A started :class:`TcpProxy` (on ``port``, or any free one), stopped on exit."""
+    with TcpProxy(upstream_host, upstream_port, port=port) as proxy:
         yield proxy
