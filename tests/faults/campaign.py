@@ -19,27 +19,33 @@ from tests.faults.checker import (
     Recovery,
     Verdict,
     check,
+    latencies,
     parse_ledger,
     recovery_times,
 )
 from tests.faults.harness import FaultStack, UnplannedExit, submit_runs
-from tests.faults.nemesis import KINDS, plan, run_nemesis
+from tests.faults.nemesis import HOLD_S, KINDS, plan, run_nemesis
 
 log = structlog.get_logger("conveyor.faults")
+
+FAULT_SPAN = 0.7
+"""Faults are planned over this share of the submissions' time: freezes and restarts push
+them later, and a fault after the last run finished tests nothing."""
 
 
 @dataclass(frozen=True)
 class Campaign:
-    runs: int = 24
+    runs: int = 30
     every_s: float = 1.25  # between two submissions
-    faults: int = 10
+    faults: int = 12
     kinds: tuple[str, ...] = KINDS
     seed: int = 1
     workers: int = 2
     concurrency: int = 2
     width: int = 3  # branches of the fan-out
     work_s: float = 0.2  # what each step body sleeps
-    settle_s: float = 60.0  # after the last submission and fault, for runs to finish
+    settle_s: float = 60.0  # after the last submission: runs unfinished then are stuck
+    hold_s: tuple[float, float] = HOLD_S  # how long freezes and outages last: min, max
 
 
 @dataclass
@@ -50,8 +56,8 @@ class Outcome:
     recoveries: list[Recovery]
     unplanned: list[UnplannedExit]
     elapsed_s: float
-    settled_s: float  # from the end of submissions and faults until every run finished
-    unfinished: list[str] = field(default_factory=list)
+    settled_s: float  # from the last submission until every run finished (or the deadline)
+    latencies: list[float] = field(default_factory=list)  # submission to completion, per run
 
 
 async def run_campaign(campaign: Campaign, vhost_url: str, workdir: Path) -> Outcome:
@@ -61,20 +67,30 @@ async def run_campaign(campaign: Campaign, vhost_url: str, workdir: Path) -> Out
     )
     async with stack:
         origin = time.time()
-        span_s = campaign.runs * campaign.every_s
-        faults = plan(campaign.seed, campaign.kinds, campaign.faults, span_s, campaign.workers)
+        span_s = campaign.runs * campaign.every_s * FAULT_SPAN
+        faults = plan(
+            campaign.seed,
+            campaign.kinds,
+            campaign.faults,
+            span_s,
+            campaign.workers,
+            hold_s=campaign.hold_s,
+        )
         submitted: list[tuple[str, float]] = []
         applied: list[FaultWindow] = []
         parameters = {"width": campaign.width, "work_s": campaign.work_s}
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(
-                submit_runs(vhost_url, campaign.runs, campaign.every_s, parameters, submitted)
-            )
-            tasks.create_task(run_nemesis(faults, stack, origin, applied))
-        calm = time.time()
-        unfinished = await _settle(stack, {run_id for run_id, _ in submitted}, campaign.settle_s)
-        settled_s = time.time() - calm
-        runs = await stack.runs()
+        nemesis = asyncio.create_task(run_nemesis(faults, stack, origin, applied), name="nemesis")
+        try:
+            await submit_runs(vhost_url, campaign.runs, campaign.every_s, parameters, submitted)
+            calm = time.time()
+            ids = {run_id for run_id, _ in submitted}
+            await _settle(stack, ids, nemesis, campaign.settle_s)
+            settled_s = time.time() - calm
+            # Read at the deadline, while a fault that outlasts it still holds.
+            runs = await stack.runs()
+        finally:
+            nemesis.cancel()  # lifts what it holds (its freezes resume in a finally)
+            await asyncio.gather(nemesis, return_exceptions=True)
         step_times, run_times = await stack.completion_times()
     integrity = await asyncio.to_thread(stack.integrity)
     dead = await stack.dead_letters()
@@ -84,21 +100,26 @@ async def run_campaign(campaign: Campaign, vhost_url: str, workdir: Path) -> Out
         campaign=campaign,
         verdict=verdict,
         faults=applied,
-        recoveries=recovery_times(applied, step_times, run_times, origin),
+        recoveries=recovery_times(applied, step_times, run_times.values(), origin),
         unplanned=stack.unplanned,
         elapsed_s=time.time() - origin,
         settled_s=settled_s,
-        unfinished=sorted(unfinished),
+        latencies=latencies(dict(submitted), run_times),
     )
 
 
-async def _settle(stack: FaultStack, run_ids: set[str], limit_s: float) -> set[str]:
-    """Wait until every run finished or ``limit_s`` passed; the runs still unfinished."""
+async def _settle(
+    stack: FaultStack, run_ids: set[str], nemesis: asyncio.Task[None], limit_s: float
+) -> None:
+    """Wait until every run finished and the nemesis is through, or ``limit_s`` passed
+    since the last submission (runs unfinished then are stuck)."""
     deadline = time.monotonic() + limit_s
     while True:
+        if nemesis.done() and not nemesis.cancelled() and nemesis.exception() is not None:
+            raise RuntimeError("the nemesis failed") from nemesis.exception()
         unfinished = await stack.unfinished(run_ids)
-        if not unfinished or time.monotonic() > deadline:
-            return unfinished
+        if (not unfinished and nemesis.done()) or time.monotonic() > deadline:
+            return
         await asyncio.sleep(0.5)
 
 
@@ -123,12 +144,19 @@ def report(outcome: Outcome, *, per_fault: bool = True) -> str:
     verdict = outcome.verdict
     campaign = outcome.campaign
     parts = [
-        f"campaign: {campaign.runs} runs, {len(outcome.faults)} faults "
+        f"campaign: {campaign.runs} runs, {len(outcome.faults)} of {campaign.faults} faults "
         f"({', '.join(campaign.kinds)}), seed {campaign.seed}, {campaign.workers} workers x "
         f"{campaign.concurrency}; {outcome.elapsed_s:.0f}s in all, settled in "
         f"{outcome.settled_s:.1f}s",
         _table(["count", "value"], [[k, str(v)] for k, v in verdict.counts().items()]),
     ]
+    if outcome.latencies:
+        values = outcome.latencies
+        p95 = values[min(len(values) - 1, int(0.95 * len(values)))]
+        parts.append(
+            f"run latency s (submitted to completed): median {statistics.median(values):.1f}, "
+            f"p95 {p95:.1f}, max {values[-1]:.1f}"
+        )
     if per_fault and outcome.recoveries:
         rows = [
             [

@@ -243,6 +243,11 @@ def check(
 # --- recovery ---------------------------------------------------------------------------
 
 
+def latencies(submitted: Mapping[str, float], finished: Mapping[str, float]) -> list[float]:
+    """Seconds from each run's submission to its end, for the runs that ended."""
+    return sorted(finished[r] - t for r, t in submitted.items() if r in finished)
+
+
 @dataclass(frozen=True)
 class FaultWindow:
     """A fault as the nemesis applied it: wall-clock seconds (time.time())."""

@@ -50,8 +50,7 @@ log = structlog.get_logger("conveyor.faults")
 TOPOLOGY = Topology(stack=STACK)
 STARTED_S = 60.0  # a process that does not say it started within this long fails the campaign
 STOP_S = 30.0
-SUPERVISE_EVERY_S = 0.5
-REFUSED = "is another controller of stack"
+SUPERVISE_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -114,9 +113,11 @@ class FaultStack:
             concurrency=self.concurrency,
             watchdog_s=self.watchdog_s,
         )
-        self.controller = await self._start_controller()
+        self.controller = self._spawn_controller()
+        await self._ready(self.controller, strict=True)
         for index in range(self.worker_count):
-            self.workers[index] = await self._start_worker(index)
+            worker = self.workers[index] = self._spawn_worker(index)
+            await self._ready(worker, strict=True)
         self._supervisor = asyncio.create_task(self._supervise(), name="supervisor")
 
     async def stop(self) -> None:
@@ -156,49 +157,49 @@ class FaultStack:
         self._generation[base] = generation
         return base if generation == 1 else f"{base}.{generation}"
 
-    async def _started(self, process: Process, text: str) -> None:
-        await asyncio.to_thread(process.wait_for_log, text, STARTED_S)
+    def _spawn_controller(self) -> Process:
+        label = self._label("controller")
+        return self.processes.start(label, "controller", "start", "--stack", STACK, env=self.env)
 
-    async def _start_controller(self) -> Process:
-        while True:
-            process = self.processes.start(
-                self._label("controller"), "controller", "start", "--stack", STACK, env=self.env
-            )
-            try:
-                await self._started(process, "controller started")
-                return process
-            except AssertionError:
-                # The broker may not have dropped a killed controller's exclusive consumer
-                # yet: a supervisor tries again, and the report shows it happened.
-                if process.alive or REFUSED not in process.output():
-                    raise
-                self._unplanned(process)
-                await asyncio.sleep(1.0)
-
-    async def _start_worker(self, index: int) -> Process:
+    def _spawn_worker(self, index: int) -> Process:
         label = self._label(f"w{index + 1}")
-        process = self.processes.start(
+        return self.processes.start(
             label, "worker", "start", "--stack", STACK, "--name", label, env=self.env
         )
-        await self._started(process, "worker started")
-        return process
+
+    async def _ready(self, process: Process, *, strict: bool) -> None:
+        """Until ``process`` says it started; a replacement that exits instead is left to
+        the supervisor (``strict=False``), a first start fails the campaign."""
+        text = "controller started" if process.label.startswith("controller") else "worker started"
+        try:
+            await asyncio.to_thread(process.wait_for_log, text, STARTED_S)
+        except AssertionError:
+            if strict:
+                raise
+            log.warning("replacement did not start", process=process.label)
 
     def _unplanned(self, process: Process) -> None:
         code = process.proc.poll()
-        self.unplanned.append(UnplannedExit(process.label, code, time.time(), process.output()))
+        tail = process.output()[-3000:]
+        self.unplanned.append(UnplannedExit(process.label, code, time.time(), tail))
         log.warning("unplanned exit", process=process.label, code=code)
 
     async def _supervise(self) -> None:
+        """Restart what exited without the nemesis killing it, as a supervisor would.
+
+        A controller started right after a SIGKILL may be refused while the broker still
+        holds the dead one's exclusive consumer; it exits, and is restarted here.
+        """
         while True:
             await asyncio.sleep(SUPERVISE_EVERY_S)
             async with self._replacing:
                 if self.controller is not None and self._exited(self.controller):
                     self._unplanned(self.controller)
-                    self.controller = await self._start_controller()
+                    self.controller = self._spawn_controller()
                 for index, worker in enumerate(self.workers):
                     if worker is not None and self._exited(worker):
                         self._unplanned(worker)
-                        self.workers[index] = await self._start_worker(index)
+                        self.workers[index] = self._spawn_worker(index)
 
     def _exited(self, process: Process) -> bool:
         return not process.alive and process.pid not in self._killing
@@ -225,9 +226,10 @@ class FaultStack:
         await asyncio.to_thread(victim.wait, STOP_S)
         lifted = time.time()
         if index is None:
-            self.controller = await self._start_controller()
+            replacement = self.controller = self._spawn_controller()
         else:
-            self.workers[index] = await self._start_worker(index)
+            replacement = self.workers[index] = self._spawn_worker(index)
+        await self._ready(replacement, strict=False)
         return lifted
 
     async def freeze_worker(self, index: int, hold_s: float) -> float:
@@ -251,6 +253,14 @@ class FaultStack:
             await asyncio.sleep(hold_s)
         finally:
             await asyncio.to_thread(self.proxy.resume)
+        return time.time()
+
+    async def down_broker(self, hold_s: float) -> float:
+        await asyncio.to_thread(self.proxy.down)
+        try:
+            await asyncio.sleep(hold_s)
+        finally:
+            await asyncio.to_thread(self.proxy.up)
         return time.time()
 
     # --- what the checker reads ---
@@ -293,7 +303,7 @@ class FaultStack:
         finally:
             await services.close()
 
-    async def completion_times(self) -> tuple[list[float], list[float]]:
+    async def completion_times(self) -> tuple[list[float], dict[str, float]]:
         """When the controller recorded each step output, and each completed run (time.time()).
 
         A step's own ``finished`` is the worker's clock at the end of its body; what counts
@@ -305,11 +315,11 @@ class FaultStack:
             artifacts = await services.runs.list_artifacts(limit=1_000_000)
         finally:
             await services.close()
-        runs = [
-            r.finished.timestamp()
+        runs = {
+            r.id: r.finished.timestamp()
             for r in records
             if r.status is RunStatus.COMPLETED and r.finished is not None
-        ]
+        }
         return [a.created.timestamp() for a in artifacts], runs
 
     async def unfinished(self, run_ids: set[str]) -> set[str]:

@@ -13,11 +13,12 @@ from tests.faults.checker import (
     RunOutcome,
     StepOutcome,
     check,
+    latencies,
     parse_ledger,
     re_executions,
     recovery_times,
 )
-from tests.faults.nemesis import KINDS, parse_kinds, plan
+from tests.faults.nemesis import HELD, KINDS, parse_kinds, plan
 
 RUN = "r1"
 
@@ -146,14 +147,14 @@ def test_recovery_is_timed_from_the_fault_to_the_first_completion_after_it_was_l
 
 
 def test_the_schedule_is_seeded_spread_and_tries_every_kind() -> None:
-    first = plan(7, KINDS, 10, span_s=30.0, workers=3)
-    assert first == plan(7, KINDS, 10, span_s=30.0, workers=3)
-    assert first != plan(8, KINDS, 10, span_s=30.0, workers=3)
+    first = plan(7, KINDS, 12, span_s=30.0, workers=3)
+    assert first == plan(7, KINDS, 12, span_s=30.0, workers=3)
+    assert first != plan(8, KINDS, 12, span_s=30.0, workers=3)
     assert sorted(f.kind for f in first) == sorted(KINDS * 2)
     times = [f.at_s for f in first]
     assert times == sorted(times) and times[0] >= 2.0 and times[-1] <= 32.0
     assert {f.target for f in first} <= {0, 1, 2}
-    assert all((f.hold_s > 0) == f.kind.startswith("freeze") for f in first)
+    assert all((f.hold_s > 0) == (f.kind in HELD) for f in first)
 
 
 def test_fault_kinds_are_chosen_by_name() -> None:
@@ -161,3 +162,7 @@ def test_fault_kinds_are_chosen_by_name() -> None:
     assert parse_kinds("cut-broker, kill-worker,cut-broker") == ("cut-broker", "kill-worker")
     with pytest.raises(ValueError, match="unknown fault kinds"):
         parse_kinds("kill-broker")
+
+
+def test_latency_counts_the_runs_that_ended() -> None:
+    assert latencies({"a": 10.0, "b": 11.0, "c": 12.0}, {"a": 13.5, "b": 11.5}) == [0.5, 3.5]

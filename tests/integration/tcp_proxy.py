@@ -9,6 +9,8 @@ while controller and worker subprocesses connect through it:
   partition; it can hold one direction only. Bytes wait in the kernel's buffers; a
   connection opened meanwhile is accepted but reaches the broker only after ``resume()``,
   which lets everything held through.
+- ``down()`` is a broker that went away: every open connection is cut and new ones are
+  reset as soon as they are accepted, until ``up()``.
 - ``stop()`` closes the listener and every connection.
 
 Built on protocols and transports: no task per connection besides the short one that opens
@@ -52,7 +54,7 @@ class _Side(asyncio.Protocol):
         self.transport = transport
         core = self.link.core
         core.live.add(self)
-        if core.closing:
+        if core.closing or (core.refusing and self.is_client):
             transport.abort()
             return
         core.update_reading(self)
@@ -159,6 +161,7 @@ class _ProxyCore:
         self.held_to_client = False
         self.accepted = 0
         self.closing = False
+        self.refusing = False  # new client connections are reset at once
 
     def accept(self) -> _Side:
         self.accepted += 1
@@ -208,6 +211,14 @@ class _ProxyCore:
         # Connections accepted from here on are not waited for, nor cut.
         await asyncio.gather(*(side.gone for side in sides))
         return sum(1 for side in sides if side.is_client)
+
+    async def down(self) -> int:
+        """Refuse new connections and abort the open ones; how many clients were cut."""
+        self.refusing = True
+        return await self.cut()
+
+    async def up(self) -> None:
+        self.refusing = False
 
     async def close(self) -> None:
         """Abort every connection, and those still being accepted; then the listener may close.
@@ -314,6 +325,14 @@ class TcpProxy:
     def resume(self) -> None:
         """Forward again, starting with what was held."""
         self._call(self._running().resume())
+
+    def down(self) -> int:
+        """The broker is gone: cut every connection, reset new ones until :meth:`up`."""
+        return self._call(self._running().down())
+
+    def up(self) -> None:
+        """The broker is back: accept connections again."""
+        self._call(self._running().up())
 
     @property
     def accepted(self) -> int:
