@@ -18,6 +18,7 @@ import contextlib
 import signal
 import sqlite3
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ import structlog
 
 from conveyor.contracts import (
     ArtifactRef,
+    ArtifactStore,
+    RunRecord,
     RunRequested,
     RunStatus,
     StepReady,
@@ -270,36 +273,7 @@ class FaultStack:
         services = await Services.open(self.home)
         try:
             records = await services.runs.list_runs(limit=100_000)
-            outcomes = []
-            for record in records:
-                steps = await services.runs.steps_of(record.id)
-                artifacts = await services.runs.list_artifacts(run_id=record.id, limit=100_000)
-                per_step: dict[str, int] = {}
-                for artifact in artifacts:
-                    per_step[artifact.step_name] = per_step.get(artifact.step_name, 0) + 1
-                store = run_artifact_store(record.stack_snapshot)
-                outcomes.append(
-                    RunOutcome(
-                        run_id=record.id,
-                        status=record.status.value,
-                        error=record.error,
-                        steps=tuple(
-                            [
-                                StepOutcome(
-                                    name=s.name,
-                                    status=s.status.value,
-                                    attempt=s.attempt,
-                                    upstream=tuple(s.upstream),
-                                    mark=await asyncio.to_thread(_mark, store, s.outputs),
-                                    artifacts=per_step.get(s.name, 0),
-                                    outputs=max(1, len(s.outputs)),
-                                )
-                                for s in steps
-                            ]
-                        ),
-                    )
-                )
-            return outcomes
+            return [await _outcome(services, record) for record in records]
         finally:
             await services.close()
 
@@ -355,7 +329,27 @@ def _host_port(url: str) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or 5672
 
 
-def _mark(store: Any, outputs: dict[str, ArtifactRef]) -> dict[str, Any] | None:
+async def _outcome(services: Services, record: RunRecord) -> RunOutcome:
+    artifacts = await services.runs.list_artifacts(run_id=record.id, limit=100_000)
+    per_step = Counter(a.step_name for a in artifacts)
+    store = run_artifact_store(record.stack_snapshot)
+    steps = []
+    for step in await services.runs.steps_of(record.id):
+        steps.append(
+            StepOutcome(
+                name=step.name,
+                status=step.status.value,
+                attempt=step.attempt,
+                upstream=tuple(step.upstream),
+                mark=await asyncio.to_thread(_mark, store, step.outputs),
+                artifacts=per_step[step.name],
+                outputs=max(1, len(step.outputs)),
+            )
+        )
+    return RunOutcome(record.id, record.status.value, record.error, tuple(steps))
+
+
+def _mark(store: ArtifactStore, outputs: dict[str, ArtifactRef]) -> dict[str, Any] | None:
     if len(outputs) != 1:
         return None
     [ref] = outputs.values()
@@ -409,3 +403,11 @@ async def submit_runs(
             )
             submitted.append((request.run_id, time.time()))
             await asyncio.sleep(every_s)
+
+
+async def publish_raw(vhost_url: str, queue: str, body: bytes) -> None:
+    """Publish ``body`` as it is to ``queue`` (to see what a poison message becomes)."""
+    connection = await aio_pika.connect(vhost_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue)
