@@ -11,7 +11,8 @@ if anything that must be zero is not.
 
     python benchmarks/soak.py --runs 200 [--faults 60] [--seed 1]
         [--kinds kill-worker,kill-controller,freeze-worker,cut-broker,freeze-broker,down-broker]
-        [--workers 3] [--concurrency 2] [--every 1.0] [--hold 1.5,4] [--settle 120] [--json]
+        [--workers 3] [--concurrency 2] [--every 1.0] [--hold 1.5,4] [--heartbeat S]
+        [--settle 120] [--json]
 
 Needs RabbitMQ (and ``rabbitmqctl``, to make the vhost) on the machine.
 """
@@ -57,6 +58,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--hold", type=_hold, default="1.5,4", help="freeze and outage length MIN,MAX s"
     )
+    parser.add_argument(
+        "--heartbeat", type=int, help="AMQP heartbeat s of the processes (default: RabbitMQ's)"
+    )
     parser.add_argument("--settle", type=float, default=120.0, help="seconds runs may finish in")
     parser.add_argument("--url", default=DEFAULT_URL, help="AMQP URL of the broker")
     parser.add_argument("--workdir", type=Path, help="keep store, ledger and logs here")
@@ -89,6 +93,7 @@ def main() -> int:
         workers=args.workers,
         concurrency=args.concurrency,
         settle_s=args.settle,
+        heartbeat_s=args.heartbeat,
         hold_s=args.hold,
     )
     with fresh_vhost(args.url) as url, tempfile.TemporaryDirectory(prefix="soak-") as scratch:

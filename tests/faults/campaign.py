@@ -45,6 +45,7 @@ class Campaign:
     width: int = 3  # branches of the fan-out
     work_s: float = 0.2  # what each step body sleeps
     settle_s: float = 60.0  # after the last submission: runs unfinished then are stuck
+    heartbeat_s: int | None = None  # the AMQP heartbeat of the stack's processes
     hold_s: tuple[float, float] = HOLD_S  # how long freezes and outages last: min, max
 
 
@@ -63,7 +64,11 @@ class Outcome:
 async def run_campaign(campaign: Campaign, vhost_url: str, workdir: Path) -> Outcome:
     """Start the stack, submit runs under the nemesis, wait for them, check what happened."""
     stack = FaultStack(
-        vhost_url, workdir, workers=campaign.workers, concurrency=campaign.concurrency
+        vhost_url,
+        workdir,
+        workers=campaign.workers,
+        concurrency=campaign.concurrency,
+        heartbeat_s=campaign.heartbeat_s,
     )
     async with stack:
         origin = time.time()

@@ -79,6 +79,7 @@ class FaultStack:
         workers: int = 2,
         concurrency: int = 2,
         watchdog_s: float = 30.0,
+        heartbeat_s: int | None = None,
     ) -> None:
         self.vhost_url = vhost_url
         self.workdir = workdir
@@ -89,6 +90,7 @@ class FaultStack:
         self.worker_count = workers
         self.concurrency = concurrency
         self.watchdog_s = watchdog_s
+        self.heartbeat_s = heartbeat_s
         self.proxy = TcpProxy(*_host_port(vhost_url))
         self.processes = Processes(self.logs)
         self.controller: Process | None = None
@@ -109,8 +111,11 @@ class FaultStack:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.ledger.touch()
         await asyncio.to_thread(self.proxy.start)
+        # A short AMQP heartbeat makes a frozen connection fail within seconds, rather than
+        # stall until it resumes (RabbitMQ's default is 60 s).
+        query = "" if self.heartbeat_s is None else f"?heartbeat={self.heartbeat_s}"
         await register_stack(
-            self.proxy.url(self.vhost_url),
+            self.proxy.url(self.vhost_url) + query,
             self.artifacts,
             home=self.home,
             concurrency=self.concurrency,
