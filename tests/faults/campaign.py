@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import structlog
-
 from tests.faults.checker import (
     FaultWindow,
     Recovery,
@@ -25,8 +23,6 @@ from tests.faults.checker import (
 )
 from tests.faults.harness import FaultStack, UnplannedExit, submit_runs
 from tests.faults.nemesis import HOLD_S, KINDS, plan, run_nemesis
-
-log = structlog.get_logger("conveyor.faults")
 
 FAULT_SPAN = 0.7
 """Faults are planned over this share of the submissions' time: freezes and restarts push
@@ -180,17 +176,21 @@ def report(outcome: Outcome, *, per_fault: bool = True) -> str:
             _by_kind(outcome.recoveries),
         )
     )
-    if outcome.unplanned:
+    for exit_ in outcome.unplanned:
+        last = exit_.tail.strip().splitlines()[-2:]
         parts.append(
-            "unplanned exits (restarted by the harness): "
-            + ", ".join(f"{u.label} (exit {u.code})" for u in outcome.unplanned)
+            f"unplanned exit of {exit_.label} (status {exit_.code}, restarted by the harness):\n"
+            + "\n".join(f"  {line[:300]}" for line in last)
         )
     for error, n in verdict.failures.most_common():
         parts.append(f"failed with reason x{n}: {error[:200]}")
     for letter in verdict.dead_letters:
         parts.append(f"dead letter: {letter.type} {letter.run_id} {letter.step}: {letter.reason}")
     problems = verdict.problems()
-    parts.append("PASS" if not problems else "FAIL:\n  " + "\n  ".join(problems))
+    verdict_line = "PASS" if not problems else "FAIL:\n  " + "\n  ".join(problems)
+    if outcome.unplanned:
+        verdict_line += f"\n({len(outcome.unplanned)} processes exited on their own)"
+    parts.append(verdict_line)
     return "\n\n".join(parts)
 
 

@@ -5,9 +5,9 @@ a TCP proxy) run 30 runs of ``ledger_dag`` (source, a fan-out of three, a join, 
 submitted one every 1.25 s, while the nemesis applies twelve faults, two of each kind, in a
 seeded order: SIGKILL a worker or the controller (each restarted), SIGSTOP a worker for a
 few seconds, cut every broker connection, blackhole them for a few seconds, make the broker
-go away for a few seconds (connections cut and refused). The checker then
-counts what happened (see ``tests/faults/checker.py``) and every count that must be zero is
-asserted zero. ``benchmarks/soak.py`` runs the same campaign longer.
+go away for a few seconds (connections cut and refused). The checker then counts what
+happened (see ``tests/faults/checker.py``); every count that must be zero is asserted zero,
+and no process may exit on its own. ``benchmarks/soak.py`` runs the same campaign longer.
 
 ``CONVEYOR_FAULT_KINDS`` (e.g. ``kill-worker,cut-broker``) and ``CONVEYOR_FAULT_SEED``
 choose other kinds or another order when looking at one failure mode.
@@ -48,6 +48,7 @@ def test_runs_under_faults_are_neither_lost_nor_stuck_nor_applied_twice(
     assert verdict.submitted == campaign.runs, text
     assert len(outcome.faults) == campaign.faults, text
     assert verdict.problems() == [], text
+    assert outcome.unplanned == [], text
     assert verdict.completed + verdict.failed_with_reason == campaign.runs, text
 
 
