@@ -3,14 +3,14 @@
 A controller and worker processes of a rabbitmq stack (on a fresh vhost of the broker at
 --url, through a TCP proxy) run ``--runs`` runs of a small DAG, one every ``--every``
 seconds, while a seeded nemesis applies ``--faults`` faults of the chosen kinds: SIGKILL a
-worker or the controller (restarted), SIGSTOP a worker, cut or blackhole every broker
+worker or the controller (restarted), SIGSTOP either, cut or blackhole every broker
 connection, or make the broker go away for a while. Then the checker counts runs submitted,
 completed, failed with a reason, lost, stuck, re-executions, effects applied twice, dead
 letters and integrity problems (see ``tests/faults/checker.py``), and the exit status is 1
 if anything that must be zero is not.
 
     python benchmarks/soak.py --runs 200 [--faults 60] [--seed 1]
-        [--kinds kill-worker,kill-controller,freeze-worker,cut-broker,freeze-broker,down-broker]
+        [--kinds kill-worker,kill-controller,freeze-worker,freeze-controller,cut-broker,...]
         [--workers 3] [--concurrency 2] [--every 1.0] [--hold 1.5,4] [--heartbeat S]
         [--settle 120] [--json]
 

@@ -31,9 +31,9 @@ them later, and a fault after the last run finished tests nothing."""
 
 @dataclass(frozen=True)
 class Campaign:
-    runs: int = 30
+    runs: int = 36
     every_s: float = 1.25  # between two submissions
-    faults: int = 12
+    faults: int = 14
     kinds: tuple[str, ...] = KINDS
     seed: int = 1
     workers: int = 2

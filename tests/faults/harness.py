@@ -244,12 +244,12 @@ class FaultStack:
         async with self._replacing:
             worker = self.workers[index]
             assert worker is not None
-            worker.send(signal.SIGSTOP)
-            try:
-                await asyncio.sleep(hold_s)
-            finally:
-                worker.send(signal.SIGCONT)
-            return time.time()
+            return await _freeze(worker, hold_s)
+
+    async def freeze_controller(self, hold_s: float) -> float:
+        async with self._replacing:
+            assert self.controller is not None
+            return await _freeze(self.controller, hold_s)
 
     async def cut_broker(self) -> float:
         await asyncio.to_thread(self.proxy.cut)
@@ -327,6 +327,16 @@ class FaultStack:
                 letters.append(_dead_letter(message.body, message.headers))
                 await message.ack()
         return letters
+
+
+async def _freeze(process: Process, hold_s: float) -> float:
+    """SIGSTOP ``process`` for ``hold_s`` seconds; when it was continued."""
+    process.send(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(hold_s)
+    finally:
+        process.send(signal.SIGCONT)
+    return time.time()
 
 
 def _host_port(url: str) -> tuple[str, int]:

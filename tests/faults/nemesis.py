@@ -5,6 +5,7 @@ Fault kinds (choose with ``parse_kinds("kill-worker,cut-broker")``):
 - ``kill-worker``: SIGKILL a worker, then start a new one in its place.
 - ``kill-controller``: SIGKILL the controller, then start a new one.
 - ``freeze-worker``: SIGSTOP a worker for a few seconds, then SIGCONT.
+- ``freeze-controller``: the same to the controller.
 - ``cut-broker``: abort every broker connection at once (the TCP proxy's ``cut``).
 - ``freeze-broker``: blackhole every broker connection for a few seconds, then resume.
 - ``down-broker``: the broker goes away for a few seconds: every connection is cut and new
@@ -33,11 +34,12 @@ KINDS = (
     "kill-worker",
     "kill-controller",
     "freeze-worker",
+    "freeze-controller",
     "cut-broker",
     "freeze-broker",
     "down-broker",
 )
-HELD = frozenset({"freeze-worker", "freeze-broker", "down-broker"})
+HELD = frozenset({"freeze-worker", "freeze-controller", "freeze-broker", "down-broker"})
 HOLD_S = (1.5, 4.0)
 """How long a freeze or a broker outage lasts: short enough that a run waits it out even
 without leases, and that no process's watchdog gives up."""
@@ -105,6 +107,8 @@ async def inflict(fault: PlannedFault, stack: FaultStack) -> float:
         lifted = await stack.kill_controller()
     elif fault.kind == "freeze-worker":
         lifted = await stack.freeze_worker(fault.target, fault.hold_s)
+    elif fault.kind == "freeze-controller":
+        lifted = await stack.freeze_controller(fault.hold_s)
     elif fault.kind == "cut-broker":
         lifted = await stack.cut_broker()
     elif fault.kind == "freeze-broker":

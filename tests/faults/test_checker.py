@@ -147,9 +147,10 @@ def test_recovery_is_timed_from_the_fault_to_the_first_completion_after_it_was_l
 
 
 def test_the_schedule_is_seeded_spread_and_tries_every_kind() -> None:
-    first = plan(7, KINDS, 12, span_s=30.0, workers=3)
-    assert first == plan(7, KINDS, 12, span_s=30.0, workers=3)
-    assert first != plan(8, KINDS, 12, span_s=30.0, workers=3)
+    count = 2 * len(KINDS)
+    first = plan(7, KINDS, count, span_s=30.0, workers=3)
+    assert first == plan(7, KINDS, count, span_s=30.0, workers=3)
+    assert first != plan(8, KINDS, count, span_s=30.0, workers=3)
     assert sorted(f.kind for f in first) == sorted(KINDS * 2)
     times = [f.at_s for f in first]
     assert times == sorted(times) and times[0] >= 2.0 and times[-1] <= 32.0

@@ -1,13 +1,14 @@
 """The fault suite, CI form: runs of a small DAG on real processes while a nemesis strikes.
 
 A controller and two workers (real ``conveyor`` processes, on a vhost of their own, behind
-a TCP proxy) run 30 runs of ``ledger_dag`` (source, a fan-out of three, a join, a report)
-submitted one every 1.25 s, while the nemesis applies twelve faults, two of each kind, in a
-seeded order: SIGKILL a worker or the controller (each restarted), SIGSTOP a worker for a
-few seconds, cut every broker connection, blackhole them for a few seconds, make the broker
-go away for a few seconds (connections cut and refused). The checker then counts what
-happened (see ``tests/faults/checker.py``); every count that must be zero is asserted zero,
-and no process may exit on its own. ``benchmarks/soak.py`` runs the same campaign longer.
+a TCP proxy) run 36 runs of ``ledger_dag`` (source, a fan-out of three, a join, a report)
+submitted one every 1.25 s, while the nemesis applies fourteen faults, two of each kind, in
+a seeded order: SIGKILL a worker or the controller (each restarted), SIGSTOP a worker or the
+controller for a few seconds, cut every broker connection, blackhole them for a few
+seconds, make the broker go away for a few seconds (connections cut and refused). The
+checker then counts what happened (see ``tests/faults/checker.py``); every count that must
+be zero is asserted zero, and no process may exit on its own. ``benchmarks/soak.py`` runs
+the same campaign longer.
 
 ``CONVEYOR_FAULT_KINDS`` (e.g. ``kill-worker,cut-broker``) and ``CONVEYOR_FAULT_SEED``
 choose other kinds or another order when looking at one failure mode.
