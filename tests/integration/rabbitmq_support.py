@@ -7,6 +7,7 @@ a test leaves running is killed at teardown.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -35,16 +36,23 @@ def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
-@pytest.fixture
-def vhost(rabbitmq: str) -> Iterator[str]:
-    """The AMQP URL of a fresh virtual host, deleted after the test."""
+@contextlib.contextmanager
+def fresh_vhost(broker_url: str) -> Iterator[str]:
+    """The AMQP URL of a new virtual host of ``broker_url``'s broker, deleted on exit."""
     name = f"conveyor-test-{uuid.uuid4().hex[:12]}"
     rabbitmqctl("add_vhost", name)
     try:
         rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield f"{rabbitmq.rstrip('/')}/{quote(name, safe='')}"
+        yield f"{broker_url.rstrip('/')}/{quote(name, safe='')}"
     finally:
         rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture
+def vhost(rabbitmq: str) -> Iterator[str]:
+    """The AMQP URL of a fresh virtual host, deleted after the test."""
+    with fresh_vhost(rabbitmq) as url:
+        yield url
 
 
 @pytest.fixture

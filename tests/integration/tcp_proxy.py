@@ -12,6 +12,8 @@ while controller and worker subprocesses connect through it:
 - ``refuse()`` resets every new connection on arrival (the open ones go on), so that a
   client which loses its connection cannot get a new one, as from a broker that stopped;
   ``admit()`` accepts them again.
+- ``down()`` is a broker that went away: every open connection is cut and new ones are
+  reset as soon as they are accepted, until ``up()``.
 - ``stop()`` closes the listener and every connection: clients then find nothing
   listening (connection refused), as when the broker is down. A new proxy on the same
   ``port`` brings it back.
@@ -57,7 +59,7 @@ class _Side(asyncio.Protocol):
         self.transport = transport
         core = self.link.core
         core.live.add(self)
-        if core.closing or core.refusing:
+        if core.closing or (core.refusing and self.is_client):
             transport.abort()
             return
         core.update_reading(self)
@@ -164,7 +166,7 @@ class _ProxyCore:
         self.held_to_client = False
         self.accepted = 0
         self.closing = False
-        self.refusing = False
+        self.refusing = False  # new client connections are reset at once
 
     def accept(self) -> _Side:
         self.accepted += 1
@@ -217,6 +219,14 @@ class _ProxyCore:
         # Connections accepted from here on are not waited for, nor cut.
         await asyncio.gather(*(side.gone for side in sides))
         return sum(1 for side in sides if side.is_client)
+
+    async def down(self) -> int:
+        """Refuse new connections and abort the open ones; how many clients were cut."""
+        self.refusing = True
+        return await self.cut()
+
+    async def up(self) -> None:
+        self.refusing = False
 
     async def close(self) -> None:
         """Abort every connection, and those still being accepted; then the listener may close.
@@ -334,6 +344,14 @@ class TcpProxy:
     def admit(self) -> None:
         """Accept new connections again."""
         self._call(self._running().refuse(False))
+
+    def down(self) -> int:
+        """The broker is gone: cut every connection, reset new ones until :meth:`up`."""
+        return self._call(self._running().down())
+
+    def up(self) -> None:
+        """The broker is back: accept connections again."""
+        self._call(self._running().up())
 
     @property
     def accepted(self) -> int:

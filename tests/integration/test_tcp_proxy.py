@@ -92,6 +92,27 @@ def test_pause_holds_data_until_resume_also_for_new_connections(proxy: TcpProxy)
             assert late.recv(10) == b"late"
 
 
+def test_down_cuts_open_connections_and_resets_new_ones_until_up(proxy: TcpProxy) -> None:
+    with _connect(proxy) as sock:
+        assert _echo(sock, b"before") == b"before"
+        assert proxy.down() == 1
+        assert _gone(sock)
+    with _connect(proxy) as refused:  # accepted by the kernel, then reset by the proxy
+        assert _gone(refused)
+    assert proxy.connections == 0
+    proxy.up()
+    with _connect(proxy) as again:
+        assert _echo(again, b"again") == b"again"
+
+
+def _gone(sock: socket.socket) -> bool:
+    """Whether the connection is closed or reset from the other end."""
+    try:
+        return sock.recv(10) == b""
+    except ConnectionResetError:
+        return True
+
+
 def test_stop_closes_everything_and_is_idempotent(echo_port: int) -> None:
     proxy = TcpProxy(upstream_port=echo_port).start()
     sock = _connect(proxy)
