@@ -11,7 +11,7 @@ if anything that must be zero is not.
 
     python benchmarks/soak.py --runs 200 [--faults 60] [--seed 1]
         [--kinds kill-worker,kill-controller,freeze-worker,freeze-controller,cut-broker,...]
-        [--workers 3] [--concurrency 2] [--every 1.0] [--hold 1.5,4] [--heartbeat S]
+        [--workers 3] [--concurrency 2] [--every 1.0] [--hold 1.5,5] [--lease S]
         [--settle 120] [--json]
 
 Needs RabbitMQ (and ``rabbitmqctl``, to make the vhost) on the machine.
@@ -56,10 +56,13 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=2, help="steps per worker at once")
     parser.add_argument("--every", type=float, default=1.0, help="seconds between submissions")
     parser.add_argument(
-        "--hold", type=_hold, default="1.5,4", help="freeze and outage length MIN,MAX s"
+        "--hold", type=_hold, default="1.5,5", help="freeze and outage length MIN,MAX s"
     )
     parser.add_argument(
-        "--heartbeat", type=int, help="AMQP heartbeat s of the processes (default: RabbitMQ's)"
+        "--lease",
+        type=float,
+        default=2.5,
+        help="lease_s of the stack: a frozen worker's steps go to another after this long",
     )
     parser.add_argument("--settle", type=float, default=120.0, help="seconds runs may finish in")
     parser.add_argument("--url", default=DEFAULT_URL, help="AMQP URL of the broker")
@@ -93,7 +96,7 @@ def main() -> int:
         workers=args.workers,
         concurrency=args.concurrency,
         settle_s=args.settle,
-        heartbeat_s=args.heartbeat,
+        lease_s=args.lease,
         hold_s=args.hold,
     )
     with fresh_vhost(args.url) as url, tempfile.TemporaryDirectory(prefix="soak-") as scratch:

@@ -41,7 +41,7 @@ class Campaign:
     width: int = 3  # branches of the fan-out
     work_s: float = 0.2  # what each step body sleeps
     settle_s: float = 60.0  # after the last submission: runs unfinished then are stuck
-    heartbeat_s: int | None = None  # the AMQP heartbeat of the stack's processes
+    lease_s: float = 2.5  # how long a running step is its worker's without a heartbeat
     hold_s: tuple[float, float] = HOLD_S  # how long freezes and outages last: min, max
 
 
@@ -64,7 +64,7 @@ async def run_campaign(campaign: Campaign, vhost_url: str, workdir: Path) -> Out
         workdir,
         workers=campaign.workers,
         concurrency=campaign.concurrency,
-        heartbeat_s=campaign.heartbeat_s,
+        lease_s=campaign.lease_s,
     )
     async with stack:
         origin = time.time()

@@ -79,7 +79,7 @@ class FaultStack:
         workers: int = 2,
         concurrency: int = 2,
         watchdog_s: float = 30.0,
-        heartbeat_s: int | None = None,
+        lease_s: float = 2.5,
     ) -> None:
         self.vhost_url = vhost_url
         self.workdir = workdir
@@ -90,7 +90,7 @@ class FaultStack:
         self.worker_count = workers
         self.concurrency = concurrency
         self.watchdog_s = watchdog_s
-        self.heartbeat_s = heartbeat_s
+        self.lease_s = lease_s
         self.proxy = TcpProxy(*_host_port(vhost_url))
         self.processes = Processes(self.logs)
         self.controller: Process | None = None
@@ -111,15 +111,16 @@ class FaultStack:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.ledger.touch()
         await asyncio.to_thread(self.proxy.start)
-        # A short AMQP heartbeat makes a frozen connection fail within seconds, rather than
-        # stall until it resumes (RabbitMQ's default is 60 s).
-        query = "" if self.heartbeat_s is None else f"?heartbeat={self.heartbeat_s}"
+        # A short lease makes a frozen worker lose its steps to another within seconds (its
+        # AMQP heartbeat follows the lease, so a frozen connection fails as soon).
         await register_stack(
-            self.proxy.url(self.vhost_url) + query,
+            self.proxy.url(self.vhost_url),
             self.artifacts,
             home=self.home,
             concurrency=self.concurrency,
             watchdog_s=self.watchdog_s,
+            lease_s=self.lease_s,
+            heartbeat_s=self.lease_s / 5,
         )
         self.controller = self._spawn_controller()
         await self._ready(self.controller, strict=True)

@@ -40,9 +40,9 @@ KINDS = (
     "down-broker",
 )
 HELD = frozenset({"freeze-worker", "freeze-controller", "freeze-broker", "down-broker"})
-HOLD_S = (1.5, 4.0)
-"""How long a freeze or a broker outage lasts: short enough that a run waits it out even
-without leases, and that no process's watchdog gives up."""
+HOLD_S = (1.5, 5.0)
+"""How long a freeze or a broker outage lasts: around the harness's lease (2.5 s), so that a
+frozen worker sometimes keeps its steps and sometimes loses them to another."""
 CALM_S = 1.0
 """The least time between a fault lifted (a replacement process started) and the next one:
 a fault that overran its slot must not let the next one kill a controller that has not
