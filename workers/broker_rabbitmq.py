@@ -22,6 +22,7 @@ import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import (
+    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
@@ -623,29 +624,37 @@ class RabbitMQBroker:
             "dead-lettered", queue=queue, message_id=message.message_id, reason=reason[:500]
         )
         copy = _copy(message, {REASON_HEADER: reason[:1000], QUEUE_HEADER: queue})
-        try:
-            await self.declared.dead.publish(copy, routing_key=queue, mandatory=True)
-        except Exception as exc:
-            # The queue's own dead-letter exchange still takes it, only without our reason.
-            log.warning("dead letter not published; rejecting instead", error=str(exc))
-            with contextlib.suppress(*TRANSIENT):
-                await message.reject(requeue=False)
-            return
-        with contextlib.suppress(*TRANSIENT):  # if lost: delivered, and dead-lettered, again
-            await message.ack()
+        # If not published, the queue's own dead-letter exchange still takes the original,
+        # only without our reason.
+        await self._replace(message, copy, self.declared.dead, queue, requeue=False)
 
     async def put_back(self, queue: str, message: AbstractIncomingMessage, lost: int) -> None:
         """Requeue a copy of ``message`` that says ``lost`` deliveries ended unsettled, then
         ack the original (if the copy is not confirmed, the original is requeued instead)."""
         copy = _copy(message, {DELIVERIES_HEADER: lost})
+        await self._replace(message, copy, self.declared.work, queue, requeue=True)
+
+    async def _replace(
+        self,
+        message: AbstractIncomingMessage,
+        copy: aio_pika.Message,
+        exchange: AbstractExchange,
+        key: str,
+        *,
+        requeue: bool,
+    ) -> None:
+        """Publish ``copy`` in place of ``message``, then ack the original; if the copy is
+        not confirmed, the original is nacked (requeued, or dead-lettered by the queue)."""
         try:
-            await self.declared.work.publish(copy, routing_key=queue, mandatory=True)
+            await exchange.publish(copy, routing_key=key, mandatory=True)
         except Exception as exc:
-            log.warning("message not put back; requeued as it is", error=str(exc))
+            log.warning(
+                "copy not published; settling the original", requeue=requeue, error=str(exc)
+            )
             with contextlib.suppress(*TRANSIENT):
-                await message.nack(requeue=True)
+                await message.nack(requeue=requeue)
             return
-        with contextlib.suppress(*TRANSIENT):  # if lost: delivered again, counted once more
+        with contextlib.suppress(*TRANSIENT):  # if lost: delivered again, handled again
             await message.ack()
 
     async def consume(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> _Consumer:
