@@ -42,8 +42,10 @@ class StepSpec(Frozen):
     timeout_s: float | None = Field(default=None, gt=0)
     pool: Name = DEFAULT_POOL
     allow_pickle: bool = False
+    # Left out of the JSON when unset: workers from before the field still take the step.
     isolation: Isolation | None = Field(
         default=None,
+        exclude_if=lambda value: value is None,
         description="Where a sync body runs: 'thread' or 'process' (a child process, killed "
         "at the timeout); None for the worker's default",
     )

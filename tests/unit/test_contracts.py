@@ -151,3 +151,11 @@ def test_a_pipeline_spec_is_a_dag_in_call_order(steps: list[StepSpec], problem: 
     )
     with pytest.raises(MalformedEvent, match=problem):
         parse_event(body.encode())
+
+
+def test_a_step_without_isolation_is_sent_as_workers_before_the_field_expect() -> None:
+    plain = StepReady(run_id="r", attempt=1, step=StepSpec(name="a", ref="m:a"))
+    assert b"isolation" not in encode_event(plain)
+    isolated = StepSpec(name="a", ref="m:a", isolation="process")
+    sent = encode_event(StepReady(run_id="r", attempt=1, step=isolated))
+    assert parse_event(sent).step.isolation == "process"  # type: ignore[union-attr]
