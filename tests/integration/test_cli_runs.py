@@ -125,6 +125,10 @@ def test_killed_run_is_marked_failed_by_the_next_command(tmp_path: Path) -> None
     }
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_hanging(marker: Path) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [
@@ -140,6 +144,9 @@ def _start_hanging(marker: Path) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a test run in the background (nohup, `&` in a script) hands
+        # its children SIGINT ignored, and Ctrl+C would then never reach the run.
+        preexec_fn=_default_sigint,
     )
     deadline = time.monotonic() + 60
     while not marker.exists():
