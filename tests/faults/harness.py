@@ -269,7 +269,7 @@ class FaultStack:
         try:
             await asyncio.sleep(hold_s)
         finally:
-            await asyncio.to_thread(self.proxy.up)
+            await asyncio.to_thread(self.proxy.admit)
         return time.time()
 
     # --- what the checker reads ---

@@ -12,8 +12,8 @@ while controller and worker subprocesses connect through it:
 - ``refuse()`` resets every new connection on arrival (the open ones go on), so that a
   client which loses its connection cannot get a new one, as from a broker that stopped;
   ``admit()`` accepts them again.
-- ``down()`` is a broker that went away: every open connection is cut and new ones are
-  reset as soon as they are accepted, until ``up()``.
+- ``down()`` is a broker that went away: ``refuse()`` and ``cut()`` at once, until
+  ``admit()``.
 - ``stop()`` closes the listener and every connection: clients then find nothing
   listening (connection refused), as when the broker is down. A new proxy on the same
   ``port`` brings it back.
@@ -225,9 +225,6 @@ class _ProxyCore:
         self.refusing = True
         return await self.cut()
 
-    async def up(self) -> None:
-        self.refusing = False
-
     async def close(self) -> None:
         """Abort every connection, and those still being accepted; then the listener may close.
 
@@ -346,12 +343,8 @@ class TcpProxy:
         self._call(self._running().refuse(False))
 
     def down(self) -> int:
-        """The broker is gone: cut every connection, reset new ones until :meth:`up`."""
+        """The broker is gone: cut every connection, reset new ones until :meth:`admit`."""
         return self._call(self._running().down())
-
-    def up(self) -> None:
-        """The broker is back: accept connections again."""
-        self._call(self._running().up())
 
     @property
     def accepted(self) -> int:

@@ -92,7 +92,7 @@ def test_pause_holds_data_until_resume_also_for_new_connections(proxy: TcpProxy)
             assert late.recv(10) == b"late"
 
 
-def test_down_cuts_open_connections_and_resets_new_ones_until_up(proxy: TcpProxy) -> None:
+def test_down_cuts_open_connections_and_resets_new_ones_until_admitted(proxy: TcpProxy) -> None:
     with _connect(proxy) as sock:
         assert _echo(sock, b"before") == b"before"
         assert proxy.down() == 1
@@ -100,7 +100,7 @@ def test_down_cuts_open_connections_and_resets_new_ones_until_up(proxy: TcpProxy
     with _connect(proxy) as refused:  # accepted by the kernel, then reset by the proxy
         assert _gone(refused)
     assert proxy.connections == 0
-    proxy.up()
+    proxy.admit()
     with _connect(proxy) as again:
         assert _echo(again, b"again") == b"again"
 
