@@ -158,27 +158,25 @@ class WorkerPool:
             return
         running = self._executions.get(event.run_id, {})
         if event.attempts:
-            stop = [(event.run_id, s, a) for s, a in event.attempts.items()]
+            targets = list(event.attempts.items())
+            self._cancelled.update(dict.fromkeys((event.run_id, s, a) for s, a in targets))
         else:
-            stop = [(event.run_id, "", 0)] + [(event.run_id, s, a) for s, a in running]
-        stopped = 0
-        for key in stop:
-            self._cancelled[key] = None
-            execution = running.get(key[1:])
-            if execution is not None:
-                execution.cancel()
-                stopped += 1
+            targets = list(running)
+            self._cancelled[(event.run_id, "", 0)] = None  # the whole run
         while len(self._cancelled) > REMEMBERED_CANCELLATIONS:
             self._cancelled.popitem(last=False)
-        if stopped:
-            log.info("attempts stopped", run_id=event.run_id, stopped=stopped, reason=event.reason)
+        stopping = [running[t] for t in targets if t in running]
+        for execution in stopping:
+            execution.cancel()
+        if stopping:
+            log.info(
+                "attempts stopped", run_id=event.run_id, stopped=len(stopping), reason=event.reason
+            )
 
     def _is_cancelled(self, ready: StepReady) -> bool:
-        return (ready.run_id, "", 0) in self._cancelled or (
-            ready.run_id,
-            ready.step.name,
-            ready.attempt,
-        ) in self._cancelled
+        run = ready.run_id
+        attempt = (run, ready.step.name, ready.attempt)
+        return (run, "", 0) in self._cancelled or attempt in self._cancelled
 
     async def _beat(self) -> None:
         """Renew the leases of the announced attempts, every ``heartbeat_s``."""
