@@ -38,11 +38,11 @@ class DeadLetter:
 
 
 class _Message:
-    __slots__ = ("deliveries", "event")
+    __slots__ = ("event", "lost")
 
     def __init__(self, event: Event) -> None:
         self.event = event
-        self.deliveries = 0
+        self.lost = 0  # deliveries that ended unsettled, their consumer gone
 
 
 class _Delivery:
@@ -59,7 +59,7 @@ class _Delivery:
 
     @property
     def deliveries(self) -> int:
-        return self._message.deliveries
+        return self._message.lost + 1
 
     def _settle(self) -> bool:
         if self._settled:
@@ -104,7 +104,6 @@ class _Consumer:
         while True:
             await self.window.acquire()
             message = await source.get()
-            message.deliveries += 1
             delivery = _Delivery(self, message)
             self.unsettled.add(delivery)
             if self.hands_over:
@@ -132,6 +131,9 @@ class _Consumer:
     async def cancel(self) -> None:
         await self.pause()
         for delivery in list(self.unsettled):
+            # As when a RabbitMQ channel closes: delivered again, counted as lost; a
+            # requeue by the handler itself hands it back without counting.
+            delivery._message.lost += 1
             await delivery.requeue()
         self.broker.consumers.discard(self)
 
