@@ -10,7 +10,7 @@ import pytest
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
 from conveyor.contracts import Event, StepStarted
 from conveyor.workers.broker_inprocess import InProcessBroker
-from conveyor.workers.broker_rabbitmq import BrokerUnavailable
+from conveyor.workers.rabbitmq_errors import BrokerUnavailable
 
 RAN: Counter[str] = Counter()
 

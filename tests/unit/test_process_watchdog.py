@@ -8,9 +8,10 @@ import asyncio
 import pytest
 
 from conveyor.contracts import Topology
-from conveyor.workers.broker_rabbitmq import BrokerUnavailable, RabbitMQBroker
+from conveyor.workers.broker_rabbitmq import RabbitMQBroker
 from conveyor.workers.process import EXIT_BROKER_DOWN, EXIT_DEAF, watch_consumers
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
+from conveyor.workers.rabbitmq_errors import BrokerUnavailable
 from tests.subprocesses import free_port
 
 TICK = 0.01

@@ -1,0 +1,274 @@
+"""The consuming side of the ``rabbitmq`` broker: deliveries, consumers and followers.
+
+Each consumer has a channel of its own; each delivery is settled exactly once; a follower
+reads one run's status events (or the stack's control events) through an exclusive queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+
+from conveyor.contracts import (
+    ConflictError,
+    DeliveryHandler,
+    Event,
+    MalformedEvent,
+    StatusHandler,
+    StepReady,
+    parse_event,
+)
+from conveyor.workers.rabbitmq_errors import RETRYABLE, TRANSIENT
+from conveyor.workers.rabbitmq_topology import DELIVERIES_HEADER, queue_arguments
+from conveyor.workers.status_pump import StatusPump
+
+if TYPE_CHECKING:
+    from conveyor.workers.broker_rabbitmq import RabbitMQBroker
+
+log = structlog.get_logger("conveyor.broker.rabbitmq")
+
+
+def _live_consumer_tags(channel: AbstractRobustChannel) -> Mapping[str, object]:
+    # aio-pika has no public view of the consumers the broker still delivers to: the
+    # underlay channel's table is where a lost or broker-cancelled consumer disappears.
+    underlay = getattr(channel, "_channel", None)
+    amqp_channel = getattr(underlay, "channel", None)
+    if amqp_channel is None or amqp_channel.is_closed:
+        return {}
+    consumers: Mapping[str, object] = amqp_channel.consumers
+    return consumers
+
+
+class RabbitDelivery:
+    __slots__ = ("_consumer", "_event", "_message", "_settled")
+
+    def __init__(self, consumer: Consumer, message: AbstractIncomingMessage, event: Event) -> None:
+        self._consumer = consumer
+        self._message = message
+        self._event = event
+        self._settled = False
+
+    @property
+    def event(self) -> Event:
+        return self._event
+
+    @property
+    def deliveries(self) -> int:
+        return lost_deliveries(self._message) + 1
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        return True
+
+    async def ack(self) -> None:
+        if self._settle():
+            try:
+                await self._message.ack()
+            except TRANSIENT:
+                # The channel it came on is gone: the broker delivers it again, and the
+                # (run, step, attempt) key makes the second delivery harmless.
+                log.warning(
+                    "ack on a closed channel; the message will be delivered again",
+                    queue=self._consumer.queue,
+                    event_id=self._event.event_id,
+                )
+
+    async def reject(self, reason: str) -> None:
+        if self._settle():
+            await self._consumer.broker.dead_letter(self._consumer.queue, self._message, reason)
+
+    async def requeue(self) -> None:
+        if not self._settle():
+            return
+        if isinstance(self._event, StepReady):
+            # Handed back on purpose, not lost: a requeue would count as a lost delivery.
+            await self._consumer.broker.put_back(
+                self._consumer.queue, self._message, lost_deliveries(self._message)
+            )
+            return
+        # A closed channel requeues it anyway.
+        with contextlib.suppress(*TRANSIENT):
+            await self._message.nack(requeue=True)
+
+
+class Consumer:
+    """One consumer on its own channel, so that its prefetch and failures stay its own."""
+
+    def __init__(
+        self, broker: RabbitMQBroker, queue: str, handler: DeliveryHandler, prefetch: int
+    ) -> None:
+        self.broker = broker
+        self.queue = queue
+        self.handler = handler
+        self.hands_over = not inspect.iscoroutinefunction(handler)
+        self.prefetch = prefetch
+        self.channel: AbstractRobustChannel | None = None
+        self.amqp_queue: AbstractQueue | None = None
+        self.tag: str | None = None
+        self.receiving = False
+        # Handler tasks are kept here: aio-pika would throw into its own callback tasks when
+        # the channel closes, and a step that finishes anyway can still publish its result.
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def active(self) -> bool:
+        if not self.receiving or self.channel is None or self.tag is None:
+            return False
+        return self.tag in _live_consumer_tags(self.channel)
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        channel = await connection.channel(publisher_confirms=False)
+        self.channel = channel
+        await channel.set_qos(prefetch_count=self.prefetch)
+        topology = self.broker.topology
+        arguments = None if self.queue == topology.dead_letter_queue else queue_arguments(topology)
+        self.amqp_queue = await channel.declare_queue(self.queue, durable=True, arguments=arguments)
+        # The controller's queues take one consumer: a second controller on the stack would
+        # write the same runs from another store; the broker refuses it at start.
+        exclusive = self.queue in (topology.events_queue, topology.runs_queue)
+        try:
+            self.tag = await self.amqp_queue.consume(self._on_message, exclusive=exclusive)
+        except aiormq.exceptions.ChannelAccessRefused:
+            raise ConflictError(
+                f"queue {self.queue!r} already has its consumer: is another controller of "
+                f"stack {topology.stack!r} running?"
+            ) from None
+        self.receiving = True
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            event = parse_event(message.body)
+        except MalformedEvent as exc:
+            await self.broker.dead_letter(self.queue, message, str(exc))
+            return
+        if message.redelivered and isinstance(event, StepReady):
+            # Its last delivery ended unsettled: a worker died or lost the broker while it
+            # held it. Classic queues do not count that, so the count travels in a header of
+            # a copy; the worker that gets the copy decides whether to run it again.
+            await self.broker.put_back(self.queue, message, lost_deliveries(message) + 1)
+            return
+        delivery = RabbitDelivery(self, message, event)
+        if self.hands_over:
+            try:
+                self.handler(delivery)
+            except Exception as exc:
+                await self._failed(delivery, exc)
+            return
+        task = asyncio.create_task(self._handle(delivery))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _handle(self, delivery: RabbitDelivery) -> None:
+        try:
+            pending = self.handler(delivery)
+            if pending is not None:
+                await pending
+        except Exception as exc:
+            await self._failed(delivery, exc)
+
+    async def _failed(self, delivery: RabbitDelivery, exc: Exception) -> None:
+        event_id = delivery.event.event_id
+        if isinstance(exc, RETRYABLE):
+            log.warning(
+                "broker lost while handling; the message will be delivered again",
+                queue=self.queue,
+                event_id=event_id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            await delivery.requeue()
+            return
+        log.exception("handler failed", queue=self.queue, event_id=event_id, exc_info=exc)
+        await delivery.reject(f"handler raised {type(exc).__name__}: {exc}")
+
+    async def pause(self) -> None:
+        """Stop new deliveries; those in hand can still be acked on the open channel."""
+        if not self.receiving or self.amqp_queue is None or self.tag is None:
+            return
+        self.receiving = False
+        # A lost channel delivers nothing more either.
+        queue, tag = self.amqp_queue, self.tag
+        await self.broker.on_the_way_out(lambda: queue.cancel(tag))
+
+    async def cancel(self) -> None:
+        await self.pause()
+        channel, self.channel = self.channel, None
+        if channel is not None and not channel.is_closed:
+            # Closing the channel is what makes the broker requeue what is unsettled (so
+            # does losing the connection).
+            await self.broker.on_the_way_out(channel.close)
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.broker.consumers.discard(self)
+
+
+class Follower:
+    """Status events of one run, through an exclusive queue bound by the run id; or, bound
+    to the control exchange, the control events of the stack."""
+
+    def __init__(
+        self, broker: RabbitMQBroker, run_id: str, handler: StatusHandler, exchange: str
+    ) -> None:
+        self.broker = broker
+        self.exchange = exchange
+        self.pump = StatusPump(run_id, handler)
+        self.amqp_queue: AbstractQueue | None = None
+        self.tag: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.pump.active
+
+    async def start(self, channel: AbstractRobustChannel) -> None:
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        self.amqp_queue = queue
+        await queue.bind(self.exchange, routing_key=self.pump.run_id)
+        self.tag = await queue.consume(self._on_message, no_ack=True)
+        self.pump.start()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            self.pump.inbox.put_nowait(parse_event(message.body))
+        except MalformedEvent as exc:
+            log.warning("malformed status event", message_id=message.message_id, reason=str(exc))
+
+    async def cancel(self) -> None:
+        queue, tag, self.tag = self.amqp_queue, self.tag, None
+        if queue is not None and tag is not None:
+            await self.broker.on_the_way_out(lambda: queue.cancel(tag))
+        await self.pump.stop()
+        self.broker.followers.discard(self)
+
+
+def lost_deliveries(message: AbstractIncomingMessage) -> int:
+    """Deliveries of ``message`` that ended unsettled, as its header says (0 if none or junk)."""
+    value = (message.headers or {}).get(DELIVERIES_HEADER, 0)
+    return value if isinstance(value, int) and 0 <= value < 1_000_000 else 0
+
+
+def copy_of(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> aio_pika.Message:
+    """A persistent copy of ``message`` with ``headers`` added to its own."""
+    return aio_pika.Message(
+        message.body,
+        headers={**(message.headers or {}), **headers},
+        content_type=message.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        type=message.type,
+    )
