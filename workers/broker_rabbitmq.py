@@ -4,8 +4,9 @@ Semantics match the in-process broker. Publishing is persistent, confirmed, and
 ``mandatory`` (an unroutable work message is an error, not a silent loss); a batch of
 events is published at once and its confirms gathered. Consumers (``rabbitmq_consumers``)
 settle every message explicitly; a message that is not a valid event goes to the
-dead-letter queue with the reason in a header. The connection is robust: it reconnects and re-registers consumers,
-and this module keeps strong references to everything aio-pika must restore.
+dead-letter queue with the reason in a header. The connection is robust: it reconnects
+and re-registers consumers, and this module keeps strong references to everything
+aio-pika must restore.
 """
 
 from __future__ import annotations
