@@ -155,7 +155,8 @@ class _Follower:
 
 
 CONTROL = ""
-"""The followers' key of control listeners: no run id is empty."""
+"""The followers' key of control listeners: the route of control events (no run id is
+empty)."""
 
 
 class InProcessBroker:
@@ -205,12 +206,13 @@ class InProcessBroker:
 
     async def publish(self, events: Sequence[Event]) -> None:
         for event in events:
+            route = self._topology.route(event)
             if is_status_event(event) or is_control_event(event):
-                key = CONTROL if is_control_event(event) else event.run_id
-                for follower in self.followers.get(key, ()):
+                # A run id for status events; CONTROL for control events.
+                for follower in self.followers.get(route, ()):
                     follower.pump.inbox.put_nowait(event)
             else:
-                self.queue(self._topology.route(event)).put_nowait(_Message(event))
+                self.queue(route).put_nowait(_Message(event))
 
     async def consume(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> _Consumer:
         consumer = _Consumer(self, queue, handler, prefetch)
