@@ -249,3 +249,15 @@ def test_the_docs_link_only_to_files_in_the_repository() -> None:
             resolved = (page.parent / target).resolve()
             assert resolved.is_relative_to(ROOT.resolve()), f"{page.name} -> {target}"
             assert resolved.exists(), f"{page.name} links to a missing {target}"
+
+
+def test_the_architecture_lists_every_module() -> None:
+    architecture = (ROOT / "docs" / "architecture.md").read_text()
+    modules = [
+        path.relative_to(ROOT).as_posix()
+        for folder in ("contracts", "workers", "service")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if path.name != "__init__.py"
+    ]
+    missing = [module for module in modules if f"`{module}`" not in architecture]
+    assert not missing, f"docs/architecture.md's module map misses {missing}"
