@@ -159,7 +159,11 @@ class LocalArtifactStore:
             finally:
                 os.close(folder)
         except FileNotFoundError:
-            raise ArtifactUnreadable(f"artifact {uri} is missing from its store") from None
+            raise ArtifactUnreadable(
+                f"artifact {uri} is missing from its store, the folder {self._root_text} of this "
+                "machine; processes on other machines need a store they all reach, such as an "
+                "s3 store (docs/scale-out.md)"
+            ) from None
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise OutsideStore(f"{uri!r} goes through a link; refused") from None

@@ -3,9 +3,10 @@
 Controller, worker and ``pipeline run`` are real processes connected to RabbitMQ through
 :mod:`tests.integration.tcp_proxy`, which the test cuts (every connection reset at once) or
 pauses (a blackhole, as in a network partition) while a step is held by its gate. What
-must hold afterwards (pitfalls 4 and 5): every process is alive and consuming again, the
-broker counts their consumers, the run completes, and no step ran or committed twice, even
-though the ack of the held step's first delivery went to a channel that no longer exists.
+must hold afterwards: every process is alive and consuming again (a robust connection that
+reconnects but never consumes again is the classic failure), the broker counts their
+consumers, the run completes, and no step ran or committed twice, even though the ack of the
+held step's first delivery went to a channel that no longer exists.
 """
 
 from __future__ import annotations

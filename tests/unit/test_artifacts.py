@@ -96,8 +96,11 @@ def test_corrupted_artifact_is_detected(store: LocalArtifactStore) -> None:
 def test_missing_artifact_is_a_clear_error(store: LocalArtifactStore) -> None:
     ref = save_artifact(store, "x", allow_pickle=False, what="v")
     os.remove(store.path_of(ref.uri))
-    with pytest.raises(ArtifactUnreadable, match="is missing from its store"):
+    with pytest.raises(ArtifactUnreadable, match="is missing from its store") as caught:
         load_artifact(store, ref, allow_pickle=False)
+    # The usual cause: a worker on another machine than the one that wrote it.
+    assert str(store.root) in str(caught.value)
+    assert "s3 store" in str(caught.value)
 
 
 @pytest.mark.parametrize(
