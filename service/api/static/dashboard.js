@@ -28,9 +28,12 @@
   }
 
   function stepMeta(step) {
+    if (!step.started) {
+      return "not started";
+    }
     return "attempt " + step.attempt + " of " + (step.max_retries + 1) +
       (step.worker ? " · " + step.worker : "") + " · " + clock(step.started) + " to " +
-      clock(step.finished) + " · " + seconds(step.duration_s);
+      (step.finished ? clock(step.finished) : "now") + " · " + seconds(step.duration_s);
   }
 
   function byStep(selector, name) {
