@@ -1,4 +1,5 @@
-"""Whether each component of a stack can be reached now: one line each for ``stack describe``.
+"""Whether each component of a stack can be reached now: one line each for ``stack describe``;
+and the queues of a rabbitmq stack, for its dashboard page.
 
 A probe never raises and never shows a secret: a component that cannot be reached gets a
 line saying where it was looked for and why it failed.
