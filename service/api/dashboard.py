@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 import jinja2
 import structlog
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Path as FastAPIPath
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
@@ -156,7 +157,7 @@ async def stack_page(
 @pages.get("/pipelines/{name:path}", response_class=HTMLResponse)
 async def pipeline_page(
     request: Request,
-    name: str,
+    name: str = FastAPIPath(max_length=MAX_NAME_LENGTH),
     paging: Paging = Depends(),
     state: ApiState = Depends(state_of),
 ) -> HTMLResponse:

@@ -78,6 +78,7 @@ async def test_edge_labels_and_the_pipeline_page(api: httpx.AsyncClient) -> None
     assert all(f'data-run="{run["id"]}"' in pipeline.text for run in runs)
     missing = await api.get("/pipelines/nope%25_")
     assert missing.status_code == 404 and "no run of a pipeline named" in missing.text
+    assert (await api.get(f"/pipelines/{'p' * 5000}")).status_code == 422
 
     hostile = await submit(api, HOSTILE)
     await wait_status(api, hostile["id"])
