@@ -1,4 +1,5 @@
-"""Whether each component of a stack can be reached now: one line each for ``stack describe``.
+"""Whether each component of a stack can be reached now: one line each for ``stack describe``;
+and the queues of a rabbitmq stack, for its dashboard page.
 
 A probe never raises and never shows a secret: a component that cannot be reached gets a
 line saying where it was looked for and why it failed.
@@ -10,7 +11,7 @@ import asyncio
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from conveyor.contracts import ComponentType, ConveyorError, StackSpec
+from conveyor.contracts import DEFAULT_POOL, ComponentType, ConveyorError, StackSpec, Topology
 from conveyor.workers.flavors import get_flavor, make_artifact_store, orchestrator_config
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 
@@ -69,3 +70,82 @@ async def probe_stack(
         _orchestrator(stack, timeout), _artifact_store(stack, timeout)
     )
     return {ComponentType.ORCHESTRATOR: orchestrator, ComponentType.ARTIFACT_STORE: store}
+
+
+@dataclass(frozen=True)
+class QueueStat:
+    """A queue of a stack's broker: messages ready and consumers (``None``: not declared)."""
+
+    name: str
+    messages: int | None
+    consumers: int | None
+
+
+@dataclass(frozen=True)
+class QueueReport:
+    """The queues of a rabbitmq stack, or the reason they could not be read."""
+
+    where: str
+    queues: list[QueueStat]
+    problem: str | None = None
+
+
+def queue_names(topology: Topology, pools: list[str]) -> list[str]:
+    """The queues a stack's broker declares: runs, events, a step queue per pool, dead letters."""
+    step_pools = dict.fromkeys([DEFAULT_POOL, *pools])
+    return [
+        topology.runs_queue,
+        topology.events_queue,
+        *(topology.step_queue(pool) for pool in step_pools),
+        topology.dead_letter_queue,
+    ]
+
+
+async def _read_queues(url: str, names: list[str]) -> list[QueueStat]:
+    import aio_pika
+
+    connection = await aio_pika.connect(url)
+    try:
+        stats = []
+        channel = await connection.channel()
+        for name in names:
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+            except aio_pika.exceptions.ChannelClosed:
+                # A passive declare of a missing queue closes the channel: open another.
+                stats.append(QueueStat(name, None, None))
+                channel = await connection.channel()
+                continue
+            result = queue.declaration_result
+            stats.append(QueueStat(name, result.message_count, result.consumer_count))
+        return stats
+    finally:
+        await connection.close()
+
+
+def _without_secret(text: str, url: str) -> str:
+    password = urlsplit(url).password
+    text = text.replace(url, _where(url))
+    return text.replace(password, "***") if password else text
+
+
+async def queue_report(stack: StackSpec, timeout: float = PROBE_TIMEOUT_S) -> QueueReport | None:
+    """Depth and consumers of each queue of a rabbitmq ``stack`` (``None`` for another
+    orchestrator); never raises: a broker that does not answer is a report with a problem."""
+    try:
+        config = orchestrator_config(stack)
+    except ConveyorError as exc:
+        return QueueReport("", [], f"the orchestrator's configuration is invalid: {exc}")
+    if not isinstance(config, RabbitMQOrchestratorConfig):
+        return None
+    url = config.url.get_secret_value()
+    where = _where(url)
+    names = queue_names(Topology(stack=stack.name, prefix=config.prefix), config.pools)
+    try:
+        queues = await asyncio.wait_for(_read_queues(url, names), timeout)
+    except TimeoutError:
+        return QueueReport(where, [], f"RabbitMQ at {where} did not answer in {timeout:g}s")
+    except Exception as exc:
+        detail = _without_secret(str(exc) or type(exc).__name__, url)
+        return QueueReport(where, [], f"cannot reach RabbitMQ at {where}: {detail}")
+    return QueueReport(where, queues)

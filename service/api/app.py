@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.contracts import ConveyorError
 from conveyor.service.api import (
+    api_docs,
     dashboard,
     metrics,
     routes_artifacts,
@@ -191,6 +192,7 @@ def create_app(
         version=_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,
         redoc_url=None,
         max_body_size=MAX_BODY_BYTES,
     )
@@ -215,5 +217,6 @@ def create_app(
         dashboard.pages,
     ):
         app.include_router(router)
+    api_docs.add_api_docs(app)
     app.mount("/static", StaticFiles(directory=dashboard.STATIC), name="static")
     return app

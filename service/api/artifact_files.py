@@ -19,7 +19,7 @@ from urllib.parse import quote
 import numpy as np
 from fastapi.responses import StreamingResponse
 
-from conveyor.contracts import ArtifactRecord, OutsideStore
+from conveyor.contracts import ArtifactRecord, ArtifactRef, OutsideStore, RunRecord
 from conveyor.service.api.errors import Forbidden
 from conveyor.service.api.schemas import ArtifactPreview
 from conveyor.service.context import Services
@@ -125,6 +125,21 @@ async def preview_artifact(services: Services, artifact_id: str) -> ArtifactPrev
         )
     located = await open_artifact(services, record.id)
     return await asyncio.to_thread(_preview, located)
+
+
+def _read_logs(snapshot: dict[str, object], ref: ArtifactRef) -> str:
+    store = run_artifact_store(snapshot)
+    try:
+        data = store.get_bytes(ref.uri, ref.digest)
+    except OutsideStore as exc:
+        raise Forbidden(f"refused: {exc}") from None
+    return data.decode("utf-8", errors="replace")
+
+
+async def read_logs(run: RunRecord, ref: ArtifactRef) -> str:
+    """What a step printed and logged (a worker keeps at most the last million characters),
+    read through the run's artifact store."""
+    return await asyncio.to_thread(_read_logs, run.stack_snapshot, ref)
 
 
 def download_response(found: ArtifactFile) -> StreamingResponse:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 NODE_WIDTH = 180
 NODE_HEIGHT = 56
-GAP_X = 70
+GAP_X = 110
 GAP_Y = 22
 MARGIN = 12
 
@@ -33,11 +33,14 @@ class NodeBox:
 
 @dataclass(frozen=True)
 class EdgePath:
-    """An edge from an upstream step to a step, as an SVG path."""
+    """An edge from an upstream step to a step, as an SVG path, and the middle of the path
+    (where its label goes)."""
 
     source: str
     target: str
     d: str
+    mid_x: float
+    mid_y: float
 
 
 @dataclass(frozen=True)
@@ -129,11 +132,7 @@ def layout(
                 width=node_width,
                 height=node_height,
             )
-    edges = [
-        EdgePath(source=u, target=name, d=_curve(boxes[u], boxes[name]))
-        for name, _ in steps
-        for u in upstream[name]
-    ]
+    edges = [_edge(boxes[u], boxes[name]) for name, _ in steps for u in upstream[name]]
     layer_count = max(by_layer) + 1
     width = 2 * margin + layer_count * node_width + (layer_count - 1) * gap_x
     return DagLayout(
@@ -144,8 +143,15 @@ def layout(
     )
 
 
-def _curve(source: NodeBox, target: NodeBox) -> str:
+def _edge(source: NodeBox, target: NodeBox) -> EdgePath:
     x1, y1 = source.x + source.width, source.y + source.height / 2
     x2, y2 = target.x, target.y + target.height / 2
     bend = (x2 - x1) / 2
-    return f"M {x1:g} {y1:g} C {x1 + bend:g} {y1:g}, {x2 - bend:g} {y2:g}, {x2:g} {y2:g}"
+    # The curve is symmetric about its middle, so its point at t = 1/2 is the chord's middle.
+    return EdgePath(
+        source=source.name,
+        target=target.name,
+        d=f"M {x1:g} {y1:g} C {x1 + bend:g} {y1:g}, {x2 - bend:g} {y2:g}, {x2:g} {y2:g}",
+        mid_x=(x1 + x2) / 2,
+        mid_y=(y1 + y2) / 2,
+    )

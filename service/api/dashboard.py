@@ -7,25 +7,30 @@ so a shutdown never waits on an open stream, and works with the session cookie a
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 import jinja2
 import structlog
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Path as FastAPIPath
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from conveyor.contracts import RunStatus, StepStatus
+from conveyor.contracts import NotFoundError, RunStatus, StepStatus
+from conveyor.contracts.models import MAX_NAME_LENGTH
 from conveyor.service.api import views
 from conveyor.service.api.artifact_files import (
     download_response,
     open_artifact,
     preview_artifact,
+    read_logs,
 )
 from conveyor.service.api.dag import layout
 from conveyor.service.api.login_limit import LOGIN_ATTEMPTS, LOGIN_WINDOW_S
+from conveyor.service.api.run_chart import CHART_RUNS, RunChart, run_chart
 from conveyor.service.api.schemas import Paging
 from conveyor.service.api.security import (
     SESSION_COOKIE,
@@ -36,6 +41,8 @@ from conveyor.service.api.security import (
     token_ok,
 )
 from conveyor.service.api.state import ApiState, login_attempts_of, settings_of, state_of
+from conveyor.service.context import Services
+from conveyor.workers.stack_probes import queue_report
 
 log = structlog.get_logger("conveyor.server")
 
@@ -59,6 +66,11 @@ def seconds(value: float | None) -> str:
     return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
 
 
+def clock(value: datetime | None) -> str:
+    """A moment's time of day in UTC, to the millisecond (as the run page's script writes it)."""
+    return value.strftime("%H:%M:%S.%f")[:-3] if value else "—"
+
+
 def size(value: int) -> str:
     """A byte count for people: 812 B, 3.4 KiB."""
     if value < 1024:
@@ -80,6 +92,7 @@ def _environment() -> jinja2.Environment:
     env.filters["seconds"] = seconds
     env.filters["size"] = size
     env.filters["when"] = lambda v: v.strftime("%Y-%m-%d %H:%M:%S UTC") if v else "—"
+    env.filters["clock"] = clock
     return env
 
 
@@ -111,6 +124,13 @@ async def stacks_page(request: Request, state: ApiState = Depends(state_of)) -> 
     )
 
 
+async def _chart(
+    services: Services, *, stack_id: str | None = None, pipeline: str | None = None
+) -> RunChart:
+    latest = await services.runs.list_runs(stack_id=stack_id, pipeline=pipeline, limit=CHART_RUNS)
+    return run_chart(latest, [views.elapsed(r) for r in latest])
+
+
 @pages.get("/stacks/{name}", response_class=HTMLResponse)
 async def stack_page(
     request: Request,
@@ -127,6 +147,29 @@ async def stack_page(
         stack=stack,
         types=[t for t in views.COMPONENT_ORDER if t in stack.components],
         runs=runs,
+        chart=await _chart(state.services, stack_id=stack.id),
+        queues=await queue_report(await state.services.stacks.get(stack.name)),
+        elapsed=views.elapsed,
+        active_statuses=(RunStatus.PENDING, RunStatus.RUNNING),
+    )
+
+
+@pages.get("/pipelines/{name:path}", response_class=HTMLResponse)
+async def pipeline_page(
+    request: Request,
+    name: str = FastAPIPath(max_length=MAX_NAME_LENGTH),
+    paging: Paging = Depends(),
+    state: ApiState = Depends(state_of),
+) -> HTMLResponse:
+    summary = await views.pipeline_summary(state.summaries, name)
+    runs = await views.runs_page(state.services, paging, pipeline=summary.name)
+    return render(
+        request,
+        "pipeline.html",
+        title=f"Pipeline {summary.name}",
+        pipeline=summary,
+        runs=runs,
+        chart=await _chart(state.services, pipeline=summary.name),
         elapsed=views.elapsed,
         active_statuses=(RunStatus.PENDING, RunStatus.RUNNING),
     )
@@ -138,6 +181,7 @@ async def run_page(
 ) -> HTMLResponse:
     detail = await views.run_detail(state.services, run_id)
     graph = layout([(s.name, s.upstream) for s in detail.steps])
+    spec = await state.services.runs.spec_of(detail.run.id)
     return render(
         request,
         "run.html",
@@ -145,6 +189,7 @@ async def run_page(
         detail=detail,
         run=detail.run,
         graph=graph,
+        labels=views.edge_labels(spec),
         steps={s.name: s for s in detail.steps},
         interval_ms=int(settings_of(request).poll_interval_s * 1000),
         status_order=STATUS_ORDER,
@@ -155,6 +200,20 @@ async def run_page(
 async def run_state(run_id: str, state: ApiState = Depends(state_of)) -> views.RunDetail:
     """What the run page polls for while the run is going."""
     return await views.run_detail(state.services, run_id)
+
+
+@pages.get("/ui/runs/{run_id}/logs", response_class=PlainTextResponse)
+async def step_logs(
+    run_id: str,
+    step: str = Query(min_length=1, max_length=MAX_NAME_LENGTH),
+    state: ApiState = Depends(state_of),
+) -> PlainTextResponse:
+    """What a step's last attempt printed and logged, as plain text."""
+    found = await views.step_of(state.services, run_id, step)
+    if found.logs is None:
+        raise NotFoundError(f"step {step!r} of run {found.run_id} has no logs yet")
+    run = await state.services.runs.get_run(found.run_id)
+    return PlainTextResponse(await read_logs(run, found.logs), headers=HEADERS)
 
 
 @pages.get("/artifacts/{artifact_id}", response_class=HTMLResponse)

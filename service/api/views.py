@@ -12,10 +12,12 @@ from pydantic import BaseModel
 
 from conveyor.contracts import (
     FINISHED_RUN_STATUSES,
+    FINISHED_STEP_STATUSES,
     ArtifactRecord,
     ComponentSpec,
     ComponentType,
     NotFoundError,
+    PipelineSpec,
     RunRecord,
     RunStatus,
     StackSpec,
@@ -25,6 +27,7 @@ from conveyor.contracts import (
     utcnow,
 )
 from conveyor.service.api.schemas import FlavorInfo, FlavorKey, Page, Paging, StackView
+from conveyor.service.api.timeline import Bar, timeline
 from conveyor.service.context import Services
 from conveyor.service.store.summaries import PipelineSummary, RunSummaries
 from conveyor.workers.flavors import Flavor, get_flavor, masked_config, masked_stack_snapshot
@@ -148,14 +151,34 @@ class OutputLink(BaseModel):
 
 
 class StepView(BaseModel):
+    """A step as the run page shows it; ``traceback`` is the failed attempt's, if kept."""
+
     name: str
     status: StepStatus
     attempt: int
     max_retries: int
+    started: datetime | None
+    finished: datetime | None
     duration_s: float | None
+    worker: str | None
     error: str | None
+    traceback: str | None
+    has_logs: bool
     upstream: list[str]
     outputs: list[OutputLink]
+    bar: Bar | None
+
+    @property
+    def retried(self) -> bool:
+        return self.attempt > 1
+
+    @property
+    def cached(self) -> bool:
+        return self.status is StepStatus.CACHED
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINISHED_STEP_STATUSES
 
 
 class RunDetail(BaseModel):
@@ -164,6 +187,7 @@ class RunDetail(BaseModel):
     run: RunRecord
     finished: bool
     elapsed_s: float | None
+    span_s: float
     steps: list[StepView]
     counts: dict[str, int]
 
@@ -177,23 +201,31 @@ async def run_detail(services: Services, run_id: str) -> RunDetail:
     counts: dict[str, int] = {}
     for step in steps:
         counts[step.status.value] = counts.get(step.status.value, 0) + 1
+    end = run.finished or utcnow()
+    axis = timeline(run.started, end, [(s.started, s.finished) for s in steps])
     return RunDetail(
         run=public_run(run),
         finished=run.status in FINISHED_RUN_STATUSES,
         elapsed_s=elapsed(run),
-        steps=[_step_view(s, ids) for s in steps],
+        span_s=axis.span_s,
+        steps=[_step_view(s, ids, bar) for s, bar in zip(steps, axis.bars, strict=True)],
         counts=counts,
     )
 
 
-def _step_view(step: StepRecord, ids: dict[tuple[str, str], str]) -> StepView:
+def _step_view(step: StepRecord, ids: dict[tuple[str, str], str], bar: Bar | None) -> StepView:
     return StepView(
         name=step.name,
         status=step.status,
         attempt=step.attempt,
         max_retries=step.max_retries,
+        started=step.started,
+        finished=step.finished,
         duration_s=step.duration_s,
+        worker=step.worker,
         error=step.error,
+        traceback=step.traceback,
+        has_logs=step.logs is not None,
         upstream=step.upstream,
         outputs=[
             OutputLink(
@@ -204,7 +236,20 @@ def _step_view(step: StepRecord, ids: dict[tuple[str, str], str]) -> StepView:
             )
             for name, ref in step.outputs.items()
         ],
+        bar=bar,
     )
+
+
+def edge_labels(spec: PipelineSpec) -> dict[tuple[str, str], str]:
+    """The output names each step reads from each upstream step, by (upstream, step)."""
+    labels: dict[tuple[str, str], list[str]] = {}
+    for step in spec.steps:
+        for binding in step.inputs.values():
+            for selector in binding if isinstance(binding, list) else [binding]:
+                names = labels.setdefault((selector.step, step.name), [])
+                if selector.output not in names:
+                    names.append(selector.output)
+    return {edge: ", ".join(names) for edge, names in labels.items()}
 
 
 def artifact_title(artifact: ArtifactRecord) -> str:

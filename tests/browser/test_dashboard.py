@@ -91,6 +91,15 @@ def test_watch_a_run_move_on_the_dashboard(browser: Browser, tmp_path: Path) -> 
             re.compile(r"\bst-pending\b")
         )
         expect(page.locator("[data-run-status]")).to_have_text("running")
+        # The timeline draws the running step's bar as still going, the pending ones not at all.
+        timeline = page.locator("#timeline")
+        expect(timeline.locator('.tl-row[data-step="wait_for_gate"] rect.tl-bar')).to_have_class(
+            re.compile(r"\bst-running\b.*\bgoing\b")
+        )
+        expect(timeline.locator('.tl-row[data-step="summarize"] rect.tl-bar')).to_have_attribute(
+            "width", "0%"
+        )
+        page.screenshot(path=str(tmp_path / "run-page-running.png"), full_page=True)
 
         gate.touch()
         for step in STEPS:
@@ -100,6 +109,10 @@ def test_watch_a_run_move_on_the_dashboard(browser: Browser, tmp_path: Path) -> 
             expect(page.locator(f'#steps tr[data-step="{step}"] .status')).to_have_text("completed")
         expect(page.locator("[data-run-status]")).to_have_text("completed")
         expect(page.locator("[data-live]")).to_have_text("finished")
+        for step in STEPS:
+            bar = timeline.locator(f'.tl-row[data-step="{step}"] rect.tl-bar')
+            expect(bar).to_have_class("tl-bar st-completed")
+            assert float((bar.get_attribute("width") or "0").rstrip("%")) > 0
         assert page.evaluate("window.conveyorTestMarker") == "not reloaded"
         assert loads == []
 

@@ -54,8 +54,10 @@ def _fill(path: str, value: str) -> Iterator[str]:
 DASHBOARD = [
     ("GET", "/"),
     ("GET", "/stacks/{name}"),
+    ("GET", "/pipelines/{name}"),
     ("GET", "/runs/{run_id}"),
     ("GET", "/ui/runs/{run_id}/state"),
+    ("GET", "/ui/runs/{run_id}/logs?step=prepare"),
     ("GET", "/artifacts/{artifact_id}"),
     ("GET", "/artifacts/{artifact_id}/download"),
     ("GET", "/login"),

@@ -6,6 +6,7 @@ test decides when the run may go on, and can look at it while it is running.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -77,3 +78,20 @@ def fan_out_pipeline(width: int = 3, started: str = "", gate: str = "") -> None:
             time.sleep(0.02)
     for i in range(width):
         one(i)
+
+
+HOSTILE_STEP = "<script>window.pwned = 'step'</script>"
+HOSTILE_LOG = "<script>window.pwned = 'log'</script> printed by the step"
+HOSTILE_ERROR = "<img src=x onerror=\"window.pwned = 'error'\">"
+
+
+@step(name=HOSTILE_STEP, retries=1)
+def hostile(data: dict[str, list[int]]) -> int:
+    """Logs and raises markup, on both of its attempts (its name is markup too)."""
+    logging.getLogger("hostile").warning(HOSTILE_LOG)
+    raise ValueError(HOSTILE_ERROR)
+
+
+@pipeline(name="hostile/<b>pipeline</b>")
+def hostile_pipeline() -> None:
+    hostile(prepare(n=2))
