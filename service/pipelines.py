@@ -19,6 +19,7 @@ from conveyor.contracts import (
     ValidationError,
 )
 from conveyor.contracts.pipeline_spec import MAX_STEPS
+from conveyor.service.pipeline_parameters import PipelineParameters
 from conveyor.workers.steps import StepDefinition, building, load_reference, reference_of
 
 if TYPE_CHECKING:
@@ -137,6 +138,14 @@ class PipelineDefinition:
         self.signature = inspect.signature(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
+        self._parameters: PipelineParameters | None = None
+
+    @property
+    def parameters(self) -> PipelineParameters:
+        """The pipeline's parameters, each with the validator of its annotation."""
+        if self._parameters is None:
+            self._parameters = PipelineParameters(self.name, self.fn)
+        return self._parameters
 
     @property
     def ref(self) -> str:
@@ -150,11 +159,7 @@ class PipelineDefinition:
         self, max_steps: int, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[PipelineSpec, dict[str, StepDefinition]]:
         """``compile``, refusing (PipelineTooLarge) a DAG of more than ``max_steps`` steps."""
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise ValidationError(f"pipeline {self.name!r}: {exc}") from None
-        bound.apply_defaults()
+        bound = self.parameters.bind(args, kwargs)
         parameters = dict(bound.arguments)
         for key, value in parameters.items():
             _check_json(self.name, key, value)

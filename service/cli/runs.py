@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from conveyor.contracts import (
     ArtifactRecord,
@@ -35,7 +36,8 @@ from conveyor.service.cli.output import (
 )
 from conveyor.service.cli.state import client
 from conveyor.service.engine import AsyncRun, Conveyor
-from conveyor.service.pipelines import load_pipeline
+from conveyor.service.pipeline_parameters import ParameterError
+from conveyor.service.pipelines import PipelineDefinition, load_pipeline
 from conveyor.workers.flavors import masked_stack_snapshot
 
 pipeline_app = typer.Typer(help="Run pipelines.")
@@ -70,16 +72,25 @@ def _snapshot_rows(run: RunRecord) -> list[list[str]]:
     ]
 
 
-def _parse_params(pairs: list[str]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
+def _parse_params(pairs: list[str]) -> dict[str, str]:
+    params: dict[str, str] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             fail(f"--param takes name=value, got {pair!r}")
-        try:
-            params[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[key] = raw
+        params[key] = raw
+    return params
+
+
+def _checked_params(definition: PipelineDefinition, pairs: list[str]) -> dict[str, Any]:
+    """``-p`` values checked against the pipeline's signature before anything starts; a
+    parameter that does not fit is a usage error (exit 2)."""
+    params = definition.parameters.from_text(_parse_params(pairs))
+    try:
+        definition.parameters.bind((), params)
+    except ParameterError as exc:
+        errors.print(f"[red]Error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
     return params
 
 
@@ -111,9 +122,8 @@ async def _leaf_outputs(run: AsyncRun, steps: list[StepRecord]) -> dict[str, Any
 
 
 async def _run_pipeline(
-    target: str, stack: str | None, params: dict[str, Any]
+    definition: PipelineDefinition, stack: str | None, params: dict[str, Any]
 ) -> tuple[RunRecord, list[StepRecord], dict[str, Any]]:
-    definition = load_pipeline(target)
     async with Conveyor(stack=stack) as cv:
         assert cv.stack is not None
         run = await cv.submit(definition, on_step=_print_step, **params)
@@ -149,8 +159,10 @@ def run_pipeline(
     Example: conveyor pipeline run examples/quickstart.py:training_pipeline -p epochs=100
     """
     with user_errors():
+        definition = load_pipeline(target)
+        params = _checked_params(definition, param)
         try:
-            record, steps, outputs = asyncio.run(_run_pipeline(target, stack, _parse_params(param)))
+            record, steps, outputs = asyncio.run(_run_pipeline(definition, stack, params))
         except KeyboardInterrupt:
             # The run is cancelled and recorded. A sync step's thread cannot be stopped and
             # would hold the interpreter's exit until the step's end: leave without it.

@@ -308,6 +308,17 @@ async def test_invalid_submissions_are_refused(api: httpx.AsyncClient) -> None:
     assert (await api.get("/api/runs")).json()["items"] == []
 
 
+async def test_parameters_that_do_not_fit_the_pipeline_are_refused_before_it_runs(
+    api: httpx.AsyncClient,
+) -> None:
+    refused = await api.post(
+        "/api/runs", json={"pipeline": QUICKSTART, "parameters": {"epochs": "abc"}}
+    )
+    assert_error(refused, 422, "parameter 'epochs' expects int, got 'abc'")
+    assert "conveyor_user_" not in refused.text
+    assert (await api.get("/api/runs")).json()["items"] == []
+
+
 async def test_the_same_idempotency_key_creates_one_run(api: httpx.AsyncClient) -> None:
     body = {"pipeline": QUICKSTART, "parameters": {"epochs": 5}}
     headers = {"Idempotency-Key": "order-42"}
