@@ -20,7 +20,14 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.pipeline_spec import MAX_STEPS
 from conveyor.service.pipeline_parameters import PipelineParameters
-from conveyor.workers.steps import StepDefinition, building, load_reference, reference_of
+from conveyor.workers.steps import (
+    MissingName,
+    StepDefinition,
+    building,
+    load_reference,
+    missing_name,
+    reference_of,
+)
 
 if TYPE_CHECKING:
     from conveyor.service.handles import RunHandle
@@ -208,8 +215,15 @@ def pipeline(
 
 
 def load_pipeline(ref: str) -> PipelineDefinition:
-    """The pipeline named by ``module:name`` or ``file.py:name``, with a clear error."""
-    obj = load_reference(ref)
+    """The pipeline named by ``module:name`` or ``file.py:name``, with a clear error that
+    suggests the pipelines of that module with a name close to a mistyped one."""
+    try:
+        obj = load_reference(ref)
+    except MissingName as exc:
+        pipelines = [k for k, v in exc.names.items() if isinstance(v, PipelineDefinition)]
+        raise ConveyorError(
+            missing_name(exc.where, exc.name, pipelines or list(exc.names), "pipeline")
+        ) from None
     if not isinstance(obj, PipelineDefinition):
         raise ConveyorError(f"{ref!r} is a {type(obj).__name__}, not a @pipeline")
     return obj

@@ -158,6 +158,9 @@ def run_pipeline(
 
     Example: conveyor pipeline run examples/quickstart.py:training_pipeline -p epochs=100
     """
+    # As `python -m` does: a module of the working directory is importable by its name.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     with user_errors():
         definition = load_pipeline(target)
         params = _checked_params(definition, param)

@@ -316,6 +316,9 @@ async def test_parameters_that_do_not_fit_the_pipeline_are_refused_before_it_run
     )
     assert_error(refused, 422, "parameter 'epochs' expects int, got 'abc'")
     assert "conveyor_user_" not in refused.text
+    mistyped = await api.post("/api/runs", json={"pipeline": QUICKSTART.replace("line", "lin")})
+    assert_error(mistyped, 422, "has no pipeline 'training_pipelin'; did you mean")
+    assert "conveyor_user_" not in mistyped.text
     assert (await api.get("/api/runs")).json()["items"] == []
 
 

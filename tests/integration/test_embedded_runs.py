@@ -516,3 +516,32 @@ async def test_followers_hear_every_change_in_order_while_a_step_still_runs() ->
     ], order
     running_at = next(t for t, step, s in heard if (step, s) == ("slow_after", StepStatus.RUNNING))
     assert running_at < 0.8, f"'running' reached the follower only after {running_at:.2f}s"
+
+
+UNSTORABLE_SCRIPT = """
+from conveyor import pipeline, step
+
+class Report:
+    pass
+
+@step
+def report() -> Report:
+    return Report()
+
+@pipeline
+def reporting() -> None:
+    report()
+"""
+
+
+async def test_a_step_failure_names_the_users_file_not_a_generated_module(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "reports.py"
+    script.write_text(UNSTORABLE_SCRIPT)
+    async with Conveyor() as cv:
+        run = await cv.submit(f"{script}:reporting")
+        assert (await run.wait(timeout=30)).status is RunStatus.FAILED
+        (only,) = await run.steps()
+    assert f"is a {script}:Report, which no materializer can store" in (only.error or "")
+    assert "conveyor_user_" not in (only.error or "")
