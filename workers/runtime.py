@@ -11,7 +11,7 @@ import asyncio
 import os
 import socket
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -146,12 +146,25 @@ class WorkerPool:
         # Listening first: a cancellation must not slip between the first step and it.
         self._control = await self._broker.listen(self._on_control)
         for pool in self._pools:
-            queue = self._broker.topology.step_queue(pool)
-            self._subscriptions.append(
-                await self._broker.consume(queue, self._on_step_ready, prefetch=self._concurrency)
-            )
+            await self._consume(pool)
         self._heartbeats = asyncio.create_task(self._beat(), name="heartbeats")
         log.info("worker started", worker=self.facts.worker, pools=self._pools)
+
+    async def _consume(self, pool: str) -> None:
+        queue = self._broker.topology.step_queue(pool)
+        self._subscriptions.append(
+            await self._broker.consume(queue, self._on_step_ready, prefetch=self._concurrency)
+        )
+
+    async def serve(self, pools: Iterable[str]) -> None:
+        """Consume the step queues of ``pools`` too, those it does not yet: the embedded
+        stack's one worker runs the steps of every pool a run names."""
+        if self._control is None or self._stopping:
+            raise RuntimeError("WorkerPool is not running")
+        for pool in sorted(set(pools) - set(self._pools)):
+            self._pools.append(pool)  # before the await: a concurrent call must not add it too
+            await self._consume(pool)
+            log.info("worker consumes another pool", worker=self.facts.worker, pool=pool)
 
     async def _on_control(self, event: Event) -> None:
         if not isinstance(event, AttemptsCancelled):

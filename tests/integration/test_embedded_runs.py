@@ -518,6 +518,29 @@ async def test_followers_hear_every_change_in_order_while_a_step_still_runs() ->
     assert running_at < 0.8, f"'running' reached the follower only after {running_at:.2f}s"
 
 
+@step(pool="gpu")
+def on_gpu() -> int:
+    return 20
+
+
+@step(pool="big-memory")
+def on_big_memory(x: int) -> int:
+    return x + 1
+
+
+@pipeline
+def across_pools() -> None:
+    on_big_memory(on_gpu())
+
+
+async def test_the_embedded_stack_runs_the_steps_of_every_pool() -> None:
+    async with Conveyor() as cv:
+        run = await cv.submit(across_pools)
+        record = await run.wait(timeout=30)
+        assert record.status is RunStatus.COMPLETED
+        assert await run.load("on_big_memory") == 21
+
+
 UNSTORABLE_SCRIPT = """
 from conveyor import pipeline, step
 
