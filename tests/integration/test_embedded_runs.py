@@ -17,6 +17,7 @@ from conveyor.contracts import (
     NotFoundError,
     OutputSelector,
     PipelineSpec,
+    RunCancelRequested,
     RunRequested,
     StepSpec,
     new_id,
@@ -402,6 +403,29 @@ async def test_one_key_twice_in_one_batch_creates_one_run() -> None:
                 break
             await asyncio.sleep(0.05)
         assert [(r.id, r.status) for r in runs] == [(requests[0].run_id, RunStatus.COMPLETED)]
+
+
+async def test_a_run_requested_and_cancelled_in_one_batch_never_starts() -> None:
+    """A client that gave up before any controller took its request (Ctrl+C on a stack
+    whose controller was down): the controller that comes later runs nothing of it."""
+    async with Conveyor() as cv:
+        spec, _ = handoff.compile()
+        request = RunRequested(run_id=new_id(), pipeline="handoff", spec=spec)
+        cancel = RunCancelRequested(run_id=request.run_id, reason="interrupted")
+        await cv.broker.publish([request, cancel])  # both reach the controller in one batch
+        for _ in range(200):
+            runs = await cv.services.runs.list_runs()
+            if runs and runs[0].status is RunStatus.CANCELLED:
+                break
+            await asyncio.sleep(0.05)
+        assert [(r.id, r.status, r.error) for r in runs] == [
+            (request.run_id, RunStatus.CANCELLED, "interrupted")
+        ]
+        steps = await cv.services.runs.steps_of(request.run_id)
+    assert [(s.name, s.status, s.attempt) for s in steps] == [
+        ("produce", StepStatus.CANCELLED, 0),
+        ("consume", StepStatus.CANCELLED, 0),
+    ], "attempt 0: never dispatched"
 
 
 async def test_a_message_that_fails_its_batch_is_dead_lettered_and_the_rest_proceed() -> None:
