@@ -20,7 +20,6 @@ from conveyor.contracts import (
     RunStatus,
     StepRecord,
     StepStatus,
-    StepStatusChanged,
 )
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
@@ -34,6 +33,7 @@ from conveyor.service.cli.output import (
     user_errors,
     when,
 )
+from conveyor.service.cli.run_progress import RunFollower
 from conveyor.service.cli.state import client
 from conveyor.service.engine import AsyncRun, Conveyor
 from conveyor.service.pipeline_parameters import ParameterError
@@ -44,15 +44,6 @@ pipeline_app = typer.Typer(help="Run pipelines.")
 run_app = typer.Typer(help="Inspect pipeline runs.")
 artifact_app = typer.Typer(help="Inspect and fetch step outputs.")
 
-STATUS_STYLE = {
-    StepStatus.COMPLETED: "green",
-    StepStatus.CACHED: "green",
-    StepStatus.FAILED: "red",
-    StepStatus.SKIPPED: "yellow",
-    StepStatus.CANCELLED: "yellow",
-    StepStatus.RUNNING: "cyan",
-    StepStatus.PENDING: "white",
-}
 PREVIEW_BYTES = 4096
 
 
@@ -94,21 +85,6 @@ def _checked_params(definition: PipelineDefinition, pairs: list[str]) -> dict[st
     return params
 
 
-def _print_step(event: StepStatusChanged) -> None:
-    if event.status is StepStatus.RUNNING:
-        return
-    if event.status is StepStatus.PENDING:
-        console.print(f"  ↻ {event.step} retrying (attempt {event.attempt}): {event.error}")
-        return
-    style = STATUS_STYLE.get(event.status, "white")
-    line = f"  [{style}]{event.status.value:<9}[/{style}] {event.step}"
-    if event.duration_s is not None:
-        line += f" in {seconds(event.duration_s)}"
-    if event.status is StepStatus.FAILED and event.error:
-        line += f": {event.error}"
-    console.print(line)
-
-
 async def _leaf_outputs(run: AsyncRun, steps: list[StepRecord]) -> dict[str, Any]:
     used = {up for s in steps for up in s.upstream}
     shown: dict[str, Any] = {}
@@ -124,18 +100,20 @@ async def _leaf_outputs(run: AsyncRun, steps: list[StepRecord]) -> dict[str, Any
 async def _run_pipeline(
     definition: PipelineDefinition, stack: str | None, params: dict[str, Any]
 ) -> tuple[RunRecord, list[StepRecord], dict[str, Any]]:
+    spec, definitions = definition.compile(**params)
     async with Conveyor(stack=stack) as cv:
         assert cv.stack is not None
-        run = await cv.submit(definition, on_step=_print_step, **params)
-        console.print(
-            f"Running pipeline [bold]{definition.name}[/bold] on stack "
-            f"'{cv.stack.name}' as run [bold]{run.id}[/bold]"
-        )
-        try:
-            record = await run.wait()
-        except asyncio.CancelledError:
-            await _cancel_on_interrupt(cv, run)
-            raise
+        async with RunFollower(console, definition.name, len(spec.steps)) as follower:
+            run = await cv.submit_compiled(spec, definitions, on_step=follower.on_step)
+            console.print(
+                f"Running pipeline [bold]{escape(definition.name)}[/bold] on stack "
+                f"'{escape(cv.stack.name)}' as run [bold]{run.id}[/bold]"
+            )
+            try:
+                record = await run.wait()
+            except asyncio.CancelledError:
+                await _cancel_on_interrupt(cv, run)
+                raise
         steps = await run.steps()
         return record, steps, await _leaf_outputs(run, steps)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +79,62 @@ def test_a_module_of_the_working_directory_resolves_by_name() -> None:
     assert "module 'examples.quickstart' has no pipeline 'trainin_pipeline'; did you mean" in (
         mistyped.stderr
     )
+
+
+SLOW_PIPELINE = """
+import time
+from conveyor import pipeline, step
+
+@step
+def wait(i: int) -> int:
+    time.sleep(0.6)
+    return i
+
+@pipeline
+def slow() -> None:
+    wait(wait(wait(1)))
+"""
+
+
+def test_a_terminal_shows_a_live_bar_while_a_run_goes_on(tmp_path: Path) -> None:
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_PIPELINE)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conveyor.service.cli.app", "pipeline", "run", f"{script}:slow"],
+        cwd=ROOT,
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"},
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0, shown.decode(errors="replace")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
+    assert re.search(r"slow .*━.* [12]/3 steps · 1 running · 0 failed", text), text
+    assert "completed wait_3" in text
+
+
+def test_piped_output_has_one_line_per_step_change_and_no_bar(tmp_path: Path) -> None:
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_PIPELINE)
+    result = conveyor_cli("pipeline", "run", f"{script}:slow")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Running pipeline slow on stack 'default' as run ")
+    assert [line.split()[:2] for line in lines[1:4]] == [
+        ["completed", "wait"],
+        ["completed", "wait_2"],
+        ["completed", "wait_3"],
+    ]
+    assert "steps ·" not in result.stdout + result.stderr
