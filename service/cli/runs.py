@@ -35,6 +35,7 @@ from conveyor.service.cli.output import (
 )
 from conveyor.service.cli.run_progress import RunFollower
 from conveyor.service.cli.state import client
+from conveyor.service.consumers import watch_consumers
 from conveyor.service.engine import AsyncRun, Conveyor
 from conveyor.service.pipeline_parameters import ParameterError
 from conveyor.service.pipelines import PipelineDefinition, load_pipeline
@@ -110,18 +111,49 @@ async def _run_pipeline(
                 f"'{escape(cv.stack.name)}' as run [bold]{run.id}[/bold]"
             )
             try:
-                record = await run.wait()
+                record = await _wait(cv, run, {step.pool for step in spec.steps})
             except asyncio.CancelledError:
-                await _cancel_on_interrupt(cv, run)
+                await _cancel_on_interrupt(cv, run, follower.heard)
                 raise
         steps = await run.steps()
         return record, steps, await _leaf_outputs(run, steps)
 
 
-async def _cancel_on_interrupt(cv: Conveyor, run: AsyncRun) -> None:
+async def _wait(cv: Conveyor, run: AsyncRun, pools: set[str]) -> RunRecord:
+    """The run's end; on a service stack, telling meanwhile which consumer it waits for."""
+    if cv.controller_alive is not None:  # embedded: this process is the whole stack
+        return await run.wait()
+    assert cv.stack is not None
+
+    def say(text: str) -> None:
+        errors.print(text, markup=False, highlight=False)
+
+    watch = asyncio.create_task(watch_consumers(cv.broker, cv.stack.name, pools, say))
+    try:
+        return await run.wait()
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+
+
+WITHDRAW_TIMEOUT_S = 3.0
+"""How long Ctrl+C waits for the broker to take the cancellation of a run."""
+
+
+async def _cancel_on_interrupt(cv: Conveyor, run: AsyncRun, heard: bool) -> None:
     """Ctrl+C: cancel the run rather than leave it to be found dead later."""
     errors.print(f"Interrupted: cancelling run {run.id}")
-    await cv.cancel(run.id, "interrupted (Ctrl+C on conveyor pipeline run)")
+    try:
+        async with asyncio.timeout(WITHDRAW_TIMEOUT_S):
+            await cv.cancel(run.id, "interrupted (Ctrl+C on conveyor pipeline run)")
+    except (TimeoutError, ConveyorError) as exc:
+        errors.print(f"The cancellation was not sent ({type(exc).__name__}: {exc})")
+        return
+    if cv.controller_alive is None and not heard:
+        # No controller has taken the request: none to wait for. One that takes it later
+        # reads the cancellation with it and records the run cancelled, unstarted.
+        errors.print(f"Run {run.id} withdrawn: no controller had taken it")
+        return
     with contextlib.suppress(TimeoutError, ConveyorError):
         await run.wait(timeout=5)
 
