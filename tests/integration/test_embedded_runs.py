@@ -23,6 +23,7 @@ from conveyor.contracts import (
     new_id,
 )
 from conveyor.service.context import Services
+from conveyor.service.pipeline_parameters import ParameterError
 from conveyor.workers.broker_inprocess import InProcessBroker
 
 SEEN: dict[str, Any] = {}
@@ -563,6 +564,20 @@ async def test_the_embedded_stack_runs_the_steps_of_every_pool() -> None:
         record = await run.wait(timeout=30)
         assert record.status is RunStatus.COMPLETED
         assert await run.load("on_big_memory") == 21
+
+
+@pipeline
+def sized(n: int = 3) -> None:
+    consume(produce())
+
+
+async def test_submit_refuses_parameters_that_do_not_fit_before_any_run() -> None:
+    async with Conveyor() as cv:
+        with pytest.raises(ParameterError, match="parameter 'n' expects int, got 'many'"):
+            await cv.submit(sized, n="many")
+        with pytest.raises(ParameterError, match=r"no parameter 'size' \(its parameters: n\)"):
+            await cv.submit(sized, size=3)
+        assert await cv.services.runs.list_runs() == []
 
 
 UNSTORABLE_SCRIPT = """
