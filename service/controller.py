@@ -41,6 +41,7 @@ from conveyor.service.scheduling import RunState, Transition
 from conveyor.service.store import Database, RunStore, Writes, is_store_failure, store_error
 from conveyor.workers.backoff import Backoff
 from conveyor.workers.code_archive import attach_code
+from conveyor.workers.steps import readable
 
 log = structlog.get_logger("conveyor.controller")
 
@@ -416,7 +417,7 @@ class Controller:
             else:
                 spec = await asyncio.to_thread(compile_request, request, self._code_store)
         except Exception as exc:
-            error = f"cannot compile pipeline {request.pipeline!r}: {exc}"
+            error = readable(f"cannot compile pipeline {request.pipeline!r}: {exc}")
             spec = PipelineSpec(name=request.pipeline, parameters=request.parameters, steps=[])
         batch.new_runs.append((request, spec, error))
         state = RunState.new(request.run_id, spec)
