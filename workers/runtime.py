@@ -93,6 +93,7 @@ class WorkerPool:
         self._broker = broker
         self._pools = list(pools)
         self._concurrency = concurrency
+        self._slots = asyncio.Semaphore(concurrency)
         self.facts = worker_facts(name)
         self.resolver = resolver or StepResolver(store)
         self._executor = StepExecutor(
@@ -248,7 +249,7 @@ class WorkerPool:
             while len(self._outcomes) > REMEMBERED_OUTCOMES:
                 self._outcomes.popitem(last=False)
             try:
-                outcome = await self._attempt(ready, delivery)
+                outcome = await self._attempt_in_slot(ready, delivery)
             except UntrustedStep as exc:
                 # Nothing of it was imported or run. The run hears that the step failed (a
                 # real run must not wait for ever), and the message goes to the dead letters.
@@ -266,6 +267,16 @@ class WorkerPool:
             known.set_result(outcome)
             await self._broker.publish([outcome])
             await delivery.ack()
+
+    async def _attempt_in_slot(self, ready: StepReady, delivery: Delivery) -> Outcome | None:
+        """``_attempt`` once one of the ``concurrency`` slots is free: each pool's queue
+        hands over that many, and a worker of several pools runs no more at once in all."""
+        async with self._slots:
+            if self._is_cancelled(ready):  # stopped while it waited for its slot
+                log.info("attempt dropped: the controller stopped it")
+                await delivery.ack()
+                return None
+            return await self._attempt(ready, delivery)
 
     async def _give_up(self, ready: StepReady, delivery: Delivery) -> None:
         """Fail an attempt whose deliveries kept ending with their worker: it is not run."""

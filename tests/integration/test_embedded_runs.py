@@ -14,6 +14,7 @@ import pytest
 
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
 from conveyor.contracts import (
+    ComponentType,
     NotFoundError,
     OutputSelector,
     PipelineSpec,
@@ -564,6 +565,54 @@ async def test_the_embedded_stack_runs_the_steps_of_every_pool() -> None:
         record = await run.wait(timeout=30)
         assert record.status is RunStatus.COMPLETED
         assert await run.load("on_big_memory") == 21
+
+
+RUNNING_NOW: list[int] = [0, 0]
+"""Steps of ``in_three_pools`` running now, and the most seen at once."""
+
+
+async def _count_while_running(i: int) -> int:
+    RUNNING_NOW[0] += 1
+    RUNNING_NOW[1] = max(RUNNING_NOW)
+    await asyncio.sleep(0.1)
+    RUNNING_NOW[0] -= 1
+    return i
+
+
+@step(pool="a")
+async def in_a(i: int) -> int:
+    return await _count_while_running(i)
+
+
+@step(pool="b")
+async def in_b(i: int) -> int:
+    return await _count_while_running(i)
+
+
+@pipeline
+def in_three_pools() -> None:
+    gather_ints([in_a(0), in_b(1), in_a(2), in_b(3)])
+
+
+async def test_the_embedded_worker_runs_no_more_steps_at_once_than_its_concurrency(
+    home: Path,
+) -> None:
+    services = await Services.open(home)
+    try:
+        await services.stacks.register_component(
+            ComponentType.ORCHESTRATOR, "one-at-a-time", "local", {"concurrency": 1}
+        )
+        await services.stacks.register_stack(
+            "narrow",
+            {ComponentType.ORCHESTRATOR: "one-at-a-time", ComponentType.ARTIFACT_STORE: "default"},
+        )
+    finally:
+        await services.close()
+    async with Conveyor(stack="narrow") as cv:
+        run = await cv.submit(in_three_pools)
+        assert (await run.wait(timeout=30)).status is RunStatus.COMPLETED
+        assert await run.load("gather_ints") == 6
+    assert RUNNING_NOW[1] == 1, "two pools' steps ran at once on a worker of concurrency 1"
 
 
 @pipeline
