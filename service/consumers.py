@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from conveyor.contracts import DEFAULT_POOL, Broker, Topology
-from conveyor.workers.broker_probes import queue_consumers
+from conveyor.contracts import DEFAULT_POOL, StackSpec, Topology
+from conveyor.workers.stack_probes import queue_report
 
 log = structlog.get_logger("conveyor.consumers")
 
@@ -59,8 +59,8 @@ def missing_consumers(
 
 
 async def watch_consumers(
-    broker: Broker,
-    stack: str,
+    stack: StackSpec,
+    topology: Topology,
     pools: Iterable[str],
     say: Callable[[str], None],
     *,
@@ -68,19 +68,15 @@ async def watch_consumers(
     every: float = LOOK_EVERY_S,
 ) -> None:
     """Tell through ``say`` which consumers a run waits for, and when one comes; until
-    cancelled. A broker that does not answer is the broker's own warning, not ours."""
+    cancelled. A broker that does not answer is the broker's own warning, not this one's."""
     pools = sorted(set(pools))
-    topology = broker.topology
-    queues = [topology.runs_queue, *(topology.step_queue(pool) for pool in pools)]
     told: list[Missing] = []
     await asyncio.sleep(first_look)
     while True:
-        try:
-            counts = await queue_consumers(broker, queues)
-        except Exception as exc:
-            log.debug("consumers not counted", error=f"{type(exc).__name__}: {exc}")
-        else:
-            now = missing_consumers(stack, topology, pools, counts)
+        report = await queue_report(stack, every, pools)
+        if report is not None and report.problem is None:
+            counts = {queue.name: queue.consumers or 0 for queue in report.queues}
+            now = missing_consumers(stack.name, topology, pools, counts)
             for gone in now:
                 if gone not in told:
                     say(f"Waiting: {gone}")
@@ -88,4 +84,6 @@ async def watch_consumers(
                 if back not in now:
                     say(f"A {back.what} consumes {back.queue} now")
             told = now
+        elif report is not None:
+            log.debug("consumers not counted", problem=report.problem)
         await asyncio.sleep(every)

@@ -6,10 +6,7 @@ gauge need more, and what they need differs per adapter, so it is gathered here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-
-import aio_pika
 
 from conveyor.contracts import DEFAULT_POOL, Broker
 from conveyor.workers.broker_inprocess import InProcessBroker
@@ -68,28 +65,3 @@ async def queue_depths(broker: Broker) -> dict[str, int]:
         depths[topology.dead_letter_queue] = len(broker.dead_letters)
         return depths
     return {}
-
-
-async def queue_consumers(broker: Broker, names: Sequence[str]) -> dict[str, int]:
-    """Consumers of each queue named (0 for one not declared yet), as the broker counts them."""
-    if isinstance(broker, InProcessBroker):
-        return {name: sum(1 for c in broker.consumers if c.queue == name) for name in names}
-    if not isinstance(broker, RabbitMQBroker):
-        return {}
-    counts: dict[str, int] = {}
-    channel = await broker.connection.channel()
-    try:
-        for name in names:
-            try:
-                queue = await channel.declare_queue(name, passive=True)
-            except aio_pika.exceptions.ChannelNotFoundEntity:
-                # Not declared yet (a pool's queue is declared by its first worker or step),
-                # and the refused passive declare closed the channel: the next needs another.
-                counts[name] = 0
-                channel = await broker.connection.channel()
-                continue
-            counts[name] = int(queue.declaration_result.consumer_count or 0)
-        return counts
-    finally:
-        if not channel.is_closed:
-            await channel.close()

@@ -128,7 +128,7 @@ async def _wait(cv: Conveyor, run: AsyncRun, pools: set[str]) -> RunRecord:
     def say(text: str) -> None:
         errors.print(text, markup=False, highlight=False)
 
-    watch = asyncio.create_task(watch_consumers(cv.broker, cv.stack.name, pools, say))
+    watch = asyncio.create_task(watch_consumers(cv.stack, cv.broker.topology, pools, say))
     try:
         return await run.wait()
     finally:
