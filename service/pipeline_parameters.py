@@ -100,11 +100,12 @@ class PipelineParameters:
             bound = self._signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise ParameterError(f"pipeline {self._pipeline!r}: {exc}") from None
+        given = [name for name in bound.arguments if name in self._named]
+        # As pydantic does with defaults, a default is taken as written (`x: int = None`).
         bound.apply_defaults()
         problems = []
-        for name, value in bound.arguments.items():
-            if name not in self._named:
-                continue
+        for name in given:
+            value = bound.arguments[name]
             try:
                 bound.arguments[name] = self._validated(name, value)
             except pydantic.ValidationError as exc:

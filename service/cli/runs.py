@@ -146,8 +146,11 @@ async def _cancel_on_interrupt(cv: Conveyor, run: AsyncRun, heard: bool) -> None
     try:
         async with asyncio.timeout(WITHDRAW_TIMEOUT_S):
             await cv.cancel(run.id, "interrupted (Ctrl+C on conveyor pipeline run)")
-    except (TimeoutError, ConveyorError) as exc:
-        errors.print(f"The cancellation was not sent ({type(exc).__name__}: {exc})")
+    except TimeoutError:
+        errors.print(f"The broker did not take the cancellation in {WITHDRAW_TIMEOUT_S:g}s")
+        return
+    except ConveyorError as exc:
+        errors.print(f"The cancellation was not sent: {exc}", markup=False)
         return
     if cv.controller_alive is None and not heard:
         # No controller has taken the request: none to wait for. One that takes it later

@@ -81,9 +81,17 @@ def test_values_are_validated_and_handed_on_in_json_form() -> None:
         "name": "n",
         "sizes": [1, 2],
         "window": {"start": 1, "end": 2},
-        "shape": [1, 2],
+        "shape": (1, 2),  # a default, as written
         "seed": 7,
     }
+
+
+def test_defaults_are_taken_as_written_and_given_values_are_checked() -> None:
+    def sloppy(limit: int = None, ratio: float = 1) -> None:  # type: ignore[assignment]  # noqa: RUF013
+        pass
+
+    assert PipelineParameters("p", sloppy).bind((), {}).arguments == {"limit": None, "ratio": 1}
+    assert "'limit' expects int, got None" in refused(sloppy, limit=None)
 
 
 def test_a_nested_error_says_where() -> None:
