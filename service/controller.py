@@ -41,6 +41,7 @@ from conveyor.service.scheduling import RunState, Transition
 from conveyor.service.store import Database, RunStore, Writes, is_store_failure, store_error
 from conveyor.workers.backoff import Backoff
 from conveyor.workers.code_archive import attach_code
+from conveyor.workers.steps import readable
 
 log = structlog.get_logger("conveyor.controller")
 
@@ -81,6 +82,10 @@ class _Batch:
     now: datetime
     new_runs: list[tuple[RunRequested, PipelineSpec, str | None]] = field(default_factory=list)
     changes: dict[str, Transition] = field(default_factory=dict)
+    cancels: dict[str, str] = field(default_factory=dict)
+    """The runs this batch asks to cancel, with the reason."""
+    withdrawn: set[str] = field(default_factory=set)
+    """Runs requested and cancelled in this batch: recorded cancelled, never started."""
 
     def change(self, run_id: str, transition: Transition) -> None:
         if run_id in self.changes:
@@ -367,9 +372,14 @@ class Controller:
     async def _process(self, deliveries: list[Delivery]) -> None:
         batch = _Batch(now=utcnow())
         for delivery in deliveries:
+            if isinstance(delivery.event, RunCancelRequested):
+                batch.cancels.setdefault(delivery.event.run_id, delivery.event.reason)
+        for delivery in deliveries:
             event = delivery.event
             if isinstance(event, RunRequested):
                 await self._on_run_requested(batch, event)
+                continue
+            if event.run_id in batch.withdrawn:
                 continue
             state = await self._state_of(event.run_id)
             if state is None:
@@ -407,7 +417,7 @@ class Controller:
             else:
                 spec = await asyncio.to_thread(compile_request, request, self._code_store)
         except Exception as exc:
-            error = f"cannot compile pipeline {request.pipeline!r}: {exc}"
+            error = readable(f"cannot compile pipeline {request.pipeline!r}: {exc}")
             spec = PipelineSpec(name=request.pipeline, parameters=request.parameters, steps=[])
         batch.new_runs.append((request, spec, error))
         state = RunState.new(request.run_id, spec)
@@ -421,6 +431,13 @@ class Controller:
                     emit=[RunFinished(run_id=request.run_id, status=RunStatus.FAILED, error=error)],
                 ),
             )
+            return
+        withdrawn = batch.cancels.get(request.run_id)
+        if withdrawn is not None:
+            # Its client gave up before a controller took the request (Ctrl+C while none
+            # ran): nothing of it may run, not even for a moment.
+            batch.withdrawn.add(request.run_id)
+            batch.change(request.run_id, scheduling.cancel_run(state, batch.now, withdrawn))
             return
         self._states[request.run_id] = state
         batch.change(request.run_id, scheduling.start_run(state, batch.now))

@@ -310,6 +310,7 @@ class Conveyor:
         for a caller that compiles off the event loop."""
         if self._workers is not None:
             self._workers.resolver.add(definitions)
+            await self._workers.serve(step.pool for step in spec.steps)
         else:
             spec = await self._with_code(spec, definitions)
         if idempotency_key:

@@ -38,7 +38,7 @@ from conveyor.service.home import Home
 from conveyor.service.liveness import this_process
 from conveyor.service.pipelines import PipelineTooLarge, load_pipeline
 from conveyor.workers.flavors import get_flavor
-from conveyor.workers.steps import StepDefinition
+from conveyor.workers.steps import StepDefinition, readable
 
 log = structlog.get_logger("conveyor.server")
 
@@ -103,7 +103,7 @@ def _compile(ref: str, parameters: dict[str, Any], max_steps: int) -> _Compiled:
         # The pipeline function failed on these parameters: the request's fault, not ours.
         raise ValidationError(
             f"pipeline {ref!r} failed while building its DAG with these parameters: "
-            f"{type(exc).__name__}: {exc}"
+            + readable(f"{type(exc).__name__}: {exc}")
         ) from None
     return _Compiled(spec, steps)
 

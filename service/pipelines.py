@@ -19,7 +19,15 @@ from conveyor.contracts import (
     ValidationError,
 )
 from conveyor.contracts.pipeline_spec import MAX_STEPS
-from conveyor.workers.steps import StepDefinition, building, load_reference, reference_of
+from conveyor.service.pipeline_parameters import PipelineParameters
+from conveyor.workers.steps import (
+    MissingName,
+    StepDefinition,
+    building,
+    load_reference,
+    missing_name,
+    reference_of,
+)
 
 if TYPE_CHECKING:
     from conveyor.service.handles import RunHandle
@@ -137,6 +145,14 @@ class PipelineDefinition:
         self.signature = inspect.signature(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
+        self._parameters: PipelineParameters | None = None
+
+    @property
+    def parameters(self) -> PipelineParameters:
+        """The pipeline's parameters, each with the validator of its annotation."""
+        if self._parameters is None:
+            self._parameters = PipelineParameters(self.name, self.fn)
+        return self._parameters
 
     @property
     def ref(self) -> str:
@@ -150,11 +166,7 @@ class PipelineDefinition:
         self, max_steps: int, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[PipelineSpec, dict[str, StepDefinition]]:
         """``compile``, refusing (PipelineTooLarge) a DAG of more than ``max_steps`` steps."""
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise ValidationError(f"pipeline {self.name!r}: {exc}") from None
-        bound.apply_defaults()
+        bound = self.parameters.bind(args, kwargs)
         parameters = dict(bound.arguments)
         for key, value in parameters.items():
             _check_json(self.name, key, value)
@@ -203,8 +215,15 @@ def pipeline(
 
 
 def load_pipeline(ref: str) -> PipelineDefinition:
-    """The pipeline named by ``module:name`` or ``file.py:name``, with a clear error."""
-    obj = load_reference(ref)
+    """The pipeline named by ``module:name`` or ``file.py:name``, with a clear error that
+    suggests the pipelines of that module with a name close to a mistyped one."""
+    try:
+        obj = load_reference(ref)
+    except MissingName as exc:
+        pipelines = [k for k, v in exc.names.items() if isinstance(v, PipelineDefinition)]
+        raise ConveyorError(
+            missing_name(exc.where, exc.name, pipelines or list(exc.names), "pipeline")
+        ) from None
     if not isinstance(obj, PipelineDefinition):
         raise ConveyorError(f"{ref!r} is a {type(obj).__name__}, not a @pipeline")
     return obj

@@ -38,7 +38,7 @@ from conveyor.workers import materializers, step_logs, step_process
 from conveyor.workers.step_process import StepBodyFailed
 from conveyor.workers.step_resolver import StepResolver
 from conveyor.workers.step_threads import StepThreads
-from conveyor.workers.steps import StepDefinition
+from conveyor.workers.steps import StepDefinition, readable
 
 T = TypeVar("T")
 log = structlog.get_logger("conveyor.worker")
@@ -352,8 +352,8 @@ class StepExecutor:
             run_id=ready.run_id,
             step=ready.step.name,
             attempt=ready.attempt,
-            error=error,
-            traceback=tb,
+            error=readable(error),
+            traceback=None if tb is None else readable(tb),
             retryable=retryable,
             duration_s=time.perf_counter() - started,
             by=self._facts,

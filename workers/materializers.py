@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from conveyor.contracts import ArtifactRef, ConveyorError, Materializer
 from conveyor.workers import digests
+from conveyor.workers.steps import readable
 
 HASH_ALONGSIDE_MIN = 4 << 20
 """Arrays from this size on are hashed from memory while they are written."""
@@ -221,7 +222,7 @@ def choose(value: object, *, allow_pickle: bool, what: str) -> Materializer:
     if allow_pickle:
         return PICKLE
     raise NoMaterializer(
-        f"{what} is a {type_name(value)}, which no materializer can store: return a "
+        f"{what} is a {readable(type_name(value))}, which no materializer can store: return a "
         "JSON-compatible value, str, bytes, a numpy array or a pydantic model, or opt in "
         "to pickle with @step(allow_pickle=True)",
         retryable=False,

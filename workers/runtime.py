@@ -11,7 +11,7 @@ import asyncio
 import os
 import socket
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -93,6 +93,7 @@ class WorkerPool:
         self._broker = broker
         self._pools = list(pools)
         self._concurrency = concurrency
+        self._slots = asyncio.Semaphore(concurrency)
         self.facts = worker_facts(name)
         self.resolver = resolver or StepResolver(store)
         self._executor = StepExecutor(
@@ -146,12 +147,25 @@ class WorkerPool:
         # Listening first: a cancellation must not slip between the first step and it.
         self._control = await self._broker.listen(self._on_control)
         for pool in self._pools:
-            queue = self._broker.topology.step_queue(pool)
-            self._subscriptions.append(
-                await self._broker.consume(queue, self._on_step_ready, prefetch=self._concurrency)
-            )
+            await self._consume(pool)
         self._heartbeats = asyncio.create_task(self._beat(), name="heartbeats")
         log.info("worker started", worker=self.facts.worker, pools=self._pools)
+
+    async def _consume(self, pool: str) -> None:
+        queue = self._broker.topology.step_queue(pool)
+        self._subscriptions.append(
+            await self._broker.consume(queue, self._on_step_ready, prefetch=self._concurrency)
+        )
+
+    async def serve(self, pools: Iterable[str]) -> None:
+        """Consume the step queues of ``pools`` too, those it does not yet: the embedded
+        stack's one worker runs the steps of every pool a run names."""
+        if self._control is None or self._stopping:
+            raise RuntimeError("WorkerPool is not running")
+        for pool in sorted(set(pools) - set(self._pools)):
+            self._pools.append(pool)  # before the await: a concurrent call must not add it too
+            await self._consume(pool)
+            log.info("worker consumes another pool", worker=self.facts.worker, pool=pool)
 
     async def _on_control(self, event: Event) -> None:
         if not isinstance(event, AttemptsCancelled):
@@ -235,7 +249,7 @@ class WorkerPool:
             while len(self._outcomes) > REMEMBERED_OUTCOMES:
                 self._outcomes.popitem(last=False)
             try:
-                outcome = await self._attempt(ready, delivery)
+                outcome = await self._attempt_in_slot(ready, delivery)
             except UntrustedStep as exc:
                 # Nothing of it was imported or run. The run hears that the step failed (a
                 # real run must not wait for ever), and the message goes to the dead letters.
@@ -253,6 +267,16 @@ class WorkerPool:
             known.set_result(outcome)
             await self._broker.publish([outcome])
             await delivery.ack()
+
+    async def _attempt_in_slot(self, ready: StepReady, delivery: Delivery) -> Outcome | None:
+        """``_attempt`` once one of the ``concurrency`` slots is free: each pool's queue
+        hands over that many, and a worker of several pools runs no more at once in all."""
+        async with self._slots:
+            if self._is_cancelled(ready):  # stopped while it waited for its slot
+                log.info("attempt dropped: the controller stopped it")
+                await delivery.ack()
+                return None
+            return await self._attempt(ready, delivery)
 
     async def _give_up(self, ready: StepReady, delivery: Delivery) -> None:
         """Fail an attempt whose deliveries kept ending with their worker: it is not run."""

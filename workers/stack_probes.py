@@ -8,6 +8,7 @@ line saying where it was looked for and why it failed.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -129,9 +130,12 @@ def _without_secret(text: str, url: str) -> str:
     return text.replace(password, "***") if password else text
 
 
-async def queue_report(stack: StackSpec, timeout: float = PROBE_TIMEOUT_S) -> QueueReport | None:
+async def queue_report(
+    stack: StackSpec, timeout: float = PROBE_TIMEOUT_S, pools: Iterable[str] = ()
+) -> QueueReport | None:
     """Depth and consumers of each queue of a rabbitmq ``stack`` (``None`` for another
-    orchestrator); never raises: a broker that does not answer is a report with a problem."""
+    orchestrator), with the step queues of ``pools`` besides those of its configuration;
+    never raises: a broker that does not answer is a report with a problem."""
     try:
         config = orchestrator_config(stack)
     except ConveyorError as exc:
@@ -140,7 +144,7 @@ async def queue_report(stack: StackSpec, timeout: float = PROBE_TIMEOUT_S) -> Qu
         return None
     url = config.url.get_secret_value()
     where = _where(url)
-    names = queue_names(Topology(stack=stack.name, prefix=config.prefix), config.pools)
+    names = queue_names(Topology(stack=stack.name, prefix=config.prefix), [*config.pools, *pools])
     try:
         queues = await asyncio.wait_for(_read_queues(url, names), timeout)
     except TimeoutError:

@@ -33,7 +33,12 @@ from conveyor.contracts import (
 )
 from conveyor.workers.code_archive import installed_packages, packed_root
 from conveyor.workers.code_cache import CodeCache, default_cache_dir
-from conveyor.workers.steps import FILE_MODULE_PREFIX, StepDefinition, load_reference
+from conveyor.workers.steps import (
+    FILE_MODULE_PREFIX,
+    SHOWN_FILE,
+    StepDefinition,
+    load_reference,
+)
 
 MAX_REF_LENGTH = 1000
 """The longest reference a worker reads (the bound of ``StepSpec.ref``)."""
@@ -175,11 +180,12 @@ def _archive_module_name(digest: str, path: str) -> str:
     return f"{FILE_MODULE_PREFIX}{digest.partition(':')[2][:16]}_{stem}"
 
 
-def _exec_file(name: str, path: Path) -> types.ModuleType:
+def _exec_file(name: str, path: Path, shown: str) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ConveyorError(f"cannot load {path} as Python")
     module = importlib.util.module_from_spec(spec)
+    setattr(module, SHOWN_FILE, shown)
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
@@ -222,7 +228,7 @@ class _ArchiveImports:
             if module is not None:
                 return module
             with self._importing(str(root), folders):
-                return _exec_file(name, location)
+                return _exec_file(name, location, path)
 
     def module(self, root: Path, name: str) -> types.ModuleType:
         """The module ``name`` of the archive at ``root``."""

@@ -9,10 +9,12 @@ or of packages it trusts: a message is data, never an instruction to import arbi
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 import types
 import typing
@@ -64,13 +66,7 @@ def output_names(fn: Callable[..., Any]) -> list[str]:
 def _module_file(module_name: str) -> str | None:
     module = sys.modules.get(module_name)
     filename = getattr(module, "__file__", None)
-    if filename is None:
-        return None
-    path = Path(filename).resolve()
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+    return None if filename is None else shown_path(Path(filename).resolve())
 
 
 def reference_of(obj: Any) -> str:
@@ -87,6 +83,33 @@ def reference_of(obj: Any) -> str:
     return f"{module_name}:{obj.__qualname__}"
 
 
+SHOWN_FILE = "__conveyor_file__"
+"""The attribute that holds, on a module loaded from a file, the file as its user names it."""
+_GENERATED_NAME = re.compile(FILE_MODULE_PREFIX + r"\w+(\.(?=\w))?")
+
+
+def readable(text: str) -> str:
+    """``text`` with each generated module name (a file loaded by path has one) replaced by
+    the file it was loaded from, as its user names it: messages speak of the user's files."""
+
+    def shown(match: re.Match[str]) -> str:
+        name, dot = match.group(0).removesuffix("."), match.group(1)
+        file = getattr(sys.modules.get(name), SHOWN_FILE, None)
+        if file is None:
+            return match.group(0)
+        return f"{file}:" if dot else str(file)  # a name in it reads as in a reference
+
+    return _GENERATED_NAME.sub(shown, text)
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when inside it, else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _load_file(path_text: str) -> types.ModuleType:
     path = Path(path_text).expanduser().resolve()
     name = FILE_MODULE_PREFIX + hashlib.sha1(str(path).encode()).hexdigest()[:12]
@@ -98,6 +121,7 @@ def _load_file(path_text: str) -> types.ModuleType:
     if spec is None or spec.loader is None:
         raise ConveyorError(f"cannot load {path_text} as Python")
     module = importlib.util.module_from_spec(spec)
+    setattr(module, SHOWN_FILE, shown_path(path))
     sys.modules[name] = module
     # Scripts import their siblings the way `python script.py` would let them.
     sys.path.insert(0, str(path.parent))
@@ -111,23 +135,57 @@ def _load_file(path_text: str) -> types.ModuleType:
     return module
 
 
+class MissingName(ConveyorError):
+    """A reference whose module loads but has no such name; ``names`` are those it has."""
+
+    def __init__(self, where: str, name: str, names: dict[str, Any]) -> None:
+        self.where = where
+        self.name = name
+        self.names = names
+        super().__init__(missing_name(where, name, list(names)))
+
+
+def missing_name(where: str, name: str, known: list[str], kind: str = "name") -> str:
+    """``where`` has no ``name``: with the close matches among ``known``, or a short list."""
+    public = [k for k in known if not k.startswith("_")]
+    close = difflib.get_close_matches(name, public, n=3)
+    if close:
+        return f"{where} has no {kind} {name!r}; did you mean {either(close)}?"
+    if kind != "name" and 0 < len(public) <= 10:
+        return f"{where} has no {kind} {name!r} (it has: {', '.join(public)})"
+    return f"{where} has no {kind} {name!r}"
+
+
+def either(names: list[str]) -> str:
+    """``'a'``, ``'a' or 'b'``, ``'a', 'b' or 'c'``."""
+    quoted = [repr(name) for name in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
 def load_reference(ref: str) -> Any:
-    """Import the object named by ``ref``; a ConveyorError says what went wrong."""
+    """Import the object named by ``ref``; a ConveyorError says what went wrong (a
+    MissingName, with the close matches, for a name the module does not have)."""
     module_part, sep, qualname = ref.rpartition(":")
     if not sep or not module_part or not qualname:
         raise ConveyorError(f"{ref!r} is not a reference: use module:name or file.py:name")
+    is_file = module_part.endswith(".py") or "/" in module_part
     try:
-        if module_part.endswith(".py") or "/" in module_part:
-            module = _load_file(module_part)
-        else:
-            module = importlib.import_module(module_part)
-        obj: Any = module
-        for attr in qualname.split("."):
-            obj = getattr(obj, attr)
+        module = _load_file(module_part) if is_file else importlib.import_module(module_part)
     except ConveyorError as exc:
         raise ConveyorError(f"cannot import {ref!r}: {exc}") from None
     except Exception as exc:
-        raise ConveyorError(f"cannot import {ref!r}: {type(exc).__name__}: {exc}") from exc
+        raise ConveyorError(
+            f"cannot import {ref!r}: {type(exc).__name__}: {readable(str(exc))}"
+        ) from exc
+    obj: Any = module
+    where = module_part if is_file else f"module {module_part!r}"
+    for attr in qualname.split("."):
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError:
+            names = vars(obj) if hasattr(obj, "__dict__") else {}
+            raise MissingName(where, attr, dict(names)) from None
+        where = f"{where}:{attr}"
     return obj
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from conveyor.contracts import (
     ArtifactRecord,
@@ -19,7 +20,6 @@ from conveyor.contracts import (
     RunStatus,
     StepRecord,
     StepStatus,
-    StepStatusChanged,
 )
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
@@ -33,24 +33,18 @@ from conveyor.service.cli.output import (
     user_errors,
     when,
 )
+from conveyor.service.cli.run_progress import RunFollower
 from conveyor.service.cli.state import client
+from conveyor.service.consumers import watch_consumers
 from conveyor.service.engine import AsyncRun, Conveyor
-from conveyor.service.pipelines import load_pipeline
+from conveyor.service.pipeline_parameters import ParameterError
+from conveyor.service.pipelines import PipelineDefinition, load_pipeline
 from conveyor.workers.flavors import masked_stack_snapshot
 
 pipeline_app = typer.Typer(help="Run pipelines.")
 run_app = typer.Typer(help="Inspect pipeline runs.")
 artifact_app = typer.Typer(help="Inspect and fetch step outputs.")
 
-STATUS_STYLE = {
-    StepStatus.COMPLETED: "green",
-    StepStatus.CACHED: "green",
-    StepStatus.FAILED: "red",
-    StepStatus.SKIPPED: "yellow",
-    StepStatus.CANCELLED: "yellow",
-    StepStatus.RUNNING: "cyan",
-    StepStatus.PENDING: "white",
-}
 PREVIEW_BYTES = 4096
 
 
@@ -70,32 +64,26 @@ def _snapshot_rows(run: RunRecord) -> list[list[str]]:
     ]
 
 
-def _parse_params(pairs: list[str]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
+def _parse_params(pairs: list[str]) -> dict[str, str]:
+    params: dict[str, str] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             fail(f"--param takes name=value, got {pair!r}")
-        try:
-            params[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[key] = raw
+        params[key] = raw
     return params
 
 
-def _print_step(event: StepStatusChanged) -> None:
-    if event.status is StepStatus.RUNNING:
-        return
-    if event.status is StepStatus.PENDING:
-        console.print(f"  ↻ {event.step} retrying (attempt {event.attempt}): {event.error}")
-        return
-    style = STATUS_STYLE.get(event.status, "white")
-    line = f"  [{style}]{event.status.value:<9}[/{style}] {event.step}"
-    if event.duration_s is not None:
-        line += f" in {seconds(event.duration_s)}"
-    if event.status is StepStatus.FAILED and event.error:
-        line += f": {event.error}"
-    console.print(line)
+def _checked_params(definition: PipelineDefinition, pairs: list[str]) -> dict[str, Any]:
+    """``-p`` values checked against the pipeline's signature before anything starts; a
+    parameter that does not fit is a usage error (exit 2)."""
+    params = definition.parameters.from_text(_parse_params(pairs))
+    try:
+        definition.parameters.bind((), params)
+    except ParameterError as exc:
+        errors.print(f"[red]Error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    return params
 
 
 async def _leaf_outputs(run: AsyncRun, steps: list[StepRecord]) -> dict[str, Any]:
@@ -111,29 +99,64 @@ async def _leaf_outputs(run: AsyncRun, steps: list[StepRecord]) -> dict[str, Any
 
 
 async def _run_pipeline(
-    target: str, stack: str | None, params: dict[str, Any]
+    definition: PipelineDefinition, stack: str | None, params: dict[str, Any]
 ) -> tuple[RunRecord, list[StepRecord], dict[str, Any]]:
-    definition = load_pipeline(target)
+    spec, definitions = definition.compile(**params)
     async with Conveyor(stack=stack) as cv:
         assert cv.stack is not None
-        run = await cv.submit(definition, on_step=_print_step, **params)
-        console.print(
-            f"Running pipeline [bold]{definition.name}[/bold] on stack "
-            f"'{cv.stack.name}' as run [bold]{run.id}[/bold]"
-        )
-        try:
-            record = await run.wait()
-        except asyncio.CancelledError:
-            await _cancel_on_interrupt(cv, run)
-            raise
+        async with RunFollower(console, definition.name, len(spec.steps)) as follower:
+            run = await cv.submit_compiled(spec, definitions, on_step=follower.on_step)
+            console.print(
+                f"Running pipeline [bold]{escape(definition.name)}[/bold] on stack "
+                f"'{escape(cv.stack.name)}' as run [bold]{run.id}[/bold]"
+            )
+            try:
+                record = await _wait(cv, run, {step.pool for step in spec.steps})
+            except asyncio.CancelledError:
+                await _cancel_on_interrupt(cv, run, follower.heard)
+                raise
         steps = await run.steps()
         return record, steps, await _leaf_outputs(run, steps)
 
 
-async def _cancel_on_interrupt(cv: Conveyor, run: AsyncRun) -> None:
+async def _wait(cv: Conveyor, run: AsyncRun, pools: set[str]) -> RunRecord:
+    """The run's end; on a service stack, telling meanwhile which consumer it waits for."""
+    if cv.controller_alive is not None:  # embedded: this process is the whole stack
+        return await run.wait()
+    assert cv.stack is not None
+
+    def say(text: str) -> None:
+        errors.print(text, markup=False, highlight=False)
+
+    watch = asyncio.create_task(watch_consumers(cv.stack, cv.broker.topology, pools, say))
+    try:
+        return await run.wait()
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+
+
+WITHDRAW_TIMEOUT_S = 3.0
+"""How long Ctrl+C waits for the broker to take the cancellation of a run."""
+
+
+async def _cancel_on_interrupt(cv: Conveyor, run: AsyncRun, heard: bool) -> None:
     """Ctrl+C: cancel the run rather than leave it to be found dead later."""
     errors.print(f"Interrupted: cancelling run {run.id}")
-    await cv.cancel(run.id, "interrupted (Ctrl+C on conveyor pipeline run)")
+    try:
+        async with asyncio.timeout(WITHDRAW_TIMEOUT_S):
+            await cv.cancel(run.id, "interrupted (Ctrl+C on conveyor pipeline run)")
+    except TimeoutError:
+        errors.print(f"The broker did not take the cancellation in {WITHDRAW_TIMEOUT_S:g}s")
+        return
+    except ConveyorError as exc:
+        errors.print(f"The cancellation was not sent: {exc}", markup=False)
+        return
+    if cv.controller_alive is None and not heard:
+        # No controller has taken the request: none to wait for. One that takes it later
+        # reads the cancellation with it and records the run cancelled, unstarted.
+        errors.print(f"Run {run.id} withdrawn: no controller had taken it")
+        return
     with contextlib.suppress(TimeoutError, ConveyorError):
         await run.wait(timeout=5)
 
@@ -148,9 +171,14 @@ def run_pipeline(
 
     Example: conveyor pipeline run examples/quickstart.py:training_pipeline -p epochs=100
     """
+    # As `python -m` does: a module of the working directory is importable by its name.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     with user_errors():
+        definition = load_pipeline(target)
+        params = _checked_params(definition, param)
         try:
-            record, steps, outputs = asyncio.run(_run_pipeline(target, stack, _parse_params(param)))
+            record, steps, outputs = asyncio.run(_run_pipeline(definition, stack, params))
         except KeyboardInterrupt:
             # The run is cancelled and recorded. A sync step's thread cannot be stopped and
             # would hold the interpreter's exit until the step's end: leave without it.

@@ -308,6 +308,32 @@ async def test_invalid_submissions_are_refused(api: httpx.AsyncClient) -> None:
     assert (await api.get("/api/runs")).json()["items"] == []
 
 
+async def test_parameters_that_do_not_fit_the_pipeline_are_refused_before_it_runs(
+    api: httpx.AsyncClient,
+) -> None:
+    refused = await api.post(
+        "/api/runs", json={"pipeline": QUICKSTART, "parameters": {"epochs": "abc"}}
+    )
+    assert_error(refused, 422, "parameter 'epochs' expects int, got 'abc'")
+    assert "conveyor_user_" not in refused.text
+    mistyped = await api.post("/api/runs", json={"pipeline": QUICKSTART.replace("line", "lin")})
+    assert_error(mistyped, 422, "has no pipeline 'training_pipelin'; did you mean")
+    assert "conveyor_user_" not in mistyped.text
+    assert (await api.get("/api/runs")).json()["items"] == []
+
+
+async def test_a_pipeline_failing_to_build_is_named_by_its_file(home: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "pipelines"
+    folder.mkdir()
+    (folder / "settings.py").write_text(
+        "import sys\nfrom conveyor import pipeline\n"
+        "@pipeline\ndef p() -> None:\n    sys.modules[__name__].THRESHOLD\n"
+    )
+    async with serving(home, pipelines=folder) as (_, api):
+        refused = await api.post("/api/runs", json={"pipeline": "settings.py:p"})
+    assert_error(refused, 422, f"module '{folder / 'settings.py'}' has no attribute 'THRESHOLD'")
+
+
 async def test_the_same_idempotency_key_creates_one_run(api: httpx.AsyncClient) -> None:
     body = {"pipeline": QUICKSTART, "parameters": {"epochs": 5}}
     headers = {"Idempotency-Key": "order-42"}

@@ -14,14 +14,17 @@ import pytest
 
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
 from conveyor.contracts import (
+    ComponentType,
     NotFoundError,
     OutputSelector,
     PipelineSpec,
+    RunCancelRequested,
     RunRequested,
     StepSpec,
     new_id,
 )
 from conveyor.service.context import Services
+from conveyor.service.pipeline_parameters import ParameterError
 from conveyor.workers.broker_inprocess import InProcessBroker
 
 SEEN: dict[str, Any] = {}
@@ -404,6 +407,29 @@ async def test_one_key_twice_in_one_batch_creates_one_run() -> None:
         assert [(r.id, r.status) for r in runs] == [(requests[0].run_id, RunStatus.COMPLETED)]
 
 
+async def test_a_run_requested_and_cancelled_in_one_batch_never_starts() -> None:
+    """A client that gave up before any controller took its request (Ctrl+C on a stack
+    whose controller was down): the controller that comes later runs nothing of it."""
+    async with Conveyor() as cv:
+        spec, _ = handoff.compile()
+        request = RunRequested(run_id=new_id(), pipeline="handoff", spec=spec)
+        cancel = RunCancelRequested(run_id=request.run_id, reason="interrupted")
+        await cv.broker.publish([request, cancel])  # both reach the controller in one batch
+        for _ in range(200):
+            runs = await cv.services.runs.list_runs()
+            if runs and runs[0].status is RunStatus.CANCELLED:
+                break
+            await asyncio.sleep(0.05)
+        assert [(r.id, r.status, r.error) for r in runs] == [
+            (request.run_id, RunStatus.CANCELLED, "interrupted")
+        ]
+        steps = await cv.services.runs.steps_of(request.run_id)
+    assert [(s.name, s.status, s.attempt) for s in steps] == [
+        ("produce", StepStatus.CANCELLED, 0),
+        ("consume", StepStatus.CANCELLED, 0),
+    ], "attempt 0: never dispatched"
+
+
 async def test_a_message_that_fails_its_batch_is_dead_lettered_and_the_rest_proceed() -> None:
     """A spec whose step reads an output of a step that does not exist used to fail the
     controller's whole batch, requeued for ever. The contract refuses such a spec now; this
@@ -516,3 +542,117 @@ async def test_followers_hear_every_change_in_order_while_a_step_still_runs() ->
     ], order
     running_at = next(t for t, step, s in heard if (step, s) == ("slow_after", StepStatus.RUNNING))
     assert running_at < 0.8, f"'running' reached the follower only after {running_at:.2f}s"
+
+
+@step(pool="gpu")
+def on_gpu() -> int:
+    return 20
+
+
+@step(pool="big-memory")
+def on_big_memory(x: int) -> int:
+    return x + 1
+
+
+@pipeline
+def across_pools() -> None:
+    on_big_memory(on_gpu())
+
+
+async def test_the_embedded_stack_runs_the_steps_of_every_pool() -> None:
+    async with Conveyor() as cv:
+        run = await cv.submit(across_pools)
+        record = await run.wait(timeout=30)
+        assert record.status is RunStatus.COMPLETED
+        assert await run.load("on_big_memory") == 21
+
+
+RUNNING_NOW: list[int] = [0, 0]
+"""Steps of ``in_three_pools`` running now, and the most seen at once."""
+
+
+async def _count_while_running(i: int) -> int:
+    RUNNING_NOW[0] += 1
+    RUNNING_NOW[1] = max(RUNNING_NOW)
+    await asyncio.sleep(0.1)
+    RUNNING_NOW[0] -= 1
+    return i
+
+
+@step(pool="a")
+async def in_a(i: int) -> int:
+    return await _count_while_running(i)
+
+
+@step(pool="b")
+async def in_b(i: int) -> int:
+    return await _count_while_running(i)
+
+
+@pipeline
+def in_three_pools() -> None:
+    gather_ints([in_a(0), in_b(1), in_a(2), in_b(3)])
+
+
+async def test_the_embedded_worker_runs_no_more_steps_at_once_than_its_concurrency(
+    home: Path,
+) -> None:
+    services = await Services.open(home)
+    try:
+        await services.stacks.register_component(
+            ComponentType.ORCHESTRATOR, "one-at-a-time", "local", {"concurrency": 1}
+        )
+        await services.stacks.register_stack(
+            "narrow",
+            {ComponentType.ORCHESTRATOR: "one-at-a-time", ComponentType.ARTIFACT_STORE: "default"},
+        )
+    finally:
+        await services.close()
+    async with Conveyor(stack="narrow") as cv:
+        run = await cv.submit(in_three_pools)
+        assert (await run.wait(timeout=30)).status is RunStatus.COMPLETED
+        assert await run.load("gather_ints") == 6
+    assert RUNNING_NOW[1] == 1, "two pools' steps ran at once on a worker of concurrency 1"
+
+
+@pipeline
+def sized(n: int = 3) -> None:
+    consume(produce())
+
+
+async def test_submit_refuses_parameters_that_do_not_fit_before_any_run() -> None:
+    async with Conveyor() as cv:
+        with pytest.raises(ParameterError, match="parameter 'n' expects int, got 'many'"):
+            await cv.submit(sized, n="many")
+        with pytest.raises(ParameterError, match=r"no parameter 'size' \(its parameters: n\)"):
+            await cv.submit(sized, size=3)
+        assert await cv.services.runs.list_runs() == []
+
+
+UNSTORABLE_SCRIPT = """
+from conveyor import pipeline, step
+
+class Report:
+    pass
+
+@step
+def report() -> Report:
+    return Report()
+
+@pipeline
+def reporting() -> None:
+    report()
+"""
+
+
+async def test_a_step_failure_names_the_users_file_not_a_generated_module(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "reports.py"
+    script.write_text(UNSTORABLE_SCRIPT)
+    async with Conveyor() as cv:
+        run = await cv.submit(f"{script}:reporting")
+        assert (await run.wait(timeout=30)).status is RunStatus.FAILED
+        (only,) = await run.steps()
+    assert f"is a {script}:Report, which no materializer can store" in (only.error or "")
+    assert "conveyor_user_" not in (only.error or "")

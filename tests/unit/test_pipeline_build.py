@@ -8,7 +8,14 @@ import pytest
 
 from conveyor import pipeline, step
 from conveyor.contracts import ConveyorError, OutputSelector, ValidationError
-from conveyor.workers.steps import load_reference, output_names, reference_of
+from conveyor.service.pipelines import load_pipeline
+from conveyor.workers.steps import (
+    FILE_MODULE_PREFIX,
+    load_reference,
+    output_names,
+    readable,
+    reference_of,
+)
 
 
 @step
@@ -114,5 +121,55 @@ def test_references_import_by_module_and_by_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("ref", ["nope", "no_such_module_xyz:f", "tests:missing_name", "x.py:f"])
 def test_bad_references_say_what_is_wrong(ref: str) -> None:
-    with pytest.raises(ConveyorError, match=r"not a reference|cannot import"):
+    with pytest.raises(ConveyorError, match=r"not a reference|cannot import|has no name"):
         load_reference(ref)
+
+
+PIPELINES_FILE = """
+from conveyor import pipeline, step
+
+class Report:
+    pass
+
+@step
+def fit() -> int:
+    return 1
+
+@pipeline
+def training() -> None:
+    fit()
+
+@pipeline
+def train_quick() -> None:
+    fit()
+"""
+
+
+def test_a_mistyped_pipeline_name_suggests_the_close_ones(tmp_path: Path) -> None:
+    script = tmp_path / "mine.py"
+    script.write_text(PIPELINES_FILE)
+    with pytest.raises(ConveyorError) as caught:
+        load_pipeline(f"{script}:trainig")
+    assert str(caught.value) == (
+        f"{script} has no pipeline 'trainig'; did you mean 'training' or 'train_quick'?"
+    )
+    with pytest.raises(ConveyorError) as caught:
+        load_pipeline(f"{script}:evaluate")
+    assert str(caught.value).endswith("has no pipeline 'evaluate' (it has: training, train_quick)")
+    with pytest.raises(ConveyorError, match=r"no pipeline 'fitt' \(it has: training, train_q"):
+        load_pipeline(f"{script}:fitt")  # a step is not offered for a pipeline
+
+
+def test_messages_name_the_users_file_not_a_generated_module(tmp_path: Path) -> None:
+    script = tmp_path / "mine.py"
+    script.write_text(PIPELINES_FILE)
+    report = load_reference(f"{script}:Report")
+    generated = report.__module__
+    assert generated.startswith(FILE_MODULE_PREFIX)
+    assert readable(f"module {generated!r} has no attribute 'x'") == (
+        f"module '{script}' has no attribute 'x'"
+    )
+    assert readable(f"a {generated}.Report, which") == f"a {script}:Report, which"
+    assert readable(f"{FILE_MODULE_PREFIX}0000_unknown stays") == (
+        f"{FILE_MODULE_PREFIX}0000_unknown stays"
+    )

@@ -19,7 +19,12 @@ from conveyor.contracts import BlobRef, ConveyorError, StepSpec, UntrustedStep
 from conveyor.workers.artifact_store_local import LocalArtifactStore
 from conveyor.workers.code_archive import attach_code
 from conveyor.workers.step_resolver import StepResolver, parse_reference
-from conveyor.workers.steps import StepDefinition, load_reference
+from conveyor.workers.steps import (
+    FILE_MODULE_PREFIX,
+    StepDefinition,
+    load_reference,
+    readable,
+)
 from tests.unit import test_pipeline_build
 
 T = TypeVar("T")
@@ -368,3 +373,15 @@ def test_a_module_imported_inside_a_step_body_is_found_in_the_run_archive(
             assert definition.fn() == 7
     finally:
         sys.modules.pop(late, None)
+
+
+def test_a_step_of_an_archive_is_named_by_its_file_in_messages(
+    store: CountingStore, resolver: StepResolver
+) -> None:
+    code = archive(store, {"jobs/train.py": TRAIN, "jobs/helper.py": "VALUE = 1\n"})
+    definition = resolver.resolve(spec("jobs/train.py:train", code))
+    generated = definition.fn.__module__
+    assert generated.startswith(FILE_MODULE_PREFIX)
+    assert readable(f"module {generated!r} has no attribute 'x'") == (
+        "module 'jobs/train.py' has no attribute 'x'"
+    )
