@@ -5,14 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from conveyor.service.home import Home
 from conveyor.service.liveness import is_alive, this_process
 from conveyor.service.stacks import StackService
 from conveyor.service.store import Database, RunStore
-
-log = structlog.get_logger("conveyor")
 
 
 @dataclass
@@ -56,6 +52,11 @@ class Services:
             if not is_alive(pid, token):
                 reason = f"the process that ran it (pid {pid}) died before the run finished"
                 await self.runs.fail_abandoned(run_id, reason)
-                log.warning("run abandoned by a dead process", run_id=run_id, pid=pid)
+                # Imported here: the CLI's listings start faster without structlog.
+                import structlog
+
+                structlog.get_logger("conveyor").warning(
+                    "run abandoned by a dead process", run_id=run_id, pid=pid
+                )
                 failed.append(run_id)
         return failed

@@ -7,7 +7,7 @@ import typer
 from conveyor.service.cli import runs, server, services, stack
 from conveyor.service.cli.components import COMMANDS, component_app
 from conveyor.service.cli.state import open_client
-from conveyor.service.logs import configure_logging
+from conveyor.service.logs import configure_logging_when_used
 
 app = typer.Typer(
     help="Conveyor: event-driven ML pipelines on stacks.",
@@ -29,7 +29,7 @@ app.add_typer(services.contracts_app, name="contracts")
 
 
 def main() -> None:
-    configure_logging()
+    configure_logging_when_used()
     app()
 
 

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -19,7 +19,6 @@ from conveyor.contracts import (
     RunStatus,
     StepRecord,
     StepStatus,
-    StepStatusChanged,
 )
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
@@ -34,9 +33,11 @@ from conveyor.service.cli.output import (
     when,
 )
 from conveyor.service.cli.state import client
-from conveyor.service.engine import AsyncRun, Conveyor
-from conveyor.service.pipelines import load_pipeline
 from conveyor.workers.flavors import masked_stack_snapshot
+
+if TYPE_CHECKING:
+    from conveyor.contracts import StepStatusChanged
+    from conveyor.service.engine import AsyncRun, Conveyor
 
 pipeline_app = typer.Typer(help="Run pipelines.")
 run_app = typer.Typer(help="Inspect pipeline runs.")
@@ -113,6 +114,10 @@ async def _leaf_outputs(run: AsyncRun, steps: list[StepRecord]) -> dict[str, Any
 async def _run_pipeline(
     target: str, stack: str | None, params: dict[str, Any]
 ) -> tuple[RunRecord, list[StepRecord], dict[str, Any]]:
+    # The engine is imported by the one command that runs it: the others start faster.
+    from conveyor.service.engine import Conveyor
+    from conveyor.service.pipelines import load_pipeline
+
     definition = load_pipeline(target)
     async with Conveyor(stack=stack) as cv:
         assert cv.stack is not None

@@ -9,9 +9,9 @@ from types import FrameType
 
 import typer
 
+from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
 from conveyor.service.cli.output import console, user_errors
 from conveyor.service.cli.state import client
-from conveyor.service.gateway import DEFAULT_MAX_STEPS
 
 app = typer.Typer(help="The HTTP API and the dashboard.")
 

@@ -11,18 +11,14 @@ from pathlib import Path
 
 import typer
 
-from conveyor.contracts import StackSpec, event_json_schemas
+from conveyor.contracts import StackSpec
 from conveyor.service.cli.output import fail, user_errors
 from conveyor.service.cli.state import client
 from conveyor.service.home import Home
 from conveyor.service.logs import LEVEL_ENV, configure_logging
-from conveyor.service.processes import (
-    read_stack_file,
-    serve_controller,
-    stack_from_export,
-    with_url,
-)
-from conveyor.workers.process import serve_workers
+
+# The controller, the worker runtime and the event models are imported by the commands that
+# use them: every other command starts faster without them.
 
 worker_app = typer.Typer(help="Worker processes of a rabbitmq stack.", no_args_is_help=True)
 controller_app = typer.Typer(
@@ -60,6 +56,8 @@ def _service_logging() -> None:
 def _stack(
     ctx: typer.Context, name: str | None, stack_file: Path | None, url: str | None
 ) -> StackSpec:
+    from conveyor.service.processes import read_stack_file, stack_from_export, with_url
+
     if name and stack_file:
         fail("give --stack or --stack-file, not both")
     if stack_file is not None:
@@ -114,6 +112,8 @@ def start_worker(
 
     Example: conveyor worker start --stack prod --concurrency 4 --pool gpu
     """
+    from conveyor.workers.process import serve_workers
+
     _service_logging()
     with user_errors():
         spec = _stack(ctx, stack, stack_file, url)
@@ -149,6 +149,8 @@ def start_controller(
 
     Example: conveyor controller start --stack prod
     """
+    from conveyor.service.processes import serve_controller
+
     _service_logging()
     if stack and stack_file:
         fail("give --stack or --stack-file, not both")
@@ -166,6 +168,8 @@ def schema(
 
     Example: conveyor contracts schema RunRequested
     """
+    from conveyor.contracts import event_json_schemas
+
     schemas = event_json_schemas()
     if event is not None:
         if event not in schemas:

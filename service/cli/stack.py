@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
 
 from conveyor.contracts import ComponentType, StackSpec
 from conveyor.service.cli.components import column, shown
@@ -320,6 +319,8 @@ def export(
 
     Example: conveyor stack export shared shared.yaml
     """
+    import yaml  # here, not for every command
+
     with user_errors():
         data = client(ctx).export_stack(name, include_secrets=include_secrets)
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
@@ -348,6 +349,8 @@ def import_(
 
     Example: conveyor stack import shared.yaml --name shared-copy
     """
+    import yaml  # here, not for every command
+
     try:
         data: Any = yaml.safe_load(file.read_text())
     except (OSError, yaml.YAMLError) as exc:
