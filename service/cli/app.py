@@ -13,6 +13,9 @@ app = typer.Typer(
     help="Conveyor: event-driven ML pipelines on stacks.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Click's own help and error layout: rich panels show a type (`<bool>`) beside every
+    # flag, and an error is then one plain `Error:` line like the CLI's own.
+    rich_markup_mode=None,
     add_completion=False,
 )
 app.callback()(open_client)
