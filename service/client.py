@@ -116,6 +116,10 @@ class Client:
     def copy_stack(self, source: str, target: str) -> StackSpec:
         return self._run(lambda s: s.stacks.copy_stack(source, target))
 
+    def deletable_stack(self, name: str) -> StackSpec:
+        """The stack ``name`` if it may be deleted; else the error that deleting it would raise."""
+        return self._run(lambda s: s.stacks.deletable(name))
+
     def delete_stack(self, name: str) -> None:
         """Delete a stack (not its components); never the default or the active one."""
         self._run(lambda s: s.stacks.delete_stack(name))

@@ -20,9 +20,9 @@ from conveyor.contracts import ComponentSpec, ComponentType, StackSpec
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
     OutputFormat,
-    console,
     emit,
     fail,
+    status,
     table,
     user_errors,
     when,
@@ -254,8 +254,8 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
         config = parse_config(ctx.args, found.config_model if found else None)
         with user_errors():
             component = client(ctx).register_component(type_, name, flavor, config)
-        console.print(f"Registered {kind} '{component.name}' (flavor {component.flavor}).")
-        console.print(_config_table(component))
+        status.print(f"Registered {kind} '{component.name}' (flavor {component.flavor}).")
+        status.print(_config_table(component))
 
     @app.command(
         "describe",
@@ -293,8 +293,8 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
             found = FLAVORS.get((type_, current.flavor))
             config = parse_config(ctx.args, found.config_model if found else None)
             component = c.update_component(type_, current.name, config)
-        console.print(f"Updated {kind} '{component.name}'.")
-        console.print(_config_table(component))
+        status.print(f"Updated {kind} '{component.name}'.")
+        status.print(_config_table(component))
 
     @app.command(
         "rename",
@@ -308,7 +308,7 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
     ) -> None:
         with user_errors():
             component = client(ctx).rename_component(type_, name, new_name)
-        console.print(f"Renamed {kind} '{name}' to '{component.name}'.")
+        status.print(f"Renamed {kind} '{name}' to '{component.name}'.")
 
     @app.command(
         "delete", help=f"Delete an {kind} that no stack uses.\n\nExample: {cmd} delete {ex}"
@@ -320,7 +320,7 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
             c = client(ctx)
             component = c.get_component(type_, name)
             c.delete_component(type_, component.name)
-        console.print(f"Deleted {kind} '{component.name}'.")
+        status.print(f"Deleted {kind} '{component.name}'.")
 
     @flavor_app.command(
         "list",

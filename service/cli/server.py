@@ -10,7 +10,7 @@ from types import FrameType
 import typer
 
 from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
-from conveyor.service.cli.output import console, user_errors
+from conveyor.service.cli.output import status, user_errors
 from conveyor.service.cli.state import client
 
 app = typer.Typer(help="The HTTP API and the dashboard.")
@@ -91,7 +91,7 @@ def up(
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
     )
-    console.print(
+    status.print(
         f"Conveyor server on http://{host}:{port} (stack '{served.name}'"
         f"{', token required' if token else ''}); Ctrl+C to stop"
     )
@@ -100,4 +100,4 @@ def up(
     server.run()
     if not server.started:
         raise typer.Exit(1)
-    console.print("Conveyor server stopped")
+    status.print("Conveyor server stopped")

@@ -70,7 +70,8 @@ def test_register_describe_update_rename_delete(nfs: Path) -> None:
     assert as_json("artifact-store", "describe", "nfs")["config"] == {"path": str(nfs / "v2")}
     ok("artifact-store", "rename", "nfs", "shared")
     assert [c["name"] for c in as_json("artifact-store", "list")] == ["default", "shared"]
-    assert "Deleted artifact store 'shared'" in ok("artifact-store", "delete", "shared").stdout
+    deleted = ok("artifact-store", "delete", "shared")
+    assert "Deleted artifact store 'shared'" in deleted.stderr and deleted.stdout == ""
     assert [c["name"] for c in as_json("artifact-store", "list")] == ["default"]
 
 
@@ -179,7 +180,7 @@ def test_a_secret_never_shows_in_describe_list_or_export(tmp_path: Path) -> None
     registered = ok("orchestrator", "register", "mq", "-f", "rabbitmq", f"--url={url}")
     ok("stack", "register", "remote", "-o", "mq", "-a", "default")
     shown = [
-        registered.stdout,
+        registered.stderr,
         ok("orchestrator", "describe", "mq").stdout,
         ok("orchestrator", "describe", "mq", "--output", "json").stdout,
         ok("orchestrator", "list", "--output", "json").stdout,
