@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
 from conveyor.contracts import DEFAULT_PREFIX, Isolation
@@ -104,6 +106,15 @@ class RabbitMQOrchestratorConfig(BaseModel):
         "archive (steps of the run's own code always travel in its archive)",
     )
 
+    @field_validator("url")
+    @classmethod
+    def _amqp_url(cls, value: SecretStr) -> SecretStr:
+        # Refused when registered, not when the first run cannot connect.
+        problem = amqp_url_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("trusted_packages")
     @classmethod
     def _package_names(cls, value: list[str]) -> list[str]:
@@ -133,3 +144,23 @@ class RabbitMQOrchestratorConfig(BaseModel):
                 "consumer_timeout in rabbitmq.conf and set consumer_timeout_s to match"
             )
         return value
+
+
+def amqp_url_problem(url: str) -> str | None:
+    """What keeps ``url`` from being an AMQP broker URL, or None. Never quotes the URL: it
+    may hold a password."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return "is not a URL with a valid port, e.g. amqp://user:password@host:5672/vhost"
+    if parts.scheme not in ("amqp", "amqps"):
+        shown = f" (not {parts.scheme}://)" if parts.scheme else ""
+        return f"must be an amqp:// or amqps:// URL{shown}"
+    if not parts.hostname:
+        return "must name the broker's host: amqp://user:password@host:5672/vhost"
+    if port == 0:
+        return "has port 0"
+    if parts.fragment:
+        return "must not have a #fragment"
+    return None

@@ -206,3 +206,14 @@ def test_every_component_command_has_a_one_line_help_with_an_example() -> None:
         assert (
             f"Example: conveyor {group} flavor list" in ok(group, "flavor", "list", "--help").stdout
         )
+
+
+def test_a_broker_url_that_is_not_amqp_is_refused_at_registration() -> None:
+    before = as_json("orchestrator", "list")
+    message = refused("orchestrator", "register", "mq", "-f", "rabbitmq", "--url", "http://x")
+    assert "key 'url'" in message and "must be an amqp:// or amqps:// URL" in message
+    ok("orchestrator", "register", "mq", "-f", "rabbitmq", "--url", "amqp://mq.example/")
+    assert "must name the broker's host" in refused(
+        "orchestrator", "update", "mq", "--url", "amqp://bob:pw@/"
+    )
+    assert len(as_json("orchestrator", "list")) == len(before) + 1
