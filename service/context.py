@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class Services:
     async def open(cls, home: str | Path | Home | None = None) -> Services:
         """Open the store, create the default stack on first use, fail dead runs."""
         resolved = home if isinstance(home, Home) else Home.resolve(home)
+        await asyncio.to_thread(resolved.check)
         db = Database(resolved.db_path)
         await db.open()
         services = cls(resolved, db, StackService(db, resolved), RunStore(db))

@@ -116,6 +116,8 @@ def start_worker(
 
     _service_logging()
     with user_errors():
+        home = Home.resolve()
+        home.check()  # its code cache: found unusable now, not at the first step
         spec = _stack(ctx, stack, stack_file, url)
         code = asyncio.run(
             serve_workers(
@@ -124,7 +126,7 @@ def start_worker(
                 concurrency=concurrency,
                 grace_s=grace,
                 name=name,
-                code_cache=Home.resolve().code_cache,
+                code_cache=home.code_cache,
                 trusted=trust,
                 isolation=None if isolation is None else isolation.value,
             )
