@@ -6,7 +6,6 @@ import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -23,6 +22,7 @@ from conveyor.service.cli.output import (
 )
 from conveyor.service.cli.state import client
 from conveyor.service.home import STACK_ENV
+from conveyor.service.stack_files import read_export_file
 from conveyor.workers.flavors import masked_config
 from conveyor.workers.secrets import mask_urls
 from conveyor.workers.stack_probes import probe_stack
@@ -333,15 +333,22 @@ def export(
         sys.stdout.write(text)
         return
     target = Path(file)
-    if include_secrets:
+    try:
+        _write(target, text, private=include_secrets)
+    except OSError as exc:
+        fail(f"cannot write {target}: {exc.strerror or exc}")
+    masked = "secrets in clear" if include_secrets else "secrets masked"
+    status.print(f"Exported stack '{data['stack_name']}' to {target} ({masked}).")
+
+
+def _write(target: Path, text: str, *, private: bool) -> None:
+    if private:
         # Secrets in clear: readable by their owner only, from the moment the file exists.
         target.unlink(missing_ok=True)
         with os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
             out.write(text)
     else:
         target.write_text(text)
-    masked = "secrets in clear" if include_secrets else "secrets masked"
-    status.print(f"Exported stack '{data['stack_name']}' to {target} ({masked}).")
 
 
 @app.command("import")
@@ -354,13 +361,8 @@ def import_(
 
     Example: conveyor stack import shared.yaml --name shared-copy
     """
-    import yaml  # here, not for every command
-
-    try:
-        data: Any = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        fail(f"cannot read {file}: {exc}")
     with user_errors():
+        data = read_export_file(file)
         c = client(ctx)
         before = {x.id for x in c.list_components()}
         stack = c.import_stack(data, name=name)

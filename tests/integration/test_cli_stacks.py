@@ -363,6 +363,35 @@ def test_export_redirected_to_its_own_default_file_name_is_valid_yaml(tmp_path: 
     )
 
 
+def test_export_and_import_of_unusable_files_are_one_line(tmp_path: Path) -> None:
+    for target in (tmp_path / "missing" / "x.yaml", tmp_path):
+        for secrets in ([], ["--include-secrets"]):
+            message = refused("stack", "export", "default", str(target), *secrets)
+            assert message.startswith(f"Error: cannot write {target}: ")
+    assert tmp_path.is_dir()
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00binary")
+    assert refused("stack", "import", str(binary)) == (
+        f"Error: cannot read {binary}: not a text file (a stack export is YAML)"
+    )
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("a: " + "x" * (1024 * 1024) + "\n")
+    assert f"cannot read {huge}: larger than 1024 KiB" in refused("stack", "import", str(huge))
+    assert "cannot read /dev/zero: larger than" in refused("stack", "import", "/dev/zero")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("stack_name: [unclosed\n")
+    assert refused("stack", "import", str(broken)) == (
+        f"Error: cannot read {broken}: not YAML: expected ',' or ']', but got '<stream end>' "
+        "at line 2, column 1"
+    )
+    # The same reading for the processes that take a stack file, which have no store.
+    for service in ("worker", "controller"):
+        result = conveyor_cli(service, "start", "--stack-file", str(binary))
+        assert result.returncode == 1 and result.stderr == (
+            f"Error: cannot read {binary}: not a text file (a stack export is YAML)\n"
+        )
+
+
 def test_files_that_hold_secrets_are_readable_by_their_owner_only(
     tmp_path: Path, home: Path
 ) -> None:
