@@ -25,7 +25,7 @@ from conveyor.contracts import (
     ValidationError,
 )
 from conveyor.workers.artifact_store_local import LocalArtifactStoreConfig
-from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
+from conveyor.workers.rabbitmq_config import MAX_CONCURRENCY, RabbitMQOrchestratorConfig
 from conveyor.workers.s3_config import S3ArtifactStoreConfig
 from conveyor.workers.secrets import mask, mask_value, reveal, secret_keys
 
@@ -36,7 +36,10 @@ class LocalOrchestratorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     concurrency: int = Field(
-        default=4, ge=1, description="Steps the embedded worker pool runs at once"
+        default=4,
+        ge=1,
+        le=MAX_CONCURRENCY,
+        description="Steps the embedded worker pool runs at once",
     )
 
 

@@ -10,19 +10,25 @@ from conveyor.contracts import DEFAULT_PREFIX, Isolation
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 RABBITMQ_CONSUMER_TIMEOUT_S = 1800.0
+MAX_CONCURRENCY = 1024
+"""The most steps one worker process runs at once (a thread, or a child process, each)."""
 
 
 class RabbitMQOrchestratorConfig(BaseModel):
     """Configuration of the ``rabbitmq`` orchestrator flavor."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN passes every comparison below, and an infinite heartbeat or lease never comes.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     url: SecretStr = Field(
         default=SecretStr(DEFAULT_URL),
         description="AMQP URL of the broker, with credentials and virtual host",
     )
     concurrency: int = Field(
-        default=4, ge=1, description="Steps a worker process runs at once (and its prefetch)"
+        default=4,
+        ge=1,
+        le=MAX_CONCURRENCY,
+        description="Steps a worker process runs at once (and its prefetch)",
     )
     isolation: Isolation = Field(
         default="thread",

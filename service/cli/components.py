@@ -125,12 +125,23 @@ def parse_config(args: list[str], model: type[BaseModel] | None) -> dict[str, An
         if not arg.startswith("--") or arg == "--":
             fail(f"unexpected argument {arg!r}: give configuration as --key=value")
         key, sep, raw = arg[2:].partition("=")
-        if not sep:
-            raw = rest.pop(0) if rest and not rest[0].startswith("--") else "true"
         key = key.replace("-", "_")
         field = fields.get(key)
+        if not sep and rest and not rest[0].startswith("--"):
+            raw = rest.pop(0)
+        elif not sep:
+            # A bare --key is true for a yes/no key only: --concurrency alone is not 1.
+            if field is not None and not _is_bool(field.annotation):
+                fail(f"--{key} needs a value: --{key}=VALUE")
+            raw = "true"
         config[key] = _value(raw, field.annotation if field is not None else None)
     return config
+
+
+def _is_bool(annotation: Any) -> bool:
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(_is_bool(a) for a in get_args(annotation))
+    return annotation is bool
 
 
 def _active_ids(c: Client, stack: str | None) -> set[str]:

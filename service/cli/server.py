@@ -60,6 +60,8 @@ def up(
     pipelines: Path = typer.Option(
         None,
         "--pipelines",
+        exists=True,
+        file_okay=False,
         help="Folder whose .py files requests may name as pipelines (default: this folder)",
     ),
     trust: list[str] = typer.Option(

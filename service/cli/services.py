@@ -16,6 +16,7 @@ from conveyor.service.cli.output import fail, user_errors
 from conveyor.service.cli.state import client
 from conveyor.service.home import Home
 from conveyor.service.logs import LEVEL_ENV, configure_logging
+from conveyor.workers.rabbitmq_config import MAX_CONCURRENCY
 
 # The controller, the worker runtime and the event models are imported by the commands that
 # use them: every other command starts faster without them.
@@ -77,7 +78,12 @@ def start_worker(
         [], "--pool", "-p", help="Worker pool to serve (repeatable; default: 'default')"
     ),
     concurrency: int = typer.Option(
-        None, "--concurrency", "-c", min=1, help="Steps at once (default: the orchestrator's)"
+        None,
+        "--concurrency",
+        "-c",
+        min=1,
+        max=MAX_CONCURRENCY,
+        help="Steps at once (default: the orchestrator's)",
     ),
     grace: float = typer.Option(
         None, "--grace", min=0, help="Seconds running steps may finish after SIGTERM"

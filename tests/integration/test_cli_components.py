@@ -217,3 +217,10 @@ def test_a_broker_url_that_is_not_amqp_is_refused_at_registration() -> None:
         "orchestrator", "update", "mq", "--url", "amqp://bob:pw@/"
     )
     assert len(as_json("orchestrator", "list")) == len(before) + 1
+
+
+def test_a_bare_key_that_is_not_yes_or_no_needs_a_value() -> None:
+    before = as_json("orchestrator", "list")
+    message = refused("orchestrator", "register", "fast", "-f", "local", "--concurrency")
+    assert message == "Error: --concurrency needs a value: --concurrency=VALUE"
+    assert as_json("orchestrator", "list") == before

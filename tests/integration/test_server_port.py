@@ -34,3 +34,12 @@ def test_the_banner_names_the_port_it_listens_on(tmp_path: Path) -> None:
         banner = server.stderr.read_text().splitlines()[0]
         assert banner.startswith(f"Conveyor server on http://127.0.0.1:{port} ")
         assert server.stdout.read_text() == ""
+
+
+def test_a_pipelines_folder_that_is_not_one_is_a_usage_error(tmp_path: Path) -> None:
+    a_file = tmp_path / "file.py"
+    a_file.write_text("")
+    for folder in (tmp_path / "missing", a_file):
+        result = conveyor_cli("server", "up", "--port", "0", "--pipelines", str(folder))
+        assert result.returncode == 2 and "Invalid value for '--pipelines'" in result.stderr
+        assert "Conveyor server on" not in result.stderr

@@ -77,3 +77,19 @@ def test_a_local_store_path_must_be_able_to_be_a_directory(tmp_path: Path) -> No
 def test_an_s3_endpoint_that_is_not_http_is_refused() -> None:
     with pytest.raises(ValidationError, match="must be an http:// or https:// URL"):
         get_flavor(STORE, "s3").validate({"bucket": "abc", "endpoint_url": "ftp://x"})
+
+
+@pytest.mark.parametrize(
+    ("flavor", "config", "problem"),
+    [
+        ("rabbitmq", {"lease_s": float("nan")}, "finite number"),
+        ("rabbitmq", {"heartbeat_s": float("inf")}, "finite number"),
+        ("rabbitmq", {"concurrency": 1025}, "less than or equal to 1024"),
+        ("local", {"concurrency": 10**20}, "less than or equal to 1024"),
+    ],
+)
+def test_numbers_that_would_break_a_run_are_refused(
+    flavor: str, config: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        get_flavor(ORCH, flavor).validate(config)
