@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.contracts import ComponentType, ValidationError
+from conveyor.contracts import ComponentSpec, ComponentType, StackSpec, ValidationError
 from conveyor.workers.flavors import get_flavor
 from conveyor.workers.rabbitmq_config import amqp_url_problem
+from conveyor.workers.stack_probes import probe_stack
 
 ORCH, STORE = ComponentType.ORCHESTRATOR, ComponentType.ARTIFACT_STORE
 
@@ -93,3 +94,25 @@ def test_numbers_that_would_break_a_run_are_refused(
 ) -> None:
     with pytest.raises(ValidationError, match=problem):
         get_flavor(ORCH, flavor).validate(config)
+
+
+async def test_a_stored_config_that_is_no_longer_valid_shows_as_a_failed_probe(
+    tmp_path: Path,
+) -> None:
+    """`stack describe` of a component stored before a check existed: the probe says why."""
+    stack = StackSpec(
+        id="s",
+        name="old",
+        components={
+            ORCH: ComponentSpec(
+                id="o", type=ORCH, name="mq", flavor="rabbitmq", config={"url": "http://x"}
+            ),
+            STORE: ComponentSpec(
+                id="a", type=STORE, name="a", flavor="local", config={"path": str(tmp_path)}
+            ),
+        },
+    )
+    probes = await probe_stack(stack, timeout=2)
+    assert not probes[ORCH].ok
+    assert "must be an amqp:// or amqps:// URL" in probes[ORCH].detail
+    assert probes[STORE].ok
