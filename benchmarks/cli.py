@@ -4,7 +4,8 @@ Whole processes, as a user waits for them: ``conveyor --help``, ``conveyor stack
 ``conveyor run list`` and ``conveyor pipeline run`` of a one-step pipeline, in interleaved
 rounds on one temporary CONVEYOR_HOME prepared once. Each command's median is printed with
 its ratio to the bare typer process measured in the same rounds (the machine may be busy;
-the ratio is the figure to compare).
+the ratio is the figure to compare), in wall time and in CPU time (user + system of the
+process), which a busy machine disturbs less.
 
     python benchmarks/cli.py [--rounds N] [--json]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -45,6 +47,14 @@ class Result:
     command: str
     median_s: float
     ratio_to_typer: float
+    cpu_median_s: float
+    cpu_ratio_to_typer: float
+
+
+@dataclass
+class Timing:
+    wall_s: float
+    cpu_s: float
 
 
 def conveyor_command() -> str:
@@ -66,13 +76,18 @@ def commands(conveyor: str) -> dict[str, list[str]]:
     }
 
 
-def timed(argv: list[str], *, cwd: Path, env: dict[str, str]) -> float:
-    started = time.perf_counter()
+def cpu_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(argv: list[str], *, cwd: Path, env: dict[str, str]) -> Timing:
+    cpu, started = cpu_of_children(), time.perf_counter()
     done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - started
+    timing = Timing(time.perf_counter() - started, cpu_of_children() - cpu)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr}")
-    return elapsed
+    return timing
 
 
 def measure(rounds: int) -> list[Result]:
@@ -85,7 +100,7 @@ def measure(rounds: int) -> list[Result]:
         env = {k: v for k, v in os.environ.items() if k not in dropped}
         env["CONVEYOR_HOME"] = str(workdir / "home")
         argvs = commands(conveyor_command())
-        timings: dict[str, list[float]] = {name: [] for name in argvs}
+        timings: dict[str, list[Timing]] = {name: [] for name in argvs}
         # Prepared once, not timed: the store and its default stack, a run to list, and
         # each command's bytecode cache.
         for argv in argvs.values():
@@ -93,21 +108,27 @@ def measure(rounds: int) -> list[Result]:
         for _ in range(rounds):
             for name, argv in argvs.items():
                 timings[name].append(timed(argv, cwd=workdir, env=env))
-    typer_median = statistics.median(timings[BASELINE])
+    wall = {name: statistics.median(t.wall_s for t in ts) for name, ts in timings.items()}
+    cpu = {name: statistics.median(t.cpu_s for t in ts) for name, ts in timings.items()}
     return [
         Result(
             command=name,
-            median_s=round(statistics.median(values), 4),
-            ratio_to_typer=round(statistics.median(values) / typer_median, 2),
+            median_s=round(wall[name], 4),
+            ratio_to_typer=round(wall[name] / wall[BASELINE], 2),
+            cpu_median_s=round(cpu[name], 4),
+            cpu_ratio_to_typer=round(cpu[name] / cpu[BASELINE], 2),
         )
-        for name, values in timings.items()
+        for name in timings
     ]
 
 
 def print_table(results: list[Result]) -> None:
-    print(f"{'command':<28}{'median s':>10}{'x typer':>9}")
+    print(f"{'command':<28}{'median s':>10}{'x typer':>9}{'cpu s':>8}{'x typer':>9}")
     for r in results:
-        print(f"{r.command:<28}{r.median_s:>10.3f}{r.ratio_to_typer:>9.2f}")
+        print(
+            f"{r.command:<28}{r.median_s:>10.3f}{r.ratio_to_typer:>9.2f}"
+            f"{r.cpu_median_s:>8.3f}{r.cpu_ratio_to_typer:>9.2f}"
+        )
 
 
 if __name__ == "__main__":
