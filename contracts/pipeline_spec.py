@@ -67,6 +67,8 @@ class StepSpec(Frozen):
 
 MAX_STEPS = 100_000
 """The most step invocations one pipeline may hold."""
+DEFAULT_MAX_STEPS = 10_000
+"""The most steps a pipeline submitted to a server may have, unless its ``--max-steps`` says."""
 
 
 class PipelineSpec(Frozen):

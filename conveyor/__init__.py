@@ -14,23 +14,51 @@ def p(): inc(make())
 run = p()  # runs on the active stack
 """
 
-from conveyor.contracts import (
-    ArtifactRef,
-    ConveyorError,
-    RunRecord,
-    RunStatus,
-    StackSpec,
-    StepRecord,
-    StepStatus,
-)
-from conveyor.service.engine import AsyncRun, Conveyor
-from conveyor.service.handles import RunHandle
-from conveyor.service.pipelines import PipelineDefinition, pipeline
-from conveyor.workers.steps import StepDefinition, step
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from conveyor.contracts import (
+        ArtifactRef,
+        ConveyorError,
+        RunRecord,
+        RunStatus,
+        StackSpec,
+        StepRecord,
+        StepStatus,
+    )
+    from conveyor.service.client import Client
+    from conveyor.service.engine import AsyncRun, Conveyor
+    from conveyor.service.handles import RunHandle
+    from conveyor.service.pipelines import PipelineDefinition, pipeline
+    from conveyor.workers.steps import StepDefinition, step
+
+# Each public name and the module it lives in. Imported on first use, so that `conveyor`
+# and its subpackages (the CLI above all) do not pay for the engine, numpy and aio-pika.
+_SOURCES = {
+    "ArtifactRef": "conveyor.contracts",
+    "ConveyorError": "conveyor.contracts",
+    "RunRecord": "conveyor.contracts",
+    "RunStatus": "conveyor.contracts",
+    "StackSpec": "conveyor.contracts",
+    "StepRecord": "conveyor.contracts",
+    "StepStatus": "conveyor.contracts",
+    "Client": "conveyor.service.client",
+    "AsyncRun": "conveyor.service.engine",
+    "Conveyor": "conveyor.service.engine",
+    "RunHandle": "conveyor.service.handles",
+    "PipelineDefinition": "conveyor.service.pipelines",
+    "pipeline": "conveyor.service.pipelines",
+    "StepDefinition": "conveyor.workers.steps",
+    "step": "conveyor.workers.steps",
+}
 
 __all__ = [
     "ArtifactRef",
     "AsyncRun",
+    "Client",
     "Conveyor",
     "ConveyorError",
     "PipelineDefinition",
@@ -44,3 +72,16 @@ __all__ = [
     "pipeline",
     "step",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module 'conveyor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(source), name)
+    globals()[name] = value  # found once; later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

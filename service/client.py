@@ -26,9 +26,7 @@ from conveyor.contracts import (
 )
 from conveyor.service.components import parse_type
 from conveyor.service.context import Services
-from conveyor.service.gateway import RunGateway
 from conveyor.service.home import Home
-from conveyor.workers.execution import load_artifact
 from conveyor.workers.flavors import Flavor, run_artifact_store
 
 TypeName = ComponentType | str
@@ -117,6 +115,10 @@ class Client:
 
     def copy_stack(self, source: str, target: str) -> StackSpec:
         return self._run(lambda s: s.stacks.copy_stack(source, target))
+
+    def deletable_stack(self, name: str) -> StackSpec:
+        """The stack ``name`` if it may be deleted; else the error that deleting it would raise."""
+        return self._run(lambda s: s.stacks.deletable(name))
 
     def delete_stack(self, name: str) -> None:
         """Delete a stack (not its components); never the default or the active one."""
@@ -223,6 +225,10 @@ class Client:
         ``conveyor pipeline run`` cancels it); the error says which process that is.
         """
 
+        # Imported here, as load_artifact below: the engine and numpy are for runs and
+        # values only, and every other call (the CLI's listings) starts faster without them.
+        from conveyor.service.gateway import RunGateway
+
         async def call(s: Services) -> RunRecord:
             gateway = RunGateway(s.home)
             await gateway.start()
@@ -256,6 +262,8 @@ class Client:
 
     def load_artifact(self, artifact_id: str, *, allow_pickle: bool = False) -> Any:
         """The value of an artifact, read from the store of the stack its run ran on."""
+        from conveyor.workers.execution import load_artifact
+
         artifact = self.get_artifact(artifact_id)
         return load_artifact(self._store_of(artifact), artifact.ref, allow_pickle=allow_pickle)
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
-
-import structlog
 
 from conveyor.service.home import Home
 from conveyor.service.liveness import is_alive, this_process
 from conveyor.service.stacks import StackService
 from conveyor.service.store import Database, RunStore
-
-log = structlog.get_logger("conveyor")
 
 
 @dataclass
@@ -28,6 +25,7 @@ class Services:
     async def open(cls, home: str | Path | Home | None = None) -> Services:
         """Open the store, create the default stack on first use, fail dead runs."""
         resolved = home if isinstance(home, Home) else Home.resolve(home)
+        await asyncio.to_thread(resolved.check)
         db = Database(resolved.db_path)
         await db.open()
         services = cls(resolved, db, StackService(db, resolved), RunStore(db))
@@ -56,6 +54,11 @@ class Services:
             if not is_alive(pid, token):
                 reason = f"the process that ran it (pid {pid}) died before the run finished"
                 await self.runs.fail_abandoned(run_id, reason)
-                log.warning("run abandoned by a dead process", run_id=run_id, pid=pid)
+                # Imported here: the CLI's listings start faster without structlog.
+                import structlog
+
+                structlog.get_logger("conveyor").warning(
+                    "run abandoned by a dead process", run_id=run_id, pid=pid
+                )
                 failed.append(run_id)
         return failed

@@ -32,6 +32,7 @@ from conveyor.contracts import (
     ValidationError,
     utcnow,
 )
+from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
 from conveyor.service.context import Services
 from conveyor.service.engine import Conveyor
 from conveyor.service.home import Home
@@ -43,8 +44,6 @@ from conveyor.workers.steps import StepDefinition, readable
 log = structlog.get_logger("conveyor.server")
 
 RESERVED_PARAMETERS = frozenset({"idempotency_key", "on_step"})
-DEFAULT_MAX_STEPS = 10_000
-"""The most steps a pipeline submitted to the server may have (``--max-steps``)."""
 MAX_COMPILING = 2
 """Pipelines compiled at once; more wait. A thread cannot be stopped, so they are few."""
 

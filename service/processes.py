@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import yaml
 
 from conveyor.contracts import ComponentSpec, ComponentType, StackSpec, ValidationError
 from conveyor.service.context import Services
 from conveyor.service.controller import Controller
 from conveyor.service.home import Home
-from conveyor.service.stack_files import parse_export
+from conveyor.service.stack_files import parse_export, read_export_file
 from conveyor.workers.broker_rabbitmq import RabbitMQBroker
 from conveyor.workers.flavors import get_flavor, make_artifact_store
 from conveyor.workers.process import (
@@ -36,13 +35,7 @@ log = structlog.get_logger("conveyor.process")
 
 def read_stack_file(path: Path, url: str | None = None) -> dict[str, Any]:
     """The export in ``path`` as data, with the orchestrator's URL replaced by ``url``."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ValidationError(f"cannot read stack file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ValidationError(f"stack file {path} is not YAML: {exc}") from None
-    export = parse_export(data)
+    export = parse_export(read_export_file(path))
     orchestrator = export.components.get(ComponentType.ORCHESTRATOR)
     if url and orchestrator is not None:
         orchestrator.configuration["url"] = url

@@ -14,6 +14,7 @@ Only the keys a user set are exported, so an import picks up the flavor's curren
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +24,8 @@ from conveyor.contracts import ComponentType, StackSpec, ValidationError
 from conveyor.workers.flavors import exported_config
 
 FORMAT: Literal[1] = 1
+MAX_FILE_BYTES = 1024 * 1024
+"""The largest stack file read: an export is a few kilobytes (and /dev/zero never ends)."""
 
 
 class ExportedComponent(BaseModel):
@@ -72,3 +75,32 @@ def parse_export(data: Any) -> StackExport:
             f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}" for e in exc.errors()
         )
         raise ValidationError(f"not a Conveyor stack export: {problems}") from None
+
+
+def read_export_file(path: Path) -> Any:
+    """The YAML data in the file ``path``; a one-line ValidationError when it cannot be read,
+    is too large, is not text or not YAML. (The data is checked by :func:`parse_export`.)"""
+    import yaml  # here: most commands that import this module read no file
+
+    try:
+        with path.open("rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ValidationError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ValidationError(
+            f"cannot read {path}: larger than {MAX_FILE_BYTES // 1024} KiB (a stack export "
+            "is a few KiB)"
+        )
+    try:
+        return yaml.safe_load(raw.decode())
+    except UnicodeDecodeError:
+        raise ValidationError(
+            f"cannot read {path}: not a text file (a stack export is YAML)"
+        ) from None
+    except yaml.YAMLError as exc:
+        # PyYAML's own message spans lines and quotes the file; one line says enough.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ValidationError(f"cannot read {path}: not YAML: {problem}{where}") from None

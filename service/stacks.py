@@ -167,15 +167,18 @@ class StackService(ComponentRules):
             if new_name == stack.name:
                 return stack
             await self._check_free(new_name)
-            await self._check_no_queued_work(stack)
+            await self._check_no_queued_work(
+                stack, "rename it once they finish, then restart its controller and workers"
+            )
             renamed = stack.model_copy(update={"name": new_name})
             await self.store.save_stack(conn, renamed)
             if await self.store.setting(ACTIVE_STACK_KEY) == stack.name:
                 await self.store.set_setting(conn, ACTIVE_STACK_KEY, new_name)
         return renamed
 
-    async def _check_no_queued_work(self, stack: StackSpec) -> None:
-        """A service stack's queues are named after it: a rename would strand their messages."""
+    async def _check_no_queued_work(self, stack: StackSpec, then: str) -> None:
+        """A service stack's queues are named after it: a rename or a delete would strand
+        their messages; ``then`` says what to do instead."""
         orchestrator = stack.component(ComponentType.ORCHESTRATOR)
         if get_flavor(orchestrator.type, orchestrator.flavor).embedded:
             return
@@ -186,7 +189,7 @@ class StackService(ComponentRules):
         if row is not None and row[0]:
             raise ConflictError(
                 f"stack {stack.name!r} has {row[0]} unfinished run(s) in queues named after it; "
-                "rename it once they finish, then restart its controller and workers"
+                + then
             )
 
     async def copy_stack(self, source: str, target: str) -> StackSpec:
@@ -200,22 +203,29 @@ class StackService(ComponentRules):
             await self.store.save_stack(conn, copy)
         return copy
 
+    async def deletable(self, name: str) -> StackSpec:
+        """The stack ``name`` if the rules let it be deleted, else the ConflictError why not."""
+        stack = await self.get(name)
+        if stack.name == DEFAULT:
+            raise ConflictError("the default stack cannot be deleted")
+        if stack.name == os.environ.get(STACK_ENV):
+            raise ConflictError(
+                f"stack {stack.name!r} is the active stack (through ${STACK_ENV}); "
+                "unset it and activate another stack first"
+            )
+        if stack.name == (await self.store.setting(ACTIVE_STACK_KEY) or DEFAULT):
+            raise ConflictError(
+                f"stack {stack.name!r} is the active stack; activate another stack first"
+            )
+        await self._check_no_queued_work(
+            stack, "delete it once they finish (conveyor run cancel stops one)"
+        )
+        return stack
+
     async def delete_stack(self, name: str) -> None:
         """Delete a stack, not its components; never the default or the active stack."""
         async with self.db.transaction() as conn:
-            stack = await self.get(name)
-            if stack.name == DEFAULT:
-                raise ConflictError("the default stack cannot be deleted")
-            chosen = await self.store.setting(ACTIVE_STACK_KEY)
-            if stack.name == os.environ.get(STACK_ENV):
-                raise ConflictError(
-                    f"stack {stack.name!r} is the active stack (through ${STACK_ENV}); "
-                    "unset it and activate another stack first"
-                )
-            if stack.name == (chosen or DEFAULT):
-                raise ConflictError(
-                    f"stack {stack.name!r} is the active stack; activate another stack first"
-                )
+            stack = await self.deletable(name)
             await self.store.delete_stack(conn, stack.id)
 
     async def activate(self, name: str) -> StackSpec:

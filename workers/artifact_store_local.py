@@ -35,8 +35,16 @@ class LocalArtifactStoreConfig(BaseModel):
     @field_validator("path")
     @classmethod
     def _absolute(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a directory (an empty path would be the current one)")
+        if any(ord(c) < 32 for c in value):
+            raise ValueError("must not contain control characters")
         # A relative path would mean a different directory for each working directory.
-        return str(Path(value).expanduser().resolve())
+        path = Path(value).expanduser().resolve()
+        # Refused when registered, not when the first step writes an output.
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} exists and is not a directory")
+        return str(path)
 
 
 _CONTENT_NAME = re.compile(r"/[0-9a-f]{2}/[0-9a-f]{64}")

@@ -24,11 +24,8 @@ from conveyor.contracts import (
     Topology,
     ValidationError,
 )
-from conveyor.workers.artifact_store_local import LocalArtifactStore, LocalArtifactStoreConfig
-from conveyor.workers.artifact_store_s3 import make_s3_store
-from conveyor.workers.broker_inprocess import InProcessBroker
-from conveyor.workers.broker_rabbitmq import RabbitMQBroker
-from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
+from conveyor.workers.artifact_store_local import LocalArtifactStoreConfig
+from conveyor.workers.rabbitmq_config import MAX_CONCURRENCY, RabbitMQOrchestratorConfig
 from conveyor.workers.s3_config import S3ArtifactStoreConfig
 from conveyor.workers.secrets import mask, mask_value, reveal, secret_keys
 
@@ -39,7 +36,10 @@ class LocalOrchestratorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     concurrency: int = Field(
-        default=4, ge=1, description="Steps the embedded worker pool runs at once"
+        default=4,
+        ge=1,
+        le=MAX_CONCURRENCY,
+        description="Steps the embedded worker pool runs at once",
     )
 
 
@@ -223,14 +223,26 @@ def run_artifact_store(snapshot: dict[str, Any]) -> ArtifactStore:
     return make_artifact_store(stack)
 
 
+# The adapters are imported when one is built: reading and checking configuration (the CLI's
+# listings) must not pay for aio-pika, obstore and their logging.
+
+
 def _local_store(config: BaseModel) -> ArtifactStore:
+    from conveyor.workers.artifact_store_local import LocalArtifactStore
+
     return LocalArtifactStore(LocalArtifactStoreConfig.model_validate(config).path)
+
+
+def _s3_store(config: BaseModel) -> ArtifactStore:
+    from conveyor.workers.artifact_store_s3 import make_s3_store
+
+    return make_s3_store(config)
 
 
 StoreFactory = Callable[[BaseModel], ArtifactStore]
 ARTIFACT_STORES: dict[str, StoreFactory] = {
     "local": _local_store,
-    "s3": make_s3_store,
+    "s3": _s3_store,
 }
 
 
@@ -241,14 +253,22 @@ def make_artifact_store(stack: StackSpec) -> ArtifactStore:
     return ARTIFACT_STORES[component.flavor](config)
 
 
+def _inprocess_broker(stack: StackSpec, config: BaseModel) -> Broker:
+    from conveyor.workers.broker_inprocess import InProcessBroker
+
+    return InProcessBroker(Topology(stack=stack.name))
+
+
 def _rabbitmq_broker(stack: StackSpec, config: BaseModel) -> Broker:
+    from conveyor.workers.broker_rabbitmq import RabbitMQBroker
+
     assert isinstance(config, RabbitMQOrchestratorConfig)
     return RabbitMQBroker(Topology(stack=stack.name, prefix=config.prefix), config)
 
 
 BrokerFactory = Callable[[StackSpec, BaseModel], Broker]
 BROKERS: dict[str, BrokerFactory] = {
-    "local": lambda stack, _config: InProcessBroker(Topology(stack=stack.name)),
+    "local": _inprocess_broker,
     "rabbitmq": _rabbitmq_broker,
 }
 

@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
 from conveyor.contracts import DEFAULT_PREFIX, Isolation
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 RABBITMQ_CONSUMER_TIMEOUT_S = 1800.0
+MAX_CONCURRENCY = 1024
+"""The most steps one worker process runs at once (a thread, or a child process, each)."""
 
 
 class RabbitMQOrchestratorConfig(BaseModel):
     """Configuration of the ``rabbitmq`` orchestrator flavor."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN passes every comparison below, and an infinite heartbeat or lease never comes.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     url: SecretStr = Field(
         default=SecretStr(DEFAULT_URL),
         description="AMQP URL of the broker, with credentials and virtual host",
     )
     concurrency: int = Field(
-        default=4, ge=1, description="Steps a worker process runs at once (and its prefetch)"
+        default=4,
+        ge=1,
+        le=MAX_CONCURRENCY,
+        description="Steps a worker process runs at once (and its prefetch)",
     )
     isolation: Isolation = Field(
         default="thread",
@@ -104,6 +112,15 @@ class RabbitMQOrchestratorConfig(BaseModel):
         "archive (steps of the run's own code always travel in its archive)",
     )
 
+    @field_validator("url")
+    @classmethod
+    def _amqp_url(cls, value: SecretStr) -> SecretStr:
+        # Refused when registered, not when the first run cannot connect.
+        problem = amqp_url_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("trusted_packages")
     @classmethod
     def _package_names(cls, value: list[str]) -> list[str]:
@@ -133,3 +150,23 @@ class RabbitMQOrchestratorConfig(BaseModel):
                 "consumer_timeout in rabbitmq.conf and set consumer_timeout_s to match"
             )
         return value
+
+
+def amqp_url_problem(url: str) -> str | None:
+    """What keeps ``url`` from being an AMQP broker URL, or None. Never quotes the URL: it
+    may hold a password."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return "is not a URL with a valid port, e.g. amqp://user:password@host:5672/vhost"
+    if parts.scheme not in ("amqp", "amqps"):
+        shown = f" (not {parts.scheme}://)" if parts.scheme else ""
+        return f"must be an amqp:// or amqps:// URL{shown}"
+    if not parts.hostname:
+        return "must name the broker's host: amqp://user:password@host:5672/vhost"
+    if port == 0:
+        return "has port 0"
+    if parts.fragment:
+        return "must not have a #fragment"
+    return None

@@ -36,7 +36,11 @@ async def _orchestrator(stack: StackSpec, timeout: float) -> ComponentProbe:
     component = stack.component(ComponentType.ORCHESTRATOR)
     if get_flavor(component.type, component.flavor).embedded:
         return ComponentProbe(True, "embedded: runs inside each client process")
-    config = orchestrator_config(stack)
+    try:
+        config = orchestrator_config(stack)
+    except ConveyorError as exc:
+        # Stored before a check was added, or edited by hand: say so, beside the rest.
+        return ComponentProbe(False, str(exc))
     if not isinstance(config, RabbitMQOrchestratorConfig):
         return ComponentProbe(True, f"{component.flavor}: no probe")
     import aio_pika  # only a rabbitmq stack pays for importing the client

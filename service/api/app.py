@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.contracts import ConveyorError
+from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
 from conveyor.service.api import (
     api_docs,
     dashboard,
@@ -38,7 +39,7 @@ from conveyor.service.api.origin_check import SameOriginWrites
 from conveyor.service.api.pipeline_refs import TrustedPipelines
 from conveyor.service.api.security import check_token
 from conveyor.service.api.state import ApiState, ServerSettings
-from conveyor.service.gateway import DEFAULT_MAX_STEPS, RunGateway
+from conveyor.service.gateway import RunGateway
 from conveyor.service.home import Home
 from conveyor.service.store.summaries import RunSummaries
 

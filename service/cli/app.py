@@ -7,12 +7,15 @@ import typer
 from conveyor.service.cli import runs, server, services, stack
 from conveyor.service.cli.components import COMMANDS, component_app
 from conveyor.service.cli.state import open_client
-from conveyor.service.logs import configure_logging
+from conveyor.service.logs import configure_logging_when_used
 
 app = typer.Typer(
     help="Conveyor: event-driven ML pipelines on stacks.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Click's own help and error layout: rich panels show a type (`<bool>`) beside every
+    # flag, and an error is then one plain `Error:` line like the CLI's own.
+    rich_markup_mode=None,
     add_completion=False,
 )
 app.callback()(open_client)
@@ -29,7 +32,7 @@ app.add_typer(services.contracts_app, name="contracts")
 
 
 def main() -> None:
-    configure_logging()
+    configure_logging_when_used()
     app()
 
 

@@ -20,9 +20,9 @@ from conveyor.contracts import ComponentSpec, ComponentType, StackSpec
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
     OutputFormat,
-    console,
     emit,
     fail,
+    status,
     table,
     user_errors,
     when,
@@ -125,12 +125,23 @@ def parse_config(args: list[str], model: type[BaseModel] | None) -> dict[str, An
         if not arg.startswith("--") or arg == "--":
             fail(f"unexpected argument {arg!r}: give configuration as --key=value")
         key, sep, raw = arg[2:].partition("=")
-        if not sep:
-            raw = rest.pop(0) if rest and not rest[0].startswith("--") else "true"
         key = key.replace("-", "_")
         field = fields.get(key)
+        if not sep and rest and not rest[0].startswith("--"):
+            raw = rest.pop(0)
+        elif not sep:
+            # A bare --key is true for a yes/no key only: --concurrency alone is not 1.
+            if field is not None and not _is_bool(field.annotation):
+                fail(f"--{key} needs a value: --{key}=VALUE")
+            raw = "true"
         config[key] = _value(raw, field.annotation if field is not None else None)
     return config
+
+
+def _is_bool(annotation: Any) -> bool:
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(_is_bool(a) for a in get_args(annotation))
+    return annotation is bool
 
 
 def _active_ids(c: Client, stack: str | None) -> set[str]:
@@ -254,8 +265,8 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
         config = parse_config(ctx.args, found.config_model if found else None)
         with user_errors():
             component = client(ctx).register_component(type_, name, flavor, config)
-        console.print(f"Registered {kind} '{component.name}' (flavor {component.flavor}).")
-        console.print(_config_table(component))
+        status.print(f"Registered {kind} '{component.name}' (flavor {component.flavor}).")
+        status.print(_config_table(component))
 
     @app.command(
         "describe",
@@ -293,8 +304,8 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
             found = FLAVORS.get((type_, current.flavor))
             config = parse_config(ctx.args, found.config_model if found else None)
             component = c.update_component(type_, current.name, config)
-        console.print(f"Updated {kind} '{component.name}'.")
-        console.print(_config_table(component))
+        status.print(f"Updated {kind} '{component.name}'.")
+        status.print(_config_table(component))
 
     @app.command(
         "rename",
@@ -308,7 +319,7 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
     ) -> None:
         with user_errors():
             component = client(ctx).rename_component(type_, name, new_name)
-        console.print(f"Renamed {kind} '{name}' to '{component.name}'.")
+        status.print(f"Renamed {kind} '{name}' to '{component.name}'.")
 
     @app.command(
         "delete", help=f"Delete an {kind} that no stack uses.\n\nExample: {cmd} delete {ex}"
@@ -320,7 +331,7 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
             c = client(ctx)
             component = c.get_component(type_, name)
             c.delete_component(type_, component.name)
-        console.print(f"Deleted {kind} '{component.name}'.")
+        status.print(f"Deleted {kind} '{component.name}'.")
 
     @flavor_app.command(
         "list",

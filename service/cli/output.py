@@ -24,6 +24,9 @@ from conveyor.service.store import store_error
 
 # Piped output (scripts, tests) must not be cut to 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+# What a command did ("Registered stack ...", with its table) goes to stderr, beside errors:
+# stdout holds only the data a user asked for, to pipe or redirect.
+status = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 T = TypeVar("T")

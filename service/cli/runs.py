@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
@@ -35,11 +35,11 @@ from conveyor.service.cli.output import (
 )
 from conveyor.service.cli.run_progress import RunFollower
 from conveyor.service.cli.state import client
-from conveyor.service.consumers import watch_consumers
-from conveyor.service.engine import AsyncRun, Conveyor
-from conveyor.service.pipeline_parameters import ParameterError
-from conveyor.service.pipelines import PipelineDefinition, load_pipeline
 from conveyor.workers.flavors import masked_stack_snapshot
+
+if TYPE_CHECKING:
+    from conveyor.service.engine import AsyncRun, Conveyor
+    from conveyor.service.pipelines import PipelineDefinition
 
 pipeline_app = typer.Typer(help="Run pipelines.")
 run_app = typer.Typer(help="Inspect pipeline runs.")
@@ -77,6 +77,8 @@ def _parse_params(pairs: list[str]) -> dict[str, str]:
 def _checked_params(definition: PipelineDefinition, pairs: list[str]) -> dict[str, Any]:
     """``-p`` values checked against the pipeline's signature before anything starts; a
     parameter that does not fit is a usage error (exit 2)."""
+    from conveyor.service.pipeline_parameters import ParameterError
+
     params = definition.parameters.from_text(_parse_params(pairs))
     try:
         definition.parameters.bind((), params)
@@ -101,6 +103,9 @@ async def _leaf_outputs(run: AsyncRun, steps: list[StepRecord]) -> dict[str, Any
 async def _run_pipeline(
     definition: PipelineDefinition, stack: str | None, params: dict[str, Any]
 ) -> tuple[RunRecord, list[StepRecord], dict[str, Any]]:
+    # The engine is imported by the one command that runs it: the others start faster.
+    from conveyor.service.engine import Conveyor
+
     spec, definitions = definition.compile(**params)
     async with Conveyor(stack=stack) as cv:
         assert cv.stack is not None
@@ -124,6 +129,8 @@ async def _wait(cv: Conveyor, run: AsyncRun, pools: set[str]) -> RunRecord:
     if cv.controller_alive is not None:  # embedded: this process is the whole stack
         return await run.wait()
     assert cv.stack is not None
+
+    from conveyor.service.consumers import watch_consumers
 
     def say(text: str) -> None:
         errors.print(text, markup=False, highlight=False)
@@ -174,6 +181,8 @@ def run_pipeline(
     # As `python -m` does: a module of the working directory is importable by its name.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    from conveyor.service.pipelines import load_pipeline
+
     with user_errors():
         definition = load_pipeline(target)
         params = _checked_params(definition, param)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 from pathlib import Path
 from types import FrameType
 
 import typer
 
-from conveyor.service.cli.output import console, user_errors
+from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
+from conveyor.service.cli.output import fail, status, user_errors
 from conveyor.service.cli.state import client
-from conveyor.service.gateway import DEFAULT_MAX_STEPS
 
 app = typer.Typer(help="The HTTP API and the dashboard.")
 
@@ -24,11 +26,29 @@ def _after_shutdown(signum: int, frame: FrameType | None) -> None:
     """uvicorn re-raises the signal it stopped on once it is done; by then we exit 0."""
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound as uvicorn binds one, before anything is printed or
+    started: a busy port is one line, and cannot be taken between a check and the bind."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            fail(f"cannot listen on {host}:{port}: the port is in use; choose another with --port")
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    sock.set_inheritable(True)
+    return sock
+
+
 @app.command("up")
 def up(
     ctx: typer.Context,
     host: str = typer.Option(DEFAULT_HOST, "--host", help="Address to listen on"),
-    port: int = typer.Option(DEFAULT_PORT, "--port", help="Port to listen on"),
+    port: int = typer.Option(
+        DEFAULT_PORT, "--port", min=0, max=65535, help="Port to listen on (0: any free one)"
+    ),
     stack: str = typer.Option(
         None, "--stack", "-s", help="Stack whose controller to run (default: the active stack)"
     ),
@@ -40,6 +60,8 @@ def up(
     pipelines: Path = typer.Option(
         None,
         "--pipelines",
+        exists=True,
+        file_okay=False,
         help="Folder whose .py files requests may name as pipelines (default: this folder)",
     ),
     trust: list[str] = typer.Option(
@@ -82,6 +104,7 @@ def up(
             trusted_packages=trust,
             max_steps=max_steps,
         )
+    sock = listening_socket(host, port)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -91,13 +114,14 @@ def up(
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
     )
-    console.print(
-        f"Conveyor server on http://{host}:{port} (stack '{served.name}'"
-        f"{', token required' if token else ''}); Ctrl+C to stop"
+    shown_host = f"[{host}]" if ":" in host else host
+    status.print(
+        f"Conveyor server on http://{shown_host}:{sock.getsockname()[1]} (stack "
+        f"'{served.name}'{', token required' if token else ''}); Ctrl+C to stop"
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _after_shutdown)
-    server.run()
+    server.run(sockets=[sock])
     if not server.started:
         raise typer.Exit(1)
-    console.print("Conveyor server stopped")
+    status.print("Conveyor server stopped")

@@ -11,18 +11,15 @@ from pathlib import Path
 
 import typer
 
-from conveyor.contracts import StackSpec, event_json_schemas
+from conveyor.contracts import StackSpec
 from conveyor.service.cli.output import fail, user_errors
 from conveyor.service.cli.state import client
 from conveyor.service.home import Home
 from conveyor.service.logs import LEVEL_ENV, configure_logging
-from conveyor.service.processes import (
-    read_stack_file,
-    serve_controller,
-    stack_from_export,
-    with_url,
-)
-from conveyor.workers.process import serve_workers
+from conveyor.workers.rabbitmq_config import MAX_CONCURRENCY
+
+# The controller, the worker runtime and the event models are imported by the commands that
+# use them: every other command starts faster without them.
 
 worker_app = typer.Typer(help="Worker processes of a rabbitmq stack.", no_args_is_help=True)
 controller_app = typer.Typer(
@@ -60,6 +57,8 @@ def _service_logging() -> None:
 def _stack(
     ctx: typer.Context, name: str | None, stack_file: Path | None, url: str | None
 ) -> StackSpec:
+    from conveyor.service.processes import read_stack_file, stack_from_export, with_url
+
     if name and stack_file:
         fail("give --stack or --stack-file, not both")
     if stack_file is not None:
@@ -79,7 +78,12 @@ def start_worker(
         [], "--pool", "-p", help="Worker pool to serve (repeatable; default: 'default')"
     ),
     concurrency: int = typer.Option(
-        None, "--concurrency", "-c", min=1, help="Steps at once (default: the orchestrator's)"
+        None,
+        "--concurrency",
+        "-c",
+        min=1,
+        max=MAX_CONCURRENCY,
+        help="Steps at once (default: the orchestrator's)",
     ),
     grace: float = typer.Option(
         None, "--grace", min=0, help="Seconds running steps may finish after SIGTERM"
@@ -114,8 +118,12 @@ def start_worker(
 
     Example: conveyor worker start --stack prod --concurrency 4 --pool gpu
     """
+    from conveyor.workers.process import serve_workers
+
     _service_logging()
     with user_errors():
+        home = Home.resolve()
+        home.check()  # its code cache: found unusable now, not at the first step
         spec = _stack(ctx, stack, stack_file, url)
         code = asyncio.run(
             serve_workers(
@@ -124,7 +132,7 @@ def start_worker(
                 concurrency=concurrency,
                 grace_s=grace,
                 name=name,
-                code_cache=Home.resolve().code_cache,
+                code_cache=home.code_cache,
                 trusted=trust,
                 isolation=None if isolation is None else isolation.value,
             )
@@ -149,6 +157,8 @@ def start_controller(
 
     Example: conveyor controller start --stack prod
     """
+    from conveyor.service.processes import serve_controller
+
     _service_logging()
     if stack and stack_file:
         fail("give --stack or --stack-file, not both")
@@ -166,6 +176,8 @@ def schema(
 
     Example: conveyor contracts schema RunRequested
     """
+    from conveyor.contracts import event_json_schemas
+
     schemas = event_json_schemas()
     if event is not None:
         if event not in schemas:

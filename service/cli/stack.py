@@ -6,25 +6,23 @@ import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import typer
-import yaml
 
 from conveyor.contracts import ComponentType, StackSpec
 from conveyor.service.cli.components import column, shown
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
     OutputFormat,
-    console,
     emit,
-    errors,
     fail,
+    status,
     table,
     user_errors,
 )
 from conveyor.service.cli.state import client
 from conveyor.service.home import STACK_ENV
+from conveyor.service.stack_files import read_export_file
 from conveyor.workers.flavors import masked_config
 from conveyor.workers.secrets import mask_urls
 from conveyor.workers.stack_probes import probe_stack
@@ -155,11 +153,12 @@ def describe(
     emit(output, shown_json, render)
 
 
-def _components_table(stack: StackSpec) -> object:
+def _components_table(stack: StackSpec, active: str) -> object:
+    marker = " (ACTIVE)" if stack.name == active else ""
     return table(
         ["COMPONENT_TYPE", "COMPONENT_NAME"],
         [[column(t), stack.components[t].name] for t in COMPONENT_ORDER if t in stack.components],
-        caption=f"'{stack.name}' stack",
+        caption=f"'{stack.name}' stack{marker}",
     )
 
 
@@ -174,7 +173,7 @@ def _chosen(orchestrator: str | None, artifact_store: str | None) -> dict[Compon
 def _note_env_override(name: str) -> None:
     override = os.environ.get(STACK_ENV)
     if override and override != name:
-        errors.print(f"Note: ${STACK_ENV}={override} overrides the active stack in this shell.")
+        status.print(f"Note: ${STACK_ENV}={override} overrides the active stack in this shell.")
 
 
 ORCHESTRATOR_OPTION = typer.Option(
@@ -198,13 +197,13 @@ def register(
     Example: conveyor stack register shared -o default -a nfs --set
     """
     with user_errors():
-        stack = client(ctx).register_stack(
-            name, _chosen(orchestrator, artifact_store), activate=set_active
-        )
-    console.print(f"Registered stack '{stack.name}'.")
-    console.print(_components_table(stack))
+        c = client(ctx)
+        stack = c.register_stack(name, _chosen(orchestrator, artifact_store), activate=set_active)
+        active = c.active_stack_name()
+    status.print(f"Registered stack '{stack.name}'.")
+    status.print(_components_table(stack, active))
     if set_active:
-        console.print(f"Active stack set to '{stack.name}'.")
+        status.print(f"Active stack set to '{stack.name}'.")
         _note_env_override(stack.name)
 
 
@@ -218,7 +217,7 @@ def set_active(
     """
     with user_errors():
         stack = client(ctx).activate_stack(name)
-    console.print(f"Active stack set to '{stack.name}'.")
+    status.print(f"Active stack set to '{stack.name}'.")
     _note_env_override(stack.name)
 
 
@@ -250,9 +249,11 @@ def update(
     Example: conveyor stack update shared -a nfs
     """
     with user_errors():
-        stack = client(ctx).update_stack(name, _chosen(orchestrator, artifact_store))
-    console.print(f"Updated stack '{stack.name}'.")
-    console.print(_components_table(stack))
+        c = client(ctx)
+        stack = c.update_stack(name, _chosen(orchestrator, artifact_store))
+        active = c.active_stack_name()
+    status.print(f"Updated stack '{stack.name}'.")
+    status.print(_components_table(stack, active))
 
 
 @app.command("rename")
@@ -267,7 +268,7 @@ def rename(
     """
     with user_errors():
         stack = client(ctx).rename_stack(name, new_name)
-    console.print(f"Renamed stack '{name}' to '{stack.name}'.")
+    status.print(f"Renamed stack '{name}' to '{stack.name}'.")
 
 
 @app.command("copy")
@@ -282,7 +283,7 @@ def copy(
     """
     with user_errors():
         stack = client(ctx).copy_stack(source, target)
-    console.print(f"Copied stack '{source}' to '{stack.name}'.")
+    status.print(f"Copied stack '{source}' to '{stack.name}'.")
 
 
 @app.command("delete")
@@ -297,18 +298,21 @@ def delete(
     """
     with user_errors():
         c = client(ctx)
-        stack = c.get_stack(name)
+        # The rules first: asking to confirm what would be refused anyway wastes the answer.
+        stack = c.deletable_stack(name)
         if not yes:
-            typer.confirm(f"Delete stack '{stack.name}'? Its components are kept.", abort=True)
+            typer.confirm(
+                f"Delete stack '{stack.name}'? Its components are kept.", abort=True, err=True
+            )
         c.delete_stack(stack.name)
-    console.print(f"Deleted stack '{stack.name}'.")
+    status.print(f"Deleted stack '{stack.name}'.")
 
 
 @app.command("export")
 def export(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Name or id of the stack"),
-    file: str = typer.Argument(None, help="YAML file to write (default: NAME.yaml; - for stdout)"),
+    file: str = typer.Argument(None, help="YAML file to write (default, or -: stdout)"),
     include_secrets: bool = typer.Option(
         False,
         "--include-secrets",
@@ -316,26 +320,35 @@ def export(
         "registered first",
     ),
 ) -> None:
-    """Write a stack and its components' configuration to a YAML file (secrets masked).
+    """Write a stack and its components' configuration as YAML (secrets masked).
 
-    Example: conveyor stack export shared shared.yaml
+    Example: conveyor stack export shared > shared.yaml
     """
+    import yaml  # here, not for every command
+
     with user_errors():
         data = client(ctx).export_stack(name, include_secrets=include_secrets)
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-    if file == "-":
+    if file is None or file == "-":
         sys.stdout.write(text)
         return
-    target = Path(file or f"{data['stack_name']}.yaml")
-    if include_secrets:
+    target = Path(file)
+    try:
+        _write(target, text, private=include_secrets)
+    except OSError as exc:
+        fail(f"cannot write {target}: {exc.strerror or exc}")
+    masked = "secrets in clear" if include_secrets else "secrets masked"
+    status.print(f"Exported stack '{data['stack_name']}' to {target} ({masked}).")
+
+
+def _write(target: Path, text: str, *, private: bool) -> None:
+    if private:
         # Secrets in clear: readable by their owner only, from the moment the file exists.
         target.unlink(missing_ok=True)
         with os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
             out.write(text)
     else:
         target.write_text(text)
-    masked = "secrets in clear" if include_secrets else "secrets masked"
-    console.print(f"Exported stack '{data['stack_name']}' to {target} ({masked}).")
 
 
 @app.command("import")
@@ -348,15 +361,12 @@ def import_(
 
     Example: conveyor stack import shared.yaml --name shared-copy
     """
-    try:
-        data: Any = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        fail(f"cannot read {file}: {exc}")
     with user_errors():
+        data = read_export_file(file)
         c = client(ctx)
         before = {x.id for x in c.list_components()}
         stack = c.import_stack(data, name=name)
-    console.print(f"Imported stack '{stack.name}'.")
+    status.print(f"Imported stack '{stack.name}'.")
     exported = data.get("components", {}) if isinstance(data, dict) else {}
     for type_ in COMPONENT_ORDER:
         component = stack.components.get(type_)
@@ -367,4 +377,4 @@ def import_(
         original = exported.get(type_.value, {}).get("name")
         if original and original != component.name:
             line += f" ('{original}' exists with a different configuration)"
-        console.print(line)
+        status.print(line)

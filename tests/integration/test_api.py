@@ -132,6 +132,13 @@ async def test_stack_and_component_changes_follow_the_rules(
         "nope",
     )
     assert_error(await api.post("/api/components", json={"type": "orchestrator"}), 422, "name")
+    # A broker URL that could never connect is refused now, not at the first run.
+    orchestrator = {"type": "orchestrator", "name": "mq", "flavor": "rabbitmq"}
+    assert_error(
+        await api.post("/api/components", json={**orchestrator, "config": {"url": "http://x"}}),
+        422,
+        "must be an amqp:// or amqps:// URL",
+    )
 
     stack = {"name": "mine", "components": {"orchestrator": "default", "artifact_store": "shared"}}
     response = await api.post("/api/stacks", json=stack)

@@ -70,7 +70,8 @@ def test_register_describe_update_rename_delete(nfs: Path) -> None:
     assert as_json("artifact-store", "describe", "nfs")["config"] == {"path": str(nfs / "v2")}
     ok("artifact-store", "rename", "nfs", "shared")
     assert [c["name"] for c in as_json("artifact-store", "list")] == ["default", "shared"]
-    assert "Deleted artifact store 'shared'" in ok("artifact-store", "delete", "shared").stdout
+    deleted = ok("artifact-store", "delete", "shared")
+    assert "Deleted artifact store 'shared'" in deleted.stderr and deleted.stdout == ""
     assert [c["name"] for c in as_json("artifact-store", "list")] == ["default"]
 
 
@@ -179,7 +180,7 @@ def test_a_secret_never_shows_in_describe_list_or_export(tmp_path: Path) -> None
     registered = ok("orchestrator", "register", "mq", "-f", "rabbitmq", f"--url={url}")
     ok("stack", "register", "remote", "-o", "mq", "-a", "default")
     shown = [
-        registered.stdout,
+        registered.stderr,
         ok("orchestrator", "describe", "mq").stdout,
         ok("orchestrator", "describe", "mq", "--output", "json").stdout,
         ok("orchestrator", "list", "--output", "json").stdout,
@@ -205,3 +206,21 @@ def test_every_component_command_has_a_one_line_help_with_an_example() -> None:
         assert (
             f"Example: conveyor {group} flavor list" in ok(group, "flavor", "list", "--help").stdout
         )
+
+
+def test_a_broker_url_that_is_not_amqp_is_refused_at_registration() -> None:
+    before = as_json("orchestrator", "list")
+    message = refused("orchestrator", "register", "mq", "-f", "rabbitmq", "--url", "http://x")
+    assert "key 'url'" in message and "must be an amqp:// or amqps:// URL" in message
+    ok("orchestrator", "register", "mq", "-f", "rabbitmq", "--url", "amqp://mq.example/")
+    assert "must name the broker's host" in refused(
+        "orchestrator", "update", "mq", "--url", "amqp://bob:pw@/"
+    )
+    assert len(as_json("orchestrator", "list")) == len(before) + 1
+
+
+def test_a_bare_key_that_is_not_yes_or_no_needs_a_value() -> None:
+    before = as_json("orchestrator", "list")
+    message = refused("orchestrator", "register", "fast", "-f", "local", "--concurrency")
+    assert message == "Error: --concurrency needs a value: --concurrency=VALUE"
+    assert as_json("orchestrator", "list") == before

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +28,22 @@ QUICKSTART = "examples/quickstart.py:training_pipeline"
 
 def sh(*args: str, home: Path | None = None, **env: str) -> str:
     """Run ``conveyor ARGS`` in a subprocess; its stdout, after checking it succeeded."""
+    return sh_both(*args, home=home, **env)[0]
+
+
+def said(*args: str, home: Path | None = None, **env: str) -> str:
+    """Run ``conveyor ARGS`` in a subprocess; the status lines it wrote to stderr, after
+    checking it succeeded and wrote nothing to stdout (it is a change, not a query)."""
+    stdout, stderr = sh_both(*args, home=home, **env)
+    assert stdout == "", (args, stdout)
+    return stderr
+
+
+def sh_both(*args: str, home: Path | None = None, **env: str) -> tuple[str, str]:
     extra = {**env, **({"CONVEYOR_HOME": str(home)} if home else {})}
     result = conveyor_cli(*args, env=extra)
     assert result.returncode == 0, (args, result.stdout, result.stderr)
-    return result.stdout
+    return result.stdout, result.stderr
 
 
 def sh_json(*args: str, home: Path | None = None) -> Any:
@@ -59,7 +73,7 @@ def test_two_stacks_switch_run_on_each_and_export_into_a_fresh_home(
     sh("stack", "register", "two", "-o", "fast", "-a", "second")
 
     on_default = run_quickstart()
-    assert "Active stack set to 'two'" in sh("stack", "set", "two")
+    assert "Active stack set to 'two'" in said("stack", "set", "two")
     assert "The active stack is 'two'" in sh("stack", "get")
     listed = rows(sh("stack", "list"))
     assert listed[0] == [
@@ -98,7 +112,7 @@ def test_two_stacks_switch_run_on_each_and_export_into_a_fresh_home(
     )
 
     exported = tmp_path / "two.yaml"
-    assert "secrets masked" in sh("stack", "export", "two", str(exported))
+    assert "secrets masked" in said("stack", "export", "two", str(exported))
     data = yaml.safe_load(exported.read_text())
     assert data["stack_name"] == "two"
     assert data["components"]["orchestrator"] == {
@@ -107,7 +121,7 @@ def test_two_stacks_switch_run_on_each_and_export_into_a_fresh_home(
         "configuration": {"concurrency": 2},
     }
     fresh = tmp_path / "fresh-home"
-    imported = sh("stack", "import", str(exported), home=fresh)
+    imported = said("stack", "import", str(exported), home=fresh)
     assert "ORCHESTRATOR 'fast': created" in imported
     assert "ARTIFACT_STORE 'second': created" in imported
     original = sh_json("stack", "describe", "two")
@@ -145,7 +159,7 @@ def test_runs_keep_their_stack_after_it_is_changed_or_deleted(tmp_path: Path) ->
     assert snapshot["components"]["artifact_store"]["config"] == {"path": str(second)}
     assert [r["id"] for r in sh_json("run", "list", "--stack", "renamed")] == [run_id]
 
-    assert "Deleted stack 'renamed'" in sh("stack", "delete", "renamed", "-y")
+    assert "Deleted stack 'renamed'" in said("stack", "delete", "renamed", "-y")
     described = sh_json("run", "describe", run_id)["run"]
     assert (described["stack_name"], described["status"]) == ("two", "completed")
     assert [r["id"] for r in sh_json("run", "list", "--stack", "two")] == [run_id]
@@ -220,8 +234,11 @@ def test_the_active_stack_cannot_be_deleted(tmp_path: Path) -> None:
     register_two(tmp_path)
     ok("stack", "set", "two")
     before = stacks_state()
-    message = refused("stack", "delete", "two", "-y")
-    assert "stack 'two' is the active stack; activate another stack first" in message
+    for confirm in (["-y"], []):
+        message = refused("stack", "delete", "two", *confirm)
+        assert "stack 'two' is the active stack; activate another stack first" in message
+        # Refused before any question: there is no answer to give.
+        assert "Delete stack" not in message
     assert stacks_state() == before
 
 
@@ -229,8 +246,22 @@ def test_the_default_stack_cannot_be_deleted(tmp_path: Path) -> None:
     register_two(tmp_path)
     ok("stack", "set", "two")
     before = stacks_state()
-    assert "the default stack cannot be deleted" in refused("stack", "delete", "default", "-y")
+    for confirm in (["-y"], []):
+        message = refused("stack", "delete", "default", *confirm)
+        assert message == "Error: the default stack cannot be deleted"
     assert stacks_state() == before
+
+
+def test_register_and_update_captions_mark_the_active_stack(tmp_path: Path) -> None:
+    ok("artifact-store", "register", "second", "-f", "local", f"--path={tmp_path / 'a2'}")
+    registered = ok("stack", "register", "two", "-o", "default", "-a", "second", "--set")
+    assert registered.stdout == ""
+    assert "'two' stack (ACTIVE)" in registered.stderr
+    assert "'two' stack (ACTIVE)" in ok("stack", "describe", "two").stdout
+    other = ok("stack", "register", "three", "-o", "default", "-a", "second").stderr
+    assert "'three' stack" in other and "(ACTIVE)" not in other
+    assert "'two' stack (ACTIVE)" in ok("stack", "update", "two", "-a", "default").stderr
+    assert "(ACTIVE)" not in ok("stack", "update", "three", "-a", "default").stderr
 
 
 def test_unknown_stack_names_suggest_the_closest(tmp_path: Path) -> None:
@@ -251,7 +282,7 @@ def test_unknown_stack_names_suggest_the_closest(tmp_path: Path) -> None:
 def test_delete_asks_first_and_keeps_the_components(tmp_path: Path) -> None:
     register_two(tmp_path)
     aborted = runner_input("n\n", "stack", "delete", "two")
-    assert aborted.exit_code == 1 and "Delete stack 'two'?" in aborted.stdout
+    assert aborted.exit_code == 1 and "Delete stack 'two'?" in aborted.stderr
     assert [s["name"] for s in as_json("stack", "list")] == ["default", "two"]
     assert runner_input("y\n", "stack", "delete", "two").exit_code == 0
     assert [s["name"] for s in as_json("stack", "list")] == ["default"]
@@ -287,14 +318,18 @@ def test_update_rename_copy_and_describe(tmp_path: Path) -> None:
     assert "the default stack cannot be renamed" in refused("stack", "rename", "default", "x")
 
 
-def test_export_to_the_default_file_and_import_under_another_name(
+def test_export_to_stdout_and_import_under_another_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     register_two(tmp_path)
     monkeypatch.chdir(tmp_path)
-    assert "to two.yaml" in ok("stack", "export", "two").stdout
-    imported = ok("stack", "import", "two.yaml", "--name", "two-again").stdout
-    assert "ARTIFACT_STORE 'second': reused" in imported
+    # As `conveyor stack export two > two.yaml`: the YAML alone on stdout, nothing else.
+    exported = ok("stack", "export", "two")
+    assert exported.stderr == "" and not Path("two.yaml").exists()
+    assert yaml.safe_load(exported.stdout)["stack_name"] == "two"
+    Path("two.yaml").write_text(exported.stdout)
+    imported = ok("stack", "import", "two.yaml", "--name", "two-again")
+    assert imported.stdout == "" and "ARTIFACT_STORE 'second': reused" in imported.stderr
     again = as_json("stack", "describe", "two-again")
     assert components_of(again) == components_of(as_json("stack", "describe", "two"))
     before = stacks_state()
@@ -304,6 +339,57 @@ def test_export_to_the_default_file_and_import_under_another_name(
     Path("other.yaml").write_text("hello: world\n")
     assert "not a Conveyor stack export" in refused("stack", "import", "other.yaml")
     assert stacks_state() == before
+
+
+def test_export_redirected_to_its_own_default_file_name_is_valid_yaml(tmp_path: Path) -> None:
+    """`conveyor stack export two > two.yaml`, in a shell: once, the YAML went to two.yaml
+    and the status line to stdout, that is over the start of the same file."""
+    register_two(tmp_path)
+    target = tmp_path / "two.yaml"
+    with target.open("w") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "conveyor.service.cli.app", "stack", "export", "two"],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert yaml.safe_load(target.read_text())["stack_name"] == "two"
+    assert "Imported stack 'two-copy'" in said("stack", "import", str(target), "-n", "two-copy")
+    assert components_of(as_json("stack", "describe", "two-copy")) == components_of(
+        as_json("stack", "describe", "two")
+    )
+
+
+def test_export_and_import_of_unusable_files_are_one_line(tmp_path: Path) -> None:
+    for target in (tmp_path / "missing" / "x.yaml", tmp_path):
+        for secrets in ([], ["--include-secrets"]):
+            message = refused("stack", "export", "default", str(target), *secrets)
+            assert message.startswith(f"Error: cannot write {target}: ")
+    assert tmp_path.is_dir()
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00binary")
+    assert refused("stack", "import", str(binary)) == (
+        f"Error: cannot read {binary}: not a text file (a stack export is YAML)"
+    )
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("a: " + "x" * (1024 * 1024) + "\n")
+    assert f"cannot read {huge}: larger than 1024 KiB" in refused("stack", "import", str(huge))
+    assert "cannot read /dev/zero: larger than" in refused("stack", "import", "/dev/zero")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("stack_name: [unclosed\n")
+    assert refused("stack", "import", str(broken)) == (
+        f"Error: cannot read {broken}: not YAML: expected ',' or ']', but got '<stream end>' "
+        "at line 2, column 1"
+    )
+    # The same reading for the processes that take a stack file, which have no store.
+    for service in ("worker", "controller"):
+        result = conveyor_cli(service, "start", "--stack-file", str(binary))
+        assert result.returncode == 1 and result.stderr == (
+            f"Error: cannot read {binary}: not a text file (a stack export is YAML)\n"
+        )
 
 
 def test_files_that_hold_secrets_are_readable_by_their_owner_only(

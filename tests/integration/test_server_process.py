@@ -41,7 +41,7 @@ def test_server_up_serves_the_dashboard_runs_pipelines_and_stops_on_sigterm(
 
         assert server.stop() == 0, server.output()
     assert "Traceback" not in server.stderr.read_text(), server.output()
-    assert "Conveyor server stopped" in server.stdout.read_text()
+    assert "Conveyor server stopped" in server.stderr.read_text()
     # Nothing listens any more.
     try:
         httpx.get(f"{server.url}/healthz", timeout=2)

@@ -39,6 +39,7 @@ def test_public_names_are_pinned() -> None:
     assert set(conveyor.__all__) == {
         "ArtifactRef",
         "AsyncRun",
+        "Client",
         "Conveyor",
         "ConveyorError",
         "PipelineDefinition",
@@ -52,6 +53,11 @@ def test_public_names_are_pinned() -> None:
         "pipeline",
         "step",
     }
+    # The names are imported on first use (conveyor/__init__.py): each must resolve.
+    for name in conveyor.__all__:
+        assert getattr(conveyor, name) is not None
+    with pytest.raises(AttributeError):
+        _ = conveyor.Nope  # type: ignore[attr-defined]
     for name in contracts.__all__:
         assert getattr(contracts, name) is not None
 

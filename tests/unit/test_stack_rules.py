@@ -381,7 +381,7 @@ async def test_import_compares_configs_by_value_not_by_spelling(
     assert len(await stacks.list_components()) == 4
 
 
-async def test_a_service_stack_with_queued_runs_cannot_be_renamed(
+async def test_a_service_stack_with_queued_runs_cannot_be_renamed_or_deleted(
     services: Services, stacks: StackService, tmp_path: Path
 ) -> None:
     url = "amqp://guest:guest@127.0.0.1:5672/"
@@ -405,6 +405,12 @@ async def test_a_service_stack_with_queued_runs_cannot_be_renamed(
     before = await state(stacks)
     with pytest.raises(ConflictError, match="1 unfinished run"):
         await stacks.rename_stack("prod", "production")
+    # Nor deleted: the CLI asks deletable() before it asks the user to confirm.
+    for refused in (stacks.deletable, stacks.delete_stack):
+        with pytest.raises(ConflictError, match=r"1 unfinished run.*delete it once they finish"):
+            await refused("prod")
     assert await state(stacks) == before
     await services.runs.fail_abandoned("r1", "test over")
     assert (await stacks.rename_stack("prod", "production")).name == "production"
+    assert (await stacks.deletable("production")).name == "production"
+    await stacks.delete_stack("production")

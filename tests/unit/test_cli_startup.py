@@ -1,0 +1,105 @@
+"""The ``conveyor`` command starts without the parts only some commands need.
+
+Each test runs a fresh interpreter, so that what the test process imported does not count.
+The start-up time itself is measured by ``benchmarks/cli.py``, never asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+# Each costs tens of milliseconds or more to import and serves only some commands: running
+# steps (numpy), rabbitmq stacks (aio-pika), the server (FastAPI), s3 stores (obstore), the
+# engine and controller (pipeline run), logging (structlog), stack files (yaml).
+HEAVY = (
+    "numpy",
+    "aio_pika",
+    "aiormq",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "obstore",
+    "structlog",
+    "yaml",
+    "conveyor.service.engine",
+    "conveyor.service.controller",
+    "conveyor.service.gateway",
+    "conveyor.service.pipelines",
+    "conveyor.workers.execution",
+    "conveyor.workers.runtime",
+)
+
+# Prints the modules loaded when the interpreter exits (a command ends in SystemExit).
+AT_EXIT = """
+import atexit, json, sys
+atexit.register(lambda: print(json.dumps(sorted(sys.modules)), file=sys.stderr))
+"""
+COMMAND = """
+sys.argv = ["conveyor", *json.loads(sys.argv[1])]
+from conveyor.service.cli.app import main
+main()
+"""
+
+
+def loaded_by(code: str, *args: str) -> set[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", AT_EXIT + code, *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    modules: list[str] = json.loads(done.stderr.strip().splitlines()[-1])
+    return set(modules)
+
+
+def test_importing_the_cli_loads_none_of_the_heavy_modules() -> None:
+    loaded = loaded_by("import conveyor.service.cli.app")
+    assert "conveyor.service.cli.app" in loaded
+    assert sorted(loaded.intersection(HEAVY)) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["stack", "list"],
+        ["stack", "list", "--output", "json"],
+        ["run", "list"],
+        ["orchestrator", "list"],
+        ["artifact-store", "describe", "default"],
+    ],
+)
+def test_listing_commands_load_none_of_the_heavy_modules(args: list[str]) -> None:
+    loaded = loaded_by(COMMAND, json.dumps(args))
+    assert sorted(loaded.intersection(HEAVY)) == []
+
+
+def test_import_conveyor_loads_what_is_used_only() -> None:
+    loaded = loaded_by("import conveyor")
+    assert sorted(loaded.intersection(HEAVY)) == []
+    used = loaded_by("from conveyor import step")
+    assert "conveyor.workers.steps" in used
+    assert "conveyor.service.engine" not in used
+
+
+def test_a_command_that_logs_logs_to_stderr_as_configured() -> None:
+    code = (
+        "from conveyor.service.logs import configure_logging_when_used\n"
+        "configure_logging_when_used()\n"
+        "import sys; assert 'structlog' not in sys.modules\n"
+        "import structlog\n"
+        "structlog.get_logger('test').warning('shown on stderr', key=1)\n"
+        "structlog.get_logger('test').info('below the level')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert json.loads(line) | {"timestamp": None} == {
+        "event": "shown on stderr",
+        "key": 1,
+        "level": "warning",
+        "timestamp": None,
+    }
