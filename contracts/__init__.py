@@ -1,6 +1,7 @@
 """What both planes agree on: events, records, the pipeline spec, topology and Protocols."""
 
 from conveyor.contracts.errors import (
+    AmbiguousId,
     ArtifactUnreadable,
     ConflictError,
     ConveyorError,
@@ -82,6 +83,7 @@ __all__ = [
     "FINISHED_RUN_STATUSES",
     "FINISHED_STEP_STATUSES",
     "SCHEMA_VERSION",
+    "AmbiguousId",
     "ArtifactRecord",
     "ArtifactRef",
     "ArtifactStore",

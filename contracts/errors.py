@@ -33,6 +33,14 @@ class ValidationError(ConveyorError):
     """Input has the wrong shape: an unknown config key, a wrong type (an HTTP 422)."""
 
 
+class AmbiguousId(ValidationError):
+    """A typed id prefix starts more than one record's id; ``candidates`` lists some."""
+
+    def __init__(self, message: str, *, candidates: list[str]) -> None:
+        super().__init__(message)
+        self.candidates = candidates
+
+
 class ArtifactUnreadable(ConveyorError):
     """Stored bytes are missing, outside their store, or do not match their digest."""
 

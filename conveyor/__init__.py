@@ -23,6 +23,7 @@ from conveyor.contracts import (
     StepRecord,
     StepStatus,
 )
+from conveyor.service.client import Client
 from conveyor.service.engine import AsyncRun, Conveyor
 from conveyor.service.handles import RunHandle
 from conveyor.service.pipelines import PipelineDefinition, pipeline
@@ -31,6 +32,7 @@ from conveyor.workers.steps import StepDefinition, step
 __all__ = [
     "ArtifactRef",
     "AsyncRun",
+    "Client",
     "Conveyor",
     "ConveyorError",
     "PipelineDefinition",

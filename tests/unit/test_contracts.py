@@ -39,6 +39,7 @@ def test_public_names_are_pinned() -> None:
     assert set(conveyor.__all__) == {
         "ArtifactRef",
         "AsyncRun",
+        "Client",
         "Conveyor",
         "ConveyorError",
         "PipelineDefinition",
