@@ -11,12 +11,13 @@ def inc(x: int) -> int: return x + 1
 @pipeline
 def p(): inc(make())
 
-run = p()  # runs on the active stack
+run = p()  # runs on the active stack; raises RunFailed if the run fails
 """
 
 from conveyor.contracts import (
     ArtifactRef,
     ConveyorError,
+    RunFailed,
     RunRecord,
     RunStatus,
     StackSpec,
@@ -36,6 +37,7 @@ __all__ = [
     "Conveyor",
     "ConveyorError",
     "PipelineDefinition",
+    "RunFailed",
     "RunHandle",
     "RunRecord",
     "RunStatus",

@@ -37,6 +37,7 @@ from conveyor.contracts import (
 )
 from conveyor.service.context import Services
 from conveyor.service.controller import Controller
+from conveyor.service.failures import failure_of
 from conveyor.service.home import Home
 from conveyor.service.liveness import this_process
 from conveyor.service.logs import configure_logging
@@ -98,8 +99,11 @@ class AsyncRun:
             if result is not None:
                 await result
 
-    async def wait(self, timeout: float | None = None) -> RunRecord:
-        """Wait until the run finished; its record."""
+    async def wait(
+        self, timeout: float | None = None, *, raise_on_failure: bool = False
+    ) -> RunRecord:
+        """Wait until the run finished; its record. With ``raise_on_failure``, a run that
+        failed or was cancelled raises ``RunFailed`` (``.run`` is this AsyncRun) instead."""
         services = self._conveyor.services
         while True:
             try:
@@ -121,7 +125,11 @@ class AsyncRun:
                 if timeout is not None:
                     raise
         await self.close()
-        return await self.record()
+        record = await self.record()
+        failure = failure_of(record, await self.steps(), self) if raise_on_failure else None
+        if failure is not None:
+            raise failure
+        return record
 
     async def close(self) -> None:
         """Stop following the run's status events (the run goes on); idempotent."""
