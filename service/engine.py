@@ -39,6 +39,7 @@ from conveyor.service.context import Services
 from conveyor.service.controller import Controller
 from conveyor.service.failures import failure_of
 from conveyor.service.home import Home
+from conveyor.service.idempotency import check_reused_key
 from conveyor.service.liveness import this_process
 from conveyor.service.logs import configure_logging
 from conveyor.service.pipelines import PipelineDefinition, load_pipeline
@@ -299,7 +300,11 @@ class Conveyor:
         on_step: StepCallback | None = None,
         **parameters: Any,
     ) -> AsyncRun:
-        """Compile ``pipeline`` with these parameters and start a run of it."""
+        """Compile ``pipeline`` with these parameters and start a run of it.
+
+        An ``idempotency_key`` that a run has already is answered with that run if this is
+        the same request (pipeline, parameters, stack), and refused with ``ConflictError``
+        otherwise."""
         definition = load_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
         spec, definitions = definition.compile(*args, **parameters)
         return await self.submit_compiled(
@@ -321,15 +326,16 @@ class Conveyor:
             await self._workers.serve(step.pool for step in spec.steps)
         else:
             spec = await self._with_code(spec, definitions)
+        assert self.stack is not None
         if idempotency_key:
             existing = await self.services.runs.find_by_key(idempotency_key)
             if existing is not None:
+                check_reused_key(idempotency_key, existing, spec, self.stack.id)
                 run = AsyncRun(existing.id, self, on_step)
                 await run._follow()
                 return run
         run = AsyncRun(new_id(), self, on_step, spec)
         await run._follow()
-        assert self.stack is not None
         await self.broker.publish(
             [
                 RunRequested(

@@ -15,6 +15,7 @@ import pytest
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
 from conveyor.contracts import (
     ComponentType,
+    ConflictError,
     NotFoundError,
     OutputSelector,
     PipelineSpec,
@@ -321,6 +322,35 @@ async def test_idempotency_key_creates_one_run() -> None:
         second = await cv.submit(handoff, idempotency_key="k-1")
         assert second.id == first.id
         assert len(await cv.services.runs.list_runs()) == 1
+
+
+@step
+def produce_int() -> int:
+    return 10
+
+
+@step
+def halve(x: int, by: int) -> float:
+    return x / by
+
+
+@pipeline
+def dividing(by: int) -> None:
+    halve(produce_int(), by=by)
+
+
+async def test_an_idempotency_key_reused_for_another_request_is_refused() -> None:
+    async with Conveyor() as cv:
+        first = await cv.submit(dividing, by=2, idempotency_key="k-2")
+        assert (await first.wait(timeout=30)).parameters == {"by": 2}
+        with pytest.raises(ConflictError, match=f"'k-2' was used for run {first.id}"):
+            await cv.submit(dividing, by=3, idempotency_key="k-2")
+        with pytest.raises(ConflictError, match="pipeline 'dividing'"):
+            await cv.submit(handoff, idempotency_key="k-2")
+        # The same request is still answered with the first run, and nothing new ran.
+        again = await cv.submit(dividing, by=2, idempotency_key="k-2")
+        assert again.id == first.id
+        assert [r.id for r in await cv.services.runs.list_runs()] == [first.id]
 
 
 @step
