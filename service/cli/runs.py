@@ -40,6 +40,7 @@ from conveyor.service.consumers import watch_consumers
 from conveyor.service.engine import AsyncRun, Conveyor
 from conveyor.service.pipeline_parameters import ParameterError
 from conveyor.service.pipelines import PipelineDefinition, load_pipeline
+from conveyor.service.public_records import public_run
 from conveyor.workers.flavors import masked_stack_snapshot
 
 pipeline_app = typer.Typer(help="Run pipelines.")
@@ -47,14 +48,6 @@ run_app = typer.Typer(help="Inspect pipeline runs.")
 artifact_app = typer.Typer(help="Inspect and fetch step outputs.")
 
 PREVIEW_BYTES = 4096
-
-
-def run_json(run: RunRecord) -> dict[str, Any]:
-    """A run as ``--output json`` prints it: the snapshot of its stack with secrets masked."""
-    shown = run.model_dump(mode="json")
-    shown["stack_snapshot"] = masked_stack_snapshot(run.stack_snapshot)
-    shown["duration_s"] = run.duration_s
-    return shown
 
 
 def _snapshot_rows(run: RunRecord) -> list[list[str]]:
@@ -220,7 +213,7 @@ def list_runs(
         runs = client(ctx).list_runs(stack=stack, pipeline=pipeline, status=status, limit=limit)
     emit(
         output,
-        [run_json(r) for r in runs],
+        [public_run(r) for r in runs],
         lambda _: table(
             ["RUN ID", "PIPELINE", "STACK", "STATUS", "STARTED", "DURATION"],
             [
@@ -253,7 +246,7 @@ def describe_run(
         run = c.get_run(run_id)
         steps = c.get_steps(run.id)
 
-    emit(output, {"run": run_json(run), "steps": steps}, lambda _: _described(run, steps))
+    emit(output, {"run": public_run(run), "steps": steps}, lambda _: _described(run, steps))
 
 
 def _described(run: RunRecord, steps: list[StepRecord]) -> list[object]:
