@@ -1,7 +1,8 @@
 """A failed step as a person reads it: the traceback of their code first, both texts bounded.
 
-Conveyor's own frames (the worker calling the step) come before the user's in every
-traceback a step raises; they are cut, so that the first frame shown is the step's.
+Conveyor's own frames (the worker calling the step, or importing its module) come before
+the user's in every traceback a step raises; they are cut, so that the first frame shown is
+the step's.
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ from types import TracebackType
 from conveyor.contracts import ConveyorError
 from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH, MAX_TRACEBACK_LENGTH
 
+IMPORT_MACHINERY = frozenset({"importlib", "importlib._bootstrap", "importlib._bootstrap_external"})
+"""Modules whose frames sit between a worker and a step module that fails as it is imported."""
+
 
 def _is_conveyors(frame: TracebackType) -> bool:
     module = frame.tb_frame.f_globals.get("__name__")
-    return isinstance(module, str) and (module == "conveyor" or module.startswith("conveyor."))
+    if not isinstance(module, str):
+        return False
+    return module == "conveyor" or module.startswith("conveyor.") or module in IMPORT_MACHINERY
 
 
 def user_traceback(exc: BaseException) -> str | None:

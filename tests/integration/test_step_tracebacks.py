@@ -9,10 +9,21 @@ import textwrap
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from conveyor import Conveyor, RunStatus, pipeline, step
+import pytest
+
+from conveyor import Client, Conveyor, RunStatus, pipeline, step
 from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH, MAX_TRACEBACK_LENGTH
 from tests.conftest import conveyor_cli
 from tests.integration.api_helpers import serving
+from tests.integration.rabbitmq_support import (
+    Processes,
+    only_run,
+    processes,
+    register_stack,
+    vhost,
+)
+
+__all__ = ["processes", "vhost"]  # fixtures
 
 WORKERS_DIR = str(Path(__file__).parents[2] / "workers")
 
@@ -149,3 +160,53 @@ def test_run_logs_and_the_api_include_the_traceback(tmp_path: Path, home: Path) 
     api_steps = {s["name"]: s for s in asyncio.run(from_the_api())}
     assert f"KeyError: '{LONG_ERROR}'" in str(api_steps["train"]["traceback"])
     assert api_steps["rows"]["traceback"] is None
+
+
+DEEP = """
+from conveyor import pipeline, step
+
+
+def check(rows):
+    raise ValueError(f"{len(rows)} rows is too few")
+
+
+@step
+def threaded() -> int:
+    check([1])
+    return 1
+
+
+@step(isolation="process")
+def forked() -> int:
+    check([1, 2])
+    return 2
+
+
+@pipeline
+def deep():
+    threaded()
+    forked()
+"""
+
+
+@pytest.mark.rabbitmq
+def test_a_worker_process_on_rabbitmq_sends_the_users_traceback(
+    vhost: str, tmp_path: Path, processes: Processes
+) -> None:
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    processes.controller()
+    processes.worker("w1")
+    source = tmp_path / "deep.py"
+    source.write_text(DEEP)
+    run = processes.start("run", "pipeline", "run", f"{source}:deep")
+    assert run.wait(90) == 1, processes.dump()
+    with Client() as client:
+        steps = {s.name: s for s in client.get_steps(only_run(client).id)}
+    for name, rows in (("threaded", 1), ("forked", 2)):
+        text = steps[name].traceback
+        assert text is not None, name
+        lines = text.splitlines()
+        # The worker runs the file from the run's code archive: same name, same lines.
+        assert lines[1].endswith(f'deep.py", line {11 if rows == 1 else 17}, in {name}'), lines
+        assert "in check" in text and WORKERS_DIR not in text, text
+        assert lines[-1] == f"ValueError: {rows} rows is too few"

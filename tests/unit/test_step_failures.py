@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from conveyor.contracts import ConveyorError
@@ -66,6 +67,16 @@ def test_the_traceback_starts_at_the_first_frame_that_is_not_conveyors() -> None
     assert lines[1] == f'  File "{__file__}", line {line}, in users_helper'
     assert lines[-1] == "ValueError: the user's own error"
     assert "simulated" not in text and "<string>" not in text
+
+
+def test_frames_of_the_import_machinery_before_the_users_are_cut_too() -> None:
+    importing: dict[str, Any] = {"__name__": "importlib._bootstrap"}
+    exec("def _call_with_frames_removed(f):\n    return f()\n", importing)
+    exc = _caught_by_conveyor(partial(importing["_call_with_frames_removed"], users_helper))
+    text = user_traceback(exc)
+    assert text is not None
+    assert text.splitlines()[1].startswith(f'  File "{__file__}"')
+    assert "_call_with_frames_removed" not in text
 
 
 def test_a_fault_in_conveyors_own_code_keeps_its_whole_traceback() -> None:
