@@ -68,8 +68,10 @@ class AsyncRun:
         conveyor: Conveyor,
         on_step: StepCallback | None,
         spec: PipelineSpec | None = None,
+        idempotency_key: str | None = None,
     ) -> None:
         self.id = run_id
+        self._key = idempotency_key
         self._conveyor = conveyor
         self._on_step = on_step
         self._finished = asyncio.Event()
@@ -105,17 +107,13 @@ class AsyncRun:
     ) -> RunRecord:
         """Wait until the run finished; its record. With ``raise_on_failure``, a run that
         failed or was cancelled raises ``RunFailed`` (``.run`` is this AsyncRun) instead."""
-        services = self._conveyor.services
         while True:
             try:
                 await asyncio.wait_for(self._finished.wait(), timeout=timeout or 2.0)
                 break
             except TimeoutError:
                 # A missed status event must not hang the caller: look at the store too.
-                try:
-                    record = await services.runs.run_by_id(self.id)
-                except ConveyorError:
-                    record = None
+                record = await self._stored()
                 if record is not None and record.status in FINISHED_RUN_STATUSES:
                     break
                 # The controller in this process cannot record anything (its store is full,
@@ -131,6 +129,30 @@ class AsyncRun:
         if failure is not None:
             raise failure
         return record
+
+    async def _stored(self) -> RunRecord | None:
+        """The run as the store holds it now, if it does.
+
+        A request that lost its idempotency key to another submitted at the same time is
+        dropped by the controller: this run then becomes the one that has the key, if it is
+        the same request, and is refused (``ConflictError``) if it is not.
+        """
+        runs = self._conveyor.services.runs
+        try:
+            return await runs.run_by_id(self.id)
+        except ConveyorError:
+            pass
+        stack = self._conveyor.stack
+        if self._key is None or self._spec is None or stack is None:
+            return None
+        holder = await runs.find_by_key(self._key)
+        if holder is None or holder.id == self.id:
+            return None
+        check_reused_key(self._key, holder, self._spec, stack.id)
+        await self.close()
+        self.id = holder.id
+        await self._follow()
+        return holder
 
     async def close(self) -> None:
         """Stop following the run's status events (the run goes on); idempotent."""
@@ -334,7 +356,7 @@ class Conveyor:
                 run = AsyncRun(existing.id, self, on_step)
                 await run._follow()
                 return run
-        run = AsyncRun(new_id(), self, on_step, spec)
+        run = AsyncRun(new_id(), self, on_step, spec, idempotency_key)
         await run._follow()
         await self.broker.publish(
             [
