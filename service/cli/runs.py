@@ -180,7 +180,7 @@ def run_pipeline(
             sys.stderr.flush()
             os._exit(130)
     for name, value in outputs.items():
-        console.print(f"{name} = {json.dumps(value)}")
+        console.print(f"{name} = {json.dumps(value)}", markup=False)
     style = "green" if record.status is RunStatus.COMPLETED else "red"
     console.print(
         f"Run {record.id} [{style}]{record.status.value}[/{style}] in {seconds(record.duration_s)}"
@@ -188,11 +188,14 @@ def run_pipeline(
     if record.status is not RunStatus.COMPLETED:
         for step in steps:
             if step.status is StepStatus.FAILED:
-                errors.print(f"[red]Step {step.name!r} failed:[/red] {step.error}")
+                # An error is the user's text: "[/x]" in it is not markup.
+                errors.print(
+                    f"[red]Step '{escape(step.name)}' failed:[/red] {escape(step.error or '')}"
+                )
                 if step.traceback:
                     errors.print(step.traceback, markup=False)
         if record.error:
-            errors.print(f"[red]Run failed:[/red] {record.error}", markup=True)
+            errors.print(f"[red]Run failed:[/red] {escape(record.error)}")
         raise typer.Exit(1)
 
 

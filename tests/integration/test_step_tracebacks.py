@@ -142,6 +142,40 @@ def test_run_describe_at_80_columns_keeps_uris_errors_and_the_traceback_whole(
             assert len(line) <= 80, line
 
 
+def test_an_error_that_looks_like_markup_is_printed_as_it_is(tmp_path: Path) -> None:
+    source = tmp_path / "brackets.py"
+    source.write_text(
+        textwrap.dedent(
+            """
+            from conveyor import pipeline, step
+
+            @step
+            def label() -> str:
+                return "[/red] kept"
+
+            @step
+            def parse(text: str) -> int:
+                raise KeyError("[/bold] is not a column")
+
+            @pipeline
+            def brackets():
+                label()
+                parse(label())
+            """
+        )
+    )
+    ran = conveyor_cli("pipeline", "run", f"{source}:brackets", cwd=tmp_path)
+    assert ran.returncode == 1, ran.stderr
+    assert "MarkupError" not in ran.stderr
+    assert "Step 'parse' failed: KeyError: '[/bold] is not a column'" in ran.stderr
+    assert 'label.output = "[/red] kept"' in ran.stdout
+    (run,) = json.loads(conveyor_cli("run", "list", "--output", "json").stdout)
+    for command in (("run", "describe", run["id"]), ("run", "logs", run["id"])):
+        shown = conveyor_cli(*command)
+        assert shown.returncode == 0, shown.stderr
+        assert "KeyError: '[/bold] is not a column'" in shown.stdout
+
+
 def test_run_logs_and_the_api_include_the_traceback(tmp_path: Path, home: Path) -> None:
     run = _failed_run(tmp_path)
     logs = conveyor_cli("run", "logs", run.id)
