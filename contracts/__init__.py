@@ -1,11 +1,13 @@
 """What both planes agree on: events, records, the pipeline spec, topology and Protocols."""
 
 from conveyor.contracts.errors import (
+    AmbiguousId,
     ArtifactUnreadable,
     ConflictError,
     ConveyorError,
     NotFoundError,
     OutsideStore,
+    RunFailed,
     StoreUnavailable,
     UntrustedStep,
     ValidationError,
@@ -82,6 +84,7 @@ __all__ = [
     "FINISHED_RUN_STATUSES",
     "FINISHED_STEP_STATUSES",
     "SCHEMA_VERSION",
+    "AmbiguousId",
     "ArtifactRecord",
     "ArtifactRef",
     "ArtifactStore",
@@ -106,6 +109,7 @@ __all__ = [
     "OutsideStore",
     "PipelineSpec",
     "RunCancelRequested",
+    "RunFailed",
     "RunFinished",
     "RunProgress",
     "RunRecord",

@@ -5,6 +5,10 @@ Whether an error is worth retrying is data (``retryable``), not a class family.
 
 from __future__ import annotations
 
+from typing import Any
+
+from conveyor.contracts.models import RunStatus
+
 
 class ConveyorError(Exception):
     """Any error Conveyor reports to a user.
@@ -31,6 +35,43 @@ class ConflictError(ConveyorError):
 
 class ValidationError(ConveyorError):
     """Input has the wrong shape: an unknown config key, a wrong type (an HTTP 422)."""
+
+
+class AmbiguousId(ValidationError):
+    """A typed id prefix starts more than one record's id; ``candidates`` lists some."""
+
+    def __init__(self, message: str, *, candidates: list[str]) -> None:
+        super().__init__(message)
+        self.candidates = candidates
+
+
+class RunFailed(ConveyorError):
+    """A run that the caller waited for ended failed or cancelled.
+
+    ``run`` is what the caller would have had back (calling a pipeline: its ``RunHandle``),
+    so the outputs of the steps that finished can still be loaded. ``step``, ``step_error``
+    and ``step_traceback`` describe the first step that failed, if one did (a run can also
+    fail before any step runs, or be cancelled).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run_id: str,
+        status: RunStatus,
+        run: Any = None,
+        step: str | None = None,
+        step_error: str | None = None,
+        step_traceback: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.status = status
+        self.run = run
+        self.step = step
+        self.step_error = step_error
+        self.step_traceback = step_traceback
 
 
 class ArtifactUnreadable(ConveyorError):

@@ -144,14 +144,24 @@ class StepSucceeded(Envelope):
     logs: ArtifactRef | None = Field(default=None, description="What the attempt printed")
 
 
+MAX_STEP_ERROR_LENGTH = 8_000
+"""The longest error line of a failed step that an event carries (workers cut longer ones)."""
+MAX_TRACEBACK_LENGTH = 16_000
+"""The longest step traceback that an event carries (workers keep the end of longer ones)."""
+
+
 class StepFailed(Envelope):
     """Attempt ``attempt`` of ``step`` raised; ``retryable`` says whether a retry may help."""
 
     type: Literal["StepFailed"] = "StepFailed"
     step: Name
     attempt: int
-    error: str
-    traceback: str | None = None
+    error: str = Field(max_length=MAX_STEP_ERROR_LENGTH, description="Type: message")
+    traceback: str | None = Field(
+        default=None,
+        max_length=MAX_TRACEBACK_LENGTH,
+        description="What the step raised, from its first frame outside Conveyor",
+    )
     retryable: bool = True
     duration_s: float = 0.0
     by: WorkerFacts

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 
 class Frozen(BaseModel):
@@ -180,6 +180,7 @@ class RunRecord(Frozen):
     error: str | None = None
     idempotency_key: str | None = None
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def duration_s(self) -> float | None:
         """Seconds from start to finish, or ``None`` while the run has not finished."""

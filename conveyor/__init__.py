@@ -11,7 +11,7 @@ def inc(x: int) -> int: return x + 1
 @pipeline
 def p(): inc(make())
 
-run = p()  # runs on the active stack
+run = p()  # runs on the active stack; raises RunFailed if the run fails
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from conveyor.contracts import (
         ArtifactRef,
         ConveyorError,
+        RunFailed,
         RunRecord,
         RunStatus,
         StackSpec,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 _SOURCES = {
     "ArtifactRef": "conveyor.contracts",
     "ConveyorError": "conveyor.contracts",
+    "RunFailed": "conveyor.contracts",
     "RunRecord": "conveyor.contracts",
     "RunStatus": "conveyor.contracts",
     "StackSpec": "conveyor.contracts",
@@ -62,6 +64,7 @@ __all__ = [
     "Conveyor",
     "ConveyorError",
     "PipelineDefinition",
+    "RunFailed",
     "RunHandle",
     "RunRecord",
     "RunStatus",

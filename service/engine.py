@@ -37,7 +37,9 @@ from conveyor.contracts import (
 )
 from conveyor.service.context import Services
 from conveyor.service.controller import Controller
+from conveyor.service.failures import failure_of
 from conveyor.service.home import Home
+from conveyor.service.idempotency import check_reused_key
 from conveyor.service.liveness import this_process
 from conveyor.service.logs import configure_logging
 from conveyor.service.pipelines import PipelineDefinition, load_pipeline
@@ -66,8 +68,10 @@ class AsyncRun:
         conveyor: Conveyor,
         on_step: StepCallback | None,
         spec: PipelineSpec | None = None,
+        idempotency_key: str | None = None,
     ) -> None:
         self.id = run_id
+        self._key = idempotency_key
         self._conveyor = conveyor
         self._on_step = on_step
         self._finished = asyncio.Event()
@@ -98,19 +102,18 @@ class AsyncRun:
             if result is not None:
                 await result
 
-    async def wait(self, timeout: float | None = None) -> RunRecord:
-        """Wait until the run finished; its record."""
-        services = self._conveyor.services
+    async def wait(
+        self, timeout: float | None = None, *, raise_on_failure: bool = False
+    ) -> RunRecord:
+        """Wait until the run finished; its record. With ``raise_on_failure``, a run that
+        failed or was cancelled raises ``RunFailed`` (``.run`` is this AsyncRun) instead."""
         while True:
             try:
                 await asyncio.wait_for(self._finished.wait(), timeout=timeout or 2.0)
                 break
             except TimeoutError:
                 # A missed status event must not hang the caller: look at the store too.
-                try:
-                    record = await services.runs.run_by_id(self.id)
-                except ConveyorError:
-                    record = None
+                record = await self._stored()
                 if record is not None and record.status in FINISHED_RUN_STATUSES:
                     break
                 # The controller in this process cannot record anything (its store is full,
@@ -121,7 +124,35 @@ class AsyncRun:
                 if timeout is not None:
                     raise
         await self.close()
-        return await self.record()
+        record = await self.record()
+        failure = failure_of(record, await self.steps(), self) if raise_on_failure else None
+        if failure is not None:
+            raise failure
+        return record
+
+    async def _stored(self) -> RunRecord | None:
+        """The run as the store holds it now, if it does.
+
+        A request that lost its idempotency key to another submitted at the same time is
+        dropped by the controller: this run then becomes the one that has the key, if it is
+        the same request, and is refused (``ConflictError``) if it is not.
+        """
+        runs = self._conveyor.services.runs
+        try:
+            return await runs.run_by_id(self.id)
+        except ConveyorError:
+            pass
+        stack = self._conveyor.stack
+        if self._key is None or self._spec is None or stack is None:
+            return None
+        holder = await runs.find_by_key(self._key)
+        if holder is None or holder.id == self.id:
+            return None
+        check_reused_key(self._key, holder, self._spec, stack.id)
+        await self.close()
+        self.id = holder.id
+        await self._follow()
+        return holder
 
     async def close(self) -> None:
         """Stop following the run's status events (the run goes on); idempotent."""
@@ -291,7 +322,11 @@ class Conveyor:
         on_step: StepCallback | None = None,
         **parameters: Any,
     ) -> AsyncRun:
-        """Compile ``pipeline`` with these parameters and start a run of it."""
+        """Compile ``pipeline`` with these parameters and start a run of it.
+
+        An ``idempotency_key`` that a run has already is answered with that run if this is
+        the same request (pipeline, parameters, stack), and refused with ``ConflictError``
+        otherwise."""
         definition = load_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
         spec, definitions = definition.compile(*args, **parameters)
         return await self.submit_compiled(
@@ -313,15 +348,16 @@ class Conveyor:
             await self._workers.serve(step.pool for step in spec.steps)
         else:
             spec = await self._with_code(spec, definitions)
+        assert self.stack is not None
         if idempotency_key:
             existing = await self.services.runs.find_by_key(idempotency_key)
             if existing is not None:
+                check_reused_key(idempotency_key, existing, spec, self.stack.id)
                 run = AsyncRun(existing.id, self, on_step)
                 await run._follow()
                 return run
-        run = AsyncRun(new_id(), self, on_step, spec)
+        run = AsyncRun(new_id(), self, on_step, spec, idempotency_key)
         await run._follow()
-        assert self.stack is not None
         await self.broker.publish(
             [
                 RunRequested(

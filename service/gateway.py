@@ -10,7 +10,6 @@ with the same key is looked at.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,6 +35,7 @@ from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
 from conveyor.service.context import Services
 from conveyor.service.engine import Conveyor
 from conveyor.service.home import Home
+from conveyor.service.idempotency import check_reused_key
 from conveyor.service.liveness import this_process
 from conveyor.service.pipelines import PipelineTooLarge, load_pipeline
 from conveyor.workers.flavors import get_flavor
@@ -206,15 +206,7 @@ class RunGateway:
                 return await self._submit(conveyor, compiled, idempotency_key)
         target = conveyor.stack
         assert target is not None
-        spec = compiled.spec
-        # Compare as stored: the store keeps parameters as JSON (a tuple comes back a list).
-        asked = (spec.name, json.loads(json.dumps(spec.parameters)), target.id)
-        if (existing.pipeline, existing.parameters, existing.stack_id) != asked:
-            raise ConflictError(
-                f"idempotency key {idempotency_key!r} was used for run {existing.id} (pipeline "
-                f"{existing.pipeline!r} on stack {existing.stack_name!r} with parameters "
-                f"{existing.parameters}); use a new key for a different run"
-            )
+        check_reused_key(idempotency_key, existing, compiled.spec, target.id)
         return Submission(existing, created=False, recorded=True)
 
     async def _submit(self, conveyor: Conveyor, compiled: _Compiled, key: str | None) -> Submission:

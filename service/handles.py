@@ -1,4 +1,5 @@
-"""The synchronous face of a finished run, returned by calling a pipeline."""
+"""The synchronous face of a finished run, returned by calling a pipeline (or carried by
+the ``RunFailed`` it raises)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from conveyor.contracts import (
     StepRecord,
     StepStatus,
 )
+from conveyor.service.failures import failure_of
 from conveyor.workers.execution import load_artifact
 from conveyor.workers.flavors import run_artifact_store
 
@@ -51,9 +53,14 @@ class RunHandle:
 
 
 def run_pipeline(
-    definition: PipelineDefinition, args: tuple[Any, ...], kwargs: dict[str, Any]
+    definition: PipelineDefinition,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    raise_on_failure: bool = True,
 ) -> RunHandle:
-    """Run ``definition`` on the active stack and wait for the end."""
+    """Run ``definition`` on the active stack and wait for the end; raise ``RunFailed`` if
+    the run did not complete, unless ``raise_on_failure`` is false."""
     from conveyor.service.engine import Conveyor
 
     try:
@@ -72,4 +79,8 @@ def run_pipeline(
             record = await run.wait()
             return RunHandle(record, await run.steps())
 
-    return asyncio.run(main())
+    handle = asyncio.run(main())
+    failure = failure_of(handle.record, list(handle.steps.values()), handle)
+    if failure is not None and raise_on_failure:
+        raise failure
+    return handle

@@ -139,9 +139,12 @@ def _check_json(step: str, param: str, value: Any) -> None:
 class PipelineDefinition:
     """A function made into a pipeline; calling it runs it on the active stack."""
 
-    def __init__(self, fn: Callable[..., Any], *, name: str | None = None) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], *, name: str | None = None, raise_on_failure: bool = True
+    ) -> None:
         self.fn = fn
         self.name = name or fn.__name__
+        self.raise_on_failure = raise_on_failure
         self.signature = inspect.signature(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
@@ -185,11 +188,21 @@ class PipelineDefinition:
         )
         return spec, builder.definitions
 
+    def with_options(self, *, raise_on_failure: bool = True) -> PipelineDefinition:
+        """This pipeline, called with other options: ``raise_on_failure=False`` returns the
+        handle of a run that failed instead of raising ``RunFailed``."""
+        return PipelineDefinition(self.fn, name=self.name, raise_on_failure=raise_on_failure)
+
     def __call__(self, *args: Any, **kwargs: Any) -> RunHandle:
-        """Run on the active stack, wait for the end, and return the run's handle."""
+        """Run on the active stack, wait for the end, and return the run's handle.
+
+        A run that fails or is cancelled raises ``RunFailed`` (naming the failed step, its
+        error and traceback; ``.run`` is the handle), unless made with
+        ``with_options(raise_on_failure=False)``.
+        """
         from conveyor.service.handles import run_pipeline
 
-        return run_pipeline(self, args, kwargs)
+        return run_pipeline(self, args, kwargs, raise_on_failure=self.raise_on_failure)
 
     def __repr__(self) -> str:
         return f"<pipeline {self.name} ({self.ref})>"

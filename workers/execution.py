@@ -15,7 +15,6 @@ import contextvars
 import shutil
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +33,9 @@ from conveyor.contracts import (
     UntrustedStep,
     WorkerFacts,
 )
+from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH, MAX_TRACEBACK_LENGTH
 from conveyor.workers import materializers, step_logs, step_process
+from conveyor.workers.step_failures import error_line, keep_head, keep_tail, user_traceback
 from conveyor.workers.step_process import StepBodyFailed
 from conveyor.workers.step_resolver import StepResolver
 from conveyor.workers.step_threads import StepThreads
@@ -314,20 +315,16 @@ class StepExecutor:
             return self._failed(ready, exc.error, exc.traceback, exc.retryable, started)
         except TimeoutError as exc:
             if not deadline.expired():  # the step itself raised TimeoutError
-                return self._failed(
-                    ready, f"TimeoutError: {exc}", traceback.format_exc(), True, started
-                )
+                return self._failed(ready, error_line(exc), user_traceback(exc), True, started)
             return self._failed(
                 ready, f"TimeoutError: step timed out after {limit}s", None, True, started
             )
         except UntrustedStep:
             raise  # not a step failure: the worker refuses the message itself
         except ConveyorError as exc:
-            return self._failed(ready, f"{type(exc).__name__}: {exc}", None, exc.retryable, started)
+            return self._failed(ready, error_line(exc), user_traceback(exc), exc.retryable, started)
         except Exception as exc:
-            return self._failed(
-                ready, f"{type(exc).__name__}: {exc}", traceback.format_exc(), True, started
-            )
+            return self._failed(ready, error_line(exc), user_traceback(exc), True, started)
         return StepSucceeded(
             run_id=ready.run_id,
             step=ready.step.name,
@@ -352,8 +349,10 @@ class StepExecutor:
             run_id=ready.run_id,
             step=ready.step.name,
             attempt=ready.attempt,
-            error=readable(error),
-            traceback=None if tb is None else readable(tb),
+            # Bounded here, after the names are made readable: a step's process reports its
+            # texts through a file, and a readable name may be longer than the generated one.
+            error=keep_head(readable(error), MAX_STEP_ERROR_LENGTH),
+            traceback=None if tb is None else keep_tail(readable(tb), MAX_TRACEBACK_LENGTH),
             retryable=retryable,
             duration_s=time.perf_counter() - started,
             by=self._facts,

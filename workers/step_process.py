@@ -27,7 +27,6 @@ import signal
 import sys
 import tempfile
 import threading
-import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import Any, NoReturn
 
 from conveyor.contracts import ConveyorError
 from conveyor.workers import materializers, step_logs
+from conveyor.workers.step_failures import error_line, user_traceback
 
 MANIFEST = "manifest.json"
 OUTPUT_LOG = "output.log"
@@ -74,10 +74,8 @@ class StepBodyFailed(Exception):
     @classmethod
     def of(cls, exc: BaseException) -> StepBodyFailed:
         """The failure that ``exc``, being handled now, makes of a step."""
-        error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, ConveyorError):
-            return cls(error, None, exc.retryable)
-        return cls(error, traceback.format_exc(), True)
+        retryable = exc.retryable if isinstance(exc, ConveyorError) else True
+        return cls(error_line(exc), user_traceback(exc), retryable)
 
 
 def signal_death(code: int) -> str:

@@ -9,6 +9,7 @@ from conveyor.service.api import views
 from conveyor.service.api.schemas import CancelRun, Page, Paging, SubmitRun
 from conveyor.service.api.security import require_token
 from conveyor.service.api.state import ApiState, settings_of, state_of
+from conveyor.service.public_records import public_run
 from conveyor.service.store.summaries import PipelineSummary
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
@@ -74,13 +75,13 @@ async def submit_run(
     elif not submission.created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    return views.public_run(submission.run)
+    return public_run(submission.run)
 
 
 @router.get("/runs/{run_id}", response_model=RunRecord, tags=["runs"])
 async def get_run(run_id: str, state: ApiState = Depends(state_of)) -> RunRecord:
     """A run (a unique prefix of its id is enough)."""
-    return views.public_run(await state.services.runs.get_run(run_id))
+    return public_run(await state.services.runs.get_run(run_id))
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunRecord, status_code=202, tags=["runs"])
@@ -91,7 +92,7 @@ async def cancel_run(
 ) -> RunRecord:
     """Cancel a pending or running run (409 if it finished already)."""
     reason = body.reason if body is not None else CancelRun().reason
-    return views.public_run(await state.gateway.cancel(run_id, reason))
+    return public_run(await state.gateway.cancel(run_id, reason))
 
 
 @router.delete("/runs/{run_id}", status_code=204, tags=["runs"])

@@ -14,19 +14,18 @@ from conveyor.contracts import ComponentSpec, ComponentType, RunRecord, RunStatu
 from conveyor.service.api import views
 from conveyor.service.api.schemas import (
     CopyStack,
-    FlavorInfo,
     ImportStack,
     Page,
     Paging,
     RegisterComponent,
     RegisterStack,
     Rename,
-    StackView,
     UpdateComponent,
     UpdateStack,
 )
 from conveyor.service.api.security import require_token
 from conveyor.service.api.state import ApiState, state_of
+from conveyor.service.public_records import ComponentView, FlavorInfo, StackView, flavor_info
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
 
@@ -126,51 +125,56 @@ async def stack_runs(
 # --- components ---
 
 
-@router.get("/components", response_model=Page[ComponentSpec], tags=["components"])
+@router.get("/components", response_model=Page[ComponentView], tags=["components"])
 async def list_components(
     type: ComponentType | None = Query(None, description="Only components of this type"),
     flavor: str | None = Query(None, description="Only components of this flavor"),
     paging: Paging = Depends(),
     state: ApiState = Depends(state_of),
-) -> Page[ComponentSpec]:
+) -> Page[ComponentView]:
     found = await state.services.stacks.list_components(type)
-    shown = [views.public_component(c) for c in found if flavor is None or c.flavor == flavor]
-    return paging.slice(shown)
+    chosen = [c for c in found if flavor is None or c.flavor == flavor]
+    return paging.slice(await views.component_views(state.services, chosen))
 
 
-@router.post("/components", response_model=ComponentSpec, status_code=201, tags=["components"])
+async def _component(state: ApiState, component: ComponentSpec) -> ComponentView:
+    (shown,) = await views.component_views(state.services, [component])
+    return shown
+
+
+@router.post("/components", response_model=ComponentView, status_code=201, tags=["components"])
 async def register_component(
     body: RegisterComponent, state: ApiState = Depends(state_of)
-) -> ComponentSpec:
+) -> ComponentView:
     """Register a component; its config is validated against its flavor."""
     component = await state.services.stacks.register_component(
         body.type, body.name, body.flavor, body.config
     )
-    return views.public_component(component)
+    return await _component(state, component)
 
 
-@router.get("/components/{type}/{name}", response_model=ComponentSpec, tags=["components"])
+@router.get("/components/{type}/{name}", response_model=ComponentView, tags=["components"])
 async def get_component(
     type: ComponentType, name: str, state: ApiState = Depends(state_of)
-) -> ComponentSpec:
-    return views.public_component(await state.services.stacks.get_component(type, name))
+) -> ComponentView:
+    return await _component(state, await state.services.stacks.get_component(type, name))
 
 
-@router.patch("/components/{type}/{name}", response_model=ComponentSpec, tags=["components"])
+@router.patch("/components/{type}/{name}", response_model=ComponentView, tags=["components"])
 async def update_component(
     type: ComponentType, name: str, body: UpdateComponent, state: ApiState = Depends(state_of)
-) -> ComponentSpec:
+) -> ComponentView:
     """Set config keys (null removes a key); stacks that use it see the change."""
     component = await state.services.stacks.update_component(type, name, body.config)
-    return views.public_component(component)
+    return await _component(state, component)
 
 
-@router.post("/components/{type}/{name}/rename", response_model=ComponentSpec, tags=["components"])
+@router.post("/components/{type}/{name}/rename", response_model=ComponentView, tags=["components"])
 async def rename_component(
     type: ComponentType, name: str, body: Rename, state: ApiState = Depends(state_of)
-) -> ComponentSpec:
+) -> ComponentView:
     component = await state.services.stacks.rename_component(type, name, body.new_name)
-    return views.public_component(component)
+    return await _component(state, component)
 
 
 @router.delete("/components/{type}/{name}", status_code=204, tags=["components"])
@@ -190,7 +194,7 @@ async def list_flavors(
     type: ComponentType | None = Query(None, description="Only flavors of this type"),
     state: ApiState = Depends(state_of),
 ) -> list[FlavorInfo]:
-    return [views.flavor_info(f) for f in await state.services.stacks.list_flavors(type)]
+    return [flavor_info(f) for f in await state.services.stacks.list_flavors(type)]
 
 
 @router.get("/flavors/{type}/{name}", response_model=FlavorInfo, tags=["flavors"])

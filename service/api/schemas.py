@@ -1,7 +1,8 @@
 """Request and response bodies of the HTTP API that the contracts do not already define.
 
-Responses reuse the contract models (``RunRecord``, ``StepRecord``, ``StackSpec``,
-``ComponentSpec``, ``ArtifactRecord``), always with configurations masked.
+Responses are the contract models (``RunRecord``, ``StepRecord``, ``ArtifactRecord``) and the
+views of ``service.public_records`` (stacks, components, flavors), always with
+configurations masked: the same shapes as the CLI's ``--output json``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Generic, Literal, TypeVar
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from conveyor.contracts import ComponentType, StackSpec
+from conveyor.contracts import ComponentType
 
 T = TypeVar("T")
 
@@ -54,33 +55,6 @@ class Paging:
     def slice(self, everything: list[T]) -> Page[T]:
         """The page of a list that was read whole (stacks, components: a few dozen)."""
         return self.page(everything[self.offset : self.offset + self.limit + 1])
-
-
-class StackView(StackSpec):
-    """A stack with its configuration masked, and whether it is the active one."""
-
-    active: bool = False
-
-
-class FlavorKey(BaseModel):
-    """One configuration key of a flavor."""
-
-    key: str
-    type: str
-    required: bool
-    default: Any = None
-    description: str = ""
-    secret: bool = False
-
-
-class FlavorInfo(BaseModel):
-    """A flavor of a component type and the configuration it takes."""
-
-    type: ComponentType
-    name: str
-    description: str
-    embedded: bool
-    keys: list[FlavorKey]
 
 
 def _non_finite(value: Any) -> str | None:

@@ -1,7 +1,7 @@
 """What the API and the dashboard show: records with every secret masked, and run details.
 
-Every stack, component and run snapshot leaves the server through these functions, so the
-masking rule (``workers.flavors.masked_config``) is applied in one place.
+Every stack, component and run snapshot leaves the server through ``public_records``, which
+the CLI's ``--output json`` uses too: one shape per record.
 """
 
 from __future__ import annotations
@@ -20,57 +20,27 @@ from conveyor.contracts import (
     PipelineSpec,
     RunRecord,
     RunStatus,
-    StackSpec,
     StepRecord,
     StepStatus,
     ValidationError,
     utcnow,
 )
-from conveyor.service.api.schemas import FlavorInfo, FlavorKey, Page, Paging, StackView
+from conveyor.service.api.schemas import Page, Paging
 from conveyor.service.api.timeline import Bar, timeline
 from conveyor.service.context import Services
+from conveyor.service.public_records import (
+    ComponentView,
+    FlavorInfo,
+    StackView,
+    flavor_info,
+    public_component,
+    public_run,
+    public_stack,
+)
 from conveyor.service.store.summaries import PipelineSummary, RunSummaries
-from conveyor.workers.flavors import Flavor, get_flavor, masked_config, masked_stack_snapshot
+from conveyor.workers.flavors import get_flavor
 
 COMPONENT_ORDER = sorted(ComponentType, key=lambda t: t.value)
-
-
-def public_component(component: ComponentSpec) -> ComponentSpec:
-    """``component`` with its configuration masked (defaults shown, secrets hidden)."""
-    return component.model_copy(update={"config": masked_config(component)})
-
-
-def public_stack(stack: StackSpec, active: str) -> StackView:
-    """``stack`` with every component masked, and whether it is the active stack."""
-    data = stack.model_dump()
-    data["components"] = {t: public_component(c) for t, c in stack.components.items()}
-    return StackView(**data, active=stack.name == active)
-
-
-def public_run(run: RunRecord) -> RunRecord:
-    """``run`` with the configuration in its stack snapshot masked."""
-    return run.model_copy(update={"stack_snapshot": masked_stack_snapshot(run.stack_snapshot)})
-
-
-def flavor_info(flavor: Flavor) -> FlavorInfo:
-    config_keys = flavor.config_keys()
-    return FlavorInfo(
-        type=flavor.component_type,
-        name=flavor.name,
-        description=flavor.description,
-        embedded=flavor.embedded,
-        keys=[
-            FlavorKey(
-                key=k.key,
-                type=k.type,
-                required=k.required,
-                default=k.default,
-                description=k.description,
-                secret=k.secret,
-            )
-            for k in config_keys
-        ],
-    )
 
 
 def flavor_named(type_: ComponentType, name: str) -> FlavorInfo:
@@ -113,6 +83,15 @@ async def stack_views(services: Services) -> list[StackView]:
     """Every stack, masked, the active one marked."""
     active = await services.stacks.active_name()
     return [public_stack(s, active) for s in await services.stacks.list_stacks()]
+
+
+async def component_views(
+    services: Services, components: list[ComponentSpec]
+) -> list[ComponentView]:
+    """``components`` masked, each with the stacks that use it."""
+    stacks = await services.stacks.list_stacks()
+    active = await services.stacks.active_name()
+    return [public_component(c, stacks, active) for c in components]
 
 
 async def stack_view(services: Services, name: str) -> StackView:

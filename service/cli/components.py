@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
 
 import typer
 from pydantic import BaseModel, SecretStr
 
-from conveyor.contracts import ComponentSpec, ComponentType, StackSpec
+from conveyor.contracts import ComponentType
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
     OutputFormat,
@@ -28,8 +28,8 @@ from conveyor.service.cli.output import (
     when,
 )
 from conveyor.service.cli.state import client
-from conveyor.service.client import Client
 from conveyor.service.components import label
+from conveyor.service.public_records import ComponentView, flavor_info, public_component
 from conveyor.workers.flavors import FLAVORS, Flavor, masked_config
 
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -72,26 +72,6 @@ def column(type_: ComponentType) -> str:
 def shown(value: Any) -> str:
     """A config value in a table cell: text as is, anything else as JSON."""
     return value if isinstance(value, str) else json.dumps(value)
-
-
-def component_json(
-    component: ComponentSpec, *, active: bool, stacks: list[str] | None = None
-) -> dict[str, Any]:
-    """A component as ``--output json`` prints it: its config masked, defaults included."""
-    shown: dict[str, Any] = {
-        "id": component.id,
-        "type": component.type.value,
-        "name": component.name,
-        "flavor": component.flavor,
-        "active": active,
-        "shared": component.shared,
-        "owner": component.owner,
-        "created": component.created,
-        "config": masked_config(component),
-    }
-    if stacks is not None:
-        shown["stacks"] = stacks
-    return shown
 
 
 def _is_text(annotation: Any) -> bool:
@@ -144,21 +124,14 @@ def _is_bool(annotation: Any) -> bool:
     return annotation is bool
 
 
-def _active_ids(c: Client, stack: str | None) -> set[str]:
-    return {component.id for component in c.get_stack(stack).components.values()}
-
-
-def _users(stacks: list[StackSpec], component: ComponentSpec) -> list[str]:
-    return [s.name for s in stacks if any(m.id == component.id for m in s.components.values())]
-
-
-def _config_table(component: ComponentSpec) -> object:
-    rows = [[key, shown(value)] for key, value in masked_config(component).items()]
+def _config_table(config: dict[str, Any]) -> object:
+    """A masked configuration as a table."""
+    rows = [[key, shown(value)] for key, value in config.items()]
     return table(["KEY", "VALUE"], rows or [["(no configuration)", ""]], title="Configuration")
 
 
-def _describe(component: ComponentSpec, *, active: bool, stacks: list[str]) -> list[object]:
-    marker = " (ACTIVE)" if active else ""
+def _describe(component: ComponentView) -> list[object]:
+    marker = " (ACTIVE)" if component.active else ""
     properties = table(
         ["COMPONENT_PROPERTY", "VALUE"],
         [
@@ -169,22 +142,12 @@ def _describe(component: ComponentSpec, *, active: bool, stacks: list[str]) -> l
             ["SHARED", "✅" if component.shared else "➖"],
             ["OWNER", component.owner],
             ["CREATED", when(component.created)],
-            ["STACKS", ", ".join(stacks) or "(none)"],
+            ["STACKS", ", ".join(component.stacks) or "(none)"],
         ],
         title=f"{column(component.type)} '{component.name}'",
         caption=f"'{component.name}' {label(component.type)}{marker}",
     )
-    return [properties, _config_table(component)]
-
-
-def flavor_json(flavor: Flavor) -> dict[str, Any]:
-    return {
-        "type": flavor.component_type.value,
-        "name": flavor.name,
-        "description": flavor.description,
-        "embedded": flavor.embedded,
-        "config": [asdict(key) for key in flavor.config_keys()],
-    }
+    return [properties, _config_table(component.config)]
 
 
 def _flavor_table(flavor: Flavor) -> object:
@@ -229,16 +192,17 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
     ) -> None:
         with user_errors():
             c = client(ctx)
-            active = _active_ids(c, stack)
-            components = c.list_components(type_)
+            marked = c.get_stack(stack).name
+            stacks = c.list_stacks()
+            components = [public_component(x, stacks, marked) for x in c.list_components(type_)]
         emit(
             output,
-            [component_json(x, active=x.id in active) for x in components],
+            components,
             lambda _: table(
                 ["ACTIVE", "NAME", "COMPONENT ID", "FLAVOR", "SHARED", "OWNER"],
                 [
                     [
-                        "👉" if x.id in active else "",
+                        "👉" if x.active else "",
                         x.name,
                         x.id,
                         x.flavor,
@@ -266,7 +230,7 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
         with user_errors():
             component = client(ctx).register_component(type_, name, flavor, config)
         status.print(f"Registered {kind} '{component.name}' (flavor {component.flavor}).")
-        status.print(_config_table(component))
+        status.print(_config_table(masked_config(component)))
 
     @app.command(
         "describe",
@@ -280,14 +244,10 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
     ) -> None:
         with user_errors():
             c = client(ctx)
-            component = c.get_component(type_, name)
-            active = component.id in _active_ids(c, None)
-            stacks = _users(c.list_stacks(), component)
-        emit(
-            output,
-            component_json(component, active=active, stacks=stacks),
-            lambda _: _describe(component, active=active, stacks=stacks),
-        )
+            shown = public_component(
+                c.get_component(type_, name), c.list_stacks(), c.active_stack_name()
+            )
+        emit(output, shown, _describe)
 
     @app.command(
         "update",
@@ -305,7 +265,7 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
             config = parse_config(ctx.args, found.config_model if found else None)
             component = c.update_component(type_, current.name, config)
         status.print(f"Updated {kind} '{component.name}'.")
-        status.print(_config_table(component))
+        status.print(_config_table(masked_config(component)))
 
     @app.command(
         "rename",
@@ -343,7 +303,7 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
             flavors = client(ctx).list_flavors(type_)
         emit(
             output,
-            [flavor_json(f) for f in flavors],
+            [flavor_info(f) for f in flavors],
             lambda _: [_flavor_table(f) for f in flavors],
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -17,16 +18,20 @@ from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from conveyor.contracts import ConveyorError
 from conveyor.service.home import Home
 from conveyor.service.store import store_error
 
-# Piped output (scripts, tests) must not be cut to 80 columns.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+# Piped output (scripts, tests) must not be cut to 80 columns, unless COLUMNS says so.
+_WIDTH_SET = bool(os.environ.get("COLUMNS"))
+console = Console(highlight=False, width=None if sys.stdout.isatty() or _WIDTH_SET else 200)
 # What a command did ("Registered stack ...", with its table) goes to stderr, beside errors:
 # stdout holds only the data a user asked for, to pipe or redirect.
-status = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+status = Console(
+    stderr=True, highlight=False, width=None if sys.stderr.isatty() or _WIDTH_SET else 200
+)
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 T = TypeVar("T")
@@ -80,7 +85,8 @@ def table(
 ) -> Table:
     result = Table(title=title, caption=caption, box=box.HEAVY_EDGE, caption_justify="center")
     for column in columns:
-        result.add_column(column)
+        # An id or a URI too long for its column is folded onto more lines, never cut.
+        result.add_column(column, overflow="fold")
     for row in rows:
         # Cells hold user data (list[str], [section]): never read them as rich markup.
         result.add_row(*["" if cell is None else escape(str(cell)) for cell in row])
@@ -104,4 +110,6 @@ def emit(fmt: OutputFormat, data: T, render: Callable[[T], Any]) -> None:
         return
     rendered = render(data)
     for part in rendered if isinstance(rendered, list) else [rendered]:
-        console.print(part)
+        # Texts are not broken into lines by rich: a terminal folds a long URI or error
+        # line without cutting it, and a copy of it stays whole.
+        console.print(part, soft_wrap=isinstance(part, str | Text))

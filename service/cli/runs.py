@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
+from rich.text import Text
 
 from conveyor.contracts import (
     ArtifactRecord,
@@ -35,6 +36,7 @@ from conveyor.service.cli.output import (
 )
 from conveyor.service.cli.run_progress import RunFollower
 from conveyor.service.cli.state import client
+from conveyor.service.public_records import public_run
 from conveyor.workers.flavors import masked_stack_snapshot
 
 if TYPE_CHECKING:
@@ -46,14 +48,6 @@ run_app = typer.Typer(help="Inspect pipeline runs.")
 artifact_app = typer.Typer(help="Inspect and fetch step outputs.")
 
 PREVIEW_BYTES = 4096
-
-
-def run_json(run: RunRecord) -> dict[str, Any]:
-    """A run as ``--output json`` prints it: the snapshot of its stack with secrets masked."""
-    shown = run.model_dump(mode="json")
-    shown["stack_snapshot"] = masked_stack_snapshot(run.stack_snapshot)
-    shown["duration_s"] = run.duration_s
-    return shown
 
 
 def _snapshot_rows(run: RunRecord) -> list[list[str]]:
@@ -195,7 +189,7 @@ def run_pipeline(
             sys.stderr.flush()
             os._exit(130)
     for name, value in outputs.items():
-        console.print(f"{name} = {json.dumps(value)}")
+        console.print(f"{name} = {json.dumps(value)}", markup=False)
     style = "green" if record.status is RunStatus.COMPLETED else "red"
     console.print(
         f"Run {record.id} [{style}]{record.status.value}[/{style}] in {seconds(record.duration_s)}"
@@ -203,11 +197,14 @@ def run_pipeline(
     if record.status is not RunStatus.COMPLETED:
         for step in steps:
             if step.status is StepStatus.FAILED:
-                errors.print(f"[red]Step {step.name!r} failed:[/red] {step.error}")
+                # An error is the user's text: "[/x]" in it is not markup.
+                errors.print(
+                    f"[red]Step '{escape(step.name)}' failed:[/red] {escape(step.error or '')}"
+                )
                 if step.traceback:
                     errors.print(step.traceback, markup=False)
         if record.error:
-            errors.print(f"[red]Run failed:[/red] {record.error}", markup=True)
+            errors.print(f"[red]Run failed:[/red] {escape(record.error)}")
         raise typer.Exit(1)
 
 
@@ -228,7 +225,7 @@ def list_runs(
         runs = client(ctx).list_runs(stack=stack, pipeline=pipeline, status=status, limit=limit)
     emit(
         output,
-        [run_json(r) for r in runs],
+        [public_run(r) for r in runs],
         lambda _: table(
             ["RUN ID", "PIPELINE", "STACK", "STATUS", "STARTED", "DURATION"],
             [
@@ -261,38 +258,38 @@ def describe_run(
         run = c.get_run(run_id)
         steps = c.get_steps(run.id)
 
-    def render(_: object) -> list[object]:
-        header = (
-            f"Run [bold]{run.id}[/bold] of pipeline [bold]{run.pipeline}[/bold] on stack "
-            f"'{run.stack_name}' (id {run.stack_id}): {run.status.value} in "
-            f"{seconds(run.duration_s)}"
-        )
-        rows = [
-            [
-                s.name,
-                s.status.value,
-                s.attempt,
-                seconds(s.duration_s),
-                s.pid or "",
-                s.error or "",
-                "\n".join(f"{k}: {v.uri}" for k, v in s.outputs.items()),
-            ]
-            for s in steps
-        ]
-        parts: list[object] = [
-            header,
-            table(
-                ["COMPONENT_TYPE", "COMPONENT_NAME", "FLAVOR", "COMPONENT ID"],
-                _snapshot_rows(run),
-                caption="the stack as it was when the run started",
-            ),
-            table(["STEP", "STATUS", "ATTEMPTS", "DURATION", "PID", "ERROR", "OUTPUTS"], rows),
-        ]
-        if run.error:
-            parts.append(f"[red]{run.error}[/red]")
-        return parts
+    emit(output, {"run": public_run(run), "steps": steps}, lambda _: _described(run, steps))
 
-    emit(output, {"run": run_json(run), "steps": steps}, render)
+
+def _described(run: RunRecord, steps: list[StepRecord]) -> list[object]:
+    """``run describe`` as tables of short cells, and the long texts (URIs, errors,
+    tracebacks) on lines of their own, so that a narrow terminal cuts none of them."""
+    parts: list[object] = [
+        f"Run [bold]{run.id}[/bold] of pipeline [bold]{escape(run.pipeline)}[/bold] on stack "
+        f"'{escape(run.stack_name)}' (id {run.stack_id}): {run.status.value} in "
+        f"{seconds(run.duration_s)}",
+        table(
+            ["COMPONENT_TYPE", "COMPONENT_NAME", "FLAVOR", "COMPONENT ID"],
+            _snapshot_rows(run),
+            caption="the stack as it was when the run started",
+        ),
+        table(
+            ["STEP", "STATUS", "ATTEMPTS", "DURATION", "WORKER"],
+            [[s.name, s.status.value, s.attempt, seconds(s.duration_s), s.worker] for s in steps],
+        ),
+    ]
+    outputs = [f"  {s.name}.{name}: {ref.uri}" for s in steps for name, ref in s.outputs.items()]
+    if outputs:
+        parts.append(Text("\n".join(["", "Outputs", *outputs])))
+    for step in steps:
+        if step.error:
+            status = step.status.value
+            parts.append(f"\n[red]Step '{escape(step.name)}' {status}:[/red] {escape(step.error)}")
+        if step.traceback:
+            parts.append(Text(step.traceback.rstrip("\n")))
+    if run.error:
+        parts.append(f"[red]Run {run.status.value}:[/red] {escape(run.error)}")
+    return parts
 
 
 @run_app.command("logs")
@@ -306,12 +303,24 @@ def run_logs(
     Example: conveyor run logs 3f2a --step train
     """
     with user_errors():
-        logs = client(ctx).get_logs(run_id, step)
-    if not logs:
-        console.print("No step printed or logged anything.")
-    for name, text in logs.items():
-        console.print(f"[bold]── {name} ──[/bold]")
-        console.print(text.rstrip("\n"), markup=False, highlight=False)
+        c = client(ctx)
+        run = c.get_run(run_id)
+        logs = c.get_logs(run.id, step)
+        steps = [s for s in c.get_steps(run.id) if step is None or s.name == step]
+    shown = [s for s in steps if s.name in logs or s.traceback]
+    if not shown:
+        errors.print("No step printed or logged anything.")
+    for record in shown:
+        console.print(f"[bold]── {escape(record.name)} ──[/bold]")
+        # Lines as the step wrote them: a terminal folds long ones, rich does not break them.
+        if record.name in logs:
+            console.print(logs[record.name].rstrip("\n"), markup=False, soft_wrap=True)
+        if record.traceback:
+            console.print(
+                f"[red]Step '{escape(record.name)}' {record.status.value} (attempt "
+                f"{record.attempt}):[/red]"
+            )
+            console.print(record.traceback.rstrip("\n"), markup=False, soft_wrap=True)
 
 
 @run_app.command("cancel")

@@ -22,6 +22,7 @@ from conveyor.service.cli.output import (
 )
 from conveyor.service.cli.state import client
 from conveyor.service.home import STACK_ENV
+from conveyor.service.public_records import public_stack
 from conveyor.service.stack_files import read_export_file
 from conveyor.workers.flavors import masked_config
 from conveyor.workers.secrets import mask_urls
@@ -32,25 +33,6 @@ app = typer.Typer(
 )
 
 COMPONENT_ORDER = sorted(ComponentType, key=lambda t: t.value)
-
-
-def stack_json(stack: StackSpec, active: str) -> dict[str, object]:
-    return {
-        "id": stack.id,
-        "name": stack.name,
-        "active": stack.name == active,
-        "shared": stack.shared,
-        "owner": stack.owner,
-        "components": {
-            t.value: {
-                "id": c.id,
-                "name": c.name,
-                "flavor": c.flavor,
-                "config": masked_config(c),
-            }
-            for t, c in sorted(stack.components.items())
-        },
-    }
 
 
 @app.command("list")
@@ -64,7 +46,7 @@ def list_stacks(ctx: typer.Context, output: OutputFormat = OUTPUT_OPTION) -> Non
         active = c.active_stack_name()
         stacks = c.list_stacks()
 
-    def render(data: list[dict[str, object]]) -> object:
+    def render(_: object) -> object:
         rows = []
         for stack in stacks:
             rows.append(
@@ -86,7 +68,7 @@ def list_stacks(ctx: typer.Context, output: OutputFormat = OUTPUT_OPTION) -> Non
             rows,
         )
 
-    emit(output, [stack_json(s, active) for s in stacks], render)
+    emit(output, [public_stack(s, active) for s in stacks], render)
 
 
 @app.command("describe")
@@ -145,7 +127,8 @@ def describe(
         )
         return parts
 
-    shown_json = stack_json(stack, active)
+    # The stack's record, as `stack list` and the API show it, and what the probes found.
+    shown_json = public_stack(stack, active).model_dump(mode="json")
     shown_json["reachability"] = {
         t.value: {"ok": probe.ok, "detail": mask_urls(probe.detail)}
         for t, probe in sorted(probes.items())

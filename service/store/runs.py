@@ -26,9 +26,16 @@ from conveyor.contracts import (
     parse_event,
     utcnow,
 )
-from conveyor.contracts.models import MAX_ID_LENGTH
 from conveyor.service.scheduling import RunState, StepState, Transition
 from conveyor.service.store.db import Database, Writes
+from conveyor.service.store.id_prefixes import (
+    SHOWN_CANDIDATES,
+    Candidate,
+    check_typed_id,
+    could_match,
+    pick_id,
+    shown,
+)
 
 ACTIVE = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
 
@@ -68,17 +75,6 @@ def _artifact_ref(row: aiosqlite.Row) -> ArtifactRef:
         materializer=row["materializer"],
         data_type=row["data_type"],
     )
-
-
-def like_prefix(text: str) -> str:
-    """A LIKE pattern matching what starts with ``text``, in which ``%`` and ``_`` are
-    themselves, not wildcards (with ``ESCAPE '\\'``)."""
-    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"{escaped}%"
-
-
-def _shown(text: str) -> str:
-    return repr(text if len(text) <= 100 else text[:100] + "...")
 
 
 class RunStore:
@@ -231,20 +227,26 @@ class RunStore:
         """The run of exactly this id (what the controller looks up: never a prefix)."""
         row = await self.db.fetchone("SELECT * FROM runs WHERE id = ?", (run_id,))
         if row is None:
-            raise NotFoundError(f"no run with id {_shown(run_id)}")
+            raise NotFoundError(f"no run with id {shown(run_id)}")
         return _run_record(row)
 
     async def get_run(self, run_id: str) -> RunRecord:
-        """The run of this id, or else the newest whose id starts with it (for people)."""
+        """The run of this id, or of the one id that starts with it (for people)."""
+        check_typed_id("run", run_id)
         row = await self.db.fetchone("SELECT * FROM runs WHERE id = ?", (run_id,))
-        if row is None and 0 < len(run_id) <= MAX_ID_LENGTH:
-            row = await self.db.fetchone(
-                "SELECT * FROM runs WHERE id LIKE ? ESCAPE '\\' ORDER BY created DESC",
-                (like_prefix(run_id),),
-            )
-        if row is None:
-            raise NotFoundError(f"no run with id {_shown(run_id)}")
-        return _run_record(row)
+        if row is not None:
+            return _run_record(row)
+        return await self.run_by_id(pick_id("run", run_id, await self._run_candidates(run_id)))
+
+    async def _run_candidates(self, typed: str) -> list[Candidate]:
+        if not could_match(typed):
+            return []
+        rows = await self.db.fetchall(
+            "SELECT id, pipeline, created FROM runs WHERE substr(id, 1, ?) = ?"
+            " ORDER BY created DESC LIMIT ?",
+            (len(typed), typed, SHOWN_CANDIDATES + 1),
+        )
+        return [Candidate(r["id"], f"pipeline {r['pipeline']}, {r['created'][:19]}") for r in rows]
 
     async def find_by_key(self, idempotency_key: str) -> RunRecord | None:
         row = await self.db.fetchone(
@@ -354,14 +356,26 @@ class RunStore:
         return [self._artifact_record(row) for row in rows]
 
     async def get_artifact(self, artifact_id: str) -> ArtifactRecord:
+        """The artifact of this id, or of the one id that starts with it (for people)."""
+        check_typed_id("artifact", artifact_id)
         row = await self.db.fetchone("SELECT * FROM artifacts WHERE id = ?", (artifact_id,))
-        if row is None and 0 < len(artifact_id) <= MAX_ID_LENGTH:
-            row = await self.db.fetchone(
-                "SELECT * FROM artifacts WHERE id LIKE ? ESCAPE '\\'",
-                (like_prefix(artifact_id),),
+        if row is not None:
+            return self._artifact_record(row)
+        candidates: list[Candidate] = []
+        if could_match(artifact_id):
+            rows = await self.db.fetchall(
+                "SELECT id, run_id, step_name, output_name FROM artifacts"
+                " WHERE substr(id, 1, ?) = ? ORDER BY created DESC LIMIT ?",
+                (len(artifact_id), artifact_id, SHOWN_CANDIDATES + 1),
             )
-        if row is None:
-            raise NotFoundError(f"no artifact with id {_shown(artifact_id)}")
+            candidates = [
+                Candidate(r["id"], f"{r['step_name']}.{r['output_name']} of run {r['run_id']}")
+                for r in rows
+            ]
+        full_id = pick_id("artifact", artifact_id, candidates)
+        row = await self.db.fetchone("SELECT * FROM artifacts WHERE id = ?", (full_id,))
+        if row is None:  # deleted with its run since
+            raise NotFoundError(f"no artifact with id {shown(artifact_id)}")
         return self._artifact_record(row)
 
     @staticmethod

@@ -39,9 +39,9 @@ def test_flavor_list_shows_each_key_with_type_default_and_description() -> None:
     stores = {f["name"]: f for f in as_json("artifact-store", "flavor", "list")}
     assert set(stores) == {"local", "s3"}
     assert {f["type"] for f in stores.values()} == {"artifact_store"}
-    (path,) = stores["local"]["config"]
+    (path,) = stores["local"]["keys"]  # the shape of GET /api/flavors
     assert path["key"] == "path" and path["type"] == "str" and path["required"] is True
-    s3 = {key["key"]: key for key in stores["s3"]["config"]}
+    s3 = {key["key"]: key for key in stores["s3"]["keys"]}
     assert s3["bucket"]["required"] is True
     assert {k for k, key in s3.items() if key["secret"]} == {
         "access_key_id",

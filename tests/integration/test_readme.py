@@ -44,6 +44,7 @@ CHECKED = {
     "conveyor pipeline run examples/quickstart.py:training_pipeline -p epochs=100": (
         "test_the_command_line_tour_runs"
     ),
+    "from conveyor import Client": "test_the_client_example_runs",
     "import asyncio": "test_the_embedding_example_runs",
     "conveyor orchestrator register rmq": "test_the_rabbitmq_stack_and_a_plain_aio_pika_request",
     "import asyncio\nimport json": "test_the_rabbitmq_stack_and_a_plain_aio_pika_request",
@@ -151,6 +152,16 @@ def test_the_command_line_tour_runs() -> None:
     assert "evaluate" in outputs["run describe"]
     assert "evaluate" in outputs["artifact list"]
     assert "default" in outputs["stack describe"]
+
+
+def test_the_client_example_runs(tmp_path: Path) -> None:
+    failed = sh("conveyor pipeline run tests/pipelines/cli_pipelines.py:failing")
+    assert failed.returncode == 1, failed.stdout
+    run_id = newest_run_id()
+    out = run_python(block("from conveyor import Client"), tmp_path, "client").splitlines()
+    first, stacks = out
+    assert first.startswith(f"{run_id} failing [('explode', ") and "no such column" in first
+    assert stacks == "['default']"
 
 
 def test_the_embedding_example_runs(tmp_path: Path) -> None:

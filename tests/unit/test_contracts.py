@@ -43,6 +43,7 @@ def test_public_names_are_pinned() -> None:
         "Conveyor",
         "ConveyorError",
         "PipelineDefinition",
+        "RunFailed",
         "RunHandle",
         "RunRecord",
         "RunStatus",
