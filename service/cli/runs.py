@@ -30,6 +30,7 @@ from conveyor.service.cli.output import (
     errors,
     fail,
     seconds,
+    status,
     table,
     user_errors,
     when,
@@ -37,11 +38,14 @@ from conveyor.service.cli.output import (
 from conveyor.service.cli.run_progress import RunFollower
 from conveyor.service.cli.state import client
 from conveyor.service.public_records import public_run
+from conveyor.service.store.runs import check_deletable
 from conveyor.workers.flavors import masked_stack_snapshot
 
 if TYPE_CHECKING:
+    from conveyor.contracts import PipelineSpec
     from conveyor.service.engine import AsyncRun, Conveyor
     from conveyor.service.pipelines import PipelineDefinition
+    from conveyor.workers.steps import StepDefinition
 
 pipeline_app = typer.Typer(help="Run pipelines.")
 run_app = typer.Typer(help="Inspect pipeline runs.")
@@ -94,18 +98,29 @@ async def _leaf_outputs(run: AsyncRun, steps: list[StepRecord]) -> dict[str, Any
     return shown
 
 
-async def _run_pipeline(
+def _run_pipeline(
     definition: PipelineDefinition, stack: str | None, params: dict[str, Any]
 ) -> tuple[RunRecord, list[StepRecord], dict[str, Any]]:
+    # Imported and compiled before the loop runs: both take a while and would stall it.
     # The engine is imported by the one command that runs it: the others start faster.
     from conveyor.service.engine import Conveyor
 
     spec, definitions = definition.compile(**params)
-    async with Conveyor(stack=stack) as cv:
+    return asyncio.run(_follow(Conveyor(stack=stack), definition, spec, definitions))
+
+
+async def _follow(
+    conveyor: Conveyor,
+    definition: PipelineDefinition,
+    spec: PipelineSpec,
+    definitions: dict[str, StepDefinition],
+) -> tuple[RunRecord, list[StepRecord], dict[str, Any]]:
+    async with conveyor as cv:
         assert cv.stack is not None
-        async with RunFollower(console, definition.name, len(spec.steps)) as follower:
+        # What the run is doing goes to stderr; its outputs and outcome to stdout.
+        async with RunFollower(status, definition.name, len(spec.steps)) as follower:
             run = await cv.submit_compiled(spec, definitions, on_step=follower.on_step)
-            console.print(
+            status.print(
                 f"Running pipeline [bold]{escape(definition.name)}[/bold] on stack "
                 f"'{escape(cv.stack.name)}' as run [bold]{run.id}[/bold]"
             )
@@ -181,7 +196,7 @@ def run_pipeline(
         definition = load_pipeline(target)
         params = _checked_params(definition, param)
         try:
-            record, steps, outputs = asyncio.run(_run_pipeline(definition, stack, params))
+            record, steps, outputs = _run_pipeline(definition, stack, params)
         except KeyboardInterrupt:
             # The run is cancelled and recorded. A sync step's thread cannot be stopped and
             # would hold the interpreter's exit until the step's end: leave without it.
@@ -283,8 +298,8 @@ def _described(run: RunRecord, steps: list[StepRecord]) -> list[object]:
         parts.append(Text("\n".join(["", "Outputs", *outputs])))
     for step in steps:
         if step.error:
-            status = step.status.value
-            parts.append(f"\n[red]Step '{escape(step.name)}' {status}:[/red] {escape(step.error)}")
+            ended = step.status.value
+            parts.append(f"\n[red]Step '{escape(step.name)}' {ended}:[/red] {escape(step.error)}")
         if step.traceback:
             parts.append(Text(step.traceback.rstrip("\n")))
     if run.error:
@@ -335,7 +350,7 @@ def cancel_run(
     """
     with user_errors():
         run = client(ctx).cancel_run(run_id, reason)
-    console.print(f"Run {run.id} is {run.status.value}")
+    status.print(f"Run {run.id} is {run.status.value}")
 
 
 @run_app.command("delete")
@@ -351,10 +366,11 @@ def delete_run(
     with user_errors():
         c = client(ctx)
         run = c.get_run(run_id)
+        check_deletable(run)  # before the question, which would be asked in vain
         if not yes:
-            typer.confirm(f"Delete run {run.id}?", abort=True)
+            typer.confirm(f"Delete run {run.id}?", abort=True, err=True)
         c.delete_run(run.id)
-    console.print(f"Deleted run {run.id}")
+    status.print(f"Deleted run {run.id}")
 
 
 @artifact_app.command("list")
@@ -432,7 +448,7 @@ def get_artifact(
         if to is not None:
             artifact = c.get_artifact(artifact_id)
             size = c.save_artifact_file(artifact.id, to)
-            console.print(f"Wrote {size} bytes to {to}")
+            status.print(f"Wrote {size} bytes to {to}")
             return
         value = c.load_artifact(artifact_id, allow_pickle=allow_pickle)
     console.print(repr(value) if not isinstance(value, str) else value, markup=False)

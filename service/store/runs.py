@@ -77,6 +77,12 @@ def _artifact_ref(row: aiosqlite.Row) -> ArtifactRef:
     )
 
 
+def check_deletable(run: RunRecord) -> None:
+    """Only a finished run may be deleted: a live one still has steps that write to it."""
+    if run.status not in FINISHED_RUN_STATUSES:
+        raise ConflictError(f"run {run.id} is {run.status}; cancel it before deleting it")
+
+
 class RunStore:
     """Reads and writes of run state.
 
@@ -426,7 +432,6 @@ class RunStore:
 
     async def delete_run(self, run_id: str) -> None:
         run = await self.get_run(run_id)
-        if run.status not in FINISHED_RUN_STATUSES:
-            raise ConflictError(f"run {run.id} is {run.status}; cancel it before deleting it")
+        check_deletable(run)
         async with self.db.transaction() as conn:
             await conn.execute("DELETE FROM runs WHERE id = ?", (run.id,))

@@ -89,7 +89,7 @@ async def register_stack(
 
 
 def run_id_in(output: str) -> str:
-    """The run id that ``pipeline run`` printed."""
+    """The run id that ``pipeline run`` printed (to stderr, with the run's progress)."""
     found = re.search(r"as run ([0-9a-f]{32})", output)
     assert found, output
     return found.group(1)

@@ -89,7 +89,7 @@ def test_a_1gib_array_crosses_the_s3_store_without_a_second_copy_in_memory(
     with Client() as client:
         [artifact] = [
             a
-            for a in client.list_artifacts(run_id=run_id_in(result.stdout))
+            for a in client.list_artifacts(run_id=run_id_in(result.stderr))
             if a.step_name == "big"
         ]
     assert artifact.ref.size > SIZE

@@ -129,7 +129,7 @@ def _run_small(processes: Processes, value: int) -> None:
     assert result.returncode == 0, result.stdout + result.stderr + processes.dump()
     assert f"plus.output = {value + 100}" in result.stdout
     with Client() as client:
-        record = client.get_run(run_id_in(result.stdout))
+        record = client.get_run(run_id_in(result.stderr))
         assert record.status is RunStatus.COMPLETED
         assert_committed_once(client, record.id)
 

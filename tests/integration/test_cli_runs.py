@@ -25,9 +25,10 @@ def runs_json() -> list[dict[str, object]]:
 def test_quickstart_runs_and_prints_steps_and_metric() -> None:
     result = conveyor_cli("pipeline", "run", "examples/quickstart.py:training_pipeline")
     assert result.returncode == 0, result.stderr
-    out = result.stdout
+    out = result.stdout  # the outputs and the outcome; what each step did went to stderr
     for name in ("make_dataset", "split", "train", "evaluate"):
-        assert f"completed {name}" in out
+        assert f"completed {name}" in result.stderr
+        assert f"completed {name}" not in out
     assert '"accuracy": 0.9' in out
     (run,) = runs_json()
     assert run["status"] == "completed" and run["pipeline"] == "training_pipeline"
@@ -58,7 +59,7 @@ def test_run_describe_shows_each_step_with_outputs() -> None:
 def test_failing_step_exits_1_and_shows_the_error() -> None:
     result = conveyor_cli("pipeline", "run", f"{PIPELINES}:failing")
     assert result.returncode == 1
-    assert re.search(r"failed\s+explode", result.stdout)
+    assert re.search(r"failed\s+explode", result.stderr)
     assert "KeyError" in result.stderr and "no such column" in result.stderr
     assert "Traceback" in result.stderr
     (run,) = runs_json()

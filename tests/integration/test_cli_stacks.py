@@ -52,9 +52,10 @@ def sh_json(*args: str, home: Path | None = None) -> Any:
 
 def run_quickstart(*args: str, **env: str) -> str:
     """Run the quickstart; the id of its run."""
-    out = sh("pipeline", "run", QUICKSTART, "-p", "n_samples=200", *args, **env)
-    assert "completed evaluate" in out
-    found = re.search(r"on stack '([^']+)' as run ([0-9a-f]+)", out)
+    out, said = sh_both("pipeline", "run", QUICKSTART, "-p", "n_samples=200", *args, **env)
+    assert "evaluate.output = " in out
+    assert "completed evaluate" in said  # what the run does goes to stderr
+    found = re.search(r"on stack '([^']+)' as run ([0-9a-f]+)", said)
     assert found is not None, out
     return found.group(2)
 
@@ -189,9 +190,9 @@ def test_run_and_artifact_commands_filter_fetch_and_delete(tmp_path: Path) -> No
     assert described["id"] == artifact["id"] and described["ref"]["data_type"] == "numpy.ndarray"
     assert ["step", "train"] in rows(sh("artifact", "describe", artifact["id"]))
     target = tmp_path / "weights.npy"
-    assert f"to {target}" in sh("artifact", "get", artifact["id"], "--to", str(target))
+    assert f"to {target}" in said("artifact", "get", artifact["id"], "--to", str(target))
     assert target.stat().st_size == artifact["ref"]["size"]
-    assert f"Deleted run {first}" in sh("run", "delete", first, "-y")
+    assert f"Deleted run {first}" in said("run", "delete", first, "-y")
     assert [r["id"] for r in sh_json("run", "list")] == [second]
     assert sh_json("artifact", "list", "--run", second) != []
     result = conveyor_cli("run", "describe", first)

@@ -74,7 +74,7 @@ def test_a_module_of_the_working_directory_resolves_by_name() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert "completed evaluate" in result.stdout
+    assert "completed evaluate" in result.stderr
     mistyped = conveyor_cli("pipeline", "run", "examples.quickstart:trainin_pipeline")
     assert "module 'examples.quickstart' has no pipeline 'trainin_pipeline'; did you mean" in (
         mistyped.stderr
@@ -130,8 +130,10 @@ def test_piped_output_has_one_line_per_step_change_and_no_bar(tmp_path: Path) ->
     script.write_text(SLOW_PIPELINE)
     result = conveyor_cli("pipeline", "run", f"{script}:slow")
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    lines = result.stderr.splitlines()  # what the run does; stdout has its outcome
     assert lines[0].startswith("Running pipeline slow on stack 'default' as run ")
+    assert result.stdout.splitlines() == ["wait_3.output = 1", result.stdout.splitlines()[-1]]
+    assert result.stdout.splitlines()[-1].startswith("Run ")
     assert [line.split()[:2] for line in lines[1:4]] == [
         ["completed", "wait"],
         ["completed", "wait_2"],

@@ -145,7 +145,7 @@ def _run_small_through(processes: Processes, value: int) -> str:
     )
     assert result.returncode == 0, result.stdout + result.stderr + processes.dump()
     assert f"plus.output = {value + 100}" in result.stdout
-    return result.stdout
+    return result.stderr  # where pipeline run says what it does, its run id first
 
 
 def _started(markers: Path, name: str) -> int:

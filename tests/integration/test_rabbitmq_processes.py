@@ -56,7 +56,7 @@ def test_quickstart_runs_on_a_controller_and_two_workers(
             )
             assert result.returncode == 0, result.stdout + result.stderr + processes.dump()
             assert "evaluate.output = " in result.stdout
-            run = client.get_run(run_id_in(result.stdout))
+            run = client.get_run(run_id_in(result.stderr))
             assert run.status is RunStatus.COMPLETED and run.stack_name == STACK
             steps = client.get_steps(run.id)
             assert [s.status for s in steps] == [StepStatus.COMPLETED] * 4
@@ -215,7 +215,7 @@ def test_pipeline_run_follows_through_status_events_from_a_client_with_another_s
     with Client(elsewhere) as client:
         assert client.list_runs() == []
     with Client() as client:
-        record = client.get_run(run_id_in(result.stdout))
+        record = client.get_run(run_id_in(result.stderr))
         assert record.status is RunStatus.COMPLETED
         assert {s.pid for s in client.get_steps(record.id)} == {worker.pid}
     # The worker kept no metadata store, only the run's code, fetched from the artifact store.
@@ -288,7 +288,7 @@ def test_run_cancel_from_another_process_cancels_a_service_run(
         run_id = only_run(client).id
         result = conveyor_cli("run", "cancel", run_id, "--reason", "not needed")
         assert result.returncode == 0, result.stderr + processes.dump()
-        assert f"Run {run_id} is cancelled" in result.stdout
+        assert f"Run {run_id} is cancelled" in result.stderr
         assert follower.wait(60) == 1, "the follower sees the run end, not completed"
         release(markers, "gate")  # let the held step end; the run stays cancelled
         record = client.get_run(run_id)

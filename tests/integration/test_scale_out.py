@@ -265,7 +265,7 @@ def test_a_file_that_only_the_client_has_runs_on_workers_that_share_nothing(
         result = team.run()
         logs = "\n".join(f"--- {w.label}\n{w.output()[-3000:]}" for w in workers)
         assert result.returncode == 0, result.stdout + result.stderr + logs + processes.dump()
-        run_id = run_id_in(result.stdout)
+        run_id = run_id_in(result.stderr)
         with Client() as client:
             run = client.get_run(run_id)
             assert run.status is RunStatus.COMPLETED
