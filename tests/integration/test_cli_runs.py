@@ -189,3 +189,47 @@ def test_run_logs_show_what_each_step_printed_and_logged() -> None:
     assert "about to fail with 3" in only.stdout and "chatty" not in only.stdout
     unknown = conveyor_cli("run", "logs", str(run["id"]), "--step", "nope")
     assert unknown.returncode == 1 and "has no step 'nope'" in unknown.stderr
+
+
+async def _record_a_running_run() -> str:
+    from conveyor.contracts import PipelineSpec, StepSpec
+    from conveyor.contracts.events import utcnow
+    from conveyor.service.context import Services
+    from conveyor.service.store.db import Writes
+
+    services = await Services.open()
+    try:
+        stack = await services.stacks.get("default")
+        writes = Writes()
+        services.runs.insert_run(
+            writes,
+            run_id="a" * 32,
+            spec=PipelineSpec(name="p", steps=[StepSpec(name="a", ref="m:a")]),
+            stack_id=stack.id,
+            stack_name=stack.name,
+            stack_snapshot={},
+            idempotency_key=None,
+            owner=None,
+            now=utcnow(),
+        )
+        await services.db.write(writes)
+    finally:
+        await services.close()
+    return "a" * 32
+
+
+def test_deleting_an_unfinished_run_is_refused_before_the_question() -> None:
+    import asyncio
+
+    run_id = asyncio.run(_record_a_running_run())
+    refused = subprocess.run(
+        [sys.executable, "-m", "conveyor.service.cli.app", "run", "delete", run_id[:8]],
+        input="y\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1
+    assert "cancel it before deleting it" in refused.stderr
+    assert "Delete run" not in refused.stderr + refused.stdout, "asked in vain"
+    assert [run["id"] for run in runs_json()] == [run_id]
