@@ -25,6 +25,9 @@ class ComponentType(StrEnum):
 class RunStatus(StrEnum):
     """Lifecycle of a pipeline run."""
 
+    QUEUED = "queued"
+    """Requested through the stack's broker, and no controller has taken it yet: only the
+    client that asked knows of it."""
     PENDING = "pending"
     RUNNING = "running"
     COMPLETED = "completed"

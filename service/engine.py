@@ -56,6 +56,8 @@ from conveyor.workers.runtime import WorkerPool
 from conveyor.workers.step_resolver import StepResolver
 from conveyor.workers.steps import StepDefinition
 
+log = structlog.get_logger("conveyor.engine")
+
 StepCallback = Callable[[StepStatusChanged], Awaitable[None] | None]
 
 
@@ -103,10 +105,49 @@ class AsyncRun:
                 await result
 
     async def wait(
-        self, timeout: float | None = None, *, raise_on_failure: bool = False
+        self,
+        timeout: float | None = None,
+        *,
+        raise_on_failure: bool = False,
+        on_waiting: Callable[[str], None] | None = None,
     ) -> RunRecord:
         """Wait until the run finished; its record. With ``raise_on_failure``, a run that
-        failed or was cancelled raises ``RunFailed`` (``.run`` is this AsyncRun) instead."""
+        failed or was cancelled raises ``RunFailed`` (``.run`` is this AsyncRun) instead.
+
+        On a service stack, a controller or worker the run waits for and that nobody runs is
+        told through ``on_waiting`` (default: a warning in the logs), with the command that
+        starts it, and again when one comes.
+        """
+        watch = self._watch_consumers(on_waiting)
+        try:
+            await self._until_finished(timeout)
+        finally:
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+        if self._conveyor.controller_alive is None:
+            await self._conveyor.services.runs.forget_request(self.id)
+        await self.close()
+        record = await self.record()
+        failure = failure_of(record, await self.steps(), self) if raise_on_failure else None
+        if failure is not None:
+            raise failure
+        return record
+
+    def _watch_consumers(self, say: Callable[[str], None] | None) -> asyncio.Task[None] | None:
+        stack = self._conveyor.stack
+        if self._conveyor.controller_alive is not None or self._spec is None or stack is None:
+            return None  # embedded: this process is the whole stack
+        from conveyor.service.consumers import watch_consumers
+
+        def warn(text: str) -> None:
+            log.warning("run waits for a consumer", run_id=self.id, problem=text)
+
+        pools = {step.pool for step in self._spec.steps}
+        topology = self._conveyor.broker.topology
+        return asyncio.create_task(watch_consumers(stack, topology, pools, say or warn))
+
+    async def _until_finished(self, timeout: float | None) -> None:
         while True:
             try:
                 await asyncio.wait_for(self._finished.wait(), timeout=timeout or 2.0)
@@ -123,12 +164,6 @@ class AsyncRun:
                     raise ConveyorError(f"run {self.id} cannot go on: {problem}") from None
                 if timeout is not None:
                     raise
-        await self.close()
-        record = await self.record()
-        failure = failure_of(record, await self.steps(), self) if raise_on_failure else None
-        if failure is not None:
-            raise failure
-        return record
 
     async def _stored(self) -> RunRecord | None:
         """The run as the store holds it now, if it does.
@@ -358,6 +393,10 @@ class Conveyor:
                 return run
         run = AsyncRun(new_id(), self, on_step, spec, idempotency_key)
         await run._follow()
+        if self._workers is None:  # a service stack: queued until its controller records it
+            await self.services.runs.record_request(
+                run.id, spec, self.stack, idempotency_key, utcnow()
+            )
         await self.broker.publish(
             [
                 RunRequested(
@@ -385,3 +424,7 @@ class Conveyor:
     async def cancel(self, run_id: str, reason: str = "cancelled by user") -> None:
         """Ask the stack's controller to cancel a run; it stops the run's running attempts."""
         await self.broker.publish([RunCancelRequested(run_id=run_id, reason=reason)])
+        if self._workers is None:
+            # A request no controller took is withdrawn: a controller that takes it later
+            # reads the cancellation with it and records the run cancelled, unstarted.
+            await self.services.runs.forget_request(run_id)

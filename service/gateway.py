@@ -219,17 +219,17 @@ class RunGateway:
         # the request is queued, and the run will appear under this id.
         stack = conveyor.stack
         assert stack is not None
-        pending = RunRecord(
+        queued = RunRecord(
             id=run.id,
             pipeline=compiled.spec.name,
             stack_id=stack.id,
             stack_name=stack.name,
-            status=RunStatus.PENDING,
+            status=RunStatus.QUEUED,
             parameters=compiled.spec.parameters,
             created=utcnow(),
             idempotency_key=key,
         )
-        return Submission(pending, created=True, recorded=False)
+        return Submission(queued, created=True, recorded=False)
 
     async def _recorded(self, run_id: str, key: str | None) -> RunRecord | None:
         runs = self.services.runs

@@ -4,6 +4,7 @@ the ``RunFailed`` it raises)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import TYPE_CHECKING, Any
 
 from conveyor.contracts import (
@@ -52,6 +53,12 @@ class RunHandle:
         return f"<run {self.id} {self.record.pipeline} {self.status.value}>"
 
 
+def _tell(text: str) -> None:
+    """What a run waits for, told to the person who called the pipeline (a script's or a
+    notebook's stderr): the logs may be configured to show nothing."""
+    print(f"conveyor: {text}", file=sys.stderr, flush=True)
+
+
 def run_pipeline(
     definition: PipelineDefinition,
     args: tuple[Any, ...],
@@ -76,7 +83,7 @@ def run_pipeline(
     async def main() -> RunHandle:
         async with Conveyor() as cv:
             run = await cv.submit(definition, *args, **kwargs)
-            record = await run.wait()
+            record = await run.wait(on_waiting=_tell)
             return RunHandle(record, await run.steps())
 
     handle = asyncio.run(main())

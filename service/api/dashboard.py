@@ -150,7 +150,7 @@ async def stack_page(
         chart=await _chart(state.services, stack_id=stack.id),
         queues=await queue_report(await state.services.stacks.get(stack.name)),
         elapsed=views.elapsed,
-        active_statuses=(RunStatus.PENDING, RunStatus.RUNNING),
+        active_statuses=(RunStatus.QUEUED, RunStatus.PENDING, RunStatus.RUNNING),
     )
 
 
@@ -171,7 +171,7 @@ async def pipeline_page(
         runs=runs,
         chart=await _chart(state.services, pipeline=summary.name),
         elapsed=views.elapsed,
-        active_statuses=(RunStatus.PENDING, RunStatus.RUNNING),
+        active_statuses=(RunStatus.QUEUED, RunStatus.PENDING, RunStatus.RUNNING),
     )
 
 

@@ -125,7 +125,7 @@ async def _follow(
                 f"'{escape(cv.stack.name)}' as run [bold]{run.id}[/bold]"
             )
             try:
-                record = await _wait(cv, run, {step.pool for step in spec.steps})
+                record = await run.wait(on_waiting=_say)
             except asyncio.CancelledError:
                 await _cancel_on_interrupt(cv, run, follower.heard)
                 raise
@@ -133,23 +133,9 @@ async def _follow(
         return record, steps, await _leaf_outputs(run, steps)
 
 
-async def _wait(cv: Conveyor, run: AsyncRun, pools: set[str]) -> RunRecord:
-    """The run's end; on a service stack, telling meanwhile which consumer it waits for."""
-    if cv.controller_alive is not None:  # embedded: this process is the whole stack
-        return await run.wait()
-    assert cv.stack is not None
-
-    from conveyor.service.consumers import watch_consumers
-
-    def say(text: str) -> None:
-        errors.print(text, markup=False, highlight=False)
-
-    watch = asyncio.create_task(watch_consumers(cv.stack, cv.broker.topology, pools, say))
-    try:
-        return await run.wait()
-    finally:
-        watch.cancel()
-        await asyncio.gather(watch, return_exceptions=True)
+def _say(text: str) -> None:
+    """Which consumer a run on a service stack waits for (and the command that starts it)."""
+    errors.print(text, markup=False, highlight=False)
 
 
 WITHDRAW_TIMEOUT_S = 3.0

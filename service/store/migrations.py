@@ -99,4 +99,26 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE artifacts RENAME COLUMN sha256 TO digest;
     UPDATE artifacts SET digest = 'sha256:' || digest WHERE digest NOT LIKE '%:%';
     """,
+    # 4: runs requested through a broker that no controller has recorded yet (queued), kept
+    # by the client that asked, beside the runs; people read both through the view
+    """
+    CREATE TABLE run_requests (
+        id TEXT PRIMARY KEY,
+        pipeline TEXT NOT NULL,
+        stack_id TEXT NOT NULL,
+        stack_name TEXT NOT NULL,
+        parameters TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        created TEXT NOT NULL,
+        idempotency_key TEXT
+    );
+    CREATE VIEW runs_and_requests AS
+        SELECT id, pipeline, stack_id, stack_name, stack_snapshot, status, parameters, spec,
+               created, started, finished, error, idempotency_key
+        FROM runs
+        UNION ALL
+        SELECT id, pipeline, stack_id, stack_name, '{}', 'queued', parameters, spec,
+               created, NULL, NULL, NULL, idempotency_key
+        FROM run_requests WHERE id NOT IN (SELECT id FROM runs);
+    """,
 )

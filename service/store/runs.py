@@ -19,6 +19,7 @@ from conveyor.contracts import (
     PipelineSpec,
     RunRecord,
     RunStatus,
+    StackSpec,
     StepRecord,
     StepStatus,
     encode_event,
@@ -77,6 +78,11 @@ def _artifact_ref(row: aiosqlite.Row) -> ArtifactRef:
     )
 
 
+SEEN = "runs_and_requests"
+"""What people see: the recorded runs, and the runs this client requested that no controller
+has recorded yet (queued). The controller reads ``runs`` alone."""
+
+
 def check_deletable(run: RunRecord) -> None:
     """Only a finished run may be deleted: a live one still has steps that write to it."""
     if run.status not in FINISHED_RUN_STATUSES:
@@ -131,6 +137,7 @@ class RunStore:
                 )
             ],
         )
+        writes.add("DELETE FROM run_requests WHERE id = ?", [(run_id,)])  # no longer queued
         writes.add(
             "INSERT INTO steps (run_id, name, position, status, max_retries) VALUES (?,?,?,?,?)",
             [
@@ -138,6 +145,38 @@ class RunStore:
                 for i, s in enumerate(spec.steps)
             ],
         )
+
+    # --- requests (a client's, on a service stack; not run state) ---
+
+    async def record_request(
+        self, run_id: str, spec: PipelineSpec, stack: StackSpec, key: str | None, now: datetime
+    ) -> None:
+        """Remember a run this client asked a service stack's controller for: it shows as
+        queued until a controller records it (in this store) or the client forgets it."""
+        writes = Writes()
+        writes.add(
+            "INSERT OR IGNORE INTO run_requests (id, pipeline, stack_id, stack_name, parameters,"
+            " spec, created, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    run_id,
+                    spec.name,
+                    stack.id,
+                    stack.name,
+                    json.dumps(spec.parameters),
+                    spec.model_dump_json(),
+                    now.isoformat(),
+                    key,
+                )
+            ],
+        )
+        await self.db.write(writes)
+
+    async def forget_request(self, run_id: str) -> None:
+        """The run was withdrawn, or followed to its end: it is queued no longer."""
+        writes = Writes()
+        writes.add("DELETE FROM run_requests WHERE id = ?", [(run_id,)])
+        await self.db.write(writes)
 
     def apply(self, writes: Writes, run_id: str, change: Transition, now: datetime) -> None:
         """Persist a transition of ``run_id``: step rows, artifacts and the run's status."""
@@ -239,16 +278,19 @@ class RunStore:
     async def get_run(self, run_id: str) -> RunRecord:
         """The run of this id, or of the one id that starts with it (for people)."""
         check_typed_id("run", run_id)
-        row = await self.db.fetchone("SELECT * FROM runs WHERE id = ?", (run_id,))
-        if row is not None:
-            return _run_record(row)
-        return await self.run_by_id(pick_id("run", run_id, await self._run_candidates(run_id)))
+        row = await self.db.fetchone(f"SELECT * FROM {SEEN} WHERE id = ?", (run_id,))
+        if row is None:
+            full_id = pick_id("run", run_id, await self._run_candidates(run_id))
+            row = await self.db.fetchone(f"SELECT * FROM {SEEN} WHERE id = ?", (full_id,))
+        if row is None:  # deleted in between
+            raise NotFoundError(f"no run with id {shown(run_id)}")
+        return _run_record(row)
 
     async def _run_candidates(self, typed: str) -> list[Candidate]:
         if not could_match(typed):
             return []
         rows = await self.db.fetchall(
-            "SELECT id, pipeline, created FROM runs WHERE substr(id, 1, ?) = ?"
+            f"SELECT id, pipeline, created FROM {SEEN} WHERE substr(id, 1, ?) = ?"
             " ORDER BY created DESC LIMIT ?",
             (len(typed), typed, SHOWN_CANDIDATES + 1),
         )
@@ -283,13 +325,13 @@ class RunStore:
                 params.append(str(value))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = await self.db.fetchall(
-            f"SELECT * FROM runs {clause} ORDER BY created DESC LIMIT ? OFFSET ?",
+            f"SELECT * FROM {SEEN} {clause} ORDER BY created DESC LIMIT ? OFFSET ?",
             (*params, limit, offset),
         )
         return [_run_record(row) for row in rows]
 
     async def spec_of(self, run_id: str) -> PipelineSpec:
-        row = await self.db.fetchone("SELECT spec FROM runs WHERE id = ?", (run_id,))
+        row = await self.db.fetchone(f"SELECT spec FROM {SEEN} WHERE id = ?", (run_id,))
         if row is None:
             raise NotFoundError(f"no run with id {run_id!r}")
         return PipelineSpec.model_validate_json(row["spec"])
@@ -308,6 +350,17 @@ class RunStore:
         rows = await self.db.fetchall(
             "SELECT * FROM steps WHERE run_id = ? ORDER BY position", (run_id,)
         )
+        if not rows:  # a queued run: its steps as its spec names them, none started
+            return [
+                StepRecord(
+                    run_id=run_id,
+                    name=s.name,
+                    status=StepStatus.PENDING,
+                    max_retries=s.retries,
+                    upstream=s.upstream,
+                )
+                for s in spec.steps
+            ]
         return [
             StepRecord(
                 run_id=run_id,

@@ -28,6 +28,7 @@ import aio_pika
 import structlog
 
 from conveyor.contracts import (
+    FINISHED_RUN_STATUSES,
     ArtifactRef,
     ArtifactStore,
     RunRecord,
@@ -309,7 +310,7 @@ class FaultStack:
             records = await services.runs.list_runs(limit=100_000)
         finally:
             await services.close()
-        done = {r.id for r in records if r.status not in (RunStatus.PENDING, RunStatus.RUNNING)}
+        done = {r.id for r in records if r.status in FINISHED_RUN_STATUSES}
         return run_ids - done
 
     def integrity(self) -> list[str]:

@@ -40,7 +40,7 @@ async def test_health_and_queue_depths_on_a_rabbitmq_stack(
             assert f"{runs_queue} 0" in (await api.get("/metrics")).text
             submitted = await api.post("/api/runs", json={"pipeline": QUICKSTART})
             assert submitted.status_code == 202, submitted.text
-            assert submitted.json()["status"] == "pending"
+            assert submitted.json()["status"] == "queued"  # no controller has taken it
             assert submitted.headers["location"] == f"/api/runs/{submitted.json()['id']}"
             for _ in range(50):
                 if f"{runs_queue} 1" in (await api.get("/metrics")).text:

@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from structlog.testing import capture_logs
 
 from conveyor.contracts import (
+    FINISHED_RUN_STATUSES,
     ConveyorError,
     Event,
     PipelineSpec,
@@ -97,7 +98,7 @@ class Rig:
                 record = await self.services.runs.get_run(run_id)
             except ConveyorError:
                 record = None
-            if record is not None and record.status not in (RunStatus.PENDING, RunStatus.RUNNING):
+            if record is not None and record.status in FINISHED_RUN_STATUSES:
                 return record
             if asyncio.get_running_loop().time() > deadline:
                 raise AssertionError(f"run {run_id} did not finish in {timeout}s: {record}")

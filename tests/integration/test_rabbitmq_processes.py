@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.contracts import RunStatus, StepStatus
+from conveyor.contracts import FINISHED_RUN_STATUSES, RunStatus, StepStatus
 from conveyor.service.client import Client
 from conveyor.workers.crash import CRASH_ENV
 from conveyor.workers.process import EXIT_STUCK
@@ -251,11 +251,7 @@ def test_a_run_requested_by_a_plain_aio_pika_publish_completes(
 
         def finished() -> bool:
             runs = {r.id: r for r in client.list_runs()}
-            return (
-                run_id in runs
-                and runs[run_id].status is not RunStatus.RUNNING
-                and (runs[run_id].status is not RunStatus.PENDING)
-            )
+            return run_id in runs and runs[run_id].status in FINISHED_RUN_STATUSES
 
         wait_until(finished, "the published run to finish", 90)
         record = client.get_run(run_id)

@@ -4,6 +4,7 @@ and how to start them, and Ctrl+C withdraws the request. Real RabbitMQ, real pro
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 
 from conveyor.contracts import RunStatus, StepStatus
 from conveyor.service.client import Client
-from tests.conftest import ROOT
+from tests.conftest import ROOT, conveyor_cli
 from tests.integration.rabbitmq_support import (
     PIPELINES,
     STACK,
@@ -81,6 +82,15 @@ def test_no_controller_and_no_worker_are_named_and_ctrl_c_withdraws_the_run(
         assert follower.said(f"start one with: conveyor worker start --stack {STACK}\n")
         assert follower.said(f"start one with: conveyor worker start --stack {STACK} --pool gpu")
         assert follower.proc.poll() is None, "it keeps waiting"
+        # The waiting run shows, queued, with its steps not started.
+        listed = conveyor_cli("run", "list")
+        assert listed.returncode == 0, listed.stderr
+        assert "queued" in listed.stdout and "pooled" in listed.stdout, listed.stdout
+        [queued] = json.loads(conveyor_cli("run", "list", "-o", "json").stdout)
+        assert queued["status"] == "queued"
+        described = conveyor_cli("run", "describe", queued["id"][:8])
+        assert described.returncode == 0, described.stderr
+        assert "on_gpu" in described.stdout and "pending" in described.stdout
         interrupted = time.monotonic()
         follower.proc.send_signal(signal.SIGINT)
         follower.proc.wait(timeout=30)
@@ -90,6 +100,7 @@ def test_no_controller_and_no_worker_are_named_and_ctrl_c_withdraws_the_run(
     assert follower.proc.returncode == 130
     assert took < 4, f"Ctrl+C took {took:.1f}s"  # it waited 5 s for a controller before
     assert follower.said("withdrawn: no controller had taken it"), follower.err
+    assert json.loads(conveyor_cli("run", "list", "-o", "json").stdout) == [], "withdrawn"
     # A controller and workers that come later record the run cancelled and run none of it.
     processes.controller()
     processes.worker("w1")
@@ -126,3 +137,28 @@ def test_a_pool_without_a_worker_is_named_until_one_comes(
         follower.kill()
     assert follower.proc.returncode == 0, follower.err + processes.dump()
     assert "on_gpu.output = 2" in follower.out_path.read_text()
+
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.pipelines.rabbitmq_pipelines import pooled
+pooled()
+"""
+
+
+def test_a_pipeline_called_from_python_says_what_it_waits_for(
+    vhost: str, tmp_path: Path, markers: Path
+) -> None:
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    script = tmp_path / "call.py"
+    script.write_text(SCRIPT.format(root=str(ROOT)))
+    err = tmp_path / "call.err"
+    with open(err, "w") as stderr:
+        call = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stderr=stderr)
+    try:
+        wait_until(lambda: "no controller consumes" in err.read_text(), "the message", 30)
+    finally:
+        call.kill()
+        call.wait(timeout=30)
+    assert f"conveyor controller start --stack {STACK}" in err.read_text()
