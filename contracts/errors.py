@@ -9,6 +9,15 @@ from typing import Any
 
 from conveyor.contracts.models import RunStatus
 
+SHOWN_CHARACTERS = 100
+"""How much of a value typed by a user an error message quotes: it may be huge or hostile."""
+
+
+def shown(text: str) -> str:
+    """``text`` quoted for an error message, cut if it is long."""
+    cut = text if len(text) <= SHOWN_CHARACTERS else text[:SHOWN_CHARACTERS] + "..."
+    return repr(cut)
+
 
 class ConveyorError(Exception):
     """Any error Conveyor reports to a user.

@@ -21,6 +21,7 @@ from conveyor.contracts import (
     new_id,
     utcnow,
 )
+from conveyor.contracts.errors import shown
 from conveyor.service.store import Database, StackStore
 from conveyor.workers.flavors import Flavor, flavors_of, get_flavor
 
@@ -42,7 +43,7 @@ def check_name(kind: str, name: str) -> None:
     """Names end up in queue names and file names: keep them to a safe alphabet."""
     if not _NAME.match(name):
         raise ValidationError(
-            f"invalid {kind} name {name!r}: use letters, digits, '.', '_' and '-', starting "
+            f"invalid {kind} name {shown(name)}: use letters, digits, '.', '_' and '-', starting "
             "with a letter or digit, at most 100 characters"
         )
 
@@ -55,7 +56,7 @@ def parse_type(value: ComponentType | str) -> ComponentType:
         return ComponentType(value.strip().lower().replace("-", "_"))
     except ValueError:
         valid = ", ".join(t.value for t in ComponentType)
-        raise ValidationError(f"unknown component type {value!r} (valid: {valid})") from None
+        raise ValidationError(f"unknown component type {shown(value)} (valid: {valid})") from None
 
 
 class ComponentRules:
@@ -83,7 +84,7 @@ class ComponentRules:
             if component.id == name:
                 return component
         names = (c.name for c in components)
-        raise NotFoundError(f"no {label(type_)} named {name!r}{suggest(name, names)}")
+        raise NotFoundError(f"no {label(type_)} named {shown(name)}{suggest(name, names)}")
 
     async def stacks_using(self, component_id: str) -> list[str]:
         """Names of the stacks that include the component."""

@@ -21,6 +21,7 @@ from conveyor.contracts import (
     new_id,
     utcnow,
 )
+from conveyor.contracts.errors import shown
 from conveyor.service.components import ComponentRules, check_name, label, suggest
 from conveyor.service.home import STACK_ENV, Home
 from conveyor.service.stack_files import ExportedComponent, export_data, parse_export
@@ -97,7 +98,9 @@ class StackService(ComponentRules):
         for stack in stacks:
             if stack.id == name:
                 return stack
-        raise NotFoundError(f"no stack named {name!r}{suggest(name, (s.name for s in stacks))}")
+        raise NotFoundError(
+            f"no stack named {shown(name)}{suggest(name, (s.name for s in stacks))}"
+        )
 
     async def active_name(self) -> str:
         """$CONVEYOR_STACK, else the client's chosen stack, else the default stack."""

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from conveyor.contracts import AmbiguousId, NotFoundError, ValidationError
+from conveyor.contracts.errors import shown
 from conveyor.contracts.models import MAX_ID_LENGTH
 
 SHOWN_CANDIDATES = 10
@@ -22,11 +23,6 @@ class Candidate(NamedTuple):
 
     id: str
     label: str
-
-
-def shown(text: str) -> str:
-    """``text`` quoted for an error message, cut if it is long."""
-    return repr(text if len(text) <= 100 else text[:100] + "...")
 
 
 def check_typed_id(kind: str, typed: str) -> None:

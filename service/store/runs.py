@@ -27,6 +27,7 @@ from conveyor.contracts import (
     parse_event,
     utcnow,
 )
+from conveyor.contracts.errors import shown
 from conveyor.service.scheduling import RunState, StepState, Transition
 from conveyor.service.store.db import Database, Writes
 from conveyor.service.store.id_prefixes import (
@@ -35,7 +36,6 @@ from conveyor.service.store.id_prefixes import (
     check_typed_id,
     could_match,
     pick_id,
-    shown,
 )
 
 ACTIVE = (RunStatus.PENDING.value, RunStatus.RUNNING.value)

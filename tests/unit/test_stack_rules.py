@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from conveyor.contracts import (
     ComponentType,
     ConflictError,
+    ConveyorError,
     NotFoundError,
     PipelineSpec,
     StepSpec,
@@ -414,3 +415,16 @@ async def test_a_service_stack_with_queued_runs_cannot_be_renamed_or_deleted(
     assert (await stacks.rename_stack("prod", "production")).name == "production"
     assert (await stacks.deletable("production")).name == "production"
     await stacks.delete_stack("production")
+
+
+async def test_a_huge_name_is_not_echoed_back_whole(stacks: StackService) -> None:
+    huge = "%_x" * 5000
+    for attempt in (
+        lambda: stacks.get(huge),
+        lambda: stacks.get_component(ORCH, huge),
+        lambda: stacks.register_component(ORCH, huge, "local"),
+    ):
+        with pytest.raises(ConveyorError) as caught:
+            await attempt()
+        assert len(str(caught.value)) < 400, str(caught.value)[:200]
+        assert "%_x%_x" in str(caught.value), "it still says what was given"
