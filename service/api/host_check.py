@@ -10,6 +10,7 @@ an IP address by being served from it, so such a page is the server itself. Name
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 
 from starlette.datastructures import Headers
@@ -20,6 +21,8 @@ from conveyor.contracts import ValidationError
 from conveyor.service.api.errors import error_body
 
 LOOPBACK_NAMES = frozenset({"localhost"})
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?", re.ASCII)
 SHOWN_MAX = 100
 
 
@@ -44,8 +47,10 @@ def host_allowed(header: str, allowed: frozenset[str]) -> bool:
     name = host_name(header)
     if name is None:
         return False
-    if name in LOOPBACK_NAMES or name in allowed:
-        return True
+    return name in LOOPBACK_NAMES or name in allowed or _ip(name)
+
+
+def _ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
     except ValueError:
@@ -58,7 +63,7 @@ def allowed_names(names: Iterable[str]) -> frozenset[str]:
     checked = set()
     for name in names:
         found = host_name(name)
-        if found is None or found != name.lower() or "/" in name:
+        if found is None or found != name.lower() or not (_DNS_NAME.fullmatch(found) or _ip(found)):
             raise ValidationError(
                 f"allowed host {name!r} is not a host name: give a name like "
                 "conveyor.example.com, without scheme, port or path"

@@ -89,7 +89,8 @@ def test_hosts_are_loopback_names_addresses_and_configured_names() -> None:
         assert host_allowed(header, allowed), header
     for header in ("example.com", "localhost.example.com", "evil", "conveyor.example.com.x"):
         assert not host_allowed(header, allowed), header
-    for wrong in ("http://x.example", "x.example:80", "x.example/path", ""):
+    wrong_names = ("http://x.example", "x.example:80", "x.example/path", "", "a b", "x_y.example")
+    for wrong in (*wrong_names, "é.example", "-x.example", "x" * 64 + ".example"):
         with pytest.raises(ValidationError, match="not a host name"):
             allowed_names([wrong])
 
