@@ -131,10 +131,14 @@ async def _chart(
     return run_chart(latest, [views.elapsed(r) for r in latest])
 
 
+UNFINISHED = (RunStatus.QUEUED, RunStatus.PENDING, RunStatus.RUNNING)
+"""Runs whose row the page refreshes as they go."""
+
+
 @pages.get("/stacks/{name}", response_class=HTMLResponse)
 async def stack_page(
     request: Request,
-    name: str,
+    name: str = FastAPIPath(max_length=MAX_NAME_LENGTH),
     paging: Paging = Depends(),
     state: ApiState = Depends(state_of),
 ) -> HTMLResponse:
@@ -150,7 +154,7 @@ async def stack_page(
         chart=await _chart(state.services, stack_id=stack.id),
         queues=await queue_report(await state.services.stacks.get(stack.name)),
         elapsed=views.elapsed,
-        active_statuses=(RunStatus.QUEUED, RunStatus.PENDING, RunStatus.RUNNING),
+        active_statuses=UNFINISHED,
     )
 
 
@@ -171,7 +175,7 @@ async def pipeline_page(
         runs=runs,
         chart=await _chart(state.services, pipeline=summary.name),
         elapsed=views.elapsed,
-        active_statuses=(RunStatus.QUEUED, RunStatus.PENDING, RunStatus.RUNNING),
+        active_statuses=UNFINISHED,
     )
 
 
