@@ -165,9 +165,13 @@ async def _cancel_on_interrupt(cv: Conveyor, run: AsyncRun, heard: bool) -> None
 
 @pipeline_app.command("run")
 def run_pipeline(
-    target: str = typer.Argument(..., help="FILE.py:PIPELINE or package.module:PIPELINE"),
+    target: str = typer.Argument(
+        ..., metavar="TARGET", help="FILE.py:PIPELINE or package.module:PIPELINE"
+    ),
     stack: str = typer.Option(None, "--stack", "-s", help="Stack to run on (default: active)"),
-    param: list[str] = typer.Option([], "--param", "-p", help="Pipeline parameter name=value"),
+    param: list[str] = typer.Option(
+        [], "--param", "-p", metavar="NAME=VALUE", help="A pipeline parameter (repeatable)"
+    ),
 ) -> None:
     """Run a pipeline, following it step by step; exit 1 if it fails.
 

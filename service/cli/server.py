@@ -55,6 +55,7 @@ def up(
     allowed_hosts: list[str] = typer.Option(
         [],
         "--allowed-host",
+        metavar="NAME",
         help="A name the server is reached by, besides localhost and IP addresses (repeatable)",
     ),
     pipelines: Path = typer.Option(
@@ -67,6 +68,7 @@ def up(
     trust: list[str] = typer.Option(
         [],
         "--trust",
+        metavar="PACKAGE",
         help="Top-level package whose modules requests may name as pipelines (repeatable)",
     ),
     max_steps: int = typer.Option(

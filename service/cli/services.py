@@ -75,7 +75,11 @@ def start_worker(
     stack: str = STACK_OPTION,
     stack_file: Path = STACK_FILE_OPTION,
     pool: list[str] = typer.Option(
-        [], "--pool", "-p", help="Worker pool to serve (repeatable; default: 'default')"
+        [],
+        "--pool",
+        "-p",
+        metavar="POOL",
+        help="Worker pool to serve (repeatable; default: 'default')",
     ),
     concurrency: int = typer.Option(
         None,
@@ -93,6 +97,7 @@ def start_worker(
     trust: list[str] = typer.Option(
         [],
         "--trust",
+        metavar="PACKAGE",
         help="An installed package whose @step functions may run without a code archive "
         "(repeatable; adds to the orchestrator's trusted_packages)",
     ),

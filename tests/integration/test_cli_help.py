@@ -32,6 +32,7 @@ def test_no_help_shows_a_type_beside_a_flag() -> None:
     for path, command in commands:
         text = ok(*path, "--help").stdout
         assert "<bool>" not in text, (path, text)
+        assert "<list[" not in text, (path, text)  # a repeatable option names its value
         flags = [p.opts for p in command.params if getattr(p, "is_flag", False)]
         for names in [*flags, ["--help"]]:
             # The option column of a flag's line: "-y, --yes", with nothing after the names.
