@@ -28,14 +28,17 @@ async def reachable(broker: Broker) -> Reachability:
                 False,
                 f"RabbitMQ at {broker.safe_url} unreachable for {down_for:.0f}s; reconnecting",
             )
+        # The moments before the broker adapter notices a loss look the same to a user.
+        lost = f"RabbitMQ at {broker.safe_url} unreachable; reconnecting"
         try:
             connection = broker.connection
             if connection.is_closed:
-                return Reachability(False, "RabbitMQ connection is closed (reconnecting)")
+                return Reachability(False, lost)
             channel = await connection.channel()
             await channel.close()
         except Exception as exc:
-            return Reachability(False, f"RabbitMQ: {type(exc).__name__}: {exc}")
+            # Not the exception's text: aio-pika's names the connection, URL and all.
+            return Reachability(False, f"{lost} ({type(exc).__name__})")
         return Reachability(True, "RabbitMQ answers")
     if isinstance(broker, InProcessBroker):
         return Reachability(True, "in-process broker")
