@@ -180,6 +180,18 @@ def _module_source(name: str, path: Path, qualname: str) -> _Source:
     return _Source(root, frozenset({parts[0]}), f"{name}:{qualname}")
 
 
+def notebook_step(definition: StepDefinition) -> str:
+    """Why a step typed into a notebook cell (or an interactive interpreter) cannot run on
+    workers elsewhere, and what to do instead."""
+    return (
+        f"step {definition.name!r} is defined in a notebook cell or an interactive session, "
+        "and a stack with remote workers runs only code from files: move the step into a .py "
+        "file next to the notebook (say steps.py) and import it "
+        f"(from steps import {definition.fn.__name__}), or run the pipeline on the embedded "
+        "stack (conveyor stack set default)"
+    )
+
+
 def _locate(ref: str, definition: StepDefinition) -> _Source | None:
     """Where the source of ``definition`` is; None for a step of an installed package."""
     fn = definition.fn
@@ -188,6 +200,8 @@ def _locate(ref: str, definition: StepDefinition) -> _Source | None:
     is_script = module_name == "__main__" or module_name.startswith(FILE_MODULE_PREFIX)
     if not is_script and module_name.partition(".")[0] in installed_packages():
         return None
+    if filename is None and module_name == "__main__":
+        raise ConveyorError(notebook_step(definition))
     if filename is None:
         raise ConveyorError(
             f"step {definition.name!r} ({ref}) has no source file to ship with the run: "
