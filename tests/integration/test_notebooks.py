@@ -7,7 +7,10 @@ must work as in a script, print nothing a notebook cannot show, and raise as a s
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from conveyor.service.client import Client
@@ -166,6 +169,33 @@ def test_interrupting_the_kernel_cancels_the_run(kernel: str, tmp_path: Path, ho
     assert error_of(interrupted) == ("KeyboardInterrupt", "")
     assert "cancelling run" in printed(interrupted)
     assert printed(after) == "next cell\n"
+    with Client(home) as client:
+        [run] = client.list_runs()
+        steps = client.get_steps(run.id)
+    assert run.status.value == "cancelled"
+    assert [(s.name, s.status.value) for s in steps] == [("slow", "cancelled")]
+
+
+def test_ctrl_c_on_a_script_cancels_its_run_as_in_a_notebook(tmp_path: Path, home: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(STEPS + SLOW + "\nimport sys\nwaits(sys.argv[1])\n")
+    marker = tmp_path / "started"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"}
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(marker)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(marker.exists, "the slow step to start", timeout=60)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode != 0
+    assert "conveyor: interrupted: cancelling run" in stderr
+    assert stderr.rstrip().endswith("KeyboardInterrupt"), stderr
     with Client(home) as client:
         [run] = client.list_runs()
         steps = client.get_steps(run.id)
