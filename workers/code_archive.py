@@ -180,15 +180,27 @@ def _module_source(name: str, path: Path, qualname: str) -> _Source:
     return _Source(root, frozenset({parts[0]}), f"{name}:{qualname}")
 
 
-def notebook_step(definition: StepDefinition) -> str:
-    """Why a step typed into a notebook cell (or an interactive interpreter) cannot run on
-    workers elsewhere, and what to do instead."""
+def _typed_interactively(definition: StepDefinition) -> bool:
+    """Whether a step was typed into a notebook cell or an interactive interpreter: its
+    module is ``__main__`` and has no file."""
+    module = definition.fn.__module__
+    return module == "__main__" and getattr(sys.modules.get(module), "__file__", None) is None
+
+
+def notebook_steps(definitions: list[StepDefinition]) -> str:
+    """Why steps typed into notebook cells cannot run on workers elsewhere, and what to do."""
+    names = sorted({d.name for d in definitions})
+    functions = ", ".join(sorted({d.fn.__name__ for d in definitions}))
+    quoted = [repr(name) for name in names]
+    if len(names) == 1:
+        subject, them = f"step {quoted[0]} is", "it"
+    else:
+        subject, them = f"steps {', '.join(quoted[:-1])} and {quoted[-1]} are", "them"
     return (
-        f"step {definition.name!r} is defined in a notebook cell or an interactive session, "
-        "and a stack with remote workers runs only code from files: move the step into a .py "
-        "file next to the notebook (say steps.py) and import it "
-        f"(from steps import {definition.fn.__name__}), or run the pipeline on the embedded "
-        "stack (conveyor stack set default)"
+        f"{subject} defined in a notebook cell or an interactive session, and a stack with "
+        f"remote workers runs only code from files: move {them} into a .py file next to the "
+        f"notebook (say steps.py) and import {them} (from steps import {functions}), or run "
+        "the pipeline on the embedded stack (conveyor stack set default)"
     )
 
 
@@ -200,8 +212,6 @@ def _locate(ref: str, definition: StepDefinition) -> _Source | None:
     is_script = module_name == "__main__" or module_name.startswith(FILE_MODULE_PREFIX)
     if not is_script and module_name.partition(".")[0] in installed_packages():
         return None
-    if filename is None and module_name == "__main__":
-        raise ConveyorError(notebook_step(definition))
     if filename is None:
         raise ConveyorError(
             f"step {definition.name!r} ({ref}) has no source file to ship with the run: "
@@ -376,6 +386,9 @@ def pack(
     (defined in a notebook, say) is a ConveyorError, or with ``strict=False`` ships nothing,
     for workers of this same process that know it already.
     """
+    typed = [d for d in definitions.values() if _typed_interactively(d)]
+    if typed and strict:
+        raise ConveyorError(notebook_steps(typed))
     sources = {ref: _locate_or_skip(ref, d, strict) for ref, d in definitions.items()}
     members: dict[Path, frozenset[str] | None] = {}
     for found in filter(None, sources.values()):

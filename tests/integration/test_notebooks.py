@@ -121,10 +121,10 @@ def test_a_notebook_step_is_refused_on_remote_workers_and_a_step_file_beside_it_
     assert error is not None
     assert error[0] == "ConveyorError"
     assert error[1] == (
-        "step 'double' is defined in a notebook cell or an interactive session, and a stack "
-        "with remote workers runs only code from files: move the step into a .py file next "
-        "to the notebook (say steps.py) and import it (from steps import double), or run the "
-        "pipeline on the embedded stack (conveyor stack set default)"
+        "steps 'add' and 'double' are defined in a notebook cell or an interactive session, "
+        "and a stack with remote workers runs only code from files: move them into a .py "
+        "file next to the notebook (say steps.py) and import them (from steps import add, "
+        "double), or run the pipeline on the embedded stack (conveyor stack set default)"
     )
     assert error_of(imported) is None, (error_of(imported), processes.dump())
     assert printed(imported) == "15\n"

@@ -475,3 +475,30 @@ def test_a_step_without_a_source_file_is_an_error_unless_told_otherwise(
     assert pack({"cell": definition}, strict=False) == {
         "cell": code_archive.ShippedStep("cell", None)
     }
+
+
+def test_steps_typed_into_a_notebook_are_refused_with_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A kernel's __main__ has no file; the functions of its cells are its own.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+
+    def train() -> int:
+        return 1
+
+    train.__module__ = "__main__"
+    one = StepDefinition(train)
+    with pytest.raises(ConveyorError) as refused:
+        pack({one.ref: one})
+    assert str(refused.value) == (
+        "step 'train' is defined in a notebook cell or an interactive session, and a stack "
+        "with remote workers runs only code from files: move it into a .py file next to the "
+        "notebook (say steps.py) and import it (from steps import train), or run the "
+        "pipeline on the embedded stack (conveyor stack set default)"
+    )
+    renamed = StepDefinition(train, name="fit")
+    assert pack({renamed.ref: renamed}, strict=False) == {
+        renamed.ref: code_archive.ShippedStep(renamed.ref, None)
+    }
+    with pytest.raises(ConveyorError, match=r"^step 'fit' is .*\(from steps import train\)"):
+        pack({renamed.ref: renamed})
