@@ -7,6 +7,7 @@ must work as in a script, print nothing a notebook cannot show, and raise as a s
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import subprocess
@@ -102,7 +103,60 @@ def test_a_notebook_defines_steps_in_cells_runs_them_and_loads_the_output(
         assert not ANSI_ESCAPE.search(shown_text(cell)), shown_text(cell)
 
 
-def test_a_notebook_step_is_refused_on_remote_workers_and_a_step_file_beside_it_runs(
+STATISTICS = """
+import math
+from statistics import mean as average
+
+from conveyor import pipeline, step
+
+SCALE = 3
+
+
+def scaled(x: float) -> float:
+    return x * SCALE
+
+
+@step
+def spread(n: int) -> list[float]:
+    return [scaled(math.sqrt(i)) for i in range(n)]
+
+
+@step
+def summary(xs: list[float]) -> float:
+    return round(average(xs), 6)
+
+
+@pipeline
+def statistics(n: int = 4):
+    summary(spread(n))
+
+
+print(statistics(n=4).load("summary"))
+"""
+
+UNSHIPPABLE = """
+model = object()
+
+
+@step
+def describe() -> str:
+    return str(model)
+
+
+@pipeline
+def described():
+    describe()
+
+
+described()
+"""
+
+
+def expected_summary(scale: int) -> float:
+    return round(sum(math.sqrt(i) * scale for i in range(4)) / 4, 6)
+
+
+def test_cell_steps_travel_to_remote_workers_with_what_they_use_from_the_notebook(
     kernel: str, tmp_path: Path, home: Path, vhost: str, processes: Processes
 ) -> None:
     asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
@@ -112,25 +166,30 @@ def test_a_notebook_step_is_refused_on_remote_workers_and_a_step_file_beside_it_
     folder.mkdir()
     (folder / "steps.py").write_text(STEPS)
     cells = [
-        STEPS + PIPELINE + "arithmetic(x=5)",
+        STATISTICS,
+        "SCALE = 10\nprint(statistics(n=4).load('summary'))",
+        UNSHIPPABLE,
         "from steps import add, double\n" + PIPELINE + "print(arithmetic(x=5).load('add'))",
     ]
-    refused, imported = run_notebook(kernel, folder, cells).cells
+    ran, edited, refused, imported = run_notebook(kernel, folder, cells).cells
 
-    error = error_of(refused)
-    assert error is not None
-    assert error[0] == "ConveyorError"
-    assert error[1] == (
-        "steps 'add' and 'double' are defined in a notebook cell or an interactive session, "
-        "and a stack with remote workers runs only code from files: move them into a .py "
-        "file next to the notebook (say steps.py) and import them (from steps import add, "
-        "double), or run the pipeline on the embedded stack (conveyor stack set default)"
+    for cell in (ran, edited, imported):
+        assert error_of(cell) is None, (error_of(cell), processes.dump())
+    assert printed(ran) == f"{expected_summary(3)}\n"
+    assert printed(edited) == f"{expected_summary(10)}\n"  # the run took the new value
+    assert error_of(refused) == (
+        "ConveyorError",
+        "step 'describe' uses the notebook's 'model' (of type object), which cannot travel to "
+        "remote workers: pass it to the step as a parameter or an output of another step, "
+        "or define it in a .py file next to the notebook and import it there",
     )
-    assert error_of(imported) is None, (error_of(imported), processes.dump())
     assert printed(imported) == "15\n"
     with Client(home) as client:
-        [run] = client.list_runs()  # the refused call published nothing
-    assert run.status.value == "completed"
+        runs = client.list_runs()  # the refused call published nothing
+        assert [run.status.value for run in runs] == ["completed"] * 3
+        # They ran on the worker process, from the run's code archive.
+        steps = client.get_steps(runs[-1].id)
+    assert {step.worker for step in steps} == {"w1"}
 
 
 SLOW = """

@@ -24,6 +24,7 @@ from conveyor.workers.artifact_store_local import LocalArtifactStore
 from conveyor.workers.code_archive import attach_code, pack
 from conveyor.workers.code_cache import CodeCache
 from conveyor.workers.steps import StepDefinition, load_reference
+from tests.unit.test_notebook_code import cells
 
 T = TypeVar("T")
 
@@ -477,28 +478,22 @@ def test_a_step_without_a_source_file_is_an_error_unless_told_otherwise(
     }
 
 
-def test_steps_typed_into_a_notebook_are_refused_with_what_to_do(
+def test_steps_typed_into_a_notebook_ship_as_one_generated_module(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A kernel's __main__ has no file; the functions of its cells are its own.
-    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
-
-    def train() -> int:
-        return 1
-
-    train.__module__ = "__main__"
-    one = StepDefinition(train)
-    with pytest.raises(ConveyorError) as refused:
-        pack({one.ref: one})
-    assert str(refused.value) == (
-        "step 'train' is defined in a notebook cell or an interactive session, and a stack "
-        "with remote workers runs only code from files: move it into a .py file next to the "
-        "notebook (say steps.py) and import it (from steps import train), or run the "
-        "pipeline on the embedded stack (conveyor stack set default)"
+    notebook = types.ModuleType("__main__")  # a kernel's has no file
+    notebook.__dict__.update(
+        cells("from conveyor import step\n@step(name='fit')\ndef train() -> int:\n    return 1\n")
     )
-    renamed = StepDefinition(train, name="fit")
-    assert pack({renamed.ref: renamed}, strict=False) == {
-        renamed.ref: code_archive.ShippedStep(renamed.ref, None)
+    monkeypatch.setitem(sys.modules, "__main__", notebook)
+    definition = notebook.train
+    shipped = only(pack({definition.ref: definition}))
+    assert shipped.ref == "notebook_cells.py:train"
+    assert shipped.archive is not None
+    assert shipped.archive.files == ("notebook_cells.py",)
+    with zipfile.ZipFile(shipped.archive.path) as archive:
+        assert "def train() -> int:" in archive.read("notebook_cells.py").decode()
+    # For workers of this process (the embedded stack), which have the definitions already.
+    assert pack({definition.ref: definition}, strict=False) == {
+        definition.ref: code_archive.ShippedStep(definition.ref, None)
     }
-    with pytest.raises(ConveyorError, match=r"^step 'fit' is .*\(from steps import train\)"):
-        pack({renamed.ref: renamed})
