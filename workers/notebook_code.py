@@ -77,15 +77,20 @@ def _is_literal(value: Any) -> bool:
 
 
 def _importable(value: Any) -> tuple[str, str] | None:
-    """(module, qualified name) that imports ``value`` elsewhere, if one does."""
+    """(module, name) that imports ``value`` elsewhere as the same object, if one does."""
     target = value.fn if isinstance(value, StepDefinition) else value
     module = getattr(target, "__module__", None)
-    qualname = getattr(target, "__qualname__", None)
-    if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__":
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
+    if not isinstance(module, str) or not isinstance(name, str) or module == "__main__":
         return None
-    if "<" in qualname or "." in qualname:
+    if getattr(sys.modules.get(module), name, None) is not value:
         return None
-    return module, qualname
+    return module, name
+
+
+def _typed_function(value: Any) -> bool:
+    target = value.fn if isinstance(value, StepDefinition) else value
+    return inspect.isfunction(target) and target.__module__ == "__main__"
 
 
 def _source_of(name: str, fn: Any, step: str) -> str:
@@ -137,7 +142,7 @@ class _Writer:
             self._shipped(module, name, step)
             alias = "" if qualname == name else f" as {name}"
             self.imports[name] = f"from {module} import {qualname}{alias}"
-        elif isinstance(value, StepDefinition) or inspect.isfunction(value):
+        elif _typed_function(value):
             self.functions[name] = ""  # before its own names, should it call itself
             self.add_function(name, value, step)
         elif _is_literal(value):
@@ -169,7 +174,8 @@ class _Writer:
         parts = [_HEADER, *sorted(self.imports.values())]
         if self.constants:
             parts += ["", *(self.constants[name] for name in sorted(self.constants))]
-        for name in sorted(self.functions):
+        # What a function uses was found after it: written before it, for its decorators.
+        for name in reversed(self.functions):
             parts += ["", "", self.functions[name].rstrip()]
         return "\n".join(parts) + "\n"
 

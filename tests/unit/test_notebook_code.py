@@ -47,13 +47,13 @@ def test_the_module_has_the_steps_and_what_they_use_and_no_more() -> None:
         "LIMIT = (1, 'a')\n"
         "\n"
         "\n"
+        "def helper(x):\n"
+        "    return osp.join(str(x), json.dumps(LIMIT))\n"
+        "\n"
+        "\n"
         "@step(retries=1)\n"
         "def first(x: int) -> str:\n"
         "    return helper(x)\n"
-        "\n"
-        "\n"
-        "def helper(x):\n"
-        "    return osp.join(str(x), json.dumps(LIMIT))\n"
     )
     again = cell_module(steps_of(notebook, "first"), notebook, INSTALLED)
     assert again.digest == module.digest
@@ -79,19 +79,30 @@ def test_the_module_has_the_steps_and_what_they_use_and_no_more() -> None:
             "folder",
         ),
         (
+            "from conveyor import step\ndef retried(f):\n    return step(retries=2)(f)\n"
+            "@retried\ndef s() -> int:\n    return 1\n",
+            None,  # a decorator typed into a cell comes along, before the step
+        ),
+        (
+            "from conveyor import step\nimport functools\n"
+            "@functools.lru_cache\ndef cached(x):\n    return x\n"
+            "@step\ndef s() -> int:\n    return cached(1)\n",
+            "step 's' uses the notebook's 'cached' (of type _lru_cache_wrapper)",
+        ),
+        (
             "from conveyor import step\ndef s() -> int:\n    return 1\ns = step(s)\n",
             "step 's' is not made by a @step decorator on its def",
         ),
         (
             "from conveyor import step\n@step\ndef s() -> int:\n    return missing_name\n"
             "missing_name = print\n",
-            None,
+            None,  # a builtin's alias is an importable name: it travels
         ),
     ],
 )
 def test_what_cannot_travel_is_refused_by_name(source: str, message: str | None) -> None:
     notebook = cells(source)
-    if message is None:  # a builtin's alias is an importable name: it travels
+    if message is None:
         cell_module(steps_of(notebook, "s"), notebook, INSTALLED)
         return
     with pytest.raises(ConveyorError) as refused:
