@@ -1,7 +1,8 @@
 """``Client``: the synchronous Python API over a client's stacks, runs and artifacts.
 
-The CLI is a thin layer over it. Each Client owns a private event loop, so it must not be
-used from inside a running loop; there, use ``Services`` (or ``Conveyor``) directly.
+The CLI is a thin layer over it. Each Client owns a private event loop; where one already
+runs in the caller's thread (Jupyter, IPython), that loop runs in a thread of its own. An
+asyncio service should rather use ``Services`` (or ``Conveyor``) directly: a Client blocks.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from conveyor.contracts import (
     ArtifactStore,
     ComponentSpec,
     ComponentType,
-    ConveyorError,
     NotFoundError,
     RunRecord,
     RunStatus,
     StackSpec,
     StepRecord,
 )
+from conveyor.service.blocking import LoopThread
 from conveyor.service.components import parse_type
 from conveyor.service.context import Services
 from conveyor.service.home import Home
@@ -40,7 +41,7 @@ class Client:
 
     def __init__(self, home: str | Path | Home | None = None) -> None:
         self._home = home
-        self._runner: asyncio.Runner | None = None
+        self._runner: asyncio.Runner | LoopThread | None = None
         self._services: Services | None = None
 
     def __enter__(self) -> Client:
@@ -63,10 +64,9 @@ class Client:
             try:
                 asyncio.get_running_loop()
             except RuntimeError:
-                pass
-            else:
-                raise ConveyorError("Client is synchronous; inside an event loop use Services")
-            self._runner = asyncio.Runner()
+                self._runner = asyncio.Runner()
+            else:  # Jupyter, IPython: the store's connection lives on a loop of its own
+                self._runner = LoopThread()
         if self._services is None:
             self._services = self._runner.run(Services.open(self._home))
         services = self._services

@@ -14,11 +14,13 @@ from conveyor.contracts import (
     StepRecord,
     StepStatus,
 )
+from conveyor.service.blocking import run_to_end
 from conveyor.service.failures import failure_of
 from conveyor.workers.execution import load_artifact
 from conveyor.workers.flavors import run_artifact_store
 
 if TYPE_CHECKING:
+    from conveyor.service.engine import AsyncRun, Conveyor
     from conveyor.service.pipelines import PipelineDefinition
 
 
@@ -59,6 +61,10 @@ def _tell(text: str) -> None:
     print(f"conveyor: {text}", file=sys.stderr, flush=True)
 
 
+CANCEL_TIMEOUT_S = 5.0
+"""How long an interrupted call waits for the run's cancellation to be recorded."""
+
+
 def run_pipeline(
     definition: PipelineDefinition,
     args: tuple[Any, ...],
@@ -67,27 +73,41 @@ def run_pipeline(
     raise_on_failure: bool = True,
 ) -> RunHandle:
     """Run ``definition`` on the active stack and wait for the end; raise ``RunFailed`` if
-    the run did not complete, unless ``raise_on_failure`` is false."""
-    from conveyor.service.engine import Conveyor
+    the run did not complete, unless ``raise_on_failure`` is false.
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise ConveyorError(
-            "a pipeline called inside an event loop would block it: use "
-            "`async with conveyor.Conveyor() as cv: await (await cv.submit(p)).wait()`"
-        )
+    Works where an event loop already runs in this thread (Jupyter, IPython): the run then
+    has a loop of its own in another thread. Ctrl+C (an interrupted kernel) cancels the run.
+    """
+    from conveyor.service.engine import Conveyor
 
     async def main() -> RunHandle:
         async with Conveyor() as cv:
             run = await cv.submit(definition, *args, **kwargs)
-            record = await run.wait(on_waiting=_tell)
+            try:
+                record = await run.wait(on_waiting=_tell)
+            except asyncio.CancelledError:
+                await _cancel(cv, run)
+                raise
             return RunHandle(record, await run.steps())
 
-    handle = asyncio.run(main())
+    handle = run_to_end(main)
     failure = failure_of(handle.record, list(handle.steps.values()), handle)
     if failure is not None and raise_on_failure:
         raise failure
     return handle
+
+
+async def _cancel(cv: Conveyor, run: AsyncRun) -> None:
+    """Ctrl+C: cancel the run rather than leave it to be found dead later."""
+    _tell(f"interrupted: cancelling run {run.id}")
+    try:
+        async with asyncio.timeout(CANCEL_TIMEOUT_S):
+            await cv.cancel(run.id, "interrupted (Ctrl+C in the calling Python)")
+            await run.wait()
+    except TimeoutError:
+        _tell(
+            f"no controller confirmed the cancellation of run {run.id} in "
+            f"{CANCEL_TIMEOUT_S:g}s; one that takes the run later records it cancelled"
+        )
+    except ConveyorError as exc:
+        _tell(f"the cancellation of run {run.id} was not sent: {exc}")

@@ -35,6 +35,8 @@ from conveyor.contracts import (
     PipelineSpec,
 )
 from conveyor.workers import digests
+from conveyor.workers.notebook_code import MODULE_FILE as CELLS_FILE
+from conveyor.workers.notebook_code import cell_module
 from conveyor.workers.steps import FILE_MODULE_PREFIX, StepDefinition
 
 
@@ -178,6 +180,29 @@ def _module_source(name: str, path: Path, qualname: str) -> _Source:
             "ship it as a script or install its package on the workers"
         )
     return _Source(root, frozenset({parts[0]}), f"{name}:{qualname}")
+
+
+def _typed_interactively(definition: StepDefinition) -> bool:
+    """Whether a step was typed into a notebook cell or an interactive interpreter: its
+    module is ``__main__`` and has no file."""
+    module = definition.fn.__module__
+    return module == "__main__" and getattr(sys.modules.get(module), "__file__", None) is None
+
+
+def _cell_sources(typed: Mapping[str, StepDefinition]) -> dict[str, _Source]:
+    """Steps typed into notebook cells: one generated module, in a code root of its own."""
+    module = cell_module(typed.values(), vars(sys.modules["__main__"]), installed_packages())
+    root = _archive_folder() / f"cells-{module.digest[:16]}"
+    path = root / CELLS_FILE
+    if not path.is_file():
+        root.mkdir(exist_ok=True)
+        handle, staged = tempfile.mkstemp(dir=root, suffix=".tmp")
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(module.source)
+        os.replace(staged, path)
+    return {
+        ref: _Source(root, None, f"{CELLS_FILE}:{d.fn.__qualname__}") for ref, d in typed.items()
+    }
 
 
 def _locate(ref: str, definition: StepDefinition) -> _Source | None:
@@ -358,11 +383,18 @@ def pack(
     Steps of installed distributions ship nothing. A script ships its folder (or, inside a
     package, its top-most package); a module of a local package ships that top-level package
     from the sys.path entry it came from. Steps that share a root share one archive; an
-    unchanged root is not zipped again in this process. A step whose source cannot be found
-    (defined in a notebook, say) is a ConveyorError, or with ``strict=False`` ships nothing,
-    for workers of this same process that know it already.
+    unchanged root is not zipped again in this process. Steps typed into notebook cells ship
+    as one generated module (see ``notebook_code``). A step whose source cannot be found is a
+    ConveyorError, or with ``strict=False`` ships nothing (nor does a cell step), for workers
+    of this same process that know it already.
     """
-    sources = {ref: _locate_or_skip(ref, d, strict) for ref, d in definitions.items()}
+    typed = {ref: d for ref, d in definitions.items() if _typed_interactively(d)}
+    sources = {
+        ref: None if ref in typed else _locate_or_skip(ref, d, strict)
+        for ref, d in definitions.items()
+    }
+    if typed and strict:
+        sources.update(_cell_sources(typed))
     members: dict[Path, frozenset[str] | None] = {}
     for found in filter(None, sources.values()):
         members[found.root] = _merge(members.get(found.root, frozenset()), found.members)

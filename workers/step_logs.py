@@ -44,6 +44,11 @@ class _Tee(io.TextIOBase):
     def encoding(self) -> str:  # type: ignore[override]
         return self.original.encoding
 
+    def __getattr__(self, name: str) -> object:
+        # What else the stream has, its owner still reaches: Jupyter's kernel tells its
+        # stream which cell prints (``set_parent``), else a later cell's output is lost.
+        return getattr(self.original, name)
+
 
 class _CaptureHandler(logging.Handler):
     """Copies log records made inside an attempt into its buffer."""

@@ -24,6 +24,7 @@ from conveyor.workers.artifact_store_local import LocalArtifactStore
 from conveyor.workers.code_archive import attach_code, pack
 from conveyor.workers.code_cache import CodeCache
 from conveyor.workers.steps import StepDefinition, load_reference
+from tests.unit.test_notebook_code import cells
 
 T = TypeVar("T")
 
@@ -474,4 +475,25 @@ def test_a_step_without_a_source_file_is_an_error_unless_told_otherwise(
         pack({"cell": definition})
     assert pack({"cell": definition}, strict=False) == {
         "cell": code_archive.ShippedStep("cell", None)
+    }
+
+
+def test_steps_typed_into_a_notebook_ship_as_one_generated_module(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    notebook = types.ModuleType("__main__")  # a kernel's has no file
+    notebook.__dict__.update(
+        cells("from conveyor import step\n@step(name='fit')\ndef train() -> int:\n    return 1\n")
+    )
+    monkeypatch.setitem(sys.modules, "__main__", notebook)
+    definition = notebook.train
+    shipped = only(pack({definition.ref: definition}))
+    assert shipped.ref == "notebook_cells.py:train"
+    assert shipped.archive is not None
+    assert shipped.archive.files == ("notebook_cells.py",)
+    with zipfile.ZipFile(shipped.archive.path) as archive:
+        assert "def train() -> int:" in archive.read("notebook_cells.py").decode()
+    # For workers of this process (the embedded stack), which have the definitions already.
+    assert pack({definition.ref: definition}, strict=False) == {
+        definition.ref: code_archive.ShippedStep(definition.ref, None)
     }
