@@ -5,8 +5,10 @@ from conveyor.contracts.errors import (
     ArtifactUnreadable,
     ConflictError,
     ConveyorError,
+    Fatal,
     NotFoundError,
     OutsideStore,
+    Retry,
     RunFailed,
     StoreUnavailable,
     UntrustedStep,
@@ -53,11 +55,15 @@ from conveyor.contracts.models import (
     StepStatus,
 )
 from conveyor.contracts.pipeline_spec import (
+    DEFAULT_MAX_RETRY_DELAY_S,
     DEFAULT_POOL,
+    MAX_RETRIES,
+    MAX_RETRY_DELAY_S,
     InputBinding,
     Isolation,
     OutputSelector,
     PipelineSpec,
+    RetryPolicy,
     StepSpec,
 )
 from conveyor.contracts.protocols import (
@@ -78,11 +84,14 @@ from conveyor.contracts.topology import (
 
 __all__ = [
     "COMPLETION_TYPES",
+    "DEFAULT_MAX_RETRY_DELAY_S",
     "DEFAULT_POOL",
     "DEFAULT_PREFIX",
     "EVENT_TYPES",
     "FINISHED_RUN_STATUSES",
     "FINISHED_STEP_STATUSES",
+    "MAX_RETRIES",
+    "MAX_RETRY_DELAY_S",
     "SCHEMA_VERSION",
     "AmbiguousId",
     "ArtifactRecord",
@@ -100,6 +109,7 @@ __all__ = [
     "DeliveryHandler",
     "Envelope",
     "Event",
+    "Fatal",
     "InputBinding",
     "Isolation",
     "MalformedEvent",
@@ -108,6 +118,8 @@ __all__ = [
     "OutputSelector",
     "OutsideStore",
     "PipelineSpec",
+    "Retry",
+    "RetryPolicy",
     "RunCancelRequested",
     "RunFailed",
     "RunFinished",
