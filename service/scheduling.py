@@ -280,29 +280,33 @@ def apply_event(
             )
     elif isinstance(event, StepSucceeded):
         if _is_current(run, event.step, event.attempt):
-            _record(
-                run,
-                out,
-                StepUpdate(
-                    event.step,
-                    StepStatus.COMPLETED,
-                    event.attempt,
-                    started=_unannounced_start(run, event),
-                    finished=event.time,
-                    duration_s=event.duration_s,
-                    pid=event.by.pid,
-                    worker=event.by.worker,
-                    outputs=event.outputs,
-                    logs=event.logs,
-                ),
-            )
-            for child in run.downstream[event.step]:
-                if _ready(run, child):
-                    _dispatch(run, out, child, 1)
-            _finish_if_done(run, out)
+            _on_success(run, out, event)
     elif isinstance(event, StepFailed) and _is_current(run, event.step, event.attempt):
         _on_failure(run, out, event, now or event.time, draw())
     return out
+
+
+def _on_success(run: RunState, out: Transition, event: StepSucceeded) -> None:
+    _record(
+        run,
+        out,
+        StepUpdate(
+            event.step,
+            StepStatus.COMPLETED,
+            event.attempt,
+            started=_unannounced_start(run, event),
+            finished=event.time,
+            duration_s=event.duration_s,
+            pid=event.by.pid,
+            worker=event.by.worker,
+            outputs=event.outputs,
+            logs=event.logs,
+        ),
+    )
+    for child in run.downstream[event.step]:
+        if _ready(run, child):
+            _dispatch(run, out, child, 1)
+    _finish_if_done(run, out)
 
 
 def _unannounced_start(run: RunState, event: StepSucceeded | StepFailed) -> datetime | None:
