@@ -188,6 +188,12 @@ class StepStatusChanged(Envelope):
     error: str | None = None
     duration_s: float | None = None
     outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
+    # Left out of the JSON when unset: followers from before the field still read it.
+    retry_at: datetime | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="When a pending attempt that waits for its retry is due",
+    )
 
 
 class RunProgress(Envelope):

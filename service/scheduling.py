@@ -145,6 +145,7 @@ def _status_event(run: RunState, update: StepUpdate) -> StepStatusChanged:
         error=update.error,
         duration_s=update.duration_s,
         outputs=update.outputs,
+        retry_at=update.retry_at,
     )
 
 
@@ -336,14 +337,16 @@ def _on_failure(
         worker=event.by.worker,
         logs=event.logs,
     )
-    out.emit.append(_status_event(run, update))
+    delay = 0.0
     if retry:
         delay = retry_delay(state.spec.retry, failures, asked_s=event.retry_after_s, draw=draw)
+        update.retry_at = now + timedelta(seconds=delay) if delay > 0 else None
+    out.emit.append(_status_event(run, update))
+    if retry:
         if delay <= 0:
             _dispatch(run, out, event.step, update.attempt, update)
             return
         # No StepReady yet: the controller dispatches the attempt when it is due.
-        update.retry_at = now + timedelta(seconds=delay)
         state.attempt, state.retry_at, state.lease_until = update.attempt, update.retry_at, None
         run.set_status(event.step, StepStatus.PENDING)
         out.steps.append(update)

@@ -17,6 +17,7 @@ from conveyor.contracts import (
     StepReady,
     StepSpec,
     StepStatus,
+    StepStatusChanged,
     WorkerFacts,
     encode_event,
     parse_event,
@@ -102,6 +103,8 @@ def test_a_retry_that_waits_is_recorded_due_and_dispatched_only_then() -> None:
     (update,) = out.steps
     assert (update.status, update.attempt) == (StepStatus.PENDING, 2)
     assert update.retry_at == NOW + timedelta(seconds=0.2)
+    (told,) = [e for e in out.emit if isinstance(e, StepStatusChanged)]
+    assert told.retry_at == update.retry_at, "followers hear when the attempt is due"
     assert next_retry(run) == NOW + timedelta(seconds=0.2)
     assert apply_event(run, _failed(1), now=NOW).steps == [], "a duplicate changes nothing"
     assert dispatch_due_retries(run, NOW + timedelta(seconds=0.1)).emit == []
@@ -144,6 +147,8 @@ def test_a_policy_travels_only_when_set() -> None:
     assert b'"retry"' not in plain.model_dump_json().encode()
     failed = _failed(1)
     assert b"retry_after_s" not in encode_event(failed)
+    pending = StepStatusChanged(run_id="r", step="a", status=StepStatus.PENDING, attempt=2)
+    assert b"retry_at" not in encode_event(pending)
     asked = parse_event(encode_event(_failed(1, after=1.5)))
     assert isinstance(asked, StepFailed) and asked.retry_after_s == 1.5
     for bad in (-1.0, math.inf, math.nan, MAX_RETRY_DELAY_S + 1):
