@@ -509,4 +509,6 @@ class Controller:
             if change.run_status is not None and change.run_status is not RunStatus.RUNNING:
                 self._states.pop(run_id, None)
                 log.info("run finished", run_id=run_id, status=change.run_status.value)
-            self._note_retry(run_id)
+            # Only runs with a retry that waits, or had one: the rest cost nothing more.
+            if run_id in self._retries or any(u.retry_at for u in change.steps):
+                self._note_retry(run_id)
