@@ -117,7 +117,7 @@ class Retry(ConveyorError):
             raise ValueError(
                 f"Retry(after=...) takes 0 to {MAX_RETRY_DELAY_S:.0f} seconds, not {after!r}"
             )
-        super().__init__(f"{reason} (retry in {after:g}s)", retryable=True)
+        super().__init__(f"{reason} (asked for a retry in {after:g}s)", retryable=True)
         self.after = float(after)
         self.reason = reason
 

@@ -135,7 +135,7 @@ async def test_retry_after_delays_by_what_the_step_asked_and_shows_when() -> Non
         run = await cv.submit(rate_limited, after=1.0)
         waiting = await _waiting_retry(run)
         assert (waiting.status, waiting.attempt) == (StepStatus.PENDING, 2)
-        assert waiting.error == "Retry: rate limited (retry in 1s)"
+        assert waiting.error == "Retry: rate limited (asked for a retry in 1s)"
         finished = await run.wait(timeout=30)
         ran_at = await run.load("asks_to_wait")
         (done,) = await run.steps()
@@ -227,5 +227,5 @@ async def test_retry_after_travels_from_either_isolation(isolation: str) -> None
         run = await cv.submit(one)
         waiting = await _waiting_retry(run)
         record = await run.wait(timeout=30)
-    assert waiting.error == "Retry: later (retry in 0.3s)"
+    assert waiting.error == "Retry: later (asked for a retry in 0.3s)"
     assert record.status is RunStatus.FAILED

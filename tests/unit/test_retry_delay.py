@@ -193,7 +193,7 @@ def test_bad_retry_options_are_refused_in_one_line(
 def test_retry_and_fatal_are_conveyor_errors_with_their_retryability() -> None:
     asked = Retry(after=3, reason="rate limited")
     assert asked.retryable and asked.after == 3.0
-    assert str(asked) == "rate limited (retry in 3s)"
+    assert str(asked) == "rate limited (asked for a retry in 3s)"
     assert not Fatal("bad input").retryable
     for bad in (-1, math.nan, math.inf, 10**9):
         with pytest.raises(ValueError, match="Retry"):
