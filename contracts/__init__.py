@@ -57,6 +57,7 @@ from conveyor.contracts.models import (
 from conveyor.contracts.pipeline_spec import (
     DEFAULT_MAX_RETRY_DELAY_S,
     DEFAULT_POOL,
+    MAX_BACKOFF,
     MAX_RETRIES,
     MAX_RETRY_DELAY_S,
     InputBinding,
@@ -90,6 +91,7 @@ __all__ = [
     "EVENT_TYPES",
     "FINISHED_RUN_STATUSES",
     "FINISHED_STEP_STATUSES",
+    "MAX_BACKOFF",
     "MAX_RETRIES",
     "MAX_RETRY_DELAY_S",
     "SCHEMA_VERSION",

@@ -20,6 +20,8 @@ MAX_RETRIES = 100
 MAX_RETRY_DELAY_S = 86_400.0
 """The longest any wait before a retry may be: a day."""
 DEFAULT_MAX_RETRY_DELAY_S = 300.0
+MAX_BACKOFF = 10.0
+"""The most each wait may grow over the one before."""
 
 
 class RetryPolicy(Frozen):
@@ -31,7 +33,7 @@ class RetryPolicy(Frozen):
     """
 
     delay_s: float = Field(default=0.0, ge=0, le=MAX_RETRY_DELAY_S, allow_inf_nan=False)
-    backoff: float = Field(default=2.0, ge=1, le=10, allow_inf_nan=False)
+    backoff: float = Field(default=2.0, ge=1, le=MAX_BACKOFF, allow_inf_nan=False)
     max_delay_s: float = Field(
         default=DEFAULT_MAX_RETRY_DELAY_S, ge=0, le=MAX_RETRY_DELAY_S, allow_inf_nan=False
     )

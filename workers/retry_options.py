@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import math
 
-from conveyor.contracts import MAX_RETRIES, MAX_RETRY_DELAY_S, RetryPolicy
-
-MAX_BACKOFF = 10.0
+from conveyor.contracts import MAX_BACKOFF, MAX_RETRIES, MAX_RETRY_DELAY_S, RetryPolicy
 
 
 def _seconds(name: str, value: object) -> float:
