@@ -28,7 +28,11 @@ from conveyor import (
 )
 from conveyor.contracts import ComponentType
 from conveyor.service.context import Services
-from tests.conftest import conveyor_cli
+from tests.conftest import ROOT, conveyor_cli
+from tests.integration.api_helpers import serving, submit, wait_status
+from tests.pipelines.retry_pipelines import MARKERS_ENV
+
+RETRY_PIPELINES = f"{ROOT / 'tests' / 'pipelines' / 'retry_pipelines.py'}:asks_later"
 
 LOCK = threading.Lock()
 ATTEMPTS: dict[str, list[tuple[float, float]]] = {}
@@ -229,3 +233,25 @@ async def test_retry_after_travels_from_either_isolation(isolation: str) -> None
         record = await run.wait(timeout=30)
     assert waiting.error == "Retry: later (asked for a retry in 0.3s)"
     assert record.status is RunStatus.FAILED
+
+
+async def test_the_api_and_the_dashboard_show_a_retry_that_waits(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(MARKERS_ENV, str(tmp_path))
+    async with serving(home) as (_, api):
+        run = await submit(api, RETRY_PIPELINES, parameters={"after": 60})
+        steps_url = f"/api/runs/{run['id']}/steps/rate_limited"
+        deadline = time.monotonic() + 20
+        while (step_json := (await api.get(steps_url)).json())["retry_at"] is None:
+            assert time.monotonic() < deadline, step_json
+            await asyncio.sleep(0.05)
+        page = (await api.get(f"/runs/{run['id']}")).text
+        state = (await api.get(f"/ui/runs/{run['id']}/state")).json()
+        await api.post(f"/api/runs/{run['id']}/cancel")
+        finished = await wait_status(api, run["id"])
+    due = datetime.fromisoformat(step_json["retry_at"])
+    assert (step_json["status"], step_json["attempt"]) == ("pending", 2)
+    assert f"retry at {due:%H:%M:%S.%f}"[:-3] in page
+    assert state["steps"][0]["retry_at"] == step_json["retry_at"]
+    assert finished["status"] == "cancelled"
