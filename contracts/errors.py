@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from conveyor.contracts.models import RunStatus
+from conveyor.contracts.pipeline_spec import MAX_RETRY_DELAY_S
 
 SHOWN_CHARACTERS = 100
 """How much of a value typed by a user an error message quotes: it may be huge or hostile."""
@@ -101,3 +102,29 @@ class StoreUnavailable(ConveyorError):
 class UntrustedStep(ConveyorError):
     """A StepReady names code a worker will not run: not a ``@step`` of the run's code
     archive or of a package the worker trusts. Such a message is dead-lettered."""
+
+
+class Retry(ConveyorError):
+    """Raised by a step: try it again in ``after`` seconds (for a rate limit, a resource
+    not ready yet), instead of after its retry policy's wait.
+
+    The attempt uses one of the step's ``retries``; with none left, the step fails. The
+    wait is at most the step's ``max_retry_delay``.
+    """
+
+    def __init__(self, after: float = 0.0, reason: str = "the step asked to be retried") -> None:
+        if not 0 <= after <= MAX_RETRY_DELAY_S:  # NaN fails this too
+            raise ValueError(
+                f"Retry(after=...) takes 0 to {MAX_RETRY_DELAY_S:.0f} seconds, not {after!r}"
+            )
+        super().__init__(f"{reason} (asked for a retry in {after:g}s)", retryable=True)
+        self.after = float(after)
+        self.reason = reason
+
+
+class Fatal(ConveyorError):
+    """Raised by a step: it fails now, whatever retries it has left; its downstream steps
+    are skipped."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)

@@ -27,7 +27,7 @@ from conveyor.contracts.models import (
     RunStatus,
     StepStatus,
 )
-from conveyor.contracts.pipeline_spec import PipelineSpec, StepSpec
+from conveyor.contracts.pipeline_spec import MAX_RETRY_DELAY_S, PipelineSpec, StepSpec
 
 SCHEMA_VERSION = 1
 
@@ -163,6 +163,16 @@ class StepFailed(Envelope):
         description="What the step raised, from its first frame outside Conveyor",
     )
     retryable: bool = True
+    # Left out of the JSON when unset: controllers from before the field still take it.
+    retry_after_s: float | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_RETRY_DELAY_S,
+        allow_inf_nan=False,
+        exclude_if=lambda value: value is None,
+        description="The wait the step asked for before its next attempt (conveyor.Retry); "
+        "None for its retry policy's",
+    )
     duration_s: float = 0.0
     by: WorkerFacts
     logs: ArtifactRef | None = Field(default=None, description="What the attempt printed")
@@ -178,6 +188,12 @@ class StepStatusChanged(Envelope):
     error: str | None = None
     duration_s: float | None = None
     outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
+    # Left out of the JSON when unset: followers from before the field still read it.
+    retry_at: datetime | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="When a pending attempt that waits for its retry is due",
+    )
 
 
 class RunProgress(Envelope):

@@ -165,6 +165,8 @@ class StepRecord(Frozen):
     upstream: list[str] = Field(default_factory=list)
     outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
     logs: ArtifactRef | None = None
+    retry_at: datetime | None = None
+    """When a pending attempt that waits for its retry is due."""
 
 
 class RunRecord(Frozen):

@@ -15,6 +15,31 @@ Isolation = Literal["thread", "process"]
 child process of the worker (killed at its timeout)."""
 
 
+MAX_RETRIES = 100
+"""The most retries a step may ask for."""
+MAX_RETRY_DELAY_S = 86_400.0
+"""The longest any wait before a retry may be: a day."""
+DEFAULT_MAX_RETRY_DELAY_S = 300.0
+MAX_BACKOFF = 10.0
+"""The most each wait may grow over the one before."""
+
+
+class RetryPolicy(Frozen):
+    """How long a step waits before each of its retries.
+
+    Retry ``n`` (1 for the first) waits ``delay_s * backoff ** (n - 1)`` seconds, at most
+    ``max_delay_s``; with ``jitter``, a random part of that: between half and all of it
+    ("equal jitter"), so that steps that failed together do not all come back together.
+    """
+
+    delay_s: float = Field(default=0.0, ge=0, le=MAX_RETRY_DELAY_S, allow_inf_nan=False)
+    backoff: float = Field(default=2.0, ge=1, le=MAX_BACKOFF, allow_inf_nan=False)
+    max_delay_s: float = Field(
+        default=DEFAULT_MAX_RETRY_DELAY_S, ge=0, le=MAX_RETRY_DELAY_S, allow_inf_nan=False
+    )
+    jitter: bool = False
+
+
 class OutputSelector(Frozen):
     """One output of an upstream step invocation."""
 
@@ -38,7 +63,7 @@ class StepSpec(Frozen):
     inputs: dict[str, InputBinding] = Field(default_factory=dict)
     parameters: dict[str, Any] = Field(default_factory=dict)
     outputs: list[str] = Field(default_factory=list)
-    retries: int = Field(default=0, ge=0)
+    retries: int = Field(default=0, ge=0, le=MAX_RETRIES)
     timeout_s: float | None = Field(default=None, gt=0)
     pool: Name = DEFAULT_POOL
     allow_pickle: bool = False
@@ -48,6 +73,12 @@ class StepSpec(Frozen):
         exclude_if=lambda value: value is None,
         description="Where a sync body runs: 'thread' or 'process' (a child process, killed "
         "at the timeout); None for the worker's default",
+    )
+    # Left out of the JSON when unset, as ``isolation`` is.
+    retry: RetryPolicy | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="The waits before retries; None retries at once",
     )
     code: BlobRef | None = Field(
         default=None,

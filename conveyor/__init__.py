@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from conveyor.contracts import (
         ArtifactRef,
         ConveyorError,
+        Fatal,
+        Retry,
         RunFailed,
         RunRecord,
         RunStatus,
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
 _SOURCES = {
     "ArtifactRef": "conveyor.contracts",
     "ConveyorError": "conveyor.contracts",
+    "Fatal": "conveyor.contracts",
+    "Retry": "conveyor.contracts",
     "RunFailed": "conveyor.contracts",
     "RunRecord": "conveyor.contracts",
     "RunStatus": "conveyor.contracts",
@@ -63,7 +67,9 @@ __all__ = [
     "Client",
     "Conveyor",
     "ConveyorError",
+    "Fatal",
     "PipelineDefinition",
+    "Retry",
     "RunFailed",
     "RunHandle",
     "RunRecord",

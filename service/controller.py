@@ -130,6 +130,9 @@ class Controller:
         self._stack = stack
         self._owner = owner
         self._states: dict[str, RunState] = {}
+        # When each run's first waiting retry is due. Kept apart from the states, which a
+        # failed batch clears: a run that only waits hears no event that would reload it.
+        self._retries: dict[str, datetime] = {}
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self._subscriptions: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
@@ -194,6 +197,7 @@ class Controller:
             await self._db.write(writes)
         for run_id in await self._runs.active_run_ids(self._stack.id):
             self._states[run_id] = await self._loaded(run_id)
+            self._note_retry(run_id)
 
     async def _loaded(self, run_id: str) -> RunState:
         state = await self._runs.load_state(run_id)
@@ -218,6 +222,7 @@ class Controller:
                 if batch:
                     await self._process(batch)
                 await self._check_leases()
+                await self._dispatch_retries()
             except (Exception, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                     raise
@@ -228,8 +233,10 @@ class Controller:
                 if self._committed:
                     # Recorded but not published: the broker failed, not a message.
                     await self._back_off(batch, f"the broker did not take the events: {exc}")
-                else:
+                elif batch:
                     await self._narrow(batch)
+                else:  # a due retry or lease check failed: the store or the broker did
+                    await self._back_off([], f"{type(exc).__name__}: {exc}")
             else:
                 self._recovered()
 
@@ -312,6 +319,9 @@ class Controller:
         due = self._next_check
         if self._progress.pending:
             due = min(due, self._progress.due)
+        if self._retries:
+            wait = (min(self._retries.values()) - utcnow()).total_seconds()
+            due = min(due, loop.time() + wait)
         try:
             async with asyncio.timeout_at(due):
                 first = await self._inbox.get()
@@ -357,6 +367,29 @@ class Controller:
         if batch.changes:
             await self._commit(batch)
 
+    async def _dispatch_retries(self) -> None:
+        """Dispatch the attempts whose retry is due; no worker held them while they waited."""
+        now = utcnow()
+        due = [run_id for run_id, at in self._retries.items() if at <= now]
+        if not due:
+            return
+        batch = _Batch(now=now)
+        for run_id in due:
+            state = await self._state_of(run_id)
+            if state is not None:
+                batch.change(run_id, scheduling.dispatch_due_retries(state, now))
+        await self._commit(batch)
+        for run_id in due:
+            self._note_retry(run_id)
+
+    def _note_retry(self, run_id: str) -> None:
+        state = self._states.get(run_id)
+        due = scheduling.next_retry(state) if state is not None else None
+        if due is None:
+            self._retries.pop(run_id, None)
+        else:
+            self._retries[run_id] = due
+
     async def _state_of(self, run_id: str) -> RunState | None:
         state = self._states.get(run_id)
         if state is None:
@@ -387,7 +420,8 @@ class Controller:
             elif isinstance(event, RunCancelRequested):
                 batch.change(event.run_id, scheduling.cancel_run(state, batch.now, event.reason))
             elif isinstance(event, WorkerEvent):
-                batch.change(event.run_id, scheduling.apply_event(state, event))
+                change = scheduling.apply_event(state, event, now=batch.now)
+                batch.change(event.run_id, change)
                 if isinstance(event, StepStarted | StepHeartbeat):
                     until = batch.now + self._lease
                     scheduling.renew_lease(state, event.step, event.attempt, until)
@@ -475,3 +509,6 @@ class Controller:
             if change.run_status is not None and change.run_status is not RunStatus.RUNNING:
                 self._states.pop(run_id, None)
                 log.info("run finished", run_id=run_id, status=change.run_status.value)
+            # Only runs with a retry that waits, or had one: the rest cost nothing more.
+            if run_id in self._retries or any(u.retry_at for u in change.steps):
+                self._note_retry(run_id)

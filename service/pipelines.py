@@ -114,6 +114,7 @@ class _Builder:
                 parameters=parameters,
                 outputs=step.outputs,
                 retries=step.retries,
+                retry=step.retry,
                 timeout_s=step.timeout,
                 pool=step.pool,
                 allow_pickle=step.allow_pickle,

@@ -6,6 +6,8 @@ functions, persists the returned :class:`Transition` and publishes its events.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -26,6 +28,7 @@ from conveyor.contracts import (
     StepStatusChanged,
     StepSucceeded,
 )
+from conveyor.service.retry_delay import retry_delay
 
 
 @dataclass
@@ -34,7 +37,8 @@ class StepState:
 
     A running attempt holds a lease until ``lease_until``, renewed by its worker's
     heartbeats; ``lost`` counts the attempts whose lease lapsed. Both live in memory only:
-    a controller that starts grants every running attempt a fresh lease.
+    a controller that starts grants every running attempt a fresh lease. A pending attempt
+    with a ``retry_at`` waits for that time to be dispatched (it is stored with the step).
     """
 
     spec: StepSpec
@@ -44,6 +48,7 @@ class StepState:
     lease_until: datetime | None = None
     lost: int = 0
     worker: str | None = None
+    retry_at: datetime | None = None
 
 
 @dataclass
@@ -110,6 +115,8 @@ class StepUpdate:
     worker: str | None = None
     outputs: dict[str, ArtifactRef] = field(default_factory=dict)
     logs: ArtifactRef | None = None
+    retry_at: datetime | None = None
+    """When a pending attempt is due; None clears it."""
 
 
 @dataclass
@@ -138,6 +145,7 @@ def _status_event(run: RunState, update: StepUpdate) -> StepStatusChanged:
         error=update.error,
         duration_s=update.duration_s,
         outputs=update.outputs,
+        retry_at=update.retry_at,
     )
 
 
@@ -145,6 +153,7 @@ def _record(run: RunState, out: Transition, update: StepUpdate) -> None:
     state = run.steps[update.name]
     run.set_status(update.name, update.status)
     state.attempt = update.attempt
+    state.retry_at = update.retry_at
     if update.worker is not None:
         state.worker = update.worker
     if update.outputs:
@@ -170,6 +179,7 @@ def _dispatch(
     state = run.steps[name]
     state.attempt = attempt
     state.lease_until = None
+    state.retry_at = None
     run.set_status(name, StepStatus.PENDING)
     out.steps.append(update or StepUpdate(name, StepStatus.PENDING, attempt))
     out.emit.append(
@@ -234,11 +244,19 @@ def _is_current(run: RunState, step: str, attempt: int) -> bool:
     )
 
 
-def apply_event(run: RunState, event: Event) -> Transition:
+def apply_event(
+    run: RunState,
+    event: Event,
+    *,
+    now: datetime | None = None,
+    draw: Callable[[], float] = random.random,
+) -> Transition:
     """Apply a worker's event to ``run`` (mutated in place) and say what changed.
 
     Events for another attempt than the current one, or for a step that already finished,
-    change nothing: that is what makes duplicate and stale deliveries harmless.
+    change nothing: that is what makes duplicate and stale deliveries harmless. A retry
+    that waits is due ``now`` (the event's time if not given) plus its delay; ``draw``
+    gives the random number of its jitter.
     """
     out = Transition()
     if run.status is not RunStatus.RUNNING:
@@ -263,29 +281,33 @@ def apply_event(run: RunState, event: Event) -> Transition:
             )
     elif isinstance(event, StepSucceeded):
         if _is_current(run, event.step, event.attempt):
-            _record(
-                run,
-                out,
-                StepUpdate(
-                    event.step,
-                    StepStatus.COMPLETED,
-                    event.attempt,
-                    started=_unannounced_start(run, event),
-                    finished=event.time,
-                    duration_s=event.duration_s,
-                    pid=event.by.pid,
-                    worker=event.by.worker,
-                    outputs=event.outputs,
-                    logs=event.logs,
-                ),
-            )
-            for child in run.downstream[event.step]:
-                if _ready(run, child):
-                    _dispatch(run, out, child, 1)
-            _finish_if_done(run, out)
+            _on_success(run, out, event)
     elif isinstance(event, StepFailed) and _is_current(run, event.step, event.attempt):
-        _on_failure(run, out, event)
+        _on_failure(run, out, event, now or event.time, draw())
     return out
+
+
+def _on_success(run: RunState, out: Transition, event: StepSucceeded) -> None:
+    _record(
+        run,
+        out,
+        StepUpdate(
+            event.step,
+            StepStatus.COMPLETED,
+            event.attempt,
+            started=_unannounced_start(run, event),
+            finished=event.time,
+            duration_s=event.duration_s,
+            pid=event.by.pid,
+            worker=event.by.worker,
+            outputs=event.outputs,
+            logs=event.logs,
+        ),
+    )
+    for child in run.downstream[event.step]:
+        if _ready(run, child):
+            _dispatch(run, out, child, 1)
+    _finish_if_done(run, out)
 
 
 def _unannounced_start(run: RunState, event: StepSucceeded | StepFailed) -> datetime | None:
@@ -295,10 +317,13 @@ def _unannounced_start(run: RunState, event: StepSucceeded | StepFailed) -> date
     return event.time - timedelta(seconds=event.duration_s)
 
 
-def _on_failure(run: RunState, out: Transition, event: StepFailed) -> None:
+def _on_failure(
+    run: RunState, out: Transition, event: StepFailed, now: datetime, draw: float
+) -> None:
     state = run.steps[event.step]
     # Attempts lost with their worker are not the step's own: they use none of its retries.
-    retry = event.retryable and event.attempt - state.lost <= state.spec.retries
+    failures = event.attempt - state.lost
+    retry = event.retryable and failures <= state.spec.retries
     update = StepUpdate(
         event.step,
         StepStatus.PENDING if retry else StepStatus.FAILED,
@@ -312,9 +337,19 @@ def _on_failure(run: RunState, out: Transition, event: StepFailed) -> None:
         worker=event.by.worker,
         logs=event.logs,
     )
+    delay = 0.0
+    if retry:
+        delay = retry_delay(state.spec.retry, failures, asked_s=event.retry_after_s, draw=draw)
+        update.retry_at = now + timedelta(seconds=delay) if delay > 0 else None
     out.emit.append(_status_event(run, update))
     if retry:
-        _dispatch(run, out, event.step, update.attempt, update)
+        if delay <= 0:
+            _dispatch(run, out, event.step, update.attempt, update)
+            return
+        # No StepReady yet: the controller dispatches the attempt when it is due.
+        state.attempt, state.retry_at, state.lease_until = update.attempt, update.retry_at, None
+        run.set_status(event.step, StepStatus.PENDING)
+        out.steps.append(update)
         return
     run.set_status(event.step, StepStatus.FAILED)
     out.steps.append(update)
@@ -340,6 +375,24 @@ def cancel_run(run: RunState, now: datetime, reason: str) -> Transition:
     out.run_status, out.run_error = run.status, reason
     out.emit.append(RunFinished(run_id=run.run_id, status=run.status, error=reason))
     return out
+
+
+def dispatch_due_retries(run: RunState, now: datetime) -> Transition:
+    """Dispatch every attempt whose retry is due by ``now``."""
+    out = Transition()
+    if run.status is not RunStatus.RUNNING:
+        return out
+    for name, state in run.steps.items():
+        due = state.retry_at
+        if due is not None and due <= now and state.status is StepStatus.PENDING:
+            _dispatch(run, out, name, state.attempt)
+    return out
+
+
+def next_retry(run: RunState) -> datetime | None:
+    """When the first of ``run``'s waiting retries is due; None if none waits."""
+    due = [s.retry_at for s in run.steps.values() if s.retry_at is not None]
+    return min(due) if due and run.status is RunStatus.RUNNING else None
 
 
 def renew_lease(run: RunState, step: str, attempt: int, until: datetime) -> None:

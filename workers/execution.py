@@ -35,7 +35,13 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH, MAX_TRACEBACK_LENGTH
 from conveyor.workers import materializers, step_logs, step_process
-from conveyor.workers.step_failures import error_line, keep_head, keep_tail, user_traceback
+from conveyor.workers.step_failures import (
+    error_line,
+    keep_head,
+    keep_tail,
+    retry_after,
+    user_traceback,
+)
 from conveyor.workers.step_process import StepBodyFailed
 from conveyor.workers.step_resolver import StepResolver
 from conveyor.workers.step_threads import StepThreads
@@ -312,7 +318,9 @@ class StepExecutor:
                 else:
                     outputs, body = await self._in_own_thread(self._run_sync, ready, definition)
         except StepBodyFailed as exc:
-            return self._failed(ready, exc.error, exc.traceback, exc.retryable, started)
+            return self._failed(
+                ready, exc.error, exc.traceback, exc.retryable, started, exc.retry_after_s
+            )
         except TimeoutError as exc:
             if not deadline.expired():  # the step itself raised TimeoutError
                 return self._failed(ready, error_line(exc), user_traceback(exc), True, started)
@@ -322,7 +330,10 @@ class StepExecutor:
         except UntrustedStep:
             raise  # not a step failure: the worker refuses the message itself
         except ConveyorError as exc:
-            return self._failed(ready, error_line(exc), user_traceback(exc), exc.retryable, started)
+            after = retry_after(exc)
+            return self._failed(
+                ready, error_line(exc), user_traceback(exc), exc.retryable, started, after
+            )
         except Exception as exc:
             return self._failed(ready, error_line(exc), user_traceback(exc), True, started)
         return StepSucceeded(
@@ -343,7 +354,13 @@ class StepExecutor:
         return self._failed(ready, error, None, False, time.perf_counter())
 
     def _failed(
-        self, ready: StepReady, error: str, tb: str | None, retryable: bool, started: float
+        self,
+        ready: StepReady,
+        error: str,
+        tb: str | None,
+        retryable: bool,
+        started: float,
+        retry_after_s: float | None = None,
     ) -> StepFailed:
         return StepFailed(
             run_id=ready.run_id,
@@ -354,6 +371,7 @@ class StepExecutor:
             error=keep_head(readable(error), MAX_STEP_ERROR_LENGTH),
             traceback=None if tb is None else keep_tail(readable(tb), MAX_TRACEBACK_LENGTH),
             retryable=retryable,
+            retry_after_s=retry_after_s,
             duration_s=time.perf_counter() - started,
             by=self._facts,
         )

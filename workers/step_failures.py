@@ -10,7 +10,7 @@ from __future__ import annotations
 import traceback
 from types import TracebackType
 
-from conveyor.contracts import ConveyorError
+from conveyor.contracts import ConveyorError, Retry
 from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH, MAX_TRACEBACK_LENGTH
 
 IMPORT_MACHINERY = frozenset({"importlib", "importlib._bootstrap", "importlib._bootstrap_external"})
@@ -40,6 +40,11 @@ def user_traceback(exc: BaseException) -> str | None:
         first = exc.__traceback__
     text = "".join(traceback.format_exception(type(exc), exc, first))
     return keep_tail(text, MAX_TRACEBACK_LENGTH)
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The wait before its next attempt that a step asked for by raising ``Retry``."""
+    return exc.after if isinstance(exc, Retry) else None
 
 
 def keep_tail(text: str, limit: int) -> str:

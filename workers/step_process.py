@@ -35,7 +35,7 @@ from typing import Any, NoReturn
 
 from conveyor.contracts import ConveyorError
 from conveyor.workers import materializers, step_logs
-from conveyor.workers.step_failures import error_line, user_traceback
+from conveyor.workers.step_failures import error_line, retry_after, user_traceback
 
 MANIFEST = "manifest.json"
 OUTPUT_LOG = "output.log"
@@ -63,19 +63,27 @@ _PRCTL = _prctl()
 
 
 class StepBodyFailed(Exception):
-    """A step body's failure as text: its error line, traceback, and whether to retry."""
+    """A step body's failure as text: its error line, traceback, whether to retry, and
+    after how long if the step said (``Retry``)."""
 
-    def __init__(self, error: str, traceback_text: str | None, retryable: bool) -> None:
+    def __init__(
+        self,
+        error: str,
+        traceback_text: str | None,
+        retryable: bool,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(error)
         self.error = error
         self.traceback = traceback_text
         self.retryable = retryable
+        self.retry_after_s = retry_after_s
 
     @classmethod
     def of(cls, exc: BaseException) -> StepBodyFailed:
         """The failure that ``exc``, being handled now, makes of a step."""
         retryable = exc.retryable if isinstance(exc, ConveyorError) else True
-        return cls(error_line(exc), user_traceback(exc), retryable)
+        return cls(error_line(exc), user_traceback(exc), retryable, retry_after(exc))
 
 
 def signal_death(code: int) -> str:
@@ -207,6 +215,7 @@ def _child(
                 "error": failed.error,
                 "traceback": failed.traceback,
                 "retryable": failed.retryable,
+                "retry_after_s": failed.retry_after_s,
             }
         staged = os.path.join(folder, MANIFEST + ".tmp")
         with open(staged, "w") as handle:
@@ -270,7 +279,12 @@ def outcome(folder: str, code: int) -> dict[str, OutputFile]:
             True,
         )
     if "error" in manifest:
-        raise StepBodyFailed(manifest["error"], manifest["traceback"], manifest["retryable"])
+        raise StepBodyFailed(
+            manifest["error"],
+            manifest["traceback"],
+            manifest["retryable"],
+            manifest.get("retry_after_s"),
+        )
     outputs: dict[str, OutputFile] = {}
     for name, entry in manifest["outputs"].items():
         path = os.path.join(folder, os.path.basename(entry["file"]))

@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, get_args, overload
 
 from conveyor.contracts import (
+    DEFAULT_MAX_RETRY_DELAY_S,
     DEFAULT_POOL,
     ConveyorError,
     Isolation,
 )
+from conveyor.workers.retry_options import retry_policy
 
 FILE_MODULE_PREFIX = "conveyor_user_"
 
@@ -198,13 +200,22 @@ class StepDefinition:
         *,
         name: str | None = None,
         retries: int = 0,
+        retry_delay: float = 0.0,
+        backoff: float = 2.0,
+        max_retry_delay: float = DEFAULT_MAX_RETRY_DELAY_S,
+        jitter: bool = False,
         timeout: float | None = None,
         pool: str = DEFAULT_POOL,
         allow_pickle: bool = False,
         isolation: Isolation | None = None,
     ) -> None:
-        if retries < 0:
-            raise ValueError("retries must be >= 0")
+        self.retry = retry_policy(
+            retries=retries,
+            retry_delay=retry_delay,
+            backoff=backoff,
+            max_retry_delay=max_retry_delay,
+            jitter=jitter,
+        )
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
         if isolation is not None and isolation not in get_args(Isolation):
@@ -251,6 +262,10 @@ def step(
     *,
     name: str | None = None,
     retries: int = 0,
+    retry_delay: float = 0.0,
+    backoff: float = 2.0,
+    max_retry_delay: float = DEFAULT_MAX_RETRY_DELAY_S,
+    jitter: bool = False,
     timeout: float | None = None,
     pool: str = DEFAULT_POOL,
     allow_pickle: bool = False,
@@ -264,6 +279,10 @@ def step(
     *,
     name: str | None = None,
     retries: int = 0,
+    retry_delay: float = 0.0,
+    backoff: float = 2.0,
+    max_retry_delay: float = DEFAULT_MAX_RETRY_DELAY_S,
+    jitter: bool = False,
     timeout: float | None = None,
     pool: str = DEFAULT_POOL,
     allow_pickle: bool = False,
@@ -271,7 +290,11 @@ def step(
 ) -> StepDefinition | Callable[[F], StepDefinition]:
     """Make a function a pipeline step.
 
-    ``retries`` extra attempts after a failure; ``timeout`` seconds per attempt; ``pool`` the
+    ``retries`` extra attempts after a failure, retry ``n`` after ``retry_delay * backoff **
+    (n - 1)`` seconds (at most ``max_retry_delay``; with ``jitter``, between half and all of
+    that), waited by the controller, not a worker; a step that raises ``conveyor.Retry``
+    chooses its wait, one that raises ``conveyor.Fatal`` fails with no retry. ``timeout``
+    seconds per attempt; ``pool`` the
     worker pool whose queue runs it; ``allow_pickle`` lets its outputs (and inputs) be pickled;
     ``isolation`` where a plain function's body runs: ``"thread"`` (a thread of the worker,
     abandoned at the timeout) or ``"process"`` (a child process, killed at the timeout);
@@ -284,6 +307,10 @@ def step(
             function,
             name=name,
             retries=retries,
+            retry_delay=retry_delay,
+            backoff=backoff,
+            max_retry_delay=max_retry_delay,
+            jitter=jitter,
             timeout=timeout,
             pool=pool,
             allow_pickle=allow_pickle,

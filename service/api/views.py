@@ -142,6 +142,7 @@ class StepView(BaseModel):
     worker: str | None
     error: str | None
     traceback: str | None
+    retry_at: datetime | None
     has_logs: bool
     upstream: list[str]
     outputs: list[OutputLink]
@@ -204,6 +205,7 @@ def _step_view(step: StepRecord, ids: dict[tuple[str, str], str], bar: Bar | Non
         worker=step.worker,
         error=step.error,
         traceback=step.traceback,
+        retry_at=step.retry_at,
         has_logs=step.logs is not None,
         upstream=step.upstream,
         outputs=[

@@ -72,6 +72,8 @@ def step_line(event: StepStatusChanged) -> str | None:
         return None
     if event.status is StepStatus.PENDING:
         retry = f"retrying (attempt {event.attempt})"
+        if event.retry_at is not None:
+            retry += f" at {event.retry_at:%H:%M:%S} UTC"
         return f"  ↻ {escape(event.step)} {retry}: {escape(event.error or '')}"
     style = STATUS_STYLE.get(event.status, "white")
     line = f"  [{style}]{event.status.value:<9}[/{style}] {escape(event.step)}"

@@ -290,6 +290,9 @@ def _described(run: RunRecord, steps: list[StepRecord]) -> list[object]:
         if step.error:
             ended = step.status.value
             parts.append(f"\n[red]Step '{escape(step.name)}' {ended}:[/red] {escape(step.error)}")
+        if step.retry_at is not None:
+            due = f"{step.retry_at:%Y-%m-%d %H:%M:%S} UTC"
+            parts.append(f"Step '{escape(step.name)}' retries: attempt {step.attempt} at {due}")
         if step.traceback:
             parts.append(Text(step.traceback.rstrip("\n")))
     if run.error:

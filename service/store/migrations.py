@@ -121,4 +121,8 @@ MIGRATIONS: tuple[str, ...] = (
                created, NULL, NULL, NULL, idempotency_key
         FROM run_requests WHERE id NOT IN (SELECT id FROM runs);
     """,
+    # 5: when a pending attempt that waits for its retry is due
+    """
+    ALTER TABLE steps ADD COLUMN retry_at TEXT;
+    """,
 )

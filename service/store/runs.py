@@ -184,7 +184,7 @@ class RunStore:
             "UPDATE steps SET status = ?, attempt = ?, started = COALESCE(?, started),"
             " finished = ?, duration_s = COALESCE(?, duration_s), error = ?,"
             " traceback = ?, pid = COALESCE(?, pid), worker = COALESCE(?, worker),"
-            " logs = COALESCE(?, logs) WHERE run_id = ? AND name = ?",
+            " logs = COALESCE(?, logs), retry_at = ? WHERE run_id = ? AND name = ?",
             (
                 (
                     u.status.value,
@@ -197,6 +197,7 @@ class RunStore:
                     u.pid,
                     u.worker,
                     u.logs.model_dump_json() if u.logs else None,
+                    _ts(u.retry_at),
                     run_id,
                     u.name,
                 )
@@ -378,6 +379,7 @@ class RunStore:
                 upstream=upstream.get(row["name"], []),
                 outputs=outputs.get(row["name"], {}),
                 logs=ArtifactRef.model_validate_json(row["logs"]) if row["logs"] else None,
+                retry_at=_dt(row["retry_at"]),
             )
             for row in rows
         ]
@@ -393,6 +395,7 @@ class RunStore:
                 status=record.status,
                 attempt=record.attempt,
                 outputs=dict(record.outputs),
+                retry_at=record.retry_at,
             )
         state.recount()
         return state

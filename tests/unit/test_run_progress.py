@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from datetime import UTC, datetime
 
 from rich.console import Console
 
@@ -35,6 +36,14 @@ def test_a_line_per_change_with_markup_in_names_and_errors_kept_as_text() -> Non
     out = Console(file=io.StringIO(), width=200)
     out.print(failed)
     assert out.file.getvalue() == "  failed    a[x] in 2.00s: KeyError: [red]\n"  # type: ignore[attr-defined]
+
+
+def test_a_retry_that_waits_says_when_it_is_due() -> None:
+    due = datetime(2026, 1, 1, 12, 0, 4, tzinfo=UTC)
+    waits = change("a", StepStatus.PENDING, error="ConnectionError: down", retry_at=due)
+    assert step_line(waits) == "  ↻ a retrying (attempt 1) at 12:00:04 UTC: ConnectionError: down"
+    at_once = change("a", StepStatus.PENDING, error="ConnectionError: down")
+    assert step_line(at_once) == "  ↻ a retrying (attempt 1): ConnectionError: down"
 
 
 async def follow(terminal: bool) -> str:

@@ -28,12 +28,13 @@
   }
 
   function stepMeta(step) {
+    var retry = step.retry_at ? " · retry at " + clock(step.retry_at) : "";
     if (!step.started) {
-      return "not started";
+      return "not started" + retry;
     }
     return "attempt " + step.attempt + " of " + (step.max_retries + 1) +
       (step.worker ? " · " + step.worker : "") + " · " + clock(step.started) + " to " +
-      (step.finished ? clock(step.finished) : "now") + " · " + seconds(step.duration_s);
+      (step.finished ? clock(step.finished) : "now") + " · " + seconds(step.duration_s) + retry;
   }
 
   function byStep(selector, name) {
