@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from conveyor.contracts import (
         ArtifactRef,
         ConveyorError,
+        Materializer,
         RunFailed,
         RunRecord,
         RunStatus,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from conveyor.service.engine import AsyncRun, Conveyor
     from conveyor.service.handles import RunHandle
     from conveyor.service.pipelines import PipelineDefinition, pipeline
+    from conveyor.workers.materializers import register_materializer
     from conveyor.workers.steps import StepDefinition, step
 
 # Each public name and the module it lives in. Imported on first use, so that `conveyor`
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 _SOURCES = {
     "ArtifactRef": "conveyor.contracts",
     "ConveyorError": "conveyor.contracts",
+    "Materializer": "conveyor.contracts",
     "RunFailed": "conveyor.contracts",
     "RunRecord": "conveyor.contracts",
     "RunStatus": "conveyor.contracts",
@@ -55,6 +58,7 @@ _SOURCES = {
     "pipeline": "conveyor.service.pipelines",
     "StepDefinition": "conveyor.workers.steps",
     "step": "conveyor.workers.steps",
+    "register_materializer": "conveyor.workers.materializers",
 }
 
 __all__ = [
@@ -63,6 +67,7 @@ __all__ = [
     "Client",
     "Conveyor",
     "ConveyorError",
+    "Materializer",
     "PipelineDefinition",
     "RunFailed",
     "RunHandle",
@@ -73,6 +78,7 @@ __all__ = [
     "StepRecord",
     "StepStatus",
     "pipeline",
+    "register_materializer",
     "step",
 ]
 

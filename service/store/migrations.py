@@ -121,4 +121,8 @@ MIGRATIONS: tuple[str, ...] = (
                created, NULL, NULL, NULL, idempotency_key
         FROM run_requests WHERE id NOT IN (SELECT id FROM runs);
     """,
+    # 5: the version of the materializer that wrote each artifact (NULL before it was kept)
+    """
+    ALTER TABLE artifacts ADD COLUMN materializer_version TEXT;
+    """,
 )
