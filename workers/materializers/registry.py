@@ -166,6 +166,11 @@ class Registry:
             self._plugins = [plugin for plugin in loaded if plugin is not None]
         return self._plugins
 
+    def reload_plugins(self) -> None:
+        """Read the entry points again at the next save or load (after a distribution was
+        installed into a running process)."""
+        self._plugins = None
+
     def choose(self, value: object, *, allow_pickle: bool, what: str) -> Materializer:
         """The materializer that writes ``value``; ``what`` names the output in the error."""
         found = self.find(value)
