@@ -410,6 +410,7 @@ def _artifact_table(a: ArtifactRecord) -> object:
             ["output", a.output_name],
             ["type", a.ref.data_type],
             ["materializer", a.ref.materializer],
+            ["materializer version", a.ref.materializer_version or "-"],
             ["size", a.ref.size],
             ["digest", a.ref.digest],
             ["uri", a.ref.uri],

@@ -71,6 +71,9 @@ async def test_numeric_arrays_are_drawn_as_bounded_inline_svg(api: httpx.AsyncCl
     assert cells[0].startswith("#440") and cells[-1].startswith("#f")
     assert "heatmap, shape 100 × 80, values from 0 to 7999" in heat
 
+    text = (await api.get(f"/api/artifacts/{artifacts['long_text']['id']}/preview")).json()
+    assert text["kind"] == "none" and "too large" in text["note"]  # text stays bounded
+
 
 def test_a_plot_leaves_non_finite_values_out_and_draws_a_flat_array() -> None:
     drawn = artifact_previews.plot(np.array([1.0, np.nan, np.inf, 3.0]))

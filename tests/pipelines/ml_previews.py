@@ -29,8 +29,14 @@ def grid() -> np.ndarray:
     return np.arange(100 * 80, dtype=np.float32).reshape(100, 80)
 
 
+@step
+def long_text() -> str:
+    return "x" * 70_000
+
+
 @pipeline
 def previews() -> None:
     table()
     curve()
     grid()
+    long_text()
