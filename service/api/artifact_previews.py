@@ -112,11 +112,13 @@ def _line(values: np.ndarray[Any, Any], low: float, high: float) -> str:
         xs: list[float] = []
         ys: list[float] = []
         for start, end in itertools.pairwise(edges):
-            chunk = values[start:end]
-            chunk_ok = chunk[np.isfinite(chunk)]
-            if chunk_ok.size:
-                xs += [float(start), float(end - 1)]
-                ys += [float(chunk_ok.min()), float(chunk_ok.max())]
+            chunk = np.where(np.isfinite(values[start:end]), values[start:end], np.nan)
+            if np.isnan(chunk).all():
+                continue
+            # In the order they occur, so that a falling stretch does not zigzag.
+            for at in sorted({int(np.nanargmin(chunk)), int(np.nanargmax(chunk))}):
+                xs.append(float(start + at))
+                ys.append(float(chunk[at]))
     else:
         keep = np.isfinite(values)
         xs = [float(i) for i in np.flatnonzero(keep)]

@@ -80,5 +80,10 @@ def test_a_plot_leaves_non_finite_values_out_and_draws_a_flat_array() -> None:
     assert drawn.points is not None and len(drawn.points.split()) == 2
     flat = artifact_previews.plot(np.zeros(5))
     assert flat.points is not None and {p.split(",")[1] for p in flat.points.split()} == {"200.0"}
+    # A long falling line stays a falling line: bucketed points keep their order.
+    falling = artifact_previews.plot(np.linspace(1.0, 0.0, 5000)).points
+    assert falling is not None
+    xs, ys = zip(*(map(float, p.split(",")) for p in falling.split()), strict=True)
+    assert list(xs) == sorted(xs) and list(ys) == sorted(ys)
     assert not artifact_previews.plottable(np.array(["a", "b"]))
     assert not artifact_previews.plottable(np.zeros((2, 2, 2)))

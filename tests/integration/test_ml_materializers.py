@@ -190,8 +190,9 @@ def make_bundle(where: str) -> dict[str, Any]:
     }
 
 
-@step
+@step(isolation="process")
 def make_state() -> dict[str, torch.Tensor]:
+    """Written by the step's own child process, moved into the store by the worker."""
     layer = torch.nn.Linear(3, 2)
     with torch.no_grad():
         layer.weight.copy_(torch.ones(2, 3))
