@@ -17,8 +17,10 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
+import conveyor
 from conveyor import RunFailed, StepStatus, pipeline, step
 from conveyor.workers.materializers.estimators import UntrustedTypes
+from tests.integration.cli_helpers import ok, refused
 
 FRAME = pd.DataFrame(
     {"x": [1.5, 2.5, None], "label": ["a", "b", "c"], "n": [1, 2, 3]},
@@ -177,6 +179,13 @@ def test_an_untrusted_estimator_type_is_refused_by_name_until_it_is_trusted(
     assert list(model.predict(X)) == list(Y)
 
     assert trusted().load("predict_trusting") == list(Y)
+
+    artifact = handle.steps["fit_custom"].outputs["output"]
+    with conveyor.Client() as client:
+        found = client.list_artifacts(run_id=handle.id)
+    artifact_id = next(a.id for a in found if a.ref.digest == artifact.digest)
+    assert DOUBLER in refused("artifact", "get", artifact_id)
+    assert "Pipeline" in ok("artifact", "get", artifact_id, "--trust", DOUBLER).stdout
 
 
 @step
