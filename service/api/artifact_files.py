@@ -28,9 +28,10 @@ from conveyor.workers.flavors import run_artifact_store
 T = TypeVar("T")
 PREVIEW_MAX_BYTES = 64 * 1024
 PREVIEW_MAX_CHARS = 20_000
-TABLE_MAX_BYTES = 256 << 20
-"""A table's file is read through the store (which verifies its digest) up to this size."""
-PLOT_MAX_BYTES = 64 << 20
+TABLE_MAX_BYTES = 64 << 20
+"""A table's file is fetched through the store (which verifies its whole digest) up to this
+size; its footer and first rows are all that is parsed."""
+PLOT_MAX_BYTES = 16 << 20
 CHUNK = 1 << 20
 TABLES = ("pandas.dataframe", "pandas.series", "pyarrow.table", "polars.dataframe")
 SUFFIX = {

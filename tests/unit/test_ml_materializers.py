@@ -209,3 +209,8 @@ def test_a_container_never_pickles_an_item(store: LocalArtifactStore) -> None:
     ref = save_artifact(store, [torch.ones(1), Opaque()], allow_pickle=True, what="value")
     assert ref.materializer == "pickle"  # the whole value, as the step asked; not per item
     assert digests.split(ref.digest)[0]
+
+
+def test_a_container_beyond_its_item_bound_says_so(store: LocalArtifactStore) -> None:
+    with pytest.raises(NoMaterializer, match="a list of more than 10000 items"):
+        save_artifact(store, [np.float32(1)] * 10_001, allow_pickle=False, what="value")

@@ -16,10 +16,10 @@ from typing import Any
 
 from conveyor.contracts import ArtifactRef, ConveyorError
 from conveyor.workers import digests, materializers
+from conveyor.workers.materializers.registry import MAX_CONTAINER_ITEMS as MAX_ITEMS
 
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 4 << 20
-MAX_ITEMS = 10_000
 FORMAT = 1
 
 

@@ -29,6 +29,8 @@ from conveyor.workers.materializers import builtin
 from conveyor.workers.steps import readable
 
 ENTRY_POINT_GROUP = "conveyor.materializers"
+MAX_CONTAINER_ITEMS = 10_000
+"""A list, tuple or dict of more items than this is not stored item by item."""
 log = structlog.get_logger("conveyor.materializers")
 
 
@@ -196,6 +198,8 @@ class Registry:
             items = list(enumerate(value))
         else:
             return None
+        if len(items) > MAX_CONTAINER_ITEMS:
+            return f"a {type(value).__name__} of more than {MAX_CONTAINER_ITEMS} items"
         for key, item in items:
             kind = type(value).__name__
             if isinstance(value, dict) and not isinstance(key, str):
