@@ -96,6 +96,12 @@ class ArtifactRef(Frozen):
     data_type: str = Field(
         max_length=500, description="Qualified name of the Python type that was stored"
     )
+    materializer_version: str | None = Field(
+        default=None,
+        max_length=50,
+        description="Version of the materializer's format; None for artifacts written before "
+        "versions were recorded",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -108,13 +114,17 @@ class ArtifactRef(Frozen):
         return data
 
     @classmethod
-    def of(cls, blob: BlobRef, *, materializer: str, data_type: str) -> ArtifactRef:
-        """The reference of ``blob`` as written by ``materializer`` from a ``data_type``."""
+    def of(
+        cls, blob: BlobRef, *, materializer: str, version: str | None, data_type: str
+    ) -> ArtifactRef:
+        """The reference of ``blob`` as written by version ``version`` of ``materializer``
+        from a ``data_type``."""
         return cls(
             uri=blob.uri,
             digest=blob.digest,
             size=blob.size,
             materializer=materializer,
+            materializer_version=version,
             data_type=data_type,
         )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -67,6 +67,14 @@ class StepSpec(Frozen):
     timeout_s: float | None = Field(default=None, gt=0)
     pool: Name = DEFAULT_POOL
     allow_pickle: bool = False
+    # Left out of the JSON when empty, as isolation is.
+    trust: list[Annotated[str, Field(max_length=500)]] = Field(
+        default_factory=list,
+        max_length=1000,
+        exclude_if=lambda value: not value,
+        description="Qualified names of types the step's inputs may build although their "
+        "materializer does not trust them by default (skops)",
+    )
     # Left out of the JSON when unset: workers from before the field still take the step.
     isolation: Isolation | None = Field(
         default=None,

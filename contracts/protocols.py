@@ -116,9 +116,14 @@ class ArtifactStore(Protocol):
 
 
 class Materializer(Protocol):
-    """Turns values of some types into a file and back."""
+    """Turns values of some types into a file and back.
+
+    ``name`` is recorded with every artifact it writes and finds it again to read one;
+    ``version`` is recorded too: change it whenever the bytes it writes change.
+    """
 
     name: str
+    version: str
 
     def handles(self, value: object) -> bool:
         """Whether this materializer can write ``value``."""

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         ConveyorError,
         Fatal,
         Retry,
+        Materializer,
         RunFailed,
         RunRecord,
         RunStatus,
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from conveyor.service.engine import AsyncRun, Conveyor
     from conveyor.service.handles import RunHandle
     from conveyor.service.pipelines import PipelineDefinition, pipeline
+    from conveyor.workers.materializers import register_materializer
     from conveyor.workers.steps import StepDefinition, step
 
 # Each public name and the module it lives in. Imported on first use, so that `conveyor`
@@ -45,6 +47,7 @@ _SOURCES = {
     "ConveyorError": "conveyor.contracts",
     "Fatal": "conveyor.contracts",
     "Retry": "conveyor.contracts",
+    "Materializer": "conveyor.contracts",
     "RunFailed": "conveyor.contracts",
     "RunRecord": "conveyor.contracts",
     "RunStatus": "conveyor.contracts",
@@ -59,6 +62,7 @@ _SOURCES = {
     "pipeline": "conveyor.service.pipelines",
     "StepDefinition": "conveyor.workers.steps",
     "step": "conveyor.workers.steps",
+    "register_materializer": "conveyor.workers.materializers",
 }
 
 __all__ = [
@@ -68,6 +72,7 @@ __all__ = [
     "Conveyor",
     "ConveyorError",
     "Fatal",
+    "Materializer",
     "PipelineDefinition",
     "Retry",
     "RunFailed",
@@ -79,6 +84,7 @@ __all__ = [
     "StepRecord",
     "StepStatus",
     "pipeline",
+    "register_materializer",
     "step",
 ]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -260,12 +260,17 @@ class Client:
         run = self.get_run(artifact.run_id)
         return run_artifact_store(run.stack_snapshot)
 
-    def load_artifact(self, artifact_id: str, *, allow_pickle: bool = False) -> Any:
-        """The value of an artifact, read from the store of the stack its run ran on."""
+    def load_artifact(
+        self, artifact_id: str, *, allow_pickle: bool = False, trust: Sequence[str] = ()
+    ) -> Any:
+        """The value of an artifact, read from the store of the stack its run ran on;
+        ``trust`` names types a skops file may build beyond those skops trusts."""
         from conveyor.workers.execution import load_artifact
 
         artifact = self.get_artifact(artifact_id)
-        return load_artifact(self._store_of(artifact), artifact.ref, allow_pickle=allow_pickle)
+        return load_artifact(
+            self._store_of(artifact), artifact.ref, allow_pickle=allow_pickle, trust=trust
+        )
 
     def save_artifact_file(self, artifact_id: str, to: str | Path) -> int:
         """Copy an artifact's stored bytes, checked against their digest, to the file ``to``;

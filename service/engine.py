@@ -7,7 +7,7 @@ process; on a service stack (``rabbitmq``) this only publishes and follows.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -240,13 +240,25 @@ class AsyncRun:
             )
         return records
 
-    async def load(self, step: str, output: str = "output", *, allow_pickle: bool = False) -> Any:
-        """The value of one output, read back from the artifact store."""
+    async def load(
+        self,
+        step: str,
+        output: str = "output",
+        *,
+        allow_pickle: bool = False,
+        trust: Sequence[str] = (),
+    ) -> Any:
+        """The value of one output, read back from the artifact store (``trust``: see
+        ``RunHandle.load``)."""
         for record in await self.steps():
             if record.name == step and output in record.outputs:
                 ref = record.outputs[output]
                 return await asyncio.to_thread(
-                    load_artifact, self._conveyor.artifacts, ref, allow_pickle=allow_pickle
+                    load_artifact,
+                    self._conveyor.artifacts,
+                    ref,
+                    allow_pickle=allow_pickle,
+                    trust=trust,
                 )
         raise ConveyorError(f"run {self.id} has no output {output!r} of step {step!r}")
 

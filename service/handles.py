@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from conveyor.contracts import (
@@ -43,13 +44,21 @@ class RunHandle:
     def step_statuses(self) -> dict[str, StepStatus]:
         return {name: s.status for name, s in self.steps.items()}
 
-    def load(self, step: str, output: str = "output", *, allow_pickle: bool = False) -> Any:
-        """The value of an output, read back from the run's artifact store."""
+    def load(
+        self,
+        step: str,
+        output: str = "output",
+        *,
+        allow_pickle: bool = False,
+        trust: Sequence[str] = (),
+    ) -> Any:
+        """The value of an output, read back from the run's artifact store; ``trust`` names
+        types a skops file may build beyond those skops trusts."""
         record = self.steps.get(step)
         if record is None or output not in record.outputs:
             raise ConveyorError(f"run {self.id} has no output {output!r} of step {step!r}")
         store = run_artifact_store(self.record.stack_snapshot)
-        return load_artifact(store, record.outputs[output], allow_pickle=allow_pickle)
+        return load_artifact(store, record.outputs[output], allow_pickle=allow_pickle, trust=trust)
 
     def __repr__(self) -> str:
         return f"<run {self.id} {self.record.pipeline} {self.status.value}>"

@@ -119,6 +119,7 @@ class _Builder:
                 pool=step.pool,
                 allow_pickle=step.allow_pickle,
                 isolation=step.isolation,
+                trust=list(step.trust),
             )
         )
         handles = [OutputHandle(name, output) for output in step.outputs]

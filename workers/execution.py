@@ -15,7 +15,7 @@ import contextvars
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,12 +55,20 @@ SMALL = 1 << 20
 """Values up to this size, when their materializer keeps them in memory, are read at once."""
 
 
-def load_artifact(store: ArtifactStore, ref: ArtifactRef, *, allow_pickle: bool) -> Any:
-    """The value of a persisted artifact, verified against its digest."""
+def load_artifact(
+    store: ArtifactStore,
+    ref: ArtifactRef,
+    *,
+    allow_pickle: bool,
+    trust: Iterable[str] = (),
+) -> Any:
+    """The value of a persisted artifact, verified against its digest; ``trust`` names the
+    types a materializer that refuses unknown ones (skops) may build."""
     materializer = materializers.by_name(ref.materializer, allow_pickle=allow_pickle)
     if isinstance(materializer, materializers.InMemory) and ref.size <= SMALL:
         return materializer.parse(store.get_bytes(ref.uri, ref.digest), ref)
-    return store.get(ref.uri, ref.digest, lambda path: materializer.load(path, ref))
+    with materializers.trusting(trust):
+        return store.get(ref.uri, ref.digest, lambda path: materializer.load(path, ref))
 
 
 def save_artifact(
@@ -75,7 +83,10 @@ def save_artifact(
     else:
         blob = store.put(lambda path: materializer.save(value, path))
     return ArtifactRef.of(
-        blob, materializer=materializer.name, data_type=materializers.type_name(value)
+        blob,
+        materializer=materializer.name,
+        version=materializer.version,
+        data_type=materializers.type_name(value),
     )
 
 
@@ -90,7 +101,12 @@ def store_file(store: ArtifactStore, output: step_process.OutputFile) -> Artifac
             shutil.move(output.path, path)
 
         blob = store.put(move)
-    return ArtifactRef.of(blob, materializer=output.materializer, data_type=output.data_type)
+    return ArtifactRef.of(
+        blob,
+        materializer=output.materializer,
+        version=materializer.version,
+        data_type=output.data_type,
+    )
 
 
 def split_outputs(definition: StepDefinition, result: Any) -> dict[str, Any]:
@@ -201,13 +217,14 @@ class StepExecutor:
             )
 
     def _load_inputs(self, ready: StepReady) -> dict[str, Any]:
-        pickle_ok = ready.step.allow_pickle
+        def load(ref: ArtifactRef) -> Any:
+            return load_artifact(
+                self._store, ref, allow_pickle=ready.step.allow_pickle, trust=ready.step.trust
+            )
+
         values: dict[str, Any] = {}
         for name, refs in ready.inputs.items():
-            if isinstance(refs, list):
-                values[name] = [load_artifact(self._store, r, allow_pickle=pickle_ok) for r in refs]
-            else:
-                values[name] = load_artifact(self._store, refs, allow_pickle=pickle_ok)
+            values[name] = [load(r) for r in refs] if isinstance(refs, list) else load(refs)
         return values
 
     def _save_outputs(
@@ -299,7 +316,7 @@ class StepExecutor:
 
     def _save_logs(self, text: str) -> ArtifactRef:
         blob = self._store.put_bytes(text.encode())
-        return ArtifactRef.of(blob, materializer="str", data_type="builtins.str")
+        return ArtifactRef.of(blob, materializer="str", version="1", data_type="builtins.str")
 
     async def _attempt(self, ready: StepReady, limit: float | None) -> StepSucceeded | StepFailed:
         started = time.perf_counter()

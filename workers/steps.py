@@ -18,7 +18,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, get_args, overload
@@ -208,6 +208,7 @@ class StepDefinition:
         pool: str = DEFAULT_POOL,
         allow_pickle: bool = False,
         isolation: Isolation | None = None,
+        trust: Sequence[str | type] = (),
     ) -> None:
         self.retry = retry_policy(
             retries=retries,
@@ -232,6 +233,7 @@ class StepDefinition:
         self.pool = pool
         self.allow_pickle = allow_pickle
         self.isolation = isolation
+        self.trust = _type_names(trust)
         self.signature = inspect.signature(fn)
         self.outputs = output_names(fn)
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -253,6 +255,17 @@ class StepDefinition:
         return f"<step {self.name} ({self.ref})>"
 
 
+def _type_names(trust: Sequence[str | type]) -> tuple[str, ...]:
+    """Qualified type names from names or classes; refuses a bare string for a list."""
+    if isinstance(trust, str):
+        raise ValueError(f"trust takes a list of type names: trust=[{trust[:100]!r}]")
+    names = tuple(t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}" for t in trust)
+    for name in names:
+        if not name or len(name) > 500:
+            raise ValueError(f"a trusted type name is 1 to 500 characters, not {len(name)}")
+    return names
+
+
 @overload
 def step(fn: F, /) -> StepDefinition: ...
 
@@ -270,6 +283,7 @@ def step(
     pool: str = DEFAULT_POOL,
     allow_pickle: bool = False,
     isolation: Isolation | None = None,
+    trust: Sequence[str | type] = (),
 ) -> Callable[[F], StepDefinition]: ...
 
 
@@ -287,6 +301,7 @@ def step(
     pool: str = DEFAULT_POOL,
     allow_pickle: bool = False,
     isolation: Isolation | None = None,
+    trust: Sequence[str | type] = (),
 ) -> StepDefinition | Callable[[F], StepDefinition]:
     """Make a function a pipeline step.
 
@@ -298,7 +313,9 @@ def step(
     worker pool whose queue runs it; ``allow_pickle`` lets its outputs (and inputs) be pickled;
     ``isolation`` where a plain function's body runs: ``"thread"`` (a thread of the worker,
     abandoned at the timeout) or ``"process"`` (a child process, killed at the timeout);
-    ``None`` takes the worker's default.
+    ``None`` takes the worker's default; ``trust`` names types (``"pkg.module.Class"``) that
+    its inputs may build although their materializer refuses unknown types by default
+    (scikit-learn estimators, read through skops).
     Outputs: one, or several with a ``tuple[...]`` return annotation, or none for ``-> None``.
     """
 
@@ -315,6 +332,7 @@ def step(
             pool=pool,
             allow_pickle=allow_pickle,
             isolation=isolation,
+            trust=trust,
         )
 
     return wrap(fn) if fn is not None else wrap

@@ -9,26 +9,44 @@ fetched into a temporary file, is sent in chunks and never held whole in memory.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, TypeVar
 from urllib.parse import quote
 
 import numpy as np
 from fastapi.responses import StreamingResponse
 
 from conveyor.contracts import ArtifactRecord, ArtifactRef, OutsideStore, RunRecord
+from conveyor.service.api.artifact_previews import parquet_table, plot, plottable
 from conveyor.service.api.errors import Forbidden
 from conveyor.service.api.schemas import ArtifactPreview
 from conveyor.service.context import Services
 from conveyor.workers.flavors import run_artifact_store
 
+T = TypeVar("T")
 PREVIEW_MAX_BYTES = 64 * 1024
 PREVIEW_MAX_CHARS = 20_000
+TABLE_MAX_BYTES = 64 << 20
+"""A table's file is fetched through the store (which verifies its whole digest) up to this
+size; its footer and first rows are all that is parsed."""
+PLOT_MAX_BYTES = 16 << 20
 CHUNK = 1 << 20
-SUFFIX = {"json": ".json", "str": ".txt", "numpy": ".npy", "pydantic": ".json", "pickle": ".pkl"}
+TABLES = ("pandas.dataframe", "pandas.series", "pyarrow.table", "polars.dataframe")
+SUFFIX = {
+    "json": ".json",
+    "str": ".txt",
+    "numpy": ".npy",
+    "pydantic": ".json",
+    "pickle": ".pkl",
+    "sklearn.skops": ".skops",
+    "torch.tensor": ".safetensors",
+    "torch.state_dict": ".safetensors",
+    "path": ".tar",
+    "container": ".tar",
+    **dict.fromkeys(TABLES, ".parquet"),
+}
 
 
 @dataclass(frozen=True)
@@ -75,11 +93,15 @@ def _clip(text: str) -> tuple[str, str | None]:
     return text[:PREVIEW_MAX_CHARS], f"shortened to the first {PREVIEW_MAX_CHARS} characters"
 
 
-PreviewKind = Literal["json", "text", "array", "none"]
+PreviewKind = Literal["json", "text", "array", "table", "none"]
 
 
 def _made(
-    record: ArtifactRecord, kind: PreviewKind, text: str | None = None, note: str | None = None
+    record: ArtifactRecord,
+    kind: PreviewKind,
+    text: str | None = None,
+    note: str | None = None,
+    **drawn: Any,
 ) -> ArtifactPreview:
     ref = record.ref
     return ArtifactPreview(
@@ -90,6 +112,7 @@ def _made(
         kind=kind,
         text=text,
         note=note,
+        **drawn,
     )
 
 
@@ -99,11 +122,38 @@ def _render(record: ArtifactRecord, data: bytes) -> ArtifactPreview:
         return _made(record, "json", *_clip(json.dumps(json.loads(data), indent=2)))
     if materializer == "str":
         return _made(record, "text", *_clip(data.decode("utf-8", errors="replace")))
-    if materializer == "numpy":
-        array = np.load(io.BytesIO(data), allow_pickle=False)  # small: under the limit
-        text, _ = _clip(np.array2string(array, threshold=200, edgeitems=3))
-        return _made(record, "array", text, f"shape {array.shape}, dtype {array.dtype}")
     return _made(record, "none", note=f"{materializer} data is not previewed")
+
+
+def _array(record: ArtifactRecord, path: str) -> ArtifactPreview:
+    """Summarized as text (numpy shortens it) and, if 1-D or 2-D and numeric, drawn."""
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    text, _ = _clip(np.array2string(array, threshold=200, edgeitems=3))
+    drawn = plot(array) if plottable(array) else None
+    return _made(record, "array", text, f"shape {array.shape}, dtype {array.dtype}", plot=drawn)
+
+
+def _table(record: ArtifactRecord, path: str) -> ArtifactPreview:
+    try:
+        table = parquet_table(path)
+    except ImportError:
+        return _made(
+            record, "none", note="install conveyor[pandas] on the server to preview tables"
+        )
+    rows = len(table.rows)
+    shown = f"; the first {rows} rows" if rows < table.rows_total else ""
+    note = f"{table.rows_total} rows × {table.columns_total} columns{shown}"
+    return _made(record, "table", note=note, table=table)
+
+
+def _through_store(
+    snapshot: dict[str, object], record: ArtifactRecord, read: Callable[[str], T]
+) -> T:
+    store = run_artifact_store(snapshot)
+    try:
+        return store.get(record.ref.uri, record.ref.digest, read)
+    except OutsideStore as exc:
+        raise Forbidden(f"refused: {exc}") from None
 
 
 def _preview(located: ArtifactFile) -> ArtifactPreview:
@@ -114,8 +164,16 @@ def _preview(located: ArtifactFile) -> ArtifactPreview:
 async def preview_artifact(services: Services, artifact_id: str) -> ArtifactPreview:
     """A look at a small JSON, str or numpy value; never unpickles, never reads big files."""
     record = await services.runs.get_artifact(artifact_id)
-    if record.ref.materializer == "pickle":
+    materializer, size = record.ref.materializer, record.ref.size
+    if materializer == "pickle":
         return _made(record, "none", note="pickled: not previewed, since loading it runs code")
+    reader = {"numpy": (_array, PLOT_MAX_BYTES), **dict.fromkeys(TABLES, (_table, TABLE_MAX_BYTES))}
+    if materializer in reader and size <= reader[materializer][1]:
+        read = reader[materializer][0]
+        run = await services.runs.get_run(record.run_id)
+        return await asyncio.to_thread(
+            _through_store, run.stack_snapshot, record, lambda path: read(record, path)
+        )
     if record.ref.size > PREVIEW_MAX_BYTES:
         return _made(
             record,

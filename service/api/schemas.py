@@ -142,16 +142,59 @@ class ImportStack(_Body):
     name: str | None = None
 
 
+class PreviewColumn(BaseModel):
+    """One column of a previewed table."""
+
+    name: str
+    dtype: str
+    index: bool = False
+
+
+class PreviewTable(BaseModel):
+    """A table's shape (rows, and columns besides the index), column types and first rows,
+    each cell as text."""
+
+    rows_total: int
+    columns_total: int
+    columns: list[PreviewColumn]
+    rows: list[list[str]]
+
+
+class PlotCell(BaseModel):
+    """One rectangle of a heat map, in the plot's coordinates."""
+
+    x: float
+    y: float
+    w: float
+    h: float
+    fill: str
+
+
+class PreviewPlot(BaseModel):
+    """A numeric array drawn as a line (1-D: SVG polyline points) or a heat map (2-D)."""
+
+    kind: Literal["line", "heatmap"]
+    shape: list[int]
+    low: float
+    high: float
+    width: float
+    height: float
+    points: str | None = None
+    cells: list[PlotCell] = []
+
+
 class ArtifactPreview(BaseModel):
-    """A human-readable look at a small artifact's value."""
+    """A human-readable look at an artifact's value."""
 
     artifact_id: str
     materializer: str
     data_type: str
     size: int
-    kind: Literal["json", "text", "array", "none"]
+    kind: Literal["json", "text", "array", "table", "none"]
     text: str | None = None
     note: str | None = None
+    table: PreviewTable | None = None
+    plot: PreviewPlot | None = None
 
 
 class HealthCheck(BaseModel):

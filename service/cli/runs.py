@@ -417,6 +417,7 @@ def _artifact_table(a: ArtifactRecord) -> object:
             ["output", a.output_name],
             ["type", a.ref.data_type],
             ["materializer", a.ref.materializer],
+            ["materializer version", a.ref.materializer_version or "-"],
             ["size", a.ref.size],
             ["digest", a.ref.digest],
             ["uri", a.ref.uri],
@@ -431,6 +432,11 @@ def get_artifact(
     artifact_id: str = typer.Argument(..., help="Artifact id (a unique prefix is enough)"),
     to: Path = typer.Option(None, "--to", help="Write the stored bytes to this file"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a pickled value"),
+    trust: list[str] = typer.Option(
+        [],
+        "--trust",
+        help="A type a stored estimator may build beyond those skops trusts (repeatable)",
+    ),
 ) -> None:
     """Print an artifact's value, or save its bytes with --to.
 
@@ -443,5 +449,5 @@ def get_artifact(
             size = c.save_artifact_file(artifact.id, to)
             status.print(f"Wrote {size} bytes to {to}")
             return
-        value = c.load_artifact(artifact_id, allow_pickle=allow_pickle)
+        value = c.load_artifact(artifact_id, allow_pickle=allow_pickle, trust=trust)
     console.print(repr(value) if not isinstance(value, str) else value, markup=False)

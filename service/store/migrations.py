@@ -125,4 +125,8 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE steps ADD COLUMN retry_at TEXT;
     """,
+    # 6: the version of the materializer that wrote each artifact (NULL before it was kept)
+    """
+    ALTER TABLE artifacts ADD COLUMN materializer_version TEXT;
+    """,
 )

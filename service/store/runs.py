@@ -74,6 +74,7 @@ def _artifact_ref(row: aiosqlite.Row) -> ArtifactRef:
         digest=row["digest"],
         size=row["size"],
         materializer=row["materializer"],
+        materializer_version=row["materializer_version"],
         data_type=row["data_type"],
     )
 
@@ -206,7 +207,8 @@ class RunStore:
         )
         writes.add(
             "INSERT OR IGNORE INTO artifacts (id, run_id, step_name, output_name, uri, digest,"
-            " size, materializer, data_type, created) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " size, materializer, materializer_version, data_type, created)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 (
                     new_id(),
@@ -217,6 +219,7 @@ class RunStore:
                     r.digest,
                     r.size,
                     r.materializer,
+                    r.materializer_version,
                     r.data_type,
                     now.isoformat(),
                 )

@@ -1,6 +1,5 @@
-"""Materializers: how a step output becomes bytes in the artifact store, and back.
-
-Pickle is never chosen unless the step opted in: unpickling is code execution.
+"""The materializers that come with the base install: str, bytes, numpy arrays, pydantic
+models, JSON values, and pickle (only where a step or caller opts in: unpickling runs code).
 """
 
 from __future__ import annotations
@@ -9,16 +8,14 @@ import importlib
 import io
 import json
 import pickle
-from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.lib import format as npy
 from pydantic import BaseModel
 
-from conveyor.contracts import ArtifactRef, ConveyorError, Materializer
+from conveyor.contracts import ArtifactRef, ConveyorError
 from conveyor.workers import digests
-from conveyor.workers.steps import readable
 
 HASH_ALONGSIDE_MIN = 4 << 20
 """Arrays from this size on are hashed from memory while they are written."""
@@ -80,6 +77,7 @@ class _BytesBacked:
 
 class StrMaterializer(_BytesBacked):
     name = "str"
+    version = "1"
 
     def handles(self, value: object) -> bool:
         return isinstance(value, str)
@@ -94,6 +92,7 @@ class StrMaterializer(_BytesBacked):
 
 class BytesMaterializer(_BytesBacked):
     name = "bytes"
+    version = "1"
 
     def handles(self, value: object) -> bool:
         return isinstance(value, bytes | bytearray)
@@ -111,6 +110,7 @@ class NumpyMaterializer:
     array crosses the store without a second copy in memory."""
 
     name = "numpy"
+    version = "1"
 
     def handles(self, value: object) -> bool:
         if isinstance(value, np.generic):
@@ -145,6 +145,7 @@ class NumpyMaterializer:
 
 class PydanticMaterializer(_BytesBacked):
     name = "pydantic"
+    version = "1"
 
     def handles(self, value: object) -> bool:
         return isinstance(value, BaseModel)
@@ -164,6 +165,7 @@ class JsonMaterializer(_BytesBacked):
     """Dicts, lists, tuples, numbers, booleans and None; tuples come back as tuples."""
 
     name = "json"
+    version = "1"
 
     def handles(self, value: object) -> bool:
         if not isinstance(value, dict | list | tuple | int | float | bool | type(None)):
@@ -186,6 +188,7 @@ class PickleMaterializer:
     """Anything picklable. Only used, and only read, where a step or caller opts in."""
 
     name = "pickle"
+    version = "1"
 
     def handles(self, value: object) -> bool:
         return True
@@ -198,48 +201,3 @@ class PickleMaterializer:
     def load(self, path: str, ref: ArtifactRef) -> object:
         with open(path, "rb") as handle:
             return pickle.load(handle)
-
-
-SAFE_MATERIALIZERS: Sequence[Materializer] = (
-    StrMaterializer(),
-    BytesMaterializer(),
-    NumpyMaterializer(),
-    PydanticMaterializer(),
-    JsonMaterializer(),
-)
-PICKLE = PickleMaterializer()
-
-
-class NoMaterializer(ConveyorError):
-    """A value of a type that no enabled materializer writes."""
-
-
-def choose(value: object, *, allow_pickle: bool, what: str) -> Materializer:
-    """The materializer that writes ``value``; ``what`` names the output in the error."""
-    for materializer in SAFE_MATERIALIZERS:
-        if materializer.handles(value):
-            return materializer
-    if allow_pickle:
-        return PICKLE
-    raise NoMaterializer(
-        f"{what} is a {readable(type_name(value))}, which no materializer can store: return a "
-        "JSON-compatible value, str, bytes, a numpy array or a pydantic model, or opt in "
-        "to pickle with @step(allow_pickle=True)",
-        retryable=False,
-    )
-
-
-def by_name(name: str, *, allow_pickle: bool) -> Materializer:
-    """The materializer that wrote an artifact; refuses pickle unless allowed."""
-    if name == PICKLE.name:
-        if not allow_pickle:
-            raise ConveyorError(
-                "this artifact was pickled; loading it runs code, so pass allow_pickle=True "
-                "(or @step(allow_pickle=True) on the consuming step) if you trust it",
-                retryable=False,
-            )
-        return PICKLE
-    for materializer in SAFE_MATERIALIZERS:
-        if materializer.name == name:
-            return materializer
-    raise ConveyorError(f"unknown materializer {name!r}", retryable=False)

@@ -1,0 +1,67 @@
+"""scikit-learn estimators through skops (``conveyor[sklearn]``): a skops file is a zip of
+JSON and arrays, and loading it builds only the types the reader trusts.
+
+skops trusts scikit-learn's own estimators and numpy's and scipy's types. Any other type in
+the file (a transformer of your own, a function) is refused, naming it, unless the load
+trusts it: ``@step(trust=[...])`` on the consuming step, ``run.load(..., trust=[...])``,
+``Client.load_artifact(..., trust=[...])`` or ``conveyor artifact get --trust NAME``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conveyor.contracts import ArtifactRef, ConveyorError
+from conveyor.workers import materializers
+
+SHOWN_TYPES = 20
+"""At most this many untrusted type names are quoted in the error."""
+
+
+class UntrustedTypes(ConveyorError):
+    """A skops file holds types the load does not trust."""
+
+
+def _skops() -> Any:
+    import skops.io
+
+    return skops.io
+
+
+def untrusted_error(names: list[str]) -> UntrustedTypes:
+    """The error that names the untrusted types and says how to trust them."""
+    shown = ", ".join(name[:200] for name in names[:SHOWN_TYPES])
+    more = f" and {len(names) - SHOWN_TYPES} more" if len(names) > SHOWN_TYPES else ""
+    example = ", ".join(repr(name[:200]) for name in names[:2])
+    return UntrustedTypes(
+        f"the stored estimator holds types that are not trusted: {shown}{more}. Loading "
+        "builds them, which runs their code: if you trust them, pass "
+        f"trust=[{example}{', ...' if len(names) > 2 else ''}] to the consuming @step, to "
+        "run.load() or Client.load_artifact(), or --trust to conveyor artifact get",
+        retryable=False,
+    )
+
+
+class Skops:
+    """A scikit-learn estimator (a Pipeline, a fitted model) as a skops file."""
+
+    name = "sklearn.skops"
+    version = "1"
+    types = ("sklearn.base.BaseEstimator",)
+
+    def handles(self, value: object) -> bool:
+        from sklearn.base import BaseEstimator
+
+        return isinstance(value, BaseEstimator)
+
+    def save(self, value: object, path: str) -> str | None:
+        _skops().dump(value, path)
+        return None
+
+    def load(self, path: str, ref: ArtifactRef) -> object:
+        skops = _skops()
+        needed = list(skops.get_untrusted_types(file=path))
+        refused = sorted(set(needed) - materializers.trusted())
+        if refused:
+            raise untrusted_error(refused)
+        return skops.load(path, trusted=needed)
