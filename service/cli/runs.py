@@ -435,6 +435,7 @@ def get_artifact(
     trust: list[str] = typer.Option(
         [],
         "--trust",
+        metavar="TYPE",
         help="A type a stored estimator may build beyond those skops trusts (repeatable)",
     ),
 ) -> None:

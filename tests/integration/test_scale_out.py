@@ -347,7 +347,7 @@ async def stack_spec() -> StackSpec:
 
 
 def test_hostile_step_messages_are_dead_lettered_and_nothing_of_them_runs(
-    team: Team, vhost: str, tmp_path: Path
+    team: Team, vhost: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client_dir = team.client_dir
     markers = {name: tmp_path / f"marker-{name}" for name in ("system", "escape", "plain")}
@@ -358,7 +358,7 @@ def test_hostile_step_messages_are_dead_lettered_and_nothing_of_them_runs(
     worker = team.worker("w1")
 
     # A real code archive of the client's file, as a run would carry it.
-    os.chdir(client_dir)
+    monkeypatch.chdir(client_dir)  # undone after the test: later ones start where they did
     definition = load_pipeline("team_pipeline.py:scale_out")
     spec, definitions = definition.compile()
     store = make_artifact_store(asyncio.run(stack_spec()))
