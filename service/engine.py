@@ -7,6 +7,7 @@ process; on a service stack (``rabbitmq``) this only publishes and follows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,11 @@ from conveyor.workers.step_resolver import StepResolver
 from conveyor.workers.steps import StepDefinition
 
 log = structlog.get_logger("conveyor.engine")
+
+WITHDRAW_TIMEOUT_S = 3.0
+"""How long an interrupted caller waits for the broker to take a run's cancellation."""
+CANCEL_WAIT_S = 5.0
+"""How long it then waits for the cancellation to be recorded."""
 
 StepCallback = Callable[[StepStatusChanged], Awaitable[None] | None]
 
@@ -188,6 +194,29 @@ class AsyncRun:
         self.id = holder.id
         await self._follow()
         return holder
+
+    async def interrupt(self, reason: str, say: Callable[[str], None]) -> None:
+        """Cancel the run its caller was interrupted while waiting for (Ctrl+C, a kernel
+        interrupt), telling ``say`` what became of it, rather than leave it to run on.
+
+        A request no controller has taken yet is withdrawn at once; otherwise the
+        cancellation is waited for a few seconds, to be recorded.
+        """
+        try:
+            async with asyncio.timeout(WITHDRAW_TIMEOUT_S):
+                await self._conveyor.cancel(self.id, reason)
+        except TimeoutError:
+            say(f"The broker did not take the cancellation in {WITHDRAW_TIMEOUT_S:g}s")
+            return
+        except ConveyorError as exc:
+            say(f"The cancellation was not sent: {exc}")
+            return
+        if self._conveyor.controller_alive is None and not self._statuses:
+            # One that takes it later reads the cancellation with it: cancelled, unstarted.
+            say(f"Run {self.id} withdrawn: no controller had taken it")
+            return
+        with contextlib.suppress(TimeoutError, ConveyorError):
+            await self.wait(timeout=CANCEL_WAIT_S)
 
     async def close(self) -> None:
         """Stop following the run's status events (the run goes on); idempotent."""

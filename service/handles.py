@@ -21,7 +21,6 @@ from conveyor.workers.execution import load_artifact
 from conveyor.workers.flavors import run_artifact_store
 
 if TYPE_CHECKING:
-    from conveyor.service.engine import AsyncRun, Conveyor
     from conveyor.service.pipelines import PipelineDefinition
 
 
@@ -70,10 +69,6 @@ def _tell(text: str) -> None:
     print(f"conveyor: {text}", file=sys.stderr, flush=True)
 
 
-CANCEL_TIMEOUT_S = 5.0
-"""How long an interrupted call waits for the run's cancellation to be recorded."""
-
-
 def run_pipeline(
     definition: PipelineDefinition,
     args: tuple[Any, ...],
@@ -95,7 +90,8 @@ def run_pipeline(
             try:
                 record = await run.wait(on_waiting=_tell)
             except asyncio.CancelledError:
-                await _cancel(cv, run)
+                _tell(f"interrupted: cancelling run {run.id}")
+                await run.interrupt("interrupted (Ctrl+C in the calling Python)", _tell)
                 raise
             return RunHandle(record, await run.steps())
 
@@ -104,19 +100,3 @@ def run_pipeline(
     if failure is not None and raise_on_failure:
         raise failure
     return handle
-
-
-async def _cancel(cv: Conveyor, run: AsyncRun) -> None:
-    """Ctrl+C: cancel the run rather than leave it to be found dead later."""
-    _tell(f"interrupted: cancelling run {run.id}")
-    try:
-        async with asyncio.timeout(CANCEL_TIMEOUT_S):
-            await cv.cancel(run.id, "interrupted (Ctrl+C in the calling Python)")
-            await run.wait()
-    except TimeoutError:
-        _tell(
-            f"no controller confirmed the cancellation of run {run.id} in "
-            f"{CANCEL_TIMEOUT_S:g}s; one that takes the run later records it cancelled"
-        )
-    except ConveyorError as exc:
-        _tell(f"the cancellation of run {run.id} was not sent: {exc}")

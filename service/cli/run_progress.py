@@ -97,8 +97,6 @@ class RunFollower:
         self._pipeline = pipeline
         self._bar_after = bar_after
         self.tally = StepTally(steps)
-        self.heard = False
-        """Whether any status of the run arrived (a controller took it)."""
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._timer: asyncio.Task[None] | None = None
@@ -144,7 +142,6 @@ class RunFollower:
 
     def on_step(self, event: StepStatusChanged) -> None:
         """Count the change, print its line (above the bar, if there is one)."""
-        self.heard = True
         self.tally.apply(event)
         line = step_line(event)
         if line is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
@@ -16,7 +15,6 @@ from rich.text import Text
 
 from conveyor.contracts import (
     ArtifactRecord,
-    ConveyorError,
     RunRecord,
     RunStatus,
     StepRecord,
@@ -127,40 +125,17 @@ async def _follow(
             try:
                 record = await run.wait(on_waiting=_say)
             except asyncio.CancelledError:
-                await _cancel_on_interrupt(cv, run, follower.heard)
+                errors.print(f"Interrupted: cancelling run {run.id}")
+                await run.interrupt("interrupted (Ctrl+C on conveyor pipeline run)", _say)
                 raise
         steps = await run.steps()
         return record, steps, await _leaf_outputs(run, steps)
 
 
 def _say(text: str) -> None:
-    """Which consumer a run on a service stack waits for (and the command that starts it)."""
+    """What a run waits for (a consumer of a service stack), or what became of it after an
+    interrupt; the user's text is not markup."""
     errors.print(text, markup=False, highlight=False)
-
-
-WITHDRAW_TIMEOUT_S = 3.0
-"""How long Ctrl+C waits for the broker to take the cancellation of a run."""
-
-
-async def _cancel_on_interrupt(cv: Conveyor, run: AsyncRun, heard: bool) -> None:
-    """Ctrl+C: cancel the run rather than leave it to be found dead later."""
-    errors.print(f"Interrupted: cancelling run {run.id}")
-    try:
-        async with asyncio.timeout(WITHDRAW_TIMEOUT_S):
-            await cv.cancel(run.id, "interrupted (Ctrl+C on conveyor pipeline run)")
-    except TimeoutError:
-        errors.print(f"The broker did not take the cancellation in {WITHDRAW_TIMEOUT_S:g}s")
-        return
-    except ConveyorError as exc:
-        errors.print(f"The cancellation was not sent: {exc}", markup=False)
-        return
-    if cv.controller_alive is None and not heard:
-        # No controller has taken the request: none to wait for. One that takes it later
-        # reads the cancellation with it and records the run cancelled, unstarted.
-        errors.print(f"Run {run.id} withdrawn: no controller had taken it")
-        return
-    with contextlib.suppress(TimeoutError, ConveyorError):
-        await run.wait(timeout=5)
 
 
 @pipeline_app.command("run")
