@@ -15,7 +15,6 @@ import pytest
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
 from conveyor.contracts import (
     ComponentType,
-    ConflictError,
     NotFoundError,
     OutputSelector,
     PipelineSpec,
@@ -315,66 +314,6 @@ async def test_unknown_stack_is_a_clear_error_and_changes_nothing(home: Path) ->
         await services.close()
 
 
-async def test_idempotency_key_creates_one_run() -> None:
-    async with Conveyor() as cv:
-        first = await cv.submit(handoff, idempotency_key="k-1")
-        await first.wait(timeout=30)
-        second = await cv.submit(handoff, idempotency_key="k-1")
-        assert second.id == first.id
-        assert len(await cv.services.runs.list_runs()) == 1
-
-
-async def test_requests_that_race_for_one_idempotency_key_end_as_one_run_or_refused() -> None:
-    async with Conveyor() as cv:
-        same = await asyncio.gather(
-            *(cv.submit(dividing, by=2, idempotency_key="race") for _ in range(2))
-        )
-        records = await asyncio.wait_for(asyncio.gather(*(r.wait() for r in same)), 20)
-        assert {r.id for r in records} == {same[0].id} == {same[1].id}
-        assert records[0].status is RunStatus.COMPLETED
-        other = await asyncio.gather(
-            cv.submit(dividing, by=5, idempotency_key="race-2"),
-            cv.submit(dividing, by=10, idempotency_key="race-2"),
-        )
-        outcomes = await asyncio.wait_for(
-            asyncio.gather(*(r.wait() for r in other), return_exceptions=True), 20
-        )
-        refused = [o for o in outcomes if isinstance(o, ConflictError)]
-        ran = [o for o in outcomes if not isinstance(o, BaseException)]
-        assert len(refused) == len(ran) == 1, outcomes
-        assert "'race-2' was used for run" in str(refused[0])
-        assert len(await cv.services.runs.list_runs()) == 2
-
-
-@step
-def produce_int() -> int:
-    return 10
-
-
-@step
-def halve(x: int, by: int) -> float:
-    return x / by
-
-
-@pipeline
-def dividing(by: int) -> None:
-    halve(produce_int(), by=by)
-
-
-async def test_an_idempotency_key_reused_for_another_request_is_refused() -> None:
-    async with Conveyor() as cv:
-        first = await cv.submit(dividing, by=2, idempotency_key="k-2")
-        assert (await first.wait(timeout=30)).parameters == {"by": 2}
-        with pytest.raises(ConflictError, match=f"'k-2' was used for run {first.id}"):
-            await cv.submit(dividing, by=3, idempotency_key="k-2")
-        with pytest.raises(ConflictError, match="pipeline 'dividing'"):
-            await cv.submit(handoff, idempotency_key="k-2")
-        # The same request is still answered with the first run, and nothing new ran.
-        again = await cv.submit(dividing, by=2, idempotency_key="k-2")
-        assert again.id == first.id
-        assert [r.id for r in await cv.services.runs.list_runs()] == [first.id]
-
-
 @step
 async def blocker(marker: str) -> int:
     Path(marker).touch()
@@ -441,22 +380,6 @@ async def test_a_step_raising_timeout_error_is_not_mistaken_for_its_timeout() ->
         (only,) = await run.steps()
     assert only.error == "TimeoutError: the database did not answer"
     assert "raise TimeoutError" in (only.traceback or "")
-
-
-async def test_one_key_twice_in_one_batch_creates_one_run() -> None:
-    async with Conveyor() as cv:
-        spec, _ = handoff.compile()
-        requests = [
-            RunRequested(run_id=new_id(), pipeline="handoff", spec=spec, idempotency_key="dup")
-            for _ in range(2)
-        ]
-        await cv.broker.publish(requests)  # both reach the controller in one batch
-        for _ in range(200):
-            runs = await cv.services.runs.list_runs()
-            if runs and runs[0].status is RunStatus.COMPLETED:
-                break
-            await asyncio.sleep(0.05)
-        assert [(r.id, r.status) for r in runs] == [(requests[0].run_id, RunStatus.COMPLETED)]
 
 
 async def test_a_run_requested_and_cancelled_in_one_batch_never_starts() -> None:
