@@ -3,15 +3,21 @@
 Several processes may share one CONVEYOR_HOME. Each process has one connection and writes
 through ``transaction()``, which takes SQLite's write lock up front (``BEGIN IMMEDIATE``)
 so that concurrent writers wait on ``busy_timeout`` instead of failing with
-"database is locked" halfway through a transaction.
+"database is locked" halfway through a transaction. Opening (the switch to WAL and the
+migrations) is serialized across processes by an advisory lock on a file beside the store:
+two processes creating a new store at once could otherwise meet while it is still in
+rollback-journal mode, where SQLite answers one of them "database is locked" at once rather
+than wait (its deadlock rule), and that process fails before doing anything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -61,7 +67,7 @@ def store_error(path: Path, exc: BaseException) -> MetadataStoreError:
             f"the metadata store {path} is damaged ({problem}): restore it from a backup, or "
             "move it aside to start with an empty store (its stacks and runs are then gone)"
         )
-    if primary in _NO_SPACE or isinstance(exc, OSError):
+    if primary in _NO_SPACE or (isinstance(exc, OSError) and not isinstance(exc, TimeoutError)):
         return MetadataStoreError(
             f"cannot write the metadata store {path} ({problem}): is its disk full? Free "
             "space there (or set CONVEYOR_HOME to a folder on another disk), then try again",
@@ -72,22 +78,39 @@ def store_error(path: Path, exc: BaseException) -> MetadataStoreError:
             f"cannot open the metadata store {path} ({problem}): check that its folder "
             "exists and that this user may read and write it (or set CONVEYOR_HOME)"
         )
-    if primary in _BUSY:
+    if primary in _BUSY or isinstance(exc, TimeoutError):
         return MetadataStoreError(
-            f"the metadata store {path} stayed locked by another process for "
-            f"{BUSY_TIMEOUT_MS // 1000}s ({problem}): try again",
+            f"the metadata store {path} is locked by another process ({problem}): try again",
             retryable=True,
         )
     return MetadataStoreError(f"the metadata store {path} failed: {problem}", retryable=True)
 
 
-def _create_private(path: Path) -> None:
-    """Create the store's folder and file readable by their owner only, when they are new:
-    the store holds component configurations with their secrets. (SQLite gives its WAL and
-    shared-memory files the mode of the database file.)"""
+def _create_private(path: Path) -> int:
+    """Create the store's folder and file readable by their owner only, when they are new
+    (the store holds component configurations with their secrets; SQLite gives its WAL and
+    shared-memory files the mode of the database file), and take the opening lock: the
+    returned descriptor holds it until closed."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    lock = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        # Polled rather than blocking, so that a process stopped while opening cannot hold
+        # every other one for ever.
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("another process is opening it") from None
+                time.sleep(0.01)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except BaseException:
+        os.close(lock)
+        raise
+    return lock
 
 
 class Writes:
@@ -150,7 +173,16 @@ class Database:
         if self._conn is not None:
             return
         try:
-            await asyncio.to_thread(_create_private, self.path)
+            lock = await asyncio.to_thread(_create_private, self.path)
+        except (sqlite3.Error, OSError) as exc:
+            raise store_error(self.path, exc) from exc
+        try:
+            await self._open()
+        finally:
+            os.close(lock)
+
+    async def _open(self) -> None:
+        try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
         except (sqlite3.Error, OSError) as exc:
             raise store_error(self.path, exc) from exc
