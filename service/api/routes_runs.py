@@ -68,6 +68,7 @@ async def submit_run(
         body.parameters,
         stack=body.stack,
         idempotency_key=idempotency_key or body.idempotency_key,
+        cache=body.cache,
     )
     response.headers["Location"] = f"/api/runs/{submission.run.id}"
     if not submission.recorded:

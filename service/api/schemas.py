@@ -100,6 +100,10 @@ class SubmitRun(_Body):
         max_length=255,
         description="Same key, same run; the Idempotency-Key header does the same",
     )
+    cache: bool = Field(
+        default=True,
+        description="False: every step runs, none reuses an earlier run's outputs",
+    )
 
 
 class CancelRun(_Body):
