@@ -32,6 +32,9 @@
     if (!step.started) {
       return "not started" + retry;
     }
+    if (step.cached_from) {
+      return "outputs of run " + step.cached_from.slice(0, 12) + " · reused at " + clock(step.started);
+    }
     return "attempt " + step.attempt + " of " + (step.max_retries + 1) +
       (step.worker ? " · " + step.worker : "") + " · " + clock(step.started) + " to " +
       (step.finished ? clock(step.finished) : "now") + " · " + seconds(step.duration_s) + retry;
