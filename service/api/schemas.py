@@ -11,7 +11,7 @@ import math
 from typing import Any, Generic, Literal, TypeVar
 
 from fastapi import Query
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from conveyor.contracts import ComponentType
 
@@ -100,7 +100,7 @@ class SubmitRun(_Body):
         max_length=255,
         description="Same key, same run; the Idempotency-Key header does the same",
     )
-    cache: bool = Field(
+    cache: StrictBool = Field(
         default=True,
         description="False: every step runs, none reuses an earlier run's outputs",
     )

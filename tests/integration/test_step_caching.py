@@ -332,3 +332,28 @@ def test_client_retry_run_picks_up_a_fixed_bug_in_the_code(
     assert handle.step_statuses["one"] is StepStatus.CACHED
     assert handle.record.retry_of == failed["run"]["id"]
     assert sorted((tmp_path / "executed.log").read_text().split()) == ["five", "four", "three"]
+
+
+async def test_the_api_shows_cached_steps_and_takes_cache_false(home: Path) -> None:
+    from tests.integration.api_helpers import QUICKSTART, serving, submit, wait_status
+
+    async with serving(home) as (_, api):
+        first = await submit(api)
+        assert (await wait_status(api, first["id"]))["status"] == "completed"
+        second = await submit(api)
+        assert (await wait_status(api, second["id"]))["status"] == "completed"
+        steps = (await api.get(f"/api/runs/{second['id']}/steps")).json()
+        assert {s["status"] for s in steps} == {"cached"}
+        assert {s["cached_from"] for s in steps} == {first["id"]}
+        one = (await api.get(f"/api/runs/{second['id']}/steps/{steps[0]['name']}")).json()
+        assert one["status"] == "cached" and one["outputs"]
+        third = await submit(api, cache=False)
+        assert (await wait_status(api, third["id"]))["status"] == "completed"
+        steps = (await api.get(f"/api/runs/{third['id']}/steps")).json()
+        assert {s["status"] for s in steps} == {"completed"}
+        assert {s["cached_from"] for s in steps} == {None}
+        run = (await api.get(f"/api/runs/{third['id']}")).json()
+        assert run["retry_of"] is None and run["retried_by"] == []
+        for hostile in ("no", 2, None, [], "%"):
+            refused = await api.post("/api/runs", json={"pipeline": QUICKSTART, "cache": hostile})
+            assert refused.status_code == 422, (hostile, refused.text)

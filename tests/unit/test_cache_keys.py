@@ -161,3 +161,19 @@ def test_without_cache_turns_it_off_for_every_step() -> None:
     # Left out of the JSON at its default: workers from before the field take the step.
     assert "cache" not in pipeline.steps[0].model_dump(mode="json")
     assert off.steps[0].model_dump(mode="json")["cache"] is False
+
+
+def test_steps_typed_into_notebook_cells_have_a_digest_that_follows_their_helpers() -> None:
+    from tests.unit.test_notebook_code import cells
+
+    def digest(helper_body: str, comment: str = "") -> str:
+        notebook = cells(
+            "from conveyor import step\nLIMIT = 3\n",
+            f"def helper(x):{comment}\n    return {helper_body}\n",
+            "@step\ndef first(x: int) -> int:\n    return helper(x)\n",
+        )
+        return code_digest(notebook["first"])
+
+    base = digest("x + LIMIT")
+    assert digest("x + LIMIT", comment="  # a comment") == base
+    assert digest("x - LIMIT") != base
