@@ -218,9 +218,20 @@ def _dispatch(
     out.steps.append(update or StepUpdate(name, StepStatus.PENDING, attempt))
     out.emit.append(
         StepReady(
-            run_id=run.run_id, step=state.spec, attempt=attempt, inputs=_inputs(run, state.spec)
+            run_id=run.run_id,
+            step=_for_workers(state.spec),
+            attempt=attempt,
+            inputs=_inputs(run, state.spec),
         )
     )
+
+
+def _for_workers(spec: StepSpec) -> StepSpec:
+    """``spec`` without what only the controller reads (its code digest and cache flag),
+    so that a worker from before caching takes the step."""
+    if spec.code_digest is None and spec.cache:
+        return spec
+    return spec.model_copy(update={"code_digest": None, "cache": True})
 
 
 def _ready(run: RunState, name: str) -> bool:

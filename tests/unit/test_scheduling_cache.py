@@ -82,3 +82,12 @@ def test_a_run_that_does_not_defer_dispatches_at_once() -> None:
     started = start_run(run, NOW)
     assert started.ready == [] and ready_steps(started.emit) == [("a", 1)]
     assert undecided(run) == []
+
+
+def test_a_step_ready_leaves_out_what_only_the_controller_reads() -> None:
+    step = node("a").model_copy(update={"code_digest": "sha256:" + "0" * 64, "cache": False})
+    run = RunState.new("r", spec(step))
+    (ready,) = start_run(run, NOW).emit
+    wire = ready.model_dump(mode="json")["step"]  # type: ignore[union-attr]
+    assert "code_digest" not in wire and "cache" not in wire
+    assert run.steps["a"].spec.code_digest is not None  # the state keeps it for the key
