@@ -187,6 +187,7 @@ class RunGateway:
         stack: str | None = None,
         idempotency_key: str | None = None,
         cache: bool = True,
+        retry_of: str | None = None,
     ) -> Submission:
         """Start a run of ``pipeline`` (an importable reference) and wait until it is stored.
 
@@ -200,21 +201,26 @@ class RunGateway:
             compiled = await asyncio.to_thread(_compile, pipeline, parameters, self._max_steps)
         conveyor = await self.conveyor_for(stack)
         if idempotency_key is None:
-            return await self._submit(conveyor, compiled, None, cache)
+            return await self._submit(conveyor, compiled, None, cache, retry_of)
         async with self._keys.hold(idempotency_key):
             existing = await self.services.runs.find_by_key(idempotency_key)
             if existing is None:
-                return await self._submit(conveyor, compiled, idempotency_key, cache)
+                return await self._submit(conveyor, compiled, idempotency_key, cache, retry_of)
         target = conveyor.stack
         assert target is not None
         check_reused_key(idempotency_key, existing, compiled.spec, target.id)
         return Submission(existing, created=False, recorded=True)
 
     async def _submit(
-        self, conveyor: Conveyor, compiled: _Compiled, key: str | None, cache: bool
+        self,
+        conveyor: Conveyor,
+        compiled: _Compiled,
+        key: str | None,
+        cache: bool,
+        retry_of: str | None,
     ) -> Submission:
         run = await conveyor.submit_compiled(
-            compiled.spec, compiled.steps, idempotency_key=key, cache=cache
+            compiled.spec, compiled.steps, idempotency_key=key, cache=cache, retry_of=retry_of
         )
         await run.close()  # the dashboard reads the store; nothing here follows the run
         record = await self._recorded(run.id, key)

@@ -18,11 +18,15 @@ RETRYABLE = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 
 def check_retryable(run: RunRecord) -> None:
     """Only a run that failed or was cancelled may be retried."""
-    if run.status not in RETRYABLE:
-        what = "still going" if run.status not in (RunStatus.COMPLETED,) else "completed"
+    if run.status is RunStatus.COMPLETED:
         raise ConflictError(
-            f"run {run.id} is {run.status.value} ({what}); only a failed or cancelled run "
-            "can be retried"
+            f"run {run.id} completed, there is nothing to retry; only a failed or cancelled "
+            "run can be retried"
+        )
+    if run.status not in RETRYABLE:
+        raise ConflictError(
+            f"run {run.id} is {run.status.value}: cancel it first, or wait for its end; only "
+            "a failed or cancelled run can be retried"
         )
 
 

@@ -357,3 +357,30 @@ async def test_the_api_shows_cached_steps_and_takes_cache_false(home: Path) -> N
         for hostile in ("no", 2, None, [], "%"):
             refused = await api.post("/api/runs", json={"pipeline": QUICKSTART, "cache": hostile})
             assert refused.status_code == 422, (hostile, refused.text)
+
+
+async def test_the_api_retries_a_failed_run(home: Path, tmp_path: Path) -> None:
+    from tests.integration.api_helpers import serving, submit, wait_status
+
+    write(tmp_path, FIVE)
+    async with serving(home, pipelines=tmp_path) as (_, api):
+        failed = await submit(api, f"{tmp_path / 'pipe.py'}:p")
+        assert (await wait_status(api, failed["id"]))["status"] == "failed"
+        (tmp_path / "fixed.flag").touch()
+        answer = await api.post(f"/api/runs/{failed['id'][:10]}/retry")
+        assert answer.status_code == 201, answer.text
+        retry = answer.json()
+        assert retry["retry_of"] == failed["id"]
+        assert answer.headers["location"] == f"/api/runs/{retry['id']}"
+        assert (await wait_status(api, retry["id"]))["status"] == "completed"
+        steps = {s["name"]: s for s in (await api.get(f"/api/runs/{retry['id']}/steps")).json()}
+        assert [steps[n]["status"] for n in ("one", "two", "three")] == [
+            "cached",
+            "cached",
+            "completed",
+        ]
+        assert (await api.get(f"/api/runs/{failed['id']}")).json()["retried_by"] == [retry["id"]]
+        refused = await api.post(f"/api/runs/{retry['id']}/retry")
+        assert refused.status_code == 409 and "nothing to retry" in refused.text
+        for hostile in ("%25", "_", "x" * 300):
+            assert (await api.post(f"/api/runs/{hostile}/retry")).status_code in (404, 422)
