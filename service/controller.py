@@ -332,8 +332,6 @@ class Controller:
     async def _alone(self, delivery: Delivery) -> BaseException | None:
         """Process one delivery; what went wrong, or None."""
         try:
-            if self._undecided:
-                await self._decide_again()
             await self._process([delivery])
         except (Exception, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
