@@ -5,7 +5,8 @@ Starting from the step function, every global name its code reads is looked up w
 function was defined (``__globals__``). A function or class defined in user code (a script,
 a notebook cell, a package outside the standard library and site-packages, never conveyor)
 adds its source, and what it uses in turn; a constant (numbers, text, and tuples, lists,
-sets and dicts of them) adds its value. Sources are compared as syntax trees, so comments,
+sets and dicts of them) adds its value. A function's default values and the variables it
+closes over count too (an object that is no constant by its repr). Sources are compared as syntax trees, so comments,
 blank lines and formatting change nothing; the step's own decorators (its ``@step`` options)
 are left out. What the digest cannot see is listed in docs/caching.md: a function reached
 through an attribute (``helpers.clean(...)``), files read at run time, randomness.
@@ -123,6 +124,32 @@ def _codes_of(obj: Any) -> Iterator[tuple[types.CodeType, dict[str, Any]]]:
                 yield function.fn.__code__, function.fn.__globals__
 
 
+def _values_used(obj: Any) -> Iterator[tuple[str, Any]]:
+    """What a function or class reads besides its source: the globals its code names, and
+    for a function its default values and the variables it closes over."""
+    for code, namespace in _codes_of(obj):
+        for global_name in _global_names(code):
+            if global_name in namespace:  # else a builtin, or a name it never finds
+                yield f"global {global_name}", namespace[global_name]
+    if inspect.isfunction(obj):
+        for index, default in enumerate(obj.__defaults__ or ()):
+            yield f"default {index}", default
+        for key, default in sorted((obj.__kwdefaults__ or {}).items()):
+            yield f"default {key}", default
+        for free, cell in zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=False):
+            try:
+                yield f"closure {free}", cell.cell_contents
+            except ValueError:  # not bound yet
+                continue
+
+
+def _object_text(value: Any) -> str:
+    try:
+        return f"{type(value).__qualname__}:{repr(value)[:MAX_CONSTANT_REPR]}"
+    except Exception:
+        return f"{type(value).__qualname__}:{id(value)}"
+
+
 def _unwrapped(value: Any) -> Any:
     return value.fn if isinstance(value, StepDefinition) else value
 
@@ -139,17 +166,18 @@ def code_digest(fn: Callable[..., Any]) -> str:
         obj = todo.pop()
         name = str(getattr(obj, "__qualname__", "?"))
         parts.append((f"code {name}", _source_text(obj, drop_decorators=obj is fn)))
-        for code, namespace in _codes_of(obj):
-            for global_name in _global_names(code):
-                if global_name not in namespace:
-                    continue  # a builtin, or a name the function never finds
-                value = _unwrapped(namespace[global_name])
-                if inspect.isfunction(value) or inspect.isclass(value):
-                    if id(value) not in seen and is_user_code(value):
-                        seen.add(id(value))
-                        todo.append(value)
-                elif _is_constant(value):
-                    parts.append((f"value {name}.{global_name}", _constant_text(value)))
+        for label, value in _values_used(obj):
+            value = _unwrapped(value)
+            if inspect.isfunction(value) or inspect.isclass(value):
+                if id(value) not in seen and is_user_code(value):
+                    seen.add(id(value))
+                    todo.append(value)
+            elif _is_constant(value):
+                parts.append((f"value {name}.{label}", _constant_text(value)))
+            elif not label.startswith("global "):
+                # A default or a closed-over object: its repr, which may change each run
+                # (an address in it): a miss, never a wrong hit.
+                parts.append((f"value {name}.{label}", _object_text(value)))
     digest = hashlib.sha256()
     for label, text in sorted(set(parts)):
         digest.update(f"{len(label)}:{label}{len(text)}:{text}".encode())

@@ -177,3 +177,19 @@ def test_steps_typed_into_notebook_cells_have_a_digest_that_follows_their_helper
     base = digest("x + LIMIT")
     assert digest("x + LIMIT", comment="  # a comment") == base
     assert digest("x - LIMIT") != base
+
+
+def test_default_values_and_closed_over_values_count(tmp_path: Path) -> None:
+    with_default = BASE.replace("def work(x: int)", "def work(x: int, k: int = LIMIT)")
+    assert digest_of(tmp_path, with_default) != digest_of(
+        tmp_path, with_default.replace("LIMIT = 10", "LIMIT = 12")
+    )
+
+    def made(k: object) -> str:
+        def work(x: int) -> object:
+            return (x, k)
+
+        return code_digest(work)
+
+    assert made(1) == made(1) and made(1) != made(2)
+    assert made(object()) != made(object())  # no stable value: never the same key
