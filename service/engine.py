@@ -265,6 +265,7 @@ class AsyncRun:
                     error=seen.error if seen else None,
                     upstream=spec.upstream,
                     outputs=seen.outputs if seen else {},
+                    cached_from=seen.cached_from if seen else None,
                 )
             )
         return records
