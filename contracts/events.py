@@ -89,6 +89,19 @@ class RunRequested(Envelope):
     stack: Name | None = None
     spec: PipelineSpec | None = None
     idempotency_key: str | None = Field(default=None, max_length=MAX_NAME_LENGTH)
+    # Both left out of the JSON at their defaults: controllers from before them still take
+    # a request that uses neither.
+    cache: bool = Field(
+        default=True,
+        exclude_if=lambda value: value,
+        description="False: every step runs, none is completed from an earlier run's outputs",
+    )
+    retry_of: Id | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="A failed or cancelled run of the same pipeline whose completed steps "
+        "this run reuses (their cache keys unchanged) while it runs the others",
+    )
 
 
 class RunCancelRequested(Envelope):
@@ -193,6 +206,12 @@ class StepStatusChanged(Envelope):
         default=None,
         exclude_if=lambda value: value is None,
         description="When a pending attempt that waits for its retry is due",
+    )
+    # Left out of the JSON when unset, as retry_at is.
+    cached_from: Id | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="For a cached step: the run that computed the outputs it reused",
     )
 
 

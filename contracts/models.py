@@ -177,6 +177,8 @@ class StepRecord(Frozen):
     logs: ArtifactRef | None = None
     retry_at: datetime | None = None
     """When a pending attempt that waits for its retry is due."""
+    cached_from: str | None = None
+    """For a ``cached`` step: the run that computed the outputs it reused."""
 
 
 class RunRecord(Frozen):
@@ -194,6 +196,10 @@ class RunRecord(Frozen):
     finished: datetime | None = None
     error: str | None = None
     idempotency_key: str | None = None
+    retry_of: str | None = None
+    """The failed or cancelled run this run retries (``conveyor run retry``)."""
+    retried_by: list[str] = Field(default_factory=list)
+    """The runs that retry this one, oldest first."""
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -15,6 +15,9 @@ Isolation = Literal["thread", "process"]
 child process of the worker (killed at its timeout)."""
 
 
+CODE_DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+"""A step's code digest: sha256 of its normalized source and what it uses."""
+
 MAX_RETRIES = 100
 """The most retries a step may ask for."""
 MAX_RETRY_DELAY_S = 86_400.0
@@ -92,6 +95,21 @@ class StepSpec(Frozen):
         default=None,
         description="The code archive that holds the step's source; None for a step of an "
         "installed package that workers trust",
+    )
+    # Left out of the JSON when unset, as ``isolation`` is: workers never read it.
+    code_digest: str | None = Field(
+        default=None,
+        pattern=CODE_DIGEST_PATTERN,
+        exclude_if=lambda value: value is None,
+        description="Digest of the step function's source and of the functions, classes and "
+        "constants of user code it uses (the code part of its cache key); None: never cached",
+    )
+    # Left out of the JSON when true, the default.
+    cache: bool = Field(
+        default=True,
+        exclude_if=lambda value: value,
+        description="Whether the controller may complete the step from an earlier run's "
+        "outputs of the same cache key",
     )
 
     @property

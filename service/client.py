@@ -11,7 +11,7 @@ import asyncio
 import shutil
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from conveyor.contracts import (
     ArtifactRecord,
@@ -19,6 +19,7 @@ from conveyor.contracts import (
     ComponentSpec,
     ComponentType,
     NotFoundError,
+    PipelineSpec,
     RunRecord,
     RunStatus,
     StackSpec,
@@ -29,6 +30,9 @@ from conveyor.service.components import parse_type
 from conveyor.service.context import Services
 from conveyor.service.home import Home
 from conveyor.workers.flavors import Flavor, run_artifact_store
+
+if TYPE_CHECKING:
+    from conveyor.service.handles import RunHandle
 
 TypeName = ComponentType | str
 Components = Mapping[ComponentType, str] | Mapping[str, str]
@@ -199,6 +203,14 @@ class Client:
     def get_run(self, run_id: str) -> RunRecord:
         return self._run(lambda s: s.runs.get_run(run_id))
 
+    def get_spec(self, run_id: str) -> PipelineSpec:
+        """The DAG a run ran (or runs), as it was compiled."""
+
+        async def call(s: Services) -> PipelineSpec:
+            return await s.runs.spec_of((await s.runs.get_run(run_id)).id)
+
+        return self._run(call)
+
     def get_steps(self, run_id: str) -> list[StepRecord]:
         async def call(s: Services) -> list[StepRecord]:
             return await s.runs.steps_of((await s.runs.get_run(run_id)).id)
@@ -238,6 +250,30 @@ class Client:
                 await gateway.stop()
 
         return self._run(call)
+
+    def retry_run(self, run_id: str, *, raise_on_failure: bool = False) -> RunHandle:
+        """Run a failed or cancelled run again, on its stack, and wait for the end: the same
+        pipeline and parameters, compiled from the code as it is now; each step that
+        completed there with the same code, parameters and inputs is reused (``cached``),
+        the others run. The new run's ``retry_of`` names the old one. Raises ``RunFailed``
+        if the retry fails too and ``raise_on_failure`` is set."""
+        from conveyor.service.handles import run_pipeline
+        from conveyor.service.run_retries import pipeline_to_retry
+
+        async def call(s: Services) -> tuple[RunRecord, PipelineSpec]:
+            run = await s.runs.get_run(run_id)
+            return run, await s.runs.spec_of(run.id)
+
+        run, spec = self._run(call)
+        definition, parameters = pipeline_to_retry(run, spec)
+        return run_pipeline(
+            definition,
+            (),
+            parameters,
+            raise_on_failure=raise_on_failure,
+            stack=run.stack_name,
+            retry_of=run.id,
+        )
 
     def delete_run(self, run_id: str) -> None:
         self._run(lambda s: s.runs.delete_run(run_id))

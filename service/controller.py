@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 import structlog
 
 from conveyor.contracts import (
+    FINISHED_STEP_STATUSES,
     ArtifactStore,
     Broker,
     ConveyorError,
@@ -29,15 +30,19 @@ from conveyor.contracts import (
     StepFailed,
     StepHeartbeat,
     StepStarted,
+    StepStatus,
     StepSucceeded,
     Subscription,
     is_status_event,
     utcnow,
 )
 from conveyor.service import scheduling
+from conveyor.service.cache_keys import cache_key, without_cache
+from conveyor.service.in_flight import InFlight, StepId
 from conveyor.service.pipelines import load_pipeline
 from conveyor.service.progress import ProgressBuffer
-from conveyor.service.scheduling import RunState, Transition
+from conveyor.service.scheduling import RunState, StepUpdate, Transition
+from conveyor.service.step_reuse import StepReuse, Wanted
 from conveyor.service.store import Database, RunStore, Writes, is_store_failure, store_error
 from conveyor.workers.backoff import Backoff
 from conveyor.workers.code_archive import attach_code
@@ -114,6 +119,7 @@ class Controller:
         *,
         owner: Owner | None = None,
         code_store: ArtifactStore | None = None,
+        artifacts: ArtifactStore | None = None,
         lease_s: float = LEASE_S,
         max_lost: int = MAX_LOST,
     ) -> None:
@@ -130,6 +136,12 @@ class Controller:
         self._stack = stack
         self._owner = owner
         self._states: dict[str, RunState] = {}
+        # Reused outputs are checked in the stack's store; without one, every step runs.
+        self._reuse = StepReuse(self._runs, artifacts, stack.id)
+        self._in_flight = InFlight()
+        # Runs whose steps waiting for a decision must be decided again (after a restart,
+        # or a failed batch whose decisions were not recorded).
+        self._undecided: set[str] = set()
         # When each run's first waiting retry is due. Kept apart from the states, which a
         # failed batch clears: a run that only waits hears no event that would reload it.
         self._retries: dict[str, datetime] = {}
@@ -198,11 +210,34 @@ class Controller:
         for run_id in await self._runs.active_run_ids(self._stack.id):
             self._states[run_id] = await self._loaded(run_id)
             self._note_retry(run_id)
+        self._undecided = set(self._states)
 
     async def _loaded(self, run_id: str) -> RunState:
         state = await self._runs.load_state(run_id)
+        state.defer = True
         scheduling.grant_leases(state, utcnow() + self._lease)
         return state
+
+    async def _decide_again(self) -> None:
+        """Rebuild which keys are in flight from the runs, and decide each step that waited
+        for a decision that was never recorded."""
+        runs, self._undecided = self._undecided, set()
+        try:
+            for run_id in runs:
+                await self._state_of(run_id)  # a finished run is not kept
+            self._in_flight = InFlight()
+            batch = _Batch(now=utcnow())
+            for run_id, state in self._states.items():
+                for name, step in state.steps.items():
+                    going = step.status in (StepStatus.PENDING, StepStatus.RUNNING)
+                    if going and step.attempt > 0 and step.cache_key and step.spec.cache:
+                        self._in_flight.claim(step.cache_key, (run_id, name))
+                if run_id in runs:
+                    batch.change(run_id, Transition(ready=scheduling.undecided(state)))
+            await self._commit(batch)
+        except BaseException:
+            self._undecided |= runs
+            raise
 
     async def _flush_confirmed(self) -> None:
         confirmed, self._confirmed = self._confirmed, []
@@ -219,6 +254,8 @@ class Controller:
             batch = await self._take_batch()
             try:
                 await self._publish_committed()
+                if self._undecided:
+                    await self._decide_again()
                 if batch:
                     await self._process(batch)
                 await self._check_leases()
@@ -226,10 +263,10 @@ class Controller:
             except (Exception, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                     raise
-                # The cached states may be ahead of the store: they reload.
+                # The states in memory may be ahead of the store: they reload.
                 if not is_store_failure(exc):  # a failing store is logged as it backs off
                     log.exception("batch failed", size=len(batch))
-                self._states.clear()
+                self._forget_states()
                 if self._committed:
                     # Recorded but not published: the broker failed, not a message.
                     await self._back_off(batch, f"the broker did not take the events: {exc}")
@@ -299,9 +336,15 @@ class Controller:
         except (Exception, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                 raise
-            self._states.clear()
+            self._forget_states()
             return exc
         return None
+
+    def _forget_states(self) -> None:
+        """Drop the states in memory, which may be ahead of the store; they reload. Their
+        steps' decisions (reuse, or dispatch) may not have been recorded: made again."""
+        self._undecided |= set(self._states)
+        self._states.clear()
 
     async def _store_answers(self) -> bool:
         probe = Writes()
@@ -453,8 +496,14 @@ class Controller:
         except Exception as exc:
             error = readable(f"cannot compile pipeline {request.pipeline!r}: {exc}")
             spec = PipelineSpec(name=request.pipeline, parameters=request.parameters, steps=[])
+        if not request.cache:
+            spec = without_cache(spec)
         batch.new_runs.append((request, spec, error))
         state = RunState.new(request.run_id, spec)
+        state.defer = True
+        if request.retry_of is not None and error is None:
+            state.retry_of = request.retry_of
+            state.previous = await self._runs.retried_steps(request.retry_of)
         if error is not None:
             state.status = RunStatus.FAILED
             batch.change(
@@ -476,7 +525,75 @@ class Controller:
         self._states[request.run_id] = state
         batch.change(request.run_id, scheduling.start_run(state, batch.now))
 
+    async def _decide(self, batch: _Batch) -> None:
+        """Decide each step that became ready in ``batch``: complete it from outputs found
+        for its key, let it wait for an identical step in flight, or dispatch it. A step
+        completed so makes its children ready in turn, decided in the next round."""
+        scanned: dict[str, int] = {}
+        while True:
+            ready: list[StepId] = []
+            for run_id, change in list(batch.changes.items()):
+                end = len(change.steps)
+                for update in change.steps[scanned.get(run_id, 0) : end]:
+                    if update.status in FINISHED_STEP_STATUSES:
+                        ready.extend(self._settle(batch, run_id, update))
+                scanned[run_id] = end
+                ready.extend((run_id, name) for name in change.ready)
+                change.ready.clear()
+            if not ready:
+                return
+            await self._resolve(batch, ready)
+
+    def _settle(self, batch: _Batch, run_id: str, update: StepUpdate) -> list[StepId]:
+        """A step finished: the steps that waited for its key are completed from its
+        outputs if it succeeded; else returned, to be decided again."""
+        settled = self._in_flight.finish((run_id, update.name))
+        if settled is None:
+            return []
+        key, waiters = settled
+        if update.status is not StepStatus.COMPLETED:
+            return waiters
+        for waiter_run, name in waiters:
+            state = self._states.get(waiter_run)
+            if state is not None:
+                change = scheduling.complete_from_cache(
+                    state, name, update.outputs, run_id, key, batch.now
+                )
+                batch.change(waiter_run, change)
+        return []
+
+    async def _resolve(self, batch: _Batch, ready: list[StepId]) -> None:
+        wanted: list[Wanted] = []
+        found: list[tuple[StepId, RunState]] = []
+        for run_id, name in ready:
+            state = self._states.get(run_id)
+            if state is None or name not in state.steps:
+                continue
+            spec = state.steps[name].spec
+            key = cache_key(spec, scheduling.inputs_of(state, spec))
+            previous = None
+            if name in state.previous and state.retry_of is not None:
+                old_key, origin = state.previous[name]
+                if old_key is None or old_key == key:
+                    previous = ((state.retry_of, name), origin)
+            wanted.append(Wanted(key, tuple(spec.outputs), spec.cache, previous))
+            found.append(((run_id, name), state))
+        hits = await self._reuse.find(wanted)
+        for ((run_id, name), state), want, hit in zip(found, wanted, hits, strict=True):
+            if hit is not None:
+                change = scheduling.complete_from_cache(
+                    state, name, hit.outputs, hit.source, want.key, batch.now
+                )
+            elif want.key is not None and want.use_cache:
+                if not self._in_flight.claim(want.key, (run_id, name)):
+                    continue  # an identical step computes it: this one waits for it
+                change = scheduling.dispatch_ready(state, name, want.key)
+            else:
+                change = scheduling.dispatch_ready(state, name, want.key)
+            batch.change(run_id, change)
+
     async def _commit(self, batch: _Batch) -> None:
+        await self._decide(batch)
         # Status updates for followers are not kept in the outbox: losing one costs a
         # follower a refresh, while RunFinished (which a follower waits for) is kept.
         durable = [e for e in batch.events if not is_status_event(e) or isinstance(e, RunFinished)]
@@ -494,6 +611,7 @@ class Controller:
                 idempotency_key=request.idempotency_key,
                 owner=self._owner,
                 now=batch.now,
+                retry_of=request.retry_of,
             )
         for run_id, change in batch.changes.items():
             self._runs.apply(writes, run_id, change, batch.now)

@@ -265,6 +265,7 @@ class AsyncRun:
                     error=seen.error if seen else None,
                     upstream=spec.upstream,
                     outputs=seen.outputs if seen else {},
+                    cached_from=seen.cached_from if seen else None,
                 )
             )
         return records
@@ -361,7 +362,11 @@ class Conveyor:
                 config = orchestrator_config(stack)
                 assert isinstance(config, LocalOrchestratorConfig)
                 self._controller = Controller(
-                    services.db, self._broker, stack, owner=this_process()
+                    services.db,
+                    self._broker,
+                    stack,
+                    owner=this_process(),
+                    artifacts=self._artifacts,
                 )
                 await self._controller.start()
                 self._workers = WorkerPool(
@@ -396,17 +401,18 @@ class Conveyor:
         *args: Any,
         idempotency_key: str | None = None,
         on_step: StepCallback | None = None,
+        cache: bool = True,
         **parameters: Any,
     ) -> AsyncRun:
         """Compile ``pipeline`` with these parameters and start a run of it.
 
         An ``idempotency_key`` that a run has already is answered with that run if this is
         the same request (pipeline, parameters, stack), and refused with ``ConflictError``
-        otherwise."""
+        otherwise. ``cache=False`` runs every step, reusing no earlier run's outputs."""
         definition = load_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
         spec, definitions = definition.compile(*args, **parameters)
         return await self.submit_compiled(
-            spec, definitions, idempotency_key=idempotency_key, on_step=on_step
+            spec, definitions, idempotency_key=idempotency_key, on_step=on_step, cache=cache
         )
 
     async def submit_compiled(
@@ -416,9 +422,12 @@ class Conveyor:
         *,
         idempotency_key: str | None = None,
         on_step: StepCallback | None = None,
+        cache: bool = True,
+        retry_of: str | None = None,
     ) -> AsyncRun:
         """Start a run of a pipeline compiled already (``PipelineDefinition.compile``),
-        for a caller that compiles off the event loop."""
+        for a caller that compiles off the event loop. ``retry_of`` names a failed or
+        cancelled run whose completed steps this run reuses (``Client.retry_run``)."""
         if self._workers is not None:
             self._workers.resolver.add(definitions)
             await self._workers.serve(step.pool for step in spec.steps)
@@ -447,6 +456,8 @@ class Conveyor:
                     stack=self.stack.name,
                     spec=spec,
                     idempotency_key=idempotency_key,
+                    cache=cache,
+                    retry_of=retry_of,
                 )
             ]
         )

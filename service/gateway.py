@@ -43,7 +43,7 @@ from conveyor.workers.steps import StepDefinition, readable
 
 log = structlog.get_logger("conveyor.server")
 
-RESERVED_PARAMETERS = frozenset({"idempotency_key", "on_step"})
+RESERVED_PARAMETERS = frozenset({"idempotency_key", "on_step", "cache"})
 MAX_COMPILING = 2
 """Pipelines compiled at once; more wait. A thread cannot be stopped, so they are few."""
 
@@ -186,6 +186,8 @@ class RunGateway:
         *,
         stack: str | None = None,
         idempotency_key: str | None = None,
+        cache: bool = True,
+        retry_of: str | None = None,
     ) -> Submission:
         """Start a run of ``pipeline`` (an importable reference) and wait until it is stored.
 
@@ -199,18 +201,27 @@ class RunGateway:
             compiled = await asyncio.to_thread(_compile, pipeline, parameters, self._max_steps)
         conveyor = await self.conveyor_for(stack)
         if idempotency_key is None:
-            return await self._submit(conveyor, compiled, None)
+            return await self._submit(conveyor, compiled, None, cache, retry_of)
         async with self._keys.hold(idempotency_key):
             existing = await self.services.runs.find_by_key(idempotency_key)
             if existing is None:
-                return await self._submit(conveyor, compiled, idempotency_key)
+                return await self._submit(conveyor, compiled, idempotency_key, cache, retry_of)
         target = conveyor.stack
         assert target is not None
         check_reused_key(idempotency_key, existing, compiled.spec, target.id)
         return Submission(existing, created=False, recorded=True)
 
-    async def _submit(self, conveyor: Conveyor, compiled: _Compiled, key: str | None) -> Submission:
-        run = await conveyor.submit_compiled(compiled.spec, compiled.steps, idempotency_key=key)
+    async def _submit(
+        self,
+        conveyor: Conveyor,
+        compiled: _Compiled,
+        key: str | None,
+        cache: bool,
+        retry_of: str | None,
+    ) -> Submission:
+        run = await conveyor.submit_compiled(
+            compiled.spec, compiled.steps, idempotency_key=key, cache=cache, retry_of=retry_of
+        )
         await run.close()  # the dashboard reads the store; nothing here follows the run
         record = await self._recorded(run.id, key)
         if record is not None:

@@ -75,9 +75,12 @@ def run_pipeline(
     kwargs: dict[str, Any],
     *,
     raise_on_failure: bool = True,
+    stack: str | None = None,
+    retry_of: str | None = None,
 ) -> RunHandle:
-    """Run ``definition`` on the active stack and wait for the end; raise ``RunFailed`` if
-    the run did not complete, unless ``raise_on_failure`` is false.
+    """Run ``definition`` on the active stack (or ``stack``) and wait for the end; raise
+    ``RunFailed`` if the run did not complete, unless ``raise_on_failure`` is false. With
+    ``retry_of``, the run retries that one (see ``Client.retry_run``).
 
     Works where an event loop already runs in this thread (Jupyter, IPython): the run then
     has a loop of its own in another thread. Ctrl+C (an interrupted kernel) cancels the run.
@@ -85,8 +88,9 @@ def run_pipeline(
     from conveyor.service.engine import Conveyor
 
     async def main() -> RunHandle:
-        async with Conveyor() as cv:
-            run = await cv.submit(definition, *args, **kwargs)
+        async with Conveyor(stack=stack) as cv:
+            spec, definitions = definition.compile(*args, **kwargs)
+            run = await cv.submit_compiled(spec, definitions, retry_of=retry_of)
             try:
                 record = await run.wait(on_waiting=_tell)
             except asyncio.CancelledError:

@@ -19,6 +19,7 @@ from conveyor.contracts import (
     ValidationError,
 )
 from conveyor.contracts.pipeline_spec import MAX_STEPS
+from conveyor.service.code_digest import code_digest
 from conveyor.service.pipeline_parameters import PipelineParameters
 from conveyor.workers.steps import (
     MissingName,
@@ -59,10 +60,14 @@ class PipelineTooLarge(ValidationError):
 
 
 class _Builder:
-    def __init__(self, pipeline: str, max_steps: int) -> None:
+    def __init__(self, pipeline: str, max_steps: int, *, cache: bool = True) -> None:
         self.steps: list[StepSpec] = []
         self.definitions: dict[str, StepDefinition] = {}
         self._counts: dict[str, int] = {}
+        # Once per step function and compile: a helper redefined since (a notebook cell run
+        # again) must count, so nothing is kept between compiles.
+        self._digests: dict[int, str] = {}
+        self._cache = cache
         self._pipeline = pipeline
         self._max_steps = max_steps
         self.overflowed = False
@@ -106,6 +111,9 @@ class _Builder:
                 parameters[param] = value
         ref = step.ref
         self.definitions[ref] = step
+        digest = self._digests.get(id(step))
+        if digest is None:
+            digest = self._digests[id(step)] = code_digest(step.fn)
         self.steps.append(
             StepSpec(
                 name=name,
@@ -120,6 +128,8 @@ class _Builder:
                 allow_pickle=step.allow_pickle,
                 isolation=step.isolation,
                 trust=list(step.trust),
+                code_digest=digest,
+                cache=step.cache and self._cache,
             )
         )
         handles = [OutputHandle(name, output) for output in step.outputs]
@@ -142,11 +152,17 @@ class PipelineDefinition:
     """A function made into a pipeline; calling it runs it on the active stack."""
 
     def __init__(
-        self, fn: Callable[..., Any], *, name: str | None = None, raise_on_failure: bool = True
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        raise_on_failure: bool = True,
+        cache: bool = True,
     ) -> None:
         self.fn = fn
         self.name = name or fn.__name__
         self.raise_on_failure = raise_on_failure
+        self.cache = cache
         self.signature = inspect.signature(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
@@ -175,7 +191,7 @@ class PipelineDefinition:
         parameters = dict(bound.arguments)
         for key, value in parameters.items():
             _check_json(self.name, key, value)
-        builder = _Builder(self.name, max_steps)
+        builder = _Builder(self.name, max_steps, cache=self.cache)
         token = building.set(builder)
         try:
             self.fn(*bound.args, **bound.kwargs)
@@ -190,10 +206,18 @@ class PipelineDefinition:
         )
         return spec, builder.definitions
 
-    def with_options(self, *, raise_on_failure: bool = True) -> PipelineDefinition:
+    def with_options(
+        self, *, raise_on_failure: bool = True, cache: bool | None = None
+    ) -> PipelineDefinition:
         """This pipeline, called with other options: ``raise_on_failure=False`` returns the
-        handle of a run that failed instead of raising ``RunFailed``."""
-        return PipelineDefinition(self.fn, name=self.name, raise_on_failure=raise_on_failure)
+        handle of a run that failed instead of raising ``RunFailed``; ``cache=False`` runs
+        every step instead of reusing earlier outputs."""
+        return PipelineDefinition(
+            self.fn,
+            name=self.name,
+            raise_on_failure=raise_on_failure,
+            cache=self.cache if cache is None else cache,
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> RunHandle:
         """Run on the active stack, wait for the end, and return the run's handle.
@@ -215,16 +239,19 @@ def pipeline(fn: Callable[..., Any], /) -> PipelineDefinition: ...
 
 
 @overload
-def pipeline(*, name: str | None = None) -> Callable[[Callable[..., Any]], PipelineDefinition]: ...
+def pipeline(
+    *, name: str | None = None, cache: bool = True
+) -> Callable[[Callable[..., Any]], PipelineDefinition]: ...
 
 
 def pipeline(
-    fn: Callable[..., Any] | None = None, /, *, name: str | None = None
+    fn: Callable[..., Any] | None = None, /, *, name: str | None = None, cache: bool = True
 ) -> PipelineDefinition | Callable[[Callable[..., Any]], PipelineDefinition]:
-    """Make a function a pipeline: its body calls steps, wiring outputs to inputs."""
+    """Make a function a pipeline: its body calls steps, wiring outputs to inputs.
+    ``cache=False`` runs every step each time (see docs/caching.md)."""
 
     def wrap(function: Callable[..., Any]) -> PipelineDefinition:
-        return PipelineDefinition(function, name=name)
+        return PipelineDefinition(function, name=name, cache=cache)
 
     return wrap(fn) if fn is not None else wrap
 

@@ -116,12 +116,14 @@ async def serve_controller(
         signals.install()
         if not await broker.start_patiently(signals.stop):
             return EXIT_OK  # stopped while waiting for the broker
+        store = make_artifact_store(spec)
         controller = Controller(
             services.db,
             broker,
             spec,
             owner=None,
-            code_store=make_artifact_store(spec),
+            code_store=store,
+            artifacts=store,
             lease_s=config.lease_s,
             max_lost=config.max_deliveries,
         )

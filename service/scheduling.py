@@ -2,6 +2,11 @@
 
 No I/O here. The controller keeps a :class:`RunState` per active run, calls these
 functions, persists the returned :class:`Transition` and publishes its events.
+
+A run whose ``defer`` is set does not dispatch a step the moment its inputs exist: the step
+is listed in ``Transition.ready`` and the controller decides, after looking for its cache
+key, whether to complete it from an earlier run's outputs (:func:`complete_from_cache`) or
+to dispatch it (:func:`dispatch_ready`).
 """
 
 from __future__ import annotations
@@ -49,6 +54,11 @@ class StepState:
     lost: int = 0
     worker: str | None = None
     retry_at: datetime | None = None
+    cache_key: str | None = None
+
+
+SUCCEEDED = frozenset({StepStatus.COMPLETED, StepStatus.CACHED})
+"""The statuses of a step whose outputs exist: downstream steps may run."""
 
 
 @dataclass
@@ -66,6 +76,13 @@ class RunState:
     error: str | None = None
     waiting: dict[str, int] = field(default_factory=dict)
     unfinished: int = 0
+    defer: bool = False
+    """Steps whose inputs exist wait in ``Transition.ready`` for the controller's decision."""
+    retry_of: str | None = None
+    """The run this one retries."""
+    previous: dict[str, tuple[str | None, str]] = field(default_factory=dict)
+    """What a retry may reuse: the steps of ``retry_of`` that completed or were cached, by
+    name, with their cache key and the run that computed their outputs."""
 
     @classmethod
     def new(cls, run_id: str, spec: PipelineSpec) -> RunState:
@@ -83,7 +100,7 @@ class RunState:
         """Derive the counters from the steps' statuses (after loading them from the store)."""
         self.unfinished = sum(s.status not in FINISHED_STEP_STATUSES for s in self.steps.values())
         self.waiting = {
-            name: sum(self.steps[up].status is not StepStatus.COMPLETED for up in s.spec.upstream)
+            name: sum(self.steps[up].status not in SUCCEEDED for up in s.spec.upstream)
             for name, s in self.steps.items()
         }
 
@@ -93,7 +110,7 @@ class RunState:
         was_finished = state.status in FINISHED_STEP_STATUSES
         now_finished = status in FINISHED_STEP_STATUSES
         self.unfinished += int(was_finished) - int(now_finished)
-        if status is StepStatus.COMPLETED and state.status is not StepStatus.COMPLETED:
+        if status in SUCCEEDED and state.status not in SUCCEEDED:
             for child in self.downstream[name]:
                 self.waiting[child] -= 1
         state.status = status
@@ -117,6 +134,8 @@ class StepUpdate:
     logs: ArtifactRef | None = None
     retry_at: datetime | None = None
     """When a pending attempt is due; None clears it."""
+    cache_key: str | None = None
+    cached_from: str | None = None
 
 
 @dataclass
@@ -127,11 +146,14 @@ class Transition:
     run_status: RunStatus | None = None
     run_error: str | None = None
     emit: list[Event] = field(default_factory=list)
+    ready: list[str] = field(default_factory=list)
+    """Steps of a deferring run whose inputs exist, for the controller to decide about."""
 
     def extend(self, other: Transition) -> None:
         """Fold ``other`` (a later change of the same run) into this one."""
         self.steps.extend(other.steps)
         self.emit.extend(other.emit)
+        self.ready.extend(other.ready)
         if other.run_status is not None:
             self.run_status, self.run_error = other.run_status, other.run_error
 
@@ -146,6 +168,7 @@ def _status_event(run: RunState, update: StepUpdate) -> StepStatusChanged:
         duration_s=update.duration_s,
         outputs=update.outputs,
         retry_at=update.retry_at,
+        cached_from=update.cached_from,
     )
 
 
@@ -158,8 +181,15 @@ def _record(run: RunState, out: Transition, update: StepUpdate) -> None:
         state.worker = update.worker
     if update.outputs:
         state.outputs = update.outputs
+    if update.cache_key is not None:
+        state.cache_key = update.cache_key
     out.steps.append(update)
     out.emit.append(_status_event(run, update))
+
+
+def inputs_of(run: RunState, spec: StepSpec) -> dict[str, ArtifactRef | list[ArtifactRef]]:
+    """The artifacts a step of ``run`` reads, by input name (its upstream steps succeeded)."""
+    return _inputs(run, spec)
 
 
 def _inputs(run: RunState, spec: StepSpec) -> dict[str, ArtifactRef | list[ArtifactRef]]:
@@ -175,7 +205,11 @@ def _inputs(run: RunState, spec: StepSpec) -> dict[str, ArtifactRef | list[Artif
 def _dispatch(
     run: RunState, out: Transition, name: str, attempt: int, update: StepUpdate | None = None
 ) -> None:
-    """Publish a StepReady for ``attempt``; the stored row records the attempt dispatched."""
+    """Publish a StepReady for ``attempt``; the stored row records the attempt dispatched.
+    A deferring run's first attempt waits in ``out.ready`` for the controller instead."""
+    if run.defer and attempt == 1 and update is None:
+        out.ready.append(name)
+        return
     state = run.steps[name]
     state.attempt = attempt
     state.lease_until = None
@@ -184,9 +218,20 @@ def _dispatch(
     out.steps.append(update or StepUpdate(name, StepStatus.PENDING, attempt))
     out.emit.append(
         StepReady(
-            run_id=run.run_id, step=state.spec, attempt=attempt, inputs=_inputs(run, state.spec)
+            run_id=run.run_id,
+            step=_for_workers(state.spec),
+            attempt=attempt,
+            inputs=_inputs(run, state.spec),
         )
     )
+
+
+def _for_workers(spec: StepSpec) -> StepSpec:
+    """``spec`` without what only the controller reads (its code digest and cache flag),
+    so that a worker from before caching takes the step."""
+    if spec.code_digest is None and spec.cache:
+        return spec
+    return spec.model_copy(update={"code_digest": None, "cache": True})
 
 
 def _ready(run: RunState, name: str) -> bool:
@@ -202,6 +247,59 @@ def _finish_if_done(run: RunState, out: Transition) -> None:
     run.error = f"step {failed[0].spec.name!r} failed" if failed else None
     out.run_status, out.run_error = run.status, run.error
     out.emit.append(RunFinished(run_id=run.run_id, status=run.status, error=run.error))
+
+
+def _deciding(run: RunState, name: str) -> bool:
+    """Whether ``name`` waits for the controller's decision (see ``Transition.ready``)."""
+    return run.status is RunStatus.RUNNING and name in run.steps and _ready(run, name)
+
+
+def undecided(run: RunState) -> list[str]:
+    """The steps that wait for the controller's decision (after it reloaded the run)."""
+    return [name for name in run.steps if _deciding(run, name)] if run.defer else []
+
+
+def dispatch_ready(run: RunState, name: str, key: str | None) -> Transition:
+    """Dispatch a step the controller found no reusable outputs for; ``key`` is recorded
+    with it, so that a later run finds its outputs."""
+    out = Transition()
+    if not _deciding(run, name):
+        return out
+    run.steps[name].cache_key = key
+    _dispatch(run, out, name, 1, StepUpdate(name, StepStatus.PENDING, 1, cache_key=key))
+    return out
+
+
+def complete_from_cache(
+    run: RunState,
+    name: str,
+    outputs: dict[str, ArtifactRef],
+    source: str,
+    key: str | None,
+    now: datetime,
+) -> Transition:
+    """Record a step ``cached``: its outputs are those that run ``source`` computed. Its
+    downstream steps become ready, as after a success."""
+    out = Transition()
+    if not _deciding(run, name) or set(outputs) != set(run.steps[name].spec.outputs):
+        return out
+    update = StepUpdate(
+        name,
+        StepStatus.CACHED,
+        0,
+        started=now,
+        finished=now,
+        duration_s=0.0,
+        outputs=outputs,
+        cache_key=key,
+        cached_from=source,
+    )
+    _record(run, out, update)
+    for child in run.downstream[name]:
+        if _ready(run, child):
+            _dispatch(run, out, child, 1)
+    _finish_if_done(run, out)
+    return out
 
 
 def start_run(run: RunState, now: datetime) -> Transition:

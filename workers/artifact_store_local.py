@@ -94,9 +94,14 @@ class LocalArtifactStore:
         target = os.path.join(self._root_text, hexdigest[:2], hexdigest)
         ref = BlobRef(uri=f"{self._root_uri}/{hexdigest[:2]}/{hexdigest}", digest=digest, size=size)
         try:
-            return ref, target, os.stat(target).st_size == size
-        except FileNotFoundError:
+            if os.stat(target).st_size != size:
+                return ref, target, False
+            # A file damaged in place keeps its size: checked, so that a step run again
+            # (its cached outputs were found corrupted) writes them afresh.
+            digests.verify_file(target, digest, ref.uri)
+        except (FileNotFoundError, ArtifactUnreadable):
             return ref, target, False
+        return ref, target, True
 
     def _commit(self, tmp: str, digest: str, size: int) -> BlobRef:
         ref, target, exists = self._stored(digest, size)

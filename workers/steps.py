@@ -209,6 +209,7 @@ class StepDefinition:
         allow_pickle: bool = False,
         isolation: Isolation | None = None,
         trust: Sequence[str | type] = (),
+        cache: bool = True,
     ) -> None:
         self.retry = retry_policy(
             retries=retries,
@@ -234,6 +235,7 @@ class StepDefinition:
         self.allow_pickle = allow_pickle
         self.isolation = isolation
         self.trust = _type_names(trust)
+        self.cache = cache
         self.signature = inspect.signature(fn)
         self.outputs = output_names(fn)
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -284,6 +286,7 @@ def step(
     allow_pickle: bool = False,
     isolation: Isolation | None = None,
     trust: Sequence[str | type] = (),
+    cache: bool = True,
 ) -> Callable[[F], StepDefinition]: ...
 
 
@@ -302,6 +305,7 @@ def step(
     allow_pickle: bool = False,
     isolation: Isolation | None = None,
     trust: Sequence[str | type] = (),
+    cache: bool = True,
 ) -> StepDefinition | Callable[[F], StepDefinition]:
     """Make a function a pipeline step.
 
@@ -315,7 +319,9 @@ def step(
     abandoned at the timeout) or ``"process"`` (a child process, killed at the timeout);
     ``None`` takes the worker's default; ``trust`` names types (``"pkg.module.Class"``) that
     its inputs may build although their materializer refuses unknown types by default
-    (scikit-learn estimators, read through skops).
+    (scikit-learn estimators, read through skops); ``cache=False`` runs it every time
+    instead of reusing the outputs of an earlier run with the same code, parameters and
+    inputs (docs/caching.md).
     Outputs: one, or several with a ``tuple[...]`` return annotation, or none for ``-> None``.
     """
 
@@ -333,6 +339,7 @@ def step(
             allow_pickle=allow_pickle,
             isolation=isolation,
             trust=trust,
+            cache=cache,
         )
 
     return wrap(fn) if fn is not None else wrap

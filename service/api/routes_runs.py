@@ -10,6 +10,7 @@ from conveyor.service.api.schemas import CancelRun, Page, Paging, SubmitRun
 from conveyor.service.api.security import require_token
 from conveyor.service.api.state import ApiState, settings_of, state_of
 from conveyor.service.public_records import public_run
+from conveyor.service.run_retries import check_retryable
 from conveyor.service.store.summaries import PipelineSummary
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
@@ -68,6 +69,7 @@ async def submit_run(
         body.parameters,
         stack=body.stack,
         idempotency_key=idempotency_key or body.idempotency_key,
+        cache=body.cache,
     )
     response.headers["Location"] = f"/api/runs/{submission.run.id}"
     if not submission.recorded:
@@ -93,6 +95,29 @@ async def cancel_run(
     """Cancel a pending or running run (409 if it finished already)."""
     reason = body.reason if body is not None else CancelRun().reason
     return public_run(await state.gateway.cancel(run_id, reason))
+
+
+@router.post("/runs/{run_id}/retry", response_model=RunRecord, status_code=201, tags=["runs"])
+async def retry_run(
+    run_id: str, request: Request, response: Response, state: ApiState = Depends(state_of)
+) -> RunRecord:
+    """Run a failed or cancelled run again (409 otherwise): the same pipeline and parameters
+    on the same stack, compiled from the code as it is now; the steps that completed there
+    with unchanged code, parameters and inputs are reused. The new run's ``retry_of``
+    names this one."""
+    run = await state.services.runs.get_run(run_id)
+    check_retryable(run)
+    spec = await state.services.runs.spec_of(run.id)
+    if not spec.ref:
+        raise ValidationError(f"run {run.id} names no pipeline reference to compile again")
+    pipeline = settings_of(request).pipelines.checked(spec.ref)
+    submission = await state.gateway.submit(
+        pipeline, dict(run.parameters), stack=run.stack_name, retry_of=run.id
+    )
+    response.headers["Location"] = f"/api/runs/{submission.run.id}"
+    if not submission.recorded:
+        response.status_code = 202
+    return public_run(submission.run)
 
 
 @router.delete("/runs/{run_id}", status_code=204, tags=["runs"])

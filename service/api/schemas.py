@@ -11,7 +11,7 @@ import math
 from typing import Any, Generic, Literal, TypeVar
 
 from fastapi import Query
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from conveyor.contracts import ComponentType
 
@@ -99,6 +99,10 @@ class SubmitRun(_Body):
         min_length=1,
         max_length=255,
         description="Same key, same run; the Idempotency-Key header does the same",
+    )
+    cache: StrictBool = Field(
+        default=True,
+        description="False: every step runs, none reuses an earlier run's outputs",
     )
 
 

@@ -143,6 +143,7 @@ class StepView(BaseModel):
     error: str | None
     traceback: str | None
     retry_at: datetime | None
+    cached_from: str | None
     has_logs: bool
     upstream: list[str]
     outputs: list[OutputLink]
@@ -206,6 +207,7 @@ def _step_view(step: StepRecord, ids: dict[tuple[str, str], str], bar: Bar | Non
         error=step.error,
         traceback=step.traceback,
         retry_at=step.retry_at,
+        cached_from=step.cached_from,
         has_logs=step.logs is not None,
         upstream=step.upstream,
         outputs=[

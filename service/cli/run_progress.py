@@ -77,6 +77,8 @@ def step_line(event: StepStatusChanged) -> str | None:
         return f"  ↻ {escape(event.step)} {retry}: {escape(event.error or '')}"
     style = STATUS_STYLE.get(event.status, "white")
     line = f"  [{style}]{event.status.value:<9}[/{style}] {escape(event.step)}"
+    if event.status is StepStatus.CACHED:
+        return line + (f" from run {event.cached_from}" if event.cached_from else "")
     if event.duration_s is not None:
         line += f" in {seconds(event.duration_s)}"
     if event.status is StepStatus.FAILED and event.error:

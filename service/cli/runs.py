@@ -88,7 +88,7 @@ async def _leaf_outputs(run: AsyncRun, steps: list[StepRecord]) -> dict[str, Any
     used = {up for s in steps for up in s.upstream}
     shown: dict[str, Any] = {}
     for record in steps:
-        if record.name in used or record.status is not StepStatus.COMPLETED:
+        if record.name in used or record.status not in (StepStatus.COMPLETED, StepStatus.CACHED):
             continue
         for output, ref in record.outputs.items():
             if ref.size <= PREVIEW_BYTES and ref.materializer in ("json", "str"):
@@ -97,14 +97,20 @@ async def _leaf_outputs(run: AsyncRun, steps: list[StepRecord]) -> dict[str, Any
 
 
 def _run_pipeline(
-    definition: PipelineDefinition, stack: str | None, params: dict[str, Any]
+    definition: PipelineDefinition,
+    stack: str | None,
+    params: dict[str, Any],
+    *,
+    cache: bool = True,
+    retry_of: str | None = None,
 ) -> tuple[RunRecord, list[StepRecord], dict[str, Any]]:
     # Imported and compiled before the loop runs: both take a while and would stall it.
     # The engine is imported by the one command that runs it: the others start faster.
     from conveyor.service.engine import Conveyor
 
     spec, definitions = definition.compile(**params)
-    return asyncio.run(_follow(Conveyor(stack=stack), definition, spec, definitions))
+    conveyor = Conveyor(stack=stack)
+    return asyncio.run(_follow(conveyor, definition, spec, definitions, cache, retry_of))
 
 
 async def _follow(
@@ -112,15 +118,20 @@ async def _follow(
     definition: PipelineDefinition,
     spec: PipelineSpec,
     definitions: dict[str, StepDefinition],
+    cache: bool,
+    retry_of: str | None,
 ) -> tuple[RunRecord, list[StepRecord], dict[str, Any]]:
     async with conveyor as cv:
         assert cv.stack is not None
         # What the run is doing goes to stderr; its outputs and outcome to stdout.
         async with RunFollower(status, definition.name, len(spec.steps)) as follower:
-            run = await cv.submit_compiled(spec, definitions, on_step=follower.on_step)
+            run = await cv.submit_compiled(
+                spec, definitions, on_step=follower.on_step, cache=cache, retry_of=retry_of
+            )
+            retrying = f", retrying run {retry_of}" if retry_of else ""
             status.print(
                 f"Running pipeline [bold]{escape(definition.name)}[/bold] on stack "
-                f"'{escape(cv.stack.name)}' as run [bold]{run.id}[/bold]"
+                f"'{escape(cv.stack.name)}' as run [bold]{run.id}[/bold]{retrying}"
             )
             try:
                 record = await run.wait(on_waiting=_say)
@@ -147,8 +158,13 @@ def run_pipeline(
     param: list[str] = typer.Option(
         [], "--param", "-p", metavar="NAME=VALUE", help="A pipeline parameter (repeatable)"
     ),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Run every step; reuse no earlier run's outputs"
+    ),
 ) -> None:
-    """Run a pipeline, following it step by step; exit 1 if it fails.
+    """Run a pipeline, following it step by step; exit 1 if it fails. A step whose code,
+    parameters and inputs are those of an earlier run's step is not run again: it is
+    'cached', its outputs reused (see docs/caching.md).
 
     Example: conveyor pipeline run examples/quickstart.py:training_pipeline -p epochs=100
     """
@@ -160,14 +176,31 @@ def run_pipeline(
     with user_errors():
         definition = load_pipeline(target)
         params = _checked_params(definition, param)
-        try:
-            record, steps, outputs = _run_pipeline(definition, stack, params)
-        except KeyboardInterrupt:
-            # The run is cancelled and recorded. A sync step's thread cannot be stopped and
-            # would hold the interpreter's exit until the step's end: leave without it.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)
+        record, steps, outputs = _interruptible(definition, stack, params, cache=not no_cache)
+    _report(record, steps, outputs)
+
+
+def _interruptible(
+    definition: PipelineDefinition,
+    stack: str | None,
+    params: dict[str, Any],
+    *,
+    cache: bool = True,
+    retry_of: str | None = None,
+) -> tuple[RunRecord, list[StepRecord], dict[str, Any]]:
+    try:
+        return _run_pipeline(definition, stack, params, cache=cache, retry_of=retry_of)
+    except KeyboardInterrupt:
+        # The run is cancelled and recorded. A sync step's thread cannot be stopped and
+        # would hold the interpreter's exit until the step's end: leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+
+
+def _report(record: RunRecord, steps: list[StepRecord], outputs: dict[str, Any]) -> None:
+    """A followed run's outputs and outcome on stdout, its failures on stderr; exit 1 if it
+    did not complete."""
     for name, value in outputs.items():
         console.print(f"{name} = {json.dumps(value)}", markup=False)
     style = "green" if record.status is RunStatus.COMPLETED else "red"
@@ -186,6 +219,29 @@ def run_pipeline(
         if record.error:
             errors.print(f"[red]Run failed:[/red] {escape(record.error)}")
         raise typer.Exit(1)
+
+
+@run_app.command("retry")
+def retry_run(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., help="Run id (a unique prefix is enough)"),
+) -> None:
+    """Run a failed or cancelled run again, on its stack, following it: the same pipeline
+    and parameters, compiled from the code as it is now. Each step that completed there
+    with unchanged code, parameters and inputs is reused (cached); the others run.
+
+    Example: conveyor run retry 3f2a
+    """
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    from conveyor.service.run_retries import pipeline_to_retry
+
+    with user_errors():
+        c = client(ctx)
+        old = c.get_run(run_id)
+        definition, params = pipeline_to_retry(old, c.get_spec(old.id))
+        record, steps, outputs = _interruptible(definition, old.stack_name, params, retry_of=old.id)
+    _report(record, steps, outputs)
 
 
 @run_app.command("list")
@@ -248,6 +304,8 @@ def _described(run: RunRecord, steps: list[StepRecord]) -> list[object]:
         f"Run [bold]{run.id}[/bold] of pipeline [bold]{escape(run.pipeline)}[/bold] on stack "
         f"'{escape(run.stack_name)}' (id {run.stack_id}): {run.status.value} in "
         f"{seconds(run.duration_s)}",
+        *([f"Retry of run {run.retry_of}"] if run.retry_of else []),
+        *[f"Retried by run {other}" for other in run.retried_by],
         table(
             ["COMPONENT_TYPE", "COMPONENT_NAME", "FLAVOR", "COMPONENT ID"],
             _snapshot_rows(run),
@@ -258,6 +316,7 @@ def _described(run: RunRecord, steps: list[StepRecord]) -> list[object]:
             [[s.name, s.status.value, s.attempt, seconds(s.duration_s), s.worker] for s in steps],
         ),
     ]
+    parts.extend(_cached_lines(steps))
     outputs = [f"  {s.name}.{name}: {ref.uri}" for s in steps for name, ref in s.outputs.items()]
     if outputs:
         parts.append(Text("\n".join(["", "Outputs", *outputs])))
@@ -273,6 +332,24 @@ def _described(run: RunRecord, steps: list[StepRecord]) -> list[object]:
     if run.error:
         parts.append(f"[red]Run {run.status.value}:[/red] {escape(run.error)}")
     return parts
+
+
+SHOWN_CACHED = 20
+"""Cached steps named per source run in ``run describe``; more are counted."""
+
+
+def _cached_lines(steps: list[StepRecord]) -> list[object]:
+    """Which run each cached step's outputs came from: one line per source run."""
+    sources: dict[str, list[str]] = {}
+    for step in steps:
+        if step.status is StepStatus.CACHED and step.cached_from:
+            sources.setdefault(step.cached_from, []).append(step.name)
+    lines: list[object] = []
+    for source, names in sources.items():
+        shown = ", ".join(names[:SHOWN_CACHED])
+        more = f" and {len(names) - SHOWN_CACHED} more" if len(names) > SHOWN_CACHED else ""
+        lines.append(Text(f"Cached from run {source}: {shown}{more}"))
+    return lines
 
 
 @run_app.command("logs")

@@ -129,4 +129,24 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE artifacts ADD COLUMN materializer_version TEXT;
     """,
+    # 7: step caching and retried runs: each step's cache key (indexed, to find an earlier
+    # step with the same key), the run a cached step's outputs came from, and the run a run
+    # retries; people read it through the view, which is made again with the column
+    """
+    ALTER TABLE steps ADD COLUMN cache_key TEXT;
+    ALTER TABLE steps ADD COLUMN cached_from TEXT;
+    CREATE INDEX steps_cache_key ON steps (cache_key) WHERE cache_key IS NOT NULL;
+    ALTER TABLE runs ADD COLUMN retry_of TEXT;
+    CREATE INDEX runs_retry_of ON runs (retry_of) WHERE retry_of IS NOT NULL;
+    DROP VIEW runs_and_requests;
+    CREATE VIEW runs_and_requests AS
+        SELECT id, pipeline, stack_id, stack_name, stack_snapshot, status, parameters, spec,
+               created, started, finished, error, idempotency_key, retry_of,
+               (SELECT group_concat(r.id) FROM runs r WHERE r.retry_of = runs.id) AS retried_by
+        FROM runs
+        UNION ALL
+        SELECT id, pipeline, stack_id, stack_name, '{}', 'queued', parameters, spec,
+               created, NULL, NULL, NULL, idempotency_key, NULL, NULL
+        FROM run_requests WHERE id NOT IN (SELECT id FROM runs);
+    """,
 )

@@ -39,6 +39,8 @@ from conveyor.service.store.id_prefixes import (
 )
 
 ACTIVE = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
+MAX_QUERY_KEYS = 500
+"""Values bound in one query at most (SQLite allows 32766; shorter queries plan faster)."""
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -65,7 +67,14 @@ def _run_record(row: aiosqlite.Row) -> RunRecord:
         finished=_dt(row["finished"]),
         error=row["error"],
         idempotency_key=row["idempotency_key"],
+        retry_of=row["retry_of"],
+        # A Row's ``in`` looks at its values; the runs table (not the view) has no column.
+        retried_by=_ids(row["retried_by"]) if "retried_by" in row.keys() else [],  # noqa: SIM118
     )
+
+
+def _ids(joined: str | None) -> list[str]:
+    return sorted(joined.split(",")) if joined else []
 
 
 def _artifact_ref(row: aiosqlite.Row) -> ArtifactRef:
@@ -114,12 +123,13 @@ class RunStore:
         idempotency_key: str | None,
         owner: tuple[str, int, str] | None,
         now: datetime,
+        retry_of: str | None = None,
     ) -> None:
         host, pid, token = owner if owner else (None, None, None)
         writes.add(
             "INSERT INTO runs (id, pipeline, stack_id, stack_name, stack_snapshot, status,"
-            " parameters, spec, created, idempotency_key, owner_host, owner_pid, owner_token)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " parameters, spec, created, idempotency_key, owner_host, owner_pid, owner_token,"
+            " retry_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     run_id,
@@ -135,6 +145,7 @@ class RunStore:
                     host,
                     pid,
                     token,
+                    retry_of,
                 )
             ],
         )
@@ -185,7 +196,8 @@ class RunStore:
             "UPDATE steps SET status = ?, attempt = ?, started = COALESCE(?, started),"
             " finished = ?, duration_s = COALESCE(?, duration_s), error = ?,"
             " traceback = ?, pid = COALESCE(?, pid), worker = COALESCE(?, worker),"
-            " logs = COALESCE(?, logs), retry_at = ? WHERE run_id = ? AND name = ?",
+            " logs = COALESCE(?, logs), retry_at = ?, cache_key = COALESCE(?, cache_key),"
+            " cached_from = COALESCE(?, cached_from) WHERE run_id = ? AND name = ?",
             (
                 (
                     u.status.value,
@@ -199,6 +211,8 @@ class RunStore:
                     u.worker,
                     u.logs.model_dump_json() if u.logs else None,
                     _ts(u.retry_at),
+                    u.cache_key,
+                    u.cached_from,
                     run_id,
                     u.name,
                 )
@@ -383,6 +397,7 @@ class RunStore:
                 outputs=outputs.get(row["name"], {}),
                 logs=ArtifactRef.model_validate_json(row["logs"]) if row["logs"] else None,
                 retry_at=_dt(row["retry_at"]),
+                cached_from=row["cached_from"],
             )
             for row in rows
         ]
@@ -392,6 +407,10 @@ class RunStore:
         run = await self.run_by_id(run_id)
         state = RunState.new(run.id, await self.spec_of(run.id))
         state.status, state.error = run.status, run.error
+        rows = await self.db.fetchall(
+            "SELECT name, cache_key FROM steps WHERE run_id = ?", (run.id,)
+        )
+        keys = {row["name"]: row["cache_key"] for row in rows}
         for record in await self.steps_of(run.id):
             state.steps[record.name] = StepState(
                 spec=state.steps[record.name].spec,
@@ -399,9 +418,56 @@ class RunStore:
                 attempt=record.attempt,
                 outputs=dict(record.outputs),
                 retry_at=record.retry_at,
+                cache_key=keys.get(record.name),
             )
         state.recount()
+        if run.retry_of is not None:
+            state.retry_of = run.retry_of
+            state.previous = await self.retried_steps(run.retry_of)
         return state
+
+    async def reusable(self, keys: Sequence[str], stack_id: str) -> dict[str, tuple[str, str, str]]:
+        """For each of ``keys`` that a step of a run on ``stack_id`` completed with, the
+        latest such step: (its run, its name, the run that computed its outputs)."""
+        found: dict[str, tuple[str, str, str]] = {}
+        for start in range(0, len(keys), MAX_QUERY_KEYS):
+            chunk = list(keys[start : start + MAX_QUERY_KEYS])
+            marks = ",".join("?" * len(chunk))
+            rows = await self.db.fetchall(
+                f"SELECT cache_key, run_id, name, cached_from FROM steps WHERE cache_key IN"
+                f" ({marks}) AND status IN (?, ?) AND run_id IN"
+                " (SELECT id FROM runs WHERE stack_id = ?) ORDER BY finished",
+                (*chunk, StepStatus.COMPLETED.value, StepStatus.CACHED.value, stack_id),
+            )
+            for row in rows:  # the latest last: it wins
+                origin = row["cached_from"] or row["run_id"]
+                found[row["cache_key"]] = (row["run_id"], row["name"], origin)
+        return found
+
+    async def step_outputs(
+        self, steps: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], dict[str, ArtifactRef]]:
+        """The outputs of each (run, step) of ``steps``."""
+        found: dict[tuple[str, str], dict[str, ArtifactRef]] = {}
+        for start in range(0, len(steps), MAX_QUERY_KEYS // 2):
+            chunk = steps[start : start + MAX_QUERY_KEYS // 2]
+            where = " OR ".join("(run_id = ? AND step_name = ?)" for _ in chunk)
+            rows = await self.db.fetchall(
+                f"SELECT * FROM artifacts WHERE {where}", tuple(v for s in chunk for v in s)
+            )
+            for row in rows:
+                step = (row["run_id"], row["step_name"])
+                found.setdefault(step, {})[row["output_name"]] = _artifact_ref(row)
+        return found
+
+    async def retried_steps(self, run_id: str) -> dict[str, tuple[str | None, str]]:
+        """The steps of ``run_id`` that completed or were cached: their cache key and the
+        run that computed their outputs, by name (what a retry of the run may reuse)."""
+        rows = await self.db.fetchall(
+            "SELECT name, cache_key, cached_from FROM steps WHERE run_id = ? AND status IN (?, ?)",
+            (run_id, StepStatus.COMPLETED.value, StepStatus.CACHED.value),
+        )
+        return {row["name"]: (row["cache_key"], row["cached_from"] or run_id) for row in rows}
 
     async def active_run_ids(self, stack_id: str) -> list[str]:
         rows = await self.db.fetchall(

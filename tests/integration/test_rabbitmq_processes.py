@@ -53,8 +53,13 @@ def test_quickstart_runs_on_a_controller_and_two_workers(
     seen: set[int] = set()
     with Client() as client:
         for _ in range(3):
+            # Not cached: each run computes every step again, on either worker.
             result = conveyor_cli(
-                "pipeline", "run", "examples/quickstart.py:training_pipeline", timeout=90
+                "pipeline",
+                "run",
+                "examples/quickstart.py:training_pipeline",
+                "--no-cache",
+                timeout=90,
             )
             assert result.returncode == 0, result.stdout + result.stderr + processes.dump()
             assert "evaluate.output = " in result.stdout

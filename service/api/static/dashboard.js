@@ -32,6 +32,9 @@
     if (!step.started) {
       return "not started" + retry;
     }
+    if (step.cached_from) {
+      return "outputs of run " + step.cached_from.slice(0, 12) + " · reused at " + clock(step.started);
+    }
     return "attempt " + step.attempt + " of " + (step.max_retries + 1) +
       (step.worker ? " · " + step.worker : "") + " · " + clock(step.started) + " to " +
       (step.finished ? clock(step.finished) : "now") + " · " + seconds(step.duration_s) + retry;
@@ -115,7 +118,12 @@
     }
     badge(row.querySelector(".tl-status"), step.status);
     row.querySelector(".retried-mark").hidden = step.attempt <= 1;
-    row.querySelector(".cached-mark").hidden = step.status !== "cached";
+    var mark = row.querySelector(".cached-mark");
+    mark.hidden = step.status !== "cached";
+    if (step.cached_from) {
+      mark.setAttribute("href", "/runs/" + encodeURIComponent(step.cached_from));
+      mark.setAttribute("title", "outputs of run " + step.cached_from);
+    }
     row.querySelector(".tl-meta").textContent = stepMeta(step);
     var bar = row.querySelector(".tl-bar");
     var going = step.bar && step.bar.going ? " going" : "";
@@ -133,7 +141,19 @@
     badge(row.querySelector(".status"), step.status);
     row.querySelector(".attempts").textContent = String(step.attempt);
     row.querySelector(".duration").textContent = seconds(step.duration_s);
-    row.querySelector(".error").textContent = step.error || "";
+    var error = row.querySelector(".error");
+    error.textContent = step.error || "";
+    if (step.cached_from) {
+      var from = document.createElement("span");
+      from.className = "cached-from";
+      from.appendChild(document.createTextNode("cached from run "));
+      var link = document.createElement("a");
+      link.className = "mono";
+      link.href = "/runs/" + encodeURIComponent(step.cached_from);
+      link.textContent = step.cached_from.slice(0, 12);
+      from.appendChild(link);
+      error.insertBefore(from, error.firstChild);
+    }
     outputs(row.querySelector(".outputs"), step.outputs);
   }
 

@@ -1,0 +1,47 @@
+"""Retrying a run: which runs may be retried, and the pipeline and parameters to run again.
+
+A retry is a new run of the same pipeline reference and parameters, compiled again from the
+code as it is now (a fixed bug is picked up), that names the run it retries. Its controller
+completes from the old run's outputs every step that completed or was cached there and
+whose cache key is unchanged (the same code, parameters and inputs), and runs the others.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conveyor.contracts import ConflictError, ConveyorError, PipelineSpec, RunRecord, RunStatus
+from conveyor.service.pipelines import PipelineDefinition, load_pipeline
+
+RETRYABLE = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+def check_retryable(run: RunRecord) -> None:
+    """Only a run that failed or was cancelled may be retried."""
+    if run.status is RunStatus.COMPLETED:
+        raise ConflictError(
+            f"run {run.id} completed, there is nothing to retry; only a failed or cancelled "
+            "run can be retried"
+        )
+    if run.status not in RETRYABLE:
+        raise ConflictError(
+            f"run {run.id} is {run.status.value}: cancel it first, or wait for its end; only "
+            "a failed or cancelled run can be retried"
+        )
+
+
+def pipeline_to_retry(
+    run: RunRecord, spec: PipelineSpec
+) -> tuple[PipelineDefinition, dict[str, Any]]:
+    """The pipeline that ``run`` ran, loaded again from its reference, and its parameters."""
+    check_retryable(run)
+    if not spec.ref:
+        raise ConveyorError(f"run {run.id} names no pipeline reference to compile again")
+    try:
+        definition = load_pipeline(spec.ref)
+    except ConveyorError as exc:
+        raise ConveyorError(
+            f"cannot retry run {run.id}: {exc} (run the retry from the folder its pipeline "
+            "ran from)"
+        ) from None
+    return definition, dict(run.parameters)
