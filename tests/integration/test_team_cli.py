@@ -1,0 +1,135 @@
+"""Client mode: homes logged in to a server, each as its own user, use the same commands as
+against a local store; they see their own private stacks and every shared one."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conveyor.service.client import Client
+from conveyor.service.remote_client import RemoteClient
+from tests.integration.cli_helpers import (
+    ADMIN_TOKEN,
+    as_json,
+    cli,
+    log_in,
+    new_user,
+    ok,
+    refused,
+    rows,
+    team_server,
+)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[str]:
+    with team_server(tmp_path / "logs", tmp_path / "server-home") as url:
+        yield url
+
+
+def _stacks_of(home: Path, name: str, tmp: Path) -> None:
+    for kind, share in (("private", []), ("shared", ["--share"])):
+        stack = f"{name}-{kind}"
+        ok("orchestrator", "register", f"{stack}-o", "--flavor", "local", *share, home=home)
+        ok(
+            "artifact-store",
+            "register",
+            f"{stack}-a",
+            "--flavor",
+            "local",
+            f"--path={tmp / stack}",
+            home=home,
+        )
+        ok("stack", "register", stack, "-o", f"{stack}-o", "-a", f"{stack}-a", *share, home=home)
+
+
+def test_two_logged_in_users_share_stacks_as_on_a_team_server(server: str, tmp_path: Path) -> None:
+    admin, alice, bob = (tmp_path / n for n in ("admin", "alice", "bob"))
+    log_in(admin, server)
+    for name, home in (("alice", alice), ("bob", bob)):
+        log_in(home, server, new_user(server, name, admin_home=admin))
+    _stacks_of(alice, "alice", tmp_path)
+    _stacks_of(bob, "bob", tmp_path)
+    # No local store was made in the users' homes: everything lives on the server.
+    assert not (alice / "conveyor.db").exists()
+
+    listed = rows(ok("stack", "list", home=alice).stdout)
+    assert listed[0] == [
+        "ACTIVE",
+        "STACK NAME",
+        "STACK ID",
+        "SHARED",
+        "OWNER",
+        "ARTIFACT_STORE",
+        "ORCHESTRATOR",
+    ]
+    seen = {(r[1], r[3], r[4]) for r in listed[1:]}
+    assert seen == {
+        ("alice-private", "➖", "alice"),
+        ("alice-shared", "✅", "alice"),
+        ("bob-shared", "✅", "bob"),
+    }
+    assert {s["name"] for s in as_json("stack", "list", home=bob)} == {
+        "bob-private",
+        "bob-shared",
+        "alice-shared",
+    }
+    described = ok("stack", "describe", "alice-shared", home=bob).stdout
+    assert "is owned by user alice and is 'shared'" in " ".join(described.split())
+    assert "no stack named 'alice-private'" in refused(
+        "stack", "describe", "alice-private", home=bob
+    )
+    components = rows(ok("orchestrator", "list", home=bob).stdout)
+    assert {r[1] for r in components[1:]} == {"bob-private-o", "bob-shared-o", "alice-shared-o"}
+
+    # Only the owner or an admin deletes.
+    assert "belongs to user 'bob'" in refused("stack", "delete", "bob-shared", "-y", home=alice)
+    ok("stack", "delete", "bob-shared", "-y", home=admin)
+    assert "bob-shared" not in {s["name"] for s in as_json("stack", "list", home=alice)}
+
+    # The active stack is each user's own.
+    ok("stack", "set", "alice-private", home=alice)
+    assert "The active stack is 'alice-private'" in ok("stack", "get", home=alice).stdout
+    assert [s["name"] for s in as_json("stack", "list", home=bob) if s["active"]] == []
+
+    # The Python Client of a logged-in home is the server's too.
+    os.environ["CONVEYOR_HOME"] = str(alice)
+    try:
+        with Client() as client:
+            assert isinstance(client, RemoteClient)
+            assert client.active_stack_name() == "alice-private"
+        with Client.local(alice) as local:
+            assert not isinstance(local, RemoteClient)
+    finally:
+        os.environ.pop("CONVEYOR_HOME")
+
+
+def test_status_login_and_tokens(server: str, tmp_path: Path) -> None:
+    admin, carol = tmp_path / "admin", tmp_path / "carol"
+    assert "Local store:" in ok("status", home=carol).stdout
+    log_in(admin, server)
+    token = new_user(server, "carol", admin_home=admin)
+    assert token not in ok("user", "list", home=admin).stdout
+
+    wrong = cli("login", server, "--token", "wrong-token", home=carol)
+    assert wrong.exit_code == 1 and "does not know this token" in wrong.stderr
+    log_in(carol, server, token)
+    login_file = carol / "login.json"
+    assert stat.S_IMODE(login_file.stat().st_mode) == 0o600
+    shown = ok("status", home=carol)
+    assert f"Server: {server}" in shown.stdout and "User: carol (member)" in shown.stdout
+    assert "Active stack: default" in shown.stdout and "Server version:" in shown.stdout
+    assert token not in shown.stdout + shown.stderr
+    assert "only an admin may create users" in refused("user", "create", "eve", home=carol)
+
+    # A rotated token is refused at once, with the way out.
+    ok("user", "rotate-token", "carol", home=admin)
+    assert "401" not in (message := refused("stack", "list", home=carol))
+    assert "conveyor login" in message
+    ok("logout", home=carol)
+    assert "Local store:" in ok("status", home=carol).stdout
+    assert ADMIN_TOKEN not in (tmp_path / "logs" / "server.err").read_text()
