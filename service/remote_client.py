@@ -266,10 +266,10 @@ class RemoteClient(Client):
         params = {"stack": stack, "pipeline": pipeline, "status": status, "user": user}
         chosen = {k: str(v) for k, v in params.items() if v is not None}
         found = self._pages("/api/runs", chosen, limit=offset + limit)
-        return [RunRecord.model_validate(item) for item in found][offset:]
+        return [_run_record(item) for item in found][offset:]
 
     def get_run(self, run_id: str) -> RunRecord:
-        return RunRecord.model_validate(self._json("GET", f"/api/runs/{_path(run_id)}"))
+        return _run_record(self._json("GET", f"/api/runs/{_path(run_id)}"))
 
     def get_steps(self, run_id: str) -> list[StepRecord]:
         found = self._json("GET", f"/api/runs/{_path(run_id)}/steps")
@@ -282,7 +282,7 @@ class RemoteClient(Client):
 
     def cancel_run(self, run_id: str, reason: str = "cancelled by user") -> RunRecord:
         found = self._json("POST", f"/api/runs/{_path(run_id)}/cancel", json={"reason": reason})
-        return RunRecord.model_validate(found)
+        return _run_record(found)
 
     def delete_run(self, run_id: str) -> None:
         self.request("DELETE", f"/api/runs/{_path(run_id)}")
@@ -366,6 +366,11 @@ def _path(part: str) -> str:
 
 def _component_path(type_: TypeName, name: str) -> str:
     return f"/api/components/{parse_type(type_).value}/{_path(name)}"
+
+
+def _run_record(item: dict[str, Any]) -> RunRecord:
+    # ``duration_s`` is computed from started and finished, not a field to set.
+    return RunRecord.model_validate({k: v for k, v in item.items() if k != "duration_s"})
 
 
 def _stack(item: dict[str, Any]) -> StackSpec:

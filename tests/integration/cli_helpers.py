@@ -29,7 +29,7 @@ def cli(*args: str, home: Path | None = None) -> Result:
 
 def ok(*args: str, home: Path | None = None) -> Result:
     result = cli(*args, home=home)
-    assert result.exit_code == 0, (args, result.stdout, result.stderr)
+    assert result.exit_code == 0, (args, result.stdout, result.stderr, result.exception)
     return result
 
 

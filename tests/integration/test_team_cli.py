@@ -133,3 +133,54 @@ def test_status_login_and_tokens(server: str, tmp_path: Path) -> None:
     ok("logout", home=carol)
     assert "Local store:" in ok("status", home=carol).stdout
     assert ADMIN_TOKEN not in (tmp_path / "logs" / "server.err").read_text()
+
+
+def test_a_logged_in_home_lists_reads_and_loads_the_servers_runs(
+    server: str, tmp_path: Path
+) -> None:
+    """A run submitted as alice (through the API: ``pipeline run`` from a laptop is not
+    built yet) is listed, described, its logs read and its output loaded from her home,
+    which has no store of its own."""
+    import httpx
+
+    from tests.integration.api_helpers import QUICKSTART
+
+    admin, alice = tmp_path / "admin", tmp_path / "alice"
+    log_in(admin, server)
+    ok("stack", "share", "default", home=admin)
+    token = new_user(server, "alice", admin_home=admin)
+    log_in(alice, server, token)
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=server, headers=headers, timeout=60) as api:
+        made = api.post("/api/runs", json={"pipeline": QUICKSTART, "parameters": {"epochs": 2}})
+        assert made.status_code == 201, made.text
+        run_id = made.json()["id"]
+        while api.get(f"/api/runs/{run_id}").json()["status"] not in ("completed", "failed"):
+            pass
+
+    listed = rows(ok("run", "list", "--user", "alice", home=alice).stdout)
+    assert listed[0][-1] == "USER" and [(r[0], r[3], r[-1]) for r in listed[1:]] == [
+        (run_id, "completed", "alice")
+    ]
+    assert rows(ok("run", "list", "--user", "bob", home=alice).stdout)[1:] == []
+    described = " ".join(ok("run", "describe", run_id[:8], home=alice).stdout.split())
+    assert f"Run {run_id}" in described and "submitted by alice: completed" in described
+    # The same output as on the server's own home (its local store).
+    server_home = tmp_path / "server-home"
+    for command in (
+        ("run", "logs", run_id),
+        ("run", "describe", run_id),
+        ("run", "list", "--user", "alice"),
+        ("stack", "describe", "default"),
+    ):
+        remote, local = ok(*command, home=alice), ok(*command, home=server_home)
+        assert (remote.stdout, remote.stderr) == (local.stdout, local.stderr), command
+    artifacts = as_json("artifact", "list", "--run", run_id, home=alice)
+    evaluation = next(a for a in artifacts if a["step_name"] == "evaluate")
+    value = ok("artifact", "get", evaluation["id"], home=alice).stdout
+    assert "accuracy" in value
+    saved = tmp_path / "weights.bin"
+    weights = next(a for a in artifacts if a["step_name"] == "train")
+    ok("artifact", "get", weights["id"], "--to", str(saved), home=alice)
+    assert saved.stat().st_size == weights["ref"]["size"]
+    assert not (alice / "conveyor.db").exists()
