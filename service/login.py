@@ -32,6 +32,17 @@ class Login:
         return f"Login(url={self.url!r}, user={self.user!r})"
 
 
+def runs_not_through_a_server(login: Login, what: str) -> ConveyorError:
+    """Why ``what`` (a pipeline run) stops on a logged-in home: a run does not go through a
+    server yet, and running it on this home's own store behind the user's back would put it
+    where nobody of the team sees it."""
+    return ConveyorError(
+        f"this home is logged in to {login.url}, and {what} does not yet go through a "
+        "server: submit with POST /api/runs (the server compiles pipelines of its --pipelines "
+        "folder), or conveyor logout to run on this home's own store"
+    )
+
+
 def login_path(home: Home) -> Path:
     return home.path / LOGIN_FILE
 

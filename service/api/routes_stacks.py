@@ -97,7 +97,7 @@ async def copy_stack(
 
 @router.post("/stacks/{name}/activate", response_model=StackView, tags=["stacks"])
 async def activate_stack(name: str, services: Services = Depends(api_services)) -> StackView:
-    """Make the stack the active one of this home (the server keeps serving its own)."""
+    """Make the stack the requesting user's active one (the server keeps serving its own)."""
     stack = await services.stacks.activate(name)
     return await _shown(services, stack.name)
 

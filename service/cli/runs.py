@@ -36,7 +36,7 @@ from conveyor.service.cli.output import (
 from conveyor.service.cli.run_progress import RunFollower
 from conveyor.service.cli.state import client
 from conveyor.service.home import Home
-from conveyor.service.login import read_login
+from conveyor.service.login import read_login, runs_not_through_a_server
 from conveyor.service.public_records import public_run
 from conveyor.service.store.runs import check_deletable
 from conveyor.workers.flavors import masked_stack_snapshot
@@ -159,11 +159,7 @@ def run_pipeline(
         # Not yet: a run from a logged-in client would compile here, upload its code archive
         # and be followed live through the server; until then, say so rather than run on
         # this home's own store behind the user's back.
-        fail(
-            f"this home is logged in to {login.url}, and 'pipeline run' does not yet go "
-            "through a server: submit with POST /api/runs (the server compiles pipelines of "
-            "its --pipelines folder), or conveyor logout to run on this home's own store"
-        )
+        fail(str(runs_not_through_a_server(login, "'pipeline run'")))
     # As `python -m` does: a module of the working directory is importable by its name.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

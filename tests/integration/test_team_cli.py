@@ -184,3 +184,16 @@ def test_a_logged_in_home_lists_reads_and_loads_the_servers_runs(
     ok("artifact", "get", weights["id"], "--to", str(saved), home=alice)
     assert saved.stat().st_size == weights["ref"]["size"]
     assert not (alice / "conveyor.db").exists()
+
+
+def test_a_run_from_a_logged_in_home_stops_rather_than_run_locally(tmp_path: Path) -> None:
+    """``pipeline run`` and a pipeline call do not go through a server yet: they say so."""
+    from conveyor.service.home import Home
+    from conveyor.service.login import Login, save_login
+    from tests.integration.api_helpers import QUICKSTART
+
+    laptop = tmp_path / "laptop"
+    save_login(Home(laptop), Login(url="http://127.0.0.1:9", user="alice", token="cvy_x"))
+    message = refused("pipeline", "run", QUICKSTART, home=laptop)
+    assert "logged in to http://127.0.0.1:9" in message and "conveyor logout" in message
+    assert not (laptop / "conveyor.db").exists()

@@ -192,3 +192,24 @@ def test_the_first_server_up_prints_the_admin_token_once(tmp_path: Path) -> None
     listed = conveyor_cli("user", "list")
     assert listed.returncode == 0 and "default" in listed.stdout and "admin" in listed.stdout
     assert token not in listed.stdout + listed.stderr
+
+
+def test_the_dashboard_logs_each_user_in_and_forgets_a_rotated_token(server: Server) -> None:
+    admin = _api(server, ADMIN_TOKEN)
+    token = _new_user(admin, "alice")
+    browser = _api(server, None)
+    wrong = browser.post("/login", data={"token": "nope", "next": "/"})
+    assert wrong.status_code == 401 and "conveyor_session" not in wrong.headers.get(
+        "set-cookie", ""
+    )
+    logged_in = browser.post("/login", data={"token": token, "next": "/"})
+    assert logged_in.status_code == 303
+    cookie = logged_in.headers["set-cookie"]
+    assert token not in cookie and "conveyor_session=alice." in cookie
+    page = browser.get("/")
+    assert page.status_code == 200 and "Signed in as <strong>alice</strong>" in page.text
+    assert "(admin)" not in page.text
+    # A rotated token ends the sessions it opened.
+    assert admin.post("/api/users/alice/rotate-token").status_code == 200
+    after = browser.get("/", follow_redirects=False)
+    assert after.status_code == 303 and after.headers["location"].startswith("/login")
