@@ -53,7 +53,8 @@ def read_login(home: Home) -> Login | None:
     try:
         data = json.loads(path.read_text())
         return Login(url=str(data["url"]), user=str(data["user"]), token=str(data["token"]))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        # No login; a home that is not a folder is reported when the store is opened.
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConveyorError(

@@ -197,3 +197,11 @@ def test_a_run_from_a_logged_in_home_stops_rather_than_run_locally(tmp_path: Pat
     message = refused("pipeline", "run", QUICKSTART, home=laptop)
     assert "logged in to http://127.0.0.1:9" in message and "conveyor logout" in message
     assert not (laptop / "conveyor.db").exists()
+
+
+def test_a_damaged_login_file_is_one_line(tmp_path: Path) -> None:
+    laptop = tmp_path / "laptop"
+    laptop.mkdir()
+    (laptop / "login.json").write_text("{not json")
+    message = refused("stack", "list", home=laptop)
+    assert "cannot read the login in" in message and "log in again" in message
