@@ -66,7 +66,7 @@ def read_login(home: Home) -> Login | None:
 def save_login(home: Home, login: Login) -> Path:
     """Write the login, created with mode 0600 (then renamed into place, so that a reader
     never sees half a file and the token is never readable by others, even briefly)."""
-    home.path.mkdir(parents=True, exist_ok=True)
+    home.path.mkdir(mode=0o700, parents=True, exist_ok=True)  # as the store makes it
     path = login_path(home)
     staged = path.with_suffix(".tmp")
     staged.unlink(missing_ok=True)

@@ -186,7 +186,8 @@ class RemoteClient(Client):
         return _stack(self._json("POST", f"/api/stacks/{_path(source)}/copy", json=body))
 
     def deletable_stack(self, name: str) -> StackSpec:
-        # The server checks every rule when asked to delete; this finds the stack.
+        # Asked before a confirmation: what would be refused anyway is told first.
+        self.request("DELETE", f"/api/stacks/{_path(name)}", params={"dry_run": "true"})
         return self.get_stack(name)
 
     def delete_stack(self, name: str) -> None:

@@ -113,9 +113,17 @@ async def share_stack(
 
 
 @router.delete("/stacks/{name}", status_code=204, tags=["stacks"])
-async def delete_stack(name: str, services: Services = Depends(api_services)) -> Response:
-    """Delete a stack (never the default or the active one); its components stay."""
-    await services.stacks.delete_stack(name)
+async def delete_stack(
+    name: str,
+    dry_run: bool = Query(False, description="Only check that the rules let it be deleted"),
+    services: Services = Depends(api_services),
+) -> Response:
+    """Delete a stack (never the default or the active one); its components stay. With
+    ``dry_run``, the answer is the same (204, or the error why not) and nothing changes."""
+    if dry_run:
+        await services.stacks.deletable(name)
+    else:
+        await services.stacks.delete_stack(name)
     return Response(status_code=204)
 
 
