@@ -11,6 +11,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import aiosqlite
+
 from conveyor.contracts import (
     ComponentSpec,
     ComponentType,
@@ -202,11 +204,8 @@ class StackService(ComponentRules):
             renamed = stack.model_copy(update={"name": new_name})
             await self.store.save_stack(conn, renamed)
             # Every user whose active stack it was keeps it active.
-            prefix = f"{ACTIVE_STACK_KEY}:"
-            await conn.execute(
-                "UPDATE settings SET value = ? WHERE value = ?"
-                " AND (key = ? OR substr(key, 1, ?) = ?)",
-                (new_name, stack.name, ACTIVE_STACK_KEY, len(prefix), prefix),
+            await self.store.rename_setting_values(
+                conn, ACTIVE_STACK_KEY, f"{ACTIVE_STACK_KEY}:", stack.name, new_name
             )
         return renamed
 
@@ -282,7 +281,9 @@ class StackService(ComponentRules):
         self.actor.check_change(f"stack {stack.name!r}", stack.owner)
         return stack
 
-    async def _shared(self, conn: Any, stack: StackSpec, shared: bool) -> StackSpec:
+    async def _shared(
+        self, conn: aiosqlite.Connection, stack: StackSpec, shared: bool
+    ) -> StackSpec:
         """``stack`` shared (with its components: a stack is of use only with them) or not
         (its components stay as they are: other stacks may share them)."""
         if not shared:

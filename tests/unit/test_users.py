@@ -224,3 +224,17 @@ def test_another_major_version_is_told_apart(client: str, server: str, ok: bool)
     assert (problem is None) is ok
     if problem:
         assert server in problem and "major" in problem
+
+
+async def test_a_renamed_stack_stays_active_for_every_user_who_chose_it(
+    services: Services,
+) -> None:
+    await _stack_of(services, ALICE, "team", True)
+    alice, bob = services.stacks.for_user(ALICE), services.stacks.for_user(BOB)
+    await alice.activate("team")
+    await bob.activate("team")
+    await _stack_of(services, BOB, "team_x", True)  # '_' is no wildcard here
+    await alice.rename_stack("team", "team-2")
+    assert await alice.active_name() == "team-2"
+    assert await bob.active_name() == "team-2"
+    assert await services.stacks.active_name() == "default"
