@@ -70,7 +70,7 @@ def log_in(home: Path, url: str, token: str = ADMIN_TOKEN) -> None:
     ok("login", url, "--token", token, home=home)
 
 
-def new_user(url: str, name: str, *, admin_home: Path) -> str:
+def new_user(name: str, *, admin_home: Path) -> str:
     """A member ``name`` made by the admin logged in from ``admin_home``; their token."""
     return ok("user", "create", name, home=admin_home).stdout.strip()
 

@@ -51,7 +51,7 @@ def test_two_logged_in_users_share_stacks_as_on_a_team_server(server: str, tmp_p
     admin, alice, bob = (tmp_path / n for n in ("admin", "alice", "bob"))
     log_in(admin, server)
     for name, home in (("alice", alice), ("bob", bob)):
-        log_in(home, server, new_user(server, name, admin_home=admin))
+        log_in(home, server, new_user(name, admin_home=admin))
     _stacks_of(alice, "alice", tmp_path)
     _stacks_of(bob, "bob", tmp_path)
     # No local store was made in the users' homes: everything lives on the server.
@@ -113,7 +113,7 @@ def test_status_login_and_tokens(server: str, tmp_path: Path) -> None:
     admin, carol = tmp_path / "admin", tmp_path / "carol"
     assert "Local store:" in ok("status", home=carol).stdout
     log_in(admin, server)
-    token = new_user(server, "carol", admin_home=admin)
+    token = new_user("carol", admin_home=admin)
     assert token not in ok("user", "list", home=admin).stdout
 
     wrong = cli("login", server, "--token", "wrong-token", home=carol)
@@ -149,7 +149,7 @@ def test_a_logged_in_home_lists_reads_and_loads_the_servers_runs(
     admin, alice = tmp_path / "admin", tmp_path / "alice"
     log_in(admin, server)
     ok("stack", "share", "default", home=admin)
-    token = new_user(server, "alice", admin_home=admin)
+    token = new_user("alice", admin_home=admin)
     log_in(alice, server, token)
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=server, headers=headers, timeout=60) as api:
