@@ -43,6 +43,10 @@ class ConflictError(ConveyorError):
     """A rule refused the change: a name exists, a component is in use (an HTTP 409)."""
 
 
+class NotAllowed(ConveyorError):
+    """The caller may not do this: another user's stack or component, or an admin's task."""
+
+
 class ValidationError(ConveyorError):
     """Input has the wrong shape: an unknown config key, a wrong type (an HTTP 422)."""
 

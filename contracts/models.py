@@ -22,6 +22,21 @@ class ComponentType(StrEnum):
     ARTIFACT_STORE = "artifact_store"
 
 
+class Role(StrEnum):
+    """What a user of a server may do: an admin everything, a member their own things."""
+
+    ADMIN = "admin"
+    MEMBER = "member"
+
+
+class UserRecord(Frozen):
+    """A user of a server; the token is never part of it (only its hash is stored)."""
+
+    name: str
+    role: Role
+    created: datetime
+
+
 class RunStatus(StrEnum):
     """Lifecycle of a pipeline run."""
 
@@ -200,6 +215,8 @@ class RunRecord(Frozen):
     """The failed or cancelled run this run retries (``conveyor run retry``)."""
     retried_by: list[str] = Field(default_factory=list)
     """The runs that retry this one, oldest first."""
+    user: str = "default"
+    """Who submitted the run (``default``: the local user, and runs from before users)."""
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -20,15 +20,18 @@ from conveyor.contracts import (
     ComponentType,
     NotFoundError,
     PipelineSpec,
+    Role,
     RunRecord,
     RunStatus,
     StackSpec,
     StepRecord,
+    UserRecord,
 )
 from conveyor.service.blocking import LoopThread
 from conveyor.service.components import parse_type
 from conveyor.service.context import Services
 from conveyor.service.home import Home
+from conveyor.service.login import read_login
 from conveyor.workers.flavors import Flavor, run_artifact_store
 
 if TYPE_CHECKING:
@@ -41,7 +44,27 @@ T = TypeVar("T")
 
 
 class Client:
-    """Stacks, runs and artifacts of one CONVEYOR_HOME. Close it, or use ``with``."""
+    """Stacks, runs and artifacts of one CONVEYOR_HOME. Close it, or use ``with``.
+
+    This is the one place where local and client mode part: ``Client(home)`` is this class,
+    over the home's own store, unless the home holds a login to a server (``conveyor
+    login``); then it is a ``RemoteClient``, the same methods over the server's HTTP API
+    (as ``pathlib.Path()`` is a ``PosixPath``). ``Client.local(home)`` is always local.
+    """
+
+    def __new__(cls, home: str | Path | Home | None = None) -> Client:
+        if cls is Client and read_login(home if isinstance(home, Home) else Home.resolve(home)):
+            # Imported here: httpx is for client mode only.
+            from conveyor.service.remote_client import RemoteClient
+
+            return super().__new__(RemoteClient)
+        return super().__new__(cls)
+
+    @staticmethod
+    def local(home: str | Path | Home | None = None) -> Client:
+        """A Client over the home's own store even if it is logged in to a server (for the
+        server itself)."""
+        return LocalClient(home)
 
     def __init__(self, home: str | Path | Home | None = None) -> None:
         self._home = home
@@ -101,10 +124,16 @@ class Client:
         name: str,
         components: Components,
         activate: bool = False,
+        shared: bool = False,
     ) -> StackSpec:
-        """A new stack of existing components: ``{"orchestrator": "o", "artifact_store": "a"}``."""
+        """A new stack of existing components: ``{"orchestrator": "o", "artifact_store": "a"}``;
+        ``shared``: every user of the server may see and use it (and its components)."""
         chosen = _typed(components)
-        return self._run(lambda s: s.stacks.register_stack(name, chosen, activate))
+        return self._run(lambda s: s.stacks.register_stack(name, chosen, activate, shared))
+
+    def share_stack(self, name: str, shared: bool = True) -> StackSpec:
+        """Share a stack (and its components) with every user, or make it private again."""
+        return self._run(lambda s: s.stacks.share_stack(name, shared))
 
     def activate_stack(self, name: str) -> StackSpec:
         """Make ``name`` the active stack of this client (``$CONVEYOR_STACK`` still wins)."""
@@ -146,12 +175,21 @@ class Client:
         return self._run(lambda s: s.stacks.get_component(parse_type(type_), name))
 
     def register_component(
-        self, type_: TypeName, name: str, flavor: str, config: dict[str, Any] | None = None
+        self,
+        type_: TypeName,
+        name: str,
+        flavor: str,
+        config: dict[str, Any] | None = None,
+        shared: bool = False,
     ) -> ComponentSpec:
         """A new component; its config is validated against the flavor's config model."""
         return self._run(
-            lambda s: s.stacks.register_component(parse_type(type_), name, flavor, config)
+            lambda s: s.stacks.register_component(parse_type(type_), name, flavor, config, shared)
         )
+
+    def share_component(self, type_: TypeName, name: str, shared: bool = True) -> ComponentSpec:
+        """Share a component with every user, or make it private again."""
+        return self._run(lambda s: s.stacks.share_component(parse_type(type_), name, shared))
 
     def update_component(self, type_: TypeName, name: str, config: dict[str, Any]) -> ComponentSpec:
         """Set config keys of a component (a ``None`` value removes a key)."""
@@ -176,6 +214,7 @@ class Client:
         stack: str | None = None,
         pipeline: str | None = None,
         status: RunStatus | str | None = None,
+        user: str | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> list[RunRecord]:
@@ -194,6 +233,7 @@ class Client:
                 stack_name=stack_name,
                 pipeline=pipeline,
                 status=RunStatus(status) if status else None,
+                user=user,
                 limit=limit,
                 offset=offset,
             )
@@ -278,6 +318,28 @@ class Client:
     def delete_run(self, run_id: str) -> None:
         self._run(lambda s: s.runs.delete_run(run_id))
 
+    # --- users (of a server: on its own home, or through its API when logged in) ---
+
+    def list_users(self) -> list[UserRecord]:
+        return self._run(lambda s: s.users.list_users())
+
+    def create_user(self, name: str, role: Role | str = Role.MEMBER) -> tuple[UserRecord, str]:
+        """A new user and their token; the token is never shown again."""
+        return self._run(lambda s: s.users.create(name, Role(role)))
+
+    def delete_user(self, name: str) -> None:
+        """Delete a user; their stacks, components and runs stay (under their name)."""
+        self._run(lambda s: s.users.delete(name))
+
+    def bootstrap_admin(self, token: str | None = None) -> str | None:
+        """Make sure the admin, ``default``, exists (with ``token`` if given); the new token
+        when one was made now (to be shown once), else None."""
+        return self._run(lambda s: s.users.ensure_admin(token))
+
+    def rotate_token(self, name: str) -> str:
+        """A new token for ``name``; the old one gets 401 from then on."""
+        return self._run(lambda s: s.users.rotate_token(name))
+
     # --- artifacts ---
 
     def list_artifacts(
@@ -316,6 +378,10 @@ class Client:
             artifact.ref.uri, artifact.ref.digest, lambda path: shutil.copyfile(path, to)
         )
         return artifact.ref.size
+
+
+class LocalClient(Client):
+    """A Client over its home's own store, whether or not the home is logged in."""
 
 
 async def _home_of(services: Services) -> Home:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conveyor.contracts import (
     ComponentSpec,
@@ -24,6 +24,9 @@ from conveyor.contracts import (
 from conveyor.contracts.errors import shown
 from conveyor.service.store import Database, StackStore
 from conveyor.workers.flavors import Flavor, flavors_of, get_flavor
+
+if TYPE_CHECKING:
+    from conveyor.service.users import Actor
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -64,10 +67,12 @@ class ComponentRules:
 
     db: Database
     store: StackStore
+    actor: Actor
 
     async def list_components(self, type_: ComponentType | None = None) -> list[ComponentSpec]:
-        """Every component, or every component of ``type_``, by name."""
-        return await self.store.components(type_)
+        """Every component this actor may see, or those of ``type_``, by name."""
+        found = await self.store.components(type_)
+        return [c for c in found if self.actor.may_see(c.owner, c.shared)]
 
     async def list_flavors(self, type_: ComponentType | None = None) -> list[Flavor]:
         """The flavors a component of ``type_`` (or of any type) can have."""
@@ -75,8 +80,9 @@ class ComponentRules:
         return [f for t in types for f in flavors_of(t)]
 
     async def get_component(self, type_: ComponentType, name: str) -> ComponentSpec:
-        """The component of ``type_`` called ``name`` (or with that id); suggests names."""
-        components = await self.store.components(type_)
+        """The component of ``type_`` called ``name`` (or with that id) if this actor may see
+        it; the error suggests names (of visible components only)."""
+        components = await self.list_components(type_)
         for component in components:
             if component.name == name:
                 return component
@@ -100,8 +106,10 @@ class ComponentRules:
         name: str,
         flavor: str,
         config: dict[str, Any] | None = None,
+        shared: bool = False,
     ) -> ComponentSpec:
-        """Create a component; refuses an existing name, an unknown flavor, an invalid config."""
+        """Create a component owned by this actor (``shared``: usable by every user); refuses
+        an existing name, an unknown flavor, an invalid config."""
         check_name(label(type_), name)
         normalized = get_flavor(type_, flavor).normalize(config or {})
         async with self.db.transaction() as conn:
@@ -117,6 +125,8 @@ class ComponentRules:
                 name=name,
                 flavor=flavor,
                 config=normalized,
+                owner=self.actor.name,
+                shared=shared,
                 created=utcnow(),
             )
             await self.store.save_component(conn, component)
@@ -129,7 +139,7 @@ class ComponentRules:
         if not config:
             raise ValidationError(f"nothing to update on {label(type_)} {name!r}: give a key")
         async with self.db.transaction() as conn:
-            component = await self.get_component(type_, name)
+            component = await self._changeable_component(type_, name)
             merged = {k: v for k, v in {**component.config, **config}.items() if v is not None}
             normalized = get_flavor(type_, component.flavor).normalize(merged)
             updated = component.model_copy(update={"config": normalized})
@@ -142,7 +152,7 @@ class ComponentRules:
         """Rename a component; the stacks that use it follow (they refer to it by id)."""
         check_name(label(type_), new_name)
         async with self.db.transaction() as conn:
-            component = await self.get_component(type_, name)
+            component = await self._changeable_component(type_, name)
             if new_name != component.name and await self.store.component(type_, new_name):
                 raise ConflictError(f"{label(type_)} {new_name!r} exists already")
             renamed = component.model_copy(update={"name": new_name})
@@ -152,7 +162,7 @@ class ComponentRules:
     async def delete_component(self, type_: ComponentType, name: str) -> None:
         """Delete a component that no stack uses; the error names the stacks that do."""
         async with self.db.transaction() as conn:
-            component = await self.get_component(type_, name)
+            component = await self._changeable_component(type_, name)
             users = await self.stacks_using(component.id)
             if users:
                 raise ConflictError(
@@ -163,3 +173,16 @@ class ComponentRules:
                     f"{'them' if len(users) > 1 else 'it'} first"
                 )
             await self.store.delete_component(conn, component.id)
+
+    async def _changeable_component(self, type_: ComponentType, name: str) -> ComponentSpec:
+        component = await self.get_component(type_, name)
+        self.actor.check_change(f"{label(type_)} {component.name!r}", component.owner)
+        return component
+
+    async def share_component(self, type_: ComponentType, name: str, shared: bool) -> ComponentSpec:
+        """Make a component usable by every user (``shared``) or by its owner only."""
+        async with self.db.transaction() as conn:
+            component = await self._changeable_component(type_, name)
+            changed = component.model_copy(update={"shared": shared})
+            await self.store.save_component(conn, changed)
+        return changed

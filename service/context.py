@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from conveyor.service.home import Home
 from conveyor.service.liveness import is_alive, this_process
 from conveyor.service.stacks import StackService
 from conveyor.service.store import Database, RunStore
+from conveyor.service.users import Actor, UserService
 
 
 @dataclass
@@ -20,6 +22,7 @@ class Services:
     db: Database
     stacks: StackService
     runs: RunStore
+    users: UserService
 
     @classmethod
     async def open(cls, home: str | Path | Home | None = None) -> Services:
@@ -28,7 +31,7 @@ class Services:
         await asyncio.to_thread(resolved.check)
         db = Database(resolved.db_path)
         await db.open()
-        services = cls(resolved, db, StackService(db, resolved), RunStore(db))
+        services = cls(resolved, db, StackService(db, resolved), RunStore(db), UserService(db))
         try:
             await services.stacks.ensure_default()
             await services.fail_dead_runs()
@@ -36,6 +39,11 @@ class Services:
             await db.close()
             raise
         return services
+
+    def as_user(self, actor: Actor) -> Services:
+        """The same services, with stacks and components seen and changed by ``actor``
+        (nothing new is opened: closing the original closes both)."""
+        return dataclasses.replace(self, stacks=self.stacks.for_user(actor))
 
     async def close(self) -> None:
         await self.db.close()

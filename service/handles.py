@@ -86,6 +86,12 @@ def run_pipeline(
     has a loop of its own in another thread. Ctrl+C (an interrupted kernel) cancels the run.
     """
     from conveyor.service.engine import Conveyor
+    from conveyor.service.home import Home
+    from conveyor.service.login import read_login, runs_not_through_a_server
+
+    login = read_login(Home.resolve())
+    if login is not None:
+        raise runs_not_through_a_server(login, "calling a pipeline")
 
     async def main() -> RunHandle:
         async with Conveyor(stack=stack) as cv:

@@ -11,6 +11,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import aiosqlite
+
 from conveyor.contracts import (
     ComponentSpec,
     ComponentType,
@@ -26,6 +28,7 @@ from conveyor.service.components import ComponentRules, check_name, label, sugge
 from conveyor.service.home import STACK_ENV, Home
 from conveyor.service.stack_files import ExportedComponent, export_data, parse_export
 from conveyor.service.store import Database, StackStore
+from conveyor.service.users import LOCAL_ADMIN, LOCAL_USER, Actor
 from conveyor.workers.flavors import exported_config, get_flavor
 from conveyor.workers.secrets import masked_paths
 
@@ -37,13 +40,29 @@ REQUIRED_TYPES = (ComponentType.ORCHESTRATOR, ComponentType.ARTIFACT_STORE)
 __all__ = ["ACTIVE_STACK_KEY", "DEFAULT", "REQUIRED_TYPES", "StackService", "suggest"]
 
 
-class StackService(ComponentRules):
-    """Stacks and their components: reads, the active stack, and every change under the rules."""
+def active_stack_key(user: str) -> str:
+    """The setting that holds ``user``'s active stack (the local user's is the plain key, as
+    it was before users)."""
+    return ACTIVE_STACK_KEY if user == LOCAL_USER else f"{ACTIVE_STACK_KEY}:{user}"
 
-    def __init__(self, db: Database, home: Home) -> None:
+
+class StackService(ComponentRules):
+    """Stacks and their components: reads, the active stack, and every change under the rules.
+
+    Every call acts for ``actor`` (the local admin on a client's own home; on a server, the
+    user of the request, through ``for_user``): a private stack or component is seen and
+    used by its owner and the admins only, and only they change or delete it.
+    """
+
+    def __init__(self, db: Database, home: Home, actor: Actor = LOCAL_ADMIN) -> None:
         self.db = db
         self.home = home
         self.store = StackStore(db)
+        self.actor = actor
+
+    def for_user(self, actor: Actor) -> StackService:
+        """The same stacks, seen and changed by ``actor``."""
+        return StackService(self.db, self.home, actor)
 
     async def ensure_default(self) -> None:
         """Create the default stack (local orchestrator, local store) on first use."""
@@ -86,12 +105,14 @@ class StackService(ComponentRules):
             )
 
     async def list_stacks(self) -> list[StackSpec]:
-        """Every stack, oldest first."""
-        return await self.store.stacks()
+        """Every stack this actor may see, oldest first."""
+        return [s for s in await self.store.stacks() if self.actor.may_see(s.owner, s.shared)]
 
     async def get(self, name: str) -> StackSpec:
-        """The stack called ``name`` (or with that id); the error suggests the closest names."""
-        stacks = await self.store.stacks()
+        """The stack called ``name`` (or with that id) if this actor may see it; the error
+        suggests the closest names (of visible stacks: another user's private stack is not
+        there for them)."""
+        stacks = await self.list_stacks()
         for stack in stacks:
             if stack.name == name:
                 return stack
@@ -104,7 +125,8 @@ class StackService(ComponentRules):
 
     async def active_name(self) -> str:
         """$CONVEYOR_STACK, else the client's chosen stack, else the default stack."""
-        return os.environ.get(STACK_ENV) or await self.store.setting(ACTIVE_STACK_KEY) or DEFAULT
+        chosen = await self.store.setting(active_stack_key(self.actor.name))
+        return os.environ.get(STACK_ENV) or chosen or DEFAULT
 
     async def resolve(self, name: str | None = None) -> StackSpec:
         """The stack a command works on: ``name`` if given, else the active stack."""
@@ -127,8 +149,11 @@ class StackService(ComponentRules):
         name: str,
         components: Mapping[ComponentType, str],
         activate: bool = False,
+        shared: bool = False,
     ) -> StackSpec:
-        """Create a stack of existing components (by name), and make it active if asked."""
+        """Create a stack of existing components (by name) owned by this actor, and make it
+        active if asked. A ``shared`` stack is usable by every user, and so are its
+        components, which this actor must then be allowed to share."""
         missing = [label(t) for t in REQUIRED_TYPES if not components.get(t)]
         if missing:
             raise ValidationError(
@@ -141,11 +166,14 @@ class StackService(ComponentRules):
                 id=new_id(),
                 name=name,
                 components=await self._components(components),
+                owner=self.actor.name,
                 created=utcnow(),
             )
+            if shared:
+                stack = await self._shared(conn, stack, True)
             await self.store.save_stack(conn, stack)
             if activate:
-                await self.store.set_setting(conn, ACTIVE_STACK_KEY, stack.name)
+                await self.store.set_setting(conn, self._active_key, stack.name)
         return stack
 
     async def update_stack(self, name: str, components: Mapping[ComponentType, str]) -> StackSpec:
@@ -154,7 +182,7 @@ class StackService(ComponentRules):
         if not chosen:
             raise ValidationError(f"nothing to update on stack {name!r}: give a component")
         async with self.db.transaction() as conn:
-            stack = await self.get(name)
+            stack = await self._changeable(name)
             updated = stack.model_copy(
                 update={"components": {**stack.components, **await self._components(chosen)}}
             )
@@ -164,7 +192,7 @@ class StackService(ComponentRules):
     async def rename_stack(self, name: str, new_name: str) -> StackSpec:
         """Rename a stack; it stays active if it was, and its runs stay its runs (by id)."""
         async with self.db.transaction() as conn:
-            stack = await self.get(name)
+            stack = await self._changeable(name)
             if stack.name == DEFAULT:
                 raise ConflictError("the default stack cannot be renamed; copy it instead")
             if new_name == stack.name:
@@ -175,8 +203,10 @@ class StackService(ComponentRules):
             )
             renamed = stack.model_copy(update={"name": new_name})
             await self.store.save_stack(conn, renamed)
-            if await self.store.setting(ACTIVE_STACK_KEY) == stack.name:
-                await self.store.set_setting(conn, ACTIVE_STACK_KEY, new_name)
+            # Every user whose active stack it was keeps it active.
+            await self.store.rename_setting_values(
+                conn, ACTIVE_STACK_KEY, f"{ACTIVE_STACK_KEY}:", stack.name, new_name
+            )
         return renamed
 
     async def _check_no_queued_work(self, stack: StackSpec, then: str) -> None:
@@ -201,14 +231,18 @@ class StackService(ComponentRules):
             stack = await self.get(source)
             await self._check_free(target)
             copy = StackSpec(
-                id=new_id(), name=target, components=dict(stack.components), created=utcnow()
+                id=new_id(),
+                name=target,
+                components=dict(stack.components),
+                owner=self.actor.name,
+                created=utcnow(),
             )
             await self.store.save_stack(conn, copy)
         return copy
 
     async def deletable(self, name: str) -> StackSpec:
         """The stack ``name`` if the rules let it be deleted, else the ConflictError why not."""
-        stack = await self.get(name)
+        stack = await self._changeable(name)
         if stack.name == DEFAULT:
             raise ConflictError("the default stack cannot be deleted")
         if stack.name == os.environ.get(STACK_ENV):
@@ -216,7 +250,7 @@ class StackService(ComponentRules):
                 f"stack {stack.name!r} is the active stack (through ${STACK_ENV}); "
                 "unset it and activate another stack first"
             )
-        if stack.name == (await self.store.setting(ACTIVE_STACK_KEY) or DEFAULT):
+        if stack.name == (await self.store.setting(self._active_key) or DEFAULT):
             raise ConflictError(
                 f"stack {stack.name!r} is the active stack; activate another stack first"
             )
@@ -235,7 +269,39 @@ class StackService(ComponentRules):
         """Make ``name`` this client's active stack (``$CONVEYOR_STACK`` still wins)."""
         async with self.db.transaction() as conn:
             stack = await self.get(name)
-            await self.store.set_setting(conn, ACTIVE_STACK_KEY, stack.name)
+            await self.store.set_setting(conn, self._active_key, stack.name)
+        return stack
+
+    @property
+    def _active_key(self) -> str:
+        return active_stack_key(self.actor.name)
+
+    async def _changeable(self, name: str) -> StackSpec:
+        stack = await self.get(name)
+        self.actor.check_change(f"stack {stack.name!r}", stack.owner)
+        return stack
+
+    async def _shared(
+        self, conn: aiosqlite.Connection, stack: StackSpec, shared: bool
+    ) -> StackSpec:
+        """``stack`` shared (with its components: a stack is of use only with them) or not
+        (its components stay as they are: other stacks may share them)."""
+        if not shared:
+            return stack.model_copy(update={"shared": False})
+        components = {}
+        for type_, component in stack.components.items():
+            if not component.shared:
+                self.actor.check_change(f"{label(type_)} {component.name!r}", component.owner)
+                component = component.model_copy(update={"shared": True})
+                await self.store.save_component(conn, component)
+            components[type_] = component
+        return stack.model_copy(update={"shared": True, "components": components})
+
+    async def share_stack(self, name: str, shared: bool = True) -> StackSpec:
+        """Make a stack usable by every user (and its components), or by its owner only."""
+        async with self.db.transaction() as conn:
+            stack = await self._shared(conn, await self._changeable(name), shared)
+            await self.store.save_stack(conn, stack)
         return stack
 
     # --- files ---
@@ -269,7 +335,13 @@ class StackService(ComponentRules):
                     component = await self._new_component(type_, exported)
                     await self.store.save_component(conn, component)
                 components[type_] = component
-            stack = StackSpec(id=new_id(), name=stack_name, components=components, created=utcnow())
+            stack = StackSpec(
+                id=new_id(),
+                name=stack_name,
+                components=components,
+                owner=self.actor.name,
+                created=utcnow(),
+            )
             await self.store.save_stack(conn, stack)
         return stack
 
@@ -277,7 +349,9 @@ class StackService(ComponentRules):
         self, type_: ComponentType, exported: ExportedComponent
     ) -> ComponentSpec | None:
         existing = await self.store.component(type_, exported.name)
-        if existing is None or existing.flavor != exported.flavor:
+        if existing is None or not self.actor.may_see(existing.owner, existing.shared):
+            return None
+        if existing.flavor != exported.flavor:
             return None
         if masked_paths(exported.configuration):
             return existing if exported.configuration == exported_config(existing) else None
@@ -306,5 +380,6 @@ class StackService(ComponentRules):
             name=name,
             flavor=exported.flavor,
             config=config,
+            owner=self.actor.name,
             created=utcnow(),
         )

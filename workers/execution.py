@@ -71,6 +71,16 @@ def load_artifact(
         return store.get(ref.uri, ref.digest, lambda path: materializer.load(path, ref))
 
 
+def load_artifact_file(
+    path: Path, ref: ArtifactRef, *, allow_pickle: bool, trust: Iterable[str] = ()
+) -> Any:
+    """The value of an artifact whose bytes (already verified) are the file ``path``: what a
+    client logged in to a server loads after downloading them."""
+    materializer = materializers.by_name(ref.materializer, allow_pickle=allow_pickle)
+    with materializers.trusting(trust):
+        return materializer.load(str(path), ref)
+
+
 def save_artifact(
     store: ArtifactStore, value: object, *, allow_pickle: bool, what: str
 ) -> ArtifactRef:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from urllib.parse import quote
 
@@ -31,6 +30,7 @@ from conveyor.service.api import (
     routes_artifacts,
     routes_runs,
     routes_stacks,
+    routes_users,
 )
 from conveyor.service.api.errors import RETRY_AFTER_S, LoginRequired, error_body, status_of
 from conveyor.service.api.host_check import AllowedHosts, allowed_names
@@ -42,6 +42,7 @@ from conveyor.service.api.state import ApiState, ServerSettings
 from conveyor.service.gateway import RunGateway
 from conveyor.service.home import Home
 from conveyor.service.store.summaries import RunSummaries
+from conveyor.service.version import conveyor_version
 
 log = structlog.get_logger("conveyor.server")
 
@@ -50,17 +51,11 @@ MAX_BODY_BYTES = 1 << 20
 """The largest request body read: parameters, configurations and stack files are small."""
 DESCRIPTION = """Stacks, components, flavors, pipelines, runs, steps and artifacts of one
 Conveyor home. Errors are `{"error", "message", "status"}`: 404 for an unknown name or id,
-409 when a rule refuses a change, 422 for invalid input, 401 without the server's token,
-403 for a pipeline the server does not compile or a request from another site's page, 413
+409 when a rule refuses a change, 422 for invalid input, 401 without a user's valid token,
+403 for another user's private record, an admin's task, a pipeline the server does not
+compile or a request from another site's page, 413
 for a body over 1 MiB or a pipeline over the server's step limit, 421 for a Host header
 that is not the server's, 503 while a broker does not answer."""
-
-
-def _version() -> str:
-    try:
-        return version("conveyor")
-    except PackageNotFoundError:
-        return "0"
 
 
 def _wants_json(request: Request) -> bool:
@@ -181,6 +176,9 @@ def create_app(
         gateway = RunGateway(settings.home, record_timeout=record_timeout_s, max_steps=max_steps)
         try:
             await gateway.start(settings.stack)
+            if settings.token is not None:
+                # The server's token is its admin's: set (or reset) it on every start.
+                await gateway.services.users.ensure_admin(settings.token)
             app.state.conveyor = ApiState(gateway, RunSummaries(gateway.services.db))
             log.info("server started", stack=gateway.stack.name, home=str(settings.home.path))
             yield
@@ -190,7 +188,7 @@ def create_app(
 
     app = FastAPI(
         title="Conveyor",
-        version=_version(),
+        version=conveyor_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
         docs_url=None,
@@ -213,6 +211,7 @@ def create_app(
         routes_stacks.router,
         routes_runs.router,
         routes_artifacts.router,
+        routes_users.router,
         metrics.router,
         dashboard.router,
         dashboard.pages,

@@ -35,10 +35,10 @@ from conveyor.service.api.schemas import Paging
 from conveyor.service.api.security import (
     SESSION_COOKIE,
     SESSION_MAX_AGE_S,
+    page_services,
     require_session,
     safe_next,
     session_value,
-    token_ok,
 )
 from conveyor.service.api.state import ApiState, login_attempts_of, settings_of, state_of
 from conveyor.service.context import Services
@@ -105,6 +105,8 @@ def render(request: Request, name: str, status_code: int = 200, **context: Any) 
     """A page with the dashboard's security headers."""
     settings = settings_of(request)
     context.setdefault("auth", settings.token is not None)
+    # Who is logged in (set by the session check; error pages may have nobody).
+    context.setdefault("user", getattr(request.state, "actor", None))
     context.setdefault("title", "Conveyor")
     return templates.TemplateResponse(
         request, name, context, status_code=status_code, headers=HEADERS
@@ -112,8 +114,12 @@ def render(request: Request, name: str, status_code: int = 200, **context: Any) 
 
 
 @pages.get("/", response_class=HTMLResponse)
-async def stacks_page(request: Request, state: ApiState = Depends(state_of)) -> HTMLResponse:
-    stacks = await views.stack_views(state.services)
+async def stacks_page(
+    request: Request,
+    state: ApiState = Depends(state_of),
+    services: Services = Depends(page_services),
+) -> HTMLResponse:
+    stacks = await views.stack_views(services)
     return render(
         request,
         "stacks.html",
@@ -140,10 +146,10 @@ async def stack_page(
     request: Request,
     name: str = FastAPIPath(max_length=MAX_NAME_LENGTH),
     paging: Paging = Depends(),
-    state: ApiState = Depends(state_of),
+    services: Services = Depends(page_services),
 ) -> HTMLResponse:
-    stack = await views.stack_view(state.services, name)
-    runs = await views.runs_page(state.services, paging, stack=stack.name)
+    stack = await views.stack_view(services, name)
+    runs = await views.runs_page(services, paging, stack=stack.name)
     return render(
         request,
         "stack.html",
@@ -151,8 +157,8 @@ async def stack_page(
         stack=stack,
         types=[t for t in views.COMPONENT_ORDER if t in stack.components],
         runs=runs,
-        chart=await _chart(state.services, stack_id=stack.id),
-        queues=await queue_report(await state.services.stacks.get(stack.name)),
+        chart=await _chart(services, stack_id=stack.id),
+        queues=await queue_report(await services.stacks.get(stack.name)),
         elapsed=views.elapsed,
         active_statuses=UNFINISHED,
     )
@@ -252,8 +258,7 @@ async def login_form(request: Request, next: str = "/") -> Response:
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request) -> Response:
     """Check the token once; a session cookie carries proof of it from then on."""
-    token = settings_of(request).token
-    if token is None:
+    if settings_of(request).token is None:
         return RedirectResponse("/", status_code=303)
     body = await request.body()
     fields = parse_qs(body[:MAX_LOGIN_BODY].decode("utf-8", errors="replace"))
@@ -274,7 +279,10 @@ async def login(request: Request) -> Response:
         )
         refused.headers["Retry-After"] = str(wait_s)
         return refused
-    if not token_ok(given, token):
+    users = state_of(request).services.users
+    user = await users.authenticate(given)
+    key = await users.session_key(user.name) if user is not None else None
+    if user is None or key is None:
         attempts.failed(address)
         if wait_s := attempts.wait_s(address):
             log.warning("too many failed logins: address refused", client=address, wait_s=wait_s)
@@ -284,12 +292,12 @@ async def login(request: Request) -> Response:
             status_code=401,
             title="Log in",
             next=target,
-            error="That is not the server's token.",
+            error="That is not the token of a user of this server.",
         )
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
-        session_value(token),
+        session_value(settings_of(request).secret, user.name, key),
         max_age=SESSION_MAX_AGE_S,
         httponly=True,
         samesite="strict",

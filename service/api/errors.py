@@ -11,6 +11,7 @@ from conveyor.contracts import (
     ArtifactUnreadable,
     ConflictError,
     ConveyorError,
+    NotAllowed,
     NotFoundError,
     ValidationError,
 )
@@ -42,6 +43,7 @@ STATUS: tuple[tuple[type[ConveyorError], int, str], ...] = (
     (Unauthorized, 401, "unauthorized"),
     (LoginRequired, 401, "unauthorized"),
     (Forbidden, 403, "forbidden"),
+    (NotAllowed, 403, "forbidden"),
     # An artifact whose bytes are gone or do not match its digest: the store is at fault.
     (ArtifactUnreadable, 500, "artifact_unreadable"),
 )

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from conveyor.contracts import RunStatus
 from conveyor.service.api.schemas import Health, HealthCheck
-from conveyor.service.api.security import require_token
+from conveyor.service.api.security import require_user
 from conveyor.service.api.state import ApiState, state_of
 from conveyor.service.engine import Conveyor
 from conveyor.service.gateway import RunGateway
@@ -161,7 +161,7 @@ async def render(state: ApiState) -> str:
 @router.get(
     "/metrics",
     response_class=PlainTextResponse,
-    dependencies=[Depends(require_token)],
+    dependencies=[Depends(require_user)],
     responses={200: {"content": {PROMETHEUS_TEXT: {}}}},
 )
 async def metrics(state: ApiState = Depends(state_of)) -> Response:

@@ -12,10 +12,10 @@ from conveyor.service.api.artifact_files import (
     preview_artifact,
 )
 from conveyor.service.api.schemas import ArtifactPreview, Page, Paging
-from conveyor.service.api.security import require_token
+from conveyor.service.api.security import require_user
 from conveyor.service.api.state import ApiState, state_of
 
-router = APIRouter(prefix="/api", dependencies=[Depends(require_token)], tags=["artifacts"])
+router = APIRouter(prefix="/api", dependencies=[Depends(require_user)], tags=["artifacts"])
 
 
 @router.get("/artifacts", response_model=Page[ArtifactRecord])

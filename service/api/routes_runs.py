@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Body, Depends, Header, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 
-from conveyor.contracts import RunRecord, RunStatus, StepRecord, ValidationError
+from conveyor.contracts import NotFoundError, RunRecord, RunStatus, StepRecord, ValidationError
+from conveyor.contracts.models import MAX_NAME_LENGTH
 from conveyor.service.api import views
+from conveyor.service.api.artifact_files import read_logs
 from conveyor.service.api.schemas import CancelRun, Page, Paging, SubmitRun
-from conveyor.service.api.security import require_token
+from conveyor.service.api.security import api_services, require_user
 from conveyor.service.api.state import ApiState, settings_of, state_of
+from conveyor.service.context import Services
 from conveyor.service.public_records import public_run
 from conveyor.service.run_retries import check_retryable
 from conveyor.service.store.summaries import PipelineSummary
+from conveyor.service.users import Actor
 
-router = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
+router = APIRouter(prefix="/api", dependencies=[Depends(require_user)])
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -23,12 +27,13 @@ async def list_runs(
     stack: str | None = None,
     pipeline: str | None = None,
     status: RunStatus | None = None,
+    user: str | None = Query(None, max_length=100, description="Only runs this user submitted"),
     paging: Paging = Depends(),
-    state: ApiState = Depends(state_of),
+    services: Services = Depends(api_services),
 ) -> Page[RunRecord]:
-    """Runs, newest first; filter by stack, pipeline and status."""
+    """Runs, newest first; filter by stack, pipeline, status and who submitted them."""
     return await views.runs_page(
-        state.services, paging, stack=stack, pipeline=pipeline, status=status
+        services, paging, stack=stack, pipeline=pipeline, status=status, user=user
     )
 
 
@@ -54,6 +59,7 @@ async def submit_run(
         description="The same key twice creates one run",
     ),
     state: ApiState = Depends(state_of),
+    actor: Actor = Depends(require_user),
 ) -> RunRecord:
     """Start a run of a pipeline; returns once the controller has recorded it.
 
@@ -64,20 +70,32 @@ async def submit_run(
         raise ValidationError(
             f"the {IDEMPOTENCY_HEADER} header and the body's idempotency_key differ"
         )
+    # A user runs on the stacks they may see (the served one unless they name another).
+    target = await state.services.as_user(actor).stacks.get(body.stack or state.gateway.stack.name)
     submission = await state.gateway.submit(
         pipeline,
         body.parameters,
-        stack=body.stack,
+        stack=target.name,
         idempotency_key=idempotency_key or body.idempotency_key,
         cache=body.cache,
     )
+    await state.services.runs.attribute(submission.run.id, actor.name)
+    run = await _attributed(state.services, submission.run)
     response.headers["Location"] = f"/api/runs/{submission.run.id}"
     if not submission.recorded:
         response.status_code = 202
     elif not submission.created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    return public_run(submission.run)
+    return public_run(run)
+
+
+async def _attributed(services: Services, run: RunRecord) -> RunRecord:
+    """``run`` as recorded now, with its submitter (the first one, for a replayed key)."""
+    try:
+        return await services.runs.get_run(run.id)
+    except NotFoundError:  # a request taken by no controller yet, and forgotten since
+        return run
 
 
 @router.get("/runs/{run_id}", response_model=RunRecord, tags=["runs"])
@@ -137,6 +155,20 @@ async def list_steps(run_id: str, state: ApiState = Depends(state_of)) -> list[S
 @router.get("/runs/{run_id}/steps/{step}", response_model=StepRecord, tags=["steps"])
 async def get_step(run_id: str, step: str, state: ApiState = Depends(state_of)) -> StepRecord:
     return await views.step_of(state.services, run_id, step)
+
+
+@router.get("/runs/{run_id}/logs", response_model=dict[str, str], tags=["steps"])
+async def run_logs(
+    run_id: str,
+    step: str | None = Query(None, min_length=1, max_length=MAX_NAME_LENGTH),
+    state: ApiState = Depends(state_of),
+) -> dict[str, str]:
+    """What each step's last attempt printed and logged, by step name, in DAG order."""
+    run = await state.services.runs.get_run(run_id)
+    steps = [s for s in await state.services.runs.steps_of(run.id) if step in (None, s.name)]
+    if step is not None and not steps:
+        raise NotFoundError(f"run {run.id} has no step {step!r}")
+    return {s.name: await read_logs(run, s.logs) for s in steps if s.logs is not None}
 
 
 @router.get("/pipelines", response_model=Page[PipelineSummary], tags=["pipelines"])

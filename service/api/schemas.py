@@ -115,6 +115,7 @@ class RegisterComponent(_Body):
     name: str
     flavor: str
     config: dict[str, Any] = Field(default_factory=dict)
+    shared: bool = Field(default=False, description="Usable by every user, not only its owner")
 
 
 class UpdateComponent(_Body):
@@ -131,6 +132,18 @@ class RegisterStack(_Body):
         description="Component name by type", examples=[{"orchestrator": "default"}]
     )
     activate: bool = False
+    shared: bool = Field(
+        default=False, description="Usable by every user (with its components), not only its owner"
+    )
+
+
+class Share(_Body):
+    shared: bool = Field(default=True, description="true: every user; false: its owner only")
+
+
+class UserName(_Body):
+    name: str = Field(min_length=1, max_length=100)
+    admin: bool = False
 
 
 class UpdateStack(_Body):

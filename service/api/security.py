@@ -1,8 +1,12 @@
-"""Who may talk to the server: loopback by default, a bearer token beyond it.
+"""Who may talk to the server, and as which user: a user's bearer token, or on loopback
+without a server token, the local admin.
 
-With a token, every API route needs ``Authorization: Bearer <token>``; the dashboard asks for
-the token once and then keeps a cookie that proves it was given (an HMAC of the token, never
-the token itself), so a page or its live updates never carry the secret.
+Every API route takes ``Authorization: Bearer <token>`` of a user (``service.users``); a
+wrong, rotated or deleted user's token gets 401, always. A request without a token acts as
+the local admin, ``default``, only when the server was started without a token (then it
+listens on loopback only, as before users existed). The dashboard asks for a token once and
+then keeps a cookie that proves it was given (an HMAC, never the token itself), so a page or
+its live updates never carry the secret.
 """
 
 from __future__ import annotations
@@ -10,14 +14,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import os
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from conveyor.contracts import ConflictError
 from conveyor.service.api.errors import LoginRequired, Unauthorized
-from conveyor.service.api.state import settings_of
+from conveyor.service.api.state import settings_of, state_of
+from conveyor.service.context import Services
+from conveyor.service.users import LOCAL_ADMIN, Actor, actor_of
 
 TOKEN_ENV = "CONVEYOR_SERVER_TOKEN"
+ADMIN_TOKEN_ENV = "CONVEYOR_ADMIN_TOKEN"
 MIN_TOKEN_LENGTH = 16
 """Characters a token has at least; a short one can be guessed (``/login`` is rate-limited,
 but the API's bearer check is not)."""
@@ -35,12 +43,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def server_token() -> str | None:
+    """The admin's token given to ``server up``: $CONVEYOR_ADMIN_TOKEN, else (as before users
+    existed) $CONVEYOR_SERVER_TOKEN; with one, every request needs a user's token."""
+    return os.environ.get(ADMIN_TOKEN_ENV) or os.environ.get(TOKEN_ENV) or None
+
+
 def check_bind(host: str, token: str | None) -> None:
     """Refuse to listen beyond loopback without a token: the API runs submitted code."""
     if not is_loopback(host) and not token:
         raise ConflictError(
             f"refusing to listen on {host!r} without a token: anyone who reaches the server "
-            f"could run code through it. Set {TOKEN_ENV} to a long random value, or keep the "
+            f"could run code through it. Set {ADMIN_TOKEN_ENV} (or {TOKEN_ENV}) to a long random "
+            "value, the admin's token, or keep the "
             "default --host 127.0.0.1"
         )
 
@@ -49,8 +64,8 @@ def check_token(token: str | None) -> None:
     """Refuse a token short enough to guess; never repeat it in the message."""
     if token is not None and len(token) < MIN_TOKEN_LENGTH:
         raise ConflictError(
-            f"the token in {TOKEN_ENV} has {len(token)} characters; use at least "
-            f"{MIN_TOKEN_LENGTH} characters of a random value, for example the output of: "
+            f"the token in {ADMIN_TOKEN_ENV} or {TOKEN_ENV} has {len(token)} characters; use at "
+            f"least {MIN_TOKEN_LENGTH} characters of a random value, for example the output of: "
             "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
 
@@ -59,44 +74,88 @@ def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-def session_value(token: str) -> str:
-    """The dashboard cookie's value for ``token``: proves the token was given, not what it is."""
-    return hmac.new(token.encode(), b"conveyor dashboard session", hashlib.sha256).hexdigest()
+def session_value(secret: bytes, name: str, key: bytes) -> str:
+    """The dashboard cookie's value for user ``name``: their name and an HMAC keyed by the
+    server's secret and the digest of their token, so it proves a login without holding the
+    token, and stops working when the token is rotated or the user deleted."""
+    mac = hmac.new(secret + key, f"conveyor dashboard session:{name}".encode(), hashlib.sha256)
+    return f"{name}.{mac.hexdigest()}"
 
 
-def _bearer_ok(request: Request, token: str) -> bool:
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and _same(value.strip(), token)
+def _bearer(request: Request) -> str | None:
+    """The bearer token of ``request``, or None when it sends no Authorization header."""
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, value = header.partition(" ")
+    # A malformed header is a wrong token, never "no token" (which may act as the admin).
+    return value.strip() if scheme.lower() == "bearer" else ""
 
 
-def session_ok(request: Request, token: str) -> bool:
-    """A dashboard request is let in by its session cookie (or a bearer token, for scripts)."""
+async def _token_user(request: Request, token: str) -> Actor | None:
+    user = await state_of(request).services.users.authenticate(token)
+    return actor_of(user) if user is not None else None
+
+
+async def _session_user(request: Request) -> Actor | None:
     cookie = request.cookies.get(SESSION_COOKIE)
-    return (cookie is not None and _same(cookie, session_value(token))) or _bearer_ok(
-        request, token
-    )
+    if not cookie or len(cookie) > 300:
+        return None
+    name, _, _ = cookie.rpartition(".")
+    services = state_of(request).services
+    key = await services.users.session_key(name)
+    if key is None or not _same(cookie, session_value(settings_of(request).secret, name, key)):
+        return None
+    return actor_of(await services.users.get(name))
 
 
-def token_ok(given: str, token: str) -> bool:
-    return _same(given, token)
+def _anonymous(request: Request) -> Actor | None:
+    """Who a request without a token acts as: the local admin on a server that needs no
+    token (loopback, started without one, as before users existed), else nobody."""
+    return LOCAL_ADMIN if settings_of(request).token is None else None
 
 
-async def require_token(request: Request) -> None:
-    """Dependency of every API route: the bearer token, when the server has one."""
-    token = settings_of(request).token
-    if token is not None and not _bearer_ok(request, token):
+async def require_user(request: Request) -> Actor:
+    """Dependency of every API route: the user of the request's bearer token (401 for a
+    wrong, rotated or deleted one), or without a token the local admin where allowed."""
+    token = _bearer(request)
+    actor = await _token_user(request, token) if token is not None else _anonymous(request)
+    if actor is None:
         raise Unauthorized(
-            "this server needs a token: send the header 'Authorization: Bearer <token>' with "
-            f"the value of {TOKEN_ENV} that the server was started with"
+            "this server needs a user's token: send the header 'Authorization: Bearer <token>' "
+            "(conveyor login URL keeps one for the CLI); a rotated or deleted user's token "
+            "no longer works"
         )
+    request.state.actor = actor
+    return actor
 
 
-async def require_session(request: Request) -> None:
-    """Dependency of every dashboard page: a session, when the server has a token."""
-    token = settings_of(request).token
-    if token is not None and not session_ok(request, token):
+async def require_session(request: Request) -> Actor:
+    """Dependency of every dashboard page: the logged-in user (by session cookie, or a
+    bearer token, for scripts), or the local admin where no token is needed."""
+    token = _bearer(request)
+    if token is not None:
+        # A script that sent a wrong token is told so, not sent to a login form.
+        actor = await _token_user(request, token)
+        if actor is None:
+            raise Unauthorized("the bearer token is not a user's token on this server")
+    else:
+        actor = await _session_user(request) or _anonymous(request)
+    if actor is None:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise LoginRequired(target)
+    request.state.actor = actor
+    return actor
+
+
+async def api_services(request: Request, actor: Actor = Depends(require_user)) -> Services:
+    """Dependency: the server's services acting for the request's user."""
+    return state_of(request).services.as_user(actor)
+
+
+async def page_services(request: Request, actor: Actor = Depends(require_session)) -> Services:
+    """Dependency of dashboard pages: the server's services acting for the logged-in user."""
+    return state_of(request).services.as_user(actor)
 
 
 def safe_next(path: str | None) -> str:

@@ -6,6 +6,7 @@ two apps in one process (tests) never share a store or a controller.
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -28,7 +29,11 @@ class ServerSettings:
     pipelines: TrustedPipelines
     stack: str | None = None
     token: str | None = None
+    """The admin's token when the server needs one (then nobody acts without a token)."""
     poll_interval_s: float = 0.5
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    """Keys the dashboard's session cookies with each user's token digest; new per start,
+    so sessions end when the server stops."""
 
 
 @dataclass

@@ -58,13 +58,15 @@ async def runs_page(
     stack: str | None = None,
     pipeline: str | None = None,
     status: RunStatus | None = None,
+    user: str | None = None,
 ) -> Page[RunRecord]:
-    """Runs, newest first, filtered by stack name (or id), pipeline and status."""
+    """Runs, newest first, filtered by stack name (or id), pipeline, status and submitter."""
     stack_id = (await services.stacks.get(stack)).id if stack else None
     runs = await services.runs.list_runs(
         stack_id=stack_id,
         pipeline=pipeline,
         status=status,
+        user=user,
         limit=paging.limit + 1,
         offset=paging.offset,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from conveyor.service.cli import runs, server, services, stack
+from conveyor.service.cli import login, runs, server, services, stack, users
 from conveyor.service.cli.components import COMMANDS, component_app
 from conveyor.service.cli.state import open_client
 from conveyor.service.logs import configure_logging_when_used
@@ -26,6 +26,10 @@ app.add_typer(runs.pipeline_app, name="pipeline")
 app.add_typer(runs.run_app, name="run")
 app.add_typer(runs.artifact_app, name="artifact")
 app.add_typer(server.app, name="server")
+app.add_typer(users.app, name="user")
+app.command("login")(login.login)
+app.command("logout")(login.logout)
+app.command("status")(login.show_status)
 app.add_typer(services.worker_app, name="worker")
 app.add_typer(services.controller_app, name="controller")
 app.add_typer(services.contracts_app, name="contracts")

@@ -192,7 +192,8 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
     ) -> None:
         with user_errors():
             c = client(ctx)
-            marked = c.get_stack(stack).name
+            # The active stack's name only: a member's may be one they cannot see (yet).
+            marked = c.get_stack(stack).name if stack else c.active_stack_name()
             stacks = c.list_stacks()
             components = [public_component(x, stacks, marked) for x in c.list_components(type_)]
         emit(
@@ -224,11 +225,14 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
         ctx: typer.Context,
         name: str = typer.Argument(..., help=f"Name of the new {kind}"),
         flavor: str = typer.Option(..., "--flavor", "-f", help=f"See: {cmd} flavor list"),
+        share: bool = typer.Option(
+            False, "--share", help=f"Let every user of the server see and use the {kind}"
+        ),
     ) -> None:
         found = FLAVORS.get((type_, flavor))
         config = parse_config(ctx.args, found.config_model if found else None)
         with user_errors():
-            component = client(ctx).register_component(type_, name, flavor, config)
+            component = client(ctx).register_component(type_, name, flavor, config, share)
         status.print(f"Registered {kind} '{component.name}' (flavor {component.flavor}).")
         status.print(_config_table(masked_config(component)))
 
@@ -280,6 +284,30 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
         with user_errors():
             component = client(ctx).rename_component(type_, name, new_name)
         status.print(f"Renamed {kind} '{name}' to '{component.name}'.")
+
+    def set_shared(ctx: typer.Context, name: str, shared: bool) -> None:
+        with user_errors():
+            component = client(ctx).share_component(type_, name, shared)
+        state = "shared: every user may use it" if shared else "private"
+        status.print(f"{kind.capitalize()} '{component.name}' is {state}.")
+
+    @app.command(
+        "share",
+        help=f"Share an {kind} with every user (owner or admin only).\n\nExample: {cmd} share {ex}",
+    )
+    def share(
+        ctx: typer.Context, name: str = typer.Argument(..., help=f"Name or id of the {kind}")
+    ) -> None:
+        set_shared(ctx, name, True)
+
+    @app.command(
+        "unshare",
+        help=f"Make an {kind} private again (owner or admin only).\n\nExample: {cmd} unshare {ex}",
+    )
+    def unshare(
+        ctx: typer.Context, name: str = typer.Argument(..., help=f"Name or id of the {kind}")
+    ) -> None:
+        set_shared(ctx, name, False)
 
     @app.command(
         "delete", help=f"Delete an {kind} that no stack uses.\n\nExample: {cmd} delete {ex}"

@@ -35,6 +35,8 @@ from conveyor.service.cli.output import (
 )
 from conveyor.service.cli.run_progress import RunFollower
 from conveyor.service.cli.state import client
+from conveyor.service.home import Home
+from conveyor.service.login import read_login, runs_not_through_a_server
 from conveyor.service.public_records import public_run
 from conveyor.service.store.runs import check_deletable
 from conveyor.workers.flavors import masked_stack_snapshot
@@ -168,6 +170,12 @@ def run_pipeline(
 
     Example: conveyor pipeline run examples/quickstart.py:training_pipeline -p epochs=100
     """
+    login = read_login(Home.resolve())
+    if login is not None:
+        # Not yet: a run from a logged-in client would compile here, upload its code archive
+        # and be followed live through the server; until then, say so rather than run on
+        # this home's own store behind the user's back.
+        fail(str(runs_not_through_a_server(login, "'pipeline run'")))
     # As `python -m` does: a module of the working directory is importable by its name.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -250,20 +258,23 @@ def list_runs(
     stack: str = typer.Option(None, "--stack", "-s", help="Only runs on this stack"),
     pipeline: str = typer.Option(None, "--pipeline", help="Only runs of this pipeline"),
     status: RunStatus = typer.Option(None, "--status", help="Only runs with this status"),
+    user: str = typer.Option(None, "--user", help="Only runs this user submitted"),
     limit: int = typer.Option(50, "--limit", help="At most this many, newest first"),
     output: OutputFormat = OUTPUT_OPTION,
 ) -> None:
-    """List runs, newest first.
+    """List runs, newest first, with who submitted each.
 
-    Example: conveyor run list --stack default --status failed
+    Example: conveyor run list --stack default --status failed --user alice
     """
     with user_errors():
-        runs = client(ctx).list_runs(stack=stack, pipeline=pipeline, status=status, limit=limit)
+        runs = client(ctx).list_runs(
+            stack=stack, pipeline=pipeline, status=status, user=user, limit=limit
+        )
     emit(
         output,
         [public_run(r) for r in runs],
         lambda _: table(
-            ["RUN ID", "PIPELINE", "STACK", "STATUS", "STARTED", "DURATION"],
+            ["RUN ID", "PIPELINE", "STACK", "STATUS", "STARTED", "DURATION", "USER"],
             [
                 [
                     r.id,
@@ -272,6 +283,7 @@ def list_runs(
                     r.status.value,
                     when(r.started or r.created),
                     seconds(r.duration_s),
+                    r.user,
                 ]
                 for r in runs
             ],
@@ -302,8 +314,8 @@ def _described(run: RunRecord, steps: list[StepRecord]) -> list[object]:
     tracebacks) on lines of their own, so that a narrow terminal cuts none of them."""
     parts: list[object] = [
         f"Run [bold]{run.id}[/bold] of pipeline [bold]{escape(run.pipeline)}[/bold] on stack "
-        f"'{escape(run.stack_name)}' (id {run.stack_id}): {run.status.value} in "
-        f"{seconds(run.duration_s)}",
+        f"'{escape(run.stack_name)}' (id {run.stack_id}), submitted by "
+        f"{escape(run.user)}: {run.status.value} in {seconds(run.duration_s)}",
         *([f"Retry of run {run.retry_of}"] if run.retry_of else []),
         *[f"Retried by run {other}" for other in run.retried_by],
         table(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import socket
 from pathlib import Path
@@ -13,7 +12,7 @@ import typer
 
 from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
 from conveyor.service.cli.output import fail, status, user_errors
-from conveyor.service.cli.state import client
+from conveyor.service.client import Client
 
 app = typer.Typer(help="The HTTP API and the dashboard.")
 
@@ -77,7 +76,10 @@ def up(
 ) -> None:
     """Serve the API and dashboard, and run the stack's controller (on an embedded stack).
 
-    Beyond 127.0.0.1 it needs a token of 16 characters or more in $CONVEYOR_SERVER_TOKEN.
+    The first start creates the admin user, 'default', and prints its token once (or takes
+    it from $CONVEYOR_ADMIN_TOKEN). Beyond 127.0.0.1 it needs that token set (16 characters
+    or more), and then every request needs a user's token; on 127.0.0.1 without it, a
+    request without a token acts as the admin, as on a single-user machine.
     Requests may run pipelines from files under --pipelines and modules of --trust
     packages only (see docs/server.md).
 
@@ -87,16 +89,17 @@ def up(
     import uvicorn
 
     from conveyor.service.api.app import create_app
-    from conveyor.service.api.security import TOKEN_ENV, check_bind, check_token
+    from conveyor.service.api.security import check_bind, check_token, server_token
 
-    token = os.environ.get(TOKEN_ENV) or None
+    token = server_token()
     with user_errors():
         check_bind(host, token)
         check_token(token)
-        c = client(ctx)
-        served = c.get_stack(stack)
-        home = c.home
-        c.close()
+        # The server always works on its own home's store, even if that home is logged in.
+        with Client.local() as c:
+            served = c.get_stack(stack)
+            home = c.home
+            created = c.bootstrap_admin(token)
         app = create_app(
             home,
             stack=served.name,
@@ -116,6 +119,12 @@ def up(
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
     )
+    if created is not None:
+        # Shown once, here: the store keeps only its digest.
+        status.print(
+            f"Created the admin user 'default'. Its token, shown only now: {created}\n"
+            "Keep it in a password manager; log in with: conveyor login URL --token TOKEN"
+        )
     shown_host = f"[{host}]" if ":" in host else host
     status.print(
         f"Conveyor server on http://{shown_host}:{sock.getsockname()[1]} (stack "

@@ -174,20 +174,58 @@ def register(
     orchestrator: str = ORCHESTRATOR_OPTION,
     artifact_store: str = ARTIFACT_STORE_OPTION,
     set_active: bool = typer.Option(False, "--set", help="Make it the active stack"),
+    share: bool = typer.Option(
+        False, "--share", help="Let every user of the server see and use it (and its components)"
+    ),
 ) -> None:
-    """Register a stack made of existing components.
+    """Register a stack made of existing components, owned by you (private unless --share).
 
     Example: conveyor stack register shared -o default -a nfs --set
     """
     with user_errors():
         c = client(ctx)
-        stack = c.register_stack(name, _chosen(orchestrator, artifact_store), activate=set_active)
+        stack = c.register_stack(
+            name, _chosen(orchestrator, artifact_store), activate=set_active, shared=share
+        )
         active = c.active_stack_name()
     status.print(f"Registered stack '{stack.name}'.")
     status.print(_components_table(stack, active))
     if set_active:
         status.print(f"Active stack set to '{stack.name}'.")
         _note_env_override(stack.name)
+
+
+def _share(ctx: typer.Context, name: str, shared: bool) -> None:
+    with user_errors():
+        stack = client(ctx).share_stack(name, shared)
+    if shared:
+        status.print(f"Stack '{stack.name}' is shared: every user may see and use it.")
+    else:
+        status.print(f"Stack '{stack.name}' is private: only {stack.owner} and admins see it.")
+
+
+@app.command("share")
+def share(
+    ctx: typer.Context, name: str = typer.Argument(..., help="Name or id of the stack")
+) -> None:
+    """Share a stack, and its components, with every user (owner or admin only).
+
+    Example: conveyor stack share team-gpu
+    """
+    _share(ctx, name, True)
+
+
+@app.command("unshare")
+def unshare(
+    ctx: typer.Context, name: str = typer.Argument(..., help="Name or id of the stack")
+) -> None:
+    """Make a shared stack private again (owner or admin only).
+
+    Its components stay shared: other stacks may use them.
+
+    Example: conveyor stack unshare team-gpu
+    """
+    _share(ctx, name, False)
 
 
 @app.command("set")

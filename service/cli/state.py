@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import typer
 
+from conveyor.service.cli.output import user_errors
 from conveyor.service.client import Client
 
 
 def open_client(ctx: typer.Context) -> None:
     """Root callback: one Client per command invocation."""
     if ctx.obj is None:
-        ctx.obj = Client()
+        with user_errors():  # a damaged login file is one line too
+            ctx.obj = Client()
         ctx.call_on_close(ctx.obj.close)
 
 

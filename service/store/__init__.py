@@ -9,12 +9,14 @@ from conveyor.service.store.db import (
 )
 from conveyor.service.store.runs import RunStore
 from conveyor.service.store.stacks import StackStore
+from conveyor.service.store.users import UserStore
 
 __all__ = [
     "Database",
     "MetadataStoreError",
     "RunStore",
     "StackStore",
+    "UserStore",
     "Writes",
     "is_store_failure",
     "store_error",

@@ -149,4 +149,32 @@ MIGRATIONS: tuple[str, ...] = (
                created, NULL, NULL, NULL, idempotency_key, NULL, NULL
         FROM run_requests WHERE id NOT IN (SELECT id FROM runs);
     """,
+    # 8: users of a server (tokens kept as sha256 digests only) and who submitted each run
+    # (a table beside the runs, so the controller's writes stay as they were; a run without
+    # a row was submitted by the local user, "default", as every run before users)
+    """
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        token_hash TEXT NOT NULL UNIQUE,
+        created TEXT NOT NULL
+    );
+    CREATE TABLE run_users (run_id TEXT PRIMARY KEY, user_name TEXT NOT NULL);
+    CREATE INDEX run_users_by_user ON run_users (user_name);
+    DROP VIEW runs_and_requests;
+    CREATE VIEW runs_and_requests AS
+        SELECT seen.*, COALESCE(ru.user_name, 'default') AS submitted_by
+        FROM (
+            SELECT id, pipeline, stack_id, stack_name, stack_snapshot, status, parameters, spec,
+                   created, started, finished, error, idempotency_key, retry_of,
+                   (SELECT group_concat(r.id) FROM runs r WHERE r.retry_of = runs.id)
+                       AS retried_by
+            FROM runs
+            UNION ALL
+            SELECT id, pipeline, stack_id, stack_name, '{}', 'queued', parameters, spec,
+                   created, NULL, NULL, NULL, idempotency_key, NULL, NULL
+            FROM run_requests WHERE id NOT IN (SELECT id FROM runs)
+        ) AS seen
+        LEFT JOIN run_users ru ON ru.run_id = seen.id;
+    """,
 )

@@ -70,6 +70,9 @@ def _run_record(row: aiosqlite.Row) -> RunRecord:
         retry_of=row["retry_of"],
         # A Row's ``in`` looks at its values; the runs table (not the view) has no column.
         retried_by=_ids(row["retried_by"]) if "retried_by" in row.keys() else [],  # noqa: SIM118
+        # Only the view knows who submitted a run; the controller reads ``runs`` alone.
+        # (``in row`` would look among a Row's values, not its column names.)
+        user=row["submitted_by"] if "submitted_by" in row.keys() else "default",  # noqa: SIM118
     )
 
 
@@ -181,6 +184,15 @@ class RunStore:
                     key,
                 )
             ],
+        )
+        await self.db.write(writes)
+
+    async def attribute(self, run_id: str, user: str) -> None:
+        """Record who submitted ``run_id``; the first submitter stays (an idempotent replay
+        by someone else does not take the run over)."""
+        writes = Writes()
+        writes.add(
+            "INSERT OR IGNORE INTO run_users (run_id, user_name) VALUES (?, ?)", [(run_id, user)]
         )
         await self.db.write(writes)
 
@@ -329,6 +341,7 @@ class RunStore:
         limit: int = 100,
         offset: int = 0,
         stack_name: str | None = None,
+        user: str | None = None,
     ) -> list[RunRecord]:
         where, params = [], []
         filters = (
@@ -336,6 +349,7 @@ class RunStore:
             ("stack_name", stack_name),
             ("pipeline", pipeline),
             ("status", status),
+            ("submitted_by", user),
         )
         for column, value in filters:
             if value is not None:
@@ -560,3 +574,4 @@ class RunStore:
         check_deletable(run)
         async with self.db.transaction() as conn:
             await conn.execute("DELETE FROM runs WHERE id = ?", (run.id,))
+            await conn.execute("DELETE FROM run_users WHERE run_id = ?", (run.id,))

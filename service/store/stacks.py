@@ -110,6 +110,16 @@ class StackStore:
     async def delete_stack(self, conn: aiosqlite.Connection, stack_id: str) -> None:
         await conn.execute("DELETE FROM stacks WHERE id = ?", (stack_id,))
 
+    async def rename_setting_values(
+        self, conn: aiosqlite.Connection, key: str, key_prefix: str, old: str, new: str
+    ) -> None:
+        """Set ``new`` where the setting ``key``, or one whose key starts with ``key_prefix``
+        (one per user), holds ``old``."""
+        await conn.execute(
+            "UPDATE settings SET value = ? WHERE value = ? AND (key = ? OR substr(key, 1, ?) = ?)",
+            (new, old, key, len(key_prefix), key_prefix),
+        )
+
     async def setting(self, key: str) -> str | None:
         row = await self.db.fetchone("SELECT value FROM settings WHERE key = ?", (key,))
         return row["value"] if row else None

@@ -18,6 +18,7 @@ from conveyor.service.api.security import (
     safe_next,
     session_value,
 )
+from conveyor.service.users import token_hash
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"])
@@ -52,11 +53,15 @@ def test_login_only_returns_to_this_server(given: str | None, expected: str) -> 
     assert safe_next(given) == expected
 
 
-def test_the_session_cookie_proves_the_token_without_holding_it() -> None:
-    value = session_value("s3cret-token")
-    assert "s3cret-token" not in value
-    assert value == session_value("s3cret-token")
-    assert value != session_value("other-token")
+def test_the_session_cookie_names_its_user_and_proves_the_token_without_holding_it() -> None:
+    secret, key = b"server-secret", token_hash("cvy_s3cret-token").encode()
+    value = session_value(secret, "alice", key)
+    assert value.startswith("alice.") and "s3cret" not in value and key.decode() not in value
+    assert value == session_value(secret, "alice", key)
+    # Another user, a rotated token (another digest), a restarted server: another value.
+    assert value != session_value(secret, "bob", key)
+    assert value != session_value(secret, "alice", token_hash("cvy_rotated").encode())
+    assert value != session_value(b"other-secret", "alice", key)
 
 
 def test_each_error_class_has_its_status() -> None:

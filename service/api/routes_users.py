@@ -1,0 +1,88 @@
+"""``/api/me`` and ``/api/users``: who a token belongs to, and users and tokens (admins).
+
+A token leaves the server once, in the answer that makes it (a new user, a rotation); no
+other answer, and no log line, holds one.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+from pydantic import BaseModel
+
+from conveyor.contracts import Role, UserRecord
+from conveyor.service.api.schemas import UserName
+from conveyor.service.api.security import api_services, require_user
+from conveyor.service.api.state import ApiState, state_of
+from conveyor.service.context import Services
+from conveyor.service.users import Actor
+from conveyor.service.version import conveyor_version
+
+router = APIRouter(prefix="/api", tags=["users"])
+
+
+class Me(BaseModel):
+    """The user of the request's token, and the server's version (for ``conveyor status``)."""
+
+    name: str
+    role: Role
+    active_stack: str
+    server_version: str
+
+
+class NewToken(BaseModel):
+    """A user and their new token: the only time the server shows it."""
+
+    user: UserRecord
+    token: str
+
+
+@router.get("/me", response_model=Me)
+async def me(
+    actor: Actor = Depends(require_user), services: Services = Depends(api_services)
+) -> Me:
+    return Me(
+        name=actor.name,
+        role=Role.ADMIN if actor.admin else Role.MEMBER,
+        active_stack=await services.stacks.active_name(),
+        server_version=conveyor_version(),
+    )
+
+
+@router.get("/users", response_model=list[UserRecord])
+async def list_users(
+    actor: Actor = Depends(require_user), state: ApiState = Depends(state_of)
+) -> list[UserRecord]:
+    actor.check_admin("list users")
+    return await state.services.users.list_users()
+
+
+@router.post("/users", response_model=NewToken, status_code=201)
+async def create_user(
+    body: UserName, actor: Actor = Depends(require_user), state: ApiState = Depends(state_of)
+) -> NewToken:
+    """A new user (a person, or a service account for CI) and their token, shown once."""
+    actor.check_admin("create users")
+    role = Role.ADMIN if body.admin else Role.MEMBER
+    user, token = await state.services.users.create(body.name, role)
+    return NewToken(user=user, token=token)
+
+
+@router.delete("/users/{name}", status_code=204)
+async def delete_user(
+    name: str, actor: Actor = Depends(require_user), state: ApiState = Depends(state_of)
+) -> Response:
+    """Delete a user; their token gets 401 at once; their stacks and runs stay."""
+    actor.check_admin("delete users")
+    await state.services.users.delete(name)
+    return Response(status_code=204)
+
+
+@router.post("/users/{name}/rotate-token", response_model=NewToken)
+async def rotate_token(
+    name: str, actor: Actor = Depends(require_user), state: ApiState = Depends(state_of)
+) -> NewToken:
+    """A new token for ``name`` (an admin's task, or a user's for themselves)."""
+    if name != actor.name:
+        actor.check_admin("rotate another user's token")
+    token = await state.services.users.rotate_token(name)
+    return NewToken(user=await state.services.users.get(name), token=token)
