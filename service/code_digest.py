@@ -6,10 +6,11 @@ function was defined (``__globals__``). A function or class defined in user code
 a notebook cell, a package outside the standard library and site-packages, never conveyor)
 adds its source, and what it uses in turn; a constant (numbers, text, and tuples, lists,
 sets and dicts of them) adds its value. A function's default values and the variables it
-closes over count too (an object that is no constant by its repr). Sources are compared as syntax trees, so comments,
-blank lines and formatting change nothing; the step's own decorators (its ``@step`` options)
-are left out. What the digest cannot see is listed in docs/caching.md: a function reached
-through an attribute (``helpers.clean(...)``), files read at run time, randomness.
+closes over count too (an object that is no constant by its repr). Sources are compared as
+syntax trees, so comments, blank lines and formatting change nothing; the step's own
+decorators (its ``@step`` options) are left out. What the digest cannot see is listed in
+docs/caching.md: a function reached through an attribute (``helpers.clean(...)``), files
+read at run time, randomness.
 """
 
 from __future__ import annotations

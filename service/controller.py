@@ -219,8 +219,9 @@ class Controller:
         return state
 
     async def _decide_again(self) -> None:
-        """Rebuild which keys are in flight from the runs, and decide each step that waited
-        for a decision that was never recorded."""
+        """Rebuild which keys are in flight from the runs, and decide again each step that
+        waits for a decision: one that was never recorded, or a wait for an identical step
+        in flight, which the rebuilt bookkeeping no longer holds."""
         runs, self._undecided = self._undecided, set()
         try:
             for run_id in runs:
@@ -232,8 +233,7 @@ class Controller:
                     going = step.status in (StepStatus.PENDING, StepStatus.RUNNING)
                     if going and step.attempt > 0 and step.cache_key and step.spec.cache:
                         self._in_flight.claim(step.cache_key, (run_id, name))
-                if run_id in runs:
-                    batch.change(run_id, Transition(ready=scheduling.undecided(state)))
+                batch.change(run_id, Transition(ready=scheduling.undecided(state)))
             await self._commit(batch)
         except BaseException:
             self._undecided |= runs
