@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
@@ -26,6 +26,7 @@ from conveyor.contracts import (
     ConveyorError,
     NotAllowed,
     NotFoundError,
+    PipelineSpec,
     Role,
     RunRecord,
     RunStatus,
@@ -38,9 +39,12 @@ from conveyor.contracts.errors import shown
 from conveyor.service.client import Client, Components, T, TypeName, _typed
 from conveyor.service.components import parse_type
 from conveyor.service.home import Home
-from conveyor.service.login import Login, read_login
+from conveyor.service.login import Login, read_login, runs_not_through_a_server
 from conveyor.service.version import conveyor_version
 from conveyor.workers.flavors import Flavor, flavors_of
+
+if TYPE_CHECKING:
+    from conveyor.service.handles import RunHandle
 
 TIMEOUT_S = 30.0
 PAGE = 200
@@ -287,6 +291,14 @@ class RemoteClient(Client):
 
     def delete_run(self, run_id: str) -> None:
         self.request("DELETE", f"/api/runs/{_path(run_id)}")
+
+    def get_spec(self, run_id: str) -> PipelineSpec:
+        # Only a retry compiles a run's pipeline again, and runs do not go through a
+        # server yet: the server retries one itself at POST /api/runs/{id}/retry.
+        raise runs_not_through_a_server(self.login, "conveyor run retry")
+
+    def retry_run(self, run_id: str, *, raise_on_failure: bool = False) -> RunHandle:
+        raise runs_not_through_a_server(self.login, "a run retry")
 
     # --- artifacts ---
 

@@ -197,6 +197,11 @@ def test_a_run_from_a_logged_in_home_stops_rather_than_run_locally(tmp_path: Pat
     save_login(Home(laptop), Login(url="http://127.0.0.1:9", user="alice", token="cvy_x"))
     message = refused("pipeline", "run", QUICKSTART, home=laptop)
     assert "logged in to http://127.0.0.1:9" in message and "conveyor logout" in message
+    from conveyor.contracts import ConveyorError
+    from conveyor.service.client import Client
+
+    with pytest.raises(ConveyorError, match="a run retry does not yet go through a server"):
+        Client(laptop).retry_run("abcd")
     assert not (laptop / "conveyor.db").exists()
 
 
