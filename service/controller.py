@@ -355,7 +355,6 @@ class Controller:
         except TimeoutError:
             if self._progress.pending and self._progress.due <= loop.time():
                 self._committed.extend(self._progress.release_all(loop.time()))
-                await self._send_committed()
             return []
         batch = [first]
         while len(batch) < MAX_BATCH and not self._inbox.empty():
