@@ -9,6 +9,7 @@ outbox rows that were never confirmed and reloads every unfinished run.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -56,6 +57,11 @@ BACK_OFF_S = 0.5
 each failure in a row, up to ``BACK_OFF_MAX_S``."""
 BACK_OFF_MAX_S = 30.0
 INBOX_PREFETCH = 4096
+MAX_PUBLISHING = 8
+"""Committed batches whose events may await the broker's confirms at once: the next batch
+is processed meanwhile, and one more than this waits for the oldest."""
+IDLE_FLUSH_S = 0.05
+"""Confirmed outbox rows are noted sent with the next batch, or after this long idle."""
 
 Owner = tuple[str, int, str]
 WorkerEvent = StepStarted | StepHeartbeat | StepSucceeded | StepFailed
@@ -72,6 +78,13 @@ def compile_request(request: RunRequested, code_store: ArtifactStore | None) -> 
     if code_store is None:
         return spec
     return attach_code(spec, definitions, code_store)
+
+
+def _durable(event: Event) -> bool:
+    """Whether ``event`` is kept in the outbox until the broker confirmed it. Status
+    updates for followers are not: losing one costs a follower a refresh, while
+    RunFinished (which a follower waits for) is kept."""
+    return not is_status_event(event) or isinstance(event, RunFinished)
 
 
 def _being_cancelled() -> bool:
@@ -152,6 +165,9 @@ class Controller:
         # idle), which saves a transaction per batch; a crash in between only republishes.
         self._confirmed: list[str] = []
         self._committed: list[Event] = []
+        # Publishes whose confirms are awaited while the next batches are processed: each
+        # task with its events (published again if it fails) and their outbox ids.
+        self._publishing: deque[tuple[asyncio.Task[None], list[Event], list[str]]] = deque()
         self._progress = ProgressBuffer()
         self._backoff = Backoff(BACK_OFF_S, BACK_OFF_MAX_S)
         self.problem: str | None = None
@@ -192,6 +208,10 @@ class Controller:
         while not self._inbox.empty():
             await self._inbox.get_nowait().requeue()
         self._committed.extend(self._progress.release_all(asyncio.get_running_loop().time()))
+        try:
+            await self._settle_publishing(wait=True)
+        except Exception as exc:
+            log.warning("events not confirmed at stop", error=f"{type(exc).__name__}: {exc}")
         try:
             await self._publish_committed()
         except Exception as exc:
@@ -240,6 +260,8 @@ class Controller:
             raise
 
     async def _flush_confirmed(self) -> None:
+        if not self._confirmed:
+            return
         confirmed, self._confirmed = self._confirmed, []
         writes = Writes()
         self._runs.mark_sent(writes, confirmed, utcnow())
@@ -253,11 +275,14 @@ class Controller:
         while True:
             batch = await self._take_batch()
             try:
+                await self._settle_publishing(wait=False)
                 await self._publish_committed()
                 if self._undecided:
                     await self._decide_again()
                 if batch:
                     await self._process(batch)
+                else:  # idle: note what the broker confirmed meanwhile
+                    await self._flush_confirmed()
                 await self._check_leases()
                 await self._dispatch_retries()
             except (Exception, asyncio.CancelledError) as exc:
@@ -365,6 +390,8 @@ class Controller:
         if self._retries:
             wait = (min(self._retries.values()) - utcnow()).total_seconds()
             due = min(due, loop.time() + wait)
+        if self._publishing or self._confirmed:
+            due = min(due, loop.time() + IDLE_FLUSH_S)
         try:
             async with asyncio.timeout_at(due):
                 first = await self._inbox.get()
@@ -384,10 +411,54 @@ class Controller:
         return False
 
     async def _publish_committed(self) -> None:
-        """Publish what a committed batch produced (again, if publishing failed before)."""
+        """Publish what a committed batch produced again, after publishing it failed."""
         if self._committed:
             await self._broker.publish(self._committed)
+            self._confirmed.extend(e.event_id for e in self._committed if _durable(e))
             self._committed = []
+
+    async def _send_committed(self) -> None:
+        """Hand what a committed batch produced to the broker, without waiting for its
+        confirms: the batch's deliveries are acked (their effect is in the outbox), and
+        the next batch is processed while the broker confirms."""
+        if not self._committed:
+            return
+        if len(self._publishing) >= MAX_PUBLISHING:
+            await self._settle_publishing(wait=False, oldest=True)
+        events, self._committed = self._committed, []
+        task = asyncio.create_task(self._broker.publish(events), name="controller publish")
+        self._publishing.append((task, events, [e.event_id for e in events if _durable(e)]))
+
+    async def _settle_publishing(self, *, wait: bool, oldest: bool = False) -> None:
+        """Note the confirmed publishes (all of them with ``wait``, the oldest at least
+        with ``oldest``, else those done). The events of a failed one go back to
+        ``_committed``, to be published again, and its error is raised."""
+        if wait and self._publishing:
+            await asyncio.wait([task for task, _, _ in self._publishing])
+        elif oldest:
+            await asyncio.wait([self._publishing[0][0]])
+        failed: list[Event] = []
+        error: BaseException | None = None
+        kept: deque[tuple[asyncio.Task[None], list[Event], list[str]]] = deque()
+        for task, events, durable in self._publishing:
+            if not task.done():
+                kept.append((task, events, durable))
+            elif task.cancelled() or task.exception() is not None:
+                # aiormq cancels the confirms pending on a connection it gave up: a publish
+                # that ends cancelled while nobody stops the controller failed like another.
+                failed.extend(events)
+                if error is None:
+                    error = (
+                        ConveyorError("publishing was cancelled")
+                        if task.cancelled()
+                        else task.exception()
+                    )
+            else:
+                self._confirmed.extend(durable)
+        self._publishing = kept
+        if error is not None:
+            self._committed[:0] = failed
+            raise error
 
     async def _check_leases(self) -> None:
         """Start new attempts of the steps whose worker stopped renewing its lease."""
@@ -594,9 +665,7 @@ class Controller:
 
     async def _commit(self, batch: _Batch) -> None:
         await self._decide(batch)
-        # Status updates for followers are not kept in the outbox: losing one costs a
-        # follower a refresh, while RunFinished (which a follower waits for) is kept.
-        durable = [e for e in batch.events if not is_status_event(e) or isinstance(e, RunFinished)]
+        durable = [e for e in batch.events if _durable(e)]
         confirmed, self._confirmed = self._confirmed, []
         writes = Writes()
         self._runs.mark_sent(writes, confirmed, batch.now)
@@ -619,10 +688,7 @@ class Controller:
         await self._db.write(writes)
         loop = asyncio.get_running_loop()
         self._committed.extend(self._progress.outgoing(batch.events, loop.time()))
-        await self._publish_committed()
-        self._confirmed.extend(e.event_id for e in durable)
-        if self._inbox.empty():
-            await self._flush_confirmed()
+        await self._send_committed()
         for run_id, change in batch.changes.items():
             if change.run_status is not None and change.run_status is not RunStatus.RUNNING:
                 self._states.pop(run_id, None)

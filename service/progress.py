@@ -40,6 +40,8 @@ class ProgressBuffer:
         if now >= self.due:
             return self.release_all(now) + rest
         finished = {e.run_id for e in rest if isinstance(e, RunFinished)}
+        if not finished:  # most batches: nothing held is due, nothing to scan
+            return progress_of(rest)
         released = [c for c in self._held if c.run_id in finished]
         if released:
             self._held = [c for c in self._held if c.run_id not in finished]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,3 +122,40 @@ async def test_a_stray_cancelled_error_from_the_broker_does_not_stop_the_control
     assert failures["left"] == 0, "the fault was never injected"
     assert status is RunStatus.COMPLETED and value == 7
     assert steps == EACH_ONCE, steps
+
+
+async def test_the_controller_goes_on_while_the_broker_confirms_and_notes_it_later(
+    monkeypatch: pytest.MonkeyPatch, home: Path
+) -> None:
+    # The broker takes the first StepReady of the `add` steps (its identical twins wait for
+    # it, cached) but confirms it only when the gate opens: meanwhile the controller must
+    # process the completions (the run ends) while that outbox row stays unsent; once
+    # confirmed, it is noted sent.
+    gate = asyncio.Event()
+    held: list[str] = []
+    original = InProcessBroker.publish
+
+    async def slow_confirm(self: InProcessBroker, events: Sequence[Event]) -> None:
+        await original(self, events)
+        ready = [e for e in events if isinstance(e, StepReady)]
+        if not held and ready and all(e.step.name.startswith("add") for e in ready):
+            held.extend(e.event_id for e in ready)
+            await gate.wait()
+
+    monkeypatch.setattr(InProcessBroker, "publish", slow_confirm)
+    async with Conveyor() as cv:
+        run = await cv.submit(diamond)
+        record = await run.wait(timeout=60)
+        assert record.status is RunStatus.COMPLETED and await run.load("total") == 7
+        assert held and _unsent(home) >= set(held)
+        gate.set()
+        deadline = asyncio.get_running_loop().time() + 30
+        while _unsent(home):
+            assert asyncio.get_running_loop().time() < deadline, _unsent(home)
+            await asyncio.sleep(0.02)
+
+
+def _unsent(home: Path) -> set[str]:
+    """The outbox rows that the controller has not noted confirmed."""
+    with contextlib.closing(sqlite3.connect(home / "conveyor.db")) as db:
+        return {row[0] for row in db.execute("SELECT event_id FROM outbox WHERE sent IS NULL")}
