@@ -195,9 +195,17 @@ class Controller:
             writes = Writes()
             self._runs.mark_sent(writes, [e.event_id for e in unsent], utcnow())
             await self._db.write(writes)
+        batch = _Batch(now=utcnow())
         for run_id in await self._runs.active_run_ids(self._stack.id):
-            self._states[run_id] = await self._loaded(run_id)
+            state = self._states[run_id] = await self._loaded(run_id)
             self._note_retry(run_id)
+            # Ready steps that waited for room under MAX_DISPATCHED, should a crash have
+            # come between a transaction and the next (each tops its runs up itself).
+            change = scheduling.top_up(state)
+            if change.emit:
+                batch.change(run_id, change)
+        if batch.changes:
+            await self._commit(batch)
 
     async def _loaded(self, run_id: str) -> RunState:
         state = await self._runs.load_state(run_id)

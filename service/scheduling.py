@@ -7,6 +7,7 @@ functions, persists the returned :class:`Transition` and publishes its events.
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -30,8 +31,14 @@ from conveyor.contracts import (
 )
 from conveyor.service.retry_delay import retry_delay
 
+MAX_DISPATCHED = 1_000
+"""The most steps of one run dispatched and not finished at once. The run's other ready
+steps wait (stored pending, attempt 0) and are dispatched as those finish, so that a
+fan-out of 100,000 holds a thousand StepReady events, outbox rows and queued messages at a
+time, not all of them; it also leaves room in the queues for other runs' steps."""
 
-@dataclass
+
+@dataclass(slots=True)
 class StepState:
     """What the controller knows of one step; ``attempt`` 0 means not dispatched yet.
 
@@ -56,7 +63,9 @@ class RunState:
     """What the controller knows of one run.
 
     ``waiting`` (upstream steps not yet completed, per step) and ``unfinished`` are kept as
-    counters so that each event costs the same whatever the size of the DAG.
+    counters so that each event costs the same whatever the size of the DAG. ``ready``
+    holds the steps whose inputs exist but that wait for room under ``max_dispatched``
+    (``dispatched`` counts the steps with an attempt out and not finished).
     """
 
     run_id: str
@@ -66,6 +75,9 @@ class RunState:
     error: str | None = None
     waiting: dict[str, int] = field(default_factory=dict)
     unfinished: int = 0
+    ready: deque[str] = field(default_factory=deque)
+    dispatched: int = 0
+    max_dispatched: int = MAX_DISPATCHED
 
     @classmethod
     def new(cls, run_id: str, spec: PipelineSpec) -> RunState:
@@ -86,6 +98,10 @@ class RunState:
             name: sum(self.steps[up].status is not StepStatus.COMPLETED for up in s.spec.upstream)
             for name, s in self.steps.items()
         }
+        self.dispatched = sum(
+            s.attempt > 0 and s.status not in FINISHED_STEP_STATUSES for s in self.steps.values()
+        )
+        self.ready = deque(name for name in self.steps if _ready(self, name))
 
     def set_status(self, name: str, status: StepStatus) -> None:
         """Change a step's status, keeping the counters true."""
@@ -93,6 +109,8 @@ class RunState:
         was_finished = state.status in FINISHED_STEP_STATUSES
         now_finished = status in FINISHED_STEP_STATUSES
         self.unfinished += int(was_finished) - int(now_finished)
+        if state.attempt > 0:  # an attempt was out: its room goes to a ready step
+            self.dispatched += int(was_finished) - int(now_finished)
         if status is StepStatus.COMPLETED and state.status is not StepStatus.COMPLETED:
             for child in self.downstream[name]:
                 self.waiting[child] -= 1
@@ -177,6 +195,8 @@ def _dispatch(
 ) -> None:
     """Publish a StepReady for ``attempt``; the stored row records the attempt dispatched."""
     state = run.steps[name]
+    if state.attempt == 0 and state.status not in FINISHED_STEP_STATUSES:
+        run.dispatched += 1
     state.attempt = attempt
     state.lease_until = None
     state.retry_at = None
@@ -194,6 +214,22 @@ def _ready(run: RunState, name: str) -> bool:
     return state.attempt == 0 and state.status is StepStatus.PENDING and run.waiting[name] == 0
 
 
+def _top_up(run: RunState, out: Transition) -> None:
+    """Dispatch ready steps, in the order they became ready, while there is room."""
+    while run.ready and run.dispatched < run.max_dispatched:
+        name = run.ready.popleft()
+        if _ready(run, name):  # not cancelled meanwhile
+            _dispatch(run, out, name, 1)
+
+
+def top_up(run: RunState) -> Transition:
+    """Dispatch the ready steps that ``run`` has room for (after it was loaded)."""
+    out = Transition()
+    if run.status is RunStatus.RUNNING:
+        _top_up(run, out)
+    return out
+
+
 def _finish_if_done(run: RunState, out: Transition) -> None:
     if run.unfinished:
         return
@@ -208,9 +244,7 @@ def start_run(run: RunState, now: datetime) -> Transition:
     """Mark the run running and dispatch every step without upstream steps."""
     out = Transition(run_status=RunStatus.RUNNING)
     run.status = RunStatus.RUNNING
-    for name in run.steps:
-        if _ready(run, name):
-            _dispatch(run, out, name, 1)
+    _top_up(run, out)
     _finish_if_done(run, out)  # an empty pipeline completes at once
     return out
 
@@ -306,7 +340,8 @@ def _on_success(run: RunState, out: Transition, event: StepSucceeded) -> None:
     )
     for child in run.downstream[event.step]:
         if _ready(run, child):
-            _dispatch(run, out, child, 1)
+            run.ready.append(child)
+    _top_up(run, out)
     _finish_if_done(run, out)
 
 
@@ -354,6 +389,7 @@ def _on_failure(
     run.set_status(event.step, StepStatus.FAILED)
     out.steps.append(update)
     _skip_downstream(run, out, event.step, event.time)
+    _top_up(run, out)
     _finish_if_done(run, out)
 
 
@@ -450,5 +486,6 @@ def expire_leases(run: RunState, now: datetime, *, max_lost: int) -> Transition:
         )
         _skip_downstream(run, out, name, now)
     if lapsed:
+        _top_up(run, out)
         _finish_if_done(run, out)
     return out

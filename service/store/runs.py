@@ -28,7 +28,7 @@ from conveyor.contracts import (
     utcnow,
 )
 from conveyor.contracts.errors import shown
-from conveyor.service.scheduling import RunState, StepState, Transition
+from conveyor.service.scheduling import RunState, Transition
 from conveyor.service.store.db import Database, Writes
 from conveyor.service.store.id_prefixes import (
     SHOWN_CANDIDATES,
@@ -393,13 +393,9 @@ class RunStore:
         state = RunState.new(run.id, await self.spec_of(run.id))
         state.status, state.error = run.status, run.error
         for record in await self.steps_of(run.id):
-            state.steps[record.name] = StepState(
-                spec=state.steps[record.name].spec,
-                status=record.status,
-                attempt=record.attempt,
-                outputs=dict(record.outputs),
-                retry_at=record.retry_at,
-            )
+            step = state.steps[record.name]
+            step.status, step.attempt = record.status, record.attempt
+            step.outputs, step.retry_at = dict(record.outputs), record.retry_at
         state.recount()
         return state
 
