@@ -83,10 +83,11 @@ class RunState:
     def new(cls, run_id: str, spec: PipelineSpec) -> RunState:
         """A pending run of ``spec`` with every step pending."""
         steps = {s.name: StepState(s) for s in spec.steps}
-        downstream: dict[str, list[str]] = {name: [] for name in steps}
+        # Only steps that have some: the leaves of a fan-out of 100,000 need no list each.
+        downstream: dict[str, list[str]] = {}
         for s in spec.steps:
             for up in s.upstream:
-                downstream[up].append(s.name)
+                downstream.setdefault(up, []).append(s.name)
         run = cls(run_id=run_id, status=RunStatus.PENDING, steps=steps, downstream=downstream)
         run.recount()
         return run
@@ -112,7 +113,7 @@ class RunState:
         if state.attempt > 0:  # an attempt was out: its room goes to a ready step
             self.dispatched += int(was_finished) - int(now_finished)
         if status is StepStatus.COMPLETED and state.status is not StepStatus.COMPLETED:
-            for child in self.downstream[name]:
+            for child in self.downstream.get(name, ()):
                 self.waiting[child] -= 1
         state.status = status
 
@@ -250,7 +251,7 @@ def start_run(run: RunState, now: datetime) -> Transition:
 
 
 def _skip_downstream(run: RunState, out: Transition, name: str, now: datetime) -> None:
-    stack = list(run.downstream[name])
+    stack = list(run.downstream.get(name, ()))
     while stack:
         child = stack.pop()
         if run.steps[child].status in FINISHED_STEP_STATUSES:
@@ -266,7 +267,7 @@ def _skip_downstream(run: RunState, out: Transition, name: str, now: datetime) -
                 error=f"skipped: upstream step {name!r} failed",
             ),
         )
-        stack.extend(run.downstream[child])
+        stack.extend(run.downstream.get(child, ()))
 
 
 def _is_current(run: RunState, step: str, attempt: int) -> bool:
@@ -338,7 +339,7 @@ def _on_success(run: RunState, out: Transition, event: StepSucceeded) -> None:
             logs=event.logs,
         ),
     )
-    for child in run.downstream[event.step]:
+    for child in run.downstream.get(event.step, ()):
         if _ready(run, child):
             run.ready.append(child)
     _top_up(run, out)
