@@ -108,6 +108,8 @@ class _Shape:
         ]
         self.known = set(self.names)
         self.required = {p.name for p in parameters if p.default is inspect.Parameter.empty}
+        self.last_inputs: dict[str, InputBinding] | None = None
+        self.no_parameters: dict[str, Any] = {}
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
         """The arguments by parameter name, in signature order, as ``Signature.bind``
@@ -130,6 +132,14 @@ class _Shape:
     ) -> StepSpec:
         if len(name) > MAX_NAME_LENGTH:  # a long base with a counter: let pydantic refuse it
             return StepSpec(**{**self.fields, "name": name})
+        # Calls in a loop (a fan-out) often read the same handles as the call before: they
+        # share that call's dict, as frozen models may (selectors hold only names, so equal
+        # is the same). Parameters are shared only when empty: 1 == True, yet not in JSON.
+        if inputs == self.last_inputs:
+            inputs = self.last_inputs
+        self.last_inputs = inputs
+        if not parameters:
+            parameters = self.no_parameters
         values = {**self.fields, "name": name, "inputs": inputs, "parameters": parameters}
         return prevalidated(StepSpec, values, self.fields_set)
 

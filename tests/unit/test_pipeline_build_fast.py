@@ -177,3 +177,17 @@ def test_the_collector_is_back_on_after_a_build_that_raised() -> None:
         raises.compile()
     assert gc.isenabled()
     assert inspect.isfunction(raises.fn)
+
+
+@pipeline
+def fanned(n: int = 4) -> None:
+    one = source()
+    gather([combine(one, 2) for _ in range(n)])
+
+
+def test_calls_in_a_loop_share_their_inputs_and_stay_equal_to_validated_specs() -> None:
+    spec, _ = fanned.compile(n=4)
+    first, second = spec.steps[1], spec.steps[2]
+    assert first.inputs is second.inputs  # one dict for the fan-out, not one per step
+    assert first.parameters == {"b": 2} and first.parameters is not second.parameters
+    assert PipelineSpec.model_validate_json(spec.model_dump_json()) == spec
