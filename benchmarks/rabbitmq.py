@@ -6,6 +6,9 @@ as many bare messages as steps go through two plain aio-pika consumer processes 
 StepReady with confirms, consume it, publish a completion with confirms, ack), in the
 shape of the workload (one at a time for the chain, all at once for the fan-out).
 
+``peak_rss_mb`` is the largest peak resident memory among the stack's processes (the
+controller and each worker), which are started afresh for each workload.
+
     python benchmarks/rabbitmq.py [--url AMQP_URL] [--workers 2] [--concurrency 4] [--json]
 """
 
@@ -13,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +47,7 @@ BODY = b'{"type":"StepReady","padding":"' + b"x" * 600 + b'"}'
 
 @dataclass
 class Measured(Result):
-    ceiling_steps_per_s: float
+    ceiling_steps_per_s: float = 0.0
 
 
 # --- the ceiling: bare messages through plain aio-pika ---------------------------------
@@ -173,6 +179,39 @@ def wait_for(proc: subprocess.Popen[str], text: str) -> None:
     raise SystemExit(f"process exited before logging {text!r}")
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The peak resident memory of process ``pid`` so far, in MB (Linux)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+@contextlib.contextmanager
+def stack_processes(workers: int, env: dict[str, str]) -> Iterator[list[subprocess.Popen[str]]]:
+    """A controller and ``workers`` worker processes of the bench stack, stopped after."""
+    procs = [start("controller", "start", "--stack", "bench", env=env)]
+    try:
+        wait_for(procs[0], "controller started")
+        for i in range(workers):
+            procs.append(start("worker", "start", "--stack", "bench", "--name", f"w{i}", env=env))
+            wait_for(procs[-1], "worker started")
+        for proc in procs:
+            # Nobody reads their logs from now on: let them go nowhere.
+            assert proc.stderr is not None
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+        yield procs
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 async def delete_topology(url: str, prefix: str) -> None:
     connection = await aio_pika.connect_robust(url)
     async with connection:
@@ -196,25 +235,16 @@ async def main(args: argparse.Namespace) -> list[Measured]:
             "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
         }
         env.pop("PYTHONASYNCIODEBUG", None)
-        procs = [start("controller", "start", "--stack", "bench", env=env)]
         try:
-            wait_for(procs[0], "controller started")
-            for i in range(args.workers):
-                procs.append(
-                    start("worker", "start", "--stack", "bench", "--name", f"w{i}", env=env)
-                )
-                wait_for(procs[-1], "worker started")
-            for proc in procs:
-                # Nobody reads their logs from now on: let them go nowhere.
-                assert proc.stderr is not None
-                asyncio.get_running_loop().run_in_executor(None, proc.stderr.read)
             async with Conveyor(stack="bench") as cv:
-                await measure(cv, "warm-up", chain, 20)
                 for name, definition, n in WORKLOADS:
-                    best = min(
-                        [await measure(cv, name, definition, n) for _ in range(args.repeat)],
-                        key=lambda r: r.seconds,
-                    )
+                    with stack_processes(args.workers, env) as procs:
+                        await measure(cv, "warm-up", chain, 20)
+                        best = min(
+                            [await measure(cv, name, definition, n) for _ in range(args.repeat)],
+                            key=lambda r: r.seconds,
+                        )
+                        peak = max(peak_rss_mb(proc.pid) for proc in procs)
                     ceiling = max(
                         [
                             await measure_ceiling(
@@ -227,15 +257,9 @@ async def main(args: argparse.Namespace) -> list[Measured]:
                             for _ in range(args.repeat)
                         ]
                     )
+                    best.peak_rss_mb = peak
                     results.append(Measured(**asdict(best), ceiling_steps_per_s=round(ceiling, 1)))
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
             await delete_topology(args.url, prefix)
     return results
 
@@ -243,13 +267,13 @@ async def main(args: argparse.Namespace) -> list[Measured]:
 def print_table(results: list[Measured]) -> None:
     print(
         f"{'workload':<14}{'steps':>7}{'seconds':>10}{'steps/s':>10}"
-        f"{'overhead ms/step':>18}{'ceiling/s':>11}{'of ceiling':>12}"
+        f"{'overhead ms/step':>18}{'ceiling/s':>11}{'of ceiling':>12}{'peak MB':>9}"
     )
     for r in results:
         print(
             f"{r.workload:<14}{r.steps:>7}{r.seconds:>10.3f}{r.steps_per_s:>10.0f}"
             f"{r.overhead_ms_per_step:>18.3f}{r.ceiling_steps_per_s:>11.0f}"
-            f"{r.steps_per_s / r.ceiling_steps_per_s:>11.0%}"
+            f"{r.steps_per_s / r.ceiling_steps_per_s:>11.0%}{r.peak_rss_mb:>9.0f}"
         )
 
 

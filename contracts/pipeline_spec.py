@@ -144,16 +144,25 @@ class PipelineSpec(Frozen):
 
     @model_validator(mode="after")
     def _a_dag_in_call_order(self) -> PipelineSpec:
-        outputs: dict[str, set[str]] = {}
-        for step in self.steps:
-            if step.name in outputs:
-                raise ValueError(f"two steps are named {step.name!r}")
-            for binding in step.inputs.values():
-                for selector in binding if isinstance(binding, list) else [binding]:
-                    if selector.output not in outputs.get(selector.step, ()):
-                        raise ValueError(
-                            f"step {step.name!r} reads output {selector.output!r} of "
-                            f"{selector.step!r}, which no earlier step of the pipeline has"
-                        )
-            outputs[step.name] = set(step.outputs)
+        problem = dag_problem(self.steps)
+        if problem is not None:
+            raise ValueError(problem)
         return self
+
+
+def dag_problem(steps: list[StepSpec]) -> str | None:
+    """Why ``steps`` are not a DAG in call order (each reads only outputs of steps before
+    it, names unique); None if they are."""
+    outputs: dict[str, list[str]] = {}
+    for step in steps:
+        if step.name in outputs:
+            return f"two steps are named {step.name!r}"
+        for binding in step.inputs.values():
+            for selector in binding if isinstance(binding, list) else (binding,):
+                if selector.output not in outputs.get(selector.step, ()):
+                    return (
+                        f"step {step.name!r} reads output {selector.output!r} of "
+                        f"{selector.step!r}, which no earlier step of the pipeline has"
+                    )
+        outputs[step.name] = step.outputs
+    return None

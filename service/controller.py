@@ -230,6 +230,8 @@ class Controller:
         for run_id in await self._runs.active_run_ids(self._stack.id):
             self._states[run_id] = await self._loaded(run_id)
             self._note_retry(run_id)
+        # Deciding again tops every run up too: the steps that waited for a decision, or
+        # for room under MAX_DISPATCHED, when a crash came between two transactions.
         self._undecided = set(self._states)
 
     async def _loaded(self, run_id: str) -> RunState:

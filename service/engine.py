@@ -107,7 +107,10 @@ class AsyncRun:
             self._finished.set()
 
     async def _on_change(self, change: StepStatusChanged) -> None:
-        self._statuses[change.step] = change
+        if self._conveyor.controller_alive is None:
+            # Only a client whose store does not hold the run reads them back; an embedded
+            # run's store does, and a fan-out of 100,000 would keep as many events here.
+            self._statuses[change.step] = change
         if self._on_step is not None:
             result = self._on_step(change)
             if result is not None:

@@ -6,18 +6,22 @@ invocation and returns handles to its outputs, which later calls take as inputs.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, overload
 
 from conveyor.contracts import (
     ConveyorError,
+    InputBinding,
     OutputSelector,
     PipelineSpec,
     StepSpec,
     ValidationError,
 )
+from conveyor.contracts.models import MAX_NAME_LENGTH, prevalidated
 from conveyor.contracts.pipeline_spec import MAX_STEPS
 from conveyor.service.code_digest import code_digest
 from conveyor.service.pipeline_parameters import PipelineParameters
@@ -37,14 +41,23 @@ if TYPE_CHECKING:
 class OutputHandle:
     """A future output of a step invocation, usable as another step's input."""
 
-    __slots__ = ("output", "step")
+    __slots__ = ("_selector", "origin", "output", "step")
 
-    def __init__(self, step: str, output: str) -> None:
+    def __init__(self, step: str, output: str, origin: object = None) -> None:
         self.step = step
         self.output = output
+        self.origin = origin
+        """The build that made the handle: another pipeline's handle is no input here."""
+        self._selector: OutputSelector | None = None
 
     def selector(self) -> OutputSelector:
-        return OutputSelector(step=self.step, output=self.output)
+        # One selector per handle, shared by every step that reads it (a fan-out's
+        # thousands); both names were checked when the upstream step was recorded.
+        if self._selector is None:
+            self._selector = prevalidated(
+                OutputSelector, {"step": self.step, "output": self.output}, _SELECTOR_FIELDS
+            )
+        return self._selector
 
     def __repr__(self) -> str:
         return f"<output {self.output} of {self.step}>"
@@ -55,8 +68,83 @@ class OutputHandle:
         )
 
 
+_SELECTOR_FIELDS = {"step", "output"}
+
+
 class PipelineTooLarge(ValidationError):
     """A pipeline calls more steps than its compiler may record."""
+
+
+class _Shape:
+    """What every invocation of one step shares, checked once per compile: the StepSpec
+    fields that come from the ``@step`` definition, and how its arguments bind."""
+
+    def __init__(self, step: StepDefinition, *, cache: bool = True) -> None:
+        # Validated once here; each invocation copies it with its own name, inputs and
+        # parameters, which the builder made and checked itself.
+        self.template = StepSpec(
+            name=step.name,
+            ref=step.ref,
+            outputs=step.outputs,
+            retries=step.retries,
+            retry=step.retry,
+            timeout_s=step.timeout,
+            pool=step.pool,
+            allow_pickle=step.allow_pickle,
+            isolation=step.isolation,
+            trust=list(step.trust),
+            code_digest=code_digest(step.fn),
+            cache=step.cache and cache,
+        )
+        self.fields = dict(self.template)
+        self.fields_set = self.template.model_fields_set | {"name", "inputs", "parameters"}
+        parameters = step.signature.parameters.values()
+        kinds = {p.kind for p in parameters}
+        self.simple = not kinds & {
+            inspect.Parameter.VAR_POSITIONAL,
+            inspect.Parameter.VAR_KEYWORD,
+            inspect.Parameter.POSITIONAL_ONLY,
+        }
+        self.names = [p.name for p in parameters]
+        self.positional = [
+            p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        ]
+        self.known = set(self.names)
+        self.required = {p.name for p in parameters if p.default is inspect.Parameter.empty}
+        self.last_inputs: dict[str, InputBinding] | None = None
+        self.no_parameters: dict[str, Any] = {}
+
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """The arguments by parameter name, in signature order, as ``Signature.bind``
+        gives them; None when only ``Signature.bind`` can say (or what is wrong)."""
+        if not self.simple or len(args) > len(self.positional):
+            return None
+        given = dict(zip(self.positional, args, strict=False))
+        for key, value in kwargs.items():
+            if key in given or key not in self.known:
+                return None
+            given[key] = value
+        if not self.required <= given.keys():
+            return None
+        if not kwargs:
+            return given
+        return {name: given[name] for name in self.names if name in given}
+
+    def spec(
+        self, name: str, inputs: dict[str, InputBinding], parameters: dict[str, Any]
+    ) -> StepSpec:
+        if len(name) > MAX_NAME_LENGTH:  # a long base with a counter: let pydantic refuse it
+            return StepSpec(**{**self.fields, "name": name})
+        # Calls in a loop (a fan-out) often read the same handles as the call before: they
+        # share that call's dict, as frozen models may (selectors hold only names, so equal
+        # is the same). Parameters are shared only when empty: 1 == True, yet not in JSON.
+        if inputs == self.last_inputs:
+            inputs = self.last_inputs
+        self.last_inputs = inputs
+        if not parameters:
+            parameters = self.no_parameters
+        values = {**self.fields, "name": name, "inputs": inputs, "parameters": parameters}
+        return prevalidated(StepSpec, values, self.fields_set)
 
 
 class _Builder:
@@ -64,10 +152,11 @@ class _Builder:
         self.steps: list[StepSpec] = []
         self.definitions: dict[str, StepDefinition] = {}
         self._counts: dict[str, int] = {}
-        # Once per step function and compile: a helper redefined since (a notebook cell run
-        # again) must count, so nothing is kept between compiles.
-        self._digests: dict[int, str] = {}
+        # A step function's code digest is taken once per compile (in its _Shape): a
+        # helper redefined since (a notebook cell run again) must count.
         self._cache = cache
+        self._taken: set[str] = set()
+        self._shapes: dict[StepDefinition, _Shape] = {}
         self._pipeline = pipeline
         self._max_steps = max_steps
         self.overflowed = False
@@ -81,61 +170,84 @@ class _Builder:
     def _name(self, base: str) -> str:
         count = self._counts.get(base, 0) + 1
         self._counts[base] = count
-        return base if count == 1 else f"{base}_{count}"
+        name = base if count == 1 else f"{base}_{count}"
+        if name in self._taken:  # step "f_2" beside the second call of step "f"
+            raise ValidationError(f"pipeline {self._pipeline!r}: two steps are named {name!r}")
+        self._taken.add(name)
+        return name
+
+    def _selector(self, name: str, handle: OutputHandle) -> OutputSelector:
+        if handle.origin is not self:
+            raise ValidationError(
+                f"pipeline {self._pipeline!r}: step {name!r} reads output {handle.output!r} of "
+                f"{handle.step!r}, which no earlier step of the pipeline has"
+            )
+        return handle.selector()
+
+    def _shape(self, step: StepDefinition) -> _Shape:
+        shape = self._shapes.get(step)
+        if shape is None:
+            shape = self._shapes[step] = _Shape(step, cache=self._cache)
+            self.definitions[shape.template.ref] = step
+        return shape
+
+    def _arguments(
+        self, step: StepDefinition, shape: _Shape, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        arguments = shape.bind(args, kwargs)
+        if arguments is not None:
+            return arguments
+        try:
+            bound = step.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ValidationError(f"step {step.name!r}: {exc}") from None
+        for param in bound.arguments:
+            kind = step.signature.parameters[param].kind
+            if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+                raise ValidationError(f"step {step.name!r}: *args and **kwargs are not supported")
+        return bound.arguments
 
     def record(self, step: StepDefinition, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # Stop at the limit, not after: a fan-out of millions would fill the memory first.
         if len(self.steps) >= self._max_steps:
             raise self.too_large()
+        shape = self._shape(step)
         name = self._name(step.name)
-        try:
-            bound = step.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise ValidationError(f"step {step.name!r}: {exc}") from None
-        inputs: dict[str, OutputSelector | list[OutputSelector]] = {}
+        inputs: dict[str, InputBinding] = {}
         parameters: dict[str, Any] = {}
-        for param, value in bound.arguments.items():
-            kind = step.signature.parameters[param].kind
-            if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-                raise ValidationError(f"step {step.name!r}: *args and **kwargs are not supported")
+        for param, value in self._arguments(step, shape, args, kwargs).items():
             if isinstance(value, OutputHandle):
-                inputs[param] = value.selector()
+                inputs[param] = self._selector(name, value)
             elif (
                 isinstance(value, list | tuple)
                 and value
                 and all(isinstance(v, OutputHandle) for v in value)
             ):
-                inputs[param] = [v.selector() for v in value]
+                inputs[param] = [self._selector(name, v) for v in value]
             else:
                 _check_json(step.name, param, value)
                 parameters[param] = value
-        ref = step.ref
-        self.definitions[ref] = step
-        digest = self._digests.get(id(step))
-        if digest is None:
-            digest = self._digests[id(step)] = code_digest(step.fn)
-        self.steps.append(
-            StepSpec(
-                name=name,
-                ref=ref,
-                inputs=inputs,
-                parameters=parameters,
-                outputs=step.outputs,
-                retries=step.retries,
-                retry=step.retry,
-                timeout_s=step.timeout,
-                pool=step.pool,
-                allow_pickle=step.allow_pickle,
-                isolation=step.isolation,
-                trust=list(step.trust),
-                code_digest=digest,
-                cache=step.cache and self._cache,
-            )
-        )
-        handles = [OutputHandle(name, output) for output in step.outputs]
-        if not handles:
+        self.steps.append(shape.spec(name, inputs, parameters))
+        outputs = shape.template.outputs
+        if not outputs:
             return None
-        return handles[0] if len(handles) == 1 else tuple(handles)
+        if len(outputs) == 1:
+            return OutputHandle(name, outputs[0], self)
+        return tuple(OutputHandle(name, output, self) for output in outputs)
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a pipeline builds: the objects of a large DAG
+    (100,000 steps) would set off full collections that scan all of them again and again,
+    which cost about as much as building them; whatever cycles it made are found after."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 def _check_json(step: str, param: str, value: Any) -> None:
@@ -194,17 +306,19 @@ class PipelineDefinition:
         builder = _Builder(self.name, max_steps, cache=self.cache)
         token = building.set(builder)
         try:
-            self.fn(*bound.args, **bound.kwargs)
+            with _collector_paused():
+                self.fn(*bound.args, **bound.kwargs)
         finally:
             building.reset(token)
         if builder.overflowed:  # the pipeline function caught the error and went on
             raise builder.too_large()
         if not builder.steps:
             raise ValidationError(f"pipeline {self.name!r} calls no step")
-        spec = PipelineSpec(
-            name=self.name, ref=self.ref, parameters=parameters, steps=builder.steps
-        )
-        return spec, builder.definitions
+        # The steps were checked as they were recorded (unique names, inputs only from
+        # steps before); validating them again as a PipelineSpec field would cost about
+        # as much as building them (100,000 steps).
+        head = PipelineSpec(name=self.name, ref=self.ref, parameters=parameters, steps=[])
+        return head.model_copy(update={"steps": builder.steps}), builder.definitions
 
     def with_options(
         self, *, raise_on_failure: bool = True, cache: bool | None = None

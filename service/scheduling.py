@@ -12,6 +12,7 @@ to dispatch it (:func:`dispatch_ready`).
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -35,8 +36,14 @@ from conveyor.contracts import (
 )
 from conveyor.service.retry_delay import retry_delay
 
+MAX_DISPATCHED = 1_000
+"""The most steps of one run dispatched and not finished at once. The run's other ready
+steps wait (stored pending, attempt 0) and are dispatched as those finish, so that a
+fan-out of 100,000 holds a thousand StepReady events, outbox rows and queued messages at a
+time, not all of them; it also leaves room in the queues for other runs' steps."""
 
-@dataclass
+
+@dataclass(slots=True)
 class StepState:
     """What the controller knows of one step; ``attempt`` 0 means not dispatched yet.
 
@@ -55,6 +62,9 @@ class StepState:
     worker: str | None = None
     retry_at: datetime | None = None
     cache_key: str | None = None
+    decided: bool = False
+    """Whether the controller found nothing to reuse for it (memory only: a reloaded step
+    is decided again)."""
 
 
 SUCCEEDED = frozenset({StepStatus.COMPLETED, StepStatus.CACHED})
@@ -66,7 +76,9 @@ class RunState:
     """What the controller knows of one run.
 
     ``waiting`` (upstream steps not yet completed, per step) and ``unfinished`` are kept as
-    counters so that each event costs the same whatever the size of the DAG.
+    counters so that each event costs the same whatever the size of the DAG. ``ready``
+    holds the steps whose inputs exist but that wait for room under ``max_dispatched``
+    (``dispatched`` counts the steps with an attempt out and not finished).
     """
 
     run_id: str
@@ -83,15 +95,19 @@ class RunState:
     previous: dict[str, tuple[str | None, str]] = field(default_factory=dict)
     """What a retry may reuse: the steps of ``retry_of`` that completed or were cached, by
     name, with their cache key and the run that computed their outputs."""
+    ready: deque[str] = field(default_factory=deque)
+    dispatched: int = 0
+    max_dispatched: int = MAX_DISPATCHED
 
     @classmethod
     def new(cls, run_id: str, spec: PipelineSpec) -> RunState:
         """A pending run of ``spec`` with every step pending."""
         steps = {s.name: StepState(s) for s in spec.steps}
-        downstream: dict[str, list[str]] = {name: [] for name in steps}
+        # Only steps that have some: the leaves of a fan-out of 100,000 need no list each.
+        downstream: dict[str, list[str]] = {}
         for s in spec.steps:
             for up in s.upstream:
-                downstream[up].append(s.name)
+                downstream.setdefault(up, []).append(s.name)
         run = cls(run_id=run_id, status=RunStatus.PENDING, steps=steps, downstream=downstream)
         run.recount()
         return run
@@ -103,6 +119,10 @@ class RunState:
             name: sum(self.steps[up].status not in SUCCEEDED for up in s.spec.upstream)
             for name, s in self.steps.items()
         }
+        self.dispatched = sum(
+            s.attempt > 0 and s.status not in FINISHED_STEP_STATUSES for s in self.steps.values()
+        )
+        self.ready = deque(name for name in self.steps if _ready(self, name))
 
     def set_status(self, name: str, status: StepStatus) -> None:
         """Change a step's status, keeping the counters true."""
@@ -110,8 +130,10 @@ class RunState:
         was_finished = state.status in FINISHED_STEP_STATUSES
         now_finished = status in FINISHED_STEP_STATUSES
         self.unfinished += int(was_finished) - int(now_finished)
+        if state.attempt > 0:  # an attempt was out: its room goes to a ready step
+            self.dispatched += int(was_finished) - int(now_finished)
         if status in SUCCEEDED and state.status not in SUCCEEDED:
-            for child in self.downstream[name]:
+            for child in self.downstream.get(name, ()):
                 self.waiting[child] -= 1
         state.status = status
 
@@ -205,17 +227,18 @@ def _inputs(run: RunState, spec: StepSpec) -> dict[str, ArtifactRef | list[Artif
 def _dispatch(
     run: RunState, out: Transition, name: str, attempt: int, update: StepUpdate | None = None
 ) -> None:
-    """Publish a StepReady for ``attempt``; the stored row records the attempt dispatched.
-    A deferring run's first attempt waits in ``out.ready`` for the controller instead."""
-    if run.defer and attempt == 1 and update is None:
-        out.ready.append(name)
-        return
+    """Publish a StepReady for ``attempt``; the stored row records the attempt dispatched
+    (with the step's cache key, so that a later run finds its outputs)."""
     state = run.steps[name]
+    if state.attempt == 0 and state.status not in FINISHED_STEP_STATUSES:
+        run.dispatched += 1
     state.attempt = attempt
     state.lease_until = None
     state.retry_at = None
     run.set_status(name, StepStatus.PENDING)
-    out.steps.append(update or StepUpdate(name, StepStatus.PENDING, attempt))
+    out.steps.append(
+        update or StepUpdate(name, StepStatus.PENDING, attempt, cache_key=state.cache_key)
+    )
     out.emit.append(
         StepReady(
             run_id=run.run_id,
@@ -239,6 +262,29 @@ def _ready(run: RunState, name: str) -> bool:
     return state.attempt == 0 and state.status is StepStatus.PENDING and run.waiting[name] == 0
 
 
+def _top_up(run: RunState, out: Transition) -> None:
+    """Dispatch ready steps, in the order they became ready, while there is room. In a
+    deferring run, a step the controller has not decided about goes to ``out.ready``
+    instead (it takes no room: it may be reused); a miss comes back through
+    :func:`dispatch_ready` and waits for room like any other."""
+    while run.ready and run.dispatched < run.max_dispatched:
+        name = run.ready.popleft()
+        if not _ready(run, name):  # cancelled, reused or dispatched meanwhile
+            continue
+        if run.defer and not run.steps[name].decided:
+            out.ready.append(name)
+            continue
+        _dispatch(run, out, name, 1)
+
+
+def top_up(run: RunState) -> Transition:
+    """Dispatch the ready steps that ``run`` has room for (after it was loaded)."""
+    out = Transition()
+    if run.status is RunStatus.RUNNING:
+        _top_up(run, out)
+    return out
+
+
 def _finish_if_done(run: RunState, out: Transition) -> None:
     if run.unfinished:
         return
@@ -260,13 +306,16 @@ def undecided(run: RunState) -> list[str]:
 
 
 def dispatch_ready(run: RunState, name: str, key: str | None) -> Transition:
-    """Dispatch a step the controller found no reusable outputs for; ``key`` is recorded
-    with it, so that a later run finds its outputs."""
+    """Dispatch a step the controller found no reusable outputs for, when its run has room
+    (else it waits for room); ``key`` is recorded with it, so that a later run finds its
+    outputs."""
     out = Transition()
     if not _deciding(run, name):
         return out
-    run.steps[name].cache_key = key
-    _dispatch(run, out, name, 1, StepUpdate(name, StepStatus.PENDING, 1, cache_key=key))
+    state = run.steps[name]
+    state.cache_key, state.decided = key, True
+    run.ready.append(name)
+    _top_up(run, out)
     return out
 
 
@@ -295,9 +344,8 @@ def complete_from_cache(
         cached_from=source,
     )
     _record(run, out, update)
-    for child in run.downstream[name]:
-        if _ready(run, child):
-            _dispatch(run, out, child, 1)
+    run.ready.extend(child for child in run.downstream.get(name, ()) if _ready(run, child))
+    _top_up(run, out)
     _finish_if_done(run, out)
     return out
 
@@ -306,15 +354,13 @@ def start_run(run: RunState, now: datetime) -> Transition:
     """Mark the run running and dispatch every step without upstream steps."""
     out = Transition(run_status=RunStatus.RUNNING)
     run.status = RunStatus.RUNNING
-    for name in run.steps:
-        if _ready(run, name):
-            _dispatch(run, out, name, 1)
+    _top_up(run, out)
     _finish_if_done(run, out)  # an empty pipeline completes at once
     return out
 
 
 def _skip_downstream(run: RunState, out: Transition, name: str, now: datetime) -> None:
-    stack = list(run.downstream[name])
+    stack = list(run.downstream.get(name, ()))
     while stack:
         child = stack.pop()
         if run.steps[child].status in FINISHED_STEP_STATUSES:
@@ -330,7 +376,7 @@ def _skip_downstream(run: RunState, out: Transition, name: str, now: datetime) -
                 error=f"skipped: upstream step {name!r} failed",
             ),
         )
-        stack.extend(run.downstream[child])
+        stack.extend(run.downstream.get(child, ()))
 
 
 def _is_current(run: RunState, step: str, attempt: int) -> bool:
@@ -402,9 +448,10 @@ def _on_success(run: RunState, out: Transition, event: StepSucceeded) -> None:
             logs=event.logs,
         ),
     )
-    for child in run.downstream[event.step]:
+    for child in run.downstream.get(event.step, ()):
         if _ready(run, child):
-            _dispatch(run, out, child, 1)
+            run.ready.append(child)
+    _top_up(run, out)
     _finish_if_done(run, out)
 
 
@@ -452,6 +499,7 @@ def _on_failure(
     run.set_status(event.step, StepStatus.FAILED)
     out.steps.append(update)
     _skip_downstream(run, out, event.step, event.time)
+    _top_up(run, out)
     _finish_if_done(run, out)
 
 
@@ -548,5 +596,6 @@ def expire_leases(run: RunState, now: datetime, *, max_lost: int) -> Transition:
         )
         _skip_downstream(run, out, name, now)
     if lapsed:
+        _top_up(run, out)
         _finish_if_done(run, out)
     return out

@@ -3,12 +3,18 @@
 A real broker with the semantics of the RabbitMQ one, inside one asyncio process: named
 queues, prefetch, explicit settlement, requeue of what a cancelled consumer left unsettled,
 a dead-letter queue with reasons, and per-run status fan-out to followers.
+
+One difference: a step queue hands out the StepReady of the run submitted first before
+those of later runs (FIFO within a run), so that of many runs submitted together the first
+finish first instead of all at the end (RabbitMQ's queues stay FIFO: docs/scale-out.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +24,10 @@ import structlog
 from conveyor.contracts import (
     DeliveryHandler,
     Event,
+    RunFinished,
+    RunRequested,
     StatusHandler,
+    StepReady,
     Topology,
     is_control_event,
     is_status_event,
@@ -37,12 +46,35 @@ class DeadLetter:
     reason: str
 
 
-class _Message:
-    __slots__ = ("event", "lost")
+UNRANKED = sys.maxsize
+"""The rank of a StepReady whose run this broker did not see requested: after the rest."""
 
-    def __init__(self, event: Event) -> None:
+
+class _Message:
+    __slots__ = ("event", "lost", "rank", "seq")
+
+    def __init__(self, event: Event, rank: int, seq: int) -> None:
         self.event = event
         self.lost = 0  # deliveries that ended unsettled, their consumer gone
+        self.rank = rank
+        self.seq = seq
+        """Publish order; a requeued message keeps its place, as on RabbitMQ."""
+
+
+def rank_of(event: Event, submitted: dict[str, int]) -> int:
+    """Where ``event`` queues: a StepReady by its run's submit order (``submitted``: run id
+    to order), the rest (FIFO) before it; ties go by publish order."""
+    if isinstance(event, StepReady):
+        return submitted.get(event.run_id, UNRANKED)
+    return 0
+
+
+Entry = tuple[int, int, _Message]
+"""How a queue holds a message: (rank, publish order, message); lowest first."""
+
+
+def entry(message: _Message) -> Entry:
+    return (message.rank, message.seq, message)
 
 
 class _Delivery:
@@ -78,7 +110,7 @@ class _Delivery:
 
     async def requeue(self) -> None:
         if self._settle():
-            self._consumer.broker.queue(self._consumer.queue).put_nowait(self._message)
+            self._consumer.broker.queue(self._consumer.queue).put_nowait(entry(self._message))
 
 
 class _Consumer:
@@ -103,7 +135,7 @@ class _Consumer:
         source = self.broker.queue(self.queue)
         while True:
             await self.window.acquire()
-            message = await source.get()
+            _, _, message = await source.get()
             delivery = _Delivery(self, message)
             self.unsettled.add(delivery)
             if self.hands_over:
@@ -164,7 +196,10 @@ class InProcessBroker:
 
     def __init__(self, topology: Topology) -> None:
         self._topology = topology
-        self._queues: dict[str, asyncio.Queue[_Message]] = {}
+        self._queues: dict[str, asyncio.PriorityQueue[Entry]] = {}
+        self._published = itertools.count()
+        self._submitted: dict[str, int] = {}
+        """Runs requested and not finished, by the order of their requests."""
         self.consumers: set[_Consumer] = set()
         self.followers: defaultdict[str, set[_Follower]] = defaultdict(set)
         self.dead_letters: list[DeadLetter] = []
@@ -173,11 +208,11 @@ class InProcessBroker:
     def topology(self) -> Topology:
         return self._topology
 
-    def queue(self, name: str) -> asyncio.Queue[_Message]:
+    def queue(self, name: str) -> asyncio.PriorityQueue[Entry]:
         """The named queue, created on first use (declaring is idempotent)."""
         found = self._queues.get(name)
         if found is None:
-            found = self._queues[name] = asyncio.Queue()
+            found = self._queues[name] = asyncio.PriorityQueue()
         return found
 
     def depth(self, name: str) -> int:
@@ -206,13 +241,19 @@ class InProcessBroker:
 
     async def publish(self, events: Sequence[Event]) -> None:
         for event in events:
+            if isinstance(event, RunRequested):
+                self._submitted.setdefault(event.run_id, next(self._published))
+            elif isinstance(event, RunFinished):
+                self._submitted.pop(event.run_id, None)
             route = self._topology.route(event)
             if is_status_event(event) or is_control_event(event):
                 # A run id for status events; CONTROL for control events.
                 for follower in self.followers.get(route, ()):
                     follower.pump.inbox.put_nowait(event)
             else:
-                self.queue(route).put_nowait(_Message(event))
+                rank = rank_of(event, self._submitted)
+                message = _Message(event, rank, next(self._published))
+                self.queue(route).put_nowait(entry(message))
 
     async def consume(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> _Consumer:
         consumer = _Consumer(self, queue, handler, prefetch)

@@ -22,13 +22,12 @@ from conveyor.contracts import (
     StackSpec,
     StepRecord,
     StepStatus,
-    encode_event,
     new_id,
     parse_event,
     utcnow,
 )
 from conveyor.contracts.errors import shown
-from conveyor.service.scheduling import RunState, StepState, Transition
+from conveyor.service.scheduling import RunState, Transition
 from conveyor.service.store.db import Database, Writes
 from conveyor.service.store.id_prefixes import (
     SHOWN_CANDIDATES,
@@ -280,7 +279,9 @@ class RunStore:
         created = now.isoformat()
         writes.add(
             "INSERT INTO outbox (event_id, run_id, stack_id, event, created) VALUES (?,?,?,?,?)",
-            ((e.event_id, e.run_id, stack_id, encode_event(e).decode(), created) for e in events),
+            # As text at once: a join's StepReady of 100,000 inputs is megabytes, not worth
+            # holding as bytes and as text.
+            ((e.event_id, e.run_id, stack_id, e.model_dump_json(), created) for e in events),
         )
 
     def mark_sent(self, writes: Writes, event_ids: Iterable[str], now: datetime) -> None:
@@ -426,14 +427,10 @@ class RunStore:
         )
         keys = {row["name"]: row["cache_key"] for row in rows}
         for record in await self.steps_of(run.id):
-            state.steps[record.name] = StepState(
-                spec=state.steps[record.name].spec,
-                status=record.status,
-                attempt=record.attempt,
-                outputs=dict(record.outputs),
-                retry_at=record.retry_at,
-                cache_key=keys.get(record.name),
-            )
+            step = state.steps[record.name]
+            step.status, step.attempt = record.status, record.attempt
+            step.outputs, step.retry_at = dict(record.outputs), record.retry_at
+            step.cache_key = keys.get(record.name)
         state.recount()
         if run.retry_of is not None:
             state.retry_of = run.retry_of
