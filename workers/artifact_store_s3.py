@@ -94,7 +94,9 @@ class S3ArtifactStore:
 
     An object is never overwritten with other bytes: small objects are created with
     ``If-None-Match: *``, large ones are uploaded in parts only when no object of that
-    size is there yet (a concurrent writer of the same key writes the same bytes).
+    size is there yet (a concurrent writer of the same key writes the same bytes). A small
+    object found damaged at its address is written again: a step run again because its
+    cached output was found corrupted must leave a readable one.
     """
 
     def __init__(
@@ -178,7 +180,7 @@ class S3ArtifactStore:
 
         def upload() -> None:
             if size <= _PART:
-                self._create(key, source)
+                self._create(key, source, digest)
             elif not self._holds(key, size):
                 # obstore sends a conditional put whole, from memory; a large object goes
                 # in parts instead, read from the file as they are sent.
@@ -216,17 +218,33 @@ class S3ArtifactStore:
                 time.sleep(_BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
         raise AssertionError("unreachable")
 
-    def _create(self, key: str, source: Path | bytes) -> None:
-        # A content address holds the same bytes whoever wrote them: an existing object
-        # means the work is done.
-        with contextlib.suppress(AlreadyExistsError):
+    def _create(self, key: str, source: Path | bytes, digest: str) -> None:
+        # A content address holds the same bytes whoever wrote them: an existing intact
+        # object means the work is done.
+        try:
             obstore.put(self._s3, key, source, mode="create", use_multipart=False)
+        except AlreadyExistsError:
+            if not self._intact(key, digest):
+                obstore.put(self._s3, key, source, mode="overwrite", use_multipart=False)
 
     def _holds(self, key: str, size: int) -> bool:
+        # By size only: reading a large object back to check its bytes would cost as much
+        # as writing it again (a large object damaged in place, keeping its size, fails
+        # its digest check when read, with an error that names it).
         try:
             return obstore.head(self._probe, key)["size"] == size
         except FileNotFoundError:
             return False
+
+    def _intact(self, key: str, digest: str) -> bool:
+        algorithm, expected = digests.split(digest)
+        hasher = digests.new_hasher(algorithm)
+        try:
+            for chunk in obstore.get(self._s3, key).stream(min_chunk_size=_PART):
+                hasher.update(chunk)
+        except FileNotFoundError:
+            return False
+        return hasher.hexdigest() == expected
 
     def key_of_uri(self, uri: str) -> str:
         """The key behind ``uri``; refuses anything but the shape this store writes."""

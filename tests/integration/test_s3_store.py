@@ -446,3 +446,15 @@ def test_a_transfer_dropped_midway_is_done_again_and_refusals_are_not(
     with pytest.raises(StoreUnavailable, match="denied"):
         store.put_bytes(b"not allowed")
     assert calls["put"] == 3  # tried once: a refusal does not pass by trying again
+
+
+def test_a_damaged_object_is_written_again_by_the_next_put_of_its_bytes(
+    store: S3ArtifactStore, s3_bucket: S3Bucket
+) -> None:
+    # As when a step runs again because its cached output was found corrupted.
+    original = b"the original bytes"
+    ref = store.put_bytes(original)
+    key = ref.uri.removeprefix(f"s3://{s3_bucket.bucket}/")
+    s3_bucket.client().put_object(Bucket=s3_bucket.bucket, Key=key, Body=b"the altered bytes!")
+    assert store.put_bytes(original) == ref
+    assert store.get_bytes(ref.uri, ref.digest) == original
