@@ -237,6 +237,10 @@ class Controller:
     async def _loaded(self, run_id: str) -> RunState:
         state = await self._runs.load_state(run_id)
         state.defer = True
+        # Its ready steps are decided again (``_decide_again``, which every reload is
+        # followed by) before any is dispatched: deciding one here, in the middle of a
+        # batch, could miss outputs the batch is about to record.
+        state.ready.clear()
         scheduling.grant_leases(state, utcnow() + self._lease)
         return state
 
