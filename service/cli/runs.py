@@ -164,9 +164,10 @@ def run_pipeline(
         False, "--no-cache", help="Run every step; reuse no earlier run's outputs"
     ),
 ) -> None:
-    """Run a pipeline, following it step by step; exit 1 if it fails. A step whose code,
-    parameters and inputs are those of an earlier run's step is not run again: it is
-    'cached', its outputs reused (see docs/caching.md).
+    """Run a pipeline, following it step by step; exit 1 if it fails.
+
+    A step whose code, parameters and inputs are those of an earlier run's step is not run
+    again: it is 'cached', its outputs reused (see docs/caching.md).
 
     Example: conveyor pipeline run examples/quickstart.py:training_pipeline -p epochs=100
     """
@@ -234,9 +235,11 @@ def retry_run(
     ctx: typer.Context,
     run_id: str = typer.Argument(..., help="Run id (a unique prefix is enough)"),
 ) -> None:
-    """Run a failed or cancelled run again, on its stack, following it: the same pipeline
-    and parameters, compiled from the code as it is now. Each step that completed there
-    with unchanged code, parameters and inputs is reused (cached); the others run.
+    """Run a failed or cancelled run again, reusing the steps that completed there.
+
+    The same pipeline and parameters, on the same stack, compiled from the code as it is
+    now; each step that completed with unchanged code, parameters and inputs is reused
+    (cached), the others run, and the command follows the new run.
 
     Example: conveyor run retry 3f2a
     """
