@@ -401,13 +401,16 @@ async def submit_runs(
     """Publish ``count`` RunRequested, one every ``every_s``, straight to the broker.
 
     A run counts as submitted once the broker confirmed its request; it is appended to
-    ``submitted`` with the time, so that a caller sees them as they go.
+    ``submitted`` with the time, so that a caller sees them as they go. The cache is off:
+    the checker counts each run's own executions (identical runs would reuse each other's).
     """
     connection = await aio_pika.connect_robust(vhost_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         for _ in range(count):
-            request = RunRequested(run_id=new_id(), pipeline=PIPELINE, parameters=parameters)
+            request = RunRequested(
+                run_id=new_id(), pipeline=PIPELINE, parameters=parameters, cache=False
+            )
             message = aio_pika.Message(
                 encode_event(request),
                 content_type="application/json",
