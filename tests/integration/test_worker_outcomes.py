@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Sequence
 
@@ -9,21 +10,27 @@ import pytest
 
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
 from conveyor.contracts import Event, StepStarted
+from conveyor.service.engine import EMBEDDED_ANNOUNCE_AFTER_S
 from conveyor.workers.broker_inprocess import InProcessBroker
 from conveyor.workers.rabbitmq_errors import BrokerUnavailable
 
 RAN: Counter[str] = Counter()
 
 
+ANNOUNCED_AFTER_S = EMBEDDED_ANNOUNCE_AFTER_S * 3
+
+
 @step
 def first() -> int:
     RAN["first"] += 1
+    time.sleep(ANNOUNCED_AFTER_S)  # long enough for the worker to announce its start
     return 1
 
 
 @step
 def second(x: int) -> int:
     RAN["second"] += 1
+    time.sleep(ANNOUNCED_AFTER_S)
     return x + 1
 
 
