@@ -211,10 +211,6 @@ def _record(run: RunState, out: Transition, update: StepUpdate) -> None:
 
 def inputs_of(run: RunState, spec: StepSpec) -> dict[str, ArtifactRef | list[ArtifactRef]]:
     """The artifacts a step of ``run`` reads, by input name (its upstream steps succeeded)."""
-    return _inputs(run, spec)
-
-
-def _inputs(run: RunState, spec: StepSpec) -> dict[str, ArtifactRef | list[ArtifactRef]]:
     values: dict[str, ArtifactRef | list[ArtifactRef]] = {}
     for name, binding in spec.inputs.items():
         if isinstance(binding, list):
@@ -244,7 +240,7 @@ def _dispatch(
             run_id=run.run_id,
             step=_for_workers(state.spec),
             attempt=attempt,
-            inputs=_inputs(run, state.spec),
+            inputs=inputs_of(run, state.spec),
         )
     )
 
