@@ -40,7 +40,11 @@ from conveyor.service.api.origin_check import SameOriginWrites
 from conveyor.service.api.pipeline_refs import TrustedPipelines
 from conveyor.service.api.security import check_token
 from conveyor.service.api.state import ApiState, ServerSettings
-from conveyor.service.api.submitted_code import DEFAULT_MAX_CODE_BYTES
+from conveyor.service.api.submitted_code import (
+    DEFAULT_MAX_CODE_BYTES,
+    MAX_CODE_BYTES_CEILING,
+    MAX_SPEC_BODY_BYTES,
+)
 from conveyor.service.gateway import RunGateway
 from conveyor.service.home import Home
 from conveyor.service.store.summaries import RunSummaries
@@ -108,7 +112,11 @@ async def http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404 and message == "Not Found":
         message = f"nothing at {request.url.path}"
     elif exc.status_code == 413:
-        message = f"the request body is larger than {MAX_BODY_BYTES} bytes, the most read"
+        # The routes that take long bodies have bounds of their own.
+        most = {"/api/runs": MAX_SPEC_BODY_BYTES}.get(request.url.path, MAX_BODY_BYTES)
+        if request.url.path.startswith("/api/code/"):
+            most = MAX_CODE_BYTES_CEILING
+        message = f"the request body is larger than {most} bytes, the most read"
     code = "not_found" if exc.status_code == 404 else "http_error"
     response = _error(request, exc.status_code, code, message)
     if exc.headers:
