@@ -157,21 +157,33 @@ async def _events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
                 data.append(value)
 
 
-async def follow(client: RemoteClient, run_id: str, on_step: StepHandler) -> RunRecord:
+async def follow(
+    client: RemoteClient,
+    run_id: str,
+    on_step: StepHandler,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> RunRecord:
     """Follow run ``run_id`` on the server until it finished; its record.
 
     ``on_step`` hears each step change once, even across a stream that was cut and taken up
     again (the server then sends the current statuses again)."""
     seen: set[tuple[str, StepStatus, int]] = set()
     login = client.login
-    headers = {
-        "Authorization": f"Bearer {login.token}",
-        "User-Agent": f"conveyor/{conveyor_version()}",
-    }
-    timeout = httpx.Timeout(30.0, read=STREAM_READ_TIMEOUT_S)
+    # Made off the loop: building its TLS context takes a tenth of a second.
+    http = await asyncio.to_thread(
+        httpx.AsyncClient,
+        base_url=login.url,
+        headers={
+            "Authorization": f"Bearer {login.token}",
+            "User-Agent": f"conveyor/{conveyor_version()}",
+        },
+        timeout=httpx.Timeout(30.0, read=STREAM_READ_TIMEOUT_S),
+        transport=transport,
+    )
     loop = asyncio.get_running_loop()
     failing_since: float | None = None
-    async with httpx.AsyncClient(base_url=login.url, headers=headers, timeout=timeout) as http:
+    async with http:
         while True:
             try:
                 async with http.stream("GET", f"/api/runs/{quote(run_id, safe='')}/events") as r:
@@ -291,7 +303,6 @@ def run_remote(
     home = Home.resolve()
     with RemoteClient(home) as client:
         run = submit(client, spec, definitions, stack=stack, retry_of=retry_of)
-        say(f"run {run.id} of {spec.name} on stack '{run.stack_name}' of {client.login.url}")
 
         async def main() -> RunRecord:
             why = "interrupted (Ctrl+C in the calling Python)"

@@ -11,6 +11,9 @@ import asyncio
 import io
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ from conveyor.service.context import Services
 from conveyor.workers import digests
 from tests.conftest import ROOT, conveyor_cli, rabbitmq_available, running_server
 from tests.integration.cli_helpers import ADMIN_TOKEN
-from tests.integration.rabbitmq_support import Processes, fresh_vhost
+from tests.integration.rabbitmq_support import Processes, fresh_vhost, wait_until
 from tests.s3_support import TEST_KEY, TEST_REGION, TEST_SECRET, moto_server, new_bucket
 
 pytestmark = pytest.mark.rabbitmq
@@ -215,6 +218,56 @@ def test_a_failing_step_fails_the_command_and_a_retry_runs_the_fixed_code(team: 
     assert retried.returncode == 0, (retried.stdout, retried.stderr)
     assert "cached" in retried.stderr and "completed finish" in " ".join(retried.stderr.split())
     assert "finish.output = 21" in retried.stdout
+
+
+SLOW = """
+import asyncio
+
+from conveyor import pipeline, step
+
+
+@step
+async def wait_long() -> int:
+    await asyncio.sleep(120)
+    return 1
+
+
+@pipeline
+def slow() -> None:
+    wait_long()
+"""
+
+
+def test_ctrl_c_cancels_the_run_on_the_server(team: Team) -> None:
+    grace, _ = team.user("grace")
+    project = team.tmp / "grace-project"
+    project.mkdir()
+    (project / "slow.py").write_text(SLOW)
+    env = {**os.environ, "CONVEYOR_HOME": str(grace), "CONVEYOR_SERVER_TOKEN": ""}
+    command = [sys.executable, "-m", "conveyor.service.cli.app", "pipeline", "run", "slow.py:slow"]
+    stderr = project / "stderr"
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [*command, "--stack", STACK], cwd=project, env=env, stdout=subprocess.PIPE, stderr=err
+        )
+    try:
+        wait_until(lambda: "as run" in stderr.read_text(), "the run to start")
+        run_id = stderr.read_text().split("as run ", 1)[1].split()[0]
+        wait_until(
+            lambda: "running" in team.ok(grace, "run", "list", "--status", "running"),
+            "the step to run",
+        )
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, stderr.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert f"Interrupted: cancelling run {run_id}" in stderr.read_text()
+    described = " ".join(team.ok(grace, "run", "describe", run_id).split())
+    assert "submitted by grace: cancelled" in described, described
 
 
 def _zip(entries: dict[str, bytes]) -> bytes:
