@@ -34,6 +34,7 @@ from conveyor.service.public_records import public_run
 from conveyor.service.run_retries import check_retryable
 from conveyor.service.store.summaries import PipelineSummary
 from conveyor.service.users import Actor
+from conveyor.service.version import conveyor_version, incompatible
 from conveyor.workers.flavors import make_artifact_store
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_user)])
@@ -125,6 +126,7 @@ async def _submit_spec(
     state: ApiState,
     actor: Actor,
 ) -> Submission:
+    _check_client_version(request.headers.get("user-agent", ""))
     if runs_in_the_server(target) and not actor.admin:
         raise Forbidden(
             f"stack {target.name!r} runs its steps inside the server's process, where code "
@@ -145,6 +147,17 @@ async def _submit_spec(
     return await state.gateway.submit_spec(
         spec, stack=target.name, idempotency_key=key, cache=body.cache, retry_of=body.retry_of
     )
+
+
+def _check_client_version(user_agent: str) -> None:
+    """A spec compiled by a conveyor of another major version may not mean what this
+    server reads in it: refuse it, saying which versions differ."""
+    product, _, version = user_agent.partition(" ")[0].partition("/")
+    if product != "conveyor" or not version:
+        return  # another HTTP client: the spec's validation is the only check
+    problem = incompatible(version, conveyor_version())
+    if problem:
+        raise ValidationError(problem)
 
 
 async def _attributed(services: Services, run: RunRecord) -> RunRecord:

@@ -341,7 +341,24 @@ def test_hostile_uploads_and_specs_are_refused_and_nothing_runs(team: Team) -> N
         assert submit(_spec(stored.json()), stack="eve-private").status_code == 404
         both = api.post("/api/runs", json={"spec": _spec(stored.json()), "pipeline": "a.py:b"})
         assert both.status_code == 422
+        future = api.post(
+            "/api/runs",
+            json={"spec": _spec(stored.json()), "stack": STACK},
+            headers={"User-Agent": "conveyor/999.0.0"},
+        )
+        assert future.status_code == 422 and "major versions differ" in future.json()["message"]
         assert api.get("/api/runs", params={"user": "dave"}).json()["items"] == []
+
+        # A good spec runs once per idempotency key, as a pipeline reference does.
+        real = _zip(
+            {"flow.py": b"from conveyor import step\n\n@step\ndef work() -> int:\n    return 1\n"}
+        )
+        code = put(digests.of_bytes(real), real).json()
+        body = {"spec": _spec(code), "stack": STACK, "cache": False}
+        first = api.post("/api/runs", json=body, headers={"Idempotency-Key": "dave-1"})
+        again = api.post("/api/runs", json=body, headers={"Idempotency-Key": "dave-1"})
+        assert (first.status_code, again.status_code) == (201, 200), (first.text, again.text)
+        assert first.json()["id"] == again.json()["id"] and first.json()["user"] == "dave"
 
 
 def test_a_server_of_another_major_version_is_told_apart(
@@ -356,4 +373,9 @@ def test_a_server_of_another_major_version_is_told_apart(
     pipeline = load_pipeline(f"{ROOT / 'examples' / 'quickstart.py'}:training_pipeline")
     with pytest.raises(ConveyorError, match="major versions differ"):
         pipeline(epochs=2)
+    # Conveyor embeds an engine on the home's own store: a logged-in home says what to use.
+    from conveyor.service.engine import Conveyor
+
+    with pytest.raises(ConveyorError, match="embeds an engine on this home's own store"):
+        asyncio.run(Conveyor().start())
     assert not (frank / "conveyor.db").exists()
