@@ -26,6 +26,7 @@ from conveyor.contracts import (
     ArtifactRecord,
     BlobRef,
     ConveyorError,
+    NotFoundError,
     PipelineSpec,
     RunRecord,
     StepRecord,
@@ -72,11 +73,18 @@ class ServerCodeStore:
         try:
             write(path)
             digest, _ = digests.of_file(path)
+            where = f"/api/code/{quote(digest, safe='')}"
+            params = {"stack": self._stack}
+            try:  # taken before: not again
+                taken = self._client.request("GET", where, params=params)
+                return BlobRef.model_validate(taken.json())
+            except NotFoundError:
+                pass
             with open(path, "rb") as body:
                 found = self._client.request(
                     "PUT",
-                    f"/api/code/{quote(digest, safe='')}",
-                    params={"stack": self._stack},
+                    where,
+                    params=params,
                     content=body,
                     headers={"Content-Type": "application/zip"},
                     timeout=httpx.Timeout(30.0, write=300.0),

@@ -4,13 +4,15 @@
 checks that they hash to ``digest`` and that the zip's entries are safe, and puts them into
 the stack's artifact store, named by content: putting the same archive twice is harmless.
 The answer is where the store keeps it, to set as the steps' ``code`` of the spec.
+``GET`` of the same path answers the same for an archive the server took already, so that a
+client does not upload an unchanged archive again.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from conveyor.contracts import BlobRef
+from conveyor.contracts import BlobRef, NotFoundError
 from conveyor.contracts.models import MAX_NAME_LENGTH
 from conveyor.service.api.security import require_user
 from conveyor.service.api.state import ApiState, settings_of, state_of
@@ -23,6 +25,23 @@ from conveyor.service.users import Actor
 from conveyor.workers.flavors import make_artifact_store
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_user)])
+
+
+@router.get("/code/{digest}", response_model=BlobRef, tags=["runs"])
+async def get_code(
+    digest: str,
+    stack: str | None = Query(None, max_length=MAX_NAME_LENGTH, description="Default: served"),
+    state: ApiState = Depends(state_of),
+    actor: Actor = Depends(require_user),
+) -> BlobRef:
+    """Where a code archive this server took (or found) is in a stack's store, so that a
+    client uploads it only once; 404 when the server does not know it (upload it then)."""
+    checked_digest(digest)
+    target = await state.services.as_user(actor).stacks.get(stack or state.gateway.stack.name)
+    found = state.archives.get(target.id, digest)
+    if found is None:
+        raise NotFoundError(f"this server has not taken code archive {digest} for {target.name!r}")
+    return found
 
 
 @router.put(

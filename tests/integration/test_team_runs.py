@@ -326,6 +326,10 @@ def test_hostile_uploads_and_specs_are_refused_and_nothing_runs(team: Team) -> N
         stored = put(digest, good)
         assert stored.status_code == 200, stored.text
         assert put(digest, good).json() == stored.json()  # idempotent
+        known = api.get(f"/api/code/{digest}", params={"stack": STACK})
+        assert known.status_code == 200 and known.json() == stored.json()
+        unknown = "blake3:" + "2" * 64
+        assert api.get(f"/api/code/{unknown}", params={"stack": STACK}).status_code == 404
 
         def submit(spec: dict[str, object], stack: str = STACK) -> httpx.Response:
             return api.post("/api/runs", json={"spec": spec, "stack": stack})
