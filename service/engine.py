@@ -42,6 +42,7 @@ from conveyor.service.failures import failure_of
 from conveyor.service.home import Home
 from conveyor.service.idempotency import check_reused_key
 from conveyor.service.liveness import this_process
+from conveyor.service.login import no_engine_when_logged_in, read_login
 from conveyor.service.logs import configure_logging
 from conveyor.service.pipelines import PipelineDefinition, load_pipeline
 from conveyor.workers.code_archive import attach_code
@@ -355,6 +356,11 @@ class Conveyor:
         """Open the store; on an embedded stack, start the controller and workers."""
         if self._services is not None:
             return
+        if self._home is None:
+            # Named explicitly (the server names its own), a home is used as it is.
+            login = read_login(Home.resolve())
+            if login is not None:
+                raise no_engine_when_logged_in(login)
         if not structlog.is_configured():
             configure_logging()
         self._services = services = await Services.open(self._home)
@@ -431,14 +437,17 @@ class Conveyor:
         on_step: StepCallback | None = None,
         cache: bool = True,
         retry_of: str | None = None,
+        code_attached: bool = False,
     ) -> AsyncRun:
         """Start a run of a pipeline compiled already (``PipelineDefinition.compile``),
         for a caller that compiles off the event loop. ``retry_of`` names a failed or
-        cancelled run whose completed steps this run reuses (``Client.retry_run``)."""
+        cancelled run whose completed steps this run reuses (``Client.retry_run``).
+        ``code_attached``: the steps name their code archives already (a spec a client
+        compiled and submitted to a server) and ``definitions`` may be empty."""
         if self._workers is not None:
             self._workers.resolver.add(definitions)
             await self._workers.serve(step.pool for step in spec.steps)
-        else:
+        elif not code_attached:
             spec = await self._with_code(spec, definitions)
         assert self.stack is not None
         if idempotency_key:

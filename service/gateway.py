@@ -82,6 +82,8 @@ class _KeyLocks:
 class _Compiled:
     spec: PipelineSpec
     steps: dict[str, StepDefinition]
+    code_attached: bool = False
+    """The spec's steps name their code archives already (a client compiled it)."""
 
 
 def _compile(ref: str, parameters: dict[str, Any], max_steps: int) -> _Compiled:
@@ -199,6 +201,31 @@ class RunGateway:
             raise ValidationError(f"parameter names reserved by Conveyor: {sorted(reserved)}")
         async with self._compiling:
             compiled = await asyncio.to_thread(_compile, pipeline, parameters, self._max_steps)
+        return await self._keyed(compiled, stack, idempotency_key, cache, retry_of)
+
+    async def submit_spec(
+        self,
+        spec: PipelineSpec,
+        *,
+        stack: str | None = None,
+        idempotency_key: str | None = None,
+        cache: bool = True,
+        retry_of: str | None = None,
+    ) -> Submission:
+        """Start a run of a pipeline a client compiled, whose steps' code archives are in
+        the stack's store already (checked by ``service.api.submitted_code``); as ``submit``
+        otherwise. Nothing of it is imported here."""
+        compiled = _Compiled(spec, {}, code_attached=True)
+        return await self._keyed(compiled, stack, idempotency_key, cache, retry_of)
+
+    async def _keyed(
+        self,
+        compiled: _Compiled,
+        stack: str | None,
+        idempotency_key: str | None,
+        cache: bool,
+        retry_of: str | None,
+    ) -> Submission:
         conveyor = await self.conveyor_for(stack)
         if idempotency_key is None:
             return await self._submit(conveyor, compiled, None, cache, retry_of)
@@ -220,7 +247,12 @@ class RunGateway:
         retry_of: str | None,
     ) -> Submission:
         run = await conveyor.submit_compiled(
-            compiled.spec, compiled.steps, idempotency_key=key, cache=cache, retry_of=retry_of
+            compiled.spec,
+            compiled.steps,
+            idempotency_key=key,
+            cache=cache,
+            retry_of=retry_of,
+            code_attached=compiled.code_attached,
         )
         await run.close()  # the dashboard reads the store; nothing here follows the run
         record = await self._recorded(run.id, key)

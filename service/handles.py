@@ -87,11 +87,17 @@ def run_pipeline(
     """
     from conveyor.service.engine import Conveyor
     from conveyor.service.home import Home
-    from conveyor.service.login import read_login, runs_not_through_a_server
+    from conveyor.service.login import read_login
 
-    login = read_login(Home.resolve())
-    if login is not None:
-        raise runs_not_through_a_server(login, "calling a pipeline")
+    if read_login(Home.resolve()) is not None:
+        # A logged-in home runs on the server: compiled here, followed through its API.
+        from conveyor.service.remote_runs import run_remote
+
+        remote = run_remote(definition, args, kwargs, stack=stack, retry_of=retry_of, say=_tell)
+        failure = failure_of(remote.record, list(remote.steps.values()), remote)
+        if failure is not None and raise_on_failure:
+            raise failure
+        return remote
 
     async def main() -> RunHandle:
         async with Conveyor(stack=stack) as cv:

@@ -32,14 +32,14 @@ class Login:
         return f"Login(url={self.url!r}, user={self.user!r})"
 
 
-def runs_not_through_a_server(login: Login, what: str) -> ConveyorError:
-    """Why ``what`` (a pipeline run) stops on a logged-in home: a run does not go through a
-    server yet, and running it on this home's own store behind the user's back would put it
-    where nobody of the team sees it."""
+def no_engine_when_logged_in(login: Login) -> ConveyorError:
+    """Why ``Conveyor`` (an engine on this home's own store) refuses a logged-in home: its
+    runs would land where nobody of the team sees them."""
     return ConveyorError(
-        f"this home is logged in to {login.url}, and {what} does not yet go through a "
-        "server: submit with POST /api/runs (the server compiles pipelines of its --pipelines "
-        "folder), or conveyor logout to run on this home's own store"
+        f"this home is logged in to {login.url}, and Conveyor embeds an engine on this "
+        "home's own store: call the pipeline, or use conveyor pipeline run or Client(), to "
+        "run through the server; Conveyor(home=...) on another home, or conveyor logout, "
+        "to run here"
     )
 
 

@@ -39,7 +39,7 @@ from conveyor.contracts.errors import shown
 from conveyor.service.client import Client, Components, T, TypeName, _typed
 from conveyor.service.components import parse_type
 from conveyor.service.home import Home
-from conveyor.service.login import Login, read_login, runs_not_through_a_server
+from conveyor.service.login import Login, read_login
 from conveyor.service.version import conveyor_version
 from conveyor.workers.flavors import Flavor, flavors_of
 
@@ -101,6 +101,9 @@ class RemoteClient(Client):
             )
         return self._http
 
+    def __enter__(self) -> RemoteClient:
+        return self
+
     def close(self) -> None:
         http, self._http = self._http, None
         if http is not None:
@@ -112,8 +115,9 @@ class RemoteClient(Client):
             response = self._client().request(method, path, **options)
         except httpx.TransportError as exc:
             raise ServerError(
-                f"cannot reach the server at {self.login.url} ({type(exc).__name__}); is it up? "
-                "(conveyor logout returns to this home's own store)",
+                f"this home is logged in to {self.login.url}, which does not answer "
+                f"({type(exc).__name__}); is it up? (conveyor logout returns to this home's "
+                "own store)",
                 retryable=True,
             ) from None
         if response.status_code >= 400:
@@ -293,12 +297,25 @@ class RemoteClient(Client):
         self.request("DELETE", f"/api/runs/{_path(run_id)}")
 
     def get_spec(self, run_id: str) -> PipelineSpec:
-        # Only a retry compiles a run's pipeline again, and runs do not go through a
-        # server yet: the server retries one itself at POST /api/runs/{id}/retry.
-        raise runs_not_through_a_server(self.login, "conveyor run retry")
+        found = self._json("GET", f"/api/runs/{_path(run_id)}/spec")
+        return PipelineSpec.model_validate(found)
 
     def retry_run(self, run_id: str, *, raise_on_failure: bool = False) -> RunHandle:
-        raise runs_not_through_a_server(self.login, "a run retry")
+        """As ``Client.retry_run``: the pipeline is compiled again here (from the reference
+        the run recorded, so from the folder it ran from) and run on the server."""
+        from conveyor.service.handles import run_pipeline
+        from conveyor.service.run_retries import pipeline_to_retry
+
+        run = self.get_run(run_id)
+        definition, parameters = pipeline_to_retry(run, self.get_spec(run.id))
+        return run_pipeline(
+            definition,
+            (),
+            parameters,
+            raise_on_failure=raise_on_failure,
+            stack=run.stack_name,
+            retry_of=run.id,
+        )
 
     # --- artifacts ---
 

@@ -113,6 +113,23 @@ def _extract_entry(
     return total
 
 
+def check_archive(
+    path: str,
+    *,
+    max_unpacked: int = DEFAULT_MAX_UNPACKED,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+) -> int:
+    """Check the zip at ``path`` as ``extract_archive`` would, writing nothing; how many
+    files it holds. ArtifactUnreadable if it is no zip, UntrustedStep for an unsafe entry."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
+        raise ArtifactUnreadable(f"the code archive is not a readable zip: {exc}") from None
+    _check_entries(entries, max_unpacked, max_entries)
+    return len(entries)
+
+
 def extract_archive(
     path: str,
     target: Path,

@@ -28,6 +28,7 @@ from conveyor.service.api import (
     dashboard,
     metrics,
     routes_artifacts,
+    routes_code,
     routes_runs,
     routes_stacks,
     routes_users,
@@ -39,6 +40,11 @@ from conveyor.service.api.origin_check import SameOriginWrites
 from conveyor.service.api.pipeline_refs import TrustedPipelines
 from conveyor.service.api.security import check_token
 from conveyor.service.api.state import ApiState, ServerSettings
+from conveyor.service.api.submitted_code import (
+    DEFAULT_MAX_CODE_BYTES,
+    MAX_CODE_BYTES_CEILING,
+    MAX_SPEC_BODY_BYTES,
+)
 from conveyor.service.gateway import RunGateway
 from conveyor.service.home import Home
 from conveyor.service.store.summaries import RunSummaries
@@ -54,7 +60,8 @@ Conveyor home. Errors are `{"error", "message", "status"}`: 404 for an unknown n
 409 when a rule refuses a change, 422 for invalid input, 401 without a user's valid token,
 403 for another user's private record, an admin's task, a pipeline the server does not
 compile or a request from another site's page, 413
-for a body over 1 MiB or a pipeline over the server's step limit, 421 for a Host header
+for a body over 1 MiB (a submitted compiled pipeline: 16 MiB; a code archive: the server's
+bound), or a pipeline over the server's step limit, 421 for a Host header
 that is not the server's, 503 while a broker does not answer."""
 
 
@@ -105,7 +112,11 @@ async def http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404 and message == "Not Found":
         message = f"nothing at {request.url.path}"
     elif exc.status_code == 413:
-        message = f"the request body is larger than {MAX_BODY_BYTES} bytes, the most read"
+        # The routes that take long bodies have bounds of their own.
+        most = {"/api/runs": MAX_SPEC_BODY_BYTES}.get(request.url.path, MAX_BODY_BYTES)
+        if request.url.path.startswith("/api/code/"):
+            most = MAX_CODE_BYTES_CEILING
+        message = f"the request body is larger than {most} bytes, the most read"
     code = "not_found" if exc.status_code == 404 else "http_error"
     response = _error(request, exc.status_code, code, message)
     if exc.headers:
@@ -152,6 +163,7 @@ def create_app(
     pipelines: str | Path | None = None,
     trusted_packages: Sequence[str] = (),
     max_steps: int = DEFAULT_MAX_STEPS,
+    max_code_bytes: int = DEFAULT_MAX_CODE_BYTES,
 ) -> FastAPI:
     """The app for ``home``, serving ``stack`` (default: the active one).
 
@@ -168,6 +180,8 @@ def create_app(
         stack=stack,
         token=token or None,
         poll_interval_s=poll_interval_s,
+        max_code_bytes=max_code_bytes,
+        max_steps=max_steps,
     )
     hosts = allowed_names(allowed_hosts)
 
@@ -211,6 +225,7 @@ def create_app(
         routes_stacks.router,
         routes_runs.router,
         routes_artifacts.router,
+        routes_code.router,
         routes_users.router,
         metrics.router,
         dashboard.router,

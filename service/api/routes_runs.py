@@ -3,19 +3,39 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
-from conveyor.contracts import NotFoundError, RunRecord, RunStatus, StepRecord, ValidationError
+from conveyor.contracts import (
+    NotFoundError,
+    PipelineSpec,
+    RunRecord,
+    RunStatus,
+    StackSpec,
+    StepRecord,
+    ValidationError,
+)
 from conveyor.contracts.models import MAX_NAME_LENGTH
 from conveyor.service.api import views
 from conveyor.service.api.artifact_files import read_logs
+from conveyor.service.api.errors import Forbidden
+from conveyor.service.api.run_events import run_events
 from conveyor.service.api.schemas import CancelRun, Page, Paging, SubmitRun
 from conveyor.service.api.security import api_services, require_user
 from conveyor.service.api.state import ApiState, settings_of, state_of
+from conveyor.service.api.submitted_code import (
+    MAX_SPEC_BODY_BYTES,
+    check_spec,
+    runs_in_the_server,
+    trusted_packages,
+)
 from conveyor.service.context import Services
+from conveyor.service.gateway import Submission
 from conveyor.service.public_records import public_run
 from conveyor.service.run_retries import check_retryable
 from conveyor.service.store.summaries import PipelineSummary
 from conveyor.service.users import Actor
+from conveyor.service.version import conveyor_version, incompatible
+from conveyor.workers.flavors import make_artifact_store
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_user)])
 
@@ -46,6 +66,8 @@ async def list_runs(
         200: {"model": RunRecord, "description": "The run this idempotency key created before"},
         202: {"model": RunRecord, "description": "Requested; the controller has not yet answered"},
     },
+    # A compiled pipeline of many steps is longer than the app's 1 MiB.
+    max_body_size=MAX_SPEC_BODY_BYTES,
 )
 async def submit_run(
     body: SubmitRun,
@@ -63,22 +85,27 @@ async def submit_run(
 ) -> RunRecord:
     """Start a run of a pipeline; returns once the controller has recorded it.
 
-    The server compiles files under its pipelines folder and modules of the packages it
-    trusts (403 for any other reference), of at most its step limit (413)."""
-    pipeline = settings_of(request).pipelines.checked(body.pipeline)
+    Either ``pipeline``: the server compiles files under its pipelines folder and modules of
+    the packages it trusts (403 for any other reference). Or ``spec``: a pipeline the client
+    compiled, each step's code an archive uploaded to the stack's store first (``PUT
+    /api/code/{digest}``, 422 if the store lacks it) or a module of a trusted package (403
+    else); it runs on a service stack's workers, never inside the server (403 on an embedded
+    stack, but for an admin). Either way at most the server's step limit (413)."""
     if idempotency_key and body.idempotency_key and idempotency_key != body.idempotency_key:
         raise ValidationError(
             f"the {IDEMPOTENCY_HEADER} header and the body's idempotency_key differ"
         )
+    key = idempotency_key or body.idempotency_key
+    pipeline = settings_of(request).pipelines.checked(body.pipeline) if body.pipeline else None
     # A user runs on the stacks they may see (the served one unless they name another).
     target = await state.services.as_user(actor).stacks.get(body.stack or state.gateway.stack.name)
-    submission = await state.gateway.submit(
-        pipeline,
-        body.parameters,
-        stack=target.name,
-        idempotency_key=idempotency_key or body.idempotency_key,
-        cache=body.cache,
-    )
+    if body.spec is not None:
+        submission = await _submit_spec(body.spec, body, target, key, request, state, actor)
+    else:
+        assert pipeline is not None
+        submission = await state.gateway.submit(
+            pipeline, body.parameters, stack=target.name, idempotency_key=key, cache=body.cache
+        )
     await state.services.runs.attribute(submission.run.id, actor.name)
     run = await _attributed(state.services, submission.run)
     response.headers["Location"] = f"/api/runs/{submission.run.id}"
@@ -88,6 +115,49 @@ async def submit_run(
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
     return public_run(run)
+
+
+async def _submit_spec(
+    spec: PipelineSpec,
+    body: SubmitRun,
+    target: StackSpec,
+    key: str | None,
+    request: Request,
+    state: ApiState,
+    actor: Actor,
+) -> Submission:
+    _check_client_version(request.headers.get("user-agent", ""))
+    if runs_in_the_server(target) and not actor.admin:
+        raise Forbidden(
+            f"stack {target.name!r} runs its steps inside the server's process, where code "
+            "uploaded by a member never runs: run on a stack with a rabbitmq orchestrator, "
+            "whose workers run it"
+        )
+    settings = settings_of(request)
+    await check_spec(
+        spec,
+        stack=target,
+        store=make_artifact_store(target),
+        archives=state.archives,
+        trusted=trusted_packages(target, settings.pipelines.packages),
+        max_steps=settings.max_steps,
+    )
+    if body.retry_of is not None:
+        check_retryable(await state.services.runs.get_run(body.retry_of))
+    return await state.gateway.submit_spec(
+        spec, stack=target.name, idempotency_key=key, cache=body.cache, retry_of=body.retry_of
+    )
+
+
+def _check_client_version(user_agent: str) -> None:
+    """A spec compiled by a conveyor of another major version may not mean what this
+    server reads in it: refuse it, saying which versions differ."""
+    product, _, version = user_agent.partition(" ")[0].partition("/")
+    if product != "conveyor" or not version:
+        return  # another HTTP client: the spec's validation is the only check
+    problem = incompatible(version, conveyor_version())
+    if problem:
+        raise ValidationError(problem)
 
 
 async def _attributed(services: Services, run: RunRecord) -> RunRecord:
@@ -102,6 +172,36 @@ async def _attributed(services: Services, run: RunRecord) -> RunRecord:
 async def get_run(run_id: str, state: ApiState = Depends(state_of)) -> RunRecord:
     """A run (a unique prefix of its id is enough)."""
     return public_run(await state.services.runs.get_run(run_id))
+
+
+@router.get("/runs/{run_id}/spec", response_model=PipelineSpec, tags=["runs"])
+async def get_spec(run_id: str, state: ApiState = Depends(state_of)) -> PipelineSpec:
+    """The DAG a run runs, as it was compiled (a retry compiles its reference again)."""
+    run = await state.services.runs.get_run(run_id)
+    return await state.services.runs.spec_of(run.id)
+
+
+@router.get(
+    "/runs/{run_id}/events",
+    tags=["runs"],
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def follow_run(
+    run_id: str, request: Request, state: ApiState = Depends(state_of)
+) -> StreamingResponse:
+    """Follow a run live (server-sent events): ``event: step`` with a ``StepStatusChanged``
+    for each step change, then ``event: run`` with the finished run's record; the stream
+    ends there. A client that reconnects is sent the steps' current statuses again."""
+    run = await state.services.runs.get_run(run_id)
+    events = run_events(
+        state.services, run.id, settings_of(request).poll_interval_s, request.is_disconnected
+    )
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunRecord, status_code=202, tags=["runs"])

@@ -13,7 +13,7 @@ from typing import Any, Generic, Literal, TypeVar
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
-from conveyor.contracts import ComponentType
+from conveyor.contracts import ComponentType, PipelineSpec
 
 T = TypeVar("T")
 
@@ -84,13 +84,20 @@ class _Body(BaseModel):
 
 
 class SubmitRun(_Body):
-    """Start a run of a pipeline named by an importable reference."""
+    """Start a run: of a pipeline named by an importable reference (the server compiles it),
+    or of a pipeline a client compiled (``spec``, its code uploaded with ``PUT /api/code``)."""
 
-    pipeline: str = Field(
+    pipeline: str | None = Field(
+        default=None,
         min_length=1,
         description="'path/to/file.py:pipeline' under the server's pipelines folder "
         "(--pipelines), or 'package.module:pipeline' of a package it trusts (--trust)",
         examples=["examples/quickstart.py:training_pipeline"],
+    )
+    spec: PipelineSpec | None = Field(
+        default=None,
+        description="A compiled pipeline (instead of 'pipeline'): each step's code an archive "
+        "uploaded to the stack's store, or a module of a package the server trusts",
     )
     parameters: dict[str, Any] = Field(default_factory=dict, examples=[{"epochs": 100}])
     stack: str | None = Field(default=None, description="Stack to run on (default: the server's)")
@@ -104,6 +111,22 @@ class SubmitRun(_Body):
         default=True,
         description="False: every step runs, none reuses an earlier run's outputs",
     )
+    retry_of: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        description="With 'spec': the failed or cancelled run this one retries",
+    )
+
+    @model_validator(mode="after")
+    def _one_pipeline(self) -> SubmitRun:
+        if (self.pipeline is None) == (self.spec is None):
+            raise ValueError("give either 'pipeline' (a reference) or 'spec' (compiled)")
+        if self.spec is not None and self.parameters:
+            raise ValueError("a compiled 'spec' carries its parameters; leave 'parameters' out")
+        if self.retry_of is not None and self.spec is None:
+            raise ValueError("'retry_of' goes with a 'spec' (POST /api/runs/{id}/retry else)")
+        return self
 
 
 class CancelRun(_Body):

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
 from conveyor.service.api.login_limit import LoginAttempts
 from conveyor.service.api.pipeline_refs import TrustedPipelines
+from conveyor.service.api.submitted_code import DEFAULT_MAX_CODE_BYTES, CheckedArchives
 from conveyor.service.context import Services
 from conveyor.service.gateway import RunGateway
 from conveyor.service.home import Home
@@ -31,6 +33,10 @@ class ServerSettings:
     token: str | None = None
     """The admin's token when the server needs one (then nobody acts without a token)."""
     poll_interval_s: float = 0.5
+    max_code_bytes: int = DEFAULT_MAX_CODE_BYTES
+    """The largest code archive a client may upload."""
+    max_steps: int = DEFAULT_MAX_STEPS
+    """The most steps a submitted pipeline (a reference or a compiled spec) may have."""
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     """Keys the dashboard's session cookies with each user's token digest; new per start,
     so sessions end when the server stops."""
@@ -42,6 +48,8 @@ class ApiState:
 
     gateway: RunGateway
     summaries: RunSummaries
+    archives: CheckedArchives = field(default_factory=CheckedArchives)
+    """Code archives known to be in each stack's store (uploaded or checked there)."""
     started: float = field(default_factory=time.monotonic)
 
     @property

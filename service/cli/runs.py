@@ -36,7 +36,7 @@ from conveyor.service.cli.output import (
 from conveyor.service.cli.run_progress import RunFollower
 from conveyor.service.cli.state import client
 from conveyor.service.home import Home
-from conveyor.service.login import read_login, runs_not_through_a_server
+from conveyor.service.login import read_login
 from conveyor.service.public_records import public_run
 from conveyor.service.store.runs import check_deletable
 from conveyor.workers.flavors import masked_stack_snapshot
@@ -171,21 +171,18 @@ def run_pipeline(
 
     Example: conveyor pipeline run examples/quickstart.py:training_pipeline -p epochs=100
     """
-    login = read_login(Home.resolve())
-    if login is not None:
-        # Not yet: a run from a logged-in client would compile here, upload its code archive
-        # and be followed live through the server; until then, say so rather than run on
-        # this home's own store behind the user's back.
-        fail(str(runs_not_through_a_server(login, "'pipeline run'")))
     # As `python -m` does: a module of the working directory is importable by its name.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     from conveyor.service.pipelines import load_pipeline
 
     with user_errors():
+        logged_in = read_login(Home.resolve()) is not None
         definition = load_pipeline(target)
         params = _checked_params(definition, param)
-        record, steps, outputs = _interruptible(definition, stack, params, cache=not no_cache)
+        record, steps, outputs = _interruptible(
+            definition, stack, params, cache=not no_cache, remote=logged_in
+        )
     _report(record, steps, outputs)
 
 
@@ -196,8 +193,13 @@ def _interruptible(
     *,
     cache: bool = True,
     retry_of: str | None = None,
+    remote: bool = False,
 ) -> tuple[RunRecord, list[StepRecord], dict[str, Any]]:
     try:
+        if remote:
+            from conveyor.service.cli.remote_runs import run_on_server
+
+            return run_on_server(definition, stack, params, cache=cache, retry_of=retry_of)
         return _run_pipeline(definition, stack, params, cache=cache, retry_of=retry_of)
     except KeyboardInterrupt:
         # The run is cancelled and recorded. A sync step's thread cannot be stopped and
@@ -251,7 +253,10 @@ def retry_run(
         c = client(ctx)
         old = c.get_run(run_id)
         definition, params = pipeline_to_retry(old, c.get_spec(old.id))
-        record, steps, outputs = _interruptible(definition, old.stack_name, params, retry_of=old.id)
+        remote = read_login(Home.resolve()) is not None
+        record, steps, outputs = _interruptible(
+            definition, old.stack_name, params, retry_of=old.id, remote=remote
+        )
     _report(record, steps, outputs)
 
 

@@ -73,6 +73,13 @@ def up(
     max_steps: int = typer.Option(
         DEFAULT_MAX_STEPS, "--max-steps", min=1, help="The most steps a submitted pipeline has"
     ),
+    max_code_mb: float = typer.Option(
+        50.0,
+        "--max-code-mb",
+        min=0.001,
+        max=1024,
+        help="The largest code archive a logged-in client may upload with its run",
+    ),
 ) -> None:
     """Serve the API and dashboard, and run the stack's controller (on an embedded stack).
 
@@ -108,6 +115,7 @@ def up(
             pipelines=pipelines,
             trusted_packages=trust,
             max_steps=max_steps,
+            max_code_bytes=int(max_code_mb * (1 << 20)),
         )
     sock = listening_socket(host, port)
     server = uvicorn.Server(

@@ -188,7 +188,8 @@ def test_a_logged_in_home_lists_reads_and_loads_the_servers_runs(
 
 
 def test_a_run_from_a_logged_in_home_stops_rather_than_run_locally(tmp_path: Path) -> None:
-    """``pipeline run`` and a pipeline call do not go through a server yet: they say so."""
+    """``pipeline run`` and a retry go through the server (test_team_runs.py): one that does
+    not answer is said so, and nothing runs on the home's own store."""
     from conveyor.service.home import Home
     from conveyor.service.login import Login, save_login
     from tests.integration.api_helpers import QUICKSTART
@@ -200,7 +201,7 @@ def test_a_run_from_a_logged_in_home_stops_rather_than_run_locally(tmp_path: Pat
     from conveyor.contracts import ConveyorError
     from conveyor.service.client import Client
 
-    with pytest.raises(ConveyorError, match="a run retry does not yet go through a server"):
+    with pytest.raises(ConveyorError, match=r"logged in to http://127.0.0.1:9, which does not"):
         Client(laptop).retry_run("abcd")
     assert not (laptop / "conveyor.db").exists()
 

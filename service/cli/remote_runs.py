@@ -1,0 +1,56 @@
+"""``conveyor pipeline run`` and ``conveyor run retry`` on a home logged in to a server.
+
+The pipeline is compiled here, its code uploaded and the run submitted through the server
+(``service.remote_runs``); the command then follows it over server-sent events and prints
+what a run on a local store prints: a line per step change, the outputs of the last steps,
+the outcome. Ctrl+C cancels the run on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from rich.markup import escape
+
+from conveyor.contracts import RunRecord, StepRecord
+from conveyor.service.cli.output import errors, status
+from conveyor.service.cli.run_progress import RunFollower
+from conveyor.service.remote_client import RemoteClient
+from conveyor.service.remote_runs import follow_or_cancel, leaf_outputs, submit
+
+if TYPE_CHECKING:
+    from conveyor.service.pipelines import PipelineDefinition
+
+
+def _say(text: str) -> None:
+    errors.print(text, markup=False, highlight=False)
+
+
+def run_on_server(
+    definition: PipelineDefinition,
+    stack: str | None,
+    params: dict[str, Any],
+    *,
+    cache: bool = True,
+    retry_of: str | None = None,
+) -> tuple[RunRecord, list[StepRecord], dict[str, Any]]:
+    """Run ``definition`` on the server this home is logged in to and follow it; the run,
+    its steps and the outputs of its last steps."""
+    spec, definitions = definition.compile(**params)
+    with RemoteClient() as client:
+        run = submit(client, spec, definitions, stack=stack, cache=cache, retry_of=retry_of)
+        retrying = f", retrying run {retry_of}" if retry_of else ""
+        status.print(
+            f"Running pipeline [bold]{escape(definition.name)}[/bold] on stack "
+            f"'{escape(run.stack_name)}' as run [bold]{run.id}[/bold]{retrying}"
+        )
+
+        async def main() -> RunRecord:
+            why = "interrupted (Ctrl+C on conveyor pipeline run)"
+            async with RunFollower(status, definition.name, len(spec.steps)) as follower:
+                return await follow_or_cancel(client, run.id, follower.on_step, _say, why)
+
+        record = asyncio.run(main())
+        steps = client.get_steps(record.id)
+        return record, steps, leaf_outputs(client, record.id, steps)
