@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel
 
 from conveyor.contracts import Role, UserRecord
-from conveyor.service.api.schemas import UserName
+from conveyor.service.api.schemas import TokenLifetime, UserName
 from conveyor.service.api.security import api_services, require_user
 from conveyor.service.api.state import ApiState, state_of
 from conveyor.service.context import Services
@@ -63,7 +63,7 @@ async def create_user(
     """A new user (a person, or a service account for CI) and their token, shown once."""
     actor.check_admin("create users")
     role = Role.ADMIN if body.admin else Role.MEMBER
-    user, token = await state.services.users.create(body.name, role)
+    user, token = await state.services.users.create(body.name, role, body.expires_in)
     return NewToken(user=user, token=token)
 
 
@@ -79,10 +79,14 @@ async def delete_user(
 
 @router.post("/users/{name}/rotate-token", response_model=NewToken)
 async def rotate_token(
-    name: str, actor: Actor = Depends(require_user), state: ApiState = Depends(state_of)
+    name: str,
+    body: TokenLifetime | None = None,
+    actor: Actor = Depends(require_user),
+    state: ApiState = Depends(state_of),
 ) -> NewToken:
     """A new token for ``name`` (an admin's task, or a user's for themselves)."""
     if name != actor.name:
         actor.check_admin("rotate another user's token")
-    token = await state.services.users.rotate_token(name)
-    return NewToken(user=await state.services.users.get(name), token=token)
+    lifetime = body.expires_in if body is not None else None
+    user, token = await state.services.users.rotate_token(name, lifetime)
+    return NewToken(user=user, token=token)
