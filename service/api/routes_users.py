@@ -7,7 +7,7 @@ other answer, and no log line, holds one.
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from conveyor.contracts import Role, UserRecord
 from conveyor.service.api.schemas import TokenLifetime, UserName
@@ -26,6 +26,10 @@ class Me(BaseModel):
     name: str
     role: Role
     active_stack: str
+    active_stack_visible: bool = Field(
+        description="false: the active stack is another user's private stack (or gone); "
+        "the user must choose another one"
+    )
     server_version: str
 
 
@@ -40,10 +44,13 @@ class NewToken(BaseModel):
 async def me(
     actor: Actor = Depends(require_user), services: Services = Depends(api_services)
 ) -> Me:
+    active = await services.stacks.active_name()
+    visible = active in {s.name for s in await services.stacks.list_stacks()}
     return Me(
         name=actor.name,
         role=Role.ADMIN if actor.admin else Role.MEMBER,
-        active_stack=await services.stacks.active_name(),
+        active_stack=active,
+        active_stack_visible=visible,
         server_version=conveyor_version(),
     )
 
