@@ -78,7 +78,11 @@ def test_register_describe_update_rename_delete(nfs: Path) -> None:
     assert [c["name"] for c in as_json("artifact-store", "list")] == ["default"]
 
 
-def test_values_are_json_when_they_parse_and_text_for_text_keys(tmp_path: Path) -> None:
+def test_values_are_json_when_they_parse_and_text_for_text_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not the folder a server runs in: a relative path is of the folder it is typed in.
+    monkeypatch.chdir(tmp_path)
     ok("orchestrator", "register", "fast", "-f", "local", "--concurrency=8")
     assert as_json("orchestrator", "describe", "fast")["config"] == {"concurrency": 8}
     ok("artifact-store", "register", "numbers", "-f", "local", "--path=2024")
