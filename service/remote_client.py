@@ -156,7 +156,17 @@ class RemoteClient(Client):
         return [_stack(item) for item in self._pages("/api/stacks", {})]
 
     def get_stack(self, name: str | None = None) -> StackSpec:
-        return _stack(self._json("GET", f"/api/stacks/{_path(name or self.active_stack_name())}"))
+        if name is not None:
+            return _stack(self._json("GET", f"/api/stacks/{_path(name)}"))
+        active = self.active_stack_name()
+        try:
+            return _stack(self._json("GET", f"/api/stacks/{_path(active)}"))
+        except NotFoundError as exc:
+            # A new member's active stack is 'default', the admin's, until it is shared.
+            raise NotFoundError(
+                f"{exc}: your active stack is not one you may use; conveyor stack list shows "
+                "those you may, conveyor stack set NAME makes one active"
+            ) from None
 
     def active_stack_name(self) -> str:
         return os.environ.get("CONVEYOR_STACK") or str(self.me()["active_stack"])
