@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conveyor.service.remote_client import RemoteClient
 from tests.integration.cli_helpers import log_in, new_user, ok, team_server
 
 PLACES = ("local", "server")
@@ -58,13 +59,15 @@ def place(request: pytest.FixtureRequest, home: Path) -> Iterator[str]:
     server: TeamServer = request.getfixturevalue("shared_server")
     member = f"member-{next(_members)}"
     log_in(home, server.url, new_user(member, admin_home=server.admin_home))
+    # As a fresh home: the default stack only (what an earlier test made was deleted).
+    with RemoteClient(home) as fresh:
+        seen = [(s.name, s.owner) for s in fresh.list_stacks()]
+    assert seen == [("default", "default")], f"left over by an earlier test: {seen}"
     yield "server"
     _delete_what_they_made(server.admin_home, member)
 
 
 def _delete_what_they_made(admin_home: Path, member: str) -> None:
-    from conveyor.service.remote_client import RemoteClient
-
     with RemoteClient(admin_home) as admin:
         for run in admin.list_runs(user=member, limit=10_000):
             admin.delete_run(run.id)
