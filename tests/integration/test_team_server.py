@@ -17,6 +17,7 @@ import pytest
 
 from conveyor.service.api.security import ADMIN_TOKEN_ENV, TOKEN_ENV
 from tests.conftest import ROOT, Server, conveyor_cli, running_server
+from tests.integration.cli_helpers import cli
 
 GATED = f"{ROOT / 'tests' / 'pipelines' / 'server_demo.py'}:gated_pipeline"
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
@@ -215,14 +216,15 @@ def test_wrong_expired_deleted_and_rotated_tokens_get_401_on_every_route(
     browser = _api(server, None)
     assert browser.post("/login", data={"token": expired, "next": "/"}).status_code == 303
     laptop = tmp_path / "laptop"
-    assert conveyor_cli("login", server.url, "--token", expired, env=_in(laptop)).returncode == 0
+    assert cli("login", server.url, "--token", expired, home=laptop).exit_code == 0
     _expire(home, "dave")
     assert browser.get("/", follow_redirects=False).status_code == 303  # to /login
 
     bad = {"wrong": "cvy_wrong", "expired": expired, "deleted": deleted, "rotated": rotated}
+    clients = {why: _api(server, token) for why, token in bad.items()}
     for method, path in _every_route():
-        for why, token in bad.items():
-            answer = _api(server, token).request(method, path, follow_redirects=False)
+        for why, client in clients.items():
+            answer = client.request(method, path, follow_redirects=False)
             assert answer.status_code == 401, (method, path, why, answer.text[:200])
             for secret in (*bad.values(), fresh, ADMIN_TOKEN):
                 assert secret not in answer.text
@@ -238,8 +240,8 @@ def test_wrong_expired_deleted_and_rotated_tokens_get_401_on_every_route(
     assert listed.returncode == 1 and listed.stdout == "", listed.stdout
     assert listed.stderr.startswith("Error: ") and len(listed.stderr.splitlines()) == 1
     assert "expired" in listed.stderr and f"conveyor login {server.url}" in listed.stderr
-    status = conveyor_cli("status", env=_in(laptop))
-    assert status.returncode == 1 and "conveyor login" in status.stderr
+    status = cli("status", home=laptop)
+    assert status.exit_code == 1 and "conveyor login" in status.stderr
     assert server.stop() == 0
     shown = server.output() + listed.stderr + status.stdout + status.stderr
     for secret in (*bad.values(), fresh, ADMIN_TOKEN):
