@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from conveyor.service.remote_client import RemoteClient
-from tests.integration.cli_helpers import log_in, new_user, ok, team_server
+from tests.integration.cli_helpers import ADMIN_TOKEN, log_in, new_user, ok, team_server
 
 PLACES = ("local", "server")
 _members = itertools.count(1)
@@ -32,6 +32,8 @@ class TeamServer:
     url: str
     admin_home: Path
     logs: Path
+    tokens: list[str] = field(default_factory=list)
+    """Every member's token: none may reach the server's log."""
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +45,11 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeamServ
         admin = root / "admin"
         log_in(admin, url)
         ok("stack", "share", "default", home=admin)
-        yield TeamServer(url, admin, root / "logs")
+        server = TeamServer(url, admin, root / "logs")
+        yield server
+    log = "".join(p.read_text() for p in server.logs.iterdir())
+    leaked = [t for t in [ADMIN_TOKEN, *server.tokens] if t in log]
+    assert not leaked, f"{len(leaked)} tokens in the shared server's log {server.logs}"
 
 
 @pytest.fixture(params=PLACES)
@@ -58,7 +64,9 @@ def place(request: pytest.FixtureRequest, home: Path) -> Iterator[str]:
         return
     server: TeamServer = request.getfixturevalue("shared_server")
     member = f"member-{next(_members)}"
-    log_in(home, server.url, new_user(member, admin_home=server.admin_home))
+    token = new_user(member, admin_home=server.admin_home)
+    server.tokens.append(token)
+    log_in(home, server.url, token)
     # As a fresh home: the default stack only (what an earlier test made was deleted).
     with RemoteClient(home) as fresh:
         seen = [(s.name, s.owner) for s in fresh.list_stacks()]

@@ -130,6 +130,8 @@ def test_status_login_and_tokens(server: str, tmp_path: Path) -> None:
     assert "Active stack: default" in shown.stdout and "Server version:" in shown.stdout
     assert "conveyor stack set NAME" in " ".join(shown.stdout.split())
     assert token not in shown.stdout + shown.stderr
+    nothing = ok("stack", "list", home=carol)
+    assert rows(nothing.stdout)[1:] == [] and "No stack you may use yet" in nothing.stderr
     described = refused("stack", "describe", home=carol)
     assert "no stack named 'default'" in described and "conveyor stack set NAME" in described
     ok("stack", "share", "default", home=admin)
