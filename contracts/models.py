@@ -55,6 +55,8 @@ class UserRecord(Frozen):
     name: str
     role: Role
     created: datetime
+    token_expires: datetime | None = None
+    """When the user's token stops working (401); None: it works until rotated."""
 
 
 class RunStatus(StrEnum):

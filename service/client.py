@@ -323,9 +323,12 @@ class Client:
     def list_users(self) -> list[UserRecord]:
         return self._run(lambda s: s.users.list_users())
 
-    def create_user(self, name: str, role: Role | str = Role.MEMBER) -> tuple[UserRecord, str]:
-        """A new user and their token; the token is never shown again."""
-        return self._run(lambda s: s.users.create(name, Role(role)))
+    def create_user(
+        self, name: str, role: Role | str = Role.MEMBER, expires_in: str | None = None
+    ) -> tuple[UserRecord, str]:
+        """A new user and their token (with a lifetime: ``12h``, ``30d``, ``2w``); the token
+        is never shown again."""
+        return self._run(lambda s: s.users.create(name, Role(role), expires_in))
 
     def delete_user(self, name: str) -> None:
         """Delete a user; their stacks, components and runs stay (under their name)."""
@@ -336,9 +339,10 @@ class Client:
         when one was made now (to be shown once), else None."""
         return self._run(lambda s: s.users.ensure_admin(token))
 
-    def rotate_token(self, name: str) -> str:
-        """A new token for ``name``; the old one gets 401 from then on."""
-        return self._run(lambda s: s.users.rotate_token(name))
+    def rotate_token(self, name: str, expires_in: str | None = None) -> tuple[UserRecord, str]:
+        """A new token for ``name`` (with a lifetime if given); the old one gets 401 from
+        then on."""
+        return self._run(lambda s: s.users.rotate_token(name, expires_in))
 
     # --- artifacts ---
 

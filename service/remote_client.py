@@ -8,8 +8,10 @@ refuses, and a unit test checks that every public method is overridden here.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import ssl
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -63,13 +65,18 @@ class ServerError(ConveyorError):
     """The server refused a request or could not be reached."""
 
 
-def _refused(response: httpx.Response) -> ConveyorError:
+def _refused(response: httpx.Response, login: Login) -> ConveyorError:
+    if response.status_code == 401:
+        # The server's message is for any HTTP client; this one says what to do here.
+        return ConveyorError(
+            f"{login.url} no longer takes the token this home logged in with, as "
+            f"{login.user} (it is wrong, expired or rotated, or the user was deleted); "
+            f"log in again with a new token: conveyor login {login.url} --token NEW_TOKEN"
+        )
     try:
         message = str(response.json().get("message") or response.reason_phrase)
     except ValueError:
         message = response.text[:500] or response.reason_phrase
-    if response.status_code == 401:
-        message += " (conveyor login URL --token TOKEN logs in again)"
     cls = _ERRORS.get(response.status_code, ServerError)
     return cls(message, retryable=response.status_code in (502, 503, 504))
 
@@ -98,6 +105,7 @@ class RemoteClient(Client):
                     "User-Agent": f"conveyor/{conveyor_version()}",
                 },
                 timeout=TIMEOUT_S,
+                verify=_tls(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")),
             )
         return self._http
 
@@ -121,7 +129,7 @@ class RemoteClient(Client):
                 retryable=True,
             ) from None
         if response.status_code >= 400:
-            raise _refused(response)
+            raise _refused(response, self.login)
         return response
 
     def _json(self, method: str, path: str, **options: Any) -> Any:
@@ -155,7 +163,17 @@ class RemoteClient(Client):
         return [_stack(item) for item in self._pages("/api/stacks", {})]
 
     def get_stack(self, name: str | None = None) -> StackSpec:
-        return _stack(self._json("GET", f"/api/stacks/{_path(name or self.active_stack_name())}"))
+        if name is not None:
+            return _stack(self._json("GET", f"/api/stacks/{_path(name)}"))
+        active = self.active_stack_name()
+        try:
+            return _stack(self._json("GET", f"/api/stacks/{_path(active)}"))
+        except NotFoundError as exc:
+            # A new member's active stack is 'default', the admin's, until it is shared.
+            raise NotFoundError(
+                f"{exc}: your active stack is not one you may use; conveyor stack list shows "
+                "those you may, conveyor stack set NAME makes one active"
+            ) from None
 
     def active_stack_name(self) -> str:
         return os.environ.get("CONVEYOR_STACK") or str(self.me()["active_stack"])
@@ -344,7 +362,7 @@ class RemoteClient(Client):
             ) as response:
                 if response.status_code >= 400:
                     response.read()
-                    raise _refused(response)
+                    raise _refused(response, self.login)
                 with staged.open("wb") as out:
                     for chunk in response.iter_bytes():
                         out.write(chunk)
@@ -372,19 +390,30 @@ class RemoteClient(Client):
     def list_users(self) -> list[UserRecord]:
         return [UserRecord.model_validate(u) for u in self._json("GET", "/api/users")]
 
-    def create_user(self, name: str, role: Role | str = Role.MEMBER) -> tuple[UserRecord, str]:
-        body = {"name": name, "admin": Role(role) is Role.ADMIN}
+    def create_user(
+        self, name: str, role: Role | str = Role.MEMBER, expires_in: str | None = None
+    ) -> tuple[UserRecord, str]:
+        body = {"name": name, "admin": Role(role) is Role.ADMIN, "expires_in": expires_in}
         made = self._json("POST", "/api/users", json=body)
         return UserRecord.model_validate(made["user"]), str(made["token"])
 
     def delete_user(self, name: str) -> None:
         self.request("DELETE", f"/api/users/{_path(name)}")
 
-    def rotate_token(self, name: str) -> str:
-        return str(self._json("POST", f"/api/users/{_path(name)}/rotate-token")["token"])
+    def rotate_token(self, name: str, expires_in: str | None = None) -> tuple[UserRecord, str]:
+        path = f"/api/users/{_path(name)}/rotate-token"
+        made = self._json("POST", path, json={"expires_in": expires_in})
+        return UserRecord.model_validate(made["user"]), str(made["token"])
 
     def bootstrap_admin(self, token: str | None = None) -> str | None:
         raise ConveyorError("the admin is made by 'conveyor server up' on the server's home")
+
+
+@functools.cache
+def _tls(cafile: str | None, capath: str | None) -> ssl.SSLContext:
+    """httpx's TLS settings (which read $SSL_CERT_FILE and $SSL_CERT_DIR, hence the key),
+    made once per process: loading the CA bundle takes some 60 ms, per Client otherwise."""
+    return httpx.create_ssl_context()
 
 
 def _path(part: str) -> str:

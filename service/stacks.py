@@ -192,9 +192,7 @@ class StackService(ComponentRules):
     async def rename_stack(self, name: str, new_name: str) -> StackSpec:
         """Rename a stack; it stays active if it was, and its runs stay its runs (by id)."""
         async with self.db.transaction() as conn:
-            stack = await self._changeable(name)
-            if stack.name == DEFAULT:
-                raise ConflictError("the default stack cannot be renamed; copy it instead")
+            stack = await self._changeable(name, unless_default="renamed; copy it instead")
             if new_name == stack.name:
                 return stack
             await self._check_free(new_name)
@@ -242,9 +240,7 @@ class StackService(ComponentRules):
 
     async def deletable(self, name: str) -> StackSpec:
         """The stack ``name`` if the rules let it be deleted, else the ConflictError why not."""
-        stack = await self._changeable(name)
-        if stack.name == DEFAULT:
-            raise ConflictError("the default stack cannot be deleted")
+        stack = await self._changeable(name, unless_default="deleted")
         if stack.name == os.environ.get(STACK_ENV):
             raise ConflictError(
                 f"stack {stack.name!r} is the active stack (through ${STACK_ENV}); "
@@ -276,8 +272,13 @@ class StackService(ComponentRules):
     def _active_key(self) -> str:
         return active_stack_key(self.actor.name)
 
-    async def _changeable(self, name: str) -> StackSpec:
+    async def _changeable(self, name: str, unless_default: str | None = None) -> StackSpec:
+        """The stack ``name`` if this actor may change it. With ``unless_default`` (what
+        cannot be done to the default stack), the default stack is refused first: that
+        rule holds for everyone, so everyone is told the same."""
         stack = await self.get(name)
+        if unless_default is not None and stack.name == DEFAULT:
+            raise ConflictError(f"the default stack cannot be {unless_default}")
         self.actor.check_change(f"stack {stack.name!r}", stack.owner)
         return stack
 

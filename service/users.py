@@ -1,7 +1,10 @@
 """Users and their tokens: who acts, what they may see and change, and token bookkeeping.
 
 A token is 32 random bytes (``cvy_`` plus URL-safe base64), shown once when it is made; the
-store keeps only its sha256, so a copy of the database logs nobody in. A person and a
+store keeps only its sha256, so a copy of the database logs nobody in. A token may be given
+a lifetime when it is made (``expires_in``, e.g. ``30d``); without one it works until it is
+rotated or its user deleted (a service account's token for CI should not stop on a date
+nobody remembers; give people's tokens a lifetime where policy wants one). A person and a
 service account (CI) are both users: a service account is a member with its own token.
 
 On a client's own home nobody logs in: every call acts as the local admin, ``default``, who
@@ -12,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from conveyor.contracts import (
     ConflictError,
@@ -21,6 +26,7 @@ from conveyor.contracts import (
     NotFoundError,
     Role,
     UserRecord,
+    ValidationError,
     utcnow,
 )
 from conveyor.contracts.errors import shown
@@ -32,6 +38,32 @@ LOCAL_USER = "default"
 TOKEN_PREFIX = "cvy_"
 MAX_TOKEN_LENGTH = 200
 """The longest token looked at (longer ones are refused before hashing)."""
+_UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
+MIN_LIFETIME = timedelta(hours=1)
+MAX_LIFETIME = timedelta(days=366)
+"""Bounds of a token's lifetime (``--expires-in``)."""
+
+
+def parse_lifetime(text: str) -> timedelta:
+    """A token's lifetime from ``12h``, ``30d`` or ``2w`` (whole numbers; h, d or w), within
+    ``MIN_LIFETIME`` and ``MAX_LIFETIME``."""
+    found = re.fullmatch(r"([0-9]{1,6})([hdw])", text.strip().lower()) if len(text) < 20 else None
+    if found is None:
+        raise ValidationError(
+            f"a token lifetime is a whole number and a unit, h, d or w (as 12h, 30d, 2w); "
+            f"got {shown(text)}"
+        )
+    lifetime = int(found.group(1)) * _UNITS[found.group(2)]
+    if not MIN_LIFETIME <= lifetime <= MAX_LIFETIME:
+        raise ValidationError(
+            f"a token lifetime is from 1h to 366d; got {shown(text)} (without --expires-in "
+            "a token works until it is rotated)"
+        )
+    return lifetime
+
+
+def _expiry(expires_in: str | None) -> datetime | None:
+    return utcnow() + parse_lifetime(expires_in) if expires_in is not None else None
 
 
 @dataclass(frozen=True)
@@ -95,24 +127,32 @@ class UserService:
             raise NotFoundError(f"no user named {shown(name)}{suggest(name, names)}")
         return user
 
-    async def create(self, name: str, role: Role = Role.MEMBER) -> tuple[UserRecord, str]:
-        """A new user and their token (the only time the token is known)."""
+    async def create(
+        self, name: str, role: Role = Role.MEMBER, expires_in: str | None = None
+    ) -> tuple[UserRecord, str]:
+        """A new user and their token (the only time the token is known), which stops
+        working after ``expires_in`` (``parse_lifetime``) if given."""
         check_name("user", name)
+        expires = _expiry(expires_in)
         token = new_token()
         async with self.db.transaction() as conn:
             if await self.store.user(name) is not None:
                 raise ConflictError(f"user {name!r} exists already; choose another name")
-            user = UserRecord(name=name, role=role, created=utcnow())
+            user = UserRecord(name=name, role=role, created=utcnow(), token_expires=expires)
             await self.store.save(conn, user, token_hash(token))
         return user, token
 
-    async def rotate_token(self, name: str) -> str:
-        """A new token for ``name``; the old one stops working at once."""
+    async def rotate_token(
+        self, name: str, expires_in: str | None = None
+    ) -> tuple[UserRecord, str]:
+        """A new token for ``name`` (with a lifetime if ``expires_in``; else none); the old
+        one stops working at once."""
+        expires = _expiry(expires_in)
         token = new_token()
         async with self.db.transaction() as conn:
-            user = await self.get(name)
+            user = (await self.get(name)).model_copy(update={"token_expires": expires})
             await self.store.save(conn, user, token_hash(token))
-        return token
+        return user, token
 
     async def delete(self, name: str) -> None:
         """Delete a user (their stacks and runs stay, under their name); never the last admin."""
@@ -123,7 +163,8 @@ class UserService:
             await self.store.delete(conn, name)
 
     async def authenticate(self, token: str) -> UserRecord | None:
-        """The user whose token this is, or None (wrong, rotated, or of a deleted user)."""
+        """The user whose token this is, or None (wrong, expired, rotated, or of a deleted
+        user)."""
         if not token or len(token) > MAX_TOKEN_LENGTH:
             return None
         digest = token_hash(token)
@@ -131,6 +172,8 @@ class UserService:
         if found is None:
             return None
         user, stored = found
+        if user.token_expires is not None and user.token_expires <= utcnow():
+            return None
         return user if hmac.compare_digest(digest, stored) else None
 
     async def ensure_admin(self, token: str | None = None) -> str | None:
@@ -144,7 +187,7 @@ class UserService:
             existing = await self.store.user(LOCAL_USER)
             if token is not None:
                 user = existing or UserRecord(name=LOCAL_USER, role=Role.ADMIN, created=utcnow())
-                admin = user.model_copy(update={"role": Role.ADMIN})
+                admin = user.model_copy(update={"role": Role.ADMIN, "token_expires": None})
                 await self.store.save(conn, admin, token_hash(token))
                 return None
             if existing is not None or await self.store.admins() > 0:
@@ -156,6 +199,9 @@ class UserService:
 
     async def session_key(self, name: str) -> bytes | None:
         """A key that proves a dashboard session of ``name``: it changes when their token
-        does, and is gone when they are; None for an unknown user."""
+        does, and is gone when they are or their token expired; None then."""
+        user = await self.store.user(name)
+        if user is None or (user.token_expires is not None and user.token_expires <= utcnow()):
+            return None
         digest = await self.store.token_hash_of(name)
         return digest.encode() if digest is not None else None

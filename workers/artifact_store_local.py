@@ -29,7 +29,10 @@ class LocalArtifactStoreConfig(BaseModel):
 
     path: str = Field(
         description="Directory that holds the artifacts; for workers on other machines, use "
-        "an s3 store instead"
+        "an s3 store instead",
+        # A relative path is of the working directory of whoever types it, also when the
+        # CLI sends it to a server (service/cli/components.py makes it absolute first).
+        json_schema_extra={"client_path": True},
     )
 
     @field_validator("path")

@@ -7,10 +7,10 @@ other answer, and no log line, holds one.
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from conveyor.contracts import Role, UserRecord
-from conveyor.service.api.schemas import UserName
+from conveyor.service.api.schemas import TokenLifetime, UserName
 from conveyor.service.api.security import api_services, require_user
 from conveyor.service.api.state import ApiState, state_of
 from conveyor.service.context import Services
@@ -26,6 +26,10 @@ class Me(BaseModel):
     name: str
     role: Role
     active_stack: str
+    active_stack_visible: bool = Field(
+        description="false: the active stack is another user's private stack (or gone); "
+        "the user must choose another one"
+    )
     server_version: str
 
 
@@ -40,10 +44,13 @@ class NewToken(BaseModel):
 async def me(
     actor: Actor = Depends(require_user), services: Services = Depends(api_services)
 ) -> Me:
+    active = await services.stacks.active_name()
+    visible = active in {s.name for s in await services.stacks.list_stacks()}
     return Me(
         name=actor.name,
         role=Role.ADMIN if actor.admin else Role.MEMBER,
-        active_stack=await services.stacks.active_name(),
+        active_stack=active,
+        active_stack_visible=visible,
         server_version=conveyor_version(),
     )
 
@@ -63,7 +70,7 @@ async def create_user(
     """A new user (a person, or a service account for CI) and their token, shown once."""
     actor.check_admin("create users")
     role = Role.ADMIN if body.admin else Role.MEMBER
-    user, token = await state.services.users.create(body.name, role)
+    user, token = await state.services.users.create(body.name, role, body.expires_in)
     return NewToken(user=user, token=token)
 
 
@@ -79,10 +86,14 @@ async def delete_user(
 
 @router.post("/users/{name}/rotate-token", response_model=NewToken)
 async def rotate_token(
-    name: str, actor: Actor = Depends(require_user), state: ApiState = Depends(state_of)
+    name: str,
+    body: TokenLifetime | None = None,
+    actor: Actor = Depends(require_user),
+    state: ApiState = Depends(state_of),
 ) -> NewToken:
     """A new token for ``name`` (an admin's task, or a user's for themselves)."""
     if name != actor.name:
         actor.check_admin("rotate another user's token")
-    token = await state.services.users.rotate_token(name)
-    return NewToken(user=await state.services.users.get(name), token=token)
+    lifetime = body.expires_in if body is not None else None
+    user, token = await state.services.users.rotate_token(name, lifetime)
+    return NewToken(user=user, token=token)

@@ -167,6 +167,15 @@ class Share(_Body):
 class UserName(_Body):
     name: str = Field(min_length=1, max_length=100)
     admin: bool = False
+    expires_in: str | None = Field(
+        default=None, max_length=20, description="The token's lifetime: 12h, 30d, 2w (1h-366d)"
+    )
+
+
+class TokenLifetime(_Body):
+    expires_in: str | None = Field(
+        default=None, max_length=20, description="The new token's lifetime: 12h, 30d, 2w"
+    )
 
 
 class UpdateStack(_Body):

@@ -117,14 +117,14 @@ def _anonymous(request: Request) -> Actor | None:
 
 async def require_user(request: Request) -> Actor:
     """Dependency of every API route: the user of the request's bearer token (401 for a
-    wrong, rotated or deleted one), or without a token the local admin where allowed."""
+    wrong, expired, rotated or deleted one), or without a token the local admin where allowed."""
     token = _bearer(request)
     actor = await _token_user(request, token) if token is not None else _anonymous(request)
     if actor is None:
         raise Unauthorized(
             "this server needs a user's token: send the header 'Authorization: Bearer <token>' "
-            "(conveyor login URL keeps one for the CLI); a rotated or deleted user's token "
-            "no longer works"
+            "(conveyor login URL keeps one for the CLI); an expired or rotated token, or a "
+            "deleted user's, no longer works"
         )
     request.state.actor = actor
     return actor

@@ -114,8 +114,20 @@ def parse_config(args: list[str], model: type[BaseModel] | None) -> dict[str, An
             if field is not None and not _is_bool(field.annotation):
                 fail(f"--{key} needs a value: --{key}=VALUE")
             raw = "true"
-        config[key] = _value(raw, field.annotation if field is not None else None)
+        value = _value(raw, field.annotation if field is not None else None)
+        extra = field.json_schema_extra if field is not None else None
+        if isinstance(extra, dict) and extra.get("client_path") and isinstance(value, str):
+            value = _absolute(value)
+        config[key] = value
     return config
+
+
+def _absolute(path: str) -> str:
+    """A path typed here, made absolute here: a server would resolve it in its own working
+    directory. What the key's own check refuses is left for it to refuse."""
+    if not path.strip() or any(ord(c) < 32 for c in path):
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 def _is_bool(annotation: Any) -> bool:

@@ -59,6 +59,17 @@ def login(
         f"Logged in to {server} as {me['name']} ({me['role']}); the token is kept in {path}, "
         "readable by you only. conveyor logout returns to this home's own store."
     )
+    if not me.get("active_stack_visible", True):
+        status.print(_not_visible(str(me["active_stack"])))
+
+
+def _not_visible(stack: str) -> str:
+    return (
+        f"Your active stack, '{stack}', is not one you may use (another user's private "
+        "stack, or deleted): conveyor stack list shows the stacks you may use (yours and the "
+        "shared ones), conveyor stack set NAME makes one active, and an admin may share "
+        f"'{stack}' with conveyor stack share {stack}."
+    )
 
 
 def logout() -> None:
@@ -98,7 +109,10 @@ def show_status(ctx: typer.Context) -> None:
     server_version = str(me["server_version"])
     typer.echo(f"Server: {login.url}")
     typer.echo(f"User: {me['name']} ({me['role']})")
-    typer.echo(f"Active stack: {os.environ.get('CONVEYOR_STACK') or me['active_stack']}")
+    active = os.environ.get("CONVEYOR_STACK") or me["active_stack"]
+    typer.echo(f"Active stack: {active}")
+    if "CONVEYOR_STACK" not in os.environ and not me.get("active_stack_visible", True):
+        typer.echo(_not_visible(str(me["active_stack"])))
     typer.echo(f"Server version: {server_version} (this client: {conveyor_version()})")
     problem = incompatible(conveyor_version(), server_version)
     if problem:

@@ -69,6 +69,13 @@ def list_stacks(ctx: typer.Context, output: OutputFormat = OUTPUT_OPTION) -> Non
         )
 
     emit(output, [public_stack(s, active) for s in stacks], render)
+    if not stacks and output is OutputFormat.table:
+        # Only a server's member can see none: the default stack is the admin's until shared.
+        status.print(
+            "No stack you may use yet: register your own (conveyor stack register NAME -o "
+            "ORCHESTRATOR -a ARTIFACT_STORE), or ask an admin to share one (conveyor stack "
+            "share default)."
+        )
 
 
 @app.command("describe")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from conveyor.contracts import Role
+from conveyor.contracts import Role, UserRecord
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
     OutputFormat,
@@ -28,6 +28,19 @@ app = typer.Typer(
 )
 
 
+EXPIRES_OPTION = typer.Option(
+    None,
+    "--expires-in",
+    help="The token's lifetime, as 12h, 30d or 2w (1h to 366d); default: until rotated",
+)
+
+
+def _lifetime(user: UserRecord) -> str:
+    if user.token_expires is None:
+        return "the token works until it is rotated"
+    return f"the token expires at {when(user.token_expires)}"
+
+
 def _print_token(token: str) -> None:
     # Plain print: a token must never be wrapped, styled or cut.
     console.print(token, soft_wrap=True, markup=False)
@@ -38,16 +51,18 @@ def create(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="The new user's name"),
     admin: bool = typer.Option(False, "--admin", help="An admin (default: a member)"),
+    expires_in: str = EXPIRES_OPTION,
 ) -> None:
     """Create a user and print their token, once (a service account for CI is a user too).
 
-    Example: conveyor user create alice
+    Example: conveyor user create alice --expires-in 30d
     """
+    role = Role.ADMIN if admin else Role.MEMBER
     with user_errors():
-        user, token = client(ctx).create_user(name, Role.ADMIN if admin else Role.MEMBER)
+        user, token = client(ctx).create_user(name, role, expires_in)
     status.print(
-        f"Created {user.role.value} '{user.name}'. Their token is printed below, once; hand it "
-        "over safely (they log in with: conveyor login URL --token TOKEN)"
+        f"Created {user.role.value} '{user.name}' ({_lifetime(user)}). Their token is printed "
+        "below, once; hand it over safely (they log in with: conveyor login URL --token TOKEN)"
     )
     _print_token(token)
 
@@ -64,7 +79,8 @@ def list_users(ctx: typer.Context, output: OutputFormat = OUTPUT_OPTION) -> None
         output,
         users,
         lambda found: table(
-            ["USER", "ROLE", "CREATED"], [[u.name, u.role.value, when(u.created)] for u in found]
+            ["USER", "ROLE", "CREATED", "TOKEN EXPIRES"],
+            [[u.name, u.role.value, when(u.created), when(u.token_expires) or "-"] for u in found],
         ),
     )
 
@@ -88,13 +104,17 @@ def delete(
 
 @app.command("rotate-token")
 def rotate_token(
-    ctx: typer.Context, name: str = typer.Argument(..., help="Whose token to replace")
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Whose token to replace"),
+    expires_in: str = EXPIRES_OPTION,
 ) -> None:
     """Give a user a new token (printed once); the old one gets 401 from now on.
 
-    Example: conveyor user rotate-token alice
+    Example: conveyor user rotate-token alice --expires-in 90d
     """
     with user_errors():
-        token = client(ctx).rotate_token(name)
-    status.print(f"New token of '{name}' below, once; the old one no longer works")
+        user, token = client(ctx).rotate_token(name, expires_in)
+    status.print(
+        f"New token of '{name}' below, once ({_lifetime(user)}); the old one no longer works"
+    )
     _print_token(token)

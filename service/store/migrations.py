@@ -177,4 +177,8 @@ MIGRATIONS: tuple[str, ...] = (
         ) AS seen
         LEFT JOIN run_users ru ON ru.run_id = seen.id;
     """,
+    # 9: a token may expire (ISO time, UTC; NULL: it works until rotated)
+    """
+    ALTER TABLE users ADD COLUMN token_expires TEXT;
+    """,
 )

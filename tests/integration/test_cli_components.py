@@ -16,6 +16,9 @@ from conveyor.contracts import ComponentType
 from conveyor.workers.flavors import FLAVORS
 from tests.integration.cli_helpers import as_json, ok, refused, rows
 
+# Each test runs against a local store and against a server (tests/integration/conftest.py).
+pytestmark = pytest.mark.usefixtures("place")
+
 
 def everything() -> Any:
     return (
@@ -75,7 +78,11 @@ def test_register_describe_update_rename_delete(nfs: Path) -> None:
     assert [c["name"] for c in as_json("artifact-store", "list")] == ["default"]
 
 
-def test_values_are_json_when_they_parse_and_text_for_text_keys(tmp_path: Path) -> None:
+def test_values_are_json_when_they_parse_and_text_for_text_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not the folder a server runs in: a relative path is of the folder it is typed in.
+    monkeypatch.chdir(tmp_path)
     ok("orchestrator", "register", "fast", "-f", "local", "--concurrency=8")
     assert as_json("orchestrator", "describe", "fast")["config"] == {"concurrency": 8}
     ok("artifact-store", "register", "numbers", "-f", "local", "--path=2024")
@@ -126,22 +133,26 @@ def test_rename_to_an_existing_name_refuses(nfs: Path) -> None:
 
 
 def test_component_used_by_stacks_cannot_be_deleted(nfs: Path) -> None:
-    ok("stack", "register", "a", "-o", "default", "-a", "nfs")
-    ok("stack", "register", "b", "-o", "default", "-a", "nfs")
+    # Components of the test's own: on a server, the default ones are the admin's, and a
+    # member is told that first.
+    ok("orchestrator", "register", "fast", "-f", "local")
+    ok("stack", "register", "a", "-o", "fast", "-a", "nfs")
+    ok("stack", "register", "b", "-o", "fast", "-a", "nfs")
     before = everything()
     message = refused("artifact-store", "delete", "nfs")
     assert "artifact store 'nfs' is used by stacks 'a', 'b'" in message
-    assert "orchestrator 'default' is used by stacks 'default', 'a', 'b'" in refused(
-        "orchestrator", "delete", "default"
+    assert "orchestrator 'fast' is used by stacks 'a', 'b'" in refused(
+        "orchestrator", "delete", "fast"
     )
     assert everything() == before
 
 
-def test_unknown_key_lists_the_valid_keys() -> None:
+def test_unknown_key_lists_the_valid_keys(nfs: Path) -> None:
     before = everything()
     message = refused("orchestrator", "register", "x", "-f", "local", "--concurency=2")
     assert "unknown key 'concurency' (valid keys: concurrency)" in message
-    assert "(valid keys: path)" in refused("artifact-store", "update", "default", "--root=/x")
+    # The test's own store: on a server, the default one is the admin's (told first).
+    assert "(valid keys: path)" in refused("artifact-store", "update", "nfs", "--root=/x")
     assert everything() == before
 
 
@@ -175,7 +186,7 @@ def test_unknown_flavor_and_unknown_name_suggest(nfs: Path) -> None:
 @pytest.mark.skipif(
     (ComponentType.ORCHESTRATOR, "rabbitmq") not in FLAVORS, reason="no rabbitmq flavor"
 )
-def test_a_secret_never_shows_in_describe_list_or_export(tmp_path: Path) -> None:
+def test_a_secret_never_shows_in_describe_list_or_export(place: str) -> None:
     url = "amqp://bob:s3cret-pw@mq.example:5672/prod"
     registered = ok("orchestrator", "register", "mq", "-f", "rabbitmq", f"--url={url}")
     ok("stack", "register", "remote", "-o", "mq", "-a", "default")
@@ -194,6 +205,10 @@ def test_a_secret_never_shows_in_describe_list_or_export(tmp_path: Path) -> None
     assert as_json("orchestrator", "describe", "mq")["config"]["url"] == (
         "amqp://bob:****@mq.example:5672/prod"
     )
+    if place == "server":  # a server never sends a secret, not even to its owner
+        message = refused("stack", "export", "remote", "-", "--include-secrets")
+        assert "a server never sends secrets" in message
+        return
     clear = ok("stack", "export", "remote", "-", "--include-secrets").stdout
     assert "s3cret-pw" in clear
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import typer
 
 from conveyor.service.cli.app import app
 from tests.integration.cli_helpers import ok
+
+# Each test runs against a local store and against a server (tests/integration/conftest.py).
+pytestmark = pytest.mark.usefixtures("place")
 
 
 def every_command(command: Any, path: list[str]) -> list[tuple[list[str], Any]]:

@@ -11,6 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, conveyor_cli
+from tests.integration.cli_helpers import local_only
+
+# Each test runs against a local store and against a server (tests/integration/conftest.py);
+# these test the home itself (a file, a read-only folder), which cannot hold a login either.
+pytestmark = [
+    pytest.mark.usefixtures("place"),
+    local_only("the home under test is a file or read-only: it cannot be logged in"),
+]
 
 COMMANDS = [
     ["stack", "list"],

@@ -21,7 +21,18 @@ from typer.testing import CliRunner
 
 from conveyor.service.cli.app import app
 from tests.conftest import conveyor_cli
-from tests.integration.cli_helpers import as_json, cli, ok, refused, rows
+from tests.integration.cli_helpers import (
+    PIPELINE_RUNS,
+    as_json,
+    cli,
+    local_only,
+    ok,
+    refused,
+    rows,
+)
+
+# Each test runs against a local store and against a server (tests/integration/conftest.py).
+pytestmark = pytest.mark.usefixtures("place")
 
 QUICKSTART = "examples/quickstart.py:training_pipeline"
 
@@ -66,6 +77,7 @@ def components_of(described: dict[str, Any]) -> dict[str, Any]:
     return {t: (c["name"], c["flavor"], c["config"]) for t, c in described["components"].items()}
 
 
+@local_only(PIPELINE_RUNS)
 def test_two_stacks_switch_run_on_each_and_export_into_a_fresh_home(
     home: Path, tmp_path: Path
 ) -> None:
@@ -135,6 +147,7 @@ def test_two_stacks_switch_run_on_each_and_export_into_a_fresh_home(
     assert run_quickstart(CONVEYOR_HOME=str(fresh)) not in (on_two, on_default)
 
 
+@local_only(PIPELINE_RUNS)
 def test_the_active_stack_is_overridden_per_command_and_per_process(tmp_path: Path) -> None:
     sh("artifact-store", "register", "second", "-f", "local", f"--path={tmp_path / 'a2'}")
     sh("stack", "register", "two", "-o", "default", "-a", "second", "--set")
@@ -148,6 +161,7 @@ def test_the_active_stack_is_overridden_per_command_and_per_process(tmp_path: Pa
     assert result.returncode == 1 and "no stack named 'tow' (did you mean: two?)" in result.stderr
 
 
+@local_only(PIPELINE_RUNS)
 def test_runs_keep_their_stack_after_it_is_changed_or_deleted(tmp_path: Path) -> None:
     second = tmp_path / "second"
     sh("artifact-store", "register", "second", "-f", "local", f"--path={second}")
@@ -174,6 +188,7 @@ def test_runs_keep_their_stack_after_it_is_changed_or_deleted(tmp_path: Path) ->
     assert "'accuracy'" in sh("artifact", "get", evaluate["id"])
 
 
+@local_only(PIPELINE_RUNS)
 def test_run_and_artifact_commands_filter_fetch_and_delete(tmp_path: Path) -> None:
     first = run_quickstart()
     second = run_quickstart()
@@ -365,9 +380,11 @@ def test_export_redirected_to_its_own_default_file_name_is_valid_yaml(tmp_path: 
     )
 
 
-def test_export_and_import_of_unusable_files_are_one_line(tmp_path: Path) -> None:
+def test_export_and_import_of_unusable_files_are_one_line(tmp_path: Path, place: str) -> None:
+    # A server never sends secrets: there --include-secrets is refused before any writing.
+    clear = [["--include-secrets"]] if place == "local" else []
     for target in (tmp_path / "missing" / "x.yaml", tmp_path):
-        for secrets in ([], ["--include-secrets"]):
+        for secrets in ([], *clear):
             message = refused("stack", "export", "default", str(target), *secrets)
             assert message.startswith(f"Error: cannot write {target}: ")
     assert tmp_path.is_dir()
@@ -394,6 +411,7 @@ def test_export_and_import_of_unusable_files_are_one_line(tmp_path: Path) -> Non
         )
 
 
+@local_only("it reads the modes of the home's own SQLite files; a logged-in home has none")
 def test_files_that_hold_secrets_are_readable_by_their_owner_only(
     tmp_path: Path, home: Path
 ) -> None:

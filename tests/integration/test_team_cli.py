@@ -118,13 +118,36 @@ def test_status_login_and_tokens(server: str, tmp_path: Path) -> None:
 
     wrong = cli("login", server, "--token", "wrong-token", home=carol)
     assert wrong.exit_code == 1 and "does not know this token" in wrong.stderr
-    log_in(carol, server, token)
+    logged_in = ok("login", server, "--token", token, home=carol)
+    # A new member's active stack is the default one, the admin's private stack: told so.
+    said = " ".join(logged_in.stderr.split())
+    assert "Your active stack, 'default', is not one you may use" in said
+    assert "conveyor stack set NAME" in said and token not in said
     login_file = carol / "login.json"
     assert stat.S_IMODE(login_file.stat().st_mode) == 0o600
     shown = ok("status", home=carol)
     assert f"Server: {server}" in shown.stdout and "User: carol (member)" in shown.stdout
     assert "Active stack: default" in shown.stdout and "Server version:" in shown.stdout
+    assert "conveyor stack set NAME" in " ".join(shown.stdout.split())
     assert token not in shown.stdout + shown.stderr
+    nothing = ok("stack", "list", home=carol)
+    assert rows(nothing.stdout)[1:] == [] and "No stack you may use yet" in nothing.stderr
+    described = refused("stack", "describe", home=carol)
+    assert "no stack named 'default'" in described and "conveyor stack set NAME" in described
+    ok("stack", "share", "default", home=admin)
+    assert "stack set" not in ok("status", home=carol).stdout
+
+    # A token with a lifetime: shown in the user list, never the token.
+    made = ok("user", "create", "ci-bot", "--expires-in", "30d", home=admin)
+    assert "the token expires at" in made.stderr
+    listed = rows(ok("user", "list", home=admin).stdout)
+    assert listed[0] == ["USER", "ROLE", "CREATED", "TOKEN EXPIRES"]
+    expiry = {r[0]: r[3] for r in listed[1:]}
+    assert expiry["carol"] == "-" and expiry["ci-bot"].startswith("20")
+    assert made.stdout.strip() not in str(listed)
+    assert "from 1h to 366d" in refused(
+        "user", "rotate-token", "ci-bot", "--expires-in", "0h", home=admin
+    )
     assert "only an admin may create users" in refused("user", "create", "eve", home=carol)
 
     # A rotated token is refused at once, with the way out.

@@ -3,8 +3,12 @@ and shared stacks, runs with their users, and tokens that never leak."""
 
 from __future__ import annotations
 
+import re
+import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,7 @@ import pytest
 
 from conveyor.service.api.security import ADMIN_TOKEN_ENV, TOKEN_ENV
 from tests.conftest import ROOT, Server, conveyor_cli, running_server
+from tests.integration.cli_helpers import cli
 
 GATED = f"{ROOT / 'tests' / 'pipelines' / 'server_demo.py'}:gated_pipeline"
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
@@ -51,6 +56,7 @@ def _new_user(admin: httpx.Client, name: str) -> str:
         "name": name,
         "role": "member",
         "created": made.json()["user"]["created"],
+        "token_expires": None,
     }
     return token
 
@@ -148,18 +154,102 @@ def test_runs_show_who_submitted_them(server: Server) -> None:
     assert page.status_code == 200 and 'class="run-user">alice<' in page.text
 
 
-@pytest.mark.parametrize("route", ["/api/me", "/api/stacks", "/api/runs", "/metrics", "/"])
-def test_wrong_deleted_and_rotated_tokens_get_401_everywhere(server: Server, route: str) -> None:
+OPEN_ROUTES = {
+    ("GET", "/healthz"),  # probes
+    ("GET", "/login"),  # the dashboard's login form, and its answer
+    ("POST", "/login"),
+    ("POST", "/logout"),
+    ("GET", "/openapi.json"),  # what the API is, not what it holds
+    ("GET", "/docs"),
+    ("GET", "/docs/oauth2-redirect"),
+    ("GET", "/redoc"),
+}
+"""Routes that answer without a user: every other one must refuse a bad token."""
+
+
+def _every_route() -> list[tuple[str, str]]:
+    """(method, path with each parameter filled in) of every route of the app but the open
+    ones, so that a route added later is walked too."""
+    from conveyor.service.api.app import create_app
+
+    def leaves(routes: list[Any]) -> Iterator[Any]:
+        for route in routes:
+            # FastAPI 0.165 keeps an included router as one route of its own.
+            contexts = getattr(route, "effective_route_contexts", None)
+            yield from (contexts() if contexts is not None else [route])
+
+    app = create_app(ROOT / "unused-home", token=ADMIN_TOKEN)
+    found = {
+        (method, route.path)
+        for route in leaves(app.routes)
+        for method in getattr(route, "methods", None) or ()  # a Mount (static files) has none
+        if method != "HEAD"
+    }
+    assert found >= OPEN_ROUTES
+    walked = sorted(found - OPEN_ROUTES)
+    assert len(walked) > 30 and ("GET", "/api/stacks") in walked and ("GET", "/") in walked
+    return [(method, re.sub(r"\{[^}]+\}", "x", path)) for method, path in walked]
+
+
+def _expire(home: Path, user: str) -> None:
+    """Make ``user``'s token one that expired a minute ago (as time passing would)."""
+    past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    with closing(sqlite3.connect(home / "conveyor.db", timeout=30)) as db, db:
+        assert (
+            db.execute("UPDATE users SET token_expires = ? WHERE name = ?", (past, user)).rowcount
+            == 1
+        )
+
+
+def test_wrong_expired_deleted_and_rotated_tokens_get_401_on_every_route(
+    server: Server, home: Path, tmp_path: Path
+) -> None:
     admin = _api(server, ADMIN_TOKEN)
     deleted = _new_user(admin, "gone")
     rotated = _new_user(admin, "carol")
     fresh = admin.post("/api/users/carol/rotate-token").json()["token"]
     assert admin.delete("/api/users/gone").status_code == 204
-    for token in (None, "wrong", "%", "_" * 5000, deleted, rotated):
-        response = _api(server, token).get(route, follow_redirects=False)
-        expected = {303} if route == "/" and token is None else {401}
-        assert response.status_code in expected, (token, response.status_code)
-    assert _api(server, fresh).get(route).status_code == 200
+    made = admin.post("/api/users", json={"name": "dave", "expires_in": "1h"})
+    assert made.status_code == 201 and made.json()["user"]["token_expires"] is not None
+    expired = made.json()["token"]
+    # The dashboard's session of a token that then expires ends with it.
+    browser = _api(server, None)
+    assert browser.post("/login", data={"token": expired, "next": "/"}).status_code == 303
+    laptop = tmp_path / "laptop"
+    assert cli("login", server.url, "--token", expired, home=laptop).exit_code == 0
+    _expire(home, "dave")
+    assert browser.get("/", follow_redirects=False).status_code == 303  # to /login
+
+    bad = {"wrong": "cvy_wrong", "expired": expired, "deleted": deleted, "rotated": rotated}
+    clients = {why: _api(server, token) for why, token in bad.items()}
+    for method, path in _every_route():
+        for why, client in clients.items():
+            answer = client.request(method, path, follow_redirects=False)
+            assert answer.status_code == 401, (method, path, why, answer.text[:200])
+            for secret in (*bad.values(), fresh, ADMIN_TOKEN):
+                assert secret not in answer.text
+    for why, token in bad.items():  # nor does the dashboard's login form take them
+        refused = _api(server, None).post("/login", data={"token": token, "next": "/"})
+        assert refused.status_code == 401 and "conveyor_session" not in refused.headers.get(
+            "set-cookie", ""
+        ), why
+    assert _api(server, fresh).get("/api/me").status_code == 200
+
+    # The CLI of a home logged in with a token that expired: one line, the way back, exit 1.
+    listed = conveyor_cli("stack", "list", env=_in(laptop))
+    assert listed.returncode == 1 and listed.stdout == "", listed.stdout
+    assert listed.stderr.startswith("Error: ") and len(listed.stderr.splitlines()) == 1
+    assert "expired" in listed.stderr and f"conveyor login {server.url}" in listed.stderr
+    status = cli("status", home=laptop)
+    assert status.exit_code == 1 and "conveyor login" in status.stderr
+    assert server.stop() == 0
+    shown = server.output() + listed.stderr + status.stdout + status.stderr
+    for secret in (*bad.values(), fresh, ADMIN_TOKEN):
+        assert secret not in shown
+
+
+def _in(home: Path) -> dict[str, str]:
+    return {"CONVEYOR_HOME": str(home), "CONVEYOR_SERVER_TOKEN": ""}
 
 
 def test_tokens_never_reach_the_log_or_other_answers(server: Server, tmp_path: Path) -> None:

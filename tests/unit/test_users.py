@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from conveyor.service.users import (
     TOKEN_PREFIX,
     Actor,
     new_token,
+    parse_lifetime,
     token_hash,
 )
 
@@ -69,7 +71,7 @@ async def test_a_token_finds_its_user_until_rotated_or_deleted(services: Service
     assert (await users.authenticate(token)) == alice
     for wrong in ("", "nope", token + "x", token[:-1], "%", "_", "x" * 10_000):
         assert await users.authenticate(wrong) is None
-    rotated = await users.rotate_token("alice")
+    _, rotated = await users.rotate_token("alice")
     assert await users.authenticate(token) is None
     assert (await users.authenticate(rotated)) == alice
     await users.delete("alice")
@@ -238,3 +240,34 @@ async def test_a_renamed_stack_stays_active_for_every_user_who_chose_it(
     assert await alice.active_name() == "team-2"
     assert await bob.active_name() == "team-2"
     assert await services.stacks.active_name() == "default"
+
+
+def test_a_token_lifetime_is_bounded_and_says_what_it_takes() -> None:
+    assert parse_lifetime("12h") == timedelta(hours=12)
+    assert parse_lifetime(" 30D ") == timedelta(days=30)
+    assert parse_lifetime("2w") == timedelta(weeks=2)
+    for hostile in ("", "30", "d", "1.5d", "-1d", "%", "_h", "30m", "1y", "9" * 100_000):
+        with pytest.raises(ValidationError, match="a whole number and a unit, h, d or w"):
+            parse_lifetime(hostile)
+    for out_of_bounds in ("0h", "367d", "999999w"):
+        with pytest.raises(ValidationError, match="from 1h to 366d"):
+            parse_lifetime(out_of_bounds)
+
+
+async def test_an_expired_token_logs_nobody_in_and_a_rotation_sets_a_new_lifetime(
+    services: Services,
+) -> None:
+    users = services.users
+    user, token = await users.create("alice", expires_in="1h")
+    assert user.token_expires is not None and await users.authenticate(token) == user
+    assert await users.session_key("alice") is not None
+    async with services.db.transaction() as conn:
+        past = user.model_copy(update={"token_expires": user.created - timedelta(minutes=1)})
+        await users.store.save(conn, past, token_hash(token))
+    assert await users.authenticate(token) is None
+    assert await users.session_key("alice") is None  # a dashboard session ends with it
+    rotated, fresh = await users.rotate_token("alice")
+    assert rotated.token_expires is None and await users.authenticate(fresh) == rotated
+    with pytest.raises(ValidationError):
+        await users.rotate_token("alice", "0h")
+    assert await users.authenticate(fresh) == rotated  # a refused rotation changed nothing
