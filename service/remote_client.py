@@ -105,7 +105,7 @@ class RemoteClient(Client):
                     "User-Agent": f"conveyor/{conveyor_version()}",
                 },
                 timeout=TIMEOUT_S,
-                verify=_tls(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")),
+                verify=tls_settings(),
             )
         return self._http
 
@@ -407,6 +407,11 @@ class RemoteClient(Client):
 
     def bootstrap_admin(self, token: str | None = None) -> str | None:
         raise ConveyorError("the admin is made by 'conveyor server up' on the server's home")
+
+
+def tls_settings() -> ssl.SSLContext:
+    """The process's TLS settings for a server (made once for the environment's CA files)."""
+    return _tls(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
 
 
 @functools.cache

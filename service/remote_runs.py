@@ -35,7 +35,13 @@ from conveyor.contracts import (
 )
 from conveyor.service.handles import RunHandle
 from conveyor.service.home import Home
-from conveyor.service.remote_client import RemoteClient, ServerError, _refused, _run_record
+from conveyor.service.remote_client import (
+    RemoteClient,
+    ServerError,
+    _refused,
+    _run_record,
+    tls_settings,
+)
 from conveyor.service.version import conveyor_version, incompatible
 from conveyor.workers import digests
 
@@ -178,9 +184,7 @@ async def follow(
     again (the server then sends the current statuses again)."""
     seen: set[tuple[str, StepStatus, int]] = set()
     login = client.login
-    # Made off the loop: building its TLS context takes a tenth of a second.
-    http = await asyncio.to_thread(
-        httpx.AsyncClient,
+    http = httpx.AsyncClient(
         base_url=login.url,
         headers={
             "Authorization": f"Bearer {login.token}",
@@ -188,6 +192,7 @@ async def follow(
         },
         timeout=httpx.Timeout(30.0, read=STREAM_READ_TIMEOUT_S),
         transport=transport,
+        verify=tls_settings(),
     )
     loop = asyncio.get_running_loop()
     failing_since: float | None = None
@@ -197,7 +202,7 @@ async def follow(
                 async with http.stream("GET", f"/api/runs/{quote(run_id, safe='')}/events") as r:
                     if r.status_code >= 400:
                         await r.aread()
-                        raise _refused(r)
+                        raise _refused(r, login)
                     failing_since = None
                     async for kind, data in _events(r):
                         if kind == "step":

@@ -9,11 +9,12 @@ the outcome. Ctrl+C cancels the run on the server.
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
-from conveyor.contracts import RunRecord, StepRecord
+from conveyor.contracts import ConveyorError, RunRecord, StepRecord, StepStatus, StepStatusChanged
 from conveyor.service.cli.output import errors, status
 from conveyor.service.cli.run_progress import RunFollower
 from conveyor.service.remote_client import RemoteClient
@@ -25,6 +26,21 @@ if TYPE_CHECKING:
 
 def _say(text: str) -> None:
     errors.print(text, markup=False, highlight=False)
+
+
+# A local run's steps print to this console as they go; a server's steps print into its logs,
+# which are shown here once each step is done, so the console tells the same.
+_ECHOED = frozenset({StepStatus.COMPLETED, StepStatus.FAILED})
+
+
+def _echo_output(client: RemoteClient, run_id: str, step: str) -> None:
+    try:
+        text = client.get_logs(run_id, step).get(step, "")
+    except ConveyorError:
+        return  # the outcome still shows: a missing log is not the run's failure
+    if text:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
 
 
 def run_on_server(
@@ -49,7 +65,13 @@ def run_on_server(
         async def main() -> RunRecord:
             why = "interrupted (Ctrl+C on conveyor pipeline run)"
             async with RunFollower(status, definition.name, len(spec.steps)) as follower:
-                return await follow_or_cancel(client, run.id, follower.on_step, _say, why)
+
+                def on_step(change: StepStatusChanged) -> None:
+                    if change.status in _ECHOED:
+                        _echo_output(client, run.id, change.step)
+                    follower.on_step(change)
+
+                return await follow_or_cancel(client, run.id, on_step, _say, why)
 
         record = asyncio.run(main())
         steps = client.get_steps(record.id)

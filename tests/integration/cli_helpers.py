@@ -48,17 +48,17 @@ def as_json(*args: str, home: Path | None = None) -> Any:
 
 # --- client mode: the same commands against a server ---
 
-PIPELINE_RUNS = (
-    "pipeline run from a logged-in home (compiled locally, code uploaded, followed live) "
-    "is not built yet: it stops with 'does not yet go through a server'"
-)
-
 
 def local_only(reason: str) -> pytest.MarkDecorator:
     """Run this test of a suite that uses the ``place`` fixture (tests/integration/conftest.py)
     against a local store only, for ``reason`` (what the server variant lacks); deleting
     the mark runs its server variant too."""
     return pytest.mark.local_only(reason=reason)
+
+
+runs_pipelines = pytest.mark.runs_pipelines
+"""The test runs pipelines on the default stack: its server variant logs in as an admin, since
+a server runs only an admin's code in its own process (a member's runs go to worker stacks)."""
 
 
 ADMIN_TOKEN = "admin-token-for-cli-tests-0123456789"
@@ -84,9 +84,11 @@ def log_in(home: Path, url: str, token: str = ADMIN_TOKEN) -> None:
     ok("login", url, "--token", token, home=home)
 
 
-def new_user(name: str, *, admin_home: Path) -> str:
-    """A member ``name`` made by the admin logged in from ``admin_home``; their token."""
-    return ok("user", "create", name, home=admin_home).stdout.strip()
+def new_user(name: str, *, admin_home: Path, admin: bool = False) -> str:
+    """A member (or an admin) ``name`` made by the admin logged in from ``admin_home``; their
+    token."""
+    role = ["--admin"] if admin else []
+    return ok("user", "create", name, *role, home=admin_home).stdout.strip()
 
 
 def rows(output: str) -> list[list[str]]:

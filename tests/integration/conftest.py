@@ -55,7 +55,8 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeamServ
 @pytest.fixture(params=PLACES)
 def place(request: pytest.FixtureRequest, home: Path) -> Iterator[str]:
     """``local``: the test's home is a fresh local store. ``server``: the test's home is
-    logged in to the shared server as a fresh member; what they made is deleted after."""
+    logged in to the shared server as a fresh member (an admin for a test that runs pipelines
+    on the default stack: see ``runs_pipelines``); what they made is deleted after."""
     marker = request.node.get_closest_marker("local_only")
     if request.param == "server" and marker is not None:
         pytest.skip(f"local only: {marker.kwargs['reason']}")
@@ -64,7 +65,8 @@ def place(request: pytest.FixtureRequest, home: Path) -> Iterator[str]:
         return
     server: TeamServer = request.getfixturevalue("shared_server")
     member = f"member-{next(_members)}"
-    token = new_user(member, admin_home=server.admin_home)
+    runs = request.node.get_closest_marker("runs_pipelines") is not None
+    token = new_user(member, admin_home=server.admin_home, admin=runs)
     server.tokens.append(token)
     log_in(home, server.url, token)
     # As a fresh home: the default stack only (what an earlier test made was deleted).

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, conveyor_cli
-from tests.integration.cli_helpers import PIPELINE_RUNS, local_only
+from tests.integration.cli_helpers import local_only, runs_pipelines
 
 # Each test runs against a local store and against a server (tests/integration/conftest.py).
 pytestmark = pytest.mark.usefixtures("place")
@@ -28,7 +28,7 @@ def runs_json() -> list[dict[str, object]]:
     return json.loads(result.stdout)
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_quickstart_runs_and_prints_steps_and_metric() -> None:
     result = conveyor_cli("pipeline", "run", "examples/quickstart.py:training_pipeline")
     assert result.returncode == 0, result.stderr
@@ -42,7 +42,7 @@ def test_quickstart_runs_and_prints_steps_and_metric() -> None:
     assert f"Run {run['id']} completed" in out
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_run_describe_shows_each_step_with_outputs() -> None:
     assert conveyor_cli("pipeline", "run", f"{PIPELINES}:squares", "-p", "n=4").returncode == 0
     (run,) = runs_json()
@@ -64,7 +64,7 @@ def test_run_describe_shows_each_step_with_outputs() -> None:
         assert "Traceback" not in refused.stderr
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_failing_step_exits_1_and_shows_the_error() -> None:
     result = conveyor_cli("pipeline", "run", f"{PIPELINES}:failing")
     assert result.returncode == 1
@@ -75,7 +75,7 @@ def test_failing_step_exits_1_and_shows_the_error() -> None:
     assert run["status"] == "failed"
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_pipeline_that_does_not_import_is_a_clear_error() -> None:
     result = conveyor_cli("pipeline", "run", "tests/pipelines/broken_import.py:p")
     assert result.returncode == 1
@@ -87,7 +87,7 @@ def test_pipeline_that_does_not_import_is_a_clear_error() -> None:
     assert runs_json() == []
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_unknown_stack_is_a_clear_error_and_changes_nothing() -> None:
     assert conveyor_cli("pipeline", "run", f"{PIPELINES}:squares").returncode == 0
     result = conveyor_cli("pipeline", "run", f"{PIPELINES}:squares", "--stack", "defaul")
@@ -96,7 +96,7 @@ def test_unknown_stack_is_a_clear_error_and_changes_nothing() -> None:
     assert [r["status"] for r in runs_json()] == ["completed"]
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_two_processes_on_one_home_both_complete(home: Path) -> None:
     command = [
         sys.executable,
@@ -122,7 +122,7 @@ def test_two_processes_on_one_home_both_complete(home: Path) -> None:
     assert len(runs) == 2 and {r["status"] for r in runs} == {"completed"}
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_killed_run_is_marked_failed_by_the_next_command(tmp_path: Path) -> None:
     proc = _start_hanging(tmp_path / "started")
     (run,) = runs_json()
@@ -170,7 +170,7 @@ def _start_hanging(marker: Path) -> subprocess.Popen[str]:
     return proc
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_ctrl_c_cancels_the_run_and_another_process_cannot(tmp_path: Path) -> None:
     proc = _start_hanging(tmp_path / "started")
     (run,) = runs_json()
@@ -188,7 +188,7 @@ def test_ctrl_c_cancels_the_run_and_another_process_cannot(tmp_path: Path) -> No
     assert again.returncode == 1 and "cancelled already" in again.stderr
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_run_logs_show_what_each_step_printed_and_logged() -> None:
     result = conveyor_cli("pipeline", "run", f"{PIPELINES}:talking")
     assert result.returncode == 1

@@ -22,13 +22,13 @@ from typer.testing import CliRunner
 from conveyor.service.cli.app import app
 from tests.conftest import conveyor_cli
 from tests.integration.cli_helpers import (
-    PIPELINE_RUNS,
     as_json,
     cli,
     local_only,
     ok,
     refused,
     rows,
+    runs_pipelines,
 )
 
 # Each test runs against a local store and against a server (tests/integration/conftest.py).
@@ -77,7 +77,7 @@ def components_of(described: dict[str, Any]) -> dict[str, Any]:
     return {t: (c["name"], c["flavor"], c["config"]) for t, c in described["components"].items()}
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_two_stacks_switch_run_on_each_and_export_into_a_fresh_home(
     home: Path, tmp_path: Path
 ) -> None:
@@ -147,7 +147,7 @@ def test_two_stacks_switch_run_on_each_and_export_into_a_fresh_home(
     assert run_quickstart(CONVEYOR_HOME=str(fresh)) not in (on_two, on_default)
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_the_active_stack_is_overridden_per_command_and_per_process(tmp_path: Path) -> None:
     sh("artifact-store", "register", "second", "-f", "local", f"--path={tmp_path / 'a2'}")
     sh("stack", "register", "two", "-o", "default", "-a", "second", "--set")
@@ -161,7 +161,7 @@ def test_the_active_stack_is_overridden_per_command_and_per_process(tmp_path: Pa
     assert result.returncode == 1 and "no stack named 'tow' (did you mean: two?)" in result.stderr
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_runs_keep_their_stack_after_it_is_changed_or_deleted(tmp_path: Path) -> None:
     second = tmp_path / "second"
     sh("artifact-store", "register", "second", "-f", "local", f"--path={second}")
@@ -188,7 +188,7 @@ def test_runs_keep_their_stack_after_it_is_changed_or_deleted(tmp_path: Path) ->
     assert "'accuracy'" in sh("artifact", "get", evaluate["id"])
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_run_and_artifact_commands_filter_fetch_and_delete(tmp_path: Path) -> None:
     first = run_quickstart()
     second = run_quickstart()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, conveyor_cli
-from tests.integration.cli_helpers import PIPELINE_RUNS, local_only
+from tests.integration.cli_helpers import runs_pipelines
 
 # Each test runs against a local store and against a server (tests/integration/conftest.py).
 pytestmark = pytest.mark.usefixtures("place")
@@ -28,7 +28,7 @@ def runs() -> list[dict[str, object]]:
     return listed
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_a_parameter_of_the_wrong_type_is_refused_before_any_step_runs() -> None:
     result = conveyor_cli("pipeline", "run", QUICKSTART, "-p", "epochs=abc")
     assert result.returncode == 2, (result.stdout, result.stderr)
@@ -39,7 +39,7 @@ def test_a_parameter_of_the_wrong_type_is_refused_before_any_step_runs() -> None
     assert runs() == []
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_unknown_and_missing_parameters_are_refused_with_exit_2(tmp_path: Path) -> None:
     unknown = conveyor_cli("pipeline", "run", QUICKSTART, "-p", "epoch=3")
     assert unknown.returncode == 2
@@ -55,7 +55,7 @@ def test_unknown_and_missing_parameters_are_refused_with_exit_2(tmp_path: Path) 
     assert runs() == []
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_parameters_given_as_text_become_the_types_the_pipeline_wants() -> None:
     result = conveyor_cli("pipeline", "run", QUICKSTART, "-p", "epochs=5", "-p", "n_samples=1e2")
     assert result.returncode == 0, result.stderr
@@ -63,7 +63,7 @@ def test_parameters_given_as_text_become_the_types_the_pipeline_wants() -> None:
     assert run["parameters"] == {"epochs": 5, "n_samples": 100}
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_a_mistyped_pipeline_suggests_the_close_name_and_names_the_file() -> None:
     result = conveyor_cli("pipeline", "run", "examples/quickstart.py:training_pipelin")
     assert result.returncode == 1
@@ -73,7 +73,7 @@ def test_a_mistyped_pipeline_suggests_the_close_name_and_names_the_file() -> Non
     )
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_a_module_of_the_working_directory_resolves_by_name() -> None:
     # The installed command, not `python -m` (which puts the working directory on the path).
     command = Path(sys.executable).parent / "conveyor"
@@ -107,7 +107,7 @@ def slow() -> None:
 """
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_a_terminal_shows_a_live_bar_while_a_run_goes_on(tmp_path: Path) -> None:
     script = tmp_path / "slow.py"
     script.write_text(SLOW_PIPELINE)
@@ -137,7 +137,7 @@ def test_a_terminal_shows_a_live_bar_while_a_run_goes_on(tmp_path: Path) -> None
     assert "completed wait_3" in text
 
 
-@local_only(PIPELINE_RUNS)
+@runs_pipelines
 def test_piped_output_has_one_line_per_step_change_and_no_bar(tmp_path: Path) -> None:
     script = tmp_path / "slow.py"
     script.write_text(SLOW_PIPELINE)
