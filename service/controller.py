@@ -180,6 +180,12 @@ class Controller:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    def _kept(self, event: Event) -> bool:
+        """Whether ``event`` goes to the outbox. Only a service controller replays its
+        outbox (at its next start); an embedded one never does (its runs end with its
+        process, and its broker's messages with them), so it keeps none."""
+        return self._owner is None and _durable(event)
+
     @property
     def alive(self) -> bool:
         return self._loop_task is not None and not self._loop_task.done()
@@ -420,7 +426,7 @@ class Controller:
         """Publish what a committed batch produced again, after publishing it failed."""
         if self._committed:
             await self._broker.publish(self._committed)
-            self._confirmed.extend(e.event_id for e in self._committed if _durable(e))
+            self._confirmed.extend(e.event_id for e in self._committed if self._kept(e))
             self._committed = []
 
     async def _send_committed(self) -> None:
@@ -433,7 +439,7 @@ class Controller:
             await self._settle_publishing(wait=False, oldest=True)
         events, self._committed = self._committed, []
         task = asyncio.create_task(self._broker.publish(events), name="controller publish")
-        self._publishing.append((task, events, [e.event_id for e in events if _durable(e)]))
+        self._publishing.append((task, events, [e.event_id for e in events if self._kept(e)]))
 
     async def _settle_publishing(self, *, wait: bool, oldest: bool = False) -> None:
         """Note the confirmed publishes (all of them with ``wait``, the oldest at least
@@ -671,7 +677,7 @@ class Controller:
 
     async def _commit(self, batch: _Batch) -> None:
         await self._decide(batch)
-        durable = [e for e in batch.events if _durable(e)]
+        durable = [e for e in batch.events if self._kept(e)]
         confirmed, self._confirmed = self._confirmed, []
         writes = Writes()
         self._runs.mark_sent(writes, confirmed, batch.now)

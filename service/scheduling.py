@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import MappingProxyType
 
 from conveyor.contracts import (
     FINISHED_STEP_STATUSES,
@@ -43,6 +44,11 @@ fan-out of 100,000 holds a thousand StepReady events, outbox rows and queued mes
 time, not all of them; it also leaves room in the queues for other runs' steps."""
 
 
+NO_OUTPUTS: Mapping[str, ArtifactRef] = MappingProxyType({})
+"""The outputs of a step that has none yet: one shared, read-only mapping, not a dict per
+step (a fan-out of 100,000 steps would hold as many)."""
+
+
 @dataclass(slots=True)
 class StepState:
     """What the controller knows of one step; ``attempt`` 0 means not dispatched yet.
@@ -56,7 +62,7 @@ class StepState:
     spec: StepSpec
     status: StepStatus = StepStatus.PENDING
     attempt: int = 0
-    outputs: dict[str, ArtifactRef] = field(default_factory=dict)
+    outputs: Mapping[str, ArtifactRef] = field(default_factory=lambda: NO_OUTPUTS)
     lease_until: datetime | None = None
     lost: int = 0
     worker: str | None = None
@@ -203,7 +209,10 @@ def _record(run: RunState, out: Transition, update: StepUpdate) -> None:
         state.worker = update.worker
     if update.outputs:
         state.outputs = update.outputs
-    if update.cache_key is not None:
+    if update.status in FINISHED_STEP_STATUSES:
+        # Stored with the step; in memory only a step that may still run needs it.
+        state.cache_key = None
+    elif update.cache_key is not None:
         state.cache_key = update.cache_key
     out.steps.append(update)
     out.emit.append(_status_event(run, update))
