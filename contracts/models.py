@@ -28,12 +28,16 @@ def prevalidated(model: type[M], values: dict[str, Any], fields_set: set[str]) -
     defaults field by field. ``fields_set`` is shared, never changed. Anything from outside
     (a message, a request) is validated instead.
     """
-    made = model.__new__(model)
-    object.__setattr__(made, "__dict__", values)
-    object.__setattr__(made, "__pydantic_fields_set__", fields_set)
-    object.__setattr__(made, "__pydantic_extra__", None)
-    object.__setattr__(made, "__pydantic_private__", None)
+    made = _new(model)
+    _set(made, "__dict__", values)
+    _set(made, "__pydantic_fields_set__", fields_set)
+    _set(made, "__pydantic_extra__", None)
+    _set(made, "__pydantic_private__", None)
     return made
+
+
+_new = object.__new__  # a BaseModel has no __new__ of its own
+_set = object.__setattr__  # a frozen model refuses its own __setattr__
 
 
 class ComponentType(StrEnum):
