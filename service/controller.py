@@ -104,6 +104,8 @@ class _Batch:
     """The runs this batch asks to cancel, with the reason."""
     withdrawn: set[str] = field(default_factory=set)
     """Runs requested and cancelled in this batch: recorded cancelled, never started."""
+    recorded: set[str] = field(default_factory=set)
+    """Runs requested in this batch that the store holds already (requests redelivered)."""
 
     def change(self, run_id: str, transition: Transition) -> None:
         if run_id in self.changes:
@@ -530,9 +532,14 @@ class Controller:
 
     async def _process(self, deliveries: list[Delivery]) -> None:
         batch = _Batch(now=utcnow())
+        requested: list[str] = []
         for delivery in deliveries:
             if isinstance(delivery.event, RunCancelRequested):
                 batch.cancels.setdefault(delivery.event.run_id, delivery.event.reason)
+            elif isinstance(delivery.event, RunRequested):
+                requested.append(delivery.event.run_id)
+        if requested:  # one query for the batch: 100 runs submitted at once start sooner
+            batch.recorded = await self._runs.recorded(requested)
         for delivery in deliveries:
             event = delivery.event
             if isinstance(event, RunRequested):
@@ -565,11 +572,8 @@ class Controller:
             return
         if request.idempotency_key and await self._runs.find_by_key(request.idempotency_key):
             return
-        try:
-            await self._runs.run_by_id(request.run_id)
+        if request.run_id in batch.recorded:
             return  # a redelivered request of a run that exists
-        except ConveyorError:
-            pass
         error: str | None = None
         try:
             if request.spec is not None:
