@@ -261,7 +261,7 @@ def _for_workers(spec: StepSpec) -> StepSpec:
     if spec.code_digest is None and spec.cache:
         return spec
     # A copy of a checked spec with two fields at their defaults: nothing to validate
-    # again (``model_copy`` costs ten times more, and a run without cache copies each).
+    # again (``model_copy`` costs twice as much, and every dispatched step is copied).
     values = {**spec.__dict__, "code_digest": None, "cache": True}
     return prevalidated(StepSpec, values, spec.model_fields_set | _WORKER_FIELDS)
 
