@@ -13,6 +13,7 @@ import json
 from collections.abc import Mapping
 
 from conveyor.contracts import ArtifactRef, PipelineSpec, StepSpec
+from conveyor.contracts.models import prevalidated
 
 KEY_VERSION = "conveyor-cache-1"
 """Part of every key: a change of what keys cover starts a new cache, never a wrong hit."""
@@ -48,5 +49,12 @@ def without_cache(spec: PipelineSpec) -> PipelineSpec:
     """``spec`` with caching turned off for every step (``--no-cache``)."""
     if all(not s.cache for s in spec.steps):
         return spec
-    steps = [s.model_copy(update={"cache": False}) for s in spec.steps]
+    # Copies of checked steps with one flag changed: nothing to validate again.
+    steps = [
+        prevalidated(StepSpec, {**s.__dict__, "cache": False}, s.model_fields_set | _CACHE)
+        for s in spec.steps
+    ]
     return spec.model_copy(update={"steps": steps})
+
+
+_CACHE = frozenset({"cache"})

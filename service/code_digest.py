@@ -60,14 +60,40 @@ def is_user_code(obj: Any) -> bool:
     return not filename.startswith(_INSTALLED)
 
 
-def _global_names(code: types.CodeType) -> Iterator[str]:
+MAX_REMEMBERED_CODES = 4096
+"""Code objects whose source text and global names are remembered (per process)."""
+_by_code: dict[tuple[int, str], tuple[types.CodeType, str | tuple[str, ...]]] = {}
+
+
+def _of_code(code: types.CodeType, kind: str, make: Callable[[], Any]) -> Any:
+    """What ``make`` says of ``code``, made once per code object. A code object never
+    changes, and a function defined again (a notebook cell run again, a module reloaded)
+    has a new one; the values its global names stand for are looked up at each digest.
+    Compiling a pipeline takes the digest of each of its step functions: without this,
+    reading and parsing their source was half of what submitting a small run cost."""
+    key = (id(code), kind)
+    known = _by_code.get(key)
+    if known is not None and known[0] is code:
+        return known[1]
+    made = make()
+    if len(_by_code) >= MAX_REMEMBERED_CODES:
+        _by_code.clear()
+    _by_code[key] = (code, made)
+    return made
+
+
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
     """The global names a code object (nested functions and lambdas included) reads."""
+    return _of_code(code, "names", lambda: tuple(_read_names(code)))  # type: ignore[no-any-return]
+
+
+def _read_names(code: types.CodeType) -> Iterator[str]:
     for instruction in dis.get_instructions(code):
         if instruction.opname in _LOADS:
             yield str(instruction.argval)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            yield from _global_names(const)
+            yield from _read_names(const)
 
 
 def _normalized(source: str, *, drop_decorators: bool) -> str:
@@ -81,6 +107,14 @@ def _normalized(source: str, *, drop_decorators: bool) -> str:
 
 
 def _source_text(obj: Any, *, drop_decorators: bool) -> str:
+    if inspect.isfunction(obj):  # its source is that of its code (a class's may change)
+        kind = "bare source" if drop_decorators else "source"
+        read = lambda: _read_source(obj, drop_decorators=drop_decorators)  # noqa: E731
+        return _of_code(obj.__code__, kind, read)  # type: ignore[no-any-return]
+    return _read_source(obj, drop_decorators=drop_decorators)
+
+
+def _read_source(obj: Any, *, drop_decorators: bool) -> str:
     try:
         return _normalized(inspect.getsource(obj), drop_decorators=drop_decorators)
     except (OSError, TypeError, SyntaxError):

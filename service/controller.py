@@ -104,6 +104,8 @@ class _Batch:
     """The runs this batch asks to cancel, with the reason."""
     withdrawn: set[str] = field(default_factory=set)
     """Runs requested and cancelled in this batch: recorded cancelled, never started."""
+    recorded: set[str] = field(default_factory=set)
+    """Runs requested in this batch that the store holds already (requests redelivered)."""
 
     def change(self, run_id: str, transition: Transition) -> None:
         if run_id in self.changes:
@@ -179,6 +181,12 @@ class Controller:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def _kept(self, event: Event) -> bool:
+        """Whether ``event`` goes to the outbox. Only a service controller replays its
+        outbox (at its next start); an embedded one never does (its runs end with its
+        process, and its broker's messages with them), so it keeps none."""
+        return self._owner is None and _durable(event)
 
     @property
     def alive(self) -> bool:
@@ -420,7 +428,7 @@ class Controller:
         """Publish what a committed batch produced again, after publishing it failed."""
         if self._committed:
             await self._broker.publish(self._committed)
-            self._confirmed.extend(e.event_id for e in self._committed if _durable(e))
+            self._confirmed.extend(e.event_id for e in self._committed if self._kept(e))
             self._committed = []
 
     async def _send_committed(self) -> None:
@@ -433,7 +441,7 @@ class Controller:
             await self._settle_publishing(wait=False, oldest=True)
         events, self._committed = self._committed, []
         task = asyncio.create_task(self._broker.publish(events), name="controller publish")
-        self._publishing.append((task, events, [e.event_id for e in events if _durable(e)]))
+        self._publishing.append((task, events, [e.event_id for e in events if self._kept(e)]))
 
     async def _settle_publishing(self, *, wait: bool, oldest: bool = False) -> None:
         """Note the confirmed publishes (all of them with ``wait``, the oldest at least
@@ -524,9 +532,14 @@ class Controller:
 
     async def _process(self, deliveries: list[Delivery]) -> None:
         batch = _Batch(now=utcnow())
+        requested: list[str] = []
         for delivery in deliveries:
             if isinstance(delivery.event, RunCancelRequested):
                 batch.cancels.setdefault(delivery.event.run_id, delivery.event.reason)
+            elif isinstance(delivery.event, RunRequested):
+                requested.append(delivery.event.run_id)
+        if requested:  # one query for the batch: 100 runs submitted at once start sooner
+            batch.recorded = await self._runs.recorded(requested)
         for delivery in deliveries:
             event = delivery.event
             if isinstance(event, RunRequested):
@@ -559,11 +572,8 @@ class Controller:
             return
         if request.idempotency_key and await self._runs.find_by_key(request.idempotency_key):
             return
-        try:
-            await self._runs.run_by_id(request.run_id)
+        if request.run_id in batch.recorded:
             return  # a redelivered request of a run that exists
-        except ConveyorError:
-            pass
         error: str | None = None
         try:
             if request.spec is not None:
@@ -671,7 +681,7 @@ class Controller:
 
     async def _commit(self, batch: _Batch) -> None:
         await self._decide(batch)
-        durable = [e for e in batch.events if _durable(e)]
+        durable = [e for e in batch.events if self._kept(e)]
         confirmed, self._confirmed = self._confirmed, []
         writes = Writes()
         self._runs.mark_sent(writes, confirmed, batch.now)

@@ -68,6 +68,12 @@ EMBEDDED_ANNOUNCE_AFTER_S = 0.1
 """A step of the embedded stack that finishes sooner is not announced (no StepStarted): its
 completion says it all, at half the controller's work for a short step."""
 
+EMBEDDED_REMEMBERED_OUTCOMES = 1_000
+"""Outcomes the embedded worker pool remembers (a RabbitMQ worker: 10,000). The in-process
+broker delivers a StepReady again only when its consumer stops with the delivery unsettled,
+so at most a prefetch per pool is ever asked about; each remembered outcome holds its event
+and output references (about 2 KB), 20 MB for 10,000."""
+
 StepCallback = Callable[[StepStatusChanged], Awaitable[None] | None]
 
 
@@ -387,6 +393,7 @@ class Conveyor:
                     resolver=StepResolver(self._artifacts, in_process=True),
                     concurrency=config.concurrency,
                     announce_after=EMBEDDED_ANNOUNCE_AFTER_S,
+                    remembered_outcomes=EMBEDDED_REMEMBERED_OUTCOMES,
                 )
                 await self._workers.start()
         except BaseException:

@@ -45,6 +45,8 @@ Outcome = StepSucceeded | StepFailed
 Attempt = tuple[str, str, int]
 """(run id, step, attempt)"""
 REMEMBERED_OUTCOMES = 10_000
+"""Outcomes a worker remembers, to answer a StepReady delivered again (its ack lost with a
+channel) without running it twice."""
 REMEMBERED_CANCELLATIONS = 10_000
 MAX_DELIVERIES = 3
 HEARTBEAT_S = 10.0
@@ -89,6 +91,7 @@ class WorkerPool:
         max_deliveries: int = MAX_DELIVERIES,
         heartbeat_s: float = HEARTBEAT_S,
         isolation: Isolation = "thread",
+        remembered_outcomes: int = REMEMBERED_OUTCOMES,
     ) -> None:
         self._broker = broker
         self._pools = list(pools)
@@ -115,6 +118,7 @@ class WorkerPool:
         # Outcomes of the attempts this worker ran, by (run, step, attempt): a StepReady
         # delivered again (its ack was lost with a channel) is answered, not run twice.
         self._outcomes: OrderedDict[Attempt, asyncio.Future[Outcome]] = OrderedDict()
+        self._remembered = remembered_outcomes
         # Runs (step "", attempt 0) and attempts the controller said to stop: a StepReady of
         # one that is still queued is dropped instead of run.
         self._cancelled: OrderedDict[Attempt, None] = OrderedDict()
@@ -246,7 +250,7 @@ class WorkerPool:
                 await self._give_up(ready, delivery)
                 return
             known = self._outcomes[key] = asyncio.get_running_loop().create_future()
-            while len(self._outcomes) > REMEMBERED_OUTCOMES:
+            while len(self._outcomes) > self._remembered:
                 self._outcomes.popitem(last=False)
             try:
                 outcome = await self._attempt_in_slot(ready, delivery)

@@ -306,6 +306,16 @@ class RunStore:
             raise NotFoundError(f"no run with id {shown(run_id)}")
         return _run_record(row)
 
+    async def recorded(self, run_ids: Sequence[str]) -> set[str]:
+        """Which of ``run_ids`` the store holds runs of (one query per 500 ids)."""
+        found: set[str] = set()
+        for start in range(0, len(run_ids), MAX_QUERY_KEYS):
+            chunk = list(run_ids[start : start + MAX_QUERY_KEYS])
+            marks = ",".join("?" * len(chunk))
+            rows = await self.db.fetchall(f"SELECT id FROM runs WHERE id IN ({marks})", chunk)
+            found.update(row["id"] for row in rows)
+        return found
+
     async def get_run(self, run_id: str) -> RunRecord:
         """The run of this id, or of the one id that starts with it (for people)."""
         check_typed_id("run", run_id)

@@ -13,6 +13,7 @@ import pytest
 
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
 from conveyor.contracts import Event, StepReady
+from conveyor.service.controller import Controller, _durable
 from conveyor.service.store import Database, Writes
 from conveyor.workers.broker_inprocess import InProcessBroker
 
@@ -143,6 +144,9 @@ async def test_the_controller_goes_on_while_the_broker_confirms_and_notes_it_lat
             await gate.wait()
 
     monkeypatch.setattr(InProcessBroker, "publish", slow_confirm)
+    # An embedded controller keeps no outbox (nothing would replay it): this one keeps
+    # one, as a service controller does.
+    monkeypatch.setattr(Controller, "_kept", lambda self, event: _durable(event))
     async with Conveyor() as cv:
         run = await cv.submit(diamond)
         record = await run.wait(timeout=60)
@@ -153,6 +157,15 @@ async def test_the_controller_goes_on_while_the_broker_confirms_and_notes_it_lat
         while _unsent(home):
             assert asyncio.get_running_loop().time() < deadline, _unsent(home)
             await asyncio.sleep(0.02)
+
+
+async def test_an_embedded_controller_keeps_no_outbox(home: Path) -> None:
+    # Its runs end with its process, and its broker's messages with them: nothing would
+    # ever replay an outbox, so it writes none.
+    status, _, value = await run_to_end()
+    assert status is RunStatus.COMPLETED and value == 7
+    with contextlib.closing(sqlite3.connect(home / "conveyor.db")) as db:
+        assert db.execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
 
 
 def _unsent(home: Path) -> set[str]:

@@ -405,6 +405,32 @@ async def test_a_run_requested_and_cancelled_in_one_batch_never_starts() -> None
     ], "attempt 0: never dispatched"
 
 
+async def test_a_request_delivered_again_for_a_recorded_run_starts_nothing() -> None:
+    """Requests are delivered at least once: one for a run the store holds (alone in its
+    batch, or twice in one) is dropped, whatever the run has become meanwhile."""
+    async with Conveyor() as cv:
+        spec, definitions = handoff.compile()
+        run = await cv.submit_compiled(spec, definitions)
+        first = await run.wait(timeout=60)
+        again = RunRequested(run_id=run.id, pipeline="handoff", spec=spec)
+        await cv.broker.publish([again, again.model_copy(update={"event_id": new_id()})])
+        fresh = RunRequested(run_id=new_id(), pipeline="handoff", spec=spec)
+        await cv.broker.publish([fresh])  # after the repeats, in their batch or the next
+        for _ in range(200):
+            runs = {r.id: r.status for r in await cv.services.runs.list_runs()}
+            if runs.get(fresh.run_id) is RunStatus.COMPLETED:
+                break
+            await asyncio.sleep(0.05)
+        assert runs == {run.id: RunStatus.COMPLETED, fresh.run_id: RunStatus.COMPLETED}
+        assert await cv.services.runs.run_by_id(run.id) == first
+        assert not cv.broker.dead_letters, "dropped, not taken for poison"  # type: ignore[attr-defined]
+        steps = await cv.services.runs.steps_of(run.id)
+    assert [(s.name, s.status, s.attempt) for s in steps] == [
+        ("produce", StepStatus.COMPLETED, 1),
+        ("consume", StepStatus.COMPLETED, 1),
+    ]
+
+
 async def test_a_message_that_fails_its_batch_is_dead_lettered_and_the_rest_proceed() -> None:
     """A spec whose step reads an output of a step that does not exist used to fail the
     controller's whole batch, requeued for ever. The contract refuses such a spec now; this

@@ -170,3 +170,16 @@ def test_a_step_without_isolation_is_sent_as_workers_before_the_field_expect() -
     isolated = StepSpec(name="a", ref="m:a", isolation="process")
     sent = encode_event(StepReady(run_id="r", attempt=1, step=isolated))
     assert parse_event(sent).step.isolation == "process"  # type: ignore[union-attr]
+
+
+def test_an_artifact_ref_made_of_a_blob_is_the_validated_one() -> None:
+    blob = contracts.BlobRef(uri="file:///a/b", digest="blake3:" + "a" * 64, size=3)
+    made = contracts.ArtifactRef.of(blob, materializer="json", version="1", data_type="x.Y")
+    checked = contracts.ArtifactRef.model_validate(made.model_dump())
+    assert made == checked and made.model_dump_json() == checked.model_dump_json()
+    assert made.model_fields_set == checked.model_fields_set
+    # Names beyond their bounds are refused as before.
+    with pytest.raises(PydanticValidationError):
+        contracts.ArtifactRef.of(blob, materializer="m" * 101, version=None, data_type="x")
+    with pytest.raises(PydanticValidationError):
+        contracts.ArtifactRef.of(blob, materializer="json", version="1", data_type="x" * 501)
