@@ -219,23 +219,9 @@ class Client:
         offset: int = 0,
     ) -> list[RunRecord]:
         async def call(s: Services) -> list[RunRecord]:
-            stack_id = stack_name = None
-            if stack:
-                try:
-                    stack_id = (await s.stacks.get(stack)).id
-                except NotFoundError:
-                    # Runs outlive their stack: a deleted stack's name still finds them.
-                    if not await s.runs.list_runs(stack_name=stack, limit=1):
-                        raise
-                    stack_name = stack
-            return await s.runs.list_runs(
-                stack_id=stack_id,
-                stack_name=stack_name,
-                pipeline=pipeline,
-                status=RunStatus(status) if status else None,
-                user=user,
-                limit=limit,
-                offset=offset,
+            chosen = RunStatus(status) if status else None
+            return await s.list_runs(
+                stack=stack, pipeline=pipeline, status=chosen, user=user, limit=limit, offset=offset
             )
 
         return self._run(call)

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from conveyor.contracts import NotFoundError, RunRecord, RunStatus
 from conveyor.service.home import Home
 from conveyor.service.liveness import is_alive, this_process
 from conveyor.service.stacks import StackService
@@ -44,6 +45,36 @@ class Services:
         """The same services, with stacks and components seen and changed by ``actor``
         (nothing new is opened: closing the original closes both)."""
         return dataclasses.replace(self, stacks=self.stacks.for_user(actor))
+
+    async def list_runs(
+        self,
+        *,
+        stack: str | None = None,
+        pipeline: str | None = None,
+        status: RunStatus | None = None,
+        user: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[RunRecord]:
+        """Runs, newest first, filtered by stack (a name or id), pipeline, status and who
+        submitted them. Runs outlive their stack: a deleted stack's name still finds them."""
+        stack_id = stack_name = None
+        if stack:
+            try:
+                stack_id = (await self.stacks.get(stack)).id
+            except NotFoundError:
+                if not await self.runs.list_runs(stack_name=stack, limit=1):
+                    raise
+                stack_name = stack
+        return await self.runs.list_runs(
+            stack_id=stack_id,
+            stack_name=stack_name,
+            pipeline=pipeline,
+            status=status,
+            user=user,
+            limit=limit,
+            offset=offset,
+        )
 
     async def close(self) -> None:
         await self.db.close()

@@ -10,6 +10,7 @@ with the same key is looked at.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -124,6 +125,7 @@ class RunGateway:
         self._compiling = asyncio.Semaphore(MAX_COMPILING)
         self._served: Conveyor | None = None
         self._others: dict[str, Conveyor] = {}
+        """A ``Conveyor`` per revision of a stack (``_revision``) runs were submitted to."""
         self._opening = asyncio.Lock()
         self._keys = _KeyLocks()
 
@@ -169,16 +171,20 @@ class RunGateway:
         """The ``Conveyor`` of ``stack_name``, started on first use."""
         if stack_name is None:
             return self.served
-        # A stack may be named by its id too: one Conveyor per stack, whatever it is called.
-        name = (await self.services.stacks.get(stack_name)).name
-        if name == self.stack.name:
+        # A stack may be named by its id too: one Conveyor per stack, whatever it is called,
+        # and a new one once its components changed (or it was deleted and made again under
+        # its name): a run goes to the stack as it is now. The older one stays, idle once
+        # its runs ended, so that those can still be followed and cancelled.
+        stack = await self.services.stacks.get(stack_name)
+        if stack.name == self.stack.name:
             return self.served
+        revision = _revision(stack)
         async with self._opening:
-            found = self._others.get(name)
+            found = self._others.get(revision)
             if found is None:
-                found = Conveyor(home=self._home, stack=name)
+                found = Conveyor(home=self._home, stack=stack.name)
                 await found.start()
-                self._others[name] = found
+                self._others[revision] = found
             return found
 
     async def submit(
@@ -334,3 +340,12 @@ class RunGateway:
             f"run {run.id} runs on the embedded stack {run.stack_name!r} of another "
             "process; cancel it from there"
         )
+
+
+def _revision(stack: StackSpec) -> str:
+    """What a started ``Conveyor`` of ``stack`` depends on: its id and its components."""
+    parts = [stack.id] + [
+        f"{c.id}:{c.flavor}:{json.dumps(c.config, sort_keys=True, default=str)}"
+        for _, c in sorted(stack.components.items())
+    ]
+    return "\n".join(parts)

@@ -61,9 +61,8 @@ async def runs_page(
     user: str | None = None,
 ) -> Page[RunRecord]:
     """Runs, newest first, filtered by stack name (or id), pipeline, status and submitter."""
-    stack_id = (await services.stacks.get(stack)).id if stack else None
-    runs = await services.runs.list_runs(
-        stack_id=stack_id,
+    runs = await services.list_runs(
+        stack=stack,
         pipeline=pipeline,
         status=status,
         user=user,

@@ -21,6 +21,11 @@ pytestmark = pytest.mark.usefixtures("place")
 
 PIPELINES = "tests/pipelines/cli_pipelines.py"
 
+IN_THE_CLI_PROCESS = (
+    "a local run lives in the process of its 'pipeline run'; through a server it lives on the "
+    "server, which a killed client leaves running (Ctrl+C through a server: test_team_runs.py)"
+)
+
 
 def runs_json() -> list[dict[str, object]]:
     result = conveyor_cli("run", "list", "--output", "json")
@@ -122,7 +127,7 @@ def test_two_processes_on_one_home_both_complete(home: Path) -> None:
     assert len(runs) == 2 and {r["status"] for r in runs} == {"completed"}
 
 
-@runs_pipelines
+@local_only(IN_THE_CLI_PROCESS)
 def test_killed_run_is_marked_failed_by_the_next_command(tmp_path: Path) -> None:
     proc = _start_hanging(tmp_path / "started")
     (run,) = runs_json()
@@ -170,7 +175,7 @@ def _start_hanging(marker: Path) -> subprocess.Popen[str]:
     return proc
 
 
-@runs_pipelines
+@local_only(IN_THE_CLI_PROCESS)
 def test_ctrl_c_cancels_the_run_and_another_process_cannot(tmp_path: Path) -> None:
     proc = _start_hanging(tmp_path / "started")
     (run,) = runs_json()
