@@ -143,7 +143,7 @@ async def _submit_spec(
         max_steps=settings.max_steps,
     )
     if body.retry_of is not None:
-        check_retryable(await state.services.runs.get_run(body.retry_of))
+        check_retryable(await _changeable(state.services, actor, body.retry_of))
     return await state.gateway.submit_spec(
         spec, stack=target.name, idempotency_key=key, cache=body.cache, retry_of=body.retry_of
     )
@@ -209,22 +209,30 @@ async def cancel_run(
     run_id: str,
     body: CancelRun | None = Body(None),
     state: ApiState = Depends(state_of),
+    actor: Actor = Depends(require_user),
 ) -> RunRecord:
-    """Cancel a pending or running run (409 if it finished already)."""
+    """Cancel a pending or running run (409 if it finished already); its submitter or an
+    admin (403 for others)."""
+    run = await _changeable(state.services, actor, run_id)
     reason = body.reason if body is not None else CancelRun().reason
-    return public_run(await state.gateway.cancel(run_id, reason))
+    return public_run(await state.gateway.cancel(run.id, reason))
 
 
 @router.post("/runs/{run_id}/retry", response_model=RunRecord, status_code=201, tags=["runs"])
 async def retry_run(
-    run_id: str, request: Request, response: Response, state: ApiState = Depends(state_of)
+    run_id: str,
+    request: Request,
+    response: Response,
+    state: ApiState = Depends(state_of),
+    actor: Actor = Depends(require_user),
 ) -> RunRecord:
     """Run a failed or cancelled run again (409 otherwise): the same pipeline and parameters
     on the same stack, compiled from the code as it is now; the steps that completed there
     with unchanged code, parameters and inputs are reused. The new run's ``retry_of``
-    names this one."""
-    run = await state.services.runs.get_run(run_id)
+    names this one. Its submitter or an admin retries it (403 for others)."""
+    run = await _changeable(state.services, actor, run_id)
     check_retryable(run)
+    await state.services.as_user(actor).stacks.get(run.stack_name)
     spec = await state.services.runs.spec_of(run.id)
     if not spec.ref:
         raise ValidationError(f"run {run.id} names no pipeline reference to compile again")
@@ -232,17 +240,29 @@ async def retry_run(
     submission = await state.gateway.submit(
         pipeline, dict(run.parameters), stack=run.stack_name, retry_of=run.id
     )
+    await state.services.runs.attribute(submission.run.id, actor.name)
     response.headers["Location"] = f"/api/runs/{submission.run.id}"
     if not submission.recorded:
         response.status_code = 202
-    return public_run(submission.run)
+    return public_run(await _attributed(state.services, submission.run))
 
 
 @router.delete("/runs/{run_id}", status_code=204, tags=["runs"])
-async def delete_run(run_id: str, state: ApiState = Depends(state_of)) -> Response:
-    """Delete a finished run's records (409 while it is going); its artifacts stay."""
-    await state.services.runs.delete_run(run_id)
+async def delete_run(
+    run_id: str, state: ApiState = Depends(state_of), actor: Actor = Depends(require_user)
+) -> Response:
+    """Delete a finished run's records (409 while it is going); its artifacts stay. Its
+    submitter or an admin deletes it (403 for others)."""
+    run = await _changeable(state.services, actor, run_id)
+    await state.services.runs.delete_run(run.id)
     return Response(status_code=204)
+
+
+async def _changeable(services: Services, actor: Actor, run_id: str) -> RunRecord:
+    """The run ``run_id`` if ``actor`` may cancel, retry or delete it."""
+    run = await services.runs.get_run(run_id)
+    actor.check_change(f"run {run.id}", run.user)
+    return run
 
 
 @router.get("/runs/{run_id}/steps", response_model=list[StepRecord], tags=["steps"])

@@ -137,9 +137,10 @@ def test_two_users_see_their_own_and_shared_stacks_never_the_others_private(
     assert not [s for s in bob.get("/api/stacks").json()["items"] if s["active"]]
 
 
-def test_runs_show_who_submitted_them(server: Server) -> None:
+def test_runs_show_who_submitted_them(server: Server, tmp_path: Path) -> None:
     admin = _api(server, ADMIN_TOKEN)
     alice = _api(server, _new_user(admin, "alice"))
+    bob = _api(server, _new_user(admin, "bob"))
     # Members use the default stack once the admin shares it.
     assert alice.post("/api/runs", json={"pipeline": GATED}).status_code == 404
     assert admin.post("/api/stacks/default/share", json={"shared": True}).status_code == 200
@@ -152,6 +153,25 @@ def test_runs_show_who_submitted_them(server: Server) -> None:
     assert admin.get("/api/runs", params={"user": "bob"}).json()["items"] == []
     page = admin.get(f"/runs/{submitted.json()['id']}")
     assert page.status_code == 200 and 'class="run-user">alice<' in page.text
+
+    # Only its submitter or an admin cancels, retries or deletes a run.
+    gate = tmp_path / "gate"
+    held = alice.post("/api/runs", json={"pipeline": GATED, "parameters": {"gate": str(gate)}})
+    assert held.status_code == 201, held.text
+    run = held.json()["id"]
+    for method, path in (("POST", "cancel"), ("POST", "retry"), ("DELETE", "")):
+        refused = bob.request(method, f"/api/runs/{run}/{path}".rstrip("/"))
+        assert refused.status_code == 403, (method, path, refused.text)
+        assert "belongs to user 'alice'" in refused.json()["message"]
+    assert alice.get(f"/api/runs/{run}").json()["status"] in ("pending", "running")
+    assert alice.post(f"/api/runs/{run}/cancel").status_code == 202
+    gate.touch()
+    retried = alice.post(f"/api/runs/{run}/retry")
+    assert retried.status_code == 201, retried.text
+    assert (retried.json()["user"], retried.json()["retry_of"]) == ("alice", run)
+    assert _wait(alice, retried.json()["id"])["status"] == "completed"
+    assert bob.delete(f"/api/runs/{retried.json()['id']}").status_code == 403
+    assert admin.delete(f"/api/runs/{retried.json()['id']}").status_code == 204
 
 
 OPEN_ROUTES = {
