@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,14 +137,10 @@ class AsyncRun:
             if watch is not None:
                 watch.cancel()
                 await asyncio.gather(watch, return_exceptions=True)
-        # Nothing more to hear: the follower stops (a broker round trip) meanwhile.
-        closing = asyncio.create_task(self.close())
-        try:
-            if self._conveyor.controller_alive is None:
-                await self._conveyor.services.runs.forget_request(self.id)
-            record = await self.record()
-        finally:
-            await closing
+        if self._conveyor.controller_alive is None:
+            await self._conveyor.services.runs.forget_request(self.id)
+        await self.close()
+        record = await self.record()
         failure = failure_of(record, await self.steps(), self) if raise_on_failure else None
         if failure is not None:
             raise failure
@@ -439,17 +435,11 @@ class Conveyor:
         """Start a run of a pipeline compiled already (``PipelineDefinition.compile``),
         for a caller that compiles off the event loop. ``retry_of`` names a failed or
         cancelled run whose completed steps this run reuses (``Client.retry_run``)."""
-        run: AsyncRun | None = None
         if self._workers is not None:
             self._workers.resolver.add(definitions)
             await self._workers.serve(step.pool for step in spec.steps)
-        elif idempotency_key:
-            spec = await self._with_code(spec, definitions)
         else:
-            # A new run is followed while its code is packed: the broker's round trips and
-            # the packing thread side by side, not one after the other.
-            run = AsyncRun(new_id(), self, on_step, spec, idempotency_key)
-            spec = run._spec = await _alongside(self._with_code(spec, definitions), run)
+            spec = await self._with_code(spec, definitions)
         assert self.stack is not None
         if idempotency_key:
             existing = await self.services.runs.find_by_key(idempotency_key)
@@ -458,9 +448,8 @@ class Conveyor:
                 run = AsyncRun(existing.id, self, on_step)
                 await run._follow()
                 return run
-        if run is None:
-            run = AsyncRun(new_id(), self, on_step, spec, idempotency_key)
-            await run._follow()
+        run = AsyncRun(new_id(), self, on_step, spec, idempotency_key)
+        await run._follow()
         if self._workers is None:  # a service stack: queued until its controller records it
             await self.services.runs.record_request(
                 run.id, spec, self.stack, idempotency_key, utcnow()
@@ -498,20 +487,3 @@ class Conveyor:
             # A request no controller took is withdrawn: a controller that takes it later
             # reads the cancellation with it and records the run cancelled, unstarted.
             await self.services.runs.forget_request(run_id)
-
-
-async def _alongside(packing: Coroutine[Any, Any, PipelineSpec], run: AsyncRun) -> PipelineSpec:
-    """Follow ``run`` while ``packing`` runs; its result. If either fails, neither is left
-    behind: the packing is cancelled, or the follower closed."""
-    task = asyncio.create_task(packing)
-    try:
-        await run._follow()
-    except BaseException:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise
-    try:
-        return await task
-    except BaseException:
-        await run.close()
-        raise
