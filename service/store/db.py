@@ -3,8 +3,11 @@
 Several processes may share one CONVEYOR_HOME. Each process has one connection and writes
 through ``transaction()``, which takes SQLite's write lock up front (``BEGIN IMMEDIATE``)
 so that concurrent writers wait on ``busy_timeout`` instead of failing with
-"database is locked" halfway through a transaction. Opening (the switch to WAL and the
-migrations) is serialized across processes by an advisory lock on a file beside the store:
+"database is locked" halfway through a transaction. A small write (``INLINE_ROWS``) runs on
+the event loop's thread through a second connection that never waits for that lock: while
+another process holds it, the write takes the first connection's way and waits. Opening
+(the switch to WAL and the migrations) is serialized across processes by an advisory lock on
+a file beside the store:
 two processes creating a new store at once could otherwise meet while it is still in
 rollback-journal mode, where SQLite answers one of them "database is locked" at once rather
 than wait (its deadlock rule), and that process fails before doing anything.
