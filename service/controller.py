@@ -52,6 +52,7 @@ from conveyor.workers.steps import readable
 log = structlog.get_logger("conveyor.controller")
 
 MAX_BATCH = 512
+REQUEST_SETTLE_TURNS = 3
 BACK_OFF_S = 0.5
 """First pause after a batch failed for want of the store or the broker; it doubles with
 each failure in a row, up to ``BACK_OFF_MAX_S``."""
@@ -413,6 +414,13 @@ class Controller:
             if self._progress.pending and self._progress.due <= loop.time():
                 self._committed.extend(self._progress.release_all(loop.time()))
             return []
+        if isinstance(first.event, RunRequested):
+            # Give the deliveries that reached the connection with it a turn of the loop to
+            # land: a run withdrawn before any controller took it (a RunCancelRequested right
+            # behind its request) is then cancelled in the batch that records it, before any
+            # of its steps is dispatched.
+            for _ in range(REQUEST_SETTLE_TURNS):
+                await asyncio.sleep(0)
         batch = [first]
         while len(batch) < MAX_BATCH and not self._inbox.empty():
             batch.append(self._inbox.get_nowait())
