@@ -11,10 +11,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.subprocesses import free_port, stop, wait_until_answers
+
+if TYPE_CHECKING:
+    from tests.integration.rabbitmq_support import VhostPool
 
 ROOT = Path(__file__).resolve().parents[1]
 RABBITMQ_REQUIRED_ENV = "CONVEYOR_REQUIRE_RABBITMQ"
@@ -52,6 +56,18 @@ def rabbitmq() -> str:
             pytest.fail(f"{message}, and {RABBITMQ_REQUIRED_ENV} is set")
         pytest.skip(message)
     return RABBITMQ_URL
+
+
+@pytest.fixture(scope="session")
+def vhost_pool() -> Iterator[VhostPool]:
+    """Fresh RabbitMQ virtual hosts, made and deleted in batches (see ``VhostPool``)."""
+    from tests.integration.rabbitmq_support import VhostPool
+
+    pool = VhostPool(RABBITMQ_URL)
+    try:
+        yield pool
+    finally:
+        pool.delete_all()
 
 
 def conveyor_cli(

@@ -36,8 +36,10 @@ STEPS = ["prepare", "wait_for_gate", "to_array", "describe", "summarize"]
 TIMEOUT_MS = 30_000
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """One chromium per test module (tests open their own pages, each in a fresh context):
+    starting Playwright's driver and the browser cost about a second a test."""
     if not CHROMIUM.exists():
         message = f"{CHROMIUM} is missing (apt-get install -y chromium)"
         if os.environ.get(REQUIRED_ENV):

@@ -18,6 +18,14 @@ def test_server_up_serves_the_dashboard_runs_pipelines_and_stops_on_sigterm(
     tmp_path: Path,
 ) -> None:
     with running_server(tmp_path / "logs") as server:
+        # The banner names the port it listens on, after the admin's token that a first start
+        # prints once; stdout stays empty.
+        port = server.url.rsplit(":", 1)[1]
+        said = server.stderr.read_text().splitlines()
+        banner = next(line for line in said if line.startswith("Conveyor server on"))
+        assert banner.startswith(f"Conveyor server on http://127.0.0.1:{port} ")
+        assert server.stdout.read_text() == ""
+
         page = httpx.get(f"{server.url}/", timeout=10)
         assert page.status_code == 200
         assert "STACK NAME" in page.text and "default" in page.text

@@ -4,14 +4,15 @@ artifact directory. Which steps really ran is counted through a file each step a
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from conveyor import Client, StepStatus
+from conveyor.service.public_records import public_run
 from tests.conftest import conveyor_cli
+from tests.integration.rabbitmq_support import run_id_in
 
 PIPELINE = """
 from pathlib import Path
@@ -65,18 +66,33 @@ def write(folder: Path, source: str = PIPELINE) -> None:
     (folder / "pipe.py").write_text(textwrap.dedent(source))
 
 
+def described(run_id: str) -> dict[str, Any]:
+    """What ``conveyor run describe RUN -o json`` prints, read in this process (the command's
+    own output is tested by tests/integration/test_cli_runs.py and test_json_shapes.py; a
+    subprocess per read cost most of this module's time)."""
+    with Client() as client:
+        record = client.get_run(run_id)
+        steps = client.get_steps(record.id)
+    return {
+        "run": public_run(record).model_dump(mode="json"),
+        "steps": [s.model_dump(mode="json") for s in steps],
+    }
+
+
 def run(folder: Path, *args: str, expect: int = 0) -> dict[str, Any]:
     """``conveyor pipeline run pipe.py:p ARGS`` in ``folder``; the run and its steps, and
     which steps ran (in any order)."""
     (folder / "executed.log").unlink(missing_ok=True)
     result = conveyor_cli("pipeline", "run", "pipe.py:p", *args, cwd=folder)
     assert result.returncode == expect, result.stderr
-    listed = json.loads(conveyor_cli("run", "list", "-o", "json").stdout)
-    described = json.loads(conveyor_cli("run", "describe", listed[0]["id"], "-o", "json").stdout)
+    with Client() as client:
+        [latest] = client.list_runs(limit=1)
+    assert latest.id == run_id_in(result.stderr)
+    described_run = described(latest.id)
     executed = folder / "executed.log"
     ran = sorted(executed.read_text().split()) if executed.exists() else []
-    steps = {s["name"]: s for s in described["steps"]}
-    return {"run": described["run"], "steps": steps, "ran": ran, "stderr": result.stderr}
+    steps = {s["name"]: s for s in described_run["steps"]}
+    return {"run": described_run["run"], "steps": steps, "ran": ran, "stderr": result.stderr}
 
 
 def statuses(done: dict[str, Any]) -> dict[str, str]:
@@ -290,8 +306,9 @@ def test_a_failed_run_is_retried_reusing_what_completed(tmp_path: Path) -> None:
     assert retried.returncode == 0, retried.stderr
     assert sorted((tmp_path / "executed.log").read_text().split()) == ["five", "four", "three"]
     assert "five.output = 104" in retried.stdout  # ((4 + 1) * 10 + 2) * 2
-    listed = json.loads(conveyor_cli("run", "list", "-o", "json").stdout)
-    new = json.loads(conveyor_cli("run", "describe", listed[0]["id"], "-o", "json").stdout)
+    with Client() as client:
+        [latest] = client.list_runs(limit=1)
+    new = described(latest.id)
     new_steps = {s["name"]: s for s in new["steps"]}
     assert {n: s["status"] for n, s in new_steps.items()} == {
         "one": "cached",
@@ -302,7 +319,7 @@ def test_a_failed_run_is_retried_reusing_what_completed(tmp_path: Path) -> None:
     }
     assert new_steps["one"]["cached_from"] == failed_id
     assert new["run"]["retry_of"] == failed_id
-    old = json.loads(conveyor_cli("run", "describe", failed_id, "-o", "json").stdout)
+    old = described(failed_id)
     assert old["run"]["retried_by"] == [new["run"]["id"]]
     assert f"Retry of run {failed_id}" in conveyor_cli("run", "describe", new["run"]["id"]).stdout
     assert f"Retried by run {new['run']['id']}" in conveyor_cli("run", "describe", failed_id).stdout
