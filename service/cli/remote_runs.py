@@ -12,11 +12,9 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING, Any
 
-from rich.markup import escape
-
 from conveyor.contracts import ConveyorError, RunRecord, StepRecord, StepStatus, StepStatusChanged
 from conveyor.service.cli.output import errors, status
-from conveyor.service.cli.run_progress import RunFollower
+from conveyor.service.cli.run_progress import RunFollower, announce_run
 from conveyor.service.remote_client import RemoteClient
 from conveyor.service.remote_runs import follow_or_cancel, leaf_outputs, submit
 
@@ -56,11 +54,7 @@ def run_on_server(
     spec, definitions = definition.compile(**params)
     with RemoteClient() as client:
         run = submit(client, spec, definitions, stack=stack, cache=cache, retry_of=retry_of)
-        retrying = f", retrying run {retry_of}" if retry_of else ""
-        status.print(
-            f"Running pipeline [bold]{escape(definition.name)}[/bold] on stack "
-            f"'{escape(run.stack_name)}' as run [bold]{run.id}[/bold]{retrying}"
-        )
+        announce_run(status, definition.name, run.stack_name, run.id, retry_of)
 
         async def main() -> RunRecord:
             why = "interrupted (Ctrl+C on conveyor pipeline run)"

@@ -66,6 +66,18 @@ class StepTally:
         return self.count(StepStatus.FAILED)
 
 
+def announce_run(
+    console: Console, pipeline: str, stack: str, run_id: str, retry_of: str | None
+) -> None:
+    """The line that names a started run, never wrapped: scripts read the id from it."""
+    retrying = f", retrying run {retry_of}" if retry_of else ""
+    console.print(
+        f"Running pipeline [bold]{escape(pipeline)}[/bold] on stack '{escape(stack)}' as run "
+        f"[bold]{run_id}[/bold]{retrying}",
+        soft_wrap=True,
+    )
+
+
 def step_line(event: StepStatusChanged) -> str | None:
     """The line (rich markup) that reports a step change; None for a step that started."""
     if event.status is StepStatus.RUNNING:
@@ -147,5 +159,5 @@ class RunFollower:
         self.tally.apply(event)
         line = step_line(event)
         if line is not None:
-            self._console.print(line)
+            self._console.print(line, soft_wrap=True)
         self._refresh()

@@ -33,7 +33,7 @@ from conveyor.service.cli.output import (
     user_errors,
     when,
 )
-from conveyor.service.cli.run_progress import RunFollower
+from conveyor.service.cli.run_progress import RunFollower, announce_run
 from conveyor.service.cli.state import client
 from conveyor.service.home import Home
 from conveyor.service.login import read_login
@@ -130,11 +130,7 @@ async def _follow(
             run = await cv.submit_compiled(
                 spec, definitions, on_step=follower.on_step, cache=cache, retry_of=retry_of
             )
-            retrying = f", retrying run {retry_of}" if retry_of else ""
-            status.print(
-                f"Running pipeline [bold]{escape(definition.name)}[/bold] on stack "
-                f"'{escape(cv.stack.name)}' as run [bold]{run.id}[/bold]{retrying}"
-            )
+            announce_run(status, definition.name, cv.stack.name, run.id, retry_of)
             try:
                 record = await run.wait(on_waiting=_say)
             except asyncio.CancelledError:

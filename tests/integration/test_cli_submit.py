@@ -141,10 +141,11 @@ def test_a_terminal_shows_a_live_bar_while_a_run_goes_on(tmp_path: Path) -> None
 def test_piped_output_has_one_line_per_step_change_and_no_bar(tmp_path: Path) -> None:
     script = tmp_path / "slow.py"
     script.write_text(SLOW_PIPELINE)
-    result = conveyor_cli("pipeline", "run", f"{script}:slow")
+    # A narrow COLUMNS wraps no line: scripts read the run's id from the first one.
+    result = conveyor_cli("pipeline", "run", f"{script}:slow", env={"COLUMNS": "40"})
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()  # what the run does; stdout has its outcome
-    assert lines[0].startswith("Running pipeline slow on stack 'default' as run ")
+    assert re.fullmatch(r"Running pipeline slow on stack 'default' as run [0-9a-f]{32}", lines[0])
     assert result.stdout.splitlines() == ["wait_3.output = 1", result.stdout.splitlines()[-1]]
     assert result.stdout.splitlines()[-1].startswith("Run ")
     assert [line.split()[:2] for line in lines[1:4]] == [
