@@ -209,10 +209,11 @@ def _report(record: RunRecord, steps: list[StepRecord], outputs: dict[str, Any])
     """A followed run's outputs and outcome on stdout, its failures on stderr; exit 1 if it
     did not complete."""
     for name, value in outputs.items():
-        console.print(f"{name} = {json.dumps(value)}", markup=False)
+        console.print(f"{name} = {json.dumps(value)}", markup=False, soft_wrap=True)
     style = "green" if record.status is RunStatus.COMPLETED else "red"
     console.print(
-        f"Run {record.id} [{style}]{record.status.value}[/{style}] in {seconds(record.duration_s)}"
+        f"Run {record.id} [{style}]{record.status.value}[/{style}] in {seconds(record.duration_s)}",
+        soft_wrap=True,
     )
     if record.status is not RunStatus.COMPLETED:
         for step in steps:
