@@ -26,8 +26,14 @@ RABBITMQ_URL = os.environ.get("CONVEYOR_TEST_AMQP_URL", "amqp://guest:guest@127.
 
 
 @pytest.fixture(autouse=True)
-def _asyncio_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+def _process_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio's debug mode, and no bytecode written, here and in every process a test
+    starts: tests rewrite a pipeline file and run it again within a second, and Python would
+    take the first version's bytecode for the second when the file kept its size (a pyc is
+    checked by the source's mtime in seconds and its size). CI compiles the checkout first."""
     monkeypatch.setenv("PYTHONASYNCIODEBUG", "1")
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
 
 
 @pytest.fixture(autouse=True)
