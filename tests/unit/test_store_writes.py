@@ -1,23 +1,13 @@
-"""Database.write: the statements of one batch commit together or not at all, whether the
-batch is small (run on the event loop's thread) or large (run on aiosqlite's thread)."""
+"""Database.write: the statements of one batch commit together or not at all."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from conveyor.service.store import Database, Writes
-from conveyor.service.store.db import INLINE_ROWS
-
-# Rows of filler that make a batch too large for the event loop's thread.
-SIZES = {"small": 0, "large": INLINE_ROWS}
-
-
-def filler(size: str, start: int = 100) -> list[tuple[str, str]]:
-    return [(f"f{start + i}", "filler") for i in range(SIZES[size])]
 
 
 async def rows(db: Database) -> list[tuple[str, str]]:
@@ -33,32 +23,23 @@ async def db(tmp_path: Path) -> Database:
     return database
 
 
-def without_filler(found: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [row for row in found if row[1] != "filler"]
-
-
-@pytest.mark.parametrize("size", SIZES)
-async def test_every_statement_of_a_batch_is_committed(db: Database, size: str) -> None:
+async def test_every_statement_of_a_batch_is_committed(db: Database) -> None:
     writes = Writes()
-    writes.add("INSERT INTO stacks_test VALUES (?, ?)", [("1", "a"), ("2", "b"), *filler(size)])
+    writes.add("INSERT INTO stacks_test VALUES (?, ?)", [("1", "a"), ("2", "b")])
     writes.add("UPDATE stacks_test SET name = ? WHERE id = ?", [("B", "2")])
     writes.add("DELETE FROM stacks_test WHERE id = ?", [])  # no rows: not run at all
     await db.write(writes)
-    assert without_filler(await rows(db)) == [("1", "a"), ("2", "B")]
-    assert len(await rows(db)) == 2 + SIZES[size]
+    assert await rows(db) == [("1", "a"), ("2", "B")]
     await db.close()
 
 
-@pytest.mark.parametrize("size", SIZES)
-async def test_a_failing_statement_rolls_back_the_whole_batch(db: Database, size: str) -> None:
+async def test_a_failing_statement_rolls_back_the_whole_batch(db: Database) -> None:
     first = Writes()
     first.add("INSERT INTO stacks_test VALUES (?, ?)", [("1", "a")])
     await db.write(first)
     failing = Writes()
     failing.add("UPDATE stacks_test SET name = ? WHERE id = ?", [("changed", "1")])
-    failing.add(
-        "INSERT INTO stacks_test VALUES (?, ?)", [*filler(size), ("2", "b"), ("1", "duplicate")]
-    )
+    failing.add("INSERT INTO stacks_test VALUES (?, ?)", [("2", "b"), ("1", "duplicate")])
     with pytest.raises(sqlite3.IntegrityError):
         await db.write(failing)
     assert await rows(db) == [("1", "a")]
@@ -68,24 +49,4 @@ async def test_a_failing_statement_rolls_back_the_whole_batch(db: Database, size
     again.add("INSERT INTO stacks_test VALUES (?, ?)", [("2", "b")])
     await db.write(again)
     assert await rows(db) == [("1", "a"), ("2", "b")]
-    await db.close()
-
-
-async def test_a_small_write_waits_for_another_process_that_holds_the_write_lock(
-    db: Database, tmp_path: Path
-) -> None:
-    """The event loop's thread never waits for SQLite's lock: the write goes to aiosqlite's
-    thread, which waits (``busy_timeout``), and commits once the lock is free."""
-    other = sqlite3.connect(tmp_path / "conveyor.db", isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    other.execute("INSERT INTO stacks_test VALUES ('0', 'first')")
-    writes = Writes()
-    writes.add("INSERT INTO stacks_test VALUES (?, ?)", [("1", "a")])
-    writing = asyncio.create_task(db.write(writes))
-    done, _ = await asyncio.wait([writing], timeout=0.3)
-    assert not done  # neither failed with "database is locked" nor blocked the loop
-    other.execute("COMMIT")
-    other.close()
-    await asyncio.wait_for(writing, 30)
-    assert await rows(db) == [("0", "first"), ("1", "a")]
     await db.close()
