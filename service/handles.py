@@ -56,6 +56,12 @@ class RunHandle:
         record = self.steps.get(step)
         if record is None or output not in record.outputs:
             raise ConveyorError(f"run {self.id} has no output {output!r} of step {step!r}")
+        return self._load(record, output, allow_pickle=allow_pickle, trust=trust)
+
+    def _load(
+        self, record: StepRecord, output: str, *, allow_pickle: bool, trust: Sequence[str]
+    ) -> Any:
+        """Output ``output`` of the step ``record``, which has it."""
         store = run_artifact_store(self.record.stack_snapshot)
         return load_artifact(store, record.outputs[output], allow_pickle=allow_pickle, trust=trust)
 

@@ -263,22 +263,14 @@ class RemoteRunHandle(RunHandle):
         super().__init__(record, steps)
         self._home = home
 
-    def load(
-        self,
-        step: str,
-        output: str = "output",
-        *,
-        allow_pickle: bool = False,
-        trust: Sequence[str] = (),
+    def _load(
+        self, record: StepRecord, output: str, *, allow_pickle: bool, trust: Sequence[str]
     ) -> Any:
-        record = self.steps.get(step)
-        if record is None or output not in record.outputs:
-            raise ConveyorError(f"run {self.id} has no output {output!r} of step {step!r}")
         with RemoteClient(self._home) as client:
             ids = _artifact_ids(client, self.id, list(self.steps.values()))
             digest = record.outputs[output].digest
             if digest not in ids:
-                raise ConveyorError(f"the server lists no artifact of {step!r}'s {output!r}")
+                raise ConveyorError(f"the server lists no artifact of {record.name!r}'s {output!r}")
             return client.load_artifact(ids[digest], allow_pickle=allow_pickle, trust=trust)
 
 

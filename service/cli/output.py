@@ -45,6 +45,12 @@ class OutputFormat(enum.StrEnum):
 OUTPUT_OPTION = typer.Option(OutputFormat.table, "--output", "-o", help="table or json")
 
 
+def say(text: str) -> None:
+    """A line for the user on stderr (what a run waits for, what became of it after an
+    interrupt); the user's text is not markup."""
+    errors.print(text, markup=False, highlight=False)
+
+
 def fail(message: str) -> NoReturn:
     errors.print(f"[red]Error:[/red] {escape(message)}")
     raise typer.Exit(1)

@@ -13,17 +13,13 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from conveyor.contracts import ConveyorError, RunRecord, StepRecord, StepStatus, StepStatusChanged
-from conveyor.service.cli.output import errors, status
+from conveyor.service.cli.output import say, status
 from conveyor.service.cli.run_progress import RunFollower, announce_run
 from conveyor.service.remote_client import RemoteClient
 from conveyor.service.remote_runs import follow_or_cancel, leaf_outputs, submit
 
 if TYPE_CHECKING:
     from conveyor.service.pipelines import PipelineDefinition
-
-
-def _say(text: str) -> None:
-    errors.print(text, markup=False, highlight=False)
 
 
 # A local run's steps print to this console as they go; a server's steps print into its logs,
@@ -65,7 +61,7 @@ def run_on_server(
                         _echo_output(client, run.id, change.step)
                     follower.on_step(change)
 
-                return await follow_or_cancel(client, run.id, on_step, _say, why)
+                return await follow_or_cancel(client, run.id, on_step, say, why)
 
         record = asyncio.run(main())
         steps = client.get_steps(record.id)

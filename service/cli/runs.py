@@ -27,6 +27,7 @@ from conveyor.service.cli.output import (
     emit,
     errors,
     fail,
+    say,
     seconds,
     status,
     table,
@@ -132,19 +133,13 @@ async def _follow(
             )
             announce_run(status, definition.name, cv.stack.name, run.id, retry_of)
             try:
-                record = await run.wait(on_waiting=_say)
+                record = await run.wait(on_waiting=say)
             except asyncio.CancelledError:
                 errors.print(f"Interrupted: cancelling run {run.id}")
-                await run.interrupt("interrupted (Ctrl+C on conveyor pipeline run)", _say)
+                await run.interrupt("interrupted (Ctrl+C on conveyor pipeline run)", say)
                 raise
         steps = await run.steps()
         return record, steps, await _leaf_outputs(run, steps)
-
-
-def _say(text: str) -> None:
-    """What a run waits for (a consumer of a service stack), or what became of it after an
-    interrupt; the user's text is not markup."""
-    errors.print(text, markup=False, highlight=False)
 
 
 @pipeline_app.command("run")
