@@ -16,16 +16,9 @@ from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
 from conveyor.contracts import (
     ComponentType,
     NotFoundError,
-    OutputSelector,
-    PipelineSpec,
-    RunCancelRequested,
-    RunRequested,
-    StepSpec,
-    new_id,
 )
 from conveyor.service.context import Services
 from conveyor.service.pipeline_parameters import ParameterError
-from conveyor.workers.broker_inprocess import InProcessBroker
 
 SEEN: dict[str, Any] = {}
 ATTEMPTS: dict[str, int] = {}
@@ -380,86 +373,6 @@ async def test_a_step_raising_timeout_error_is_not_mistaken_for_its_timeout() ->
         (only,) = await run.steps()
     assert only.error == "TimeoutError: the database did not answer"
     assert "raise TimeoutError" in (only.traceback or "")
-
-
-async def test_a_run_requested_and_cancelled_in_one_batch_never_starts() -> None:
-    """A client that gave up before any controller took its request (Ctrl+C on a stack
-    whose controller was down): the controller that comes later runs nothing of it."""
-    async with Conveyor() as cv:
-        spec, _ = handoff.compile()
-        request = RunRequested(run_id=new_id(), pipeline="handoff", spec=spec)
-        cancel = RunCancelRequested(run_id=request.run_id, reason="interrupted")
-        await cv.broker.publish([request, cancel])  # both reach the controller in one batch
-        for _ in range(200):
-            runs = await cv.services.runs.list_runs()
-            if runs and runs[0].status is RunStatus.CANCELLED:
-                break
-            await asyncio.sleep(0.05)
-        assert [(r.id, r.status, r.error) for r in runs] == [
-            (request.run_id, RunStatus.CANCELLED, "interrupted")
-        ]
-        steps = await cv.services.runs.steps_of(request.run_id)
-    assert [(s.name, s.status, s.attempt) for s in steps] == [
-        ("produce", StepStatus.CANCELLED, 0),
-        ("consume", StepStatus.CANCELLED, 0),
-    ], "attempt 0: never dispatched"
-
-
-async def test_a_request_delivered_again_for_a_recorded_run_starts_nothing() -> None:
-    """Requests are delivered at least once: one for a run the store holds (alone in its
-    batch, or twice in one) is dropped, whatever the run has become meanwhile."""
-    async with Conveyor() as cv:
-        spec, definitions = handoff.compile()
-        run = await cv.submit_compiled(spec, definitions)
-        first = await run.wait(timeout=60)
-        again = RunRequested(run_id=run.id, pipeline="handoff", spec=spec)
-        await cv.broker.publish([again, again.model_copy(update={"event_id": new_id()})])
-        fresh = RunRequested(run_id=new_id(), pipeline="handoff", spec=spec)
-        await cv.broker.publish([fresh])  # after the repeats, in their batch or the next
-        for _ in range(200):
-            runs = {r.id: r.status for r in await cv.services.runs.list_runs()}
-            if runs.get(fresh.run_id) is RunStatus.COMPLETED:
-                break
-            await asyncio.sleep(0.05)
-        assert runs == {run.id: RunStatus.COMPLETED, fresh.run_id: RunStatus.COMPLETED}
-        assert await cv.services.runs.run_by_id(run.id) == first
-        assert not cv.broker.dead_letters, "dropped, not taken for poison"  # type: ignore[attr-defined]
-        steps = await cv.services.runs.steps_of(run.id)
-    assert [(s.name, s.status, s.attempt) for s in steps] == [
-        ("produce", StepStatus.COMPLETED, 1),
-        ("consume", StepStatus.COMPLETED, 1),
-    ]
-
-
-async def test_a_message_that_fails_its_batch_is_dead_lettered_and_the_rest_proceed() -> None:
-    """A spec whose step reads an output of a step that does not exist used to fail the
-    controller's whole batch, requeued for ever. The contract refuses such a spec now; this
-    one is built past its checks, standing for any message that fails the controller."""
-    async with Conveyor() as cv:
-        good, _ = handoff.compile()
-        dangling = StepSpec(
-            name="orphan",
-            ref=good.steps[0].ref,
-            inputs={"x": OutputSelector(step="ghost", output="o")},
-        )
-        broken = PipelineSpec.model_construct(
-            name="broken", ref=None, parameters={}, steps=[dangling]
-        )
-        poison = RunRequested.model_construct(run_id=new_id(), pipeline="broken", spec=broken)
-        fine = [RunRequested(run_id=new_id(), pipeline="handoff", spec=good) for _ in range(2)]
-        await cv.broker.publish([fine[0], poison, fine[1]])  # one batch
-        for _ in range(200):
-            runs = await cv.services.runs.list_runs()
-            if len(runs) == 2 and all(r.status is RunStatus.COMPLETED for r in runs):
-                break
-            await asyncio.sleep(0.05)
-        assert sorted(r.id for r in runs) == sorted(r.run_id for r in fine)
-        assert {r.status for r in runs} == {RunStatus.COMPLETED}
-        broker = cv.broker
-        assert isinstance(broker, InProcessBroker)
-        [letter] = broker.dead_letters
-        assert letter.event.run_id == poison.run_id
-        assert "cannot process" in letter.reason and "ghost" in letter.reason
 
 
 @step
