@@ -1,7 +1,8 @@
 """The consuming side of the ``rabbitmq`` broker: deliveries, consumers and followers.
 
-Each consumer has a channel of its own; each delivery is settled exactly once; a follower
-reads one run's status events (or the stack's control events) through an exclusive queue.
+Each consumer has a channel of its own; each delivery is settled exactly once; the runs a
+process follows share one exclusive status queue, a binding per run, and the stack's control
+events have an exclusive queue of their own.
 """
 
 from __future__ import annotations
