@@ -454,6 +454,11 @@ class Conveyor:
         if self._workers is not None:
             self._workers.resolver.add(definitions)
             await self._workers.serve(step.pool for step in spec.steps)
+        elif not code_attached and not idempotency_key:
+            # A new run: its code is packed (a thread) while it is followed (the broker).
+            run = AsyncRun(new_id(), self, on_step, spec)
+            run._spec = spec = await self._with_code_followed(spec, definitions, run)
+            return await self._request(run, spec, None, cache, retry_of)
         elif not code_attached:
             spec = await self._with_code(spec, definitions)
         assert self.stack is not None
@@ -466,6 +471,18 @@ class Conveyor:
                 return run
         run = AsyncRun(new_id(), self, on_step, spec, idempotency_key)
         await run._follow()
+        return await self._request(run, spec, idempotency_key, cache, retry_of)
+
+    async def _request(
+        self,
+        run: AsyncRun,
+        spec: PipelineSpec,
+        idempotency_key: str | None,
+        cache: bool,
+        retry_of: str | None,
+    ) -> AsyncRun:
+        """Publish the request of ``run``, followed already."""
+        assert self.stack is not None
         if self._workers is None:  # a service stack: queued until its controller records it
             await self.services.runs.record_request(
                 run.id, spec, self.stack, idempotency_key, utcnow()
@@ -495,6 +512,26 @@ class Conveyor:
             await asyncio.to_thread(self.artifacts.check)
             self._store_checked = True
         return await asyncio.to_thread(attach_code, spec, definitions, self.artifacts)
+
+    async def _with_code_followed(
+        self, spec: PipelineSpec, definitions: dict[str, StepDefinition], run: AsyncRun
+    ) -> PipelineSpec:
+        """``_with_code`` while ``run`` starts being followed; the run is not followed
+        if either fails."""
+        try:
+            # Both end before gather() returns, or raises (cancelled): no follow outlives it.
+            coded, followed = await asyncio.gather(
+                self._with_code(spec, definitions), run._follow(), return_exceptions=True
+            )
+        except BaseException:
+            await run.close()
+            raise
+        for outcome in (coded, followed):
+            if isinstance(outcome, BaseException):
+                await run.close()
+                raise outcome
+        assert isinstance(coded, PipelineSpec)
+        return coded
 
     async def cancel(self, run_id: str, reason: str = "cancelled by user") -> None:
         """Ask the stack's controller to cancel a run; it stops the run's running attempts."""

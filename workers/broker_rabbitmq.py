@@ -42,7 +42,13 @@ from conveyor.contracts import (
 from conveyor.workers.backoff import Backoff
 from conveyor.workers.crash import crash_point
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
-from conveyor.workers.rabbitmq_consumers import Consumer, Follower, copy_of
+from conveyor.workers.rabbitmq_consumers import (
+    Consumer,
+    Follower,
+    RunFollower,
+    StatusQueue,
+    copy_of,
+)
 from conveyor.workers.rabbitmq_errors import RETRYABLE, TRANSIENT, BrokerUnavailable
 from conveyor.workers.rabbitmq_topology import (
     DELIVERIES_HEADER,
@@ -80,7 +86,8 @@ class RabbitMQBroker:
         self._declared: Declared | None = None
         self._declare_lock = asyncio.Lock()
         self.consumers: set[Consumer] = set()
-        self.followers: set[Follower] = set()
+        self.followers: set[Follower | RunFollower] = set()
+        self._statuses: StatusQueue | None = None
         self._lost_at: float | None = None
         self._reconnecting = self._new_backoff()
 
@@ -250,6 +257,9 @@ class RabbitMQBroker:
             await consumer.cancel()
         for follower in list(self.followers):
             await follower.cancel()
+        statuses, self._statuses = self._statuses, None
+        if statuses is not None:
+            await statuses.close()
         connection, self._connection = self._connection, None
         self._lost_at = None
         self._channel = self._follow_channel = None
@@ -432,30 +442,48 @@ class RabbitMQBroker:
             raise
         return consumer
 
-    async def follow(self, run_id: str, handler: StatusHandler) -> Follower:
+    async def follow(self, run_id: str, handler: StatusHandler) -> RunFollower:
         """Receive the status events of ``run_id`` (from now on) in order.
 
         Raises BrokerUnavailable while the connection is down: nothing can be followed,
         and a submit that follows its run first fails fast instead of waiting."""
-        return await self._follow(run_id, handler, self._topology.status_exchange)
+        follower = RunFollower(self._status_queue(), run_id, handler)
+        await self._started(follower, follower.start)
+        return follower
 
     async def listen(self, handler: StatusHandler) -> Follower:
         """Receive the control events of the stack (from now on) in order."""
-        return await self._follow("control", handler, self._topology.control_exchange)
+        follower = Follower(self, "control", handler, self._topology.control_exchange)
 
-    async def _follow(self, key: str, handler: StatusHandler, exchange: str) -> Follower:
+        async def start() -> None:
+            await follower.start(await self._follow_on())
+
+        await self._started(follower, start)
+        return follower
+
+    def _status_queue(self) -> StatusQueue:
+        if self._statuses is None:
+            self._statuses = StatusQueue(self, self._follow_on, self._topology.status_exchange)
+        return self._statuses
+
+    async def _follow_on(self) -> AbstractRobustChannel:
+        """The channel of followers (no confirms: they publish nothing), opened once."""
+        if self._follow_channel is None:
+            self._follow_channel = await self.connection.channel(publisher_confirms=False)
+        return self._follow_channel
+
+    async def _started(
+        self, follower: Follower | RunFollower, start: Callable[[], Awaitable[None]]
+    ) -> None:
         down = BrokerUnavailable(
             f"RabbitMQ of stack {self._topology.stack!r} does not answer (reconnecting); "
             "try again once it is back"
         )
         if self.connection.is_closed:
             raise down
-        follower = Follower(self, key, handler, exchange)
         self.followers.add(follower)
         try:
-            if self._follow_channel is None:
-                self._follow_channel = await self.connection.channel(publisher_confirms=False)
-            await follower.start(self._follow_channel)
+            await start()
         except (*TRANSIENT, RuntimeError) as exc:
             # aiormq says "<Connection ...> closed" with a RuntimeError when a channel is
             # asked of a connection that is down while the robust one still reconnects.
@@ -464,7 +492,6 @@ class RabbitMQBroker:
         except BaseException:
             await follower.cancel()
             raise
-        return follower
 
 
 def _safe_url(url: str) -> str:

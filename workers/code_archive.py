@@ -91,11 +91,33 @@ def _nearest_pyproject(root: Path) -> Path | None:
     return None
 
 
+_configs: dict[Path, tuple[tuple[int, int], CodeConfig]] = {}
+_configs_lock = threading.Lock()
+
+
 def read_config(root: Path) -> CodeConfig:
-    """``[tool.conveyor.code]`` of the nearest pyproject.toml at or above ``root``."""
+    """``[tool.conveyor.code]`` of the nearest pyproject.toml at or above ``root``; parsed
+    again only once the file changed (a project's pyproject.toml is long to parse next to
+    the rest of a submit)."""
     pyproject = _nearest_pyproject(root)
     if pyproject is None:
         return CodeConfig()
+    try:
+        facts = os.stat(pyproject)
+    except OSError as exc:
+        raise ConveyorError(f"cannot read {pyproject}: {exc}") from None
+    version = (facts.st_mtime_ns, facts.st_size)
+    with _configs_lock:
+        known = _configs.get(pyproject)
+    if known is not None and known[0] == version:
+        return known[1]
+    config = _parse_config(pyproject)
+    with _configs_lock:
+        _configs[pyproject] = (version, config)
+    return config
+
+
+def _parse_config(pyproject: Path) -> CodeConfig:
     try:
         data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -414,7 +436,19 @@ def packed_root(digest: str) -> Path | None:
         return _roots.get(digest)
 
 
+_uploaded: dict[tuple[str, str], BlobRef] = {}
+
+
 def _upload(store: ArtifactStore, archive: CodeArchive) -> BlobRef:
+    """``archive`` stored in ``store``, once per process: a store keeps what it holds (and
+    the same digest names the same bytes), so a pipeline submitted again with unchanged
+    code does not copy, hash, or send its archive again."""
+    key = (store.location, archive.digest)
+    with _state_lock:
+        blob = _uploaded.get(key)
+    if blob is not None:
+        return blob
+
     def write(path: str) -> None:
         shutil.copyfile(archive.path, path)
 
@@ -422,6 +456,7 @@ def _upload(store: ArtifactStore, archive: CodeArchive) -> BlobRef:
     with _state_lock:
         # Under the store's digest too, should it hash with another algorithm than ours.
         _roots[blob.digest] = archive.root
+        _uploaded[key] = blob
     return blob
 
 

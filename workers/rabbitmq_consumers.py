@@ -1,7 +1,8 @@
 """The consuming side of the ``rabbitmq`` broker: deliveries, consumers and followers.
 
-Each consumer has a channel of its own; each delivery is settled exactly once; a follower
-reads one run's status events (or the stack's control events) through an exclusive queue.
+Each consumer has a channel of its own; each delivery is settled exactly once; the runs a
+process follows share one exclusive status queue, a binding per run, and the stack's control
+events have an exclusive queue of their own.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
@@ -219,8 +220,8 @@ class Consumer:
 
 
 class Follower:
-    """Status events of one run, through an exclusive queue bound by the run id; or, bound
-    to the control exchange, the control events of the stack."""
+    """The control events of the stack, through an exclusive queue of its own bound to the
+    control exchange."""
 
     def __init__(
         self, broker: RabbitMQBroker, run_id: str, handler: StatusHandler, exchange: str
@@ -254,6 +255,132 @@ class Follower:
             await self.broker.on_the_way_out(lambda: queue.cancel(tag))
         await self.pump.stop()
         self.broker.followers.discard(self)
+
+
+class RunFollower:
+    """The status events of one run, from the process's shared status queue."""
+
+    def __init__(self, statuses: StatusQueue, run_id: str, handler: StatusHandler) -> None:
+        self.statuses = statuses
+        self.pump = StatusPump(run_id, handler)
+
+    @property
+    def active(self) -> bool:
+        return self.pump.active
+
+    async def start(self) -> None:
+        self.pump.start()
+        await self.statuses.add(self.pump)
+
+    async def cancel(self) -> None:
+        self.statuses.remove(self.pump)
+        await self.pump.stop()
+        self.statuses.broker.followers.discard(self)
+
+
+class StatusQueue:
+    """One exclusive queue for the status events of every run this process follows.
+
+    A run followed adds a binding by its id (one broker round trip) where a queue of its
+    own took three (declare, bind, consume) and a fourth to cancel. The binding goes when
+    the run's last follower does, in the background: an ``add`` of the same run waits for
+    it first, so that bindings and unbindings of one run reach the broker in order.
+    """
+
+    def __init__(
+        self,
+        broker: RabbitMQBroker,
+        channel: Callable[[], Awaitable[AbstractRobustChannel]],
+        exchange: str,
+    ) -> None:
+        self.broker = broker
+        self.channel = channel
+        self.exchange = exchange
+        self.queue: AbstractQueue | None = None
+        self.pumps: dict[str, set[StatusPump]] = {}
+        # The last binding or unbinding of each run, while it is under way.
+        self.changes: dict[str, asyncio.Task[None]] = {}
+        self._declaring = asyncio.Lock()
+
+    async def _declared(self) -> AbstractQueue:
+        async with self._declaring:
+            if self.queue is None:
+                channel = await self.channel()
+                queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+                await queue.consume(self._on_message, no_ack=True)
+                self.queue = queue
+            return self.queue
+
+    async def add(self, pump: StatusPump) -> None:
+        """Hand ``pump`` its run's status events from now on (once this returns)."""
+        queue = await self._declared()
+        key = pump.run_id
+        pumps = self.pumps.setdefault(key, set())
+        first = not pumps
+        pumps.add(pump)
+        if first:
+            self._change(key, lambda: queue.bind(self.exchange, routing_key=key))
+        change = self.changes.get(key)
+        if change is not None:
+            await asyncio.shield(change)
+
+    def remove(self, pump: StatusPump) -> None:
+        """Stop handing ``pump`` events; unbind its run if nobody else here follows it."""
+        key = pump.run_id
+        pumps = self.pumps.get(key)
+        if pumps is None or pump not in pumps:
+            return
+        pumps.discard(pump)
+        if pumps:
+            return
+        del self.pumps[key]
+        queue = self.queue
+        if queue is not None:
+            self._change(key, lambda: self._unbind(queue, key))
+
+    async def _unbind(self, queue: AbstractQueue, key: str) -> None:
+        try:
+            await self.broker.on_the_way_out(lambda: queue.unbind(self.exchange, routing_key=key))
+        except Exception as exc:  # a binding left behind only brings events nobody reads
+            log.info("status binding not removed", run_id=key, error=f"{type(exc).__name__}")
+
+    def _change(self, key: str, call: Callable[[], Awaitable[object]]) -> None:
+        before = self.changes.get(key)
+
+        async def change() -> None:
+            if before is not None:
+                await asyncio.gather(before, return_exceptions=True)
+            await call()
+
+        task = asyncio.create_task(change(), name=f"status-binding:{key}")
+        self.changes[key] = task
+
+        def done(finished: asyncio.Task[None]) -> None:
+            if self.changes.get(key) is finished:
+                del self.changes[key]
+            if not finished.cancelled():
+                finished.exception()  # retrieved: a failed bind is raised to its add()
+
+        task.add_done_callback(done)
+
+    async def close(self) -> None:
+        """Let the unbindings under way end (each waits ``GOODBYE_TIMEOUT_S`` at most, and
+        none while the broker is unreachable): aiormq closes a channel whose call is
+        cancelled. The queue goes with the connection."""
+        await asyncio.gather(*self.changes.values(), return_exceptions=True)
+        self.pumps.clear()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        pumps = self.pumps.get(message.routing_key or "")
+        if not pumps:
+            return  # a run nobody here follows any more
+        try:
+            event = parse_event(message.body)
+        except MalformedEvent as exc:
+            log.warning("malformed status event", message_id=message.message_id, reason=str(exc))
+            return
+        for pump in pumps:
+            pump.inbox.put_nowait(event)
 
 
 def lost_deliveries(message: AbstractIncomingMessage) -> int:

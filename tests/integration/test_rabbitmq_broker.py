@@ -23,6 +23,7 @@ from conveyor.contracts import (
     ConveyorError,
     Event,
     PipelineSpec,
+    RunFinished,
     RunRecord,
     RunRequested,
     RunStatus,
@@ -324,3 +325,45 @@ async def test_a_run_id_of_60000_characters_is_dead_lettered_and_the_stack_moves
     letters = await rig.dead_letters()
     assert [m.message_id for m in letters] == ["cancel-huge"]
     assert "run_id" in str(letters[0].headers[REASON_HEADER])
+
+
+async def test_followers_in_one_process_hear_their_own_runs_through_one_queue(rig: Rig) -> None:
+    """Every run a process follows is a binding of one queue: a second follower of a run
+    keeps hearing it when the first stops, and a run followed again at once is not undone
+    by the unbinding of its previous follower."""
+    broker = rig.worker_broker
+    heard: dict[str, list[str]] = {}
+
+    def hear(name: str) -> Callable[[Event], Any]:
+        heard[name] = []
+
+        async def on(event: Event) -> None:
+            heard[name].append(event.event_id)
+
+        return on
+
+    async def finish(run_id: str) -> str:
+        event = RunFinished(run_id=run_id, status=RunStatus.COMPLETED)
+        await rig.controller_broker.publish([event])
+        return event.event_id
+
+    run_a, run_b = new_id(), new_id()
+    a1 = await broker.follow(run_a, hear("a1"))
+    a2 = await broker.follow(run_a, hear("a2"))
+    b = await broker.follow(run_b, hear("b"))
+    first_a, first_b = await finish(run_a), await finish(run_b)
+    await eventually(lambda: all(heard.values()))
+    assert heard == {"a1": [first_a], "a2": [first_a], "b": [first_b]}
+
+    await a1.cancel()
+    second_a = await finish(run_a)
+    await eventually(lambda: len(heard["a2"]) == 2)
+    assert heard["a1"] == [first_a] and heard["a2"] == [first_a, second_a]
+
+    await a2.cancel()
+    await b.cancel()
+    a3 = await broker.follow(run_a, hear("a3"))
+    third_a = await finish(run_a)
+    await eventually(lambda: heard["a3"] == [third_a])
+    await a3.cancel()
+    assert heard["b"] == [first_b]

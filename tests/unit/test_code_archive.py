@@ -197,6 +197,19 @@ def test_the_nearest_pyproject_above_the_root_counts(tmp_path: Path) -> None:
     assert "data.csv" in shipped.archive.files
 
 
+def test_an_edited_pyproject_counts_from_the_next_pack(tmp_path: Path) -> None:
+    root = tmp_path / "proj"
+    write(root, {"pyproject.toml": '[tool.conveyor.code]\ninclude = ["*.csv"]\n'})
+    definitions = script_project(root)
+    first = only(pack(definitions)).archive
+    assert first is not None and "data.csv" in first.files
+    # Same size, maybe the same timestamp: the parsed table is kept for an unchanged file.
+    write(root, {"pyproject.toml": '[tool.conveyor.code]\ninclude = ["*.cfg"]\n'})
+    os.utime(root / "pyproject.toml", ns=(1, 1))
+    second = only(pack(definitions)).archive
+    assert second is not None and "data.csv" not in second.files
+
+
 def test_over_the_cap_the_error_says_what_to_exclude(tmp_path: Path) -> None:
     root = tmp_path / "proj"
     write(
@@ -308,6 +321,42 @@ def test_attach_code_uploads_one_archive_per_root(
     zipped = store.get(first.code.uri, first.code.digest, zip_names)
     assert zipped == ["helper.py", "train.py"]
     assert [s.name for s in attached.steps] == [s.name for s in spec.steps]
+
+
+class PuttingStore(LocalArtifactStore):
+    """A local store that counts what is put into it."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.puts = 0
+
+    def put(self, write: Callable[[str], str | None]) -> BlobRef:
+        self.puts += 1
+        return super().put(write)
+
+
+def test_an_unchanged_archive_is_stored_once_per_store(tmp_path: Path) -> None:
+    root = tmp_path / "proj"
+    definitions = script_project(root)
+    (train,) = definitions.values()
+
+    @pipeline
+    def p() -> None:
+        train()
+
+    spec, _ = p.compile()
+    store = PuttingStore(tmp_path / "store")
+    first = attach_code(spec, definitions, store)
+    again = attach_code(spec, definitions, store)
+    assert store.puts == 1
+    assert again.steps[0].code == first.steps[0].code
+    other = PuttingStore(tmp_path / "other-store")
+    assert attach_code(spec, definitions, other).steps[0].code is not None
+    assert other.puts == 1
+    write(root, {"helper.py": "VALUE = 22\n"})
+    edited = attach_code(spec, definitions, store)
+    assert store.puts == 2
+    assert edited.steps[0].code != first.steps[0].code
 
 
 def zip_names(path: str) -> list[str]:
