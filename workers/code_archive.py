@@ -17,6 +17,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 import tomllib
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -436,18 +437,22 @@ def packed_root(digest: str) -> Path | None:
         return _roots.get(digest)
 
 
-_uploaded: dict[tuple[str, str], BlobRef] = {}
+STORED_FOR_S = 300.0
+"""How long an archive this process stored is taken to be in its store still."""
+_uploaded: dict[tuple[str, str], tuple[float, BlobRef]] = {}
 
 
 def _upload(store: ArtifactStore, archive: CodeArchive) -> BlobRef:
-    """``archive`` stored in ``store``, once per process: a store keeps what it holds (and
-    the same digest names the same bytes), so a pipeline submitted again with unchanged
-    code does not copy, hash, or send its archive again."""
+    """``archive`` stored in ``store``, at most once per ``STORED_FOR_S`` in a process: the
+    same digest names the same bytes, so a pipeline submitted again with unchanged code
+    does not copy, hash, or send its archive again. Stored again after that, because a
+    store may lose what it held (an S3 bucket's expiry rule, a cleaned directory) while a
+    server runs for weeks; storing it again also renews its age for such a rule."""
     key = (store.location, archive.digest)
     with _state_lock:
-        blob = _uploaded.get(key)
-    if blob is not None:
-        return blob
+        known = _uploaded.get(key)
+    if known is not None and time.monotonic() - known[0] < STORED_FOR_S:
+        return known[1]
 
     def write(path: str) -> None:
         shutil.copyfile(archive.path, path)
@@ -456,7 +461,7 @@ def _upload(store: ArtifactStore, archive: CodeArchive) -> BlobRef:
     with _state_lock:
         # Under the store's digest too, should it hash with another algorithm than ours.
         _roots[blob.digest] = archive.root
-        _uploaded[key] = blob
+        _uploaded[key] = (time.monotonic(), blob)
     return blob
 
 

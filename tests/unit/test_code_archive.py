@@ -359,6 +359,25 @@ def test_an_unchanged_archive_is_stored_once_per_store(tmp_path: Path) -> None:
     assert edited.steps[0].code != first.steps[0].code
 
 
+def test_a_stored_archive_is_stored_again_after_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store may lose what it held (an expiry rule) while a server runs for weeks."""
+    definitions = script_project(tmp_path / "proj")
+    (train,) = definitions.values()
+
+    @pipeline
+    def p() -> None:
+        train()
+
+    spec, _ = p.compile()
+    store = PuttingStore(tmp_path / "store")
+    attach_code(spec, definitions, store)
+    monkeypatch.setattr(code_archive, "STORED_FOR_S", 0.0)  # the while has passed
+    attach_code(spec, definitions, store)
+    assert store.puts == 2
+
+
 def zip_names(path: str) -> list[str]:
     with zipfile.ZipFile(path) as archive:
         return archive.namelist()
