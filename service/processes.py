@@ -20,6 +20,7 @@ from conveyor.service.home import Home
 from conveyor.service.stack_files import parse_export, read_export_file
 from conveyor.workers.broker_rabbitmq import RabbitMQBroker
 from conveyor.workers.flavors import get_flavor, make_artifact_store
+from conveyor.workers.heap import settle_after_start
 from conveyor.workers.process import (
     EXIT_OK,
     Signals,
@@ -128,6 +129,7 @@ async def serve_controller(
             max_lost=config.max_deliveries,
         )
         await controller.start()
+        settle_after_start()
         watched, driving = broker, controller
         # A controller whose loop ended hears nothing either: it counts as deaf.
         watchdog = watchdog_of(

@@ -21,6 +21,7 @@ import structlog
 from conveyor.contracts import DEFAULT_POOL, ComponentType, ConveyorError, Isolation, StackSpec
 from conveyor.workers.broker_rabbitmq import RabbitMQBroker
 from conveyor.workers.flavors import get_flavor, make_artifact_store, make_broker
+from conveyor.workers.heap import settle_after_start
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.runtime import WorkerPool
 from conveyor.workers.step_resolver import StepResolver
@@ -223,6 +224,7 @@ async def serve_workers(
         if not await broker.start_patiently(signals.stop):
             return EXIT_OK  # stopped while waiting for the broker
         await pool.start()
+        settle_after_start()
         watchdogs = [
             watchdog_of(broker, config, lambda: pool.consumer_count),
             asyncio.create_task(watch_health(lambda: pool.healthy), name="health"),

@@ -13,6 +13,7 @@ import typer
 from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
 from conveyor.service.cli.output import fail, status, user_errors
 from conveyor.service.client import Client
+from conveyor.workers.heap import settle_after_start
 
 app = typer.Typer(help="The HTTP API and the dashboard.")
 
@@ -140,6 +141,7 @@ def up(
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _after_shutdown)
+    settle_after_start()
     server.run(sockets=[sock])
     if not server.started:
         raise typer.Exit(1)
