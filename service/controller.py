@@ -9,14 +9,11 @@ outbox rows that were never confirmed and reloads every unfinished run.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import structlog
 
 from conveyor.contracts import (
-    FINISHED_STEP_STATUSES,
     ArtifactStore,
     Broker,
     ConveyorError,
@@ -31,19 +28,20 @@ from conveyor.contracts import (
     StepFailed,
     StepHeartbeat,
     StepStarted,
-    StepStatus,
     StepSucceeded,
     Subscription,
     is_status_event,
     utcnow,
 )
 from conveyor.service import scheduling
-from conveyor.service.cache_keys import cache_key, without_cache
-from conveyor.service.in_flight import InFlight, StepId
+from conveyor.service.batches import Batch
+from conveyor.service.cache_keys import without_cache
+from conveyor.service.event_publisher import EventPublisher
 from conveyor.service.pipelines import load_pipeline
 from conveyor.service.progress import ProgressBuffer
-from conveyor.service.scheduling import RunState, StepUpdate, Transition
-from conveyor.service.step_reuse import StepReuse, Wanted
+from conveyor.service.scheduling import RunState, Transition
+from conveyor.service.step_decisions import StepDecisions
+from conveyor.service.step_reuse import StepReuse
 from conveyor.service.store import Database, RunStore, Writes, is_store_failure, store_error
 from conveyor.workers.backoff import Backoff
 from conveyor.workers.code_archive import attach_code
@@ -58,9 +56,6 @@ BACK_OFF_S = 0.5
 each failure in a row, up to ``BACK_OFF_MAX_S``."""
 BACK_OFF_MAX_S = 30.0
 INBOX_PREFETCH = 4096
-MAX_PUBLISHING = 8
-"""Committed batches whose events may await the broker's confirms at once: the next batch
-is processed meanwhile, and one more than this waits for the oldest."""
 IDLE_FLUSH_S = 0.05
 """Confirmed outbox rows are noted sent with the next batch, or after this long idle."""
 
@@ -92,31 +87,6 @@ def _being_cancelled() -> bool:
     """Whether the current task was asked to stop (not a library's stray cancellation)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-@dataclass
-class _Batch:
-    """What one batch changes, gathered before the one transaction that records it."""
-
-    now: datetime
-    new_runs: list[tuple[RunRequested, PipelineSpec, str | None]] = field(default_factory=list)
-    changes: dict[str, Transition] = field(default_factory=dict)
-    cancels: dict[str, str] = field(default_factory=dict)
-    """The runs this batch asks to cancel, with the reason."""
-    withdrawn: set[str] = field(default_factory=set)
-    """Runs requested and cancelled in this batch: recorded cancelled, never started."""
-    recorded: set[str] = field(default_factory=set)
-    """Runs requested in this batch that the store holds already (requests redelivered)."""
-
-    def change(self, run_id: str, transition: Transition) -> None:
-        if run_id in self.changes:
-            self.changes[run_id].extend(transition)
-        else:
-            self.changes[run_id] = transition
-
-    @property
-    def events(self) -> list[Event]:
-        return [e for t in self.changes.values() for e in t.emit]
 
 
 class Controller:
@@ -153,8 +123,7 @@ class Controller:
         self._owner = owner
         self._states: dict[str, RunState] = {}
         # Reused outputs are checked in the stack's store; without one, every step runs.
-        self._reuse = StepReuse(self._runs, artifacts, stack.id)
-        self._in_flight = InFlight()
+        self._decisions = StepDecisions(StepReuse(self._runs, artifacts, stack.id), self._states)
         # Runs whose steps waiting for a decision must be decided again (after a restart,
         # or a failed batch whose decisions were not recorded).
         self._undecided: set[str] = set()
@@ -166,11 +135,7 @@ class Controller:
         self._loop_task: asyncio.Task[None] | None = None
         # Confirmed outbox rows are marked sent in the next batch's transaction (or when
         # idle), which saves a transaction per batch; a crash in between only republishes.
-        self._confirmed: list[str] = []
-        self._committed: list[Event] = []
-        # Publishes whose confirms are awaited while the next batches are processed: each
-        # task with its events (published again if it fails) and their outbox ids.
-        self._publishing: deque[tuple[asyncio.Task[None], list[Event], list[str]]] = deque()
+        self._publisher = EventPublisher(broker, self._kept)
         self._progress = ProgressBuffer()
         self._backoff = Backoff(BACK_OFF_S, BACK_OFF_MAX_S)
         self.problem: str | None = None
@@ -216,13 +181,15 @@ class Controller:
             await asyncio.gather(task, return_exceptions=True)
         while not self._inbox.empty():
             await self._inbox.get_nowait().requeue()
-        self._committed.extend(self._progress.release_all(asyncio.get_running_loop().time()))
+        self._publisher.committed.extend(
+            self._progress.release_all(asyncio.get_running_loop().time())
+        )
         try:
-            await self._settle_publishing(wait=True)
+            await self._publisher.settle(wait=True)
         except Exception as exc:
             log.warning("events not confirmed at stop", error=f"{type(exc).__name__}: {exc}")
         try:
-            await self._publish_committed()
+            await self._publisher.publish_committed()
         except Exception as exc:
             # What was durable is in the outbox, republished at the next start.
             log.warning("events not published at stop", error=f"{type(exc).__name__}: {exc}")
@@ -261,23 +228,17 @@ class Controller:
         try:
             for run_id in runs:
                 await self._state_of(run_id)  # a finished run is not kept
-            self._in_flight = InFlight()
-            batch = _Batch(now=utcnow())
-            for run_id, state in self._states.items():
-                for name, step in state.steps.items():
-                    going = step.status in (StepStatus.PENDING, StepStatus.RUNNING)
-                    if going and step.attempt > 0 and step.cache_key and step.spec.cache:
-                        self._in_flight.claim(step.cache_key, (run_id, name))
-                batch.change(run_id, Transition(ready=scheduling.undecided(state)))
+            batch = Batch(now=utcnow())
+            self._decisions.rebuild(batch)
             await self._commit(batch)
         except BaseException:
             self._undecided |= runs
             raise
 
     async def _flush_confirmed(self) -> None:
-        if not self._confirmed:
+        confirmed = self._publisher.take_confirmed()
+        if not confirmed:
             return
-        confirmed, self._confirmed = self._confirmed, []
         writes = Writes()
         self._runs.mark_sent(writes, confirmed, utcnow())
         await self._db.write(writes)
@@ -290,8 +251,8 @@ class Controller:
         while True:
             batch = await self._take_batch()
             try:
-                await self._settle_publishing(wait=False)
-                await self._publish_committed()
+                await self._publisher.settle(wait=False)
+                await self._publisher.publish_committed()
                 if self._undecided:
                     await self._decide_again()
                 if batch:
@@ -307,7 +268,7 @@ class Controller:
                 if not is_store_failure(exc):  # a failing store is logged as it backs off
                     log.exception("batch failed", size=len(batch))
                 self._forget_states()
-                if self._committed:
+                if self._publisher.committed:
                     # Recorded but not published: the broker failed, not a message.
                     await self._back_off(batch, f"the broker did not take the events: {exc}")
                 elif batch:
@@ -354,7 +315,7 @@ class Controller:
                     continue
                 if (
                     not is_store_failure(error)
-                    and not self._committed
+                    and not self._publisher.committed
                     and await self._store_answers()
                 ):
                     reason = f"{type(error).__name__}: {error}"
@@ -405,14 +366,14 @@ class Controller:
         if self._retries:
             wait = (min(self._retries.values()) - utcnow()).total_seconds()
             due = min(due, loop.time() + wait)
-        if self._publishing or self._confirmed:
+        if self._publisher.in_flight:
             due = min(due, loop.time() + IDLE_FLUSH_S)
         try:
             async with asyncio.timeout_at(due):
                 first = await self._inbox.get()
         except TimeoutError:
             if self._progress.pending and self._progress.due <= loop.time():
-                self._committed.extend(self._progress.release_all(loop.time()))
+                self._publisher.committed.extend(self._progress.release_all(loop.time()))
             return []
         if isinstance(first.event, RunRequested):
             # Give the deliveries that reached the connection with it a turn of the loop to
@@ -432,56 +393,6 @@ class Controller:
         await delivery.reject(f"the controller does not take {delivery.event.type} events")
         return False
 
-    async def _publish_committed(self) -> None:
-        """Publish what a committed batch produced again, after publishing it failed."""
-        if self._committed:
-            await self._broker.publish(self._committed)
-            self._confirmed.extend(e.event_id for e in self._committed if self._kept(e))
-            self._committed = []
-
-    async def _send_committed(self) -> None:
-        """Hand what a committed batch produced to the broker, without waiting for its
-        confirms: the batch's deliveries are acked (their effect is in the outbox), and
-        the next batch is processed while the broker confirms."""
-        if not self._committed:
-            return
-        if len(self._publishing) >= MAX_PUBLISHING:
-            await self._settle_publishing(wait=False, oldest=True)
-        events, self._committed = self._committed, []
-        task = asyncio.create_task(self._broker.publish(events), name="controller publish")
-        self._publishing.append((task, events, [e.event_id for e in events if self._kept(e)]))
-
-    async def _settle_publishing(self, *, wait: bool, oldest: bool = False) -> None:
-        """Note the confirmed publishes (all of them with ``wait``, the oldest at least
-        with ``oldest``, else those done). The events of a failed one go back to
-        ``_committed``, to be published again, and its error is raised."""
-        if wait and self._publishing:
-            await asyncio.wait([task for task, _, _ in self._publishing])
-        elif oldest:
-            await asyncio.wait([self._publishing[0][0]])
-        failed: list[Event] = []
-        error: BaseException | None = None
-        kept: deque[tuple[asyncio.Task[None], list[Event], list[str]]] = deque()
-        for task, events, durable in self._publishing:
-            if not task.done():
-                kept.append((task, events, durable))
-            elif task.cancelled() or task.exception() is not None:
-                # aiormq cancels the confirms pending on a connection it gave up: a publish
-                # that ends cancelled while nobody stops the controller failed like another.
-                failed.extend(events)
-                if error is None:
-                    error = (
-                        ConveyorError("publishing was cancelled")
-                        if task.cancelled()
-                        else task.exception()
-                    )
-            else:
-                self._confirmed.extend(durable)
-        self._publishing = kept
-        if error is not None:
-            self._committed[:0] = failed
-            raise error
-
     async def _check_leases(self) -> None:
         """Start new attempts of the steps whose worker stopped renewing its lease."""
         now = asyncio.get_running_loop().time()
@@ -494,7 +405,7 @@ class Controller:
             for state in self._states.values():
                 scheduling.extend_leases(state, timedelta(seconds=late))
             return
-        batch = _Batch(now=utcnow())
+        batch = Batch(now=utcnow())
         for run_id, state in list(self._states.items()):
             change = scheduling.expire_leases(state, batch.now, max_lost=self._max_lost)
             if change.steps:
@@ -509,7 +420,7 @@ class Controller:
         due = [run_id for run_id, at in self._retries.items() if at <= now]
         if not due:
             return
-        batch = _Batch(now=now)
+        batch = Batch(now=now)
         for run_id in due:
             state = await self._state_of(run_id)
             if state is not None:
@@ -539,7 +450,7 @@ class Controller:
         return state
 
     async def _process(self, deliveries: list[Delivery]) -> None:
-        batch = _Batch(now=utcnow())
+        batch = Batch(now=utcnow())
         requested: list[str] = []
         for delivery in deliveries:
             if isinstance(delivery.event, RunCancelRequested):
@@ -570,7 +481,7 @@ class Controller:
         for delivery in deliveries:
             await delivery.ack()
 
-    async def _on_run_requested(self, batch: _Batch, request: RunRequested) -> None:
+    async def _on_run_requested(self, batch: Batch, request: RunRequested) -> None:
         for earlier, _, _ in batch.new_runs:
             if earlier.run_id == request.run_id or (
                 request.idempotency_key and earlier.idempotency_key == request.idempotency_key
@@ -620,79 +531,11 @@ class Controller:
         self._states[request.run_id] = state
         batch.change(request.run_id, scheduling.start_run(state, batch.now))
 
-    async def _decide(self, batch: _Batch) -> None:
-        """Decide each step that became ready in ``batch``: complete it from outputs found
-        for its key, let it wait for an identical step in flight, or dispatch it. A step
-        completed so makes its children ready in turn, decided in the next round."""
-        scanned: dict[str, int] = {}
-        while True:
-            ready: list[StepId] = []
-            for run_id, change in list(batch.changes.items()):
-                end = len(change.steps)
-                for update in change.steps[scanned.get(run_id, 0) : end]:
-                    if update.status in FINISHED_STEP_STATUSES:
-                        ready.extend(self._settle(batch, run_id, update))
-                scanned[run_id] = end
-                ready.extend((run_id, name) for name in change.ready)
-                change.ready.clear()
-            if not ready:
-                return
-            await self._resolve(batch, ready)
-
-    def _settle(self, batch: _Batch, run_id: str, update: StepUpdate) -> list[StepId]:
-        """A step finished: the steps that waited for its key are completed from its
-        outputs if it succeeded; else returned, to be decided again."""
-        settled = self._in_flight.finish((run_id, update.name))
-        if settled is None:
-            return []
-        key, waiters = settled
-        if update.status is not StepStatus.COMPLETED:
-            return waiters
-        for waiter_run, name in waiters:
-            state = self._states.get(waiter_run)
-            if state is not None:
-                change = scheduling.complete_from_cache(
-                    state, name, update.outputs, run_id, key, batch.now
-                )
-                batch.change(waiter_run, change)
-        return []
-
-    async def _resolve(self, batch: _Batch, ready: list[StepId]) -> None:
-        wanted: list[Wanted] = []
-        found: list[tuple[StepId, RunState]] = []
-        for run_id, name in ready:
-            state = self._states.get(run_id)
-            if state is None or name not in state.steps:
-                continue
-            spec = state.steps[name].spec
-            key = cache_key(spec, scheduling.inputs_of(state, spec))
-            previous = None
-            if name in state.previous and state.retry_of is not None:
-                old_key, origin = state.previous[name]
-                if old_key is None or old_key == key:
-                    previous = ((state.retry_of, name), origin)
-            wanted.append(Wanted(key, tuple(spec.outputs), spec.cache, previous))
-            found.append(((run_id, name), state))
-        hits = await self._reuse.find(wanted)
-        for ((run_id, name), state), want, hit in zip(found, wanted, hits, strict=True):
-            if hit is not None:
-                change = scheduling.complete_from_cache(
-                    state, name, hit.outputs, hit.source, want.key, batch.now
-                )
-            elif want.key is not None and want.use_cache:
-                if not self._in_flight.claim(want.key, (run_id, name)):
-                    continue  # an identical step computes it: this one waits for it
-                change = scheduling.dispatch_ready(state, name, want.key)
-            else:
-                change = scheduling.dispatch_ready(state, name, want.key)
-            batch.change(run_id, change)
-
-    async def _commit(self, batch: _Batch) -> None:
-        await self._decide(batch)
+    async def _commit(self, batch: Batch) -> None:
+        await self._decisions.decide(batch)
         durable = [e for e in batch.events if self._kept(e)]
-        confirmed, self._confirmed = self._confirmed, []
         writes = Writes()
-        self._runs.mark_sent(writes, confirmed, batch.now)
+        self._runs.mark_sent(writes, self._publisher.take_confirmed(), batch.now)
         for request, spec, _ in batch.new_runs:
             self._runs.insert_run(
                 writes,
@@ -711,8 +554,8 @@ class Controller:
         self._runs.add_outbox(writes, self._stack.id, durable, batch.now)
         await self._db.write(writes)
         loop = asyncio.get_running_loop()
-        self._committed.extend(self._progress.outgoing(batch.events, loop.time()))
-        await self._send_committed()
+        self._publisher.committed.extend(self._progress.outgoing(batch.events, loop.time()))
+        await self._publisher.send_committed()
         for run_id, change in batch.changes.items():
             if change.run_status is not None and change.run_status is not RunStatus.RUNNING:
                 self._states.pop(run_id, None)
