@@ -188,3 +188,30 @@ def test_a_large_corrupted_file_is_detected_through_the_mapped_check(
         handle.write(b"\x00")
     with pytest.raises(ArtifactUnreadable, match="corrupted"):
         load_artifact(store, ref, allow_pickle=False)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, -7, 2**63, True, None, 1.5, float("nan"), [1, "a"], {"k": (1, 2)}],
+)
+def test_json_values_are_recognised_with_or_without_the_scalar_shortcut(value: object) -> None:
+    from conveyor.workers.materializers.builtin import JsonMaterializer
+
+    assert JsonMaterializer().handles(value)
+
+
+def test_json_refuses_what_it_cannot_write() -> None:
+    from conveyor.workers.materializers.builtin import JsonMaterializer
+
+    assert not JsonMaterializer().handles(10**5000)  # beyond int-to-text's digit limit
+    assert not JsonMaterializer().handles([object()])
+    assert not JsonMaterializer().handles("text")  # str has a materializer of its own
+
+
+def test_in_memory_materializers_are_told_apart_by_class() -> None:
+    from conveyor.workers.materializers import in_memory
+    from conveyor.workers.materializers.builtin import JsonMaterializer
+    from conveyor.workers.materializers.registry import PICKLE
+
+    assert in_memory(JsonMaterializer())
+    assert not in_memory(PICKLE)
