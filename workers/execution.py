@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import contextvars
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -154,13 +153,13 @@ class StepExecutor:
         self._stuck_limit = concurrency
         self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="conveyor-io")
         self._step_threads = StepThreads()
-        self._abandoned: set[threading.Event] = set()
+        self._abandoned: set[_End] = set()
         """The ends of the sync bodies that were abandoned, set when they return."""
 
     @property
     def stuck_threads(self) -> int:
         """Threads of timed-out or cancelled sync steps that still run."""
-        self._abandoned = {end for end in self._abandoned if not end.is_set()}
+        self._abandoned = {end for end in self._abandoned if not end.done}
         return len(self._abandoned)
 
     @property
@@ -185,7 +184,7 @@ class StepExecutor:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         context = contextvars.copy_context()
-        end = threading.Event()
+        end = _End()
 
         def run() -> None:
             try:
@@ -199,17 +198,17 @@ class StepExecutor:
             else:
                 _settle_threadsafe(loop, done, lambda: done.set_result(result))
             finally:
-                end.set()
+                end.done = True
 
         self._step_threads.run(run)
         try:
             return await done
         except asyncio.CancelledError:
-            if not end.is_set():
+            if not end.done:
                 self._abandon(end)
             raise
 
-    def _abandon(self, end: threading.Event) -> None:
+    def _abandon(self, end: _End) -> None:
         self._abandoned.add(end)
         stuck = self.stuck_threads
         if stuck >= self._stuck_limit:
@@ -406,6 +405,17 @@ class StepExecutor:
             duration_s=time.perf_counter() - started,
             by=self._facts,
         )
+
+
+class _End:
+    """Whether a sync body's thread returned: set by that thread, read on the loop (a
+    ``threading.Event``, with its lock and condition, cost a step more and nobody waits
+    on it)."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
 
 
 def _settle_threadsafe(
