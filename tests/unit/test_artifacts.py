@@ -215,3 +215,39 @@ def test_in_memory_materializers_are_told_apart_by_class() -> None:
 
     assert in_memory(JsonMaterializer())
     assert not in_memory(PICKLE)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, (1 << 16) + 1, (1 << 20) + 3])
+def test_bytes_of_every_size_are_written_read_and_found_again(
+    store: LocalArtifactStore, size: int
+) -> None:
+    data = os.urandom(size)
+    ref = store.put_bytes(data)
+    assert store.get_bytes(ref.uri, ref.digest) == data
+    assert store.put_bytes(data) == ref  # found, not written again
+
+
+@pytest.mark.parametrize("damage", ["in place", "cut short", "a link", "gone"])
+def test_a_damaged_small_file_is_written_afresh_when_its_bytes_come_again(
+    store: LocalArtifactStore, tmp_path: Path, damage: str
+) -> None:
+    """A step run again after its cached outputs were found corrupted rewrites them."""
+    data = b"the output of a step"
+    ref = store.put_bytes(data)
+    path = Path(store.path_of(ref.uri))
+    if damage == "in place":
+        path.write_bytes(b"X" * len(data))
+    elif damage == "cut short":
+        path.write_bytes(data[:-1])
+    elif damage == "a link":
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.write_bytes(data)
+        path.unlink()
+        path.symlink_to(elsewhere)
+    else:
+        path.unlink()
+    with pytest.raises(ArtifactUnreadable):
+        store.get_bytes(ref.uri, ref.digest)
+    assert store.put_bytes(data) == ref
+    assert not path.is_symlink()
+    assert store.get_bytes(ref.uri, ref.digest) == data
