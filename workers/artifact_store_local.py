@@ -59,6 +59,69 @@ STAGING = ".staging"
 """Folder under the root where files are written before they are renamed into place."""
 
 
+SMALL_FILE = 1 << 16
+"""Files up to this size are checked, read and written with plain descriptor calls.
+
+Each system call of a step's thread lets go of the GIL and takes it back, which costs far
+more than the call while the event loop is busy: ``open()`` adds an ``fstat``, an
+``isatty`` ``ioctl`` and, to read, another ``fstat``, an ``lseek`` and a read of the end;
+the check of an existing output a ``stat`` and a size lookup. A step of the embedded
+fan-out made about 21 such calls and spent 0.2 ms of CPU in its thread for 0.03 ms of
+work; these paths make about 11."""
+
+
+def _holds_small(path: str, digest: str, size: int, uri: str) -> bool:
+    """Whether the file at ``path`` (of at most SMALL_FILE bytes) holds ``digest``, of
+    ``size`` bytes: open, one read, close. A file damaged in place keeps its size, so its
+    bytes are checked, and a step run again (its cached outputs were found corrupted)
+    writes them afresh."""
+    try:
+        fd = os.open(path, _FILE_FLAGS)
+    except OSError:
+        return False  # missing, or unreadable: written afresh
+    try:
+        data = os.read(fd, size + 1)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        return False
+    try:
+        digests.verify_bytes(data, digest, uri)
+    except ArtifactUnreadable:
+        return False
+    return True
+
+
+def _read_to_end(fd: int, size: int) -> bytes:
+    """The bytes of the open regular file ``fd``, ``size`` of them by its ``fstat``: one
+    read, unless the file is cut short (a read of the end then tells)."""
+    data = os.read(fd, size + 1)
+    if len(data) >= size:
+        return data
+    parts, got = [data], len(data)
+    while got < size:
+        part = os.read(fd, size - got + 1)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def _write_new(path: str, data: bytes) -> None:
+    """Create the file ``path`` holding ``data`` (as ``open(path, "wb")`` would, with fewer
+    system calls)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
 class LocalArtifactStore:
     """Artifacts as files ``ROOT/ab/abcdef...`` named by the digest of their bytes.
 
@@ -96,6 +159,8 @@ class LocalArtifactStore:
         hexdigest = digest.partition(":")[2]
         target = os.path.join(self._root_text, hexdigest[:2], hexdigest)
         ref = BlobRef(uri=f"{self._root_uri}/{hexdigest[:2]}/{hexdigest}", digest=digest, size=size)
+        if size <= SMALL_FILE:
+            return ref, target, _holds_small(target, digest, size, ref.uri)
         try:
             if os.stat(target).st_size != size:
                 return ref, target, False
@@ -136,8 +201,7 @@ class LocalArtifactStore:
             return ref  # a content address holds the same bytes: nothing to write
 
         def write(path: str) -> str:
-            with open(path, "wb") as handle:
-                handle.write(data)
+            _write_new(path, data)
             return digest
 
         return self.put(write)
@@ -156,7 +220,11 @@ class LocalArtifactStore:
         return str(path)
 
     def _open(self, uri: str) -> int:
-        """A descriptor of the regular file behind ``uri``, opened without following a link.
+        return self._open_sized(uri)[0]
+
+    def _open_sized(self, uri: str) -> tuple[int, int]:
+        """A descriptor of the regular file behind ``uri``, opened without following a link,
+        and its size.
 
         ``path_of`` checks a name; a link swapped in after that check would still be
         followed by an ``open`` of the name. Each folder from the root down, and the file,
@@ -184,10 +252,11 @@ class LocalArtifactStore:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise OutsideStore(f"{uri!r} goes through a link; refused") from None
             raise ArtifactUnreadable(f"cannot read artifact {uri}: {exc.strerror}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
             os.close(fd)
             raise OutsideStore(f"{uri!r} is not a regular file; refused")
-        return fd
+        return fd, status.st_size
 
     def _parts(self, uri: str) -> tuple[str, ...]:
         """The names from the root down to the file behind ``uri`` (checked by ``path_of``)."""
@@ -199,8 +268,11 @@ class LocalArtifactStore:
         return Path(self.path_of(uri)).relative_to(self.root).parts
 
     def get_bytes(self, uri: str, digest: str) -> bytes:
-        with open(self._open(uri), "rb") as handle:
-            data = handle.read()
+        fd, size = self._open_sized(uri)
+        try:
+            data = _read_to_end(fd, size)
+        finally:
+            os.close(fd)
         digests.verify_bytes(data, digest, uri)
         return data
 

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import contextvars
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +32,7 @@ from conveyor.contracts import (
     UntrustedStep,
     WorkerFacts,
 )
-from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH, MAX_TRACEBACK_LENGTH
+from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH, MAX_TRACEBACK_LENGTH, trusted
 from conveyor.workers import materializers, step_logs, step_process
 from conveyor.workers.step_failures import (
     error_line,
@@ -65,7 +64,7 @@ def load_artifact(
     """The value of a persisted artifact, verified against its digest; ``trust`` names the
     types a materializer that refuses unknown ones (skops) may build."""
     materializer = materializers.by_name(ref.materializer, allow_pickle=allow_pickle)
-    if isinstance(materializer, materializers.InMemory) and ref.size <= SMALL:
+    if materializers.in_memory(materializer) and ref.size <= SMALL:
         return materializer.parse(store.get_bytes(ref.uri, ref.digest), ref)
     with materializers.trusting(trust):
         return store.get(ref.uri, ref.digest, lambda path: materializer.load(path, ref))
@@ -86,7 +85,7 @@ def save_artifact(
 ) -> ArtifactRef:
     """Persist ``value``; ``what`` names it in the error if no materializer fits."""
     materializer = materializers.choose(value, allow_pickle=allow_pickle, what=what)
-    if isinstance(materializer, materializers.InMemory):
+    if materializers.in_memory(materializer):
         # A small value is bytes already: hashed first, it is not written at all when its
         # content address is taken (a re-executed step, a value many runs produce).
         blob = store.put_bytes(materializer.dump(value))
@@ -103,7 +102,7 @@ def save_artifact(
 def store_file(store: ArtifactStore, output: step_process.OutputFile) -> ArtifactRef:
     """Persist an output that a step's process wrote (the file is moved, or read if small)."""
     materializer = materializers.by_name(output.materializer, allow_pickle=True)  # not loaded
-    if isinstance(materializer, materializers.InMemory):
+    if materializers.in_memory(materializer):
         blob = store.put_bytes(Path(output.path).read_bytes())
     else:
 
@@ -154,13 +153,13 @@ class StepExecutor:
         self._stuck_limit = concurrency
         self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="conveyor-io")
         self._step_threads = StepThreads()
-        self._abandoned: set[threading.Event] = set()
+        self._abandoned: set[_End] = set()
         """The ends of the sync bodies that were abandoned, set when they return."""
 
     @property
     def stuck_threads(self) -> int:
         """Threads of timed-out or cancelled sync steps that still run."""
-        self._abandoned = {end for end in self._abandoned if not end.is_set()}
+        self._abandoned = {end for end in self._abandoned if not end.done}
         return len(self._abandoned)
 
     @property
@@ -185,7 +184,7 @@ class StepExecutor:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         context = contextvars.copy_context()
-        end = threading.Event()
+        end = _End()
 
         def run() -> None:
             try:
@@ -199,17 +198,17 @@ class StepExecutor:
             else:
                 _settle_threadsafe(loop, done, lambda: done.set_result(result))
             finally:
-                end.set()
+                end.done = True
 
         self._step_threads.run(run)
         try:
             return await done
         except asyncio.CancelledError:
-            if not end.is_set():
+            if not end.done:
                 self._abandon(end)
             raise
 
-    def _abandon(self, end: threading.Event) -> None:
+    def _abandon(self, end: _End) -> None:
         self._abandoned.add(end)
         stuck = self.stuck_threads
         if stuck >= self._stuck_limit:
@@ -330,14 +329,15 @@ class StepExecutor:
 
     async def _attempt(self, ready: StepReady, limit: float | None) -> StepSucceeded | StepFailed:
         started = time.perf_counter()
-        deadline = asyncio.timeout(limit)
+        # No timer at all without a limit (most steps): a Timeout costs a step 1-2%.
+        deadline = None if limit is None else asyncio.timeout(limit)
         try:
             # Resolving may download a code archive and imports user code: off the loop,
             # unless it was done before.
             definition = self._resolver.resolved(ready.step)
             if definition is None:
                 definition = await self._in_thread(self._resolver.resolve, ready.step)
-            async with deadline:
+            async with deadline or contextlib.nullcontext():
                 if definition.is_async:
                     outputs, body = await self._run_async(ready, definition)
                 elif (ready.step.isolation or self._isolation) == "process":
@@ -349,7 +349,7 @@ class StepExecutor:
                 ready, exc.error, exc.traceback, exc.retryable, started, exc.retry_after_s
             )
         except TimeoutError as exc:
-            if not deadline.expired():  # the step itself raised TimeoutError
+            if deadline is None or not deadline.expired():  # the step raised TimeoutError
                 return self._failed(ready, error_line(exc), user_traceback(exc), True, started)
             return self._failed(
                 ready, f"TimeoutError: step timed out after {limit}s", None, True, started
@@ -363,7 +363,10 @@ class StepExecutor:
             )
         except Exception as exc:
             return self._failed(ready, error_line(exc), user_traceback(exc), True, started)
-        return StepSucceeded(
+        # Of a validated StepReady and the refs this worker stored: not validated again (a
+        # controller that takes it from a broker parses it).
+        return trusted(
+            StepSucceeded,
             run_id=ready.run_id,
             step=ready.step.name,
             attempt=ready.attempt,
@@ -402,6 +405,17 @@ class StepExecutor:
             duration_s=time.perf_counter() - started,
             by=self._facts,
         )
+
+
+class _End:
+    """Whether a sync body's thread returned: set by that thread, read on the loop (a
+    ``threading.Event``, with its lock and condition, cost a step more and nobody waits
+    on it)."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
 
 
 def _settle_threadsafe(

@@ -188,3 +188,66 @@ def test_a_large_corrupted_file_is_detected_through_the_mapped_check(
         handle.write(b"\x00")
     with pytest.raises(ArtifactUnreadable, match="corrupted"):
         load_artifact(store, ref, allow_pickle=False)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, -7, 2**63, True, None, 1.5, float("nan"), [1, "a"], {"k": (1, 2)}],
+)
+def test_json_values_are_recognised_with_or_without_the_scalar_shortcut(value: object) -> None:
+    from conveyor.workers.materializers.builtin import JsonMaterializer
+
+    assert JsonMaterializer().handles(value)
+
+
+def test_json_refuses_what_it_cannot_write() -> None:
+    from conveyor.workers.materializers.builtin import JsonMaterializer
+
+    assert not JsonMaterializer().handles(10**5000)  # beyond int-to-text's digit limit
+    assert not JsonMaterializer().handles([object()])
+    assert not JsonMaterializer().handles("text")  # str has a materializer of its own
+
+
+def test_in_memory_materializers_are_told_apart_by_class() -> None:
+    from conveyor.workers.materializers import in_memory
+    from conveyor.workers.materializers.builtin import JsonMaterializer
+    from conveyor.workers.materializers.registry import PICKLE
+
+    assert in_memory(JsonMaterializer())
+    assert not in_memory(PICKLE)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, (1 << 16) + 1, (1 << 20) + 3])
+def test_bytes_of_every_size_are_written_read_and_found_again(
+    store: LocalArtifactStore, size: int
+) -> None:
+    data = os.urandom(size)
+    ref = store.put_bytes(data)
+    assert store.get_bytes(ref.uri, ref.digest) == data
+    assert store.put_bytes(data) == ref  # found, not written again
+
+
+@pytest.mark.parametrize("damage", ["in place", "cut short", "a link", "gone"])
+def test_a_damaged_small_file_is_written_afresh_when_its_bytes_come_again(
+    store: LocalArtifactStore, tmp_path: Path, damage: str
+) -> None:
+    """A step run again after its cached outputs were found corrupted rewrites them."""
+    data = b"the output of a step"
+    ref = store.put_bytes(data)
+    path = Path(store.path_of(ref.uri))
+    if damage == "in place":
+        path.write_bytes(b"X" * len(data))
+    elif damage == "cut short":
+        path.write_bytes(data[:-1])
+    elif damage == "a link":
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.write_bytes(data)
+        path.unlink()
+        path.symlink_to(elsewhere)
+    else:
+        path.unlink()
+    with pytest.raises(ArtifactUnreadable):
+        store.get_bytes(ref.uri, ref.digest)
+    assert store.put_bytes(data) == ref
+    assert not path.is_symlink()
+    assert store.get_bytes(ref.uri, ref.digest) == data

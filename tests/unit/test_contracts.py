@@ -183,3 +183,43 @@ def test_an_artifact_ref_made_of_a_blob_is_the_validated_one() -> None:
         contracts.ArtifactRef.of(blob, materializer="m" * 101, version=None, data_type="x")
     with pytest.raises(PydanticValidationError):
         contracts.ArtifactRef.of(blob, materializer="json", version="1", data_type="x" * 501)
+
+
+def test_trusted_events_equal_validated_ones() -> None:
+    from conveyor.contracts import ArtifactRef, StepSucceeded, WorkerFacts
+    from conveyor.contracts.events import trusted
+
+    ref = ArtifactRef(
+        uri="blobs/ab",
+        digest="sha256:" + "a" * 64,
+        size=1,
+        materializer="json",
+        materializer_version="1",
+        data_type="builtins.int",
+    )
+    fields = {
+        "run_id": "a" * 32,
+        "step": "s",
+        "attempt": 1,
+        "outputs": {"output": ref},
+        "duration_s": 0.5,
+        "by": WorkerFacts(worker="w", pid=1),
+    }
+    made = trusted(StepSucceeded, **fields)
+    checked = StepSucceeded(**fields, event_id=made.event_id, time=made.time)
+    assert made == checked
+    assert made.model_dump_json() == checked.model_dump_json()
+    assert made.logs is None
+    # Defaults made by factories are fresh for each event.
+    assert trusted(StepSucceeded, **fields).event_id != made.event_id
+    changed = trusted(
+        StepStatusChanged, run_id="a" * 32, step="s", status=StepStatus.PENDING, attempt=1
+    )
+    assert (
+        changed.outputs == {}
+        and changed.outputs
+        is not trusted(
+            StepStatusChanged, run_id="a" * 32, step="s", status=StepStatus.PENDING, attempt=1
+        ).outputs
+    )
+    assert json.loads(encode_event(changed))["type"] == "StepStatusChanged"

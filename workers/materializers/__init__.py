@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 from conveyor.contracts import Materializer
-from conveyor.workers.materializers.builtin import HASH_ALONGSIDE_MIN, InMemory
+from conveyor.workers.materializers.builtin import HASH_ALONGSIDE_MIN, InMemory, in_memory
 from conveyor.workers.materializers.registry import (
     ENTRY_POINT_GROUP,
     REGISTRY,
@@ -27,6 +27,7 @@ __all__ = [
     "NoMaterializer",
     "by_name",
     "choose",
+    "in_memory",
     "register_materializer",
     "trusted",
     "trusting",
