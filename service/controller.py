@@ -120,6 +120,8 @@ class Controller:
         self._runs = RunStore(db)
         self._broker = broker
         self._stack = stack
+        # Recorded with each of its runs: dumped once, not per run.
+        self._stack_snapshot = stack.model_dump(mode="json")
         self._owner = owner
         self._states: dict[str, RunState] = {}
         # Reused outputs are checked in the stack's store; without one, every step runs.
@@ -543,7 +545,7 @@ class Controller:
                 spec=spec,
                 stack_id=self._stack.id,
                 stack_name=self._stack.name,
-                stack_snapshot=self._stack.model_dump(mode="json"),
+                stack_snapshot=self._stack_snapshot,
                 idempotency_key=request.idempotency_key,
                 owner=self._owner,
                 now=batch.now,

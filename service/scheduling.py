@@ -22,6 +22,7 @@ from conveyor.contracts import (
     FINISHED_STEP_STATUSES,
     ArtifactRef,
     AttemptsCancelled,
+    ConveyorError,
     Event,
     PipelineSpec,
     RunFinished,
@@ -113,11 +114,20 @@ class RunState:
         steps = {s.name: StepState(s) for s in spec.steps}
         # Only steps that have some: the leaves of a fan-out of 100,000 need no list each.
         downstream: dict[str, list[str]] = {}
+        # What ``recount`` derives, for steps all pending: ``upstream`` is computed once
+        # (it is a fifth of recording a run of ten steps).
+        waiting: dict[str, int] = {}
         for s in spec.steps:
-            for up in s.upstream:
+            upstream = s.upstream
+            waiting[s.name] = len(upstream)
+            for up in upstream:
+                if up not in steps:  # the contract refuses such a spec; one built past it
+                    raise ConveyorError(f"step {s.name!r} reads an output of unknown {up!r}")
                 downstream.setdefault(up, []).append(s.name)
         run = cls(run_id=run_id, status=RunStatus.PENDING, steps=steps, downstream=downstream)
-        run.recount()
+        run.unfinished = len(steps)
+        run.waiting = waiting
+        run.ready = deque(name for name, count in waiting.items() if count == 0)
         return run
 
     def recount(self) -> None:

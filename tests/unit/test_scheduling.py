@@ -217,3 +217,13 @@ def test_a_step_never_announced_gets_its_start_from_its_duration() -> None:
     apply_event(run, StepStarted(run_id="r", step="b", attempt=1, by=BY))
     (announced,) = apply_event(run, ok(run, "b")).steps
     assert announced.started is None, "the announced start is kept"
+
+
+def test_a_new_run_counts_what_a_recount_of_it_derives() -> None:
+    # A fan-in naming one upstream twice waits for it once.
+    twice = node("twice", "a", "a", fan_in=True)
+    run = RunState.new("r", spec(node("a"), node("b"), node("c", "a", "b"), twice))
+    counted = (run.unfinished, dict(run.waiting), list(run.ready), run.dispatched)
+    run.recount()
+    assert counted == (run.unfinished, run.waiting, list(run.ready), run.dispatched)
+    assert counted == (4, {"a": 0, "b": 0, "c": 2, "twice": 1}, ["a", "b"], 0)
