@@ -181,4 +181,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE users ADD COLUMN token_expires TEXT;
     """,
+    # 10: what changed in a run since a follower last looked. A run's marker counts the
+    # controller's transactions that changed its steps; a step records the marker of its
+    # last change. A small table of its own, not a column of ``runs``: SQLite rewrites a
+    # row whole, and a run's row holds its spec (megabytes for a large fan-out).
+    """
+    CREATE TABLE run_changes (
+        run_id TEXT PRIMARY KEY REFERENCES runs (id) ON DELETE CASCADE,
+        marker INTEGER NOT NULL
+    );
+    ALTER TABLE steps ADD COLUMN changed INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX steps_changed ON steps (run_id, changed);
+    """,
 )
