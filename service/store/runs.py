@@ -566,6 +566,21 @@ class RunStore:
         )
         return {row["name"]: (row["cache_key"], row["cached_from"] or run_id) for row in rows}
 
+    async def unfinished(self, run_ids: Sequence[str]) -> set[str]:
+        """Which of ``run_ids`` are queued, pending or running (not finished, not deleted)."""
+        found: set[str] = set()
+        finished = [s.value for s in FINISHED_RUN_STATUSES]
+        for start in range(0, len(run_ids), MAX_QUERY_KEYS):
+            chunk = list(run_ids[start : start + MAX_QUERY_KEYS])
+            marks = ",".join("?" * len(chunk))
+            rows = await self.db.fetchall(
+                f"SELECT id FROM {SEEN} WHERE id IN ({marks})"
+                f" AND status NOT IN ({','.join('?' * len(finished))})",
+                (*chunk, *finished),
+            )
+            found.update(row["id"] for row in rows)
+        return found
+
     async def active_run_ids(self, stack_id: str) -> list[str]:
         rows = await self.db.fetchall(
             "SELECT id FROM runs WHERE stack_id = ? AND status IN (?, ?) ORDER BY created",

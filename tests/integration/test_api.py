@@ -25,6 +25,7 @@ from conveyor.contracts import (
     new_id,
     utcnow,
 )
+from conveyor.service import gateway as gateway_module
 from conveyor.service.context import Services
 from conveyor.service.engine import Conveyor
 from conveyor.service.scheduling import StepUpdate, Transition
@@ -660,3 +661,43 @@ async def test_a_follower_that_leaves_ends_the_watch_of_its_run(home: Path) -> N
         follower.left.set()
         await asyncio.wait_for(follower.task, 5)
         assert follower.run is None and len(app.state.conveyor.watches) == 0
+
+
+async def test_the_engine_of_an_old_stack_revision_stops_once_its_runs_ended(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway_module, "SWEEP_INTERVAL_S", 0.05)
+    async with serving(home) as (app, api):
+        gateway = app.state.conveyor.gateway
+        component = {"type": "orchestrator", "name": "local2", "flavor": "local"}
+        assert (await api.post("/api/components", json=component)).status_code == 201
+        stack = {
+            "name": "other",
+            "components": {"orchestrator": "local2", "artifact_store": "default"},
+        }
+        assert (await api.post("/api/stacks", json=stack)).status_code == 201
+        gate = tmp_path / "gate"
+        held = await submit(api, GATED, parameters={"gate": str(gate)}, stack="other")
+        await wait_step(api, held["id"], "wait_for_gate", "running")
+        (old,) = gateway.conveyors()[1:]
+        update = {"config": {"concurrency": 3}}
+        assert (await api.patch("/api/components/orchestrator/local2", json=update)).is_success
+        after = await submit(api, GATED, parameters={"n": 2}, stack="other")
+        assert (await wait_status(api, after["id"]))["status"] == "completed"
+        (_, new) = gateway.conveyors()[1:]
+        assert new is not old
+        await asyncio.sleep(0.3)  # sweeps go by: the old revision still runs a run
+        assert old in gateway.conveyors() and old.controller_alive
+        # Its run is still its own to cancel... and once it ended, the old engine stops.
+        cancelled = (await api.post(f"/api/runs/{held['id']}/cancel")).json()
+        assert cancelled["status"] == "cancelled", cancelled
+        deadline = asyncio.get_running_loop().time() + 10
+        while old in gateway.conveyors() or old.controller_alive is not None:
+            assert asyncio.get_running_loop().time() < deadline, "the old engine was kept"
+            await asyncio.sleep(0.05)
+        with pytest.raises(RuntimeError, match="not started"):
+            _ = old.services
+        assert gateway.conveyors()[1:] == [new], "the current revision's engine stays"
+        again = await submit(api, GATED, parameters={"n": 3}, stack="other")
+        assert (await wait_status(api, again["id"]))["status"] == "completed"
+        assert gateway.conveyors()[1:] == [new]
