@@ -230,16 +230,18 @@ class RunGateway:
         idle: list[_Engine] = []
         async with self._opening:
             for revision, engine in list(self._others.items()):
+                # Every engine forgets its finished runs, so that the set stays small.
+                if engine.runs:
+                    engine.runs = await self.services.runs.unfinished(sorted(engine.runs))
+                if engine.runs or engine.submitting:
+                    continue
                 stack = engine.conveyor.stack
                 assert stack is not None
                 try:
                     current = _revision(await self.services.stacks.get(stack.id)) == revision
                 except NotFoundError:
                     current = False
-                if current or engine.submitting:
-                    continue
-                engine.runs = await self.services.runs.unfinished(sorted(engine.runs))
-                if not engine.runs:
+                if not current:
                     del self._others[revision]
                     idle.append(engine)
         for engine in idle:
