@@ -2,19 +2,22 @@
 
 The stack the server was started for gets its ``Conveyor`` (and so, on an embedded stack,
 its controller and workers) at start-up; another stack named in a request gets one on first
-use. A submission returns once the controller has recorded the run, so that an HTTP client
-gets a run it can read, and so that an idempotency key is settled before the next request
-with the same key is looked at.
+use, one per revision of that stack (its components as they are now). The ``Conveyor`` of a
+revision that was superseded (the stack's components changed, or it was deleted) is stopped
+once the runs submitted through it ended. A submission returns once the controller has
+recorded the run, so that an HTTP client gets a run it can read, and so that an idempotency
+key is settled before the next request with the same key is looked at.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -47,6 +50,9 @@ log = structlog.get_logger("conveyor.server")
 RESERVED_PARAMETERS = frozenset({"idempotency_key", "on_step", "cache"})
 MAX_COMPILING = 2
 """Pipelines compiled at once; more wait. A thread cannot be stopped, so they are few."""
+SWEEP_INTERVAL_S = 5.0
+"""How often the ``Conveyor`` of each superseded stack revision is looked at (and stopped
+once its runs ended)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,18 @@ class _KeyLocks:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)
+
+
+@dataclass(eq=False)
+class _Engine:
+    """The ``Conveyor`` of one stack revision, and what it is busy with."""
+
+    conveyor: Conveyor
+    revision: str
+    runs: set[str] = field(default_factory=set)
+    """Runs submitted through it and not seen finished yet."""
+    submitting: int = 0
+    """Submissions under way through it (their runs are not in ``runs`` yet)."""
 
 
 @dataclass(frozen=True)
@@ -124,10 +142,11 @@ class RunGateway:
         self._max_steps = max_steps
         self._compiling = asyncio.Semaphore(MAX_COMPILING)
         self._served: Conveyor | None = None
-        self._others: dict[str, Conveyor] = {}
+        self._others: dict[str, _Engine] = {}
         """A ``Conveyor`` per revision of a stack (``_revision``) runs were submitted to."""
         self._opening = asyncio.Lock()
         self._keys = _KeyLocks()
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def served(self) -> Conveyor:
@@ -148,7 +167,7 @@ class RunGateway:
 
     def conveyors(self) -> list[Conveyor]:
         """Every started ``Conveyor``, the served one first."""
-        return [self.served, *self._others.values()]
+        return [self.served, *(engine.conveyor for engine in self._others.values())]
 
     async def start(self, stack: str | None = None) -> None:
         """Start the ``Conveyor`` of ``stack`` (default: the active stack)."""
@@ -157,35 +176,79 @@ class RunGateway:
         served = Conveyor(home=self._home, stack=stack)
         await served.start()
         self._served = served
+        self._sweeper = asyncio.create_task(self._sweep_now_and_then(), name="gateway sweeper")
 
     async def stop(self) -> None:
         """Stop every ``Conveyor`` (others first, the served one last)."""
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
         others, self._others = self._others, {}
-        for conveyor in others.values():
-            await conveyor.stop()
+        for engine in others.values():
+            await engine.conveyor.stop()
         served, self._served = self._served, None
         if served is not None:
             await served.stop()
 
     async def conveyor_for(self, stack_name: str | None) -> Conveyor:
         """The ``Conveyor`` of ``stack_name``, started on first use."""
+        engine = await self._engine_for(stack_name)
+        return self.served if engine is None else engine.conveyor
+
+    async def _engine_for(self, stack_name: str | None) -> _Engine | None:
+        """The engine of the current revision of ``stack_name``; ``None``: the served one."""
         if stack_name is None:
-            return self.served
+            return None
         # A stack may be named by its id too: one Conveyor per stack, whatever it is called,
         # and a new one once its components changed (or it was deleted and made again under
-        # its name): a run goes to the stack as it is now. The older one stays, idle once
-        # its runs ended, so that those can still be followed and cancelled.
+        # its name): a run goes to the stack as it is now. The older one stays until its
+        # runs ended (``sweep``), so that those can still be followed and cancelled.
         stack = await self.services.stacks.get(stack_name)
         if stack.name == self.stack.name:
-            return self.served
+            return None
         revision = _revision(stack)
         async with self._opening:
             found = self._others.get(revision)
             if found is None:
-                found = Conveyor(home=self._home, stack=stack.name)
-                await found.start()
-                self._others[revision] = found
+                conveyor = Conveyor(home=self._home, stack=stack.name)
+                await conveyor.start()
+                found = self._others[revision] = _Engine(conveyor, revision)
             return found
+
+    async def _sweep_now_and_then(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                await self.sweep()
+            except Exception:  # the store failed for a moment: the next round tries again
+                log.warning("could not look for idle engines of old stacks", exc_info=True)
+
+    async def sweep(self) -> None:
+        """Stop the ``Conveyor`` of each superseded stack revision whose runs all ended."""
+        idle: list[_Engine] = []
+        async with self._opening:
+            for revision, engine in list(self._others.items()):
+                # Every engine forgets its finished runs, so that the set stays small.
+                if engine.runs:
+                    engine.runs = await self.services.runs.unfinished(sorted(engine.runs))
+                if engine.runs or engine.submitting:
+                    continue
+                stack = engine.conveyor.stack
+                assert stack is not None
+                try:
+                    current = _revision(await self.services.stacks.get(stack.id)) == revision
+                except NotFoundError:
+                    current = False
+                if not current:
+                    del self._others[revision]
+                    idle.append(engine)
+        for engine in idle:
+            stack = engine.conveyor.stack
+            assert stack is not None
+            log.info("stopping the engine of an old stack revision", stack=stack.name)
+            await engine.conveyor.stop()
 
     async def submit(
         self,
@@ -232,7 +295,28 @@ class RunGateway:
         cache: bool,
         retry_of: str | None,
     ) -> Submission:
-        conveyor = await self.conveyor_for(stack)
+        engine = await self._engine_for(stack)
+        if engine is None:
+            return await self._keyed_on(self.served, compiled, idempotency_key, cache, retry_of)
+        engine.submitting += 1  # no await since it was found: a sweep cannot have stopped it
+        try:
+            submission = await self._keyed_on(
+                engine.conveyor, compiled, idempotency_key, cache, retry_of
+            )
+        finally:
+            engine.submitting -= 1
+        if submission.created:
+            engine.runs.add(submission.run.id)
+        return submission
+
+    async def _keyed_on(
+        self,
+        conveyor: Conveyor,
+        compiled: _Compiled,
+        idempotency_key: str | None,
+        cache: bool,
+        retry_of: str | None,
+    ) -> Submission:
         if idempotency_key is None:
             return await self._submit(conveyor, compiled, None, cache, retry_of)
         async with self._keys.hold(idempotency_key):
@@ -314,7 +398,7 @@ class RunGateway:
         orchestrator = stack.component(ComponentType.ORCHESTRATOR)
         if get_flavor(orchestrator.type, orchestrator.flavor).embedded:
             await self._check_owned(run)
-        await (await self.conveyor_for(stack.name)).cancel(run.id, reason)
+        await (await self._conveyor_of(run.id, stack.name)).cancel(run.id, reason)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._record_timeout
         while loop.time() < deadline:
@@ -323,6 +407,14 @@ class RunGateway:
                 break
             await asyncio.sleep(0.02)
         return run
+
+    async def _conveyor_of(self, run_id: str, stack_name: str) -> Conveyor:
+        """The ``Conveyor`` a run was submitted through (an older revision's, perhaps): on an
+        embedded stack, only its controller runs the run."""
+        for engine in self._others.values():
+            if run_id in engine.runs:
+                return engine.conveyor
+        return await self.conveyor_for(stack_name)
 
     async def _check_owned(self, run: RunRecord) -> None:
         # An embedded stack's controller lives in the process that submitted the run; only

@@ -18,7 +18,6 @@ from conveyor.contracts.models import MAX_NAME_LENGTH
 from conveyor.service.api import views
 from conveyor.service.api.artifact_files import read_logs
 from conveyor.service.api.errors import Forbidden
-from conveyor.service.api.run_events import run_events
 from conveyor.service.api.schemas import CancelRun, Page, Paging, SubmitRun
 from conveyor.service.api.security import api_services, require_user
 from conveyor.service.api.state import ApiState, settings_of, state_of
@@ -194,7 +193,7 @@ async def follow_run(
     for each step change, then ``event: run`` with the finished run's record; the stream
     ends there. A client that reconnects is sent the steps' current statuses again."""
     run = await state.services.runs.get_run(run_id)
-    events = run_events(
+    events = state.watches.events(
         state.services, run.id, settings_of(request).poll_interval_s, request.is_disconnected
     )
     return StreamingResponse(

@@ -15,6 +15,7 @@ from fastapi import Request
 from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
 from conveyor.service.api.login_limit import LoginAttempts
 from conveyor.service.api.pipeline_refs import TrustedPipelines
+from conveyor.service.api.run_events import RunWatches
 from conveyor.service.api.submitted_code import DEFAULT_MAX_CODE_BYTES, CheckedArchives
 from conveyor.service.context import Services
 from conveyor.service.gateway import RunGateway
@@ -50,6 +51,8 @@ class ApiState:
     summaries: RunSummaries
     archives: CheckedArchives = field(default_factory=CheckedArchives)
     """Code archives known to be in each stack's store (uploaded or checked there)."""
+    watches: RunWatches = field(default_factory=RunWatches)
+    """One reader of the store for all the followers of a run."""
     started: float = field(default_factory=time.monotonic)
 
     @property

@@ -22,6 +22,7 @@ from conveyor.contracts import (
     StackSpec,
     StepRecord,
     StepStatus,
+    StepStatusChanged,
     new_id,
     parse_event,
     utcnow,
@@ -39,6 +40,11 @@ from conveyor.service.store.id_prefixes import (
 
 ACTIVE = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
 MAX_QUERY_KEYS = 500
+BUMP_MARKER = (
+    "INSERT INTO run_changes (run_id, marker) VALUES (?, 1)"
+    " ON CONFLICT (run_id) DO UPDATE SET marker = marker + 1"
+)
+"""Move a run's change marker on (in the transaction that changes its steps)."""
 """Values bound in one query at most (SQLite allows 32766; shorter queries plan faster)."""
 
 
@@ -203,14 +209,20 @@ class RunStore:
 
     def apply(self, writes: Writes, run_id: str, change: Transition, now: datetime) -> None:
         """Persist a transition of ``run_id``: step rows, artifacts and the run's status."""
+        if change.steps:
+            # The run's change marker moves, and each changed step records it: a follower
+            # reads only the steps changed since the marker it saw (``step_changes``).
+            writes.add(BUMP_MARKER, [(run_id,)])
         writes.add(
-            "UPDATE steps SET status = ?, attempt = ?, started = COALESCE(?, started),"
+            "UPDATE steps SET changed = (SELECT marker FROM run_changes WHERE run_id = ?),"
+            " status = ?, attempt = ?, started = COALESCE(?, started),"
             " finished = ?, duration_s = COALESCE(?, duration_s), error = ?,"
             " traceback = ?, pid = COALESCE(?, pid), worker = COALESCE(?, worker),"
             " logs = COALESCE(?, logs), retry_at = ?, cache_key = COALESCE(?, cache_key),"
             " cached_from = COALESCE(?, cached_from) WHERE run_id = ? AND name = ?",
             (
                 (
+                    run_id,
                     u.status.value,
                     u.attempt,
                     _ts(u.started),
@@ -427,6 +439,70 @@ class RunStore:
             for row in rows
         ]
 
+    async def change_marker(self, run_id: str) -> tuple[RunStatus, int] | None:
+        """A recorded run's status and change marker (``None``: not recorded, or deleted).
+
+        One small row: neither a step nor the run's spec is read."""
+        row = await self.db.fetchone(
+            "SELECT r.status, COALESCE(c.marker, 0) AS marker FROM runs r"
+            " LEFT JOIN run_changes c ON c.run_id = r.id WHERE r.id = ?",
+            (run_id,),
+        )
+        return None if row is None else (RunStatus(row["status"]), row["marker"])
+
+    async def step_changes(
+        self, run_id: str, since: int | None
+    ) -> tuple[list[StepStatusChanged], int]:
+        """Each step of ``run_id`` whose record changed after marker ``since`` (every step
+        with ``None``), as the change that would have announced its status, in the order of
+        the run's steps; and the highest marker among them (0 if none)."""
+        columns = "name, status, attempt, error, duration_s, retry_at, cached_from, changed"
+        if since is None:
+            rows = await self.db.fetchall(
+                f"SELECT {columns} FROM steps WHERE run_id = ? ORDER BY position", (run_id,)
+            )
+        else:
+            rows = await self.db.fetchall(
+                f"SELECT {columns} FROM steps WHERE run_id = ? AND changed > ? ORDER BY position",
+                (run_id, since),
+            )
+        with_outputs = [
+            row["name"]
+            for row in rows
+            if row["status"] in (StepStatus.COMPLETED.value, StepStatus.CACHED.value)
+        ]
+        outputs = await self._outputs_of_steps(run_id, with_outputs)
+        changes = [
+            StepStatusChanged(
+                run_id=run_id,
+                step=row["name"],
+                status=StepStatus(row["status"]),
+                attempt=row["attempt"],
+                error=row["error"],
+                duration_s=row["duration_s"],
+                outputs=outputs.get(row["name"], {}),
+                retry_at=_dt(row["retry_at"]),
+                cached_from=row["cached_from"],
+            )
+            for row in rows
+        ]
+        return changes, max((row["changed"] for row in rows), default=0)
+
+    async def _outputs_of_steps(
+        self, run_id: str, names: Sequence[str]
+    ) -> dict[str, dict[str, ArtifactRef]]:
+        found: dict[str, dict[str, ArtifactRef]] = {}
+        for start in range(0, len(names), MAX_QUERY_KEYS):
+            chunk = list(names[start : start + MAX_QUERY_KEYS])
+            marks = ",".join("?" * len(chunk))
+            rows = await self.db.fetchall(
+                f"SELECT * FROM artifacts WHERE run_id = ? AND step_name IN ({marks})",
+                (run_id, *chunk),
+            )
+            for row in rows:
+                found.setdefault(row["step_name"], {})[row["output_name"]] = _artifact_ref(row)
+        return found
+
     async def load_state(self, run_id: str) -> RunState:
         """Rebuild the controller's view of a run from the store (after a restart)."""
         run = await self.run_by_id(run_id)
@@ -489,6 +565,21 @@ class RunStore:
             (run_id, StepStatus.COMPLETED.value, StepStatus.CACHED.value),
         )
         return {row["name"]: (row["cache_key"], row["cached_from"] or run_id) for row in rows}
+
+    async def unfinished(self, run_ids: Sequence[str]) -> set[str]:
+        """Which of ``run_ids`` are queued, pending or running (not finished, not deleted)."""
+        found: set[str] = set()
+        finished = [s.value for s in FINISHED_RUN_STATUSES]
+        for start in range(0, len(run_ids), MAX_QUERY_KEYS):
+            chunk = list(run_ids[start : start + MAX_QUERY_KEYS])
+            marks = ",".join("?" * len(chunk))
+            rows = await self.db.fetchall(
+                f"SELECT id FROM {SEEN} WHERE id IN ({marks})"
+                f" AND status NOT IN ({','.join('?' * len(finished))})",
+                (*chunk, *finished),
+            )
+            found.update(row["id"] for row in rows)
+        return found
 
     async def active_run_ids(self, stack_id: str) -> list[str]:
         rows = await self.db.fetchall(
@@ -556,10 +647,13 @@ class RunStore:
         """Mark a run whose controller process died failed, with its unfinished steps."""
         now = utcnow().isoformat()
         async with self.db.transaction() as conn:
+            await conn.execute(BUMP_MARKER, (run_id,))
             await conn.execute(
-                "UPDATE steps SET status = CASE status WHEN ? THEN ? ELSE ? END,"
+                "UPDATE steps SET changed = (SELECT marker FROM run_changes WHERE run_id = ?),"
+                " status = CASE status WHEN ? THEN ? ELSE ? END,"
                 " finished = ?, error = ? WHERE run_id = ? AND status IN (?, ?)",
                 (
+                    run_id,
                     StepStatus.RUNNING.value,
                     StepStatus.FAILED.value,
                     StepStatus.SKIPPED.value,

@@ -220,6 +220,47 @@ def test_a_failing_step_fails_the_command_and_a_retry_runs_the_fixed_code(team: 
     assert "finish.output = 21" in retried.stdout
 
 
+def test_client_retry_run_through_the_server_reuses_completed_steps_for_the_retrier(
+    team: Team, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conveyor.contracts import NotAllowed, RunStatus, StepStatus
+    from conveyor.service.client import Client
+    from conveyor.service.remote_client import RemoteClient
+
+    ivan, _ = team.user("ivan")
+    judy, _ = team.user("judy")
+    project = team.tmp / "ivan-project"
+    project.mkdir()
+    # Steps of their own (carol's run above cached the same code): 30, not 20.
+    own = FAILING.replace("return 20", "return 30")
+    (project / "flaky_retry.py").write_text(own.format(broken=True))
+    done = team.cli(ivan, "pipeline", "run", "flaky_retry.py:flaky", "--stack", STACK, cwd=project)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    failed = done.stdout.split("Run ", 1)[1].split()[0]
+    (project / "flaky_retry.py").write_text(own.format(broken=False))
+    monkeypatch.chdir(project)
+
+    # Another member may read the run, not retry it.
+    monkeypatch.setenv("CONVEYOR_HOME", str(judy))
+    with Client() as client, pytest.raises(NotAllowed):
+        client.retry_run(failed)
+    # An admin's retry, through the Python API of a logged-in home: it is the admin's.
+    monkeypatch.setenv("CONVEYOR_HOME", str(team.tmp / "admin"))
+    with Client() as client:
+        assert isinstance(client, RemoteClient)
+        handle = client.retry_run(failed)
+        assert handle.status is RunStatus.COMPLETED
+        retry = client.get_run(handle.id)
+        assert (retry.retry_of, retry.user, retry.stack_name) == (failed, "default", STACK)
+        original = client.get_run(failed)
+        assert (original.user, original.retried_by) == ("ivan", [retry.id])
+        steps = {s.name: s for s in client.get_steps(retry.id)}
+        assert steps["prepare"].status is StepStatus.CACHED
+        assert steps["prepare"].cached_from == failed, "the completed step is reused"
+        assert steps["finish"].status is StepStatus.COMPLETED, "the failed one runs again"
+        assert handle.load("finish") == 31
+
+
 SLOW = """
 import asyncio
 
