@@ -40,12 +40,12 @@ from conveyor.service.store.id_prefixes import (
 
 ACTIVE = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
 MAX_QUERY_KEYS = 500
+"""Values bound in one query at most (SQLite allows 32766; shorter queries plan faster)."""
 BUMP_MARKER = (
     "INSERT INTO run_changes (run_id, marker) VALUES (?, 1)"
     " ON CONFLICT (run_id) DO UPDATE SET marker = marker + 1"
 )
 """Move a run's change marker on (in the transaction that changes its steps)."""
-"""Values bound in one query at most (SQLite allows 32766; shorter queries plan faster)."""
 
 
 def _ts(value: datetime | None) -> str | None:
