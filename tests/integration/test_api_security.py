@@ -248,12 +248,16 @@ async def test_a_symlink_swapped_in_during_a_download_never_leaks(
     statuses: list[int] = []
     leaks = wrong = 0
     try:
-        for _ in range(300):
+        # Until the race was seen both ways (or 3,000 tries): how often a download meets the
+        # link depends on how the threads are scheduled, which a loaded machine changes.
+        for _ in range(1500):
             for route in ("/api/artifacts/{}/download", "/artifacts/{}/download"):
                 response = await api.get(route.format(artifact["id"]))
                 leaks += b"SECRET" in response.content
                 statuses.append(response.status_code)
                 wrong += response.status_code == 200 and response.content != genuine
+            if len(statuses) >= 600 and {200, 403} <= set(statuses):
+                break
     finally:
         stop.set()
         racer.join(10)
