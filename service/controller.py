@@ -269,6 +269,7 @@ class Controller:
                     await self._decide_again()
                 if batch:
                     await self._process(batch)
+                    batch = []  # recorded and acked: what fails from here is not its doing
                 else:  # idle: note what the broker confirmed meanwhile
                     await self._flush_confirmed()
                 await self._check_leases()

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
 from conveyor.contracts import (
+    Delivery,
     OutputSelector,
     PipelineSpec,
     RunCancelRequested,
@@ -14,6 +17,7 @@ from conveyor.contracts import (
     StepSpec,
     new_id,
 )
+from conveyor.service.controller import Controller
 from conveyor.workers.broker_inprocess import InProcessBroker
 
 
@@ -110,3 +114,30 @@ async def test_a_message_that_fails_its_batch_is_dead_lettered_and_the_rest_proc
         [letter] = broker.dead_letters
         assert letter.event.run_id == poison.run_id
         assert "cannot process" in letter.reason and "ghost" in letter.reason
+
+
+async def test_a_lease_check_failing_after_a_batch_does_not_process_the_batch_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch recorded and acked is done: a lease check that fails after it (the store
+    hiccups) backs off, instead of taking the batch apart and applying each event again."""
+    processed: list[str] = []
+    process, check = Controller._process, Controller._check_leases
+    failures = [RuntimeError("the store hiccuped")]
+
+    async def counting(self: Controller, deliveries: list[Delivery]) -> None:
+        processed.extend(d.event.event_id for d in deliveries)
+        await process(self, deliveries)
+
+    async def failing_once(self: Controller) -> None:
+        if processed and failures:
+            raise failures.pop()
+        await check(self)
+
+    monkeypatch.setattr(Controller, "_process", counting)
+    monkeypatch.setattr(Controller, "_check_leases", failing_once)
+    async with Conveyor() as cv:
+        record = await (await cv.submit(handoff, cache=False)).wait(timeout=30)
+    assert record.status is RunStatus.COMPLETED
+    assert not failures, "the lease check failed once, after a batch"
+    assert len(processed) == len(set(processed)), "an acked delivery was processed again"
