@@ -1,18 +1,15 @@
 """The SQLite connection of one process: WAL, migrations, and serialized write transactions.
 
-Several processes may share one CONVEYOR_HOME. Each process reads and writes through one
-aiosqlite connection: ``transaction()`` takes SQLite's write lock up front (``BEGIN
-IMMEDIATE``) so that concurrent writers wait on ``busy_timeout`` instead of failing with
-"database is locked" halfway through a transaction. A small batch of writes (``write()``,
-at most ``INLINE_ROWS`` rows: a controller's commit) runs on the event loop's thread
-through a second connection that never waits for that lock: while another process holds
-it, the batch takes the first connection's way and waits. Each read runs whole in one trip
-to the first connection's thread, so it sees every write that returned before it began,
-whichever connection made it. Opening (the switch to WAL and the migrations) is serialized
-across processes by an advisory lock on a file beside the store: two processes creating a
-new store at once could otherwise meet while it is still in rollback-journal mode, where
-SQLite answers one of them "database is locked" at once rather than wait (its deadlock
-rule), and that process fails before doing anything.
+Several processes may share one CONVEYOR_HOME. Each process has one connection and writes
+through ``transaction()``, which takes SQLite's write lock up front (``BEGIN IMMEDIATE``)
+so that concurrent writers wait on ``busy_timeout`` instead of failing with
+"database is locked" halfway through a transaction. Each read runs whole in one trip to the
+connection's thread, so that it sees every commit made before it began, by this process or
+another. Opening (the switch to WAL and the migrations) is serialized across processes by
+an advisory lock on a file beside the store: two processes creating a new store at once
+could otherwise meet while it is still in rollback-journal mode, where SQLite answers one
+of them "database is locked" at once rather than wait (its deadlock rule), and that process
+fails before doing anything.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -35,10 +31,6 @@ from conveyor.contracts import ConveyorError
 from conveyor.service.store.migrations import MIGRATIONS
 
 BUSY_TIMEOUT_MS = 30_000
-INLINE_ROWS = 64
-"""A write transaction of at most this many rows runs on the event loop's own thread (it
-takes a fraction of a millisecond there), unless another process holds SQLite's write lock:
-see :meth:`Database.write`."""
 
 # What a user can do about each kind of SQLite failure, by its primary result code.
 _DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
@@ -144,10 +136,6 @@ def _run_writes(
     conn: sqlite3.Connection, statements: list[tuple[str, list[Sequence[Any]]]]
 ) -> None:
     conn.execute("BEGIN IMMEDIATE")
-    _run_begun(conn, statements)
-
-
-def _run_begun(conn: sqlite3.Connection, statements: list[tuple[str, list[Sequence[Any]]]]) -> None:
     try:
         for sql, rows in statements:
             conn.executemany(sql, rows)
@@ -173,21 +161,6 @@ def _fetchone(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
         cursor.close()  # resets the statement, which ends its read transaction
 
 
-def _inline_connection(path: Path) -> sqlite3.Connection:
-    """A second connection, for small writes from the event loop's thread. It never waits
-    for the write lock (``busy_timeout`` 0): held by another process, the write goes to the
-    main connection's thread, which waits."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        conn.execute("PRAGMA busy_timeout = 0")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA foreign_keys = ON")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
 class Database:
     """One aiosqlite connection; ``open()``, ``close()`` (idempotent), or ``async with``."""
 
@@ -195,10 +168,6 @@ class Database:
         self.path = path
         self._conn: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
-        # Small writes on the event loop's thread (the one that opened the store): one trip
-        # to aiosqlite's thread and back is two thread wake-ups, which a busy machine delays.
-        self._inline: sqlite3.Connection | None = None
-        self._inline_thread: int | None = None
 
     async def __aenter__(self) -> Database:
         await self.open()
@@ -239,15 +208,12 @@ class Database:
             await self._prepare(conn)
             self._conn = conn
             await self._migrate()
-            self._inline = _inline_connection(self.path)
-            self._inline_thread = threading.get_ident()
         except BaseException as exc:
             # The connection's thread is not a daemon: left open, it would keep the
             # process from ever exiting after this error.
             self._conn = None
             with contextlib.suppress(sqlite3.Error):
                 await conn.close()
-            self._close_inline()
             if isinstance(exc, sqlite3.Error | OSError):
                 raise store_error(self.path, exc) from exc
             raise
@@ -277,15 +243,8 @@ class Database:
     async def close(self) -> None:
         """Close the connection; safe to call twice or before ``open``."""
         conn, self._conn = self._conn, None
-        self._close_inline()
         if conn is not None:
             await conn.close()
-
-    def _close_inline(self) -> None:
-        inline, self._inline = self._inline, None
-        if inline is not None:
-            with contextlib.suppress(sqlite3.Error):
-                inline.close()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -301,45 +260,22 @@ class Database:
             await conn.execute("COMMIT")
 
     async def write(self, writes: Writes) -> None:
-        """Run ``writes`` as one transaction, in one trip to the connection's thread; a
-        small one (``INLINE_ROWS``) on this thread at once, when the write lock is free."""
+        """Run ``writes`` as one transaction, in one trip to the connection's thread."""
         if not writes.statements:
             return
         async with self._write_lock:
             conn = self.conn
-            if self._write_inline(writes):
-                return
             # aiosqlite has no public way to run several statements in one trip; these two
             # private names have been stable since its early releases (a unit test runs
             # this path, so an upgrade that drops them fails loudly).
             await conn._execute(_run_writes, conn._conn, writes.statements)  # type: ignore[no-untyped-call]
 
-    def _write_inline(self, writes: Writes) -> bool:
-        """Run ``writes`` on the inline connection if it is small and SQLite's write lock
-        is free; False if it was not run (nothing of it was written)."""
-        inline = self._inline
-        if inline is None or self._inline_thread != threading.get_ident():
-            return False
-        if sum(len(rows) for _, rows in writes.statements) > INLINE_ROWS:
-            return False
-        if inline.in_transaction:  # a ROLLBACK that failed (a full disk) left one open
-            inline.execute("ROLLBACK")
-        try:
-            inline.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-            if code in _BUSY:
-                return False  # another process writes: the main connection waits for it
-            raise
-        _run_begun(inline, writes.statements)
-        return True
-
-    # A read runs whole in one trip to the connection's thread: its statement is done (or
-    # reset) before the trip ends. A statement left open between trips (aiosqlite's
-    # execute, then fetch, then close) holds its connection's read transaction, and every
-    # other read made on that connection meanwhile sees the store as it was when that one
-    # started, not what the inline connection has committed since (a finished run read
-    # still running). So a read sees every write that returned before the read began.
+    # A read runs whole in one trip to the connection's thread: its statement is done and
+    # reset before the trip ends. A statement left open between trips (aiosqlite's execute,
+    # then fetch, then close: three trips) holds its connection's read transaction, and
+    # every other read made on the connection meanwhile sees the store as it was when that
+    # one began, without what another process committed since (and announced: a finished
+    # run read "running").
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
         conn = self.conn
