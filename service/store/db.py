@@ -3,14 +3,13 @@
 Several processes may share one CONVEYOR_HOME. Each process has one connection and writes
 through ``transaction()``, which takes SQLite's write lock up front (``BEGIN IMMEDIATE``)
 so that concurrent writers wait on ``busy_timeout`` instead of failing with
-"database is locked" halfway through a transaction. A small write (``INLINE_ROWS``) runs on
-the event loop's thread through a second connection that never waits for that lock: while
-another process holds it, the write takes the first connection's way and waits. Opening
-(the switch to WAL and the migrations) is serialized across processes by an advisory lock on
-a file beside the store:
-two processes creating a new store at once could otherwise meet while it is still in
-rollback-journal mode, where SQLite answers one of them "database is locked" at once rather
-than wait (its deadlock rule), and that process fails before doing anything.
+"database is locked" halfway through a transaction. Each read runs whole in one trip to the
+connection's thread, so that it sees every commit made before it began, by this process or
+another. Opening (the switch to WAL and the migrations) is serialized across processes by
+an advisory lock on a file beside the store: two processes creating a new store at once
+could otherwise meet while it is still in rollback-journal mode, where SQLite answers one
+of them "database is locked" at once rather than wait (its deadlock rule), and that process
+fails before doing anything.
 """
 
 from __future__ import annotations
@@ -146,6 +145,22 @@ def _run_writes(
     conn.execute("COMMIT")
 
 
+def _fetchall(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    cursor = conn.execute(sql, params)
+    try:
+        return cursor.fetchall()
+    finally:
+        cursor.close()
+
+
+def _fetchone(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
+    cursor = conn.execute(sql, params)
+    try:
+        return cursor.fetchone()
+    finally:
+        cursor.close()  # resets the statement, which ends its read transaction
+
+
 class Database:
     """One aiosqlite connection; ``open()``, ``close()`` (idempotent), or ``async with``."""
 
@@ -255,10 +270,19 @@ class Database:
             # this path, so an upgrade that drops them fails loudly).
             await conn._execute(_run_writes, conn._conn, writes.statements)  # type: ignore[no-untyped-call]
 
+    # A read runs whole in one trip to the connection's thread: its statement is done and
+    # reset before the trip ends. A statement left open between trips (aiosqlite's execute,
+    # then fetch, then close: three trips) holds its connection's read transaction, and
+    # every other read made on the connection meanwhile sees the store as it was when that
+    # one began, without what another process committed since (and announced: a finished
+    # run read "running").
+
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
-        async with self.conn.execute(sql, params) as cursor:
-            return list(await cursor.fetchall())
+        conn = self.conn
+        rows: list[aiosqlite.Row] = await conn._execute(_fetchall, conn._conn, sql, params)  # type: ignore[no-untyped-call]
+        return rows
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
-        async with self.conn.execute(sql, params) as cursor:
-            return await cursor.fetchone()
+        conn = self.conn
+        row: aiosqlite.Row | None = await conn._execute(_fetchone, conn._conn, sql, params)  # type: ignore[no-untyped-call]
+        return row

@@ -1,7 +1,9 @@
-"""Database.write: the statements of one batch commit together or not at all."""
+"""Database: the statements of one write batch commit together or not at all, and a read
+sees every commit made before it began."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -50,3 +52,39 @@ async def test_a_failing_statement_rolls_back_the_whole_batch(db: Database) -> N
     await db.write(again)
     assert await rows(db) == [("1", "a"), ("2", "b")]
     await db.close()
+
+
+async def test_a_read_sees_what_another_connection_committed_before_it_while_others_read(
+    db: Database, tmp_path: Path
+) -> None:
+    """A read that begins after another connection (another process) committed sees the
+    commit, even while other reads go on around it: a read whose statement stayed open
+    between two trips to aiosqlite's thread held its connection's read transaction, and
+    every read made meanwhile saw the store from before the commit."""
+    filler = Writes()
+    filler.add("INSERT INTO stacks_test VALUES (?, ?)", [(str(i), "row") for i in range(200)])
+    await db.write(filler)
+    other = sqlite3.connect(tmp_path / "conveyor.db", isolation_level=None)
+    stop = asyncio.Event()
+
+    async def read_around() -> None:
+        while not stop.is_set():
+            await db.fetchall("SELECT * FROM stacks_test")
+            await db.fetchone("SELECT * FROM stacks_test WHERE id = ?", ("1",))
+
+    readers = [asyncio.create_task(read_around()) for _ in range(3)]
+    stale = []
+    try:
+        for value in range(300):
+            other.execute("UPDATE stacks_test SET name = ? WHERE id = '0'", (str(value),))
+            row = await db.fetchone("SELECT name FROM stacks_test WHERE id = ?", ("0",))
+            if row is None or row[0] != str(value):
+                stale.append(value)
+            if value % 3 == 0:
+                await asyncio.sleep(0)  # the readers' trips fall at other points of each read
+    finally:
+        stop.set()
+        await asyncio.gather(*readers)
+        other.close()
+        await db.close()
+    assert stale == []
