@@ -145,22 +145,6 @@ def _run_writes(
     conn.execute("COMMIT")
 
 
-def _fetchall(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
-    cursor = conn.execute(sql, params)
-    try:
-        return cursor.fetchall()
-    finally:
-        cursor.close()
-
-
-def _fetchone(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
-    cursor = conn.execute(sql, params)
-    try:
-        return cursor.fetchone()
-    finally:
-        cursor.close()  # resets the statement, which ends its read transaction
-
-
 class Database:
     """One aiosqlite connection; ``open()``, ``close()`` (idempotent), or ``async with``."""
 
@@ -278,11 +262,10 @@ class Database:
     # run read "running").
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
-        conn = self.conn
-        rows: list[aiosqlite.Row] = await conn._execute(_fetchall, conn._conn, sql, params)  # type: ignore[no-untyped-call]
-        return rows
+        # aiosqlite's execute_fetchall: the statement runs to its end, which resets it.
+        return list(await self.conn.execute_fetchall(sql, params))
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
-        conn = self.conn
-        row: aiosqlite.Row | None = await conn._execute(_fetchone, conn._conn, sql, params)  # type: ignore[no-untyped-call]
-        return row
+        """The first row of ``sql``: for queries of one row (by key, or an aggregate)."""
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
