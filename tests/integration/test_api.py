@@ -18,11 +18,8 @@ from fastapi import FastAPI
 
 from conveyor.contracts import (
     ArtifactRef,
-    PipelineSpec,
     RunStatus,
-    StepSpec,
     StepStatus,
-    new_id,
     utcnow,
 )
 from conveyor.service import gateway as gateway_module
@@ -39,6 +36,7 @@ from tests.integration.api_helpers import (
     wait_status,
     wait_step,
 )
+from tests.store_support import record_run
 
 
 @pytest.fixture
@@ -493,28 +491,6 @@ async def test_a_run_on_another_stack_gets_that_stack_s_controller(api: httpx.As
 FAN_OUT = 3000
 
 
-async def _record_fan_out(services: Services, size: int) -> str:
-    """A run of ``size`` steps recorded straight into the store, as its controller would."""
-    run_id = new_id()
-    stack = await services.stacks.get("default")
-    writes = Writes()
-    services.runs.insert_run(
-        writes,
-        run_id=run_id,
-        spec=PipelineSpec(
-            name="fan", steps=[StepSpec(name=f"s{i}", ref="m:f") for i in range(size)]
-        ),
-        stack_id=stack.id,
-        stack_name=stack.name,
-        stack_snapshot={},
-        idempotency_key=None,
-        owner=None,
-        now=utcnow(),
-    )
-    await services.db.write(writes)
-    return run_id
-
-
 async def _apply(
     services: Services,
     run_id: str,
@@ -567,7 +543,7 @@ async def test_followers_of_a_large_run_share_one_reader_that_reads_only_what_ch
 ) -> None:
     async with serving(home) as (app, _):
         services = app.state.conveyor.services
-        run_id = await _record_fan_out(services, FAN_OUT)
+        run_id = await record_run(services, FAN_OUT)
         asked: list[str] = []
         for name in ("fetchall", "fetchone"):
             real = getattr(services.db, name)
@@ -653,7 +629,7 @@ async def test_followers_of_a_large_run_share_one_reader_that_reads_only_what_ch
 async def test_a_follower_that_leaves_ends_the_watch_of_its_run(home: Path) -> None:
     async with serving(home) as (app, _):
         services = app.state.conveyor.services
-        run_id = await _record_fan_out(services, 3)
+        run_id = await record_run(services, 3)
         await _apply(services, run_id, [StepUpdate("s0", StepStatus.RUNNING, 1)])
         follower = _Follower(app, services, run_id)
         await follower.received(1)

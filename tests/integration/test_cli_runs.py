@@ -212,30 +212,14 @@ def test_run_logs_show_what_each_step_printed_and_logged() -> None:
 
 
 async def _record_a_running_run() -> str:
-    from conveyor.contracts import PipelineSpec, StepSpec
-    from conveyor.contracts.events import utcnow
     from conveyor.service.context import Services
-    from conveyor.service.store.db import Writes
+    from tests.store_support import record_run
 
     services = await Services.open()
     try:
-        stack = await services.stacks.get("default")
-        writes = Writes()
-        services.runs.insert_run(
-            writes,
-            run_id="a" * 32,
-            spec=PipelineSpec(name="p", steps=[StepSpec(name="a", ref="m:a")]),
-            stack_id=stack.id,
-            stack_name=stack.name,
-            stack_snapshot={},
-            idempotency_key=None,
-            owner=None,
-            now=utcnow(),
-        )
-        await services.db.write(writes)
+        return await record_run(services, 1, run_id="a" * 32)
     finally:
         await services.close()
-    return "a" * 32
 
 
 @local_only("it records a running run straight into the home's own store")

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from conveyor import pipeline
-from conveyor.contracts import BlobRef, ConveyorError, UntrustedStep
+from conveyor.contracts import BlobRef, ConveyorError, PipelineSpec, UntrustedStep
 from conveyor.workers import code_archive, code_cache
 from conveyor.workers.artifact_store_local import LocalArtifactStore
 from conveyor.workers.code_archive import attach_code, pack
@@ -335,16 +335,20 @@ class PuttingStore(LocalArtifactStore):
         return super().put(write)
 
 
-def test_an_unchanged_archive_is_stored_once_per_store(tmp_path: Path) -> None:
-    root = tmp_path / "proj"
-    definitions = script_project(root)
+def one_step_spec(definitions: dict[str, StepDefinition]) -> PipelineSpec:
     (train,) = definitions.values()
 
     @pipeline
     def p() -> None:
         train()
 
-    spec, _ = p.compile()
+    return p.compile()[0]
+
+
+def test_an_unchanged_archive_is_stored_once_per_store(tmp_path: Path) -> None:
+    root = tmp_path / "proj"
+    definitions = script_project(root)
+    spec = one_step_spec(definitions)
     store = PuttingStore(tmp_path / "store")
     first = attach_code(spec, definitions, store)
     again = attach_code(spec, definitions, store)
@@ -364,13 +368,7 @@ def test_a_stored_archive_is_stored_again_after_a_while(
 ) -> None:
     """A store may lose what it held (an expiry rule) while a server runs for weeks."""
     definitions = script_project(tmp_path / "proj")
-    (train,) = definitions.values()
-
-    @pipeline
-    def p() -> None:
-        train()
-
-    spec, _ = p.compile()
+    spec = one_step_spec(definitions)
     store = PuttingStore(tmp_path / "store")
     attach_code(spec, definitions, store)
     monkeypatch.setattr(code_archive, "STORED_FOR_S", 0.0)  # the while has passed
