@@ -283,23 +283,14 @@ class Client:
         completed there with the same code, parameters and inputs is reused (``cached``),
         the others run. The new run's ``retry_of`` names the old one. Raises ``RunFailed``
         if the retry fails too and ``raise_on_failure`` is set."""
-        from conveyor.service.handles import run_pipeline
-        from conveyor.service.run_retries import pipeline_to_retry
+        from conveyor.service.run_retries import retry
 
         async def call(s: Services) -> tuple[RunRecord, PipelineSpec]:
             run = await s.runs.get_run(run_id)
             return run, await s.runs.spec_of(run.id)
 
         run, spec = self._run(call)
-        definition, parameters = pipeline_to_retry(run, spec)
-        return run_pipeline(
-            definition,
-            (),
-            parameters,
-            raise_on_failure=raise_on_failure,
-            stack=run.stack_name,
-            retry_of=run.id,
-        )
+        return retry(run, spec, raise_on_failure=raise_on_failure)
 
     def delete_run(self, run_id: str) -> None:
         self._run(lambda s: s.runs.delete_run(run_id))

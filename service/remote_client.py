@@ -321,19 +321,10 @@ class RemoteClient(Client):
     def retry_run(self, run_id: str, *, raise_on_failure: bool = False) -> RunHandle:
         """As ``Client.retry_run``: the pipeline is compiled again here (from the reference
         the run recorded, so from the folder it ran from) and run on the server."""
-        from conveyor.service.handles import run_pipeline
-        from conveyor.service.run_retries import pipeline_to_retry
+        from conveyor.service.run_retries import retry
 
         run = self.get_run(run_id)
-        definition, parameters = pipeline_to_retry(run, self.get_spec(run.id))
-        return run_pipeline(
-            definition,
-            (),
-            parameters,
-            raise_on_failure=raise_on_failure,
-            stack=run.stack_name,
-            retry_of=run.id,
-        )
+        return retry(run, self.get_spec(run.id), raise_on_failure=raise_on_failure)
 
     # --- artifacts ---
 

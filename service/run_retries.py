@@ -8,10 +8,13 @@ whose cache key is unchanged (the same code, parameters and inputs), and runs th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conveyor.contracts import ConflictError, ConveyorError, PipelineSpec, RunRecord, RunStatus
 from conveyor.service.pipelines import PipelineDefinition, load_pipeline
+
+if TYPE_CHECKING:
+    from conveyor.service.handles import RunHandle
 
 RETRYABLE = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 
@@ -45,3 +48,19 @@ def pipeline_to_retry(
             "ran from)"
         ) from None
     return definition, dict(run.parameters)
+
+
+def retry(run: RunRecord, spec: PipelineSpec, *, raise_on_failure: bool) -> RunHandle:
+    """Run ``run`` (recorded with ``spec``) again on its stack and wait for the end; the
+    new run names it in ``retry_of``. ``Client.retry_run``, local or through a server."""
+    from conveyor.service.handles import run_pipeline  # the engine: imported to run only
+
+    definition, parameters = pipeline_to_retry(run, spec)
+    return run_pipeline(
+        definition,
+        (),
+        parameters,
+        raise_on_failure=raise_on_failure,
+        stack=run.stack_name,
+        retry_of=run.id,
+    )
