@@ -451,18 +451,15 @@ class Conveyor:
         cancelled run whose completed steps this run reuses (``Client.retry_run``).
         ``code_attached``: the steps name their code archives already (a spec a client
         compiled and submitted to a server) and ``definitions`` may be empty."""
+        # A service stack's steps travel as code archives, packed here unless a client did.
+        pack = self._workers is None and not code_attached
         if self._workers is not None:
             self._workers.resolver.add(definitions)
             await self._workers.serve(step.pool for step in spec.steps)
-        elif not code_attached and not idempotency_key:
-            # A new run: its code is packed (a thread) while it is followed (the broker).
-            run = AsyncRun(new_id(), self, on_step, spec)
-            run._spec = spec = await self._with_code_followed(spec, definitions, run)
-            return await self._request(run, spec, None, cache, retry_of)
-        elif not code_attached:
-            spec = await self._with_code(spec, definitions)
         assert self.stack is not None
         if idempotency_key:
+            if pack:  # the key is checked against the spec as it runs, with its code
+                spec, pack = await self._with_code(spec, definitions), False
             existing = await self.services.runs.find_by_key(idempotency_key)
             if existing is not None:
                 check_reused_key(idempotency_key, existing, spec, self.stack.id)
@@ -470,7 +467,7 @@ class Conveyor:
                 await run._follow()
                 return run
         run = AsyncRun(new_id(), self, on_step, spec, idempotency_key)
-        await run._follow()
+        run._spec = spec = await self._followed(run, spec, definitions if pack else None)
         return await self._request(run, spec, idempotency_key, cache, retry_of)
 
     async def _request(
@@ -513,11 +510,17 @@ class Conveyor:
             self._store_checked = True
         return await asyncio.to_thread(attach_code, spec, definitions, self.artifacts)
 
-    async def _with_code_followed(
-        self, spec: PipelineSpec, definitions: dict[str, StepDefinition], run: AsyncRun
+    async def _followed(
+        self,
+        run: AsyncRun,
+        spec: PipelineSpec,
+        definitions: dict[str, StepDefinition] | None,
     ) -> PipelineSpec:
-        """``_with_code`` while ``run`` starts being followed; the run is not followed
-        if either fails."""
+        """Follow ``run``; with ``definitions``, pack its code (a thread) meanwhile and
+        return ``spec`` with it. The run is not followed if either fails."""
+        if definitions is None:
+            await run._follow()
+            return spec
         try:
             # Both end before gather() returns, or raises (cancelled): no follow outlives it.
             coded, followed = await asyncio.gather(
