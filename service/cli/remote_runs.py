@@ -54,14 +54,27 @@ def run_on_server(
 
         async def main() -> RunRecord:
             why = "interrupted (Ctrl+C on conveyor pipeline run)"
+            changes: asyncio.Queue[StepStatusChanged | None] = asyncio.Queue()
             async with RunFollower(status, definition.name, len(spec.steps)) as follower:
 
-                def on_step(change: StepStatusChanged) -> None:
-                    if change.status in _ECHOED:
-                        _echo_output(client, run.id, change.step)
-                    follower.on_step(change)
+                async def show() -> None:
+                    # Each finished step's log is fetched off the loop, so the stream is
+                    # read on meanwhile; changes show in the order they came, a step's log
+                    # before its line.
+                    while (change := await changes.get()) is not None:
+                        if change.status in _ECHOED:
+                            await asyncio.to_thread(_echo_output, client, run.id, change.step)
+                        follower.on_step(change)
 
-                return await follow_or_cancel(client, run.id, on_step, say, why)
+                shown = asyncio.create_task(show())
+                try:
+                    record = await follow_or_cancel(client, run.id, changes.put_nowait, say, why)
+                except BaseException:
+                    shown.cancel()
+                    raise
+                changes.put_nowait(None)
+                await shown
+                return record
 
         record = asyncio.run(main())
         steps = client.get_steps(record.id)

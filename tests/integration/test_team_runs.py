@@ -43,6 +43,7 @@ BROKEN = {broken}
 
 @step
 def prepare() -> int:
+    print("prepared 20 rows")
     return 20
 
 
@@ -208,6 +209,8 @@ def test_a_failing_step_fails_the_command_and_a_retry_runs_the_fixed_code(team: 
     (project / "flaky.py").write_text(FAILING.format(broken=True))
     done = team.cli(carol, "pipeline", "run", "flaky.py:flaky", "--stack", STACK, cwd=project)
     assert done.returncode == 1, (done.stdout, done.stderr)
+    # What a step printed on the server shows here once it is done, as on a local store.
+    assert "prepared 20 rows" in done.stdout, done.stdout
     assert "Step 'finish' failed: ValueError: the data is bad" in " ".join(done.stderr.split())
     assert "Traceback" in done.stderr and 'raise ValueError("the data is bad")' in done.stderr
     run_id = done.stdout.split("Run ", 1)[1].split()[0]
