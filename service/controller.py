@@ -50,11 +50,6 @@ from conveyor.workers.steps import readable
 log = structlog.get_logger("conveyor.controller")
 
 MAX_BATCH = 512
-REQUEST_SETTLE_TURNS = 3
-QUEUED_REQUEST_S = 1.0
-"""A run request this much older than its batch waited in the queue for a controller."""
-QUEUED_SETTLE_QUIET_S = 0.02
-QUEUED_SETTLE_MAX_S = 0.5
 BACK_OFF_S = 0.5
 """First pause after a batch failed for want of the store or the broker; it doubles with
 each failure in a row, up to ``BACK_OFF_MAX_S``."""
@@ -78,12 +73,6 @@ def compile_request(request: RunRequested, code_store: ArtifactStore | None) -> 
     if code_store is None:
         return spec
     return attach_code(spec, definitions, code_store)
-
-
-def waited_for_a_controller(request: RunRequested, now: datetime) -> bool:
-    """Whether ``request`` was sent well before ``now``: no controller took it at once, so
-    its client may have given up on it (Ctrl+C) and sent its withdrawal behind it."""
-    return (now - request.time).total_seconds() > QUEUED_REQUEST_S
 
 
 def _durable(event: Event) -> bool:
@@ -388,32 +377,10 @@ class Controller:
             if self._progress.pending and self._progress.due <= loop.time():
                 self._publisher.committed.extend(self._progress.release_all(loop.time()))
             return []
-        if isinstance(first.event, RunRequested):
-            # Give the deliveries that reached the connection with it a turn of the loop to
-            # land: a run withdrawn before any controller took it (a RunCancelRequested right
-            # behind its request) is then cancelled in the batch that records it, before any
-            # of its steps is dispatched.
-            for _ in range(REQUEST_SETTLE_TURNS):
-                await asyncio.sleep(0)
-            if waited_for_a_controller(first.event, utcnow()):
-                await self._settle_inbox()
         batch = [first]
         while len(batch) < MAX_BATCH and not self._inbox.empty():
             batch.append(self._inbox.get_nowait())
         return [d for d in batch if await self._accepts(d)]
-
-    async def _settle_inbox(self) -> None:
-        """Wait until no delivery has come for ``QUEUED_SETTLE_QUIET_S`` (at most
-        ``QUEUED_SETTLE_MAX_S``). A request that waited for a controller may have been
-        withdrawn by its client meanwhile; the broker pushes the queue's backlog to a
-        controller that starts, but on a loaded machine the cancellation behind a request
-        can land many turns of the loop after it, and must come in the same batch."""
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + QUEUED_SETTLE_MAX_S
-        seen = -1
-        while self._inbox.qsize() != seen and loop.time() < give_up:
-            seen = self._inbox.qsize()
-            await asyncio.sleep(QUEUED_SETTLE_QUIET_S)
 
     async def _accepts(self, delivery: Delivery) -> bool:
         if isinstance(delivery.event, RunRequested | RunCancelRequested | WorkerEvent):
@@ -487,6 +454,10 @@ class Controller:
                 requested.append(delivery.event.run_id)
         if requested:  # one query for the batch: 100 runs submitted at once start sooner
             batch.recorded = await self._runs.recorded(requested)
+            # Runs their clients withdrew before this controller took them: recorded
+            # cancelled, unstarted, as if their cancellation had come in this batch.
+            for run_id, reason in (await self._runs.withdrawn(requested)).items():
+                batch.cancels.setdefault(run_id, reason)
         for delivery in deliveries:
             event = delivery.event
             if isinstance(event, RunRequested):

@@ -538,8 +538,9 @@ class Conveyor:
 
     async def cancel(self, run_id: str, reason: str = "cancelled by user") -> None:
         """Ask the stack's controller to cancel a run; it stops the run's running attempts."""
-        await self.broker.publish([RunCancelRequested(run_id=run_id, reason=reason)])
         if self._workers is None:
-            # A request no controller took is withdrawn: a controller that takes it later
-            # reads the cancellation with it and records the run cancelled, unstarted.
-            await self.services.runs.forget_request(run_id)
+            # A request no controller took is withdrawn, on record first: a controller that
+            # takes it from now on records the run cancelled, unstarted, however late the
+            # cancellation below reaches it.
+            await self.services.runs.withdraw_request(run_id, reason, utcnow())
+        await self.broker.publish([RunCancelRequested(run_id=run_id, reason=reason)])

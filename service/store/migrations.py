@@ -195,4 +195,14 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE steps ADD COLUMN changed INTEGER NOT NULL DEFAULT 0;
     """,
+    # 11: requests their client withdrew before any controller took them (Ctrl+C while none
+    # ran). A controller that takes such a request later records the run cancelled, unstarted,
+    # whenever the cancellation message reaches it; it drops the row when it records the run.
+    """
+    CREATE TABLE withdrawn_requests (
+        id TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        withdrawn TEXT NOT NULL
+    );
+    """,
 )

@@ -158,6 +158,7 @@ class RunStore:
             ],
         )
         writes.add("DELETE FROM run_requests WHERE id = ?", [(run_id,)])  # no longer queued
+        writes.add("DELETE FROM withdrawn_requests WHERE id = ?", [(run_id,)])
         writes.add(
             "INSERT INTO steps (run_id, name, position, status, max_retries) VALUES (?,?,?,?,?)",
             [
@@ -202,10 +203,35 @@ class RunStore:
         await self.db.write(writes)
 
     async def forget_request(self, run_id: str) -> None:
-        """The run was withdrawn, or followed to its end: it is queued no longer."""
+        """The run was followed to its end: it is queued no longer."""
         writes = Writes()
         writes.add("DELETE FROM run_requests WHERE id = ?", [(run_id,)])
         await self.db.write(writes)
+
+    async def withdraw_request(self, run_id: str, reason: str, now: datetime) -> None:
+        """The client gave up on ``run_id``: if no controller recorded it yet, one that takes
+        its request later records it cancelled for ``reason`` and runs none of it."""
+        writes = Writes()
+        writes.add(
+            "INSERT OR IGNORE INTO withdrawn_requests (id, reason, withdrawn)"
+            " SELECT id, ?, ? FROM run_requests WHERE id = ? AND id NOT IN (SELECT id FROM runs)",
+            [(reason, now.isoformat(), run_id)],
+        )
+        writes.add("DELETE FROM run_requests WHERE id = ?", [(run_id,)])
+        await self.db.write(writes)
+
+    async def withdrawn(self, run_ids: Sequence[str]) -> dict[str, str]:
+        """Which of ``run_ids`` their clients withdrew before a controller took them, and
+        why (one query per 500 ids)."""
+        found: dict[str, str] = {}
+        for start in range(0, len(run_ids), MAX_QUERY_KEYS):
+            chunk = list(run_ids[start : start + MAX_QUERY_KEYS])
+            marks = ",".join("?" * len(chunk))
+            rows = await self.db.fetchall(
+                f"SELECT id, reason FROM withdrawn_requests WHERE id IN ({marks})", chunk
+            )
+            found.update((row["id"], row["reason"]) for row in rows)
+        return found
 
     def apply(self, writes: Writes, run_id: str, change: Transition, now: datetime) -> None:
         """Persist a transition of ``run_id``: step rows, artifacts and the run's status."""

@@ -16,6 +16,7 @@ from conveyor.contracts import (
     RunRequested,
     StepSpec,
     new_id,
+    utcnow,
 )
 from conveyor.service.controller import Controller
 from conveyor.workers.broker_inprocess import InProcessBroker
@@ -53,6 +54,41 @@ async def test_a_run_requested_and_cancelled_in_one_batch_never_starts() -> None
             (request.run_id, RunStatus.CANCELLED, "interrupted")
         ]
         steps = await cv.services.runs.steps_of(request.run_id)
+    assert [(s.name, s.status, s.attempt) for s in steps] == [
+        ("produce", StepStatus.CANCELLED, 0),
+        ("consume", StepStatus.CANCELLED, 0),
+    ], "attempt 0: never dispatched"
+
+
+async def test_a_request_withdrawn_on_record_never_starts_however_late_its_cancellation() -> None:
+    """The client withdrew the request (on record, in the store it shares with the
+    controller) before any controller took it; its cancellation message is late or lost:
+    the controller that takes the request still runs nothing of it."""
+    async with Conveyor() as cv:
+        assert cv.stack is not None
+        spec, _ = handoff.compile()
+        request = RunRequested(run_id=new_id(), pipeline="handoff", spec=spec)
+        runs = cv.services.runs
+        await runs.record_request(request.run_id, spec, cv.stack, None, utcnow())
+        await runs.withdraw_request(request.run_id, "interrupted (Ctrl+C)", utcnow())
+        assert await runs.list_runs() == [], "withdrawn: no longer shown queued"
+        await cv.broker.publish([request])  # no RunCancelRequested behind it
+        for _ in range(200):
+            listed = await runs.list_runs()
+            if listed and listed[0].status is RunStatus.CANCELLED:
+                break
+            await asyncio.sleep(0.05)
+        assert [(r.id, r.status, r.error) for r in listed] == [
+            (request.run_id, RunStatus.CANCELLED, "interrupted (Ctrl+C)")
+        ]
+        steps = await runs.steps_of(request.run_id)
+        assert await runs.withdrawn([request.run_id]) == {}, "dropped once recorded"
+        # A run a controller recorded already is not withdrawn on record: its cancellation
+        # message stops it.
+        started = await cv.submit_compiled(*handoff.compile())
+        await started.wait(timeout=60)
+        await runs.withdraw_request(started.id, "too late", utcnow())
+        assert await runs.withdrawn([started.id]) == {}
     assert [(s.name, s.status, s.attempt) for s in steps] == [
         ("produce", StepStatus.CANCELLED, 0),
         ("consume", StepStatus.CANCELLED, 0),
