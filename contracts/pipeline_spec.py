@@ -139,6 +139,12 @@ class PipelineSpec(Frozen):
     ref: str | None = Field(
         default=None, max_length=1000, description="Importable reference of the pipeline"
     )
+    folder: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="The working directory it was compiled in, where its reference is found "
+        "(conveyor run retry compiles it there again)",
+    )
     parameters: dict[str, Any] = Field(default_factory=dict)
     steps: list[StepSpec] = Field(max_length=MAX_STEPS)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import inspect
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, overload
@@ -317,7 +318,9 @@ class PipelineDefinition:
         # The steps were checked as they were recorded (unique names, inputs only from
         # steps before); validating them again as a PipelineSpec field would cost about
         # as much as building them (100,000 steps).
-        head = PipelineSpec(name=self.name, ref=self.ref, parameters=parameters, steps=[])
+        head = PipelineSpec(
+            name=self.name, ref=self.ref, folder=os.getcwd(), parameters=parameters, steps=[]
+        )
         return head.model_copy(update={"steps": builder.steps}), builder.definitions
 
     def with_options(

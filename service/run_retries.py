@@ -8,6 +8,8 @@ whose cache key is unchanged (the same code, parameters and inputs), and runs th
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conveyor.contracts import ConflictError, ConveyorError, PipelineSpec, RunRecord, RunStatus
@@ -33,21 +35,38 @@ def check_retryable(run: RunRecord) -> None:
         )
 
 
+def submitted_from(spec: PipelineSpec) -> Path | None:
+    """The folder a run's pipeline was compiled in, when the run recorded it and it is
+    still there: its reference is found from there, as when it was submitted."""
+    if spec.folder is None:
+        return None
+    folder = Path(spec.folder)
+    return folder if folder.is_dir() else None
+
+
 def pipeline_to_retry(
     run: RunRecord, spec: PipelineSpec
 ) -> tuple[PipelineDefinition, dict[str, Any]]:
-    """The pipeline that ``run`` ran, loaded again from its reference, and its parameters."""
+    """The pipeline that ``run`` ran, loaded again from its reference (in the working
+    directory), and its parameters."""
     check_retryable(run)
     if not spec.ref:
         raise ConveyorError(f"run {run.id} names no pipeline reference to compile again")
     try:
         definition = load_pipeline(spec.ref)
     except ConveyorError as exc:
-        raise ConveyorError(
-            f"cannot retry run {run.id}: {exc} (run the retry from the folder its pipeline "
-            "ran from)"
-        ) from None
+        raise ConveyorError(f"cannot retry run {run.id}: {exc} ({_where(spec)})") from None
     return definition, dict(run.parameters)
+
+
+def _where(spec: PipelineSpec) -> str:
+    """Where the reference was looked for, and where it was submitted from."""
+    here = os.getcwd()
+    if spec.folder is None or spec.folder == here:
+        return f"looked for from {here}; run the retry from the folder its pipeline ran from"
+    if submitted_from(spec) is None:
+        return f"looked for from {here}; the run was submitted from {spec.folder}, which is gone"
+    return f"looked for from {here}; the run was submitted from {spec.folder}: retry it there"
 
 
 def retry(run: RunRecord, spec: PipelineSpec, *, raise_on_failure: bool) -> RunHandle:

@@ -110,6 +110,23 @@ def actor_of(user: UserRecord) -> Actor:
     return Actor(user.name, admin=user.role is Role.ADMIN)
 
 
+def code_refused(stack: str, runnable: list[str]) -> str:
+    """Why a member's run on the embedded ``stack`` is refused, and where it would run:
+    ``runnable``, the stacks they may use whose workers run the code they upload."""
+    where = (
+        f"stacks that take your runs: {', '.join(runnable)} (conveyor stack set NAME makes "
+        "one active, or conveyor pipeline run --stack NAME)"
+        if runnable
+        else "no stack you may use takes your runs yet: register one with a rabbitmq "
+        "orchestrator (docs/scale-out.md), or ask an admin to share one (conveyor stack share "
+        "NAME)"
+    )
+    return (
+        f"stack {stack!r} is embedded (a local orchestrator): it runs its steps inside the "
+        f"server's process, where code a member uploads never runs; {where}"
+    )
+
+
 class UserService:
     """Create, list, delete users and rotate their tokens; find the user of a token."""
 

@@ -52,6 +52,9 @@ class Flavor:
     config_model: type[BaseModel]
     description: str
     embedded: bool = False
+    one_machine: bool = False
+    """Its bytes are in a folder of the machine that uses it: workers on other machines see
+    them only through shared storage mounted at the same path."""
 
     def validate(self, config: dict[str, Any]) -> BaseModel:
         """The typed config, or a ValidationError naming the key and what was expected."""
@@ -156,6 +159,7 @@ FLAVORS: dict[tuple[ComponentType, str], Flavor] = {
         "local",
         LocalArtifactStoreConfig,
         "A directory; shared storage when workers run on several machines.",
+        one_machine=True,
     ),
     (ComponentType.ARTIFACT_STORE, "s3"): Flavor(
         ComponentType.ARTIFACT_STORE,

@@ -38,13 +38,13 @@ from conveyor.service.api.host_check import AllowedHosts, allowed_names
 from conveyor.service.api.login_limit import LoginAttempts
 from conveyor.service.api.origin_check import SameOriginWrites
 from conveyor.service.api.pipeline_refs import TrustedPipelines
-from conveyor.service.api.security import check_token
 from conveyor.service.api.state import ApiState, ServerSettings
 from conveyor.service.api.submitted_code import (
     DEFAULT_MAX_CODE_BYTES,
     MAX_CODE_BYTES_CEILING,
     MAX_SPEC_BODY_BYTES,
 )
+from conveyor.service.bind_checks import check_token
 from conveyor.service.gateway import RunGateway
 from conveyor.service.home import Home
 from conveyor.service.store.summaries import RunSummaries

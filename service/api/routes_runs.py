@@ -25,6 +25,7 @@ from conveyor.service.api.submitted_code import (
     MAX_SPEC_BODY_BYTES,
     check_spec,
     runs_in_the_server,
+    stacks_for_code,
     trusted_packages,
 )
 from conveyor.service.context import Services
@@ -32,7 +33,7 @@ from conveyor.service.gateway import Submission
 from conveyor.service.public_records import public_run
 from conveyor.service.run_retries import check_retryable
 from conveyor.service.store.summaries import PipelineSummary
-from conveyor.service.users import Actor
+from conveyor.service.users import Actor, code_refused
 from conveyor.service.version import conveyor_version, incompatible
 from conveyor.workers.flavors import make_artifact_store
 
@@ -127,11 +128,8 @@ async def _submit_spec(
 ) -> Submission:
     _check_client_version(request.headers.get("user-agent", ""))
     if runs_in_the_server(target) and not actor.admin:
-        raise Forbidden(
-            f"stack {target.name!r} runs its steps inside the server's process, where code "
-            "uploaded by a member never runs: run on a stack with a rabbitmq orchestrator, "
-            "whose workers run it"
-        )
+        visible = await state.services.as_user(actor).stacks.list_stacks()
+        raise Forbidden(code_refused(target.name, stacks_for_code(visible, admin=False)))
     settings = settings_of(request)
     await check_spec(
         spec,

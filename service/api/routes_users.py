@@ -13,6 +13,7 @@ from conveyor.contracts import Role, UserRecord
 from conveyor.service.api.schemas import TokenLifetime, UserName
 from conveyor.service.api.security import api_services, require_user
 from conveyor.service.api.state import ApiState, state_of
+from conveyor.service.api.submitted_code import stacks_for_code
 from conveyor.service.context import Services
 from conveyor.service.users import Actor
 from conveyor.service.version import conveyor_version
@@ -30,6 +31,15 @@ class Me(BaseModel):
         description="false: the active stack is another user's private stack (or gone); "
         "the user must choose another one"
     )
+    active_stack_runs_your_code: bool = Field(
+        True,
+        description="false: the active stack would refuse a run of the user's code: it is "
+        "not visible to them, or embedded (a local orchestrator) and they a member (403)",
+    )
+    stacks_for_your_code: list[str] = Field(
+        default_factory=list,
+        description="The stacks the user may use whose workers run the code they upload",
+    )
     server_version: str
 
 
@@ -45,12 +55,15 @@ async def me(
     actor: Actor = Depends(require_user), services: Services = Depends(api_services)
 ) -> Me:
     active = await services.stacks.active_name()
-    visible = active in {s.name for s in await services.stacks.list_stacks()}
+    stacks = await services.stacks.list_stacks()
+    runnable = stacks_for_code(stacks, actor.admin)
     return Me(
         name=actor.name,
         role=Role.ADMIN if actor.admin else Role.MEMBER,
         active_stack=active,
-        active_stack_visible=visible,
+        active_stack_visible=active in {s.name for s in stacks},
+        active_stack_runs_your_code=active in runnable,
+        stacks_for_your_code=runnable,
         server_version=conveyor_version(),
     )
 

@@ -13,61 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
-import os
 
 from fastapi import Depends, Request
 
-from conveyor.contracts import ConflictError
 from conveyor.service.api.errors import LoginRequired, Unauthorized
 from conveyor.service.api.state import settings_of, state_of
 from conveyor.service.context import Services
 from conveyor.service.users import LOCAL_ADMIN, Actor, actor_of
 
-TOKEN_ENV = "CONVEYOR_SERVER_TOKEN"
-ADMIN_TOKEN_ENV = "CONVEYOR_ADMIN_TOKEN"
-MIN_TOKEN_LENGTH = 16
-"""Characters a token has at least; a short one can be guessed (``/login`` is rate-limited,
-but the API's bearer check is not)."""
 SESSION_COOKIE = "conveyor_session"
 SESSION_MAX_AGE_S = 7 * 24 * 3600
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is only reachable from this machine (127.0.0.0/8, ::1, localhost)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def server_token() -> str | None:
-    """The admin's token given to ``server up``: $CONVEYOR_ADMIN_TOKEN, else (as before users
-    existed) $CONVEYOR_SERVER_TOKEN; with one, every request needs a user's token."""
-    return os.environ.get(ADMIN_TOKEN_ENV) or os.environ.get(TOKEN_ENV) or None
-
-
-def check_bind(host: str, token: str | None) -> None:
-    """Refuse to listen beyond loopback without a token: the API runs submitted code."""
-    if not is_loopback(host) and not token:
-        raise ConflictError(
-            f"refusing to listen on {host!r} without a token: anyone who reaches the server "
-            f"could run code through it. Set {ADMIN_TOKEN_ENV} (or {TOKEN_ENV}) to a long random "
-            "value, the admin's token, or keep the "
-            "default --host 127.0.0.1"
-        )
-
-
-def check_token(token: str | None) -> None:
-    """Refuse a token short enough to guess; never repeat it in the message."""
-    if token is not None and len(token) < MIN_TOKEN_LENGTH:
-        raise ConflictError(
-            f"the token in {ADMIN_TOKEN_ENV} or {TOKEN_ENV} has {len(token)} characters; use at "
-            f"least {MIN_TOKEN_LENGTH} characters of a random value, for example the output of: "
-            "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
-        )
 
 
 def _same(given: str, expected: str) -> bool:

@@ -204,3 +204,9 @@ def runs_in_the_server(stack: StackSpec) -> bool:
 
     orchestrator = stack.component(ComponentType.ORCHESTRATOR)
     return get_flavor(orchestrator.type, orchestrator.flavor).embedded
+
+
+def stacks_for_code(stacks: Iterable[StackSpec], admin: bool) -> list[str]:
+    """Which of ``stacks`` run code a client uploads: every one for an admin, those whose
+    workers run outside the server for a member."""
+    return [s.name for s in stacks if admin or not runs_in_the_server(s)]

@@ -8,6 +8,7 @@ and never printed.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import typer
 
@@ -15,6 +16,7 @@ from conveyor.service.cli.output import fail, status, user_errors
 from conveyor.service.cli.state import client
 from conveyor.service.home import Home
 from conveyor.service.login import SERVER_TOKEN_ENV, Login, forget_login, read_login, save_login
+from conveyor.service.users import code_refused
 from conveyor.service.version import conveyor_version, incompatible
 
 
@@ -59,8 +61,21 @@ def login(
         f"Logged in to {server} as {me['name']} ({me['role']}); the token is kept in {path}, "
         "readable by you only. conveyor logout returns to this home's own store."
     )
+    problem = _active_stack_problem(me)
+    if problem:
+        status.print(problem)
+
+
+def _active_stack_problem(me: dict[str, Any]) -> str | None:
+    """Why the member's active stack would not take their runs, and what to do; None when
+    it would (or the server is too old to say)."""
+    active = str(me["active_stack"])
     if not me.get("active_stack_visible", True):
-        status.print(_not_visible(str(me["active_stack"])))
+        return _not_visible(active)
+    if not me.get("active_stack_runs_your_code", True):
+        refused = code_refused(active, [str(s) for s in me.get("stacks_for_your_code", [])])
+        return f"Your active stack will not take your runs: {refused}."
+    return None
 
 
 def _not_visible(stack: str) -> str:
@@ -111,8 +126,9 @@ def show_status(ctx: typer.Context) -> None:
     typer.echo(f"User: {me['name']} ({me['role']})")
     active = os.environ.get("CONVEYOR_STACK") or me["active_stack"]
     typer.echo(f"Active stack: {active}")
-    if "CONVEYOR_STACK" not in os.environ and not me.get("active_stack_visible", True):
-        typer.echo(_not_visible(str(me["active_stack"])))
+    problem = None if "CONVEYOR_STACK" in os.environ else _active_stack_problem(me)
+    if problem:
+        typer.echo(problem)
     typer.echo(f"Server version: {server_version} (this client: {conveyor_version()})")
     problem = incompatible(conveyor_version(), server_version)
     if problem:

@@ -36,7 +36,7 @@ from conveyor.service.cli.output import (
 )
 from conveyor.service.cli.run_progress import RunFollower, announce_run
 from conveyor.service.cli.state import client
-from conveyor.service.home import Home
+from conveyor.service.home import HOME_ENV, Home
 from conveyor.service.login import read_login
 from conveyor.service.public_records import public_run
 from conveyor.service.store.runs import check_deletable
@@ -237,19 +237,36 @@ def retry_run(
 
     Example: conveyor run retry 3f2a
     """
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     from conveyor.service.run_retries import pipeline_to_retry
 
     with user_errors():
         c = client(ctx)
         old = c.get_run(run_id)
-        definition, params = pipeline_to_retry(old, c.get_spec(old.id))
+        spec = c.get_spec(old.id)
         remote = read_login(Home.resolve()) is not None
+        _enter_submitted_folder(old, spec)
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        definition, params = pipeline_to_retry(old, spec)
         record, steps, outputs = _interruptible(
             definition, old.stack_name, params, retry_of=old.id, remote=remote
         )
     _report(record, steps, outputs)
+
+
+def _enter_submitted_folder(run: RunRecord, spec: PipelineSpec) -> None:
+    """Work in the folder ``run`` was submitted from, when it recorded one that is still
+    there: its pipeline reference (a file path, a module) is found from there, and its
+    steps see the same working directory as then."""
+    from conveyor.service.run_retries import submitted_from
+
+    folder = submitted_from(spec)
+    if folder is None or folder == Path.cwd():
+        return
+    # This process's home stays the one it is now, wherever CONVEYOR_HOME pointed from.
+    os.environ[HOME_ENV] = str(Home.resolve().path)
+    os.chdir(folder)
+    status.print(f"Retrying run {run.id} from {folder}, the folder it was submitted from")
 
 
 @run_app.command("list")

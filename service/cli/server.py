@@ -11,6 +11,7 @@ from types import FrameType
 import typer
 
 from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
+from conveyor.service.bind_checks import check_bind, check_token, server_token
 from conveyor.service.cli.output import fail, status, user_errors
 from conveyor.service.client import Client
 from conveyor.workers.heap import settle_after_start
@@ -93,16 +94,18 @@ def up(
 
     Example: conveyor server up --port 8237 --pipelines ./pipelines
     """
-    # Imported here: the web stack would slow every other command down.
-    import uvicorn
-
-    from conveyor.service.api.app import create_app
-    from conveyor.service.api.security import check_bind, check_token, server_token
-
     token = server_token()
     with user_errors():
         check_bind(host, token)
         check_token(token)
+    # Bound before the web stack is imported (a second): a refused bind is refused at once.
+    sock = listening_socket(host, port)
+    # Imported here: the web stack would slow every other command down.
+    import uvicorn
+
+    from conveyor.service.api.app import create_app
+
+    with user_errors():
         # The server always works on its own home's store, even if that home is logged in.
         with Client.local() as c:
             served = c.get_stack(stack)
@@ -118,7 +121,6 @@ def up(
             max_steps=max_steps,
             max_code_bytes=int(max_code_mb * (1 << 20)),
         )
-    sock = listening_socket(host, port)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

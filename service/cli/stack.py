@@ -24,7 +24,7 @@ from conveyor.service.cli.state import client
 from conveyor.service.home import STACK_ENV
 from conveyor.service.public_records import public_stack
 from conveyor.service.stack_files import read_export_file
-from conveyor.workers.flavors import masked_config
+from conveyor.workers.flavors import get_flavor, masked_config
 from conveyor.workers.secrets import mask_urls
 from conveyor.workers.stack_probes import probe_stack
 
@@ -93,6 +93,7 @@ def describe(
         active = c.active_stack_name()
         stack = c.get_stack(name)
     probes = asyncio.run(probe_stack(stack))
+    note = _one_machine_note(stack)
 
     def render(_: object) -> list[object]:
         marker = " (ACTIVE)" if stack.name == active else ""
@@ -132,6 +133,8 @@ def describe(
                 title="Reachability",
             )
         )
+        if note:
+            parts.append(note)
         return parts
 
     # The stack's record, as `stack list` and the API show it, and what the probes found.
@@ -141,6 +144,24 @@ def describe(
         for t, probe in sorted(probes.items())
     }
     emit(output, shown_json, render)
+
+
+def _one_machine_note(stack: StackSpec) -> str | None:
+    """A note when the workers of ``stack`` run apart from the client (not embedded) and its
+    artifact store is a folder of one machine: workers elsewhere cannot reach it."""
+    orchestrator = stack.components.get(ComponentType.ORCHESTRATOR)
+    store = stack.components.get(ComponentType.ARTIFACT_STORE)
+    if orchestrator is None or store is None:
+        return None
+    if get_flavor(orchestrator.type, orchestrator.flavor).embedded:
+        return None
+    if not get_flavor(store.type, store.flavor).one_machine:
+        return None
+    return (
+        f"Note: artifact store '{store.name}' is a folder of this machine: workers on other "
+        "machines cannot reach it (unless it is shared storage at the same path); for them, "
+        "use an s3 artifact store (docs/scale-out.md)."
+    )
 
 
 def _components_table(stack: StackSpec, active: str) -> object:
@@ -197,6 +218,9 @@ def register(
         active = c.active_stack_name()
     status.print(f"Registered stack '{stack.name}'.")
     status.print(_components_table(stack, active))
+    note = _one_machine_note(stack)
+    if note:
+        status.print(note)
     if set_active:
         status.print(f"Active stack set to '{stack.name}'.")
         _note_env_override(stack.name)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, expect, sync_playwright
 
-from conveyor.service.api.security import TOKEN_ENV
+from conveyor.service.bind_checks import TOKEN_ENV
 from tests.conftest import ROOT, running_server
 
 pytestmark = pytest.mark.browser

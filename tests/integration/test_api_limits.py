@@ -13,7 +13,7 @@ import pytest
 
 from conveyor.contracts import ConflictError
 from conveyor.service.api import create_app
-from conveyor.service.api.security import TOKEN_ENV
+from conveyor.service.bind_checks import TOKEN_ENV
 from tests.conftest import ROOT, conveyor_cli, free_port, running_server
 from tests.integration.api_helpers import BASE_URL, TOKEN, assert_error, serving, wait_status
 

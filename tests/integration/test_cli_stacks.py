@@ -283,6 +283,22 @@ def test_register_and_update_captions_mark_the_active_stack(tmp_path: Path) -> N
     assert "(ACTIVE)" not in ok("stack", "update", "three", "-a", "default").stderr
 
 
+def test_a_rabbitmq_stack_on_a_local_store_is_noted_as_one_machine_only(tmp_path: Path) -> None:
+    note = "workers on other machines cannot reach it"
+    ok("orchestrator", "register", "rmq", "-f", "rabbitmq")
+    ok("artifact-store", "register", "here", "-f", "local", f"--path={tmp_path / 'here'}")
+    ok("artifact-store", "register", "objects", "-f", "s3", "--bucket", "ml-artifacts")
+    registered = " ".join(ok("stack", "register", "prod", "-o", "rmq", "-a", "here").stderr.split())
+    assert f"artifact store 'here' is a folder of this machine: {note}" in registered
+    assert "docs/scale-out.md" in registered
+    assert note in " ".join(ok("stack", "describe", "prod").stdout.split())
+    assert note not in json.dumps(as_json("stack", "describe", "prod"))
+    # Workers in this process (embedded), or a store every machine reaches: nothing to say.
+    assert note not in ok("stack", "register", "solo", "-o", "default", "-a", "here").stderr
+    assert note not in ok("stack", "register", "wide", "-o", "rmq", "-a", "objects").stderr
+    assert note not in ok("stack", "describe", "solo").stdout
+
+
 def test_unknown_stack_names_suggest_the_closest(tmp_path: Path) -> None:
     register_two(tmp_path)
     before = stacks_state()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from conveyor.service.api.security import TOKEN_ENV
+from conveyor.service.bind_checks import TOKEN_ENV
 from tests.conftest import ROOT, conveyor_cli, free_port, running_server
 
 GATED = f"{ROOT / 'tests' / 'pipelines' / 'server_demo.py'}:gated_pipeline"

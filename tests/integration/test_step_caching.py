@@ -333,6 +333,36 @@ def test_a_failed_run_is_retried_reusing_what_completed(tmp_path: Path) -> None:
         assert answer.returncode == 1 and "Traceback" not in answer.stderr
 
 
+def test_a_retry_from_another_folder_compiles_where_the_run_was_submitted(
+    tmp_path: Path,
+) -> None:
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "flows").mkdir(parents=True)
+    elsewhere.mkdir()
+    (project / "flows" / "pipe.py").write_text(textwrap.dedent(FIVE))
+    failed = conveyor_cli("pipeline", "run", "flows/pipe.py:p", cwd=project)
+    assert failed.returncode == 1, failed.stderr
+    failed_id = run_id_in(failed.stderr)
+
+    (project / "flows" / "fixed.flag").touch()
+    retried = conveyor_cli("run", "retry", failed_id, cwd=elsewhere)
+    assert retried.returncode == 0, retried.stderr
+    assert f"from {project}, the folder it was submitted from" in retried.stderr
+    assert "five.output = 84" in retried.stdout  # ((3 + 1) * 10 + 2) * 2
+    assert not list(elsewhere.iterdir())
+
+    # The folder is gone: the error says where the reference was looked for, and why.
+    (project / "flows" / "fixed.flag").unlink()
+    again = conveyor_cli("pipeline", "run", "--no-cache", "flows/pipe.py:p", cwd=project)
+    assert again.returncode == 1, again.stderr
+    project.rename(tmp_path / "moved")
+    gone = conveyor_cli("run", "retry", run_id_in(again.stderr), cwd=elsewhere)
+    assert gone.returncode == 1 and "Traceback" not in gone.stderr
+    said = " ".join(gone.stderr.split())
+    assert f"looked for from {elsewhere}; the run was submitted from {project}" in said
+    assert "which is gone" in said
+
+
 def test_client_retry_run_picks_up_a_fixed_bug_in_the_code(
     tmp_path: Path, monkeypatch: Any
 ) -> None:

@@ -235,3 +235,34 @@ def test_a_damaged_login_file_is_one_line(tmp_path: Path) -> None:
     (laptop / "login.json").write_text("{not json")
     message = refused("stack", "list", home=laptop)
     assert "cannot read the login in" in message and "log in again" in message
+
+
+def test_a_member_on_an_embedded_stack_is_told_which_stacks_take_their_runs(
+    server: str, tmp_path: Path
+) -> None:
+    admin, dave = tmp_path / "admin", tmp_path / "dave"
+    log_in(admin, server)
+    token = new_user("dave", admin_home=admin)
+    ok("stack", "share", "default", home=admin)
+    # The default stack is embedded: it runs steps inside the server, never a member's code.
+    logged_in = " ".join(ok("login", server, "--token", token, home=dave).stderr.split())
+    assert "stack 'default' is embedded" in logged_in
+    assert "no stack you may use takes your runs yet" in logged_in
+    assert "ask an admin to share one" in logged_in
+
+    ok("orchestrator", "register", "team-o", "--flavor", "rabbitmq", "--share", home=admin)
+    ok("stack", "register", "team", "-o", "team-o", "-a", "default", "--share", home=admin)
+    shown = " ".join(ok("status", home=dave).stdout.split())
+    assert "Active stack: default" in shown and "stack 'default' is embedded" in shown
+    assert "stacks that take your runs: team (conveyor stack set NAME" in shown
+    quickstart = f"{Path(__file__).parents[2] / 'examples' / 'quickstart.py'}:training_pipeline"
+    run = cli("pipeline", "run", quickstart, home=dave)
+    assert run.exit_code == 1 and "Traceback" not in run.stderr + run.stdout
+    said = " ".join(run.stderr.split())
+    assert said.startswith("Error: stack 'default' is embedded")
+    assert "stacks that take your runs: team" in said
+
+    ok("stack", "set", "team", home=dave)
+    assert "will not take your runs" not in ok("status", home=dave).stdout
+    # An admin's own code runs on the embedded stack: nothing to say.
+    assert "will not take your runs" not in ok("status", home=admin).stdout

@@ -217,7 +217,8 @@ def test_a_failing_step_fails_the_command_and_a_retry_runs_the_fixed_code(team: 
     assert f"Run {run_id} failed" in done.stdout
 
     (project / "flaky.py").write_text(FAILING.format(broken=False))
-    retried = team.cli(carol, "run", "retry", run_id, cwd=project)
+    # From another folder: the pipeline is compiled where the run was submitted.
+    retried = team.cli(carol, "run", "retry", run_id, cwd=team.tmp)
     assert retried.returncode == 0, (retried.stdout, retried.stderr)
     assert "cached" in retried.stderr and "completed finish" in " ".join(retried.stderr.split())
     assert "finish.output = 21" in retried.stdout

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conveyor.service.api.security import ADMIN_TOKEN_ENV, TOKEN_ENV
+from conveyor.service.bind_checks import ADMIN_TOKEN_ENV, TOKEN_ENV
 from tests.conftest import ROOT, Server, conveyor_cli, running_server
 from tests.integration.cli_helpers import cli
 

@@ -11,13 +11,8 @@ from conveyor.service.api.errors import Forbidden, Unauthorized, status_of
 from conveyor.service.api.host_check import allowed_names, host_allowed, host_name
 from conveyor.service.api.login_limit import LoginAttempts
 from conveyor.service.api.origin_check import cross_site
-from conveyor.service.api.security import (
-    check_bind,
-    check_token,
-    is_loopback,
-    safe_next,
-    session_value,
-)
+from conveyor.service.api.security import safe_next, session_value
+from conveyor.service.bind_checks import check_bind, check_token, is_loopback
 from conveyor.service.users import token_hash
 
 
