@@ -574,3 +574,39 @@ async def test_a_change_of_the_served_stack_reaches_the_next_run(
         assert (await api.get("/healthz")).json()["status"] == "ok"
         again = await submit(api, GATED, parameters={"n": 3})
         assert (await wait_status(api, again["id"]))["status"] == "completed"
+
+
+async def test_a_cancel_reaches_the_engine_that_runs_the_run(home: Path, tmp_path: Path) -> None:
+    async with serving(home) as (app, api):
+        gateway = app.state.conveyor.gateway
+        gate = tmp_path / "gate"
+        held = await submit(api, GATED, parameters={"gate": str(gate), "timeout_s": 20})
+        await wait_step(api, held["id"], "wait_for_gate", "running")
+        old = gateway.served
+        await _move_store(api, "default", tmp_path / "elsewhere")
+        after = await submit(api, GATED, parameters={"n": 2})
+        assert (await wait_status(api, after["id"]))["status"] == "completed"
+        assert gateway.served is not old, "the stack's current engine is another"
+        cancelled = await api.post(f"/api/runs/{held['id']}/cancel", json={"reason": "enough"})
+        assert cancelled.status_code == 202, cancelled.text
+        assert cancelled.json()["status"] == "cancelled"
+        # The step that held ends now: had the cancel reached only the store (through the
+        # stack's current engine), the engine that runs the run would go on with its steps.
+        gate.touch()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2  # the later steps would have run twice over by then
+        while loop.time() < deadline:
+            steps = (await api.get(f"/api/runs/{held['id']}/steps")).json()
+            statuses = {s["name"]: s["status"] for s in steps}
+            assert statuses == {"prepare": "completed"} | dict.fromkeys(
+                ("wait_for_gate", "to_array", "describe", "summarize"), "cancelled"
+            ), statuses
+            made = {
+                a["step_name"]
+                for a in (await api.get("/api/artifacts", params={"run_id": held["id"]})).json()[
+                    "items"
+                ]
+            }
+            assert made == {"prepare"}, made
+            assert (await api.get(f"/api/runs/{held['id']}")).json()["status"] == "cancelled"
+            await asyncio.sleep(0.05)
