@@ -5,6 +5,8 @@ A run of ``N`` steps (10,000 by default) is recorded straight into a fresh store
 ``RunStore.apply``, one transaction per step change (each step running, then completed with
 an output): ``apply_ms_per_change``. Then 20 reads of the run's event stream while nothing
 changes (``quiet_poll_ms``) and 20 after one step changed each time (``changed_poll_ms``).
+Before it is recorded, the run is a request (queued, as while a service stack's controller
+is down): 20 reads of its stream then are ``queued_poll_ms``.
 Before ``RunWatch`` existed (387d24f and older), the script times what the stream did then:
 the run and every step read again.
 
@@ -42,17 +44,32 @@ async def _record(services: Services, run_id: str, update: StepUpdate, first: bo
     await services.db.write(writes)
 
 
+async def _queued_poll_s(services: Services, run_id: str) -> float:
+    """Seconds a read of the stream of the queued run ``run_id`` takes."""
+    from conveyor.service.api.run_events import RunWatch
+
+    watch = RunWatch(services, run_id, 0.5)
+    await watch.poll()
+    wall = time.perf_counter()
+    for _ in range(READS):
+        await watch.poll()
+    return (time.perf_counter() - wall) / READS
+
+
 async def main(size: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as home:
         services = await Services.open(home)
         stack = await services.stacks.get("default")
         run_id = new_id()
-        writes = Writes()
         steps = [StepSpec(name=f"s{i}", ref="m:f") for i in range(size)]
+        spec = PipelineSpec(name="fan", steps=steps)
+        await services.runs.record_request(run_id, spec, stack, None, utcnow())
+        queued = await _queued_poll_s(services, run_id)
+        writes = Writes()
         services.runs.insert_run(
             writes,
             run_id=run_id,
-            spec=PipelineSpec(name="fan", steps=steps),
+            spec=spec,
             stack_id=stack.id,
             stack_name=stack.name,
             stack_snapshot={},
@@ -104,6 +121,7 @@ async def main(size: int) -> dict[str, float]:
         "apply_cpu_ms_per_change": 1000 * apply_cpu / (2 * size),
         "quiet_poll_ms": 1000 * quiet,
         "changed_poll_ms": 1000 * spent / READS,
+        "queued_poll_ms": 1000 * queued,
     }
 
 

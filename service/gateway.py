@@ -1,12 +1,17 @@
 """Submitting and cancelling runs for the server: one ``Conveyor`` per stack it serves.
 
-The stack the server was started for gets its ``Conveyor`` (and so, on an embedded stack,
-its controller and workers) at start-up; another stack named in a request gets one on first
-use, one per revision of that stack (its components as they are now). The ``Conveyor`` of a
-revision that was superseded (the stack's components changed, or it was deleted) is stopped
-once the runs submitted through it ended. A submission returns once the controller has
-recorded the run, so that an HTTP client gets a run it can read, and so that an idempotency
-key is settled before the next request with the same key is looked at.
+Each stack gets a ``Conveyor`` (and so, on an embedded stack, its controller and workers)
+per revision (its components as they are now): the stack the server was started for at
+start-up, another stack named in a request on first use. A run goes to its stack's current
+revision, the served stack's too: once an admin changed that stack, the next run gets a new
+``Conveyor``. The ``Conveyor`` of a revision that was superseded (the stack's components
+changed, or it was deleted) is stopped once the runs submitted through it ended; a run goes
+on, and is cancelled, through the ``Conveyor`` it was submitted through. The store the API
+reads is the gateway's own, so that stopping any ``Conveyor`` leaves it open.
+
+A submission returns once the controller has recorded the run, so that an HTTP client gets
+a run it can read, and so that an idempotency key is settled before the next request with
+the same key is looked at.
 """
 
 from __future__ import annotations
@@ -141,23 +146,28 @@ class RunGateway:
         self._record_timeout = record_timeout
         self._max_steps = max_steps
         self._compiling = asyncio.Semaphore(MAX_COMPILING)
-        self._served: Conveyor | None = None
-        self._others: dict[str, _Engine] = {}
-        """A ``Conveyor`` per revision of a stack (``_revision``) runs were submitted to."""
+        self._services: Services | None = None
+        self._served: _Engine | None = None
+        """The engine of the served stack's newest revision."""
+        self._engines: dict[str, _Engine] = {}
+        """A ``Conveyor`` per revision of a stack (``_revision``), the served one's too."""
         self._opening = asyncio.Lock()
         self._keys = _KeyLocks()
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def served(self) -> Conveyor:
-        """The ``Conveyor`` of the stack the server was started for."""
+        """The ``Conveyor`` of the served stack's newest revision (the one it was started
+        for, until an admin changes that stack and a run is submitted to it)."""
         if self._served is None:
             raise RuntimeError("RunGateway is not started")
-        return self._served
+        return self._served.conveyor
 
     @property
     def services(self) -> Services:
-        return self.served.services
+        if self._services is None:
+            raise RuntimeError("RunGateway is not started")
+        return self._services
 
     @property
     def stack(self) -> StackSpec:
@@ -167,55 +177,69 @@ class RunGateway:
 
     def conveyors(self) -> list[Conveyor]:
         """Every started ``Conveyor``, the served one first."""
-        return [self.served, *(engine.conveyor for engine in self._others.values())]
+        served = self.served
+        return [served, *(e.conveyor for e in self._engines.values() if e.conveyor is not served)]
 
     async def start(self, stack: str | None = None) -> None:
         """Start the ``Conveyor`` of ``stack`` (default: the active stack)."""
-        if self._served is not None:
+        if self._services is not None:
             return
-        served = Conveyor(home=self._home, stack=stack)
-        await served.start()
-        self._served = served
+        services = self._services = await Services.open(self._home)
+        try:
+            served = await services.stacks.resolve(stack)
+            async with self._opening:
+                self._served = await self._opened(served)
+        except BaseException:
+            await self.stop()
+            raise
         self._sweeper = asyncio.create_task(self._sweep_now_and_then(), name="gateway sweeper")
 
     async def stop(self) -> None:
-        """Stop every ``Conveyor`` (others first, the served one last)."""
+        """Stop every ``Conveyor`` (others first, the served one last), then the store."""
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
-        others, self._others = self._others, {}
-        for engine in others.values():
-            await engine.conveyor.stop()
+        engines, self._engines = self._engines, {}
         served, self._served = self._served, None
+        for engine in engines.values():
+            if engine is not served:
+                await engine.conveyor.stop()
         if served is not None:
-            await served.stop()
+            await served.conveyor.stop()
+        services, self._services = self._services, None
+        if services is not None:
+            await services.close()
 
     async def conveyor_for(self, stack_name: str | None) -> Conveyor:
-        """The ``Conveyor`` of ``stack_name``, started on first use."""
-        engine = await self._engine_for(stack_name)
-        return self.served if engine is None else engine.conveyor
+        """The ``Conveyor`` of ``stack_name`` (default: the served stack) as it is now,
+        started on first use."""
+        return (await self._engine_for(stack_name)).conveyor
 
-    async def _engine_for(self, stack_name: str | None) -> _Engine | None:
-        """The engine of the current revision of ``stack_name``; ``None``: the served one."""
-        if stack_name is None:
-            return None
+    async def _engine_for(self, stack_name: str | None) -> _Engine:
+        """The engine of the current revision of ``stack_name`` (``None``: the served one)."""
         # A stack may be named by its id too: one Conveyor per stack, whatever it is called,
         # and a new one once its components changed (or it was deleted and made again under
         # its name): a run goes to the stack as it is now. The older one stays until its
         # runs ended (``sweep``), so that those can still be followed and cancelled.
-        stack = await self.services.stacks.get(stack_name)
-        if stack.name == self.stack.name:
-            return None
-        revision = _revision(stack)
+        stack = await self.services.stacks.get(stack_name or self.stack.id)
         async with self._opening:
-            found = self._others.get(revision)
-            if found is None:
-                conveyor = Conveyor(home=self._home, stack=stack.name)
-                await conveyor.start()
-                found = self._others[revision] = _Engine(conveyor, revision)
-            return found
+            engine = await self._opened(stack)
+            if stack.id == self.stack.id and engine is not self._served:
+                log.info("the served stack changed: new runs go to its new revision")
+                self._served = engine
+            return engine
+
+    async def _opened(self, stack: StackSpec) -> _Engine:
+        """The engine of ``stack``'s revision, started if there is none (under ``_opening``)."""
+        revision = _revision(stack)
+        found = self._engines.get(revision)
+        if found is None:
+            conveyor = Conveyor(home=self._home, stack=stack.id)
+            await conveyor.start()
+            found = self._engines[revision] = _Engine(conveyor, revision)
+        return found
 
     async def _sweep_now_and_then(self) -> None:
         while True:
@@ -229,11 +253,11 @@ class RunGateway:
         """Stop the ``Conveyor`` of each superseded stack revision whose runs all ended."""
         idle: list[_Engine] = []
         async with self._opening:
-            for revision, engine in list(self._others.items()):
+            for revision, engine in list(self._engines.items()):
                 # Every engine forgets its finished runs, so that the set stays small.
                 if engine.runs:
                     engine.runs = await self.services.runs.unfinished(sorted(engine.runs))
-                if engine.runs or engine.submitting:
+                if engine.runs or engine.submitting or engine is self._served:
                     continue
                 stack = engine.conveyor.stack
                 assert stack is not None
@@ -242,7 +266,7 @@ class RunGateway:
                 except NotFoundError:
                     current = False
                 if not current:
-                    del self._others[revision]
+                    del self._engines[revision]
                     idle.append(engine)
         for engine in idle:
             stack = engine.conveyor.stack
@@ -296,8 +320,6 @@ class RunGateway:
         retry_of: str | None,
     ) -> Submission:
         engine = await self._engine_for(stack)
-        if engine is None:
-            return await self._keyed_on(self.served, compiled, idempotency_key, cache, retry_of)
         engine.submitting += 1  # no await since it was found: a sweep cannot have stopped it
         try:
             submission = await self._keyed_on(
@@ -398,7 +420,7 @@ class RunGateway:
         orchestrator = stack.component(ComponentType.ORCHESTRATOR)
         if get_flavor(orchestrator.type, orchestrator.flavor).embedded:
             await self._check_owned(run)
-        await (await self._conveyor_of(run.id, stack.name)).cancel(run.id, reason)
+        await (await self._conveyor_of(run.id, stack.id)).cancel(run.id, reason)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._record_timeout
         while loop.time() < deadline:
@@ -411,7 +433,7 @@ class RunGateway:
     async def _conveyor_of(self, run_id: str, stack_name: str) -> Conveyor:
         """The ``Conveyor`` a run was submitted through (an older revision's, perhaps): on an
         embedded stack, only its controller runs the run."""
-        for engine in self._others.values():
+        for engine in self._engines.values():
             if run_id in engine.runs:
                 return engine.conveyor
         return await self.conveyor_for(stack_name)

@@ -7,6 +7,7 @@ stops them on shutdown. Serve it with ``conveyor server up`` or any ASGI server.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -38,6 +39,7 @@ from conveyor.service.api.host_check import AllowedHosts, allowed_names
 from conveyor.service.api.login_limit import LoginAttempts
 from conveyor.service.api.origin_check import SameOriginWrites
 from conveyor.service.api.pipeline_refs import TrustedPipelines
+from conveyor.service.api.security import session_secret
 from conveyor.service.api.state import ApiState, ServerSettings
 from conveyor.service.api.submitted_code import (
     DEFAULT_MAX_CODE_BYTES,
@@ -193,7 +195,8 @@ def create_app(
             if settings.token is not None:
                 # The server's token is its admin's: set (or reset) it on every start.
                 await gateway.services.users.ensure_admin(settings.token)
-            app.state.conveyor = ApiState(gateway, RunSummaries(gateway.services.db))
+            secret = await asyncio.to_thread(session_secret, settings.home)
+            app.state.conveyor = ApiState(gateway, RunSummaries(gateway.services.db), secret)
             log.info("server started", stack=gateway.stack.name, home=str(settings.home.path))
             yield
         finally:

@@ -297,7 +297,7 @@ async def login(request: Request) -> Response:
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
-        session_value(settings_of(request).secret, user.name, key),
+        session_value(state_of(request).secret, user.name, key),
         max_age=SESSION_MAX_AGE_S,
         httponly=True,
         samesite="strict",

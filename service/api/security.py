@@ -6,27 +6,64 @@ wrong, rotated or deleted user's token gets 401, always. A request without a tok
 the local admin, ``default``, only when the server was started without a token (then it
 listens on loopback only, as before users existed). The dashboard asks for a token once and
 then keeps a cookie that proves it was given (an HMAC, never the token itself), so a page or
-its live updates never carry the secret.
+its live updates never carry the secret. The HMAC's server secret is kept in the server's
+home, so that a session outlives a restart.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import secrets
 
 from fastapi import Depends, Request
 
+from conveyor.contracts import ConveyorError
 from conveyor.service.api.errors import LoginRequired, Unauthorized
 from conveyor.service.api.state import settings_of, state_of
 from conveyor.service.context import Services
+from conveyor.service.home import Home
 from conveyor.service.users import LOCAL_ADMIN, Actor, actor_of
 
 SESSION_COOKIE = "conveyor_session"
 SESSION_MAX_AGE_S = 7 * 24 * 3600
+SESSION_SECRET_FILE = "dashboard-secret"
+"""The file in the server's home that holds the key of the dashboard's session cookies."""
+SESSION_SECRET_BYTES = 32
 
 
 def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def session_secret(home: Home) -> bytes:
+    """The server's key of dashboard sessions, made on first use and kept in ``home`` (mode
+    0600, as the login file), so that a restart does not log everyone out; blocking I/O."""
+    path = home.path / SESSION_SECRET_FILE
+    if not path.exists():
+        home.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        staged = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        staged.unlink(missing_ok=True)
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(SESSION_SECRET_BYTES) + "\n")
+        try:
+            # A link never replaces a file: of two servers starting at once, both keep the
+            # first one's secret, and no reader sees half a file.
+            os.link(staged, path)
+        except FileExistsError:
+            pass
+        finally:
+            staged.unlink()
+    try:
+        return bytes.fromhex(path.read_text())
+    except (OSError, ValueError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) else "it is not a hex key"
+        raise ConveyorError(
+            f"cannot read the dashboard's session key {path}: {problem}; delete the file to "
+            "make a new one (everyone then logs in to the dashboard again)"
+        ) from None
 
 
 def session_value(secret: bytes, name: str, key: bytes) -> str:
@@ -59,7 +96,7 @@ async def _session_user(request: Request) -> Actor | None:
     name, _, _ = cookie.rpartition(".")
     services = state_of(request).services
     key = await services.users.session_key(name)
-    if key is None or not _same(cookie, session_value(settings_of(request).secret, name, key)):
+    if key is None or not _same(cookie, session_value(state_of(request).secret, name, key)):
         return None
     return actor_of(await services.users.get(name))
 

@@ -6,7 +6,6 @@ two apps in one process (tests) never share a store or a controller.
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -38,9 +37,6 @@ class ServerSettings:
     """The largest code archive a client may upload."""
     max_steps: int = DEFAULT_MAX_STEPS
     """The most steps a submitted pipeline (a reference or a compiled spec) may have."""
-    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
-    """Keys the dashboard's session cookies with each user's token digest; new per start,
-    so sessions end when the server stops."""
 
 
 @dataclass
@@ -49,6 +45,9 @@ class ApiState:
 
     gateway: RunGateway
     summaries: RunSummaries
+    secret: bytes
+    """Keys the dashboard's session cookies with each user's token digest; kept in the
+    server's home (``security.session_secret``), so sessions outlive a restart."""
     archives: CheckedArchives = field(default_factory=CheckedArchives)
     """Code archives known to be in each stack's store (uploaded or checked there)."""
     watches: RunWatches = field(default_factory=RunWatches)

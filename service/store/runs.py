@@ -476,6 +476,12 @@ class RunStore:
         )
         return None if row is None else (RunStatus(row["status"]), row["marker"])
 
+    async def is_requested(self, run_id: str) -> bool:
+        """Whether ``run_id`` is a request no controller recorded yet (queued). One small
+        row: neither the request's spec nor the view of runs and requests is read."""
+        row = await self.db.fetchone("SELECT 1 AS found FROM run_requests WHERE id = ?", (run_id,))
+        return row is not None
+
     async def step_changes(
         self, run_id: str, since: int | None
     ) -> tuple[list[StepStatusChanged], int]:

@@ -515,3 +515,98 @@ async def test_the_engine_of_an_old_stack_revision_stops_once_its_runs_ended(
         again = await submit(api, GATED, parameters={"n": 3}, stack="other")
         assert (await wait_status(api, again["id"]))["status"] == "completed"
         assert gateway.conveyors()[1:] == [new]
+
+
+async def _artifact_uris(api: httpx.AsyncClient, run_id: str) -> list[str]:
+    page = (await api.get("/api/artifacts", params={"run_id": run_id})).json()
+    return [a["ref"]["uri"] for a in page["items"]]
+
+
+async def _move_store(api: httpx.AsyncClient, stack: str, path: Path) -> None:
+    """Change ``stack``'s components as an admin would: onto a new artifact store at ``path``."""
+    store = {"type": "artifact_store", "name": path.name, "flavor": "local"}
+    created = await api.post("/api/components", json={**store, "config": {"path": str(path)}})
+    assert created.status_code == 201, created.text
+    moved = await api.patch(
+        f"/api/stacks/{stack}", json={"components": {"artifact_store": path.name}}
+    )
+    assert moved.status_code == 200, moved.text
+
+
+async def test_a_change_of_the_served_stack_reaches_the_next_run(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway_module, "SWEEP_INTERVAL_S", 0.05)
+    async with serving(home) as (app, api):
+        gateway = app.state.conveyor.gateway
+        gate = tmp_path / "gate"
+        held = await submit(api, GATED, parameters={"gate": str(gate)})
+        await wait_step(api, held["id"], "wait_for_gate", "running")
+        old = gateway.served
+        # An admin moves the server's own stack onto another artifact store.
+        elsewhere = tmp_path / "elsewhere"
+        store = {"type": "artifact_store", "name": "elsewhere", "flavor": "local"}
+        created = await api.post(
+            "/api/components", json={**store, "config": {"path": str(elsewhere)}}
+        )
+        assert created.status_code == 201, created.text
+        moved = await api.patch(
+            "/api/stacks/default", json={"components": {"artifact_store": "elsewhere"}}
+        )
+        assert moved.status_code == 200, moved.text
+        after = await submit(api, GATED, parameters={"n": 2})
+        assert after["stack_name"] == "default"
+        assert (await wait_status(api, after["id"]))["status"] == "completed"
+        uris = await _artifact_uris(api, after["id"])
+        assert uris and all(uri.startswith(elsewhere.as_uri()) for uri in uris), uris
+        assert gateway.served is not old
+        # The run in flight ends where it started, on the stack's old store...
+        gate.touch()
+        assert (await wait_status(api, held["id"]))["status"] == "completed"
+        uris = await _artifact_uris(api, held["id"])
+        assert len(uris) == 5 and not any(uri.startswith(elsewhere.as_uri()) for uri in uris)
+        # ...and the old engine stops once it ended; the server's store stays open.
+        deadline = asyncio.get_running_loop().time() + 10
+        while old in gateway.conveyors() or old.controller_alive is not None:
+            assert asyncio.get_running_loop().time() < deadline, "the old engine was kept"
+            await asyncio.sleep(0.05)
+        assert gateway.conveyors() == [gateway.served]
+        assert (await api.get("/healthz")).json()["status"] == "ok"
+        again = await submit(api, GATED, parameters={"n": 3})
+        assert (await wait_status(api, again["id"]))["status"] == "completed"
+
+
+async def test_a_cancel_reaches_the_engine_that_runs_the_run(home: Path, tmp_path: Path) -> None:
+    async with serving(home) as (app, api):
+        gateway = app.state.conveyor.gateway
+        gate = tmp_path / "gate"
+        held = await submit(api, GATED, parameters={"gate": str(gate), "timeout_s": 20})
+        await wait_step(api, held["id"], "wait_for_gate", "running")
+        old = gateway.served
+        await _move_store(api, "default", tmp_path / "elsewhere")
+        after = await submit(api, GATED, parameters={"n": 2})
+        assert (await wait_status(api, after["id"]))["status"] == "completed"
+        assert gateway.served is not old, "the stack's current engine is another"
+        cancelled = await api.post(f"/api/runs/{held['id']}/cancel", json={"reason": "enough"})
+        assert cancelled.status_code == 202, cancelled.text
+        assert cancelled.json()["status"] == "cancelled"
+        # The step that held ends now: had the cancel reached only the store (through the
+        # stack's current engine), the engine that runs the run would go on with its steps.
+        gate.touch()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2  # the later steps would have run twice over by then
+        while loop.time() < deadline:
+            steps = (await api.get(f"/api/runs/{held['id']}/steps")).json()
+            statuses = {s["name"]: s["status"] for s in steps}
+            assert statuses == {"prepare": "completed"} | dict.fromkeys(
+                ("wait_for_gate", "to_array", "describe", "summarize"), "cancelled"
+            ), statuses
+            made = {
+                a["step_name"]
+                for a in (await api.get("/api/artifacts", params={"run_id": held["id"]})).json()[
+                    "items"
+                ]
+            }
+            assert made == {"prepare"}, made
+            assert (await api.get(f"/api/runs/{held['id']}")).json()["status"] == "cancelled"
+            await asyncio.sleep(0.05)

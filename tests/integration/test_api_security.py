@@ -12,9 +12,11 @@ from pathlib import Path
 import blake3
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from conveyor.contracts import PipelineSpec, StepSpec, new_id, utcnow
 from conveyor.service.api import create_app
+from conveyor.service.api.security import SESSION_SECRET_FILE
 from conveyor.service.context import Services
 from conveyor.service.store import Writes
 from conveyor.service.store.summaries import RunSummaries
@@ -264,3 +266,28 @@ async def test_a_symlink_swapped_in_during_a_download_never_leaks(
     assert leaks == 0, f"the secret leaked {leaks} times in {len(statuses)} downloads"
     assert wrong == 0
     assert set(statuses) == {200, 403}, sorted(set(statuses))  # both states were seen
+
+
+async def test_a_dashboard_session_outlives_a_restart_not_a_rotated_token(home: Path) -> None:
+    async with serving(home, token=TOKEN) as (_, client):
+        ok = await client.post("/login", data={"token": TOKEN, "next": "/stacks/default"})
+        assert ok.status_code == 303
+        cookie = client.cookies["conveyor_session"]
+    kept = home / SESSION_SECRET_FILE
+    secret = kept.read_text().strip() if kept.exists() else None
+    with capture_logs() as logs:
+        async with serving(home, token=TOKEN) as (_, client):
+            assert (await client.get("/stacks/default")).status_code == 303  # no cookie yet
+            client.cookies.set("conveyor_session", cookie)
+            page = await client.get("/stacks/default")
+            assert page.status_code == 200, "the session of the server before ended"
+            # A rotated token still ends the sessions it opened.
+            good = {"Authorization": f"Bearer {TOKEN}"}
+            rotated = await client.post("/api/users/default/rotate-token", headers=good)
+            assert rotated.status_code == 200, rotated.text
+            after = await client.get("/stacks/default")
+            assert after.status_code == 303 and after.headers["location"].startswith("/login")
+    # Kept in the server's home, for its user only, made once, never logged.
+    assert secret is not None and kept.read_text().strip() == secret
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert secret not in repr(logs)

@@ -12,7 +12,16 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
-from conveyor.contracts import ArtifactRef, RunStatus, StepStatus, utcnow
+from conveyor.contracts import (
+    ArtifactRef,
+    NotFoundError,
+    PipelineSpec,
+    RunStatus,
+    StepSpec,
+    StepStatus,
+    new_id,
+    utcnow,
+)
 from conveyor.service.context import Services
 from conveyor.service.scheduling import StepUpdate, Transition
 from conveyor.service.store.db import Writes
@@ -69,22 +78,28 @@ class _Follower:
             await asyncio.sleep(0.02)
 
 
+def _reads_of(services: Services, run_id: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SQL of each read of the store that names ``run_id``, from now on."""
+    asked: list[str] = []
+    for name in ("fetchall", "fetchone"):
+        real = getattr(services.db, name)
+
+        def spy(sql: str, params: Any = (), real: Any = real) -> Any:
+            if run_id in params:
+                asked.append(sql)
+            return real(sql, params)
+
+        monkeypatch.setattr(services.db, name, spy)
+    return asked
+
+
 async def test_followers_of_a_large_run_share_one_reader_that_reads_only_what_changed(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with serving(home) as (app, _):
         services = app.state.conveyor.services
         run_id = await record_run(services, FAN_OUT)
-        asked: list[str] = []
-        for name in ("fetchall", "fetchone"):
-            real = getattr(services.db, name)
-
-            def spy(sql: str, params: Any = (), real: Any = real) -> Any:
-                if run_id in params:
-                    asked.append(sql)
-                return real(sql, params)
-
-            monkeypatch.setattr(services.db, name, spy)
+        asked = _reads_of(services, run_id, monkeypatch)
         first, second = _Follower(app, services, run_id), _Follower(app, services, run_id)
         names = [f"s{i}" for i in range(FAN_OUT)]
         output = ArtifactRef(
@@ -168,3 +183,60 @@ async def test_a_follower_that_leaves_ends_the_watch_of_its_run(home: Path) -> N
         follower.left.set()
         await asyncio.wait_for(follower.task, 5)
         assert follower.run is None and len(app.state.conveyor.watches) == 0
+
+
+async def test_a_queued_run_is_polled_by_small_rows_and_followed_once_recorded(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serving(home) as (app, _):
+        services = app.state.conveyor.services
+        stack = await services.stacks.get("default")
+        run_id = new_id()
+        steps = [StepSpec(name=f"s{i}", ref="m:f") for i in range(FAN_OUT)]
+        # Requested of a controller that is not there yet: queued, no step rows.
+        await services.runs.record_request(
+            run_id, PipelineSpec(name="fan", steps=steps), stack, None, utcnow()
+        )
+        asked = _reads_of(services, run_id, monkeypatch)
+        follower = _Follower(app, services, run_id)
+        await asyncio.sleep(0.5)
+        assert asked, "the queued run is polled"
+        # Each poll: the run's marker (there is none) and whether it is still requested;
+        # never the request in full (its spec names every step).
+        small = ("FROM runs r LEFT JOIN run_changes c", "SELECT 1 AS found FROM run_requests")
+        assert all(any(part in sql for part in small) for sql in asked), set(asked)
+        assert follower.steps == [] and follower.run is None and not follower.task.done()
+        # A controller records it, and runs it: the stream goes on as for any run.
+        await record_run(services, FAN_OUT, run_id)
+        names = [s.name for s in steps]
+        await _apply(
+            services,
+            run_id,
+            [StepUpdate(n, StepStatus.RUNNING, 1) for n in names],
+            RunStatus.RUNNING,
+        )
+        await follower.received(FAN_OUT)
+        await _apply(
+            services,
+            run_id,
+            [StepUpdate(n, StepStatus.COMPLETED, 1) for n in names],
+            RunStatus.COMPLETED,
+        )
+        await asyncio.wait_for(follower.task, 30)
+        assert follower.steps == [(n, "running", 1) for n in names] + [
+            (n, "completed", 1) for n in names
+        ]
+        assert follower.run is not None and follower.run["status"] == "completed"
+
+        # A request withdrawn before any controller recorded it ends its stream: not found.
+        withdrawn = new_id()
+        await services.runs.record_request(
+            withdrawn, PipelineSpec(name="fan", steps=steps[:2]), stack, None, utcnow()
+        )
+        gone = _Follower(app, services, withdrawn)
+        await asyncio.sleep(0.2)
+        assert not gone.task.done()
+        await services.runs.forget_request(withdrawn)
+        with pytest.raises(NotFoundError, match="no run"):
+            await asyncio.wait_for(gone.task, 5)
+        assert gone.steps == [] and gone.run is None

@@ -3,6 +3,8 @@ it goes by, pages of its own origin, a bounded number of wrong tokens."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from starlette.datastructures import Headers
 
@@ -11,8 +13,14 @@ from conveyor.service.api.errors import Forbidden, Unauthorized, status_of
 from conveyor.service.api.host_check import allowed_names, host_allowed, host_name
 from conveyor.service.api.login_limit import LoginAttempts
 from conveyor.service.api.origin_check import cross_site
-from conveyor.service.api.security import safe_next, session_value
+from conveyor.service.api.security import (
+    SESSION_SECRET_FILE,
+    safe_next,
+    session_secret,
+    session_value,
+)
 from conveyor.service.bind_checks import check_bind, check_token, is_loopback
+from conveyor.service.home import Home
 from conveyor.service.users import token_hash
 
 
@@ -53,10 +61,26 @@ def test_the_session_cookie_names_its_user_and_proves_the_token_without_holding_
     value = session_value(secret, "alice", key)
     assert value.startswith("alice.") and "s3cret" not in value and key.decode() not in value
     assert value == session_value(secret, "alice", key)
-    # Another user, a rotated token (another digest), a restarted server: another value.
+    # Another user, a rotated token (another digest), another server's secret: another value.
     assert value != session_value(secret, "bob", key)
     assert value != session_value(secret, "alice", token_hash("cvy_rotated").encode())
     assert value != session_value(b"other-secret", "alice", key)
+
+
+def test_the_session_secret_is_made_once_in_the_home_and_a_damaged_one_is_named(
+    tmp_path: Path,
+) -> None:
+    home = Home(tmp_path / "home")
+    secret = session_secret(home)
+    assert len(secret) == 32 and session_secret(home) == secret
+    kept = home.path / SESSION_SECRET_FILE
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in home.path.iterdir()] == [SESSION_SECRET_FILE], "nothing staged left"
+    kept.write_text("not hex")
+    with pytest.raises(ConveyorError, match="delete the file to make a new one"):
+        session_secret(home)
+    kept.unlink()
+    assert session_secret(home) != secret
 
 
 def test_each_error_class_has_its_status() -> None:
