@@ -47,6 +47,7 @@ from conveyor.service.home import Home
 from conveyor.service.idempotency import check_reused_key
 from conveyor.service.liveness import this_process
 from conveyor.service.pipelines import PipelineTooLarge, load_pipeline
+from conveyor.service.stacks import StackService
 from conveyor.workers.flavors import get_flavor
 from conveyor.workers.steps import StepDefinition, readable
 
@@ -175,6 +176,15 @@ class RunGateway:
         assert stack is not None
         return stack
 
+    async def default_stack(self, stacks: StackService) -> StackSpec:
+        """The stack a request that names none runs on, as ``stacks`` (a user's view) shows
+        it: the server's own, renamed or not; deleted and made again under its name, the
+        new one."""
+        try:
+            return await stacks.get(self.stack.id)
+        except NotFoundError:
+            return await stacks.get(self.stack.name)
+
     def conveyors(self) -> list[Conveyor]:
         """Every started ``Conveyor``, the served one first."""
         served = self.served
@@ -219,9 +229,9 @@ class RunGateway:
 
     async def _engine_for(self, stack_name: str | None) -> _Engine:
         """The engine of the current revision of ``stack_name`` (``None``: the served one)."""
-        # A stack may be named by its id too: one Conveyor per stack, whatever it is called,
-        # and a new one once its components changed (or it was deleted and made again under
-        # its name): a run goes to the stack as it is now. The older one stays until its
+        # A stack may be named by its id too (the served one is: it may be renamed), and a
+        # new Conveyor starts once its name or components changed (or it was deleted and made
+        # again under its name): a run goes to the stack as it is now. The older one stays until its
         # runs ended (``sweep``), so that those can still be followed and cancelled.
         stack = await self.services.stacks.get(stack_name or self.stack.id)
         async with self._opening:
@@ -457,8 +467,9 @@ class RunGateway:
 
 
 def _revision(stack: StackSpec) -> str:
-    """What a started ``Conveyor`` of ``stack`` depends on: its id and its components."""
-    parts = [stack.id] + [
+    """What a started ``Conveyor`` of ``stack`` depends on: its id, its name (its runs record
+    it, and a rabbitmq stack's queues are named after it) and its components."""
+    parts = [stack.id, stack.name] + [
         f"{c.id}:{c.flavor}:{json.dumps(c.config, sort_keys=True, default=str)}"
         for _, c in sorted(stack.components.items())
     ]

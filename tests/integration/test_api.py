@@ -576,6 +576,30 @@ async def test_a_change_of_the_served_stack_reaches_the_next_run(
         assert (await wait_status(api, again["id"]))["status"] == "completed"
 
 
+async def test_the_served_stack_renamed_still_takes_the_runs_that_name_no_stack(
+    home: Path,
+) -> None:
+    async with serving(home) as (_, api):
+        stack = {
+            "name": "lab",
+            "components": {"orchestrator": "default", "artifact_store": "default"},
+        }
+        assert (await api.post("/api/stacks", json=stack)).status_code == 201
+    async with serving(home, stack="lab") as (_, api):  # conveyor server up --stack lab
+        renamed = await api.post("/api/stacks/lab/rename", json={"new_name": "team"})
+        assert renamed.status_code == 200, renamed.text
+        run = await submit(api, parameters={"epochs": 1})  # no stack named: the server's own
+        assert run["stack_name"] == "team"
+        assert (await wait_status(api, run["id"]))["status"] == "completed"
+        # Deleted and registered again under its name: the new one is the server's own.
+        assert (await api.delete("/api/stacks/team")).status_code == 204
+        again = {**stack, "name": "team"}
+        assert (await api.post("/api/stacks", json=again)).status_code == 201
+        run = await submit(api, parameters={"epochs": 1})
+        assert run["stack_name"] == "team"
+        assert (await wait_status(api, run["id"]))["status"] == "completed"
+
+
 async def test_a_cancel_reaches_the_engine_that_runs_the_run(home: Path, tmp_path: Path) -> None:
     async with serving(home) as (app, api):
         gateway = app.state.conveyor.gateway
