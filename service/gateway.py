@@ -176,10 +176,12 @@ class RunGateway:
         assert stack is not None
         return stack
 
-    async def default_stack(self, stacks: StackService) -> StackSpec:
-        """The stack a request that names none runs on, as ``stacks`` (a user's view) shows
-        it: the server's own, renamed or not; deleted and made again under its name, the
+    async def stack_named(self, stacks: StackService, name: str | None) -> StackSpec:
+        """Stack ``name`` (a name or an id) as ``stacks`` (a user's view) shows it. Without a
+        name, the server's own: renamed or not; deleted and made again under its name, the
         new one."""
+        if name:
+            return await stacks.get(name)
         try:
             return await stacks.get(self.stack.id)
         except NotFoundError:
@@ -229,11 +231,11 @@ class RunGateway:
 
     async def _engine_for(self, stack_name: str | None) -> _Engine:
         """The engine of the current revision of ``stack_name`` (``None``: the served one)."""
-        # A stack may be named by its id too (the served one is: it may be renamed), and a
-        # new Conveyor starts once its name or components changed (or it was deleted and made
-        # again under its name): a run goes to the stack as it is now. The older one stays until its
-        # runs ended (``sweep``), so that those can still be followed and cancelled.
-        stack = await self.services.stacks.get(stack_name or self.stack.id)
+        # A new Conveyor starts once a stack's name or components changed (or it was deleted
+        # and made again under its name): a run goes to the stack as it is now. The older one
+        # stays until its runs ended (``sweep``), so that those can still be followed and
+        # cancelled.
+        stack = await self.stack_named(self.services.stacks, stack_name)
         async with self._opening:
             engine = await self._opened(stack)
             if stack.id == self.stack.id and engine is not self._served:

@@ -37,8 +37,7 @@ async def get_code(
     """Where a code archive this server took (or found) is in a stack's store, so that a
     client uploads it only once; 404 when the server does not know it (upload it then)."""
     checked_digest(digest)
-    stacks = state.services.as_user(actor).stacks
-    target = await (stacks.get(stack) if stack else state.gateway.default_stack(stacks))
+    target = await state.gateway.stack_named(state.services.as_user(actor).stacks, stack)
     found = state.archives.get(target.id, digest)
     if found is None:
         raise NotFoundError(f"this server has not taken code archive {digest} for {target.name!r}")
@@ -66,8 +65,7 @@ async def put_code(
     422 if the bytes do not hash to ``digest`` or are not a safe zip, 413 over the server's
     bound, 404 for a stack the user may not see."""
     checked_digest(digest)
-    stacks = state.services.as_user(actor).stacks
-    target = await (stacks.get(stack) if stack else state.gateway.default_stack(stacks))
+    target = await state.gateway.stack_named(state.services.as_user(actor).stacks, stack)
     limit = settings_of(request).max_code_bytes
     blob = await receive_archive(request.stream(), digest, make_artifact_store(target), limit)
     state.archives.add(target.id, blob)

@@ -98,8 +98,7 @@ async def submit_run(
     key = idempotency_key or body.idempotency_key
     pipeline = settings_of(request).pipelines.checked(body.pipeline) if body.pipeline else None
     # A user runs on the stacks they may see (the served one unless they name another).
-    stacks = state.services.as_user(actor).stacks
-    target = await (stacks.get(body.stack) if body.stack else state.gateway.default_stack(stacks))
+    target = await state.gateway.stack_named(state.services.as_user(actor).stacks, body.stack)
     if body.spec is not None:
         submission = await _submit_spec(body.spec, body, target, key, request, state, actor)
     else:
