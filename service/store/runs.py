@@ -489,15 +489,10 @@ class RunStore:
         with ``None``), as the change that would have announced its status, in the order of
         the run's steps; and the highest marker among them (0 if none)."""
         columns = "name, status, attempt, error, duration_s, retry_at, cached_from, changed"
-        if since is None:
-            rows = await self.db.fetchall(
-                f"SELECT {columns} FROM steps WHERE run_id = ? ORDER BY position", (run_id,)
-            )
-        else:
-            rows = await self.db.fetchall(
-                f"SELECT {columns} FROM steps WHERE run_id = ? AND changed > ? ORDER BY position",
-                (run_id, since),
-            )
+        rows = await self.db.fetchall(  # markers start at 0: every step changed after -1
+            f"SELECT {columns} FROM steps WHERE run_id = ? AND changed > ? ORDER BY position",
+            (run_id, -1 if since is None else since),
+        )
         with_outputs = [
             row["name"]
             for row in rows
