@@ -181,11 +181,20 @@ class CodeCache:
     ) -> None:
         self._store = store
         self.directory = Path(directory).expanduser().resolve()
+        self._folders = re.compile(
+            re.escape(f"{self.directory}{os.sep}") + r"[a-z0-9]+-[0-9a-f]+" + re.escape(os.sep)
+        )
         self._max_unpacked = max_unpacked
         self._max_entries = max_entries
         self._lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._sweep()
+
+    def shown(self, text: str) -> str:
+        """``text`` (a traceback, an error) with this cache's archive folders cut from the
+        paths in it: a file of a run's code reads as it is named in the project it was packed
+        from (``pipes/train.py``), not as this machine's copy of it."""
+        return self._folders.sub("", text)
 
     def extracted(self, code: BlobRef) -> Path:
         """The local folder that holds the files of the archive ``code``."""

@@ -383,6 +383,11 @@ class StepExecutor:
         """The outcome of an attempt that was not run, for ``error``: not to be retried."""
         return self._failed(ready, error, None, False, time.perf_counter())
 
+    def _shown(self, text: str) -> str:
+        """``text`` as the user names things: modules loaded by path as their files, and
+        the files of a run's code archive as they are in the user's project."""
+        return self._resolver.shown(readable(text))
+
     def _failed(
         self,
         ready: StepReady,
@@ -398,8 +403,8 @@ class StepExecutor:
             attempt=ready.attempt,
             # Bounded here, after the names are made readable: a step's process reports its
             # texts through a file, and a readable name may be longer than the generated one.
-            error=keep_head(readable(error), MAX_STEP_ERROR_LENGTH),
-            traceback=None if tb is None else keep_tail(readable(tb), MAX_TRACEBACK_LENGTH),
+            error=keep_head(self._shown(error), MAX_STEP_ERROR_LENGTH),
+            traceback=None if tb is None else keep_tail(self._shown(tb), MAX_TRACEBACK_LENGTH),
             retryable=retryable,
             retry_after_s=retry_after_s,
             duration_s=time.perf_counter() - started,

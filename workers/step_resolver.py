@@ -396,6 +396,12 @@ class StepResolver:
         self._codes: CodeCache | None = None
         self._roots: dict[str, Path] = {}
 
+    def shown(self, text: str) -> str:
+        """``text`` with the paths of the code archives' files as the user's project names
+        them (see ``CodeCache.shown``)."""
+        codes = self._codes
+        return text if codes is None else codes.shown(text)
+
     @property
     def trusted(self) -> frozenset[str]:
         """The top-level packages whose steps run without a code archive."""

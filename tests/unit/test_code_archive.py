@@ -563,3 +563,19 @@ def test_steps_typed_into_a_notebook_ship_as_one_generated_module(
     assert pack({definition.ref: definition}, strict=False) == {
         definition.ref: code_archive.ShippedStep(definition.ref, None)
     }
+
+
+def test_a_traceback_names_an_archives_files_as_the_project_does(tmp_path: Path) -> None:
+    cache = CodeCache(LocalArtifactStore(tmp_path / "store"), tmp_path / "code")
+    copy = cache.directory / ("blake3-" + "ab" * 32)
+    elsewhere = tmp_path / "project" / "blake3-cd" / "train.py"
+    text = (
+        f'  File "{copy}/pipes/train.py", line 3, in fit\n'
+        f'  File "{elsewhere}", line 5, in other\n'
+        f'  File "{cache.directory}/notes/readme.py", line 1, in <module>\n'
+    )
+    assert cache.shown(text).splitlines() == [
+        '  File "pipes/train.py", line 3, in fit',
+        f'  File "{elsewhere}", line 5, in other',  # not a folder of this cache's
+        f'  File "{cache.directory}/notes/readme.py", line 1, in <module>',  # not an archive's
+    ]
