@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import aio_pika
+from rabbitmq import delete_topology
 
 from conveyor.contracts import (
     Delivery,
@@ -155,24 +156,7 @@ async def conveyor_round_trips(url: str, n: int) -> list[float]:
         return await _timed(("--conveyor-echo", url, stack), send, arrived, n)
     finally:
         await broker.stop()
-        await _delete_stack(url, broker)
-
-
-async def _delete_stack(url: str, broker: RabbitMQBroker) -> None:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        topology = broker.topology
-        for queue in (topology.step_queue("default"), topology.events_queue, topology.runs_queue):
-            await channel.queue_delete(queue)
-        await channel.queue_delete(topology.dead_letter_queue)
-        for exchange in (
-            topology.exchange,
-            topology.status_exchange,
-            topology.control_exchange,
-            topology.dead_letter_exchange,
-        ):
-            await channel.exchange_delete(exchange)
+        await delete_topology(url, broker.topology.prefix, broker.topology.stack)
 
 
 # --- both ----------------------------------------------------------------------------------

@@ -233,6 +233,7 @@ class CeleryPeer:
             self.worker.kill()
         with self.tasks.app.connection_for_write() as connection:
             connection.default_channel.queue_delete(self.queue)
+            connection.default_channel.exchange_delete(self.queue)  # Celery named it after it
         self.log.close()
 
 

@@ -37,9 +37,10 @@ sys.path.insert(0, str(HERE))
 from overhead import Result, chain, fan_out, measure, report  # noqa: E402
 
 from conveyor import Conveyor  # noqa: E402
-from conveyor.contracts import ComponentType  # noqa: E402
+from conveyor.contracts import ComponentType, Topology  # noqa: E402
 from conveyor.service.context import Services  # noqa: E402
 from conveyor.service.logs import configure_logging  # noqa: E402
+from conveyor.workers.stack_probes import queue_names  # noqa: E402
 
 WORKLOADS: list[tuple[str, Any, int]] = [("chain_200", chain, 200), ("fanout_1000", fan_out, 1000)]
 BODY = b'{"type":"StepReady","padding":"' + b"x" * 600 + b'"}'
@@ -212,15 +213,16 @@ def stack_processes(workers: int, env: dict[str, str]) -> Iterator[list[subproce
                 proc.kill()
 
 
-async def delete_topology(url: str, prefix: str) -> None:
+async def delete_topology(url: str, prefix: str, stack: str = "bench") -> None:
+    """Delete every queue and exchange the stack ``stack`` under ``prefix`` declared."""
+    topology = Topology(stack=stack, prefix=prefix)
     connection = await aio_pika.connect_robust(url)
     async with connection:
         channel = await connection.channel()
-        base = f"{prefix}.bench"
-        for queue in ("runs", "events", "steps.default", "dead"):
-            await channel.queue_delete(f"{base}.{queue}")
-        for exchange in ("", ".status", ".dlx"):
-            await channel.exchange_delete(f"{base}{exchange}")
+        for queue in queue_names(topology, []):
+            await channel.queue_delete(queue)
+        for exchange in topology.exchanges:
+            await channel.exchange_delete(exchange)
 
 
 async def main(args: argparse.Namespace) -> list[Measured]:

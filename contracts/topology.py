@@ -58,6 +58,16 @@ class Topology(Frozen):
         return f"{self.base}.dead"
 
     @property
+    def exchanges(self) -> list[str]:
+        """Every exchange of the stack (its queues: ``queue_names`` of the worker side)."""
+        return [
+            self.exchange,
+            self.status_exchange,
+            self.control_exchange,
+            self.dead_letter_exchange,
+        ]
+
+    @property
     def events_queue(self) -> str:
         """Completion events from workers, consumed by the controller."""
         return f"{self.base}.events"
