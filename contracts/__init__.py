@@ -78,12 +78,21 @@ from conveyor.contracts.protocols import (
     Materializer,
     StatusHandler,
     Subscription,
+    UnreadableDelivery,
+    UnreadableHandler,
 )
 from conveyor.contracts.topology import (
     DEFAULT_PREFIX,
     Topology,
     is_control_event,
     is_status_event,
+)
+from conveyor.contracts.unreadable import (
+    Identity,
+    Unreadable,
+    read_identity,
+    read_version,
+    unreadable,
 )
 
 __all__ = [
@@ -115,6 +124,7 @@ __all__ = [
     "Envelope",
     "Event",
     "Fatal",
+    "Identity",
     "InputBinding",
     "Isolation",
     "MalformedEvent",
@@ -148,6 +158,9 @@ __all__ = [
     "StoreUnavailable",
     "Subscription",
     "Topology",
+    "Unreadable",
+    "UnreadableDelivery",
+    "UnreadableHandler",
     "UntrustedStep",
     "UserRecord",
     "ValidationError",
@@ -159,5 +172,8 @@ __all__ = [
     "new_id",
     "parse_event",
     "progress_of",
+    "read_identity",
+    "read_version",
+    "unreadable",
     "utcnow",
 ]

@@ -8,6 +8,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 from conveyor.contracts.events import Event
 from conveyor.contracts.models import ArtifactRef, BlobRef
 from conveyor.contracts.topology import Topology
+from conveyor.contracts.unreadable import Unreadable
 
 T = TypeVar("T")
 
@@ -41,6 +42,28 @@ only hand the delivery over, runs inline and costs no task. An exception rejects
 StatusHandler = Callable[[Event], Awaitable[None]]
 
 
+class UnreadableDelivery(Protocol):
+    """A message that is not an event this release can read, though the run it belongs to
+    can be named: handed to a consumer that asked for such (``consume(unreadable=...)``) so
+    that it tells the run. Settle it exactly once."""
+
+    @property
+    def unreadable(self) -> Unreadable:
+        """Whose it is, why it cannot be read, and its sender's release if known."""
+
+    async def reject(self, reason: str | None = None) -> None:
+        """Done with it: it goes to the dead-letter queue with the reason it could not be
+        read (and ``reason``, if it could not be handled either)."""
+
+    async def requeue(self) -> None:
+        """Give it back to be delivered again (the broker was lost while handling it)."""
+
+
+UnreadableHandler = Callable[[UnreadableDelivery], Awaitable[None] | None]
+"""Called once per unreadable message whose run can be named, on a task of its own (they are
+rare). An exception dead-letters the message; a broker lost meanwhile requeues it."""
+
+
 class Subscription(Protocol):
     """A running consumer; cancel it to stop receiving."""
 
@@ -72,8 +95,19 @@ class Broker(Protocol):
     async def publish(self, events: Sequence[Event]) -> None:
         """Route and publish ``events``; returns once the broker confirmed every one."""
 
-    async def consume(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> Subscription:
-        """Deliver messages of ``queue`` to ``handler``, at most ``prefetch`` unsettled."""
+    async def consume(
+        self,
+        queue: str,
+        handler: DeliveryHandler,
+        *,
+        prefetch: int,
+        unreadable: UnreadableHandler | None = None,
+    ) -> Subscription:
+        """Deliver messages of ``queue`` to ``handler``, at most ``prefetch`` unsettled.
+
+        A message that is not a valid event goes to the dead-letter queue with the reason;
+        with ``unreadable``, one whose run can still be named goes there through it, so
+        that the run hears of it."""
 
     async def follow(self, run_id: str, handler: StatusHandler) -> Subscription:
         """Receive the status events of one run (``StepStatusChanged``, ``RunFinished``)."""

@@ -30,6 +30,8 @@ from conveyor.contracts import (
     StepStarted,
     StepSucceeded,
     Subscription,
+    Unreadable,
+    UnreadableDelivery,
     is_status_event,
     utcnow,
 )
@@ -45,6 +47,7 @@ from conveyor.service.step_reuse import StepReuse
 from conveyor.service.store import Database, RunStore, Writes, is_store_failure, store_error
 from conveyor.workers.backoff import Backoff
 from conveyor.workers.code_archive import attach_code
+from conveyor.workers.release import cannot_read
 from conveyor.workers.steps import readable
 
 log = structlog.get_logger("conveyor.controller")
@@ -64,6 +67,35 @@ LEASE_S = 30.0
 """How long a running attempt is the worker's without a heartbeat."""
 MAX_LOST = 3
 """Lapsed leases after which a step fails instead of being tried again."""
+UNNAMED_PIPELINE = "unknown"
+"""The pipeline recorded for a request that is unreadable down to its pipeline's name."""
+
+
+class UnreadableRequest:
+    """A request this controller cannot read (most likely a newer client's), whose run it
+    can name: in the inbox beside the deliveries, and settled as they are, always into the
+    dead letters (once its run is recorded failed, or if that cannot be done)."""
+
+    __slots__ = ("delivery",)
+
+    def __init__(self, delivery: UnreadableDelivery) -> None:
+        self.delivery = delivery
+
+    @property
+    def unreadable(self) -> Unreadable:
+        return self.delivery.unreadable
+
+    async def ack(self) -> None:
+        await self.delivery.reject()
+
+    async def reject(self, reason: str) -> None:
+        await self.delivery.reject(reason)
+
+    async def requeue(self) -> None:
+        await self.delivery.requeue()
+
+
+Inbound = Delivery | UnreadableRequest
 
 
 def compile_request(request: RunRequested, code_store: ArtifactStore | None) -> PipelineSpec:
@@ -131,7 +163,7 @@ class Controller:
         # When each run's first waiting retry is due. Kept apart from the states, which a
         # failed batch clears: a run that only waits hears no event that would reload it.
         self._retries: dict[str, datetime] = {}
-        self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._inbox: asyncio.Queue[Inbound] = asyncio.Queue()
         self._subscriptions: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
         # Confirmed outbox rows are marked sent in the next batch's transaction (or when
@@ -164,9 +196,14 @@ class Controller:
         if self._owner is None:
             await self._resume()
         topology = self._broker.topology
-        for queue in (topology.events_queue, topology.runs_queue):
+        # A request that cannot be read (a newer client's) still fails its run, so that its
+        # client stops waiting.
+        unreadable = {topology.events_queue: None, topology.runs_queue: self._unreadable_request}
+        for queue, on_unreadable in unreadable.items():
             self._subscriptions.append(
-                await self._broker.consume(queue, self._hand_over, prefetch=INBOX_PREFETCH)
+                await self._broker.consume(
+                    queue, self._hand_over, prefetch=INBOX_PREFETCH, unreadable=on_unreadable
+                )
             )
         self._loop_task = asyncio.create_task(self._loop(), name="controller")
         log.info("controller started", stack=self._stack.name)
@@ -247,6 +284,12 @@ class Controller:
     def _hand_over(self, delivery: Delivery) -> None:
         self._inbox.put_nowait(delivery)
 
+    async def _unreadable_request(self, delivery: UnreadableDelivery) -> None:
+        if delivery.unreadable.identity.type == "RunRequested":
+            self._inbox.put_nowait(UnreadableRequest(delivery))
+        else:  # nobody waits on it: a cancellation of a run that ends anyway, say
+            await delivery.reject()
+
     async def _loop(self) -> None:
         self._next_check = asyncio.get_running_loop().time() + self._check_every
         while True:
@@ -280,7 +323,7 @@ class Controller:
             else:
                 self._recovered()
 
-    async def _back_off(self, deliveries: list[Delivery], reason: str) -> None:
+    async def _back_off(self, deliveries: list[Inbound], reason: str) -> None:
         """Hand ``deliveries`` back and pause, longer after each failure in a row."""
         # Nothing of these was acked, so all of it comes back.
         for delivery in deliveries:
@@ -303,7 +346,7 @@ class Controller:
         self.problem = None
         self._backoff.reset()
 
-    async def _narrow(self, batch: list[Delivery]) -> None:
+    async def _narrow(self, batch: list[Inbound]) -> None:
         """Process a failed batch one delivery at a time: a message that fails alone, twice,
         while the store answers, is what failed the batch, and goes to the dead letters."""
         for index, delivery in enumerate(batch):
@@ -332,7 +375,7 @@ class Controller:
             return
         self._recovered()
 
-    async def _alone(self, delivery: Delivery) -> BaseException | None:
+    async def _alone(self, delivery: Inbound) -> BaseException | None:
         """Process one delivery; what went wrong, or None."""
         try:
             await self._process([delivery])
@@ -358,7 +401,7 @@ class Controller:
             return False
         return True
 
-    async def _take_batch(self) -> list[Delivery]:
+    async def _take_batch(self) -> list[Inbound]:
         """The deliveries waiting, once there is one; none if held progress or a lease
         check falls due first."""
         loop = asyncio.get_running_loop()
@@ -382,7 +425,9 @@ class Controller:
             batch.append(self._inbox.get_nowait())
         return [d for d in batch if await self._accepts(d)]
 
-    async def _accepts(self, delivery: Delivery) -> bool:
+    async def _accepts(self, delivery: Inbound) -> bool:
+        if isinstance(delivery, UnreadableRequest):
+            return True
         if isinstance(delivery.event, RunRequested | RunCancelRequested | WorkerEvent):
             return True
         await delivery.reject(f"the controller does not take {delivery.event.type} events")
@@ -444,11 +489,13 @@ class Controller:
             self._states[run_id] = state
         return state
 
-    async def _process(self, deliveries: list[Delivery]) -> None:
+    async def _process(self, deliveries: list[Inbound]) -> None:
         batch = Batch(now=utcnow())
         requested: list[str] = []
         for delivery in deliveries:
-            if isinstance(delivery.event, RunCancelRequested):
+            if isinstance(delivery, UnreadableRequest):
+                requested.append(delivery.unreadable.identity.run_id)
+            elif isinstance(delivery.event, RunCancelRequested):
                 batch.cancels.setdefault(delivery.event.run_id, delivery.event.reason)
             elif isinstance(delivery.event, RunRequested):
                 requested.append(delivery.event.run_id)
@@ -459,6 +506,9 @@ class Controller:
             for run_id, reason in (await self._runs.withdrawn(requested)).items():
                 batch.cancels.setdefault(run_id, reason)
         for delivery in deliveries:
+            if isinstance(delivery, UnreadableRequest):
+                await self._on_unreadable_request(batch, delivery.unreadable)
+                continue
             event = delivery.event
             if isinstance(event, RunRequested):
                 await self._on_run_requested(batch, event)
@@ -480,7 +530,25 @@ class Controller:
         for delivery in deliveries:
             await delivery.ack()
 
-    async def _on_run_requested(self, batch: Batch, request: RunRequested) -> None:
+    async def _on_unreadable_request(self, batch: Batch, unreadable: Unreadable) -> None:
+        """Record the run of a request this controller cannot read failed, saying why and
+        what to upgrade, so that its client stops waiting."""
+        identity = unreadable.identity
+        error = cannot_read(
+            "controller", "request", "client", unreadable.reason, unreadable.sender_version
+        )
+        # What could be read of it: enough to record its run, as one whose pipeline does
+        # not compile is recorded.
+        readable_part = RunRequested(
+            run_id=identity.run_id, pipeline=identity.pipeline or UNNAMED_PIPELINE
+        )
+        await self._on_run_requested(batch, readable_part, refused=error)
+
+    async def _on_run_requested(
+        self, batch: Batch, request: RunRequested, refused: str | None = None
+    ) -> None:
+        """Record the run of ``request`` and start it; or, if its pipeline does not compile
+        or it was ``refused`` (why), record it failed."""
         for earlier, _, _ in batch.new_runs:
             if earlier.run_id == request.run_id or (
                 request.idempotency_key and earlier.idempotency_key == request.idempotency_key
@@ -492,14 +560,14 @@ class Controller:
             return
         if request.run_id in batch.recorded:
             return  # a redelivered request of a run that exists
-        error: str | None = None
-        try:
-            if request.spec is not None:
-                spec = request.spec
-            else:
+        error = refused
+        spec = request.spec
+        if error is None and spec is None:
+            try:
                 spec = await asyncio.to_thread(compile_request, request, self._code_store)
-        except Exception as exc:
-            error = readable(f"cannot compile pipeline {request.pipeline!r}: {exc}")
+            except Exception as exc:
+                error = readable(f"cannot compile pipeline {request.pipeline!r}: {exc}")
+        if error is not None or spec is None:
             spec = PipelineSpec(name=request.pipeline, parameters=request.parameters, steps=[])
         if not request.cache:
             spec = without_cache(spec)

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from conveyor.workers.release import conveyor_version
 
-
-def conveyor_version() -> str:
-    """The installed distribution's version ("0" in a checkout that was never installed)."""
-    try:
-        return version("conveyor")
-    except PackageNotFoundError:
-        return "0"
+__all__ = ["conveyor_version", "incompatible", "major"]
 
 
 def major(version_text: str) -> str:

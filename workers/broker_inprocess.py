@@ -29,6 +29,7 @@ from conveyor.contracts import (
     StatusHandler,
     StepReady,
     Topology,
+    UnreadableHandler,
     is_control_event,
     is_status_event,
 )
@@ -255,7 +256,16 @@ class InProcessBroker:
                 message = _Message(event, rank, next(self._published))
                 self.queue(route).put_nowait(entry(message))
 
-    async def consume(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> _Consumer:
+    async def consume(
+        self,
+        queue: str,
+        handler: DeliveryHandler,
+        *,
+        prefetch: int,
+        unreadable: UnreadableHandler | None = None,
+    ) -> _Consumer:
+        # ``unreadable`` is never called: events cross this broker as objects, never as
+        # bytes, from this process's own release, so none is unreadable.
         consumer = _Consumer(self, queue, handler, prefetch)
         consumer.pump = asyncio.create_task(consumer.run(), name=f"consume:{queue}")
         self.consumers.add(consumer)

@@ -35,6 +35,7 @@ from conveyor.contracts import (
     StatusHandler,
     StepReady,
     Topology,
+    UnreadableHandler,
     encode_event,
     is_control_event,
     is_status_event,
@@ -54,10 +55,12 @@ from conveyor.workers.rabbitmq_topology import (
     DELIVERIES_HEADER,
     QUEUE_HEADER,
     REASON_HEADER,
+    VERSION_HEADER,
     Declared,
     declare_topology,
     declare_work_queue,
 )
+from conveyor.workers.release import conveyor_version
 
 log = structlog.get_logger("conveyor.broker.rabbitmq")
 
@@ -295,6 +298,7 @@ class RabbitMQBroker:
     def _message(self, event: Event) -> aio_pika.Message:
         return aio_pika.Message(
             encode_event(event),
+            headers={VERSION_HEADER: conveyor_version()},
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=event.event_id,
@@ -429,11 +433,20 @@ class RabbitMQBroker:
         with contextlib.suppress(*TRANSIENT):  # if lost: delivered again, handled again
             await message.ack()
 
-    async def consume(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> Consumer:
-        """Consume ``queue`` on a channel of its own with ``prefetch`` unsettled at most."""
+    async def consume(
+        self,
+        queue: str,
+        handler: DeliveryHandler,
+        *,
+        prefetch: int,
+        unreadable: UnreadableHandler | None = None,
+    ) -> Consumer:
+        """Consume ``queue`` on a channel of its own with ``prefetch`` unsettled at most;
+        messages that are not an event this release reads, but whose run can be named, go
+        to ``unreadable`` (else straight to the dead-letter queue)."""
         if queue != self._topology.dead_letter_queue:
             await self.ensure_queue(queue)
-        consumer = Consumer(self, queue, handler, prefetch)
+        consumer = Consumer(self, queue, handler, prefetch, unreadable)
         self.consumers.add(consumer)
         try:
             await consumer.start(self.connection)

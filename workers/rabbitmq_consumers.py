@@ -30,10 +30,15 @@ from conveyor.contracts import (
     MalformedEvent,
     StatusHandler,
     StepReady,
+    Unreadable,
+    UnreadableHandler,
     parse_event,
+    read_identity,
+    read_version,
+    unreadable,
 )
 from conveyor.workers.rabbitmq_errors import RETRYABLE, TRANSIENT
-from conveyor.workers.rabbitmq_topology import DELIVERIES_HEADER, queue_arguments
+from conveyor.workers.rabbitmq_topology import DELIVERIES_HEADER, VERSION_HEADER, queue_arguments
 from conveyor.workers.status_pump import StatusPump
 
 if TYPE_CHECKING:
@@ -107,15 +112,54 @@ class RabbitDelivery:
             await self._message.nack(requeue=True)
 
 
+class RabbitUnreadable:
+    """A message no event could be read from, whose run can be named; it ends in the
+    dead-letter queue with the reason, unless it is requeued."""
+
+    __slots__ = ("_consumer", "_message", "_settled", "_unreadable")
+
+    def __init__(
+        self, consumer: Consumer, message: AbstractIncomingMessage, unreadable: Unreadable
+    ) -> None:
+        self._consumer = consumer
+        self._message = message
+        self._unreadable = unreadable
+        self._settled = False
+
+    @property
+    def unreadable(self) -> Unreadable:
+        return self._unreadable
+
+    async def reject(self, reason: str | None = None) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        why = self._unreadable.reason if reason is None else f"{self._unreadable.reason}; {reason}"
+        await self._consumer.broker.dead_letter(self._consumer.queue, self._message, why)
+
+    async def requeue(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        with contextlib.suppress(*TRANSIENT):  # a closed channel requeues it anyway
+            await self._message.nack(requeue=True)
+
+
 class Consumer:
     """One consumer on its own channel, so that its prefetch and failures stay its own."""
 
     def __init__(
-        self, broker: RabbitMQBroker, queue: str, handler: DeliveryHandler, prefetch: int
+        self,
+        broker: RabbitMQBroker,
+        queue: str,
+        handler: DeliveryHandler,
+        prefetch: int,
+        unreadable: UnreadableHandler | None = None,
     ) -> None:
         self.broker = broker
         self.queue = queue
         self.handler = handler
+        self.unreadable = unreadable
         self.hands_over = not inspect.iscoroutinefunction(handler)
         self.prefetch = prefetch
         self.channel: AbstractRobustChannel | None = None
@@ -155,7 +199,7 @@ class Consumer:
         try:
             event = parse_event(message.body)
         except MalformedEvent as exc:
-            await self.broker.dead_letter(self.queue, message, str(exc))
+            await self._cannot_read(message, str(exc))
             return
         if message.redelivered and isinstance(event, StepReady):
             # Its last delivery ended unsettled: a worker died or lost the broker while it
@@ -173,6 +217,32 @@ class Consumer:
         task = asyncio.create_task(self._handle(delivery))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    async def _cannot_read(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """Dead-letter ``message``; through the ``unreadable`` handler when it has one and
+        the message's run can be named, so that the run hears of it."""
+        identity = None if self.unreadable is None else read_identity(message.body)
+        if identity is None:
+            await self.broker.dead_letter(self.queue, message, reason)
+            return
+        sender = read_version((message.headers or {}).get(VERSION_HEADER))
+        delivery = RabbitUnreadable(self, message, unreadable(identity, reason, sender))
+        task = asyncio.create_task(self._tell(delivery))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _tell(self, delivery: RabbitUnreadable) -> None:
+        assert self.unreadable is not None
+        try:
+            pending = self.unreadable(delivery)
+            if pending is not None:
+                await pending
+        except RETRYABLE as exc:
+            log.warning("broker lost while handling an unreadable message", error=str(exc))
+            await delivery.requeue()
+        except Exception as exc:
+            log.exception("unreadable message handler failed", queue=self.queue, exc_info=exc)
+            await delivery.reject(f"its handler raised {type(exc).__name__}: {exc}")
 
     async def _handle(self, delivery: RabbitDelivery) -> None:
         try:

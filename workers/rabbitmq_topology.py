@@ -20,6 +20,9 @@ REASON_HEADER = "x-conveyor-reason"
 """Why a message was dead-lettered (set by Conveyor; RabbitMQ's own is in ``x-death``)."""
 QUEUE_HEADER = "x-conveyor-queue"
 """The queue a dead-lettered message was consumed from."""
+VERSION_HEADER = "x-conveyor-version"
+"""The Conveyor release of the process that published the message (outside the event, so
+that releases before it read the event as ever): named when a reader cannot read it."""
 DELIVERIES_HEADER = "x-conveyor-deliveries"
 """Deliveries of a step message that ended unsettled (classic queues count none of their own)."""
 

@@ -31,12 +31,15 @@ from conveyor.contracts import (
     StepStarted,
     StepSucceeded,
     Subscription,
+    UnreadableDelivery,
     UntrustedStep,
     WorkerFacts,
     utcnow,
 )
+from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH
 from conveyor.workers import step_logs
 from conveyor.workers.execution import StepExecutor
+from conveyor.workers.release import cannot_read
 from conveyor.workers.step_resolver import StepResolver
 
 log = structlog.get_logger("conveyor.worker")
@@ -158,7 +161,12 @@ class WorkerPool:
     async def _consume(self, pool: str) -> None:
         queue = self._broker.topology.step_queue(pool)
         self._subscriptions.append(
-            await self._broker.consume(queue, self._on_step_ready, prefetch=self._concurrency)
+            await self._broker.consume(
+                queue,
+                self._on_step_ready,
+                prefetch=self._concurrency,
+                unreadable=self._on_unreadable,
+            )
         )
 
     async def serve(self, pools: Iterable[str]) -> None:
@@ -222,6 +230,28 @@ class WorkerPool:
             await self._run(delivery)
         finally:
             self._in_flight.discard(task)
+
+    async def _on_unreadable(self, delivery: UnreadableDelivery) -> None:
+        """A StepReady this worker cannot read (most likely a newer controller's): its
+        attempt fails, not to be retried (every worker of this release would refuse it too),
+        so that its run does not wait for ever; the message goes to the dead letters."""
+        message = delivery.unreadable
+        who = message.identity
+        if who.type == "StepReady" and who.step is not None and who.attempt is not None:
+            error = cannot_read(
+                "worker", "step", "controller", message.reason, message.sender_version
+            )
+            log.warning("step unreadable", run_id=who.run_id, step=who.step, error=error)
+            failed = StepFailed(
+                run_id=who.run_id,
+                step=who.step,
+                attempt=who.attempt,
+                error=error[:MAX_STEP_ERROR_LENGTH],
+                retryable=False,
+                by=self.facts,
+            )
+            await self._broker.publish([failed])
+        await delivery.reject()
 
     async def _run(self, delivery: Delivery) -> None:
         ready = delivery.event

@@ -32,6 +32,8 @@ from tests.pipelines.rabbitmq_pipelines import MARKERS_ENV
 
 STACK = "prod"
 PIPELINES = "tests/pipelines/rabbitmq_pipelines.py"
+CLI = "conveyor.service.cli.app"
+"""The module that ``python -m`` runs as the ``conveyor`` command."""
 
 
 def rabbitmqctl(*args: str) -> None:
@@ -194,13 +196,15 @@ def release(markers: Path, name: str) -> None:
 class Process:
     """A ``conveyor`` command running in the background, its output in a log file."""
 
-    def __init__(self, label: str, args: list[str], logs: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, label: str, args: list[str], logs: Path, env: dict[str, str], module: str = CLI
+    ) -> None:
         self.label = label
         self.args = args
         self.log_path = logs / f"{label}.log"
         self._log: IO[str] = open(self.log_path, "w")  # noqa: SIM115 (closed in wait/kill)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "conveyor.service.cli.app", *args],
+            [sys.executable, "-m", module, *args],
             cwd=ROOT,
             env=env,
             stdout=self._log,
@@ -254,15 +258,18 @@ class Processes:
         self.logs = logs
         self.started: list[Process] = []
 
-    def start(self, label: str, *args: str, env: dict[str, str] | None = None) -> Process:
+    def start(
+        self, label: str, *args: str, env: dict[str, str] | None = None, module: str = CLI
+    ) -> Process:
+        """``python -m module ARGS`` (the ``conveyor`` command unless ``module`` says)."""
         full_env = {**os.environ, "CONVEYOR_LOG_LEVEL": "INFO", **(env or {})}
         full_env.pop("PYTHONASYNCIODEBUG", None)  # debug mode slows services down a lot
-        process = Process(label, list(args), self.logs, full_env)
+        process = Process(label, list(args), self.logs, full_env, module)
         self.started.append(process)
         return process
 
-    def controller(self, label: str = "controller", **env: str) -> Process:
-        process = self.start(label, "controller", "start", "--stack", STACK, env=env)
+    def controller(self, label: str = "controller", module: str = CLI, **env: str) -> Process:
+        process = self.start(label, "controller", "start", "--stack", STACK, env=env, module=module)
         process.wait_for_log("controller started")
         return process
 

@@ -1,0 +1,117 @@
+"""Messages that are not an event this release can read, and the run they belong to.
+
+A newer release may send a field an older one refuses (``extra="forbid"``): the message is
+dead-lettered all the same, and the run it belongs to is told, when its identity can still
+be read: its type, its run and, for a ``StepReady``, the step and attempt. That read is
+lenient about everything else and as strict as the real models about those fields; it
+parses JSON and nothing more (nothing in the message is imported or evaluated).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, WrapValidator
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_core.core_schema import ValidatorFunctionWrapHandler
+
+from conveyor.contracts.events import EVENT_TYPES
+from conveyor.contracts.models import Frozen, Id, Name
+
+MAX_UNREADABLE_BYTES = 64 * 1024 * 1024
+"""The largest message whose identity is read; a larger one is only dead-lettered."""
+MAX_REASON_LENGTH = 1000
+"""The longest reason an unreadable message carries (a dead-letter header's bound too)."""
+MAX_VERSION_LENGTH = 64
+VERSION_PATTERN = rf"^[0-9A-Za-z][0-9A-Za-z.+!_-]{{0,{MAX_VERSION_LENGTH - 1}}}$"
+"""A release's version as its sender gives it: the characters of a PEP 440 version."""
+
+_EVENT_TYPE_NAMES = frozenset(cls.__name__ for cls in EVENT_TYPES)
+_version = re.compile(VERSION_PATTERN)
+T = TypeVar("T")
+
+
+class Identity(Frozen):
+    """Whose an unreadable message was: enough to tell its run, nothing more."""
+
+    type: str = Field(max_length=64, description="Its event type, one this release knows")
+    run_id: Id
+    step: Name | None = Field(default=None, description="A StepReady's step, if readable")
+    attempt: int | None = Field(default=None, ge=1, description="A StepReady's attempt")
+    pipeline: Name | None = Field(default=None, description="A RunRequested's pipeline")
+
+
+class Unreadable(Frozen):
+    """A message that is not an event this release can read, though its identity is."""
+
+    identity: Identity
+    reason: str = Field(max_length=MAX_REASON_LENGTH, description="Why it cannot be read")
+    sender_version: str | None = Field(
+        default=None,
+        pattern=VERSION_PATTERN,
+        description="The Conveyor release of its sender, when the message said which",
+    )
+
+
+def _or_none(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    try:
+        return handler(value)
+    except PydanticValidationError:
+        return None
+
+
+Lenient = Annotated[T | None, WrapValidator(_or_none)]
+"""A field read if it is valid, else None, never an error."""
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Name
+
+
+class _Read(BaseModel):
+    """The identity fields of any event, every other field ignored unread."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Annotated[str, Field(max_length=64)]
+    run_id: Id
+    step: Lenient[_Step] = None
+    attempt: Lenient[Annotated[int, Field(ge=1)]] = None
+    pipeline: Lenient[Name] = None
+
+
+def read_identity(data: bytes | str) -> Identity | None:
+    """The identity of a message that :func:`parse_event` refused, or None if even that
+    cannot be read (not JSON, no known type, no valid run id, too large)."""
+    if len(data) > MAX_UNREADABLE_BYTES:
+        return None
+    try:
+        read = _Read.model_validate_json(data)
+    except (PydanticValidationError, ValueError):
+        return None
+    if read.type not in _EVENT_TYPE_NAMES:
+        return None
+    if read.type == "StepReady":
+        step = read.step.name if read.step is not None else None
+        if step is None or read.attempt is None:
+            return Identity(type=read.type, run_id=read.run_id)
+        return Identity(type=read.type, run_id=read.run_id, step=step, attempt=read.attempt)
+    if read.type == "RunRequested":
+        return Identity(type=read.type, run_id=read.run_id, pipeline=read.pipeline)
+    return Identity(type=read.type, run_id=read.run_id)
+
+
+def read_version(value: object) -> str | None:
+    """A sender's Conveyor version from a message header, or None if absent or unlike one."""
+    if isinstance(value, bytes) and len(value) <= MAX_VERSION_LENGTH:
+        value = value.decode("ascii", errors="replace")
+    if not isinstance(value, str) or len(value) > MAX_VERSION_LENGTH:
+        return None
+    return value if _version.fullmatch(value) else None
+
+
+def unreadable(identity: Identity, reason: str, sender_version: str | None) -> Unreadable:
+    """An :class:`Unreadable` of ``identity``, its ``reason`` cut to the bound."""
+    cut = reason if len(reason) <= MAX_REASON_LENGTH else reason[: MAX_REASON_LENGTH - 3] + "..."
+    return Unreadable(identity=identity, reason=cut, sender_version=sender_version)

@@ -1,0 +1,39 @@
+"""The ``conveyor`` command as a newer release would run it: ``python -m
+tests.integration.newer_conveyor ARGS`` runs ``conveyor ARGS`` whose RabbitMQ messages carry
+a field this release does not know (in a ``RunRequested``'s spec and a ``StepReady``'s step,
+as a release that added one would send), and which says it is Conveyor ``NEWER_VERSION``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from conveyor.contracts import Event, RunRequested, StepReady, encode_event
+from conveyor.service.cli.app import main
+from conveyor.workers import broker_rabbitmq
+
+NEWER_VERSION = "99.1.0"
+NEW_FIELD = "placement"
+"""A field of a later release: in a request's spec, and in a step of a StepReady."""
+
+
+def _newer_encoding(event: Event) -> bytes:
+    body = json.loads(encode_event(event))
+    if isinstance(event, RunRequested) and body.get("spec") is not None:
+        body["spec"][NEW_FIELD] = "eu-west"
+    if isinstance(event, StepReady):
+        body["step"][NEW_FIELD] = "eu-west"
+    return json.dumps(body).encode()
+
+
+def as_newer_release() -> None:
+    """Make this process's RabbitMQ messages look like a newer release's."""
+    broker_rabbitmq.encode_event = _newer_encoding  # type: ignore[assignment]
+    stamp = getattr(broker_rabbitmq, "conveyor_version", None)
+    if stamp is not None:  # the releases that stamp their version on what they publish
+        broker_rabbitmq.conveyor_version = lambda: NEWER_VERSION  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    as_newer_release()
+    main()

@@ -1,0 +1,192 @@
+"""A client, controller and workers of different Conveyor releases on one rabbitmq stack.
+
+A newer side's message may carry a field the older side does not know: the older side
+dead-letters it, as before, and now also tells the run it belonged to, naming both versions,
+so that nobody waits for ever. The newer side is ``newer_conveyor``: this release's command
+with a field of a later release in its messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+
+from conveyor.contracts import RunRequested, RunStatus, StepStatus, Topology, new_id
+from conveyor.service.client import Client
+from conveyor.service.version import conveyor_version
+from conveyor.workers.rabbitmq_topology import QUEUE_HEADER, REASON_HEADER, VERSION_HEADER
+from tests.conftest import ROOT, conveyor_cli
+from tests.integration.newer_conveyor import NEW_FIELD, NEWER_VERSION
+from tests.integration.rabbitmq_support import (
+    PIPELINES,
+    STACK,
+    Processes,
+    markers,
+    processes,
+    register_stack,
+    run_id_in,
+    vhost,
+    wait_until,
+)
+
+__all__ = ["markers", "processes", "vhost"]  # fixtures
+
+pytestmark = pytest.mark.rabbitmq
+
+NEWER = "tests.integration.newer_conveyor"
+RETRIES = "tests/pipelines/retry_pipelines.py"
+WAIT_S = 60
+
+
+async def dead_letters(url: str) -> list[tuple[str, str, dict[str, object]]]:
+    """(queue, reason, body) of each message in the stack's dead-letter queue, taken out."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.declare_queue(Topology(stack=STACK).dead_letter_queue, passive=True)
+        letters = []
+        while (message := await dead.get(fail=False)) is not None:
+            await message.ack()
+            headers = message.headers
+            body = json.loads(message.body)
+            letters.append((str(headers[QUEUE_HEADER]), str(headers[REASON_HEADER]), body))
+    return letters
+
+
+def run_good_pipeline(processes: Processes) -> str:
+    """Run a pipeline of this release to its end; its run id."""
+    result = conveyor_cli("pipeline", "run", f"{PIPELINES}:small", timeout=WAIT_S)
+    assert result.returncode == 0, result.stdout + result.stderr + processes.dump()
+    return run_id_in(result.stderr)
+
+
+def test_a_newer_clients_request_fails_its_run_naming_both_versions(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    """The client is one release ahead of its stack's controller: its request carries a
+    field the controller refuses. It used to wait for ever; now its run fails saying why."""
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    controller = processes.controller()
+    worker = processes.worker("w1")
+    try:
+        newer = subprocess.run(
+            [sys.executable, "-m", NEWER, "pipeline", "run", f"{PIPELINES}:small"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the client still waits after {WAIT_S}s: {exc.stderr!r}") from None
+    assert newer.returncode == 1, newer.stdout + newer.stderr
+    error = newer.stderr
+    for told in (
+        "this controller cannot read the request",
+        f"{NEW_FIELD}: Extra inputs are not permitted",  # the cause
+        f"the client runs Conveyor {NEWER_VERSION}",
+        f"this controller Conveyor {conveyor_version()}",
+        f"upgrade this controller to Conveyor {NEWER_VERSION}",
+    ):
+        assert told in error, error
+    run_id = run_id_in(error)
+    with Client() as client:
+        run = client.get_run(run_id)
+        assert run.status is RunStatus.FAILED
+        assert f"{NEW_FIELD}: Extra inputs are not permitted" in (run.error or "")
+
+    [(queue, reason, body)] = asyncio.run(dead_letters(vhost))
+    assert queue == Topology(stack=STACK).runs_queue
+    assert body["run_id"] == run_id and f"{NEW_FIELD}: Extra inputs" in reason
+
+    # The controller took the next request of this release as ever.
+    good = run_good_pipeline(processes)
+    with Client() as client:
+        assert client.get_run(good).status is RunStatus.COMPLETED
+    assert controller.alive and worker.alive
+
+
+def test_a_newer_controllers_step_fails_on_a_worker_that_cannot_read_it(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    """The controller is one release ahead of its workers: their StepReady carries a field
+    the workers refuse. The run used to wait for ever for that step; now the worker fails
+    the attempt (not to be retried: every worker of its release would refuse it too)."""
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    newer = processes.controller("newer-controller", module=NEWER)
+    worker = processes.worker("w1")
+    # Its one step may be retried once: the worker's failure says a retry cannot help.
+    result = conveyor_cli("pipeline", "run", f"{RETRIES}:asks_later", timeout=WAIT_S)
+    assert result.returncode == 1, result.stdout + result.stderr + processes.dump()
+    error = result.stderr
+    for told in (
+        "this worker cannot read the step",
+        f"{NEW_FIELD}: Extra inputs are not permitted",
+        f"the controller runs Conveyor {NEWER_VERSION}",
+        f"this worker Conveyor {conveyor_version()}",
+        f"upgrade this worker to Conveyor {NEWER_VERSION}",
+    ):
+        assert told in error, error
+    run_id = run_id_in(error)
+    with Client() as client:
+        assert client.get_run(run_id).status is RunStatus.FAILED
+        steps = {s.name: s for s in client.get_steps(run_id)}
+    step = steps["rate_limited"]
+    assert (step.status, step.attempt, step.max_retries) == (StepStatus.FAILED, 1, 1)
+    assert step.worker == "w1"
+
+    [(queue, reason, body)] = asyncio.run(dead_letters(vhost))
+    assert queue == Topology(stack=STACK).step_queue("default")
+    assert body["run_id"] == run_id and f"{NEW_FIELD}: Extra inputs" in reason
+
+    # The same worker runs the steps of a controller of its own release.
+    newer.kill()
+    processes.controller()
+    good = run_good_pipeline(processes)
+    with Client() as client:
+        assert {s.worker for s in client.get_steps(good)} == {"w1"}
+    assert worker.alive
+
+
+async def publish_raw(url: str, queue: str, body: bytes, headers: dict[str, Any]) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        message = aio_pika.Message(body, headers=headers, message_id=new_id())
+        await channel.default_exchange.publish(message, routing_key=queue)
+
+
+def test_a_request_with_an_unknown_field_and_a_junk_version_fails_its_run(
+    vhost: str, tmp_path: Path, processes: Processes
+) -> None:
+    """Any AMQP client may send a request: one with a top-level field this release does not
+    know, whose version header is not a version, fails its run without naming a version."""
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    controller = processes.controller()
+    request = json.loads(RunRequested(run_id=new_id(), pipeline="train").model_dump_json())
+    request["priority"] = "high"
+    junk = {VERSION_HEADER: "9.9; rm -rf / " + "x" * 10_000}
+    runs = Topology(stack=STACK).runs_queue
+    asyncio.run(publish_raw(vhost, runs, json.dumps(request).encode(), junk))
+
+    with Client() as client:
+
+        def recorded() -> bool:
+            return any(r.id == request["run_id"] for r in client.list_runs())
+
+        wait_until(recorded, "the run to be recorded", WAIT_S)
+        run = client.get_run(request["run_id"])
+    assert (run.status, run.pipeline) == (RunStatus.FAILED, "train")
+    error = run.error or ""
+    assert "this controller cannot read the request" in error
+    assert "priority: Extra inputs are not permitted" in error
+    assert "the client did not say its Conveyor release" in error and "rm -rf" not in error
+    [(queue, reason, _)] = asyncio.run(dead_letters(vhost))
+    assert queue == runs and "priority" in reason
+    assert controller.alive

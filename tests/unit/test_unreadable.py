@@ -1,0 +1,195 @@
+"""Reading whose a message is when it is not an event this release reads: hostile bytes, the
+sender's version from a header, and the error that names both releases."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import pytest
+
+from conveyor.contracts import (
+    Identity,
+    MalformedEvent,
+    RunRequested,
+    StepReady,
+    StepSpec,
+    new_id,
+    parse_event,
+    read_identity,
+    read_version,
+    unreadable,
+)
+from conveyor.contracts.models import MAX_ID_LENGTH, MAX_NAME_LENGTH
+from conveyor.contracts.unreadable import MAX_REASON_LENGTH, MAX_UNREADABLE_BYTES
+from conveyor.workers import release
+from conveyor.workers.release import cannot_read
+
+RUN = new_id()
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def newer_step_ready(**step: Any) -> bytes:
+    """A StepReady of a release whose steps have a field this one does not know."""
+    ready = StepReady(run_id=RUN, step=StepSpec(name="train", ref="m.py:train"), attempt=2)
+    data = json.loads(ready.model_dump_json())
+    data["step"].update(step)
+    return json.dumps(data).encode()
+
+
+def test_a_newer_releases_messages_are_read_down_to_their_identity() -> None:
+    ready = newer_step_ready(placement="eu-west")
+    with pytest.raises(MalformedEvent, match="placement"):
+        parse_event(ready)
+    assert read_identity(ready) == Identity(type="StepReady", run_id=RUN, step="train", attempt=2)
+
+    request = json.loads(RunRequested(run_id=RUN, pipeline="p.py:train").model_dump_json())
+    request["priority"] = "high"
+    assert read_identity(json.dumps(request)) == Identity(
+        type="RunRequested", run_id=RUN, pipeline="p.py:train"
+    )
+    cancel = body(type="RunCancelRequested", run_id=RUN, schema_version=2, why={"a": [1]})
+    assert read_identity(cancel) == Identity(type="RunCancelRequested", run_id=RUN)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"{this is not json",
+        b"\xff\xfe\x00",
+        b"null",
+        b"[]",
+        b'"StepReady"',
+        b"42",
+        body(run_id=RUN),  # no type
+        body(type="StepReady"),  # no run
+        body(type="StepExploded", run_id=RUN),  # a type this release does not know
+        body(type="__class__", run_id=RUN),
+        body(type=["StepReady"], run_id=RUN),
+        body(type={"$ref": "StepReady"}, run_id=RUN),
+        body(type="StepReady", run_id=7),
+        body(type="StepReady", run_id=None),
+        body(type="StepReady", run_id=""),
+        body(type="StepReady", run_id="x" * (MAX_ID_LENGTH + 1)),
+        body(type="StepReady", run_id={"id": RUN}),
+        body(type="x" * 100_000, run_id=RUN),
+        # Nesting deeper than the JSON parser's limit, in a field that is otherwise ignored.
+        b'{"type": "RunRequested", "run_id": "r", "spec": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    ],
+)
+def test_what_names_no_run_of_a_known_type_has_no_identity(data: bytes) -> None:
+    assert read_identity(data) is None
+
+
+def test_a_body_over_the_bound_is_not_read() -> None:
+    head = body(type="StepReady", run_id=RUN)[:-1]
+    padded = head + b', "pad": "' + b"x" * MAX_UNREADABLE_BYTES + b'"}'
+    assert read_identity(padded) is None
+
+
+@pytest.mark.parametrize(
+    ("step", "attempt"),
+    [
+        ("x" * (MAX_NAME_LENGTH + 1), 1),
+        ("", 1),
+        (["train"], 1),
+        ("train", 0),
+        ("train", -1),
+        ("train", 1.5),
+        ("train", "one"),
+        ("train", None),
+        ("train", {"n": 1}),
+    ],
+)
+def test_a_step_or_attempt_out_of_the_models_bounds_is_left_unread(step: Any, attempt: Any) -> None:
+    """The run is still named; without both the step and its attempt a worker fails nothing."""
+    data = body(type="StepReady", run_id=RUN, step={"name": step, "x": [1]}, attempt=attempt)
+    assert read_identity(data) == Identity(type="StepReady", run_id=RUN)
+
+
+def test_wildcards_and_huge_numbers_are_data_not_patterns() -> None:
+    """Ids are matched exactly wherever they are used: ``%`` and ``_`` are only characters."""
+    for run_id in ("%", "_" * 32, "r%_'; DROP TABLE runs; --"):
+        data = body(type="StepReady", run_id=run_id, step={"name": "%"}, attempt=1)
+        assert read_identity(data) == Identity(type="StepReady", run_id=run_id, step="%", attempt=1)
+    huge = b'{"type": "StepReady", "run_id": "r", "step": {"name": "s"}, "attempt": 1' + b"0" * 5000
+    assert read_identity(huge + b"}") is None
+
+
+def test_nothing_a_message_names_is_imported() -> None:
+    module = "conveyor_test_never_imported"
+    data = body(
+        type="RunRequested",
+        run_id=RUN,
+        pipeline=f"{module}:pipeline",
+        spec={"name": "p", "steps": [{"name": "s", "ref": f"{module}:f", "evil": True}]},
+        __reduce__=["os", "system"],
+    )
+    assert read_identity(data) == Identity(
+        type="RunRequested", run_id=RUN, pipeline=f"{module}:pipeline"
+    )
+    assert module not in sys.modules
+
+
+def test_a_reason_is_cut_to_its_bound() -> None:
+    identity = Identity(type="RunRequested", run_id=RUN)
+    told = unreadable(identity, "invalid event: " + "k" * 100_000, None)
+    assert len(told.reason) == MAX_REASON_LENGTH and told.reason.endswith("...")
+
+
+@pytest.mark.parametrize(
+    ("header", "version"),
+    [
+        ("0.1.0", "0.1.0"),
+        (b"1.4.2", "1.4.2"),
+        ("2.0.0rc1+local.7", "2.0.0rc1+local.7"),
+        (None, None),
+        ("", None),
+        ("1.0\n", None),
+        ("1.0; rm -rf /", None),
+        ("%", None),
+        ("_1", None),
+        ("1" * 65, None),
+        (b"1" * 10_000, None),
+        (b"\xff\xfe", None),
+        (7, None),
+        (["1.0"], None),
+        ({"v": "1.0"}, None),
+    ],
+)
+def test_a_senders_version_header_is_read_only_when_it_looks_like_one(
+    header: object, version: str | None
+) -> None:
+    assert read_version(header) == version
+
+
+@pytest.mark.parametrize(
+    ("sender", "advice"),
+    [
+        (
+            "1.5.0",
+            "the controller runs Conveyor 1.5.0, this worker Conveyor 1.4.2; "
+            "upgrade this worker to Conveyor 1.5.0",
+        ),
+        ("1.10.0", "upgrade this worker to Conveyor 1.10.0"),
+        ("1.3.9", "upgrade the controller to Conveyor 1.4.2"),
+        ("dev", "upgrade the older of the two"),
+        (
+            None,
+            "the controller did not say its Conveyor release (older ones do not) and this "
+            "worker runs Conveyor 1.4.2",
+        ),
+    ],
+)
+def test_the_error_names_both_releases_and_which_to_upgrade(
+    sender: str | None, advice: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(release, "conveyor_version", lambda: "1.4.2")
+    error = cannot_read("worker", "step", "controller", "invalid event: step.x: nope", sender)
+    assert error.startswith("this worker cannot read the step (invalid event: step.x: nope): ")
+    assert advice in error

@@ -1,0 +1,48 @@
+"""The Conveyor release this process runs: stamped on every message it publishes, and named
+when it cannot read a message of another release."""
+
+from __future__ import annotations
+
+import functools
+import re
+from importlib.metadata import PackageNotFoundError, version
+
+_LEADING_NUMBERS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})*")
+
+
+@functools.cache
+def conveyor_version() -> str:
+    """The installed distribution's version ("0" in a checkout that was never installed)."""
+    try:
+        return version("conveyor")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _release_key(version_text: str) -> tuple[int, ...] | None:
+    """The leading numbers of a version ("1.10.2rc1" -> (1, 10, 2)), to tell which is older."""
+    found = _LEADING_NUMBERS.match(version_text)
+    return tuple(int(part) for part in found.group().split(".")) if found else None
+
+
+def cannot_read(
+    reader: str, what: str, sender: str, reason: str, sender_version: str | None
+) -> str:
+    """The error of a ``reader`` (this process) that cannot read ``what`` a ``sender`` sent it,
+    for ``reason``: most likely the two run different releases, so it names both and which
+    one to upgrade."""
+    mine = conveyor_version()
+    said = f"this {reader} cannot read the {what} ({reason})"
+    if sender_version is None:
+        return (
+            f"{said}: the {sender} did not say its Conveyor release (older ones do not) and "
+            f"this {reader} runs Conveyor {mine}; they are probably different releases: "
+            f"upgrade the older of the two"
+        )
+    versions = f"the {sender} runs Conveyor {sender_version}, this {reader} Conveyor {mine}"
+    theirs, ours = _release_key(sender_version), _release_key(mine)
+    if theirs is None or ours is None or theirs == ours:
+        return f"{said}: {versions}; upgrade the older of the two"
+    if theirs > ours:
+        return f"{said}: {versions}; upgrade this {reader} to Conveyor {sender_version}"
+    return f"{said}: {versions}; upgrade the {sender} to Conveyor {mine}"
