@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import structlog
 
 from conveyor.contracts import DEFAULT_POOL, ConflictError, StackSpec, Topology
-from conveyor.workers.stack_probes import QueueReport, queue_report
+from conveyor.workers.stack_probes import QueueReport, queue_report, queues_place
 
 log = structlog.get_logger("conveyor.consumers")
 
@@ -126,3 +126,19 @@ async def check_no_consumers(
             f"and workers (started with --stack {stack.name} or its stack file) would go on "
             f"consuming them once it is {done}; {then}"
         )
+
+
+async def check_queues_kept(before: StackSpec, after: StackSpec) -> None:
+    """Refuse to change ``before`` into ``after`` when that moves its queues (another broker,
+    virtual host or prefix) while its controller and workers consume the old ones. Moving to
+    an embedded orchestrator strands no run, and a broker that cannot be reached may be the
+    one the change moves away from: both allowed."""
+    old, new = queues_place(before), queues_place(after)
+    if old is None or new is None or old == new:
+        return
+    await check_no_consumers(
+        before,
+        "moved to other queues",
+        f"stop them, change it, then start them again with --stack {before.name}",
+        unchecked_ok=True,
+    )

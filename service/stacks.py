@@ -25,7 +25,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.errors import shown
 from conveyor.service.components import ComponentRules, check_name, label, suggest
-from conveyor.service.consumers import check_no_consumers
+from conveyor.service.consumers import check_no_consumers, check_queues_kept
 from conveyor.service.home import STACK_ENV, Home
 from conveyor.service.stack_files import ExportedComponent, export_data, parse_export
 from conveyor.service.store import Database, StackStore
@@ -191,15 +191,26 @@ class StackService(ComponentRules):
         return stack
 
     async def update_stack(self, name: str, components: Mapping[ComponentType, str]) -> StackSpec:
-        """Replace some components of a stack; later runs use them, past runs keep theirs."""
+        """Replace some components of a stack; later runs use them, past runs keep theirs.
+        A new orchestrator whose queues are elsewhere waits until nothing consumes the old."""
         chosen = {t: c for t, c in components.items() if c}
         if not chosen:
             raise ValidationError(f"nothing to update on stack {name!r}: give a component")
+        stack = await self._changeable(name)
+        replaced = await self._components(chosen)
+        # Outside the write transaction: a slow broker must not lock the store.
+        await check_queues_kept(
+            stack, stack.model_copy(update={"components": {**stack.components, **replaced}})
+        )
         async with self.db.transaction() as conn:
-            stack = await self._changeable(name)
-            updated = stack.model_copy(
-                update={"components": {**stack.components, **await self._components(chosen)}}
-            )
+            current = await self._changeable(name)
+            _check_unchanged(stack, current)
+            if await self._components(chosen) != replaced:
+                raise ConflictError(
+                    f"the components for stack {current.name!r} changed while its queues "
+                    "were checked; try again"
+                )
+            updated = current.model_copy(update={"components": {**current.components, **replaced}})
             await self.store.save_stack(conn, updated)
         return updated
 

@@ -122,3 +122,39 @@ def test_an_embedded_stack_is_renamed_without_a_broker_or_a_reminder(
     local = conveyor_cli("stack", "rename", "here", "there")
     assert local.returncode == 0, local.stderr
     assert "Start its controller" not in local.stdout + local.stderr
+
+
+def test_the_queues_of_a_stack_whose_controller_runs_do_not_move_to_another_prefix(
+    vhost: str, tmp_path: Path, processes: Processes
+) -> None:
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    controller = processes.controller()
+    assert (
+        conveyor_cli(
+            "orchestrator",
+            "register",
+            "moved",
+            "--flavor",
+            "rabbitmq",
+            "--url",
+            vhost,
+            "--prefix",
+            "elsewhere",
+        ).returncode
+        == 0
+    )
+    for change in (
+        ("orchestrator", "update", "rmq", "--prefix=elsewhere"),
+        ("stack", "update", STACK, "-o", "moved"),
+    ):
+        refused = conveyor_cli(*change)
+        assert refused.returncode != 0, (change, refused.stdout)
+        said = " ".join(refused.stderr.split())
+        assert f"1 on conveyor.{STACK}.runs" in said, said
+        assert "stop them, change it, then start them again with --stack prod" in said, said
+    # Settings that leave the queues where they are need no stop.
+    assert conveyor_cli("orchestrator", "update", "rmq", "--concurrency=3").returncode == 0
+    # Once the controller stopped, the stack moves.
+    _stop(controller)
+    moved = conveyor_cli("stack", "update", STACK, "-o", "moved")
+    assert moved.returncode == 0, moved.stderr
