@@ -14,6 +14,7 @@ import pytest
 from conveyor.contracts import ConflictError
 from conveyor.service.api import create_app
 from conveyor.service.client import Client
+from conveyor.service.context import Services
 from tests.conftest import conveyor_cli
 from tests.integration.api_helpers import BASE_URL
 from tests.integration.rabbitmq_support import (
@@ -25,7 +26,9 @@ from tests.integration.rabbitmq_support import (
     processes,
     register_stack,
     vhost,
+    wait_until,
 )
+from tests.integration.tcp_proxy import TcpProxy
 from tests.subprocesses import free_port
 
 __all__ = ["markers", "processes", "vhost"]  # fixtures
@@ -158,3 +161,29 @@ def test_the_queues_of_a_stack_whose_controller_runs_do_not_move_to_another_pref
     _stop(controller)
     moved = conveyor_cli("stack", "update", STACK, "-o", "moved")
     assert moved.returncode == 0, moved.stderr
+
+
+async def test_a_broker_that_does_not_answer_does_not_lock_the_store_during_a_rename(
+    vhost: str, home: Path, tmp_path: Path
+) -> None:
+    with TcpProxy() as proxy:
+        await register_stack(proxy.url(vhost), tmp_path / "artifacts", home=home)
+        await asyncio.to_thread(proxy.pause)
+        renamer, other = await Services.open(home), await Services.open(home)
+        try:
+            rename = asyncio.create_task(renamer.stacks.rename_stack(STACK, NEW))
+            # Polled, not slept: the rename's check has connected to the silent broker.
+            await asyncio.to_thread(
+                wait_until, lambda: rename.done() or proxy.accepted > 0, "the broker asked", 10
+            )
+            assert not rename.done(), "the rename did not ask the broker"
+            # Another writer of the store goes on, long before the broker's 5 s are up.
+            await asyncio.wait_for(other.stacks.activate("default"), 2)
+            assert not rename.done()
+            with pytest.raises(ConflictError, match="did not answer in 5s"):
+                await rename
+            assert [s.name for s in await other.stacks.list_stacks()] == ["default", STACK]
+        finally:
+            await asyncio.to_thread(proxy.resume)
+            await renamer.close()
+            await other.close()
