@@ -4,8 +4,9 @@ before the queues' names change.
 On a rabbitmq stack a run needs a controller (it consumes the stack's runs queue) and, for
 each pool the run's steps name, a worker consuming that pool's step queue. Either may be
 missing, and the run then waits without a word; the broker's consumer counts tell which.
-The same counts refuse a rename or a delete while the stack's processes still run: they
-would go on consuming the queues of the old name, and runs on the new one would wait.
+The same counts refuse a rename, a delete or a move of its queues (another broker, virtual
+host or prefix) while the stack's processes still run: they would go on consuming the old
+queues, and runs would wait in the new ones.
 """
 
 from __future__ import annotations
