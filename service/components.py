@@ -22,6 +22,7 @@ from conveyor.contracts import (
     utcnow,
 )
 from conveyor.contracts.errors import shown
+from conveyor.service.consumers import check_queues_kept
 from conveyor.service.store import Database, StackStore
 from conveyor.workers.flavors import Flavor, flavors_of, get_flavor
 
@@ -138,13 +139,28 @@ class ComponentRules:
         """Set the given config keys (a ``None`` value removes a key, back to its default)."""
         if not config:
             raise ValidationError(f"nothing to update on {label(type_)} {name!r}: give a key")
+        component = await self._changeable_component(type_, name)
+        updated = self._updated(component, config)
+        # Outside the write transaction: a slow broker must not lock the store.
+        for stack in await self.store.stacks():
+            used = stack.components.get(type_)
+            if used is not None and used.id == component.id:
+                changed = {**stack.components, type_: updated}
+                await check_queues_kept(stack, stack.model_copy(update={"components": changed}))
         async with self.db.transaction() as conn:
-            component = await self._changeable_component(type_, name)
-            merged = {k: v for k, v in {**component.config, **config}.items() if v is not None}
-            normalized = get_flavor(type_, component.flavor).normalize(merged)
-            updated = component.model_copy(update={"config": normalized})
+            if await self._changeable_component(type_, name) != component:
+                raise ConflictError(
+                    f"{label(type_)} {component.name!r} changed while the queues of its "
+                    "stacks were checked; try again"
+                )
             await self.store.save_component(conn, updated)
         return updated
+
+    @staticmethod
+    def _updated(component: ComponentSpec, config: dict[str, Any]) -> ComponentSpec:
+        merged = {k: v for k, v in {**component.config, **config}.items() if v is not None}
+        normalized = get_flavor(component.type, component.flavor).normalize(merged)
+        return component.model_copy(update={"config": normalized})
 
     async def rename_component(
         self, type_: ComponentType, name: str, new_name: str

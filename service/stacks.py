@@ -25,6 +25,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.errors import shown
 from conveyor.service.components import ComponentRules, check_name, label, suggest
+from conveyor.service.consumers import check_no_consumers, check_queues_kept
 from conveyor.service.home import STACK_ENV, Home
 from conveyor.service.stack_files import ExportedComponent, export_data, parse_export
 from conveyor.service.store import Database, StackStore
@@ -38,6 +39,19 @@ ACTIVE_STACK_KEY = "active_stack"
 REQUIRED_TYPES = (ComponentType.ORCHESTRATOR, ComponentType.ARTIFACT_STORE)
 
 __all__ = ["ACTIVE_STACK_KEY", "DEFAULT", "REQUIRED_TYPES", "StackService", "suggest"]
+
+
+def _check_unchanged(checked: StackSpec, current: StackSpec) -> None:
+    """Refuse when another process changed the stack's orchestrator (or replaced the stack)
+    while its queues were checked outside the write transaction."""
+    orchestrator = ComponentType.ORCHESTRATOR
+    if (current.id, current.component(orchestrator)) != (
+        checked.id,
+        checked.component(orchestrator),
+    ):
+        raise ConflictError(
+            f"stack {current.name!r} changed while its queues were checked; try again"
+        )
 
 
 def active_stack_key(user: str) -> str:
@@ -177,35 +191,59 @@ class StackService(ComponentRules):
         return stack
 
     async def update_stack(self, name: str, components: Mapping[ComponentType, str]) -> StackSpec:
-        """Replace some components of a stack; later runs use them, past runs keep theirs."""
+        """Replace some components of a stack; later runs use them, past runs keep theirs.
+        A new orchestrator whose queues are elsewhere waits until nothing consumes the old."""
         chosen = {t: c for t, c in components.items() if c}
         if not chosen:
             raise ValidationError(f"nothing to update on stack {name!r}: give a component")
+        stack = await self._changeable(name)
+        replaced = await self._components(chosen)
+        # Outside the write transaction: a slow broker must not lock the store.
+        await check_queues_kept(
+            stack, stack.model_copy(update={"components": {**stack.components, **replaced}})
+        )
         async with self.db.transaction() as conn:
-            stack = await self._changeable(name)
-            updated = stack.model_copy(
-                update={"components": {**stack.components, **await self._components(chosen)}}
-            )
+            current = await self._changeable(name)
+            _check_unchanged(stack, current)
+            if await self._components(chosen) != replaced:
+                raise ConflictError(
+                    f"the components for stack {current.name!r} changed while its queues "
+                    "were checked; try again"
+                )
+            updated = current.model_copy(update={"components": {**current.components, **replaced}})
             await self.store.save_stack(conn, updated)
         return updated
 
     async def rename_stack(self, name: str, new_name: str) -> StackSpec:
-        """Rename a stack; it stays active if it was, and its runs stay its runs (by id)."""
+        """Rename a stack; it stays active if it was, and its runs stay its runs (by id).
+        A service stack is renamed only while nothing consumes its queues."""
+        stack = await self._renamable(name, new_name)
+        if new_name == stack.name:
+            return stack
+        # Outside the write transaction: a slow broker must not lock the store.
+        await check_no_consumers(
+            stack, "renamed", f"stop them, rename it, then start them with --stack {new_name}"
+        )
         async with self.db.transaction() as conn:
-            stack = await self._changeable(name, unless_default="renamed; copy it instead")
-            if new_name == stack.name:
-                return stack
-            await self._check_free(new_name)
-            await self._check_no_queued_work(
-                stack, "rename it once they finish, then restart its controller and workers"
-            )
-            renamed = stack.model_copy(update={"name": new_name})
+            current = await self._renamable(name, new_name)
+            _check_unchanged(stack, current)
+            renamed = current.model_copy(update={"name": new_name})
             await self.store.save_stack(conn, renamed)
             # Every user whose active stack it was keeps it active.
             await self.store.rename_setting_values(
                 conn, ACTIVE_STACK_KEY, f"{ACTIVE_STACK_KEY}:", stack.name, new_name
             )
         return renamed
+
+    async def _renamable(self, name: str, new_name: str) -> StackSpec:
+        """The stack ``name`` if the rules in the store let it be called ``new_name``."""
+        stack = await self._changeable(name, unless_default="renamed; copy it instead")
+        if new_name != stack.name:
+            await self._check_free(new_name)
+            await self._check_no_queued_work(
+                stack, "rename it once they finish, then restart its controller and workers"
+            )
+        return stack
 
     async def _check_no_queued_work(self, stack: StackSpec, then: str) -> None:
         """A service stack's queues are named after it: a rename or a delete would strand
@@ -240,6 +278,14 @@ class StackService(ComponentRules):
 
     async def deletable(self, name: str) -> StackSpec:
         """The stack ``name`` if the rules let it be deleted, else the ConflictError why not."""
+        stack = await self._deletable(name)
+        # A broker that is gone for good must not keep its stack: once deleted, nothing can
+        # send runs to that stack's queues, whereas a renamed stack's runs would wait there.
+        await check_no_consumers(stack, "deleted", "stop them, then delete it", unchecked_ok=True)
+        return stack
+
+    async def _deletable(self, name: str) -> StackSpec:
+        """The stack ``name`` if the rules in the store let it be deleted."""
         stack = await self._changeable(name, unless_default="deleted")
         if stack.name == os.environ.get(STACK_ENV):
             raise ConflictError(
@@ -256,10 +302,13 @@ class StackService(ComponentRules):
         return stack
 
     async def delete_stack(self, name: str) -> None:
-        """Delete a stack, not its components; never the default or the active stack."""
+        """Delete a stack, not its components; never the default or the active stack, nor a
+        service stack whose queues are consumed."""
+        stack = await self.deletable(name)  # outside the write transaction: it asks the broker
         async with self.db.transaction() as conn:
-            stack = await self.deletable(name)
-            await self.store.delete_stack(conn, stack.id)
+            current = await self._deletable(name)
+            _check_unchanged(stack, current)
+            await self.store.delete_stack(conn, current.id)
 
     async def activate(self, name: str) -> StackSpec:
         """Make ``name`` this client's active stack (``$CONVEYOR_STACK`` still wins)."""

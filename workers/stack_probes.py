@@ -1,5 +1,6 @@
 """Whether each component of a stack can be reached now: one line each for ``stack describe``;
-and the queues of a rabbitmq stack, for its dashboard page.
+and the queues of a rabbitmq stack, for its dashboard page and for the changes that would
+strand its consumers (``service.consumers``).
 
 A probe never raises and never shows a secret: a component that cannot be reached gets a
 line saying where it was looked for and why it failed.
@@ -132,6 +133,19 @@ def _without_secret(text: str, url: str) -> str:
     password = urlsplit(url).password
     text = text.replace(url, _where(url))
     return text.replace(password, "***") if password else text
+
+
+def queues_place(stack: StackSpec) -> tuple[str, str] | None:
+    """Where a rabbitmq ``stack``'s queues are: its broker's URL (with the virtual host) and
+    the prefix of their names; ``None`` for another orchestrator or a configuration that
+    does not validate."""
+    try:
+        config = orchestrator_config(stack)
+    except ConveyorError:
+        return None
+    if not isinstance(config, RabbitMQOrchestratorConfig):
+        return None
+    return config.url.get_secret_value(), config.prefix
 
 
 async def queue_report(

@@ -316,11 +316,20 @@ def rename(
 ) -> None:
     """Rename a stack; it stays active if it was, and keeps its runs.
 
+    A stack on a broker is renamed only while its controller and workers are stopped: its
+    queues carry its name.
+
     Example: conveyor stack rename shared team
     """
     with user_errors():
         stack = client(ctx).rename_stack(name, new_name)
     status.print(f"Renamed stack '{name}' to '{stack.name}'.")
+    orchestrator = stack.component(ComponentType.ORCHESTRATOR)
+    if not get_flavor(orchestrator.type, orchestrator.flavor).embedded:
+        status.print(
+            f"Start its controller and workers with --stack {stack.name} (workers started "
+            "from a stack file: export it again)."
+        )
 
 
 @app.command("copy")

@@ -6,6 +6,7 @@ the store exactly as it was.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -383,10 +384,11 @@ async def test_import_compares_configs_by_value_not_by_spelling(
 
 
 async def test_a_service_stack_with_queued_runs_cannot_be_renamed_or_deleted(
-    services: Services, stacks: StackService, tmp_path: Path
+    services: Services, stacks: StackService, tmp_path: Path, rabbitmq: str
 ) -> None:
-    url = "amqp://guest:guest@127.0.0.1:5672/"
-    await stacks.register_component(ORCH, "rmq", "rabbitmq", {"url": url})
+    # The broker is asked whether anything consumes the stack's queues: nothing does here.
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    await stacks.register_component(ORCH, "rmq", "rabbitmq", {"url": rabbitmq, "prefix": prefix})
     await stacks.register_stack("prod", {ORCH: "rmq", STORE: DEFAULT})
     stack = await stacks.get("prod")
     spec = PipelineSpec(name="p", steps=[StepSpec(name="a", ref="m:a")])

@@ -1,0 +1,189 @@
+"""Renaming or deleting a rabbitmq stack while its controller and workers still run: their
+queues carry the stack's name, so they would go on consuming the old ones and every run on
+the new name would wait for ever. Refused until they stop. Real RabbitMQ, real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conveyor.contracts import ConflictError
+from conveyor.service.api import create_app
+from conveyor.service.client import Client
+from conveyor.service.context import Services
+from tests.conftest import conveyor_cli
+from tests.integration.api_helpers import BASE_URL
+from tests.integration.rabbitmq_support import (
+    PIPELINES,
+    STACK,
+    Process,
+    Processes,
+    markers,
+    processes,
+    register_stack,
+    vhost,
+    wait_until,
+)
+from tests.integration.tcp_proxy import TcpProxy
+from tests.subprocesses import free_port
+
+__all__ = ["markers", "processes", "vhost"]  # fixtures
+
+pytestmark = pytest.mark.rabbitmq
+
+NEW = "lab"
+REMINDER = f"Start its controller and workers with --stack {NEW}"
+
+
+async def _renamed_over_http(home: Path) -> httpx.Response:
+    app = create_app(home, stack="default")
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as api:
+            return await api.post(f"/api/stacks/{STACK}/rename", json={"new_name": NEW})
+
+
+def _stop(process: Process) -> None:
+    process.send(signal.SIGTERM)
+    assert process.wait() == 0, process.output()
+
+
+def test_a_stack_is_renamed_only_once_its_controller_and_worker_stopped(
+    vhost: str, home: Path, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    controller = processes.controller()
+    worker = processes.worker("w1")
+
+    refused = conveyor_cli("stack", "rename", STACK, NEW)
+    assert refused.returncode != 0, refused.stdout
+    said = " ".join((refused.stdout + refused.stderr).split())
+    for consumer in ("runs", "events", "steps.default"):
+        assert f"1 on conveyor.{STACK}.{consumer}" in said, said
+    assert f"stop them, rename it, then start them with --stack {NEW}" in said, said
+    # The SDK and the HTTP API are told the same.
+    with Client() as client, pytest.raises(ConflictError, match=r"1 on conveyor\.prod\.runs"):
+        client.rename_stack(STACK, NEW)
+    answer = asyncio.run(_renamed_over_http(home))
+    assert answer.status_code == 409 and "stop them, rename it" in answer.text, answer.text
+    # Nor deleted while they run (once another stack is active).
+    assert conveyor_cli("stack", "set", "default").returncode == 0
+    deleted = conveyor_cli("stack", "delete", STACK, "-y")
+    assert deleted.returncode != 0, deleted.stdout
+    assert "stop them, then delete it" in " ".join(deleted.stderr.split()), deleted.stderr
+    with Client() as client:
+        assert [s.name for s in client.list_stacks()] == ["default", STACK]
+
+    _stop(controller)
+    _stop(worker)
+    renamed = conveyor_cli("stack", "rename", STACK, NEW)
+    assert renamed.returncode == 0, renamed.stderr
+    assert f"Renamed stack '{STACK}' to '{NEW}'" in renamed.stdout + renamed.stderr
+    assert REMINDER in renamed.stdout + renamed.stderr
+
+    # Started on the new name, they take its next run to the end.
+    processes.start("controller2", "controller", "start", "--stack", NEW).wait_for_log(
+        "controller started"
+    )
+    processes.start("w2", "worker", "start", "--stack", NEW, "--name", "w2").wait_for_log(
+        "worker started"
+    )
+    ran = conveyor_cli("pipeline", "run", f"{PIPELINES}:small", "--stack", NEW, timeout=90)
+    assert ran.returncode == 0, ran.stdout + ran.stderr + processes.dump()
+    assert "plus.output = 101" in ran.stdout and "completed" in ran.stdout, ran.stdout
+
+
+def test_a_stack_whose_broker_cannot_be_checked_is_not_renamed_but_may_be_deleted(
+    tmp_path: Path,
+) -> None:
+    unreachable = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    asyncio.run(register_stack(unreachable, tmp_path / "artifacts"))
+    refused = conveyor_cli("stack", "rename", STACK, NEW)
+    assert refused.returncode != 0, refused.stdout
+    said = " ".join(refused.stderr.split())
+    assert "could not be checked" in said and "try again once the broker answers" in said, said
+    with Client() as client:
+        assert [s.name for s in client.list_stacks()] == ["default", STACK]
+    # A broker gone for good does not keep its stack: nothing can reach a deleted one.
+    assert conveyor_cli("stack", "set", "default").returncode == 0
+    deleted = conveyor_cli("stack", "delete", STACK, "-y")
+    assert deleted.returncode == 0, deleted.stderr
+
+
+def test_an_embedded_stack_is_renamed_without_a_broker_or_a_reminder(
+    vhost: str, tmp_path: Path
+) -> None:
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    renamed = conveyor_cli("stack", "rename", STACK, NEW)
+    assert renamed.returncode == 0, renamed.stderr
+    assert REMINDER in renamed.stdout + renamed.stderr
+    assert conveyor_cli("stack", "copy", "default", "here").returncode == 0
+    local = conveyor_cli("stack", "rename", "here", "there")
+    assert local.returncode == 0, local.stderr
+    assert "Start its controller" not in local.stdout + local.stderr
+
+
+def test_the_queues_of_a_stack_whose_controller_runs_do_not_move_to_another_prefix(
+    vhost: str, tmp_path: Path, processes: Processes
+) -> None:
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    controller = processes.controller()
+    assert (
+        conveyor_cli(
+            "orchestrator",
+            "register",
+            "moved",
+            "--flavor",
+            "rabbitmq",
+            "--url",
+            vhost,
+            "--prefix",
+            "elsewhere",
+        ).returncode
+        == 0
+    )
+    for change in (
+        ("orchestrator", "update", "rmq", "--prefix=elsewhere"),
+        ("stack", "update", STACK, "-o", "moved"),
+    ):
+        refused = conveyor_cli(*change)
+        assert refused.returncode != 0, (change, refused.stdout)
+        said = " ".join(refused.stderr.split())
+        assert f"1 on conveyor.{STACK}.runs" in said, said
+        assert "stop them, change it, then start them again with --stack prod" in said, said
+    # Settings that leave the queues where they are need no stop.
+    assert conveyor_cli("orchestrator", "update", "rmq", "--concurrency=3").returncode == 0
+    # Once the controller stopped, the stack moves.
+    _stop(controller)
+    moved = conveyor_cli("stack", "update", STACK, "-o", "moved")
+    assert moved.returncode == 0, moved.stderr
+
+
+async def test_a_broker_that_does_not_answer_does_not_lock_the_store_during_a_rename(
+    vhost: str, home: Path, tmp_path: Path
+) -> None:
+    with TcpProxy() as proxy:
+        await register_stack(proxy.url(vhost), tmp_path / "artifacts", home=home)
+        await asyncio.to_thread(proxy.pause)
+        renamer, other = await Services.open(home), await Services.open(home)
+        try:
+            rename = asyncio.create_task(renamer.stacks.rename_stack(STACK, NEW))
+            # Polled, not slept: the rename's check has connected to the silent broker.
+            await asyncio.to_thread(
+                wait_until, lambda: rename.done() or proxy.accepted > 0, "the broker asked", 10
+            )
+            assert not rename.done(), "the rename did not ask the broker"
+            # Another writer of the store goes on, long before the broker's 5 s are up.
+            await asyncio.wait_for(other.stacks.activate("default"), 2)
+            assert not rename.done()
+            with pytest.raises(ConflictError, match="did not answer in 5s"):
+                await rename
+            assert [s.name for s in await other.stacks.list_stacks()] == ["default", STACK]
+        finally:
+            await asyncio.to_thread(proxy.resume)
+            await renamer.close()
+            await other.close()
