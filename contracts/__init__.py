@@ -80,6 +80,7 @@ from conveyor.contracts.protocols import (
     Subscription,
     UnreadableDelivery,
     UnreadableHandler,
+    UnreadableStatusHandler,
 )
 from conveyor.contracts.topology import (
     DEFAULT_PREFIX,
@@ -161,6 +162,7 @@ __all__ = [
     "Unreadable",
     "UnreadableDelivery",
     "UnreadableHandler",
+    "UnreadableStatusHandler",
     "UntrustedStep",
     "UserRecord",
     "ValidationError",

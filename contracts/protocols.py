@@ -64,6 +64,11 @@ UnreadableHandler = Callable[[UnreadableDelivery], Awaitable[None] | None]
 rare). An exception dead-letters the message; a broker lost meanwhile requeues it."""
 
 
+UnreadableStatusHandler = Callable[[Unreadable], None]
+"""Told of a status event of the followed run that is not one this release can read (most
+likely a newer controller's), in its place among the run's other status events."""
+
+
 class Subscription(Protocol):
     """A running consumer; cancel it to stop receiving."""
 
@@ -109,8 +114,15 @@ class Broker(Protocol):
         with ``unreadable``, one whose run can still be named goes there through it, so
         that the run hears of it."""
 
-    async def follow(self, run_id: str, handler: StatusHandler) -> Subscription:
-        """Receive the status events of one run (``StepStatusChanged``, ``RunFinished``)."""
+    async def follow(
+        self,
+        run_id: str,
+        handler: StatusHandler,
+        *,
+        unreadable: UnreadableStatusHandler | None = None,
+    ) -> Subscription:
+        """Receive the status events of one run (``StepStatusChanged``, ``RunFinished``);
+        with ``unreadable``, hear of those of the run this release cannot read, in order."""
 
     async def listen(self, handler: StatusHandler) -> Subscription:
         """Receive the control events broadcast to every worker of the stack, from now on

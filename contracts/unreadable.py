@@ -28,6 +28,10 @@ VERSION_PATTERN = rf"^[0-9A-Za-z][0-9A-Za-z.+!_-]{{0,{MAX_VERSION_LENGTH - 1}}}$
 """A release's version as its sender gives it: the characters of a PEP 440 version."""
 
 _EVENT_TYPE_NAMES = frozenset(cls.__name__ for cls in EVENT_TYPES)
+_ATTEMPT_TYPES = frozenset(
+    {"StepReady", "StepStarted", "StepHeartbeat", "StepSucceeded", "StepFailed"}
+)
+"""The events of one attempt of a step: their identity names the step and the attempt."""
 _version = re.compile(VERSION_PATTERN)
 T = TypeVar("T")
 
@@ -37,8 +41,8 @@ class Identity(Frozen):
 
     type: str = Field(max_length=64, description="Its event type, one this release knows")
     run_id: Id
-    step: Name | None = Field(default=None, description="A StepReady's step, if readable")
-    attempt: int | None = Field(default=None, ge=1, description="A StepReady's attempt")
+    step: Name | None = Field(default=None, description="The step of an attempt's event")
+    attempt: int | None = Field(default=None, ge=1, description="The attempt of its event")
     pipeline: Name | None = Field(default=None, description="A RunRequested's pipeline")
 
 
@@ -76,7 +80,7 @@ class _Read(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Annotated[str, Field(max_length=64)]
     run_id: Id
-    step: Lenient[_Step] = None
+    step: Lenient[_Step | Name] = None  # a StepReady's step spec; the others' step name
     attempt: Lenient[Annotated[int, Field(ge=1)]] = None
     pipeline: Lenient[Name] = None
 
@@ -92,8 +96,8 @@ def read_identity(data: bytes | str) -> Identity | None:
         return None
     if read.type not in _EVENT_TYPE_NAMES:
         return None
-    if read.type == "StepReady":
-        step = read.step.name if read.step is not None else None
+    if read.type in _ATTEMPT_TYPES:
+        step = read.step.name if isinstance(read.step, _Step) else read.step
         if step is None or read.attempt is None:
             return Identity(type=read.type, run_id=read.run_id)
         return Identity(type=read.type, run_id=read.run_id, step=step, attempt=read.attempt)

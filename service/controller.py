@@ -30,7 +30,6 @@ from conveyor.contracts import (
     StepStarted,
     StepSucceeded,
     Subscription,
-    Unreadable,
     UnreadableDelivery,
     is_status_event,
     utcnow,
@@ -45,9 +44,9 @@ from conveyor.service.scheduling import RunState, Transition
 from conveyor.service.step_decisions import StepDecisions
 from conveyor.service.step_reuse import StepReuse
 from conveyor.service.store import Database, RunStore, Writes, is_store_failure, store_error
+from conveyor.service.unreadable import UnreadableMessage, stand_in
 from conveyor.workers.backoff import Backoff
 from conveyor.workers.code_archive import attach_code
-from conveyor.workers.release import cannot_read
 from conveyor.workers.steps import readable
 
 log = structlog.get_logger("conveyor.controller")
@@ -67,35 +66,7 @@ LEASE_S = 30.0
 """How long a running attempt is the worker's without a heartbeat."""
 MAX_LOST = 3
 """Lapsed leases after which a step fails instead of being tried again."""
-UNNAMED_PIPELINE = "unknown"
-"""The pipeline recorded for a request that is unreadable down to its pipeline's name."""
-
-
-class UnreadableRequest:
-    """A request this controller cannot read (most likely a newer client's), whose run it
-    can name: in the inbox beside the deliveries, and settled as they are, always into the
-    dead letters (once its run is recorded failed, or if that cannot be done)."""
-
-    __slots__ = ("delivery",)
-
-    def __init__(self, delivery: UnreadableDelivery) -> None:
-        self.delivery = delivery
-
-    @property
-    def unreadable(self) -> Unreadable:
-        return self.delivery.unreadable
-
-    async def ack(self) -> None:
-        await self.delivery.reject()
-
-    async def reject(self, reason: str) -> None:
-        await self.delivery.reject(reason)
-
-    async def requeue(self) -> None:
-        await self.delivery.requeue()
-
-
-Inbound = Delivery | UnreadableRequest
+Inbound = Delivery | UnreadableMessage
 
 
 def compile_request(request: RunRequested, code_store: ArtifactStore | None) -> PipelineSpec:
@@ -196,13 +167,10 @@ class Controller:
         if self._owner is None:
             await self._resume()
         topology = self._broker.topology
-        # A request that cannot be read (a newer client's) still fails its run, so that its
-        # client stops waiting.
-        unreadable = {topology.events_queue: None, topology.runs_queue: self._unreadable_request}
-        for queue, on_unreadable in unreadable.items():
+        for queue in (topology.events_queue, topology.runs_queue):
             self._subscriptions.append(
                 await self._broker.consume(
-                    queue, self._hand_over, prefetch=INBOX_PREFETCH, unreadable=on_unreadable
+                    queue, self._hand_over, prefetch=INBOX_PREFETCH, unreadable=self._unreadable
                 )
             )
         self._loop_task = asyncio.create_task(self._loop(), name="controller")
@@ -284,11 +252,12 @@ class Controller:
     def _hand_over(self, delivery: Delivery) -> None:
         self._inbox.put_nowait(delivery)
 
-    async def _unreadable_request(self, delivery: UnreadableDelivery) -> None:
-        if delivery.unreadable.identity.type == "RunRequested":
-            self._inbox.put_nowait(UnreadableRequest(delivery))
-        else:  # nobody waits on it: a cancellation of a run that ends anyway, say
+    async def _unreadable(self, delivery: UnreadableDelivery) -> None:
+        found = stand_in(delivery.unreadable)
+        if found is None:
             await delivery.reject()
+        else:
+            self._inbox.put_nowait(UnreadableMessage(delivery, *found))
 
     async def _loop(self) -> None:
         self._next_check = asyncio.get_running_loop().time() + self._check_every
@@ -426,8 +395,6 @@ class Controller:
         return [d for d in batch if await self._accepts(d)]
 
     async def _accepts(self, delivery: Inbound) -> bool:
-        if isinstance(delivery, UnreadableRequest):
-            return True
         if isinstance(delivery.event, RunRequested | RunCancelRequested | WorkerEvent):
             return True
         await delivery.reject(f"the controller does not take {delivery.event.type} events")
@@ -493,9 +460,7 @@ class Controller:
         batch = Batch(now=utcnow())
         requested: list[str] = []
         for delivery in deliveries:
-            if isinstance(delivery, UnreadableRequest):
-                requested.append(delivery.unreadable.identity.run_id)
-            elif isinstance(delivery.event, RunCancelRequested):
+            if isinstance(delivery.event, RunCancelRequested):
                 batch.cancels.setdefault(delivery.event.run_id, delivery.event.reason)
             elif isinstance(delivery.event, RunRequested):
                 requested.append(delivery.event.run_id)
@@ -506,12 +471,10 @@ class Controller:
             for run_id, reason in (await self._runs.withdrawn(requested)).items():
                 batch.cancels.setdefault(run_id, reason)
         for delivery in deliveries:
-            if isinstance(delivery, UnreadableRequest):
-                await self._on_unreadable_request(batch, delivery.unreadable)
-                continue
             event = delivery.event
             if isinstance(event, RunRequested):
-                await self._on_run_requested(batch, event)
+                refused = delivery.error if isinstance(delivery, UnreadableMessage) else None
+                await self._on_run_requested(batch, event, refused)
                 continue
             if event.run_id in batch.withdrawn:
                 continue
@@ -529,20 +492,6 @@ class Controller:
         await self._commit(batch)
         for delivery in deliveries:
             await delivery.ack()
-
-    async def _on_unreadable_request(self, batch: Batch, unreadable: Unreadable) -> None:
-        """Record the run of a request this controller cannot read failed, saying why and
-        what to upgrade, so that its client stops waiting."""
-        identity = unreadable.identity
-        error = cannot_read(
-            "controller", "request", "client", unreadable.reason, unreadable.sender_version
-        )
-        # What could be read of it: enough to record its run, as one whose pipeline does
-        # not compile is recorded.
-        readable_part = RunRequested(
-            run_id=identity.run_id, pipeline=identity.pipeline or UNNAMED_PIPELINE
-        )
-        await self._on_run_requested(batch, readable_part, refused=error)
 
     async def _on_run_requested(
         self, batch: Batch, request: RunRequested, refused: str | None = None

@@ -33,6 +33,7 @@ from conveyor.contracts import (
     StepStatus,
     StepStatusChanged,
     Subscription,
+    Unreadable,
     new_id,
     utcnow,
 )
@@ -54,6 +55,7 @@ from conveyor.workers.flavors import (
     make_broker,
     orchestrator_config,
 )
+from conveyor.workers.release import cannot_read
 from conveyor.workers.runtime import WorkerPool
 from conveyor.workers.step_resolver import StepResolver
 from conveyor.workers.steps import StepDefinition
@@ -100,9 +102,28 @@ class AsyncRun:
         self._created = utcnow()
         self._statuses: dict[str, StepStatusChanged] = {}
         self._outcome: RunFinished | None = None
+        # Why the run's end could not be read (a newer controller's RunFinished), if so.
+        self._unreadable_end: str | None = None
+        self._told_unreadable = False
 
     async def _follow(self) -> None:
-        self._subscription = await self._conveyor.broker.follow(self.id, self._on_status)
+        self._subscription = await self._conveyor.broker.follow(
+            self.id, self._on_status, unreadable=self._on_unreadable
+        )
+
+    def _on_unreadable(self, message: Unreadable) -> None:
+        """A status event of this run that this release cannot read: a step change only
+        goes unseen (said once), but an unreadable end would be waited for for ever."""
+        what = message.identity.type
+        error = cannot_read(
+            "client", f"run's {what}", "controller", message.reason, message.sender_version
+        )
+        if what == "RunFinished":
+            self._unreadable_end = error
+            self._finished.set()
+        elif not self._told_unreadable:
+            self._told_unreadable = True
+            log.warning("run status unreadable", run_id=self.id, error=error)
 
     async def _on_status(self, event: Event) -> None:
         changes = event.changes if isinstance(event, RunProgress) else [event]
@@ -144,6 +165,11 @@ class AsyncRun:
             if watch is not None:
                 watch.cancel()
                 await asyncio.gather(watch, return_exceptions=True)
+        if self._unreadable_end is not None and not await self._stored_end():
+            await self.close()
+            raise ConveyorError(
+                f"run {self.id} ended, but how is not known here: {self._unreadable_end}"
+            )
         if self._conveyor.controller_alive is None:
             await self._conveyor.services.runs.forget_request(self.id)
         await self.close()
@@ -173,8 +199,7 @@ class AsyncRun:
                 break
             except TimeoutError:
                 # A missed status event must not hang the caller: look at the store too.
-                record = await self._stored()
-                if record is not None and record.status in FINISHED_RUN_STATUSES:
+                if await self._stored_end():
                     break
                 # The controller in this process cannot record anything (its store is full,
                 # say): waiting on would never end.
@@ -183,6 +208,11 @@ class AsyncRun:
                     raise ConveyorError(f"run {self.id} cannot go on: {problem}") from None
                 if timeout is not None:
                     raise
+
+    async def _stored_end(self) -> bool:
+        """Whether the store this client reads holds the run finished."""
+        record = await self._stored()
+        return record is not None and record.status in FINISHED_RUN_STATUSES
 
     async def _stored(self) -> RunRecord | None:
         """The run as the store holds it now, if it does.

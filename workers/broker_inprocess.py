@@ -30,6 +30,7 @@ from conveyor.contracts import (
     StepReady,
     Topology,
     UnreadableHandler,
+    UnreadableStatusHandler,
     is_control_event,
     is_status_event,
 )
@@ -271,7 +272,14 @@ class InProcessBroker:
         self.consumers.add(consumer)
         return consumer
 
-    async def follow(self, run_id: str, handler: StatusHandler) -> _Follower:
+    async def follow(
+        self,
+        run_id: str,
+        handler: StatusHandler,
+        *,
+        unreadable: UnreadableStatusHandler | None = None,
+    ) -> _Follower:
+        # ``unreadable`` is never called, as in ``consume``.
         follower = _Follower(self, run_id, handler)
         follower.pump.start()
         self.followers[run_id].add(follower)

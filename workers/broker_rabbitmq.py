@@ -36,6 +36,7 @@ from conveyor.contracts import (
     StepReady,
     Topology,
     UnreadableHandler,
+    UnreadableStatusHandler,
     encode_event,
     is_control_event,
     is_status_event,
@@ -455,12 +456,19 @@ class RabbitMQBroker:
             raise
         return consumer
 
-    async def follow(self, run_id: str, handler: StatusHandler) -> RunFollower:
-        """Receive the status events of ``run_id`` (from now on) in order.
+    async def follow(
+        self,
+        run_id: str,
+        handler: StatusHandler,
+        *,
+        unreadable: UnreadableStatusHandler | None = None,
+    ) -> RunFollower:
+        """Receive the status events of ``run_id`` (from now on) in order; ``unreadable``
+        hears of those this release cannot read, in their place.
 
         Raises BrokerUnavailable while the connection is down: nothing can be followed,
         and a submit that follows its run first fails fast instead of waiting."""
-        follower = RunFollower(self._status_queue(), run_id, handler)
+        follower = RunFollower(self._status_queue(), run_id, handler, unreadable)
         await self._started(follower, follower.start)
         return follower
 

@@ -32,6 +32,7 @@ from conveyor.contracts import (
     StepReady,
     Unreadable,
     UnreadableHandler,
+    UnreadableStatusHandler,
     parse_event,
     read_identity,
     read_version,
@@ -330,9 +331,15 @@ class Follower:
 class RunFollower:
     """The status events of one run, from the process's shared status queue."""
 
-    def __init__(self, statuses: StatusQueue, run_id: str, handler: StatusHandler) -> None:
+    def __init__(
+        self,
+        statuses: StatusQueue,
+        run_id: str,
+        handler: StatusHandler,
+        unreadable: UnreadableStatusHandler | None = None,
+    ) -> None:
         self.statuses = statuses
-        self.pump = StatusPump(run_id, handler)
+        self.pump = StatusPump(run_id, handler, unreadable)
 
     @property
     def active(self) -> bool:
@@ -445,10 +452,14 @@ class StatusQueue:
         if not pumps:
             return  # a run nobody here follows any more
         try:
-            event = parse_event(message.body)
+            event: Event | Unreadable = parse_event(message.body)
         except MalformedEvent as exc:
             log.warning("malformed status event", message_id=message.message_id, reason=str(exc))
-            return
+            identity = read_identity(message.body)
+            if identity is None or identity.run_id != message.routing_key:
+                return
+            sender = read_version((message.headers or {}).get(VERSION_HEADER))
+            event = unreadable(identity, str(exc), sender)
         for pump in pumps:
             pump.inbox.put_nowait(event)
 

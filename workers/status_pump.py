@@ -6,7 +6,7 @@ import asyncio
 
 import structlog
 
-from conveyor.contracts import Event, StatusHandler
+from conveyor.contracts import Event, StatusHandler, Unreadable, UnreadableStatusHandler
 
 log = structlog.get_logger("conveyor.broker")
 
@@ -18,10 +18,15 @@ class StatusPump:
     that raises is logged and the pump goes on.
     """
 
-    def __init__(self, run_id: str, handler: StatusHandler) -> None:
+    def __init__(
+        self, run_id: str, handler: StatusHandler, unreadable: UnreadableStatusHandler | None = None
+    ) -> None:
         self.run_id = run_id
         self.handler = handler
-        self.inbox: asyncio.Queue[Event] = asyncio.Queue()
+        self.unreadable = unreadable
+        # An unreadable event keeps its place among the others: what came before it is
+        # handled before the follower hears of it.
+        self.inbox: asyncio.Queue[Event | Unreadable] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -35,7 +40,11 @@ class StatusPump:
         while True:
             event = await self.inbox.get()
             try:
-                await self.handler(event)
+                if isinstance(event, Unreadable):
+                    if self.unreadable is not None:
+                        self.unreadable(event)
+                else:
+                    await self.handler(event)
             except Exception:
                 log.exception("status handler failed", run_id=self.run_id)
 

@@ -1,20 +1,28 @@
 """The ``conveyor`` command as a newer release would run it: ``python -m
 tests.integration.newer_conveyor ARGS`` runs ``conveyor ARGS`` whose RabbitMQ messages carry
-a field this release does not know (in a ``RunRequested``'s spec and a ``StepReady``'s step,
-as a release that added one would send), and which says it is Conveyor ``NEWER_VERSION``.
+a field this release does not know (in a ``RunRequested``'s spec, a ``StepReady``'s step
+and a worker's ``StepSucceeded`` or ``StepFailed``, as a release that added one would send),
+and which says it is Conveyor ``NEWER_VERSION``.
 """
 
 from __future__ import annotations
 
 import json
 
-from conveyor.contracts import Event, RunRequested, StepReady, encode_event
+from conveyor.contracts import (
+    Event,
+    RunRequested,
+    StepFailed,
+    StepReady,
+    StepSucceeded,
+    encode_event,
+)
 from conveyor.service.cli.app import main
 from conveyor.workers import broker_rabbitmq
 
 NEWER_VERSION = "99.1.0"
 NEW_FIELD = "placement"
-"""A field of a later release: in a request's spec, and in a step of a StepReady."""
+"""A field of a later release (in each message of ``_newer_encoding``)."""
 
 
 def _newer_encoding(event: Event) -> bytes:
@@ -23,6 +31,8 @@ def _newer_encoding(event: Event) -> bytes:
         body["spec"][NEW_FIELD] = "eu-west"
     if isinstance(event, StepReady):
         body["step"][NEW_FIELD] = "eu-west"
+    if isinstance(event, StepSucceeded | StepFailed):
+        body[NEW_FIELD] = "eu-west"
     return json.dumps(body).encode()
 
 

@@ -18,7 +18,19 @@ from typing import Any
 import aio_pika
 import pytest
 
-from conveyor.contracts import RunRequested, RunStatus, StepStatus, Topology, new_id
+from conveyor import Conveyor
+from conveyor.contracts import (
+    ConveyorError,
+    Event,
+    RunFinished,
+    RunProgress,
+    RunRequested,
+    RunStatus,
+    StepStatus,
+    StepStatusChanged,
+    Topology,
+    new_id,
+)
 from conveyor.service.client import Client
 from conveyor.service.version import conveyor_version
 from conveyor.workers.rabbitmq_topology import QUEUE_HEADER, REASON_HEADER, VERSION_HEADER
@@ -35,6 +47,7 @@ from tests.integration.rabbitmq_support import (
     vhost,
     wait_until,
 )
+from tests.pipelines.rabbitmq_pipelines import small
 
 __all__ = ["markers", "processes", "vhost"]  # fixtures
 
@@ -189,4 +202,98 @@ def test_a_request_with_an_unknown_field_and_a_junk_version_fails_its_run(
     assert "the client did not say its Conveyor release" in error and "rm -rf" not in error
     [(queue, reason, _)] = asyncio.run(dead_letters(vhost))
     assert queue == runs and "priority" in reason
+    assert controller.alive
+
+
+async def publish_status(url: str, run_id: str, body: dict[str, Any]) -> None:
+    """Publish ``body`` as a status event of ``run_id``, as a newer controller would."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(Topology(stack=STACK).status_exchange)
+        headers: dict[str, Any] = {VERSION_HEADER: NEWER_VERSION}
+        message = aio_pika.Message(json.dumps(body).encode(), headers=headers)
+        await exchange.publish(message, routing_key=run_id)
+
+
+async def test_a_client_that_cannot_read_its_runs_end_stops_waiting_naming_both_versions(
+    vhost: str, tmp_path: Path
+) -> None:
+    """The stack is one release ahead of its client: a status event of the run carries a
+    field the client does not know. A step change it cannot read only goes unseen; an end it
+    cannot read would have been waited for for ever (the client's store does not hold the
+    run: no controller of its store records it), so the wait ends naming both releases."""
+    await register_stack(vhost, tmp_path / "artifacts")
+    async with Conveyor(stack=STACK) as cv:
+        run = await cv.submit(small)
+
+        def newer(event: Event) -> dict[str, Any]:
+            body = json.loads(event.model_dump_json())
+            body[NEW_FIELD] = "eu-west"
+            return body
+
+        step_change = RunProgress(
+            run_id=run.id,
+            changes=[
+                StepStatusChanged(run_id=run.id, step="plus", status=StepStatus.RUNNING, attempt=1)
+            ],
+        )
+        await publish_status(vhost, run.id, newer(step_change))
+        with pytest.raises(TimeoutError):  # still waiting for the end
+            await run.wait(timeout=1.0)
+
+        await publish_status(
+            vhost, run.id, newer(RunFinished(run_id=run.id, status=RunStatus.COMPLETED))
+        )
+        with pytest.raises(ConveyorError) as caught:
+            await run.wait(timeout=WAIT_S)
+    error = str(caught.value)
+    for told in (
+        f"run {run.id} ended, but how is not known here",
+        "this client cannot read the run's RunFinished",
+        f"{NEW_FIELD}: Extra inputs are not permitted",
+        f"the controller runs Conveyor {NEWER_VERSION}, this client Conveyor {conveyor_version()}",
+        f"upgrade this client to Conveyor {NEWER_VERSION}",
+    ):
+        assert told in error, error
+
+
+def test_a_newer_workers_report_fails_its_step_on_a_controller_that_cannot_read_it(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    """A worker is one release ahead of its controller (upgraded first): its report of a
+    step carries a field the controller refuses. The run used to wait for ever for that
+    step; now the controller fails the attempt, not to be retried (the worker would report
+    it so again), and goes on taking the reports it can read."""
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    controller = processes.controller()
+    newer = processes.start(
+        "newer-w1", "worker", "start", "--stack", STACK, "--name", "newer-w1", module=NEWER
+    )
+    newer.wait_for_log("worker started")
+    result = conveyor_cli("pipeline", "run", f"{PIPELINES}:small", timeout=WAIT_S)
+    assert result.returncode == 1, result.stdout + result.stderr + processes.dump()
+    error = result.stderr
+    for told in (
+        "this controller cannot read the worker's StepSucceeded",
+        f"{NEW_FIELD}: Extra inputs are not permitted",
+        f"the worker runs Conveyor {NEWER_VERSION}, this controller Conveyor {conveyor_version()}",
+        f"upgrade this controller to Conveyor {NEWER_VERSION}",
+    ):
+        assert told in error, error
+    run_id = run_id_in(error)
+    with Client() as client:
+        steps = {s.name: s for s in client.get_steps(run_id)}
+    # Failed at its first attempt although its retries were not used: none is tried again.
+    assert (steps["seed"].status, steps["seed"].attempt) == (StepStatus.FAILED, 1)
+    assert steps["plus"].status is StepStatus.SKIPPED
+
+    [(queue, reason, body)] = asyncio.run(dead_letters(vhost))
+    assert queue == Topology(stack=STACK).events_queue
+    assert body["type"] == "StepSucceeded" and f"{NEW_FIELD}: Extra inputs" in reason
+
+    # The controller takes the reports of a worker of its own release.
+    newer.kill()
+    processes.worker("w1")
+    run_good_pipeline(processes)
     assert controller.alive

@@ -13,8 +13,11 @@ from conveyor.contracts import (
     Identity,
     MalformedEvent,
     RunRequested,
+    StepFailed,
     StepReady,
     StepSpec,
+    StepSucceeded,
+    WorkerFacts,
     new_id,
     parse_event,
     read_identity,
@@ -23,6 +26,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.models import MAX_ID_LENGTH, MAX_NAME_LENGTH
 from conveyor.contracts.unreadable import MAX_REASON_LENGTH, MAX_UNREADABLE_BYTES
+from conveyor.service.unreadable import stand_in
 from conveyor.workers import release
 from conveyor.workers.release import cannot_read
 
@@ -54,6 +58,46 @@ def test_a_newer_releases_messages_are_read_down_to_their_identity() -> None:
     )
     cancel = body(type="RunCancelRequested", run_id=RUN, schema_version=2, why={"a": [1]})
     assert read_identity(cancel) == Identity(type="RunCancelRequested", run_id=RUN)
+
+    report = json.loads(
+        StepSucceeded(
+            run_id=RUN, step="train", attempt=3, duration_s=0.1, by=WorkerFacts(worker="w", pid=1)
+        ).model_dump_json()
+    )
+    report["placement"] = "eu-west"
+    assert read_identity(json.dumps(report)) == Identity(
+        type="StepSucceeded", run_id=RUN, step="train", attempt=3
+    )
+
+
+def test_the_controller_stands_in_for_what_it_cannot_read_where_someone_waits() -> None:
+    """A request's run is recorded failed; a reported attempt fails without a retry; the
+    rest (a heartbeat, a cancellation) nobody waits on: it only goes to the dead letters."""
+    said = "invalid event: placement: Extra inputs are not permitted"
+    request = stand_in(unreadable(Identity(type="RunRequested", run_id=RUN), said, "9.1"))
+    assert request is not None
+    event, error = request
+    assert event == RunRequested(
+        run_id=RUN, pipeline="unknown", event_id=event.event_id, time=event.time
+    )
+    assert error.startswith("this controller cannot read the request (invalid event")
+    assert "the client runs Conveyor 9.1" in error
+
+    report = Identity(type="StepFailed", run_id=RUN, step="train", attempt=2)
+    found = stand_in(unreadable(report, said, None))
+    assert found is not None
+    failed, error = found
+    assert isinstance(failed, StepFailed)
+    assert (failed.step, failed.attempt, failed.retryable) == ("train", 2, False)
+    assert failed.error == error and "cannot read the worker's StepFailed" in error
+    assert "the worker did not say its Conveyor release" in error
+
+    for nobody_waits in (
+        Identity(type="StepHeartbeat", run_id=RUN, step="train", attempt=2),
+        Identity(type="StepSucceeded", run_id=RUN),  # no attempt to fail
+        Identity(type="RunCancelRequested", run_id=RUN),
+    ):
+        assert stand_in(unreadable(nobody_waits, said, None)) is None
 
 
 @pytest.mark.parametrize(
