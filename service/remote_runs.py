@@ -32,6 +32,7 @@ from conveyor.contracts import (
     StepRecord,
     StepStatus,
     StepStatusChanged,
+    ValidationError,
 )
 from conveyor.service.handles import RunHandle
 from conveyor.service.home import Home
@@ -44,6 +45,7 @@ from conveyor.service.remote_client import (
 )
 from conveyor.service.version import conveyor_version, incompatible
 from conveyor.workers import digests
+from conveyor.workers.release import release_key
 
 if TYPE_CHECKING:
     from conveyor.workers.steps import StepDefinition
@@ -149,7 +151,26 @@ def submit(
         body["retry_of"] = retry_of
     if idempotency_key is not None:
         body["idempotency_key"] = idempotency_key
-    return _run_record(client.request("POST", "/api/runs", json=body).json())
+    try:
+        response = client.request("POST", "/api/runs", json=body)
+    except ValidationError as exc:
+        raise _older_server(exc, str(me.get("server_version", "?"))) from None
+    return _run_record(response.json())
+
+
+def _older_server(refused: ValidationError, server: str) -> ValidationError:
+    """``refused`` saying, when the server's release is older than this client's, that the
+    spec may carry a field the server does not know yet (a newer client's): its own message
+    names the field, not the releases."""
+    mine = conveyor_version()
+    theirs, ours = release_key(server), release_key(mine)
+    if theirs is None or ours is None or theirs >= ours:
+        return refused
+    return ValidationError(
+        f"{refused}; the server runs Conveyor {server} and this client Conveyor {mine}: what "
+        f"this client sends may be newer than the server reads; upgrade the server to "
+        f"Conveyor {mine}, or submit from a client of Conveyor {server}"
+    )
 
 
 async def _events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:

@@ -19,7 +19,7 @@ def conveyor_version() -> str:
         return "0"
 
 
-def _release_key(version_text: str) -> tuple[int, ...] | None:
+def release_key(version_text: str) -> tuple[int, ...] | None:
     """The leading numbers of a version ("1.10.2rc1" -> (1, 10, 2)), to tell which is older."""
     found = _LEADING_NUMBERS.match(version_text)
     return tuple(int(part) for part in found.group().split(".")) if found else None
@@ -40,7 +40,7 @@ def cannot_read(
             f"upgrade the older of the two"
         )
     versions = f"the {sender} runs Conveyor {sender_version}, this {reader} Conveyor {mine}"
-    theirs, ours = _release_key(sender_version), _release_key(mine)
+    theirs, ours = release_key(sender_version), release_key(mine)
     if theirs is None or ours is None or theirs == ours:
         return f"{said}: {versions}; upgrade the older of the two"
     if theirs > ours:

@@ -431,3 +431,42 @@ def test_a_server_of_another_major_version_is_told_apart(
     with pytest.raises(ConveyorError, match="embeds an engine on this home's own store"):
         asyncio.run(Conveyor().start())
     assert not (frank / "conveyor.db").exists()
+
+
+def test_a_server_older_than_its_client_says_so_when_it_refuses_a_newer_field(
+    team: Team, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A laptop upgraded before its team's server sends a spec with a field the server's
+    release does not know: the refusal names the field, and now the releases too, and which
+    to upgrade (a client as old as its server gets the server's message alone)."""
+    grace, _ = team.user("grace")
+    monkeypatch.setenv("CONVEYOR_HOME", str(grace))
+    monkeypatch.setenv("CONVEYOR_STACK", STACK)
+    from conveyor.contracts import ValidationError
+    from conveyor.service.pipelines import load_pipeline
+    from conveyor.service.remote_client import RemoteClient
+    from conveyor.service.version import conveyor_version
+
+    server = conveyor_version()
+    plain = RemoteClient.request
+
+    def newer_spec(self: RemoteClient, method: str, path: str, **options: object) -> httpx.Response:
+        body = options.get("json")
+        if path == "/api/runs" and isinstance(body, dict):
+            body["spec"]["placement"] = "eu-west"  # a field of a later release
+        return plain(self, method, path, **options)
+
+    monkeypatch.setattr(RemoteClient, "request", newer_spec)
+    pipeline = load_pipeline(f"{ROOT / 'examples' / 'quickstart.py'}:training_pipeline")
+    with pytest.raises(ValidationError) as same:
+        pipeline(epochs=2)
+    assert "placement" in str(same.value) and "this client" not in str(same.value)
+
+    newer = f"{server.split('.')[0]}.999.0"  # the same major version, a later release
+    monkeypatch.setattr("conveyor.service.remote_runs.conveyor_version", lambda: newer)
+    with pytest.raises(ValidationError) as told:
+        pipeline(epochs=2)
+    error = str(told.value)
+    assert "placement" in error, error
+    assert f"the server runs Conveyor {server} and this client Conveyor {newer}" in error
+    assert f"upgrade the server to Conveyor {newer}" in error
