@@ -22,7 +22,7 @@ from conveyor.contracts import (
     utcnow,
 )
 from conveyor.contracts.errors import shown
-from conveyor.service.consumers import check_queues_kept
+from conveyor.service.queue_moves import check_queues_kept
 from conveyor.service.store import Database, StackStore
 from conveyor.workers.flavors import Flavor, flavors_of, get_flavor
 

@@ -1,12 +1,9 @@
-"""Who consumes a service stack's queues, and what to start when nobody does, or to stop
-before the queues' names change.
+"""Who consumes a service stack's queues, and what to start when nobody does.
 
 On a rabbitmq stack a run needs a controller (it consumes the stack's runs queue) and, for
 each pool the run's steps name, a worker consuming that pool's step queue. Either may be
 missing, and the run then waits without a word; the broker's consumer counts tell which.
-The same counts refuse a rename, a delete or a move of its queues (another broker, virtual
-host or prefix) while the stack's processes still run: they would go on consuming the old
-queues, and runs would wait in the new ones.
+The same counts refuse a change that would move its queues (``queue_moves``).
 """
 
 from __future__ import annotations
@@ -17,8 +14,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from conveyor.contracts import DEFAULT_POOL, ConflictError, StackSpec, Topology
-from conveyor.workers.stack_probes import QueueReport, queue_report, queues_place
+from conveyor.contracts import DEFAULT_POOL, StackSpec, Topology
+from conveyor.workers.stack_probes import queue_report
 
 log = structlog.get_logger("conveyor.consumers")
 
@@ -91,55 +88,3 @@ async def watch_consumers(
         elif report is not None:
             log.debug("consumers not counted", problem=report.problem)
         await asyncio.sleep(every)
-
-
-def consumers_in(report: QueueReport) -> str | None:
-    """How many consumers are on which queues of ``report`` (``None``: none at all)."""
-    busy = [queue for queue in report.queues if queue.consumers]
-    if not busy:
-        return None
-    return ", ".join(f"{queue.consumers} on {queue.name}" for queue in busy)
-
-
-async def check_no_consumers(
-    stack: StackSpec, done: str, then: str, *, unchecked_ok: bool = False
-) -> None:
-    """Refuse (ConflictError) while anything consumes a rabbitmq ``stack``'s queues, and,
-    unless ``unchecked_ok``, when the broker cannot tell: its controller and workers, started
-    with ``--stack NAME``, would go on consuming them once the stack is ``done``. ``then``
-    says what to do instead. Messages waiting in the queues do not count: unfinished runs
-    are checked from the store."""
-    report = await queue_report(stack)
-    if report is None:
-        return
-    if report.problem is not None:
-        if unchecked_ok:
-            return
-        raise ConflictError(
-            f"stack {stack.name!r} cannot be {done} now: whether its controller and workers "
-            f"still consume its queues could not be checked ({report.problem}); "
-            "try again once the broker answers"
-        )
-    consumers = consumers_in(report)
-    if consumers is not None:
-        raise ConflictError(
-            f"stack {stack.name!r} has consumers on its queues ({consumers}): its controller "
-            f"and workers (started with --stack {stack.name} or its stack file) would go on "
-            f"consuming them once it is {done}; {then}"
-        )
-
-
-async def check_queues_kept(before: StackSpec, after: StackSpec) -> None:
-    """Refuse to change ``before`` into ``after`` when that moves its queues (another broker,
-    virtual host or prefix) while its controller and workers consume the old ones. Moving to
-    an embedded orchestrator strands no run, and a broker that cannot be reached may be the
-    one the change moves away from: both allowed."""
-    old, new = queues_place(before), queues_place(after)
-    if old is None or new is None or old == new:
-        return
-    await check_no_consumers(
-        before,
-        "moved to other queues",
-        f"stop them, change it, then start them again with --stack {before.name}",
-        unchecked_ok=True,
-    )

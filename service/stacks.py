@@ -25,8 +25,8 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.errors import shown
 from conveyor.service.components import ComponentRules, check_name, label, suggest
-from conveyor.service.consumers import check_no_consumers, check_queues_kept
 from conveyor.service.home import STACK_ENV, Home
+from conveyor.service.queue_moves import check_no_consumers, check_queues_kept
 from conveyor.service.stack_files import ExportedComponent, export_data, parse_export
 from conveyor.service.store import Database, StackStore
 from conveyor.service.users import LOCAL_ADMIN, LOCAL_USER, Actor

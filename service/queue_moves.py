@@ -1,0 +1,64 @@
+"""Changes that would move a service stack's queues (a rename, a delete, another broker,
+virtual host or prefix), refused while its controller and workers still consume them: they
+would go on consuming the old queues, and runs would wait in the new ones.
+
+Imported by every stack command: nothing here may import ``structlog`` or a broker client
+at import time (tests/unit/test_cli_startup.py).
+"""
+
+from __future__ import annotations
+
+from conveyor.contracts import ConflictError, StackSpec
+from conveyor.workers.stack_probes import QueueReport, queue_report, queues_place
+
+
+def consumers_in(report: QueueReport) -> str | None:
+    """How many consumers are on which queues of ``report`` (``None``: none at all)."""
+    busy = [queue for queue in report.queues if queue.consumers]
+    if not busy:
+        return None
+    return ", ".join(f"{queue.consumers} on {queue.name}" for queue in busy)
+
+
+async def check_no_consumers(
+    stack: StackSpec, done: str, then: str, *, unchecked_ok: bool = False
+) -> None:
+    """Refuse (ConflictError) while anything consumes a rabbitmq ``stack``'s queues, and,
+    unless ``unchecked_ok``, when the broker cannot tell: its controller and workers, started
+    with ``--stack NAME``, would go on consuming them once the stack is ``done``. ``then``
+    says what to do instead. Messages waiting in the queues do not count: unfinished runs
+    are checked from the store."""
+    report = await queue_report(stack)
+    if report is None:
+        return
+    if report.problem is not None:
+        if unchecked_ok:
+            return
+        raise ConflictError(
+            f"stack {stack.name!r} cannot be {done} now: whether its controller and workers "
+            f"still consume its queues could not be checked ({report.problem}); "
+            "try again once the broker answers"
+        )
+    consumers = consumers_in(report)
+    if consumers is not None:
+        raise ConflictError(
+            f"stack {stack.name!r} has consumers on its queues ({consumers}): its controller "
+            f"and workers (started with --stack {stack.name} or its stack file) would go on "
+            f"consuming them once it is {done}; {then}"
+        )
+
+
+async def check_queues_kept(before: StackSpec, after: StackSpec) -> None:
+    """Refuse to change ``before`` into ``after`` when that moves its queues (another broker,
+    virtual host or prefix) while its controller and workers consume the old ones. Moving to
+    an embedded orchestrator strands no run, and a broker that cannot be reached may be the
+    one the change moves away from: both allowed."""
+    old, new = queues_place(before), queues_place(after)
+    if old is None or new is None or old == new:
+        return
+    await check_no_consumers(
+        before,
+        "moved to other queues",
+        f"stop them, change it, then start them again with --stack {before.name}",
+        unchecked_ok=True,
+    )
