@@ -439,8 +439,8 @@ def test_a_server_older_than_its_client_says_so_when_it_refuses_a_newer_field(
     """A laptop upgraded before its team's server sends a spec with a field the server's
     release does not know: the refusal names the field, and now the releases too, and which
     to upgrade (a client as old as its server gets the server's message alone)."""
-    grace, _ = team.user("grace")
-    monkeypatch.setenv("CONVEYOR_HOME", str(grace))
+    heidi, _ = team.user("heidi")
+    monkeypatch.setenv("CONVEYOR_HOME", str(heidi))
     monkeypatch.setenv("CONVEYOR_STACK", STACK)
     from conveyor.contracts import ValidationError
     from conveyor.service.pipelines import load_pipeline
