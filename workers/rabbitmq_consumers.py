@@ -170,6 +170,8 @@ class Consumer:
         # Handler tasks are kept here: aio-pika would throw into its own callback tasks when
         # the channel closes, and a step that finishes anyway can still publish its result.
         self.tasks: set[asyncio.Task[None]] = set()
+        # Steps being handed back (``put_back``), by event id, until their original is acked.
+        self.handing_back: dict[str, asyncio.Event] = {}
 
     @property
     def active(self) -> bool:
@@ -206,8 +208,19 @@ class Consumer:
             # Its last delivery ended unsettled: a worker died or lost the broker while it
             # held it. Classic queues do not count that, so the count travels in a header of
             # a copy; the worker that gets the copy decides whether to run it again.
-            await self.broker.put_back(self.queue, message, lost_deliveries(message) + 1)
+            acked = self.handing_back[event.event_id] = asyncio.Event()
+            try:
+                await self.broker.put_back(self.queue, message, lost_deliveries(message) + 1)
+            finally:
+                del self.handing_back[event.event_id]
+                acked.set()
             return
+        handed_back = self.handing_back.get(event.event_id)
+        if handed_back is not None:
+            # The copy came back to this consumer before its original was acked: were it run
+            # (a step that kills its worker) before that ack left, the original would be
+            # delivered again too, and counted from the start.
+            await handed_back.wait()
         delivery = RabbitDelivery(self, message, event)
         if self.hands_over:
             try:

@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 from conveyor.contracts import (
     FINISHED_RUN_STATUSES,
     ConveyorError,
+    Delivery,
     Event,
     PipelineSpec,
     RunFinished,
@@ -28,6 +29,7 @@ from conveyor.contracts import (
     RunRequested,
     RunStatus,
     StackSpec,
+    StepReady,
     StepSpec,
     StepStatus,
     StepSucceeded,
@@ -367,3 +369,54 @@ async def test_followers_in_one_process_hear_their_own_runs_through_one_queue(ri
     await eventually(lambda: heard["a3"] == [third_a])
     await a3.cancel()
     assert heard["b"] == [first_b]
+
+
+async def test_a_step_handed_back_is_handled_only_once_its_original_is_acked(
+    vhost: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A StepReady whose delivery ended unsettled (its worker died) is handed back as a copy
+    that counts the lost delivery, then its original is acked. The copy may come back to the
+    same consumer first: it is not handled before that ack has gone, or a step that kills
+    its worker would have its original delivered again, counted from nothing, and run a
+    fourth time (test_worker_faults.py)."""
+    stack = await register_stack(vhost, tmp_path / "artifacts")
+    broker = make_broker(stack)
+    assert isinstance(broker, RabbitMQBroker)
+    loop = asyncio.get_running_loop()
+    acked: list[float] = []
+    handled: list[tuple[float, int]] = []
+    plain_ack = aio_pika.IncomingMessage.ack
+
+    async def slow_ack(self: aio_pika.IncomingMessage, multiple: bool = False) -> None:
+        if self.redelivered:  # the original, acked once its copy is confirmed
+            await asyncio.sleep(0.5)
+            await plain_ack(self, multiple)
+            acked.append(loop.time())
+            return
+        await plain_ack(self, multiple)
+
+    await broker.start()
+    try:
+        queue = broker.topology.step_queue("default")
+        ready = StepReady(run_id=new_id(), step=StepSpec(name="s", ref="m.py:s"), attempt=1)
+        await broker.publish([ready])
+        taken = asyncio.Event()
+        first = await broker.consume(queue, lambda _: taken.set(), prefetch=1)
+        await taken.wait()
+        await first.cancel()  # gone without settling it, as a killed worker goes
+
+        monkeypatch.setattr(aio_pika.IncomingMessage, "ack", slow_ack)
+        settled: set[asyncio.Task[None]] = set()
+
+        def handle(delivery: Delivery) -> None:
+            handled.append((loop.time(), delivery.deliveries))
+            settled.add(asyncio.create_task(delivery.ack()))
+
+        second = await broker.consume(queue, handle, prefetch=2)
+        await eventually(lambda: bool(handled and acked))
+        await second.cancel()
+    finally:
+        await broker.stop()
+    [(at, deliveries)] = handled
+    assert deliveries == 2, "the copy counts the delivery its first consumer left unsettled"
+    assert at >= acked[0], "the copy ran while its original could still be delivered again"
