@@ -17,6 +17,7 @@ from conveyor.contracts import (
     ComponentType,
     ConflictError,
     NotFoundError,
+    StackSpec,
     ValidationError,
     new_id,
     utcnow,
@@ -95,8 +96,12 @@ class ComponentRules:
 
     async def stacks_using(self, component_id: str) -> list[str]:
         """Names of the stacks that include the component."""
+        return [s.name for s in await self._stacks_with(component_id)]
+
+    async def _stacks_with(self, component_id: str) -> list[StackSpec]:
+        """The stacks that include the component."""
         return [
-            s.name
+            s
             for s in await self.store.stacks()
             if any(c.id == component_id for c in s.components.values())
         ]
@@ -142,11 +147,9 @@ class ComponentRules:
         component = await self._changeable_component(type_, name)
         updated = self._updated(component, config)
         # Outside the write transaction: a slow broker must not lock the store.
-        for stack in await self.store.stacks():
-            used = stack.components.get(type_)
-            if used is not None and used.id == component.id:
-                changed = {**stack.components, type_: updated}
-                await check_queues_kept(stack, stack.model_copy(update={"components": changed}))
+        for stack in await self._stacks_with(component.id):
+            changed = {**stack.components, type_: updated}
+            await check_queues_kept(stack, stack.model_copy(update={"components": changed}))
         async with self.db.transaction() as conn:
             if await self._changeable_component(type_, name) != component:
                 raise ConflictError(

@@ -11,9 +11,7 @@ from conveyor.contracts import (
     UnreadableDelivery,
     WorkerFacts,
 )
-from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH
-from conveyor.workers.release import cannot_read
-from conveyor.workers.step_failures import keep_head
+from conveyor.workers.release import attempt_refused, cannot_read
 
 UNNAMED_PIPELINE = "unknown"
 """The pipeline recorded for a request that is unreadable down to its pipeline's name."""
@@ -37,15 +35,7 @@ def stand_in(message: Unreadable) -> tuple[RunRequested | StepFailed, str] | Non
         return RunRequested(run_id=who.run_id, pipeline=who.pipeline or UNNAMED_PIPELINE), error
     if who.type in ("StepSucceeded", "StepFailed") and who.step and who.attempt:
         error = cannot_read("controller", f"worker's {who.type}", "worker", said, version)
-        failed = StepFailed(
-            run_id=who.run_id,
-            step=who.step,
-            attempt=who.attempt,
-            error=keep_head(error, MAX_STEP_ERROR_LENGTH),
-            retryable=False,
-            by=UNKNOWN_WORKER,
-        )
-        return failed, error
+        return attempt_refused(who, error, UNKNOWN_WORKER), error
     return None
 
 

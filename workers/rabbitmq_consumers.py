@@ -235,12 +235,11 @@ class Consumer:
     async def _cannot_read(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Dead-letter ``message``; through the ``unreadable`` handler when it has one and
         the message's run can be named, so that the run hears of it."""
-        identity = None if self.unreadable is None else read_identity(message.body)
-        if identity is None:
+        found = None if self.unreadable is None else unreadable_of(message, reason)
+        if found is None:
             await self.broker.dead_letter(self.queue, message, reason)
             return
-        sender = read_version((message.headers or {}).get(VERSION_HEADER))
-        delivery = RabbitUnreadable(self, message, unreadable(identity, reason, sender))
+        delivery = RabbitUnreadable(self, message, found)
         task = asyncio.create_task(self._tell(delivery))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -468,13 +467,22 @@ class StatusQueue:
             event: Event | Unreadable = parse_event(message.body)
         except MalformedEvent as exc:
             log.warning("malformed status event", message_id=message.message_id, reason=str(exc))
-            identity = read_identity(message.body)
-            if identity is None or identity.run_id != message.routing_key:
+            found = unreadable_of(message, str(exc))
+            if found is None or found.identity.run_id != message.routing_key:
                 return
-            sender = read_version((message.headers or {}).get(VERSION_HEADER))
-            event = unreadable(identity, str(exc), sender)
+            event = found
         for pump in pumps:
             pump.inbox.put_nowait(event)
+
+
+def unreadable_of(message: AbstractIncomingMessage, reason: str) -> Unreadable | None:
+    """``message``, which is not an event this release reads for ``reason``, as far as it can
+    be read: whose it is and its sender's release; None if not even its run can be named."""
+    identity = read_identity(message.body)
+    if identity is None:
+        return None
+    sender = read_version((message.headers or {}).get(VERSION_HEADER))
+    return unreadable(identity, reason, sender)
 
 
 def lost_deliveries(message: AbstractIncomingMessage) -> int:

@@ -7,6 +7,10 @@ import functools
 import re
 from importlib.metadata import PackageNotFoundError, version
 
+from conveyor.contracts import Identity, StepFailed, WorkerFacts
+from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH
+from conveyor.workers.step_failures import keep_head
+
 _LEADING_NUMBERS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})*")
 
 
@@ -46,3 +50,18 @@ def cannot_read(
     if theirs > ours:
         return f"{said}: {versions}; upgrade this {reader} to Conveyor {sender_version}"
     return f"{said}: {versions}; upgrade the {sender} to Conveyor {mine}"
+
+
+def attempt_refused(identity: Identity, error: str, by: WorkerFacts) -> StepFailed:
+    """The failure of the attempt an unreadable message named (``identity`` has its step and
+    attempt), for ``error``: not to be retried, as a reader of this release would refuse the
+    same message again."""
+    assert identity.step is not None and identity.attempt is not None
+    return StepFailed(
+        run_id=identity.run_id,
+        step=identity.step,
+        attempt=identity.attempt,
+        error=keep_head(error, MAX_STEP_ERROR_LENGTH),
+        retryable=False,
+        by=by,
+    )

@@ -36,10 +36,9 @@ from conveyor.contracts import (
     WorkerFacts,
     utcnow,
 )
-from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH
 from conveyor.workers import step_logs
 from conveyor.workers.execution import StepExecutor
-from conveyor.workers.release import cannot_read
+from conveyor.workers.release import attempt_refused, cannot_read
 from conveyor.workers.step_resolver import StepResolver
 
 log = structlog.get_logger("conveyor.worker")
@@ -242,15 +241,7 @@ class WorkerPool:
                 "worker", "step", "controller", message.reason, message.sender_version
             )
             log.warning("step unreadable", run_id=who.run_id, step=who.step, error=error)
-            failed = StepFailed(
-                run_id=who.run_id,
-                step=who.step,
-                attempt=who.attempt,
-                error=error[:MAX_STEP_ERROR_LENGTH],
-                retryable=False,
-                by=self.facts,
-            )
-            await self._broker.publish([failed])
+            await self._broker.publish([attempt_refused(who, error, self.facts)])
         await delivery.reject()
 
     async def _run(self, delivery: Delivery) -> None:
