@@ -68,9 +68,9 @@ async def test_a_request_withdrawn_on_record_never_starts_however_late_its_cance
         assert cv.stack is not None
         spec, _ = handoff.compile()
         request = RunRequested(run_id=new_id(), pipeline="handoff", spec=spec)
-        runs = cv.services.runs
-        await runs.record_request(request.run_id, spec, cv.stack, None, utcnow())
-        await runs.withdraw_request(request.run_id, "interrupted (Ctrl+C)", utcnow())
+        runs, requests = cv.services.runs, cv.services.run_requests
+        await requests.record(request.run_id, spec, cv.stack, None, utcnow())
+        await requests.withdraw(request.run_id, "interrupted (Ctrl+C)", utcnow())
         assert await runs.list_runs() == [], "withdrawn: no longer shown queued"
         await cv.broker.publish([request])  # no RunCancelRequested behind it
         for _ in range(200):
@@ -82,13 +82,13 @@ async def test_a_request_withdrawn_on_record_never_starts_however_late_its_cance
             (request.run_id, RunStatus.CANCELLED, "interrupted (Ctrl+C)")
         ]
         steps = await runs.steps_of(request.run_id)
-        assert await runs.withdrawn([request.run_id]) == {}, "dropped once recorded"
+        assert await requests.withdrawn([request.run_id]) == {}, "dropped once recorded"
         # A run a controller recorded already is not withdrawn on record: its cancellation
         # message stops it.
         started = await cv.submit_compiled(*handoff.compile())
         await started.wait(timeout=60)
-        await runs.withdraw_request(started.id, "too late", utcnow())
-        assert await runs.withdrawn([started.id]) == {}
+        await requests.withdraw(started.id, "too late", utcnow())
+        assert await requests.withdrawn([started.id]) == {}
     assert [(s.name, s.status, s.attempt) for s in steps] == [
         ("produce", StepStatus.CANCELLED, 0),
         ("consume", StepStatus.CANCELLED, 0),
