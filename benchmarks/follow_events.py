@@ -63,7 +63,7 @@ async def main(size: int) -> dict[str, float]:
         run_id = new_id()
         steps = [StepSpec(name=f"s{i}", ref="m:f") for i in range(size)]
         spec = PipelineSpec(name="fan", steps=steps)
-        await services.runs.record_request(run_id, spec, stack, None, utcnow())
+        await services.run_requests.record(run_id, spec, stack, None, utcnow())
         queued = await _queued_poll_s(services, run_id)
         writes = Writes()
         services.runs.insert_run(
@@ -77,6 +77,7 @@ async def main(size: int) -> dict[str, float]:
             owner=None,
             now=utcnow(),
         )
+        services.run_requests.mark_taken(writes, run_id)
         await services.db.write(writes)
         output = ArtifactRef(
             uri="file:///x/ab/cd",

@@ -11,7 +11,7 @@ from conveyor.contracts import NotFoundError, RunRecord, RunStatus
 from conveyor.service.home import Home
 from conveyor.service.liveness import is_alive, this_process
 from conveyor.service.stacks import StackService
-from conveyor.service.store import Database, RunStore
+from conveyor.service.store import Database, RunRequests, RunStore
 from conveyor.service.users import Actor, UserService
 
 
@@ -23,6 +23,7 @@ class Services:
     db: Database
     stacks: StackService
     runs: RunStore
+    run_requests: RunRequests
     users: UserService
 
     @classmethod
@@ -32,7 +33,14 @@ class Services:
         await asyncio.to_thread(resolved.check)
         db = Database(resolved.db_path)
         await db.open()
-        services = cls(resolved, db, StackService(db, resolved), RunStore(db), UserService(db))
+        services = cls(
+            resolved,
+            db,
+            StackService(db, resolved),
+            RunStore(db),
+            RunRequests(db),
+            UserService(db),
+        )
         try:
             await services.stacks.ensure_default()
             await services.fail_dead_runs()

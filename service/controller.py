@@ -43,7 +43,14 @@ from conveyor.service.progress import ProgressBuffer
 from conveyor.service.scheduling import RunState, Transition
 from conveyor.service.step_decisions import StepDecisions
 from conveyor.service.step_reuse import StepReuse
-from conveyor.service.store import Database, RunStore, Writes, is_store_failure, store_error
+from conveyor.service.store import (
+    Database,
+    RunRequests,
+    RunStore,
+    Writes,
+    is_store_failure,
+    store_error,
+)
 from conveyor.service.unreadable import UnreadableMessage, stand_in
 from conveyor.workers.backoff import Backoff
 from conveyor.workers.code_archive import attach_code
@@ -120,6 +127,7 @@ class Controller:
         self._next_check = 0.0
         self._code_store = code_store
         self._runs = RunStore(db)
+        self._run_requests = RunRequests(db)
         self._broker = broker
         self._stack = stack
         # Recorded with each of its runs: dumped once, not per run.
@@ -468,7 +476,7 @@ class Controller:
             batch.recorded = await self._runs.recorded(requested)
             # Runs their clients withdrew before this controller took them: recorded
             # cancelled, unstarted, as if their cancellation had come in this batch.
-            for run_id, reason in (await self._runs.withdrawn(requested)).items():
+            for run_id, reason in (await self._run_requests.withdrawn(requested)).items():
                 batch.cancels.setdefault(run_id, reason)
         for delivery in deliveries:
             event = delivery.event
@@ -565,6 +573,7 @@ class Controller:
                 now=batch.now,
                 retry_of=request.retry_of,
             )
+            self._run_requests.mark_taken(writes, request.run_id)
         for run_id, change in batch.changes.items():
             self._runs.apply(writes, run_id, change, batch.now)
         self._runs.add_outbox(writes, self._stack.id, durable, batch.now)

@@ -171,7 +171,7 @@ class AsyncRun:
                 f"run {self.id} ended, but how is not known here: {self._unreadable_end}"
             )
         if self._conveyor.controller_alive is None:
-            await self._conveyor.services.runs.forget_request(self.id)
+            await self._conveyor.services.run_requests.forget(self.id)
         await self.close()
         record = await self.record()
         failure = failure_of(record, await self.steps(), self) if raise_on_failure else None
@@ -511,7 +511,7 @@ class Conveyor:
         """Publish the request of ``run``, followed already."""
         assert self.stack is not None
         if self._workers is None:  # a service stack: queued until its controller records it
-            await self.services.runs.record_request(
+            await self.services.run_requests.record(
                 run.id, spec, self.stack, idempotency_key, utcnow()
             )
         await self.broker.publish(
@@ -572,5 +572,5 @@ class Conveyor:
             # A request no controller took is withdrawn, on record first: a controller that
             # takes it from now on records the run cancelled, unstarted, however late the
             # cancellation below reaches it.
-            await self.services.runs.withdraw_request(run_id, reason, utcnow())
+            await self.services.run_requests.withdraw(run_id, reason, utcnow())
         await self.broker.publish([RunCancelRequested(run_id=run_id, reason=reason)])

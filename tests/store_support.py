@@ -26,5 +26,6 @@ async def record_run(services: Services, steps: int, run_id: str | None = None) 
         owner=None,
         now=utcnow(),
     )
+    services.run_requests.mark_taken(writes, run_id)
     await services.db.write(writes)
     return run_id

@@ -11,7 +11,7 @@ The server reads its own store at a modest interval (``poll_interval_s``), once 
 followers of a run (a ``RunWatch``), and each read after the first takes only what changed:
 the run's change marker says whether anything did, and the steps that record a newer marker
 are what did (``RunStore.step_changes``); a run still queued (no controller recorded it, so
-it has no steps) costs a look at its request's id (``RunStore.is_requested``), never the
+it has no steps) costs a look at its request's id (``RunRequests.is_requested``), never the
 request's spec. A follower of a 10,000-step fan-out so costs one or two small rows per
 interval while nothing moves.
 """
@@ -88,10 +88,10 @@ class RunWatch:
 
     async def poll(self) -> None:
         """Read what changed since the last poll (everything, the first time)."""
-        runs = self._services.runs
+        runs, requests = self._services.runs, self._services.run_requests
         # The run first: once it is finished, the steps read after it are final.
         seen = await runs.change_marker(self.run_id)
-        if seen is None and await runs.is_requested(self.run_id):
+        if seen is None and await requests.is_requested(self.run_id):
             return  # queued: no step yet, nothing to send, and the request need not be read
         if seen is None:  # deleted or withdrawn (or recorded just now): get_run says which
             status = (await runs.get_run(self.run_id)).status

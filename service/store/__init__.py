@@ -7,6 +7,7 @@ from conveyor.service.store.db import (
     is_store_failure,
     store_error,
 )
+from conveyor.service.store.run_requests import RunRequests
 from conveyor.service.store.runs import RunStore
 from conveyor.service.store.stacks import StackStore
 from conveyor.service.store.users import UserStore
@@ -14,6 +15,7 @@ from conveyor.service.store.users import UserStore
 __all__ = [
     "Database",
     "MetadataStoreError",
+    "RunRequests",
     "RunStore",
     "StackStore",
     "UserStore",

@@ -35,6 +35,8 @@ from conveyor.contracts import ConveyorError
 from conveyor.service.store.migrations import MIGRATIONS
 
 BUSY_TIMEOUT_MS = 30_000
+MAX_QUERY_KEYS = 500
+"""Values bound in one query at most (SQLite allows 32766; shorter queries plan faster)."""
 
 # What a user can do about each kind of SQLite failure, by its primary result code.
 _DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)

@@ -19,7 +19,6 @@ from conveyor.contracts import (
     PipelineSpec,
     RunRecord,
     RunStatus,
-    StackSpec,
     StepRecord,
     StepStatus,
     StepStatusChanged,
@@ -29,7 +28,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.errors import shown
 from conveyor.service.scheduling import RunState, Transition
-from conveyor.service.store.db import Database, Writes
+from conveyor.service.store.db import MAX_QUERY_KEYS, Database, Writes
 from conveyor.service.store.id_prefixes import (
     SHOWN_CANDIDATES,
     Candidate,
@@ -39,8 +38,6 @@ from conveyor.service.store.id_prefixes import (
 )
 
 ACTIVE = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
-MAX_QUERY_KEYS = 500
-"""Values bound in one query at most (SQLite allows 32766; shorter queries plan faster)."""
 BUMP_MARKER = (
     "INSERT INTO run_changes (run_id, marker) VALUES (?, 1)"
     " ON CONFLICT (run_id) DO UPDATE SET marker = marker + 1"
@@ -98,7 +95,8 @@ def _artifact_ref(row: aiosqlite.Row) -> ArtifactRef:
 
 SEEN = "runs_and_requests"
 """What people see: the recorded runs, and the runs this client requested that no controller
-has recorded yet (queued). The controller reads ``runs`` alone."""
+has recorded yet (queued: the requests ``RunRequests`` keeps). The controller reads ``runs``
+alone."""
 
 
 def check_deletable(run: RunRecord) -> None:
@@ -157,8 +155,6 @@ class RunStore:
                 )
             ],
         )
-        writes.add("DELETE FROM run_requests WHERE id = ?", [(run_id,)])  # no longer queued
-        writes.add("DELETE FROM withdrawn_requests WHERE id = ?", [(run_id,)])
         writes.add(
             "INSERT INTO steps (run_id, name, position, status, max_retries) VALUES (?,?,?,?,?)",
             [
@@ -166,72 +162,6 @@ class RunStore:
                 for i, s in enumerate(spec.steps)
             ],
         )
-
-    # --- requests (a client's, on a service stack; not run state) ---
-
-    async def record_request(
-        self, run_id: str, spec: PipelineSpec, stack: StackSpec, key: str | None, now: datetime
-    ) -> None:
-        """Remember a run this client asked a service stack's controller for: it shows as
-        queued until a controller records it (in this store) or the client forgets it."""
-        writes = Writes()
-        writes.add(
-            "INSERT OR IGNORE INTO run_requests (id, pipeline, stack_id, stack_name, parameters,"
-            " spec, created, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    run_id,
-                    spec.name,
-                    stack.id,
-                    stack.name,
-                    json.dumps(spec.parameters),
-                    spec.model_dump_json(),
-                    now.isoformat(),
-                    key,
-                )
-            ],
-        )
-        await self.db.write(writes)
-
-    async def attribute(self, run_id: str, user: str) -> None:
-        """Record who submitted ``run_id``; the first submitter stays (an idempotent replay
-        by someone else does not take the run over)."""
-        writes = Writes()
-        writes.add(
-            "INSERT OR IGNORE INTO run_users (run_id, user_name) VALUES (?, ?)", [(run_id, user)]
-        )
-        await self.db.write(writes)
-
-    async def forget_request(self, run_id: str) -> None:
-        """The run was followed to its end: it is queued no longer."""
-        writes = Writes()
-        writes.add("DELETE FROM run_requests WHERE id = ?", [(run_id,)])
-        await self.db.write(writes)
-
-    async def withdraw_request(self, run_id: str, reason: str, now: datetime) -> None:
-        """The client gave up on ``run_id``: if no controller recorded it yet, one that takes
-        its request later records it cancelled for ``reason`` and runs none of it."""
-        writes = Writes()
-        writes.add(
-            "INSERT OR IGNORE INTO withdrawn_requests (id, reason, withdrawn)"
-            " SELECT id, ?, ? FROM run_requests WHERE id = ? AND id NOT IN (SELECT id FROM runs)",
-            [(reason, now.isoformat(), run_id)],
-        )
-        writes.add("DELETE FROM run_requests WHERE id = ?", [(run_id,)])
-        await self.db.write(writes)
-
-    async def withdrawn(self, run_ids: Sequence[str]) -> dict[str, str]:
-        """Which of ``run_ids`` their clients withdrew before a controller took them, and
-        why (one query per 500 ids)."""
-        found: dict[str, str] = {}
-        for start in range(0, len(run_ids), MAX_QUERY_KEYS):
-            chunk = list(run_ids[start : start + MAX_QUERY_KEYS])
-            marks = ",".join("?" * len(chunk))
-            rows = await self.db.fetchall(
-                f"SELECT id, reason FROM withdrawn_requests WHERE id IN ({marks})", chunk
-            )
-            found.update((row["id"], row["reason"]) for row in rows)
-        return found
 
     def apply(self, writes: Writes, run_id: str, change: Transition, now: datetime) -> None:
         """Persist a transition of ``run_id``: step rows, artifacts and the run's status."""
@@ -476,12 +406,6 @@ class RunStore:
         )
         return None if row is None else (RunStatus(row["status"]), row["marker"])
 
-    async def is_requested(self, run_id: str) -> bool:
-        """Whether ``run_id`` is a request no controller recorded yet (queued). One small
-        row: neither the request's spec nor the view of runs and requests is read."""
-        row = await self.db.fetchone("SELECT 1 AS found FROM run_requests WHERE id = ?", (run_id,))
-        return row is not None
-
     async def step_changes(
         self, run_id: str, since: int | None
     ) -> tuple[list[StepStatusChanged], int]:
@@ -660,6 +584,17 @@ class RunStore:
             ref=_artifact_ref(row),
             created=created,
         )
+
+    # --- who submitted a run (the server records it, beside the controller's writes) ---
+
+    async def attribute(self, run_id: str, user: str) -> None:
+        """Record who submitted ``run_id``; the first submitter stays (an idempotent replay
+        by someone else does not take the run over)."""
+        writes = Writes()
+        writes.add(
+            "INSERT OR IGNORE INTO run_users (run_id, user_name) VALUES (?, ?)", [(run_id, user)]
+        )
+        await self.db.write(writes)
 
     # --- recovery of runs whose embedded controller died ---
 

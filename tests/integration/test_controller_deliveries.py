@@ -60,6 +60,28 @@ async def test_a_run_requested_and_cancelled_in_one_batch_never_starts() -> None
     ], "attempt 0: never dispatched"
 
 
+async def test_a_request_a_controller_records_is_queued_no_longer() -> None:
+    """The client kept its request (in the store it shares with the controller); the
+    controller that records the run drops the request in the same transaction."""
+    async with Conveyor() as cv:
+        assert cv.stack is not None
+        spec, _ = handoff.compile()
+        request = RunRequested(run_id=new_id(), pipeline="handoff", spec=spec)
+        requests = cv.services.run_requests
+        await requests.record(request.run_id, spec, cv.stack, None, utcnow())
+        assert await requests.is_requested(request.run_id)
+        await cv.broker.publish([request])
+        for _ in range(200):
+            if await cv.services.runs.recorded([request.run_id]):
+                break
+            await asyncio.sleep(0.05)
+        assert not await requests.is_requested(request.run_id), "taken with its recording"
+        for _ in range(200):
+            if (await cv.services.runs.get_run(request.run_id)).status is RunStatus.COMPLETED:
+                break
+            await asyncio.sleep(0.05)
+
+
 async def test_a_request_withdrawn_on_record_never_starts_however_late_its_cancellation() -> None:
     """The client withdrew the request (on record, in the store it shares with the
     controller) before any controller took it; its cancellation message is late or lost:
@@ -68,9 +90,9 @@ async def test_a_request_withdrawn_on_record_never_starts_however_late_its_cance
         assert cv.stack is not None
         spec, _ = handoff.compile()
         request = RunRequested(run_id=new_id(), pipeline="handoff", spec=spec)
-        runs = cv.services.runs
-        await runs.record_request(request.run_id, spec, cv.stack, None, utcnow())
-        await runs.withdraw_request(request.run_id, "interrupted (Ctrl+C)", utcnow())
+        runs, requests = cv.services.runs, cv.services.run_requests
+        await requests.record(request.run_id, spec, cv.stack, None, utcnow())
+        await requests.withdraw(request.run_id, "interrupted (Ctrl+C)", utcnow())
         assert await runs.list_runs() == [], "withdrawn: no longer shown queued"
         await cv.broker.publish([request])  # no RunCancelRequested behind it
         for _ in range(200):
@@ -82,13 +104,13 @@ async def test_a_request_withdrawn_on_record_never_starts_however_late_its_cance
             (request.run_id, RunStatus.CANCELLED, "interrupted (Ctrl+C)")
         ]
         steps = await runs.steps_of(request.run_id)
-        assert await runs.withdrawn([request.run_id]) == {}, "dropped once recorded"
+        assert await requests.withdrawn([request.run_id]) == {}, "dropped once recorded"
         # A run a controller recorded already is not withdrawn on record: its cancellation
         # message stops it.
         started = await cv.submit_compiled(*handoff.compile())
         await started.wait(timeout=60)
-        await runs.withdraw_request(started.id, "too late", utcnow())
-        assert await runs.withdrawn([started.id]) == {}
+        await requests.withdraw(started.id, "too late", utcnow())
+        assert await requests.withdrawn([started.id]) == {}
     assert [(s.name, s.status, s.attempt) for s in steps] == [
         ("produce", StepStatus.CANCELLED, 0),
         ("consume", StepStatus.CANCELLED, 0),

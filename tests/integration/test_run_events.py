@@ -194,7 +194,7 @@ async def test_a_queued_run_is_polled_by_small_rows_and_followed_once_recorded(
         run_id = new_id()
         steps = [StepSpec(name=f"s{i}", ref="m:f") for i in range(FAN_OUT)]
         # Requested of a controller that is not there yet: queued, no step rows.
-        await services.runs.record_request(
+        await services.run_requests.record(
             run_id, PipelineSpec(name="fan", steps=steps), stack, None, utcnow()
         )
         asked = _reads_of(services, run_id, monkeypatch)
@@ -230,13 +230,13 @@ async def test_a_queued_run_is_polled_by_small_rows_and_followed_once_recorded(
 
         # A request withdrawn before any controller recorded it ends its stream: not found.
         withdrawn = new_id()
-        await services.runs.record_request(
+        await services.run_requests.record(
             withdrawn, PipelineSpec(name="fan", steps=steps[:2]), stack, None, utcnow()
         )
         gone = _Follower(app, services, withdrawn)
         await asyncio.sleep(0.2)
         assert not gone.task.done()
-        await services.runs.forget_request(withdrawn)
+        await services.run_requests.forget(withdrawn)
         with pytest.raises(NotFoundError, match="no run"):
             await asyncio.wait_for(gone.task, 5)
         assert gone.steps == [] and gone.run is None
