@@ -157,6 +157,10 @@ class RunStore:
                 )
             ],
         )
+        writes.add(
+            "INSERT OR IGNORE INTO stack_pools (stack_id, pool) VALUES (?, ?)",
+            [(stack_id, pool) for pool in sorted({s.pool for s in spec.steps})],
+        )
         writes.add("DELETE FROM run_requests WHERE id = ?", [(run_id,)])  # no longer queued
         writes.add("DELETE FROM withdrawn_requests WHERE id = ?", [(run_id,)])
         writes.add(
