@@ -124,9 +124,13 @@ class Broker(Protocol):
         """Receive the status events of one run (``StepStatusChanged``, ``RunFinished``);
         with ``unreadable``, hear of those of the run this release cannot read, in order."""
 
-    async def listen(self, handler: StatusHandler) -> Subscription:
+    async def listen(
+        self, handler: StatusHandler, *, unreadable: UnreadableStatusHandler | None = None
+    ) -> Subscription:
         """Receive the control events broadcast to every worker of the stack, from now on
-        (a listener that is disconnected meanwhile misses them)."""
+        (a listener that is disconnected meanwhile misses them); with ``unreadable``, hear
+        of those this release cannot read whose run can be named, in order. Each one this
+        release cannot read goes to the dead-letter queue with the reason, as a consumer's."""
 
 
 @runtime_checkable

@@ -2,7 +2,8 @@
 
 A newer release may send a field an older one refuses (``extra="forbid"``): the message is
 dead-lettered all the same, and the run it belongs to is told, when its identity can still
-be read: its type, its run and, for a ``StepReady``, the step and attempt. That read is
+be read: its type, its run, for an attempt's event the step and attempt, and whether an
+``AttemptsCancelled`` stops every attempt of its run. That read is
 lenient about everything else and as strict as the real models about those fields; it
 parses JSON and nothing more (nothing in the message is imported or evaluated).
 """
@@ -44,6 +45,11 @@ class Identity(Frozen):
     step: Name | None = Field(default=None, description="The step of an attempt's event")
     attempt: int | None = Field(default=None, ge=1, description="The attempt of its event")
     pipeline: Name | None = Field(default=None, description="A RunRequested's pipeline")
+    whole_run: bool = Field(
+        default=False,
+        description="An AttemptsCancelled that stops every attempt of its run (the run was "
+        "cancelled): its ``attempts`` is there and empty",
+    )
 
 
 class Unreadable(Frozen):
@@ -83,6 +89,8 @@ class _Read(BaseModel):
     step: Lenient[_Step | Name] = None  # a StepReady's step spec; the others' step name
     attempt: Lenient[Annotated[int, Field(ge=1)]] = None
     pipeline: Lenient[Name] = None
+    # Only whether it is there and empty is used: a cancellation of some attempts names them.
+    attempts: Lenient[dict[str, Any]] = None
 
 
 def read_identity(data: bytes | str) -> Identity | None:
@@ -103,6 +111,11 @@ def read_identity(data: bytes | str) -> Identity | None:
         return Identity(type=read.type, run_id=read.run_id, step=step, attempt=read.attempt)
     if read.type == "RunRequested":
         return Identity(type=read.type, run_id=read.run_id, pipeline=read.pipeline)
+    if read.type == "AttemptsCancelled":
+        # Only an ``attempts`` that is there and empty says "the whole run": one that is
+        # missing may have given way to a field of a later release that names fewer.
+        whole_run = read.attempts is not None and not read.attempts
+        return Identity(type=read.type, run_id=read.run_id, whole_run=whole_run)
     return Identity(type=read.type, run_id=read.run_id)
 
 

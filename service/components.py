@@ -23,7 +23,7 @@ from conveyor.contracts import (
     utcnow,
 )
 from conveyor.contracts.errors import shown
-from conveyor.service.queue_moves import check_queues_kept
+from conveyor.service.queue_moves import MAX_CHECKED_POOLS, check_queues_kept
 from conveyor.service.store import Database, StackStore
 from conveyor.workers.flavors import Flavor, flavors_of, get_flavor
 
@@ -149,7 +149,8 @@ class ComponentRules:
         # Outside the write transaction: a slow broker must not lock the store.
         for stack in await self._stacks_with(component.id):
             changed = {**stack.components, type_: updated}
-            await check_queues_kept(stack, stack.model_copy(update={"components": changed}))
+            pools = await self.store.pools_used(stack.id, MAX_CHECKED_POOLS)
+            await check_queues_kept(stack, stack.model_copy(update={"components": changed}), pools)
         async with self.db.transaction() as conn:
             if await self._changeable_component(type_, name) != component:
                 raise ConflictError(

@@ -8,8 +8,15 @@ at import time (tests/unit/test_cli_startup.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from conveyor.contracts import ConflictError, StackSpec
 from conveyor.workers.stack_probes import QueueReport, queue_report, queues_place
+
+MAX_CHECKED_POOLS = 100
+"""The most pools of a stack's runs whose step queues are asked about (the first by name),
+besides those of its configuration: each is a round trip to the broker (two for a queue
+that is not there) within the probe's 5 s, about 1 ms each on the broker's own machine."""
 
 
 def consumers_in(report: QueueReport) -> str | None:
@@ -21,14 +28,20 @@ def consumers_in(report: QueueReport) -> str | None:
 
 
 async def check_no_consumers(
-    stack: StackSpec, done: str, then: str, *, unchecked_ok: bool = False
+    stack: StackSpec,
+    done: str,
+    then: str,
+    *,
+    pools: Iterable[str] = (),
+    unchecked_ok: bool = False,
 ) -> None:
-    """Refuse (ConflictError) while anything consumes a rabbitmq ``stack``'s queues, and,
+    """Refuse (ConflictError) while anything consumes a rabbitmq ``stack``'s queues (with
+    the step queues of ``pools``, those its runs used, besides its configuration's), and,
     unless ``unchecked_ok``, when the broker cannot tell: its controller and workers, started
     with ``--stack NAME``, would go on consuming them once the stack is ``done``. ``then``
     says what to do instead. Messages waiting in the queues do not count: unfinished runs
     are checked from the store."""
-    report = await queue_report(stack)
+    report = await queue_report(stack, pools=pools)
     if report is None:
         return
     if report.problem is not None:
@@ -48,9 +61,10 @@ async def check_no_consumers(
         )
 
 
-async def check_queues_kept(before: StackSpec, after: StackSpec) -> None:
+async def check_queues_kept(before: StackSpec, after: StackSpec, pools: Iterable[str] = ()) -> None:
     """Refuse to change ``before`` into ``after`` when that moves its queues (another broker,
-    virtual host or prefix) while its controller and workers consume the old ones. Moving to
+    virtual host or prefix) while its controller and workers consume the old ones (those of
+    ``pools`` too, the pools its runs used). Moving to
     an embedded orchestrator strands no run, and a broker that cannot be reached may be the
     one the change moves away from: both allowed."""
     old, new = queues_place(before), queues_place(after)
@@ -60,5 +74,6 @@ async def check_queues_kept(before: StackSpec, after: StackSpec) -> None:
         before,
         "moved to other queues",
         f"stop them, change it, then start them again with --stack {before.name}",
+        pools=pools,
         unchecked_ok=True,
     )

@@ -26,7 +26,7 @@ from conveyor.contracts import (
 from conveyor.contracts.errors import shown
 from conveyor.service.components import ComponentRules, check_name, label, suggest
 from conveyor.service.home import STACK_ENV, Home
-from conveyor.service.queue_moves import check_no_consumers, check_queues_kept
+from conveyor.service.queue_moves import MAX_CHECKED_POOLS, check_no_consumers, check_queues_kept
 from conveyor.service.stack_files import ExportedComponent, export_data, parse_export
 from conveyor.service.store import Database, StackStore
 from conveyor.service.users import LOCAL_ADMIN, LOCAL_USER, Actor
@@ -200,7 +200,9 @@ class StackService(ComponentRules):
         replaced = await self._components(chosen)
         # Outside the write transaction: a slow broker must not lock the store.
         await check_queues_kept(
-            stack, stack.model_copy(update={"components": {**stack.components, **replaced}})
+            stack,
+            stack.model_copy(update={"components": {**stack.components, **replaced}}),
+            await self.store.pools_used(stack.id, MAX_CHECKED_POOLS),
         )
         async with self.db.transaction() as conn:
             current = await self._changeable(name)
@@ -222,7 +224,10 @@ class StackService(ComponentRules):
             return stack
         # Outside the write transaction: a slow broker must not lock the store.
         await check_no_consumers(
-            stack, "renamed", f"stop them, rename it, then start them with --stack {new_name}"
+            stack,
+            "renamed",
+            f"stop them, rename it, then start them with --stack {new_name}",
+            pools=await self.store.pools_used(stack.id, MAX_CHECKED_POOLS),
         )
         async with self.db.transaction() as conn:
             current = await self._renamable(name, new_name)
@@ -281,7 +286,13 @@ class StackService(ComponentRules):
         stack = await self._deletable(name)
         # A broker that is gone for good must not keep its stack: once deleted, nothing can
         # send runs to that stack's queues, whereas a renamed stack's runs would wait there.
-        await check_no_consumers(stack, "deleted", "stop them, then delete it", unchecked_ok=True)
+        await check_no_consumers(
+            stack,
+            "deleted",
+            "stop them, then delete it",
+            pools=await self.store.pools_used(stack.id, MAX_CHECKED_POOLS),
+            unchecked_ok=True,
+        )
         return stack
 
     async def _deletable(self, name: str) -> StackSpec:

@@ -285,5 +285,7 @@ class InProcessBroker:
         self.followers[run_id].add(follower)
         return follower
 
-    async def listen(self, handler: StatusHandler) -> _Follower:
-        return await self.follow(CONTROL, handler)
+    async def listen(
+        self, handler: StatusHandler, *, unreadable: UnreadableStatusHandler | None = None
+    ) -> _Follower:
+        return await self.follow(CONTROL, handler, unreadable=unreadable)

@@ -405,6 +405,21 @@ class RabbitMQBroker:
         # only without our reason.
         await self._replace(message, copy, self.declared.dead, queue, requeue=False)
 
+    async def keep_dead(self, source: str, message: AbstractIncomingMessage, reason: str) -> None:
+        """Put a copy of ``message``, which came from ``source`` and needs no settling (a
+        broadcast), in the dead-letter queue with ``reason``; if it cannot be, only logged."""
+        log.warning(
+            "dead-lettered", queue=source, message_id=message.message_id, reason=reason[:500]
+        )
+        copy = copy_of(message, {REASON_HEADER: reason[:1000], QUEUE_HEADER: source})
+        try:
+            await asyncio.wait_for(
+                self.declared.dead.publish(copy, routing_key=source, mandatory=True),
+                self.config.publish_timeout_s,
+            )
+        except Exception as exc:
+            log.warning("dead letter not kept", queue=source, error=f"{type(exc).__name__}: {exc}")
+
     async def put_back(self, queue: str, message: AbstractIncomingMessage, lost: int) -> None:
         """Requeue a copy of ``message`` that says ``lost`` deliveries ended unsettled, then
         ack the original (if the copy is not confirmed, the original is requeued instead)."""
@@ -472,9 +487,12 @@ class RabbitMQBroker:
         await self._started(follower, follower.start)
         return follower
 
-    async def listen(self, handler: StatusHandler) -> Follower:
-        """Receive the control events of the stack (from now on) in order."""
-        follower = Follower(self, "control", handler, self._topology.control_exchange)
+    async def listen(
+        self, handler: StatusHandler, *, unreadable: UnreadableStatusHandler | None = None
+    ) -> Follower:
+        """Receive the control events of the stack (from now on) in order; ``unreadable``
+        hears of those this release cannot read, in their place."""
+        follower = Follower(self, handler, self._topology.control_exchange, unreadable)
 
         async def start() -> None:
             await follower.start(await self._follow_on())

@@ -307,11 +307,15 @@ class Follower:
     control exchange."""
 
     def __init__(
-        self, broker: RabbitMQBroker, run_id: str, handler: StatusHandler, exchange: str
+        self,
+        broker: RabbitMQBroker,
+        handler: StatusHandler,
+        exchange: str,
+        unreadable: UnreadableStatusHandler | None = None,
     ) -> None:
         self.broker = broker
         self.exchange = exchange
-        self.pump = StatusPump(run_id, handler)
+        self.pump = StatusPump("control", handler, unreadable)
         self.amqp_queue: AbstractQueue | None = None
         self.tag: str | None = None
 
@@ -328,9 +332,16 @@ class Follower:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:
-            self.pump.inbox.put_nowait(parse_event(message.body))
+            event = parse_event(message.body)
         except MalformedEvent as exc:
-            log.warning("malformed status event", message_id=message.message_id, reason=str(exc))
+            reason = str(exc)
+            found = None if self.pump.unreadable is None else unreadable_of(message, reason)
+            if found is not None:
+                self.pump.inbox.put_nowait(found)  # in its place, before the copy is kept
+            # Every listener of the broadcast keeps its copy: each is one that went unread.
+            await self.broker.keep_dead(self.exchange, message, reason)
+            return
+        self.pump.inbox.put_nowait(event)
 
     async def cancel(self) -> None:
         queue, tag, self.tag = self.amqp_queue, self.tag, None

@@ -7,7 +7,7 @@ import functools
 import re
 from importlib.metadata import PackageNotFoundError, version
 
-from conveyor.contracts import Identity, StepFailed, WorkerFacts
+from conveyor.contracts import Identity, StepFailed, Unreadable, WorkerFacts
 from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH
 from conveyor.workers.step_failures import keep_head
 
@@ -65,3 +65,11 @@ def attempt_refused(identity: Identity, error: str, by: WorkerFacts) -> StepFail
         retryable=False,
         by=by,
     )
+
+
+def cancelled_run(message: Unreadable) -> str | None:
+    """The run whose every attempt the unreadable control ``message`` stops, or None: only
+    an ``AttemptsCancelled`` that says it cancels the whole run (the run was cancelled) is
+    safe to act on unread; one that names attempts may stop some of a run that goes on."""
+    who = message.identity
+    return who.run_id if who.type == "AttemptsCancelled" and who.whole_run else None

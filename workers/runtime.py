@@ -11,7 +11,7 @@ import asyncio
 import os
 import socket
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -31,6 +31,7 @@ from conveyor.contracts import (
     StepStarted,
     StepSucceeded,
     Subscription,
+    Unreadable,
     UnreadableDelivery,
     UntrustedStep,
     WorkerFacts,
@@ -38,7 +39,7 @@ from conveyor.contracts import (
 )
 from conveyor.workers import step_logs
 from conveyor.workers.execution import StepExecutor
-from conveyor.workers.release import attempt_refused, cannot_read
+from conveyor.workers.release import attempt_refused, cancelled_run, cannot_read
 from conveyor.workers.step_resolver import StepResolver
 
 log = structlog.get_logger("conveyor.worker")
@@ -151,7 +152,9 @@ class WorkerPool:
         """Start consuming the step queue of every pool."""
         step_logs.install()
         # Listening first: a cancellation must not slip between the first step and it.
-        self._control = await self._broker.listen(self._on_control)
+        self._control = await self._broker.listen(
+            self._on_control, unreadable=self._on_unreadable_control
+        )
         for pool in self._pools:
             await self._consume(pool)
         self._heartbeats = asyncio.create_task(self._beat(), name="heartbeats")
@@ -179,24 +182,48 @@ class WorkerPool:
             log.info("worker consumes another pool", worker=self.facts.worker, pool=pool)
 
     async def _on_control(self, event: Event) -> None:
-        if not isinstance(event, AttemptsCancelled):
+        if isinstance(event, AttemptsCancelled):
+            self._stop(event.run_id, event.attempts, event.reason)
+
+    def _on_unreadable_control(self, message: Unreadable) -> None:
+        """A control event this worker cannot read (most likely a newer controller's): one
+        that cancels a whole run stops that run's attempts here all the same, since running
+        them on helps nobody; one that may name only some attempts of a run that goes on
+        cannot be told apart from its run, and is left (their outcomes are fenced anyway)."""
+        who = message.identity
+        if who.type != "AttemptsCancelled":
             return
-        running = self._executions.get(event.run_id, {})
-        if event.attempts:
-            targets = list(event.attempts.items())
-            self._cancelled.update(dict.fromkeys((event.run_id, s, a) for s, a in targets))
+        error = cannot_read(
+            "worker", "cancellation", "controller", message.reason, message.sender_version
+        )
+        run_id = cancelled_run(message)
+        if run_id is None:
+            log.warning(
+                "cancellation unreadable; its attempts go on", run_id=who.run_id, error=error
+            )
+            return
+        log.warning(
+            "cancellation unreadable; stopping the run's attempts", run_id=run_id, error=error
+        )
+        self._stop(run_id, {}, error)
+
+    def _stop(self, run_id: str, attempts: Mapping[str, int], reason: str) -> None:
+        """Stop ``attempts`` of ``run_id`` here (every attempt of the run if empty), and drop
+        those still waiting in the queue when they come."""
+        running = self._executions.get(run_id, {})
+        if attempts:
+            targets = list(attempts.items())
+            self._cancelled.update(dict.fromkeys((run_id, s, a) for s, a in targets))
         else:
             targets = list(running)
-            self._cancelled[(event.run_id, "", 0)] = None  # the whole run
+            self._cancelled[(run_id, "", 0)] = None  # the whole run
         while len(self._cancelled) > REMEMBERED_CANCELLATIONS:
             self._cancelled.popitem(last=False)
         stopping = [running[t] for t in targets if t in running]
         for execution in stopping:
             execution.cancel()
         if stopping:
-            log.info(
-                "attempts stopped", run_id=event.run_id, stopped=len(stopping), reason=event.reason
-            )
+            log.info("attempts stopped", run_id=run_id, stopped=len(stopping), reason=reason)
 
     def _is_cancelled(self, ready: StepReady) -> bool:
         run = ready.run_id

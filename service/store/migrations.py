@@ -205,4 +205,21 @@ MIGRATIONS: tuple[str, ...] = (
         withdrawn TEXT NOT NULL
     );
     """,
+    # 12: the step pools each stack's runs named, one row a pool: a change that moves a
+    # stack's queues asks the broker about those step queues too (a worker started with
+    # --pool of a pool the orchestrator does not list consumes one). A table of its own,
+    # read by key: finding them in the runs' specs would parse every spec of the stack.
+    # Filled from the runs recorded so far.
+    """
+    CREATE TABLE stack_pools (
+        stack_id TEXT NOT NULL,
+        pool TEXT NOT NULL,
+        PRIMARY KEY (stack_id, pool)
+    ) WITHOUT ROWID;
+    INSERT OR IGNORE INTO stack_pools (stack_id, pool)
+        SELECT DISTINCT r.stack_id, json_extract(step.value, '$.pool')
+        FROM (SELECT stack_id, spec FROM runs WHERE json_valid(spec)) AS r,
+             json_each(r.spec, '$.steps') AS step
+        WHERE json_type(step.value, '$.pool') = 'text';
+    """,
 )

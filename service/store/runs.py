@@ -156,6 +156,10 @@ class RunStore:
             ],
         )
         writes.add(
+            "INSERT OR IGNORE INTO stack_pools (stack_id, pool) VALUES (?, ?)",
+            [(stack_id, pool) for pool in sorted({s.pool for s in spec.steps})],
+        )
+        writes.add(
             "INSERT INTO steps (run_id, name, position, status, max_retries) VALUES (?,?,?,?,?)",
             [
                 (run_id, s.name, i, StepStatus.PENDING.value, s.retries)

@@ -107,6 +107,15 @@ class StackStore:
             [(s.id, t.value, c.id) for t, c in s.components.items()],
         )
 
+    async def pools_used(self, stack_id: str, limit: int) -> list[str]:
+        """The step pools named by runs recorded on the stack ``stack_id``, at most ``limit``
+        of them (by name)."""
+        rows = await self.db.fetchall(
+            "SELECT pool FROM stack_pools WHERE stack_id = ? ORDER BY pool LIMIT ?",
+            (stack_id, limit),
+        )
+        return [row["pool"] for row in rows]
+
     async def delete_stack(self, conn: aiosqlite.Connection, stack_id: str) -> None:
         await conn.execute("DELETE FROM stacks WHERE id = ?", (stack_id,))
 

@@ -35,15 +35,17 @@ from conveyor.service.client import Client
 from conveyor.service.version import conveyor_version
 from conveyor.workers.rabbitmq_topology import QUEUE_HEADER, REASON_HEADER, VERSION_HEADER
 from tests.conftest import ROOT, conveyor_cli
-from tests.integration.newer_conveyor import NEW_FIELD, NEWER_VERSION
+from tests.integration.newer_conveyor import NEW_FIELD, NEWER_VERSION, TYPES_ENV
 from tests.integration.rabbitmq_support import (
     PIPELINES,
     STACK,
     Processes,
     markers,
+    only_run,
     processes,
     register_stack,
     run_id_in,
+    starts,
     vhost,
     wait_until,
 )
@@ -171,6 +173,43 @@ def test_a_newer_controllers_step_fails_on_a_worker_that_cannot_read_it(
     good = run_good_pipeline(processes)
     with Client() as client:
         assert {s.worker for s in client.get_steps(good)} == {"w1"}
+    assert worker.alive
+
+
+def test_a_newer_controllers_run_cancellation_stops_its_steps_on_a_worker_that_cannot_read_it(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    """The controller is one release ahead of its workers, and its AttemptsCancelled carries
+    a field they refuse. A cancelled run's running step used to go on to its end; now the
+    worker stops it (the message says the whole run), naming both releases."""
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    env = {TYPES_ENV: "AttemptsCancelled"}  # its steps this worker reads
+    processes.controller("newer-controller", module=NEWER, **env)
+    worker = processes.worker("w1")
+    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:waiting_chain")
+    wait_until(lambda: any(n == "wait" for n, _ in starts(markers)), "the waiting step to start")
+    with Client() as client:
+        run_id = only_run(client).id
+        result = conveyor_cli("run", "cancel", run_id)
+        assert result.returncode == 0, result.stderr + processes.dump()
+        assert follower.wait(60) == 1
+        wait_until(lambda: (markers / "cancelled-wait").exists(), "the step to be stopped")
+        assert client.get_run(run_id).status is RunStatus.CANCELLED
+    worker.wait_for_log("attempts stopped")
+    output = worker.output()
+    for told in (
+        "cancellation unreadable; stopping the run's attempts",
+        "this worker cannot read the cancellation",
+        f"the controller runs Conveyor {NEWER_VERSION}",
+        f"this worker Conveyor {conveyor_version()}",
+        f"upgrade this worker to Conveyor {NEWER_VERSION}",
+    ):
+        assert told in output, output[-3000:]
+
+    [(queue, reason, body)] = asyncio.run(dead_letters(vhost))
+    assert queue == Topology(stack=STACK).control_exchange
+    assert (body["type"], body["run_id"], body["attempts"]) == ("AttemptsCancelled", run_id, {})
+    assert f"{NEW_FIELD}: Extra inputs" in reason
     assert worker.alive
 
 

@@ -97,6 +97,33 @@ def test_a_stack_is_renamed_only_once_its_controller_and_worker_stopped(
     assert "plus.output = 101" in ran.stdout and "completed" in ran.stdout, ran.stdout
 
 
+def test_a_worker_of_a_pool_the_orchestrator_does_not_list_keeps_its_stack_from_a_rename(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    """A worker started with ``--pool gpu`` on a stack whose orchestrator lists no pools:
+    its queue is found through the runs that used the pool, as the others' are."""
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    controller = processes.controller()
+    worker = processes.worker("w1")
+    gpu = processes.worker("w-gpu", "--pool", "gpu")
+    ran = conveyor_cli("pipeline", "run", f"{PIPELINES}:pooled", timeout=90)
+    assert ran.returncode == 0, ran.stdout + ran.stderr + processes.dump()
+    _stop(controller)
+    _stop(worker)
+
+    refused = conveyor_cli("stack", "rename", STACK, NEW)
+    assert refused.returncode != 0, refused.stdout
+    said = " ".join((refused.stdout + refused.stderr).split())
+    assert f"(1 on conveyor.{STACK}.steps.gpu)" in said, said
+    assert conveyor_cli("stack", "set", "default").returncode == 0
+    deleted = conveyor_cli("stack", "delete", STACK, "-y")
+    assert "1 on conveyor.prod.steps.gpu" in " ".join(deleted.stderr.split()), deleted.stderr
+
+    _stop(gpu)
+    renamed = conveyor_cli("stack", "rename", STACK, NEW)
+    assert renamed.returncode == 0, renamed.stderr
+
+
 def test_a_stack_whose_broker_cannot_be_checked_is_not_renamed_but_may_be_deleted(
     tmp_path: Path,
 ) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from conveyor.contracts import (
+    AttemptsCancelled,
     Identity,
     MalformedEvent,
     RunRequested,
@@ -28,7 +29,7 @@ from conveyor.contracts.models import MAX_ID_LENGTH, MAX_NAME_LENGTH
 from conveyor.contracts.unreadable import MAX_REASON_LENGTH, MAX_UNREADABLE_BYTES
 from conveyor.service.unreadable import stand_in
 from conveyor.workers import release
-from conveyor.workers.release import cannot_read
+from conveyor.workers.release import cancelled_run, cannot_read
 
 RUN = new_id()
 
@@ -68,6 +69,44 @@ def test_a_newer_releases_messages_are_read_down_to_their_identity() -> None:
     assert read_identity(json.dumps(report)) == Identity(
         type="StepSucceeded", run_id=RUN, step="train", attempt=3
     )
+
+
+def newer_cancellation(**fields: Any) -> bytes:
+    """An AttemptsCancelled of a release that added a field; ``fields`` replace its own."""
+    data = json.loads(AttemptsCancelled(run_id=RUN, reason="cancelled").model_dump_json())
+    data["placement"] = "eu-west"
+    data.update(fields)
+    return json.dumps({k: v for k, v in data.items() if v is not ...}).encode()
+
+
+@pytest.mark.parametrize(
+    ("attempts", "whole_run"),
+    [
+        ({}, True),  # the run was cancelled: as this release sends it
+        ({"train": 2}, False),  # superseded attempts of a run that goes on
+        (..., False),  # left out: a later field may name fewer than the whole run
+        (None, False),
+        ([], False),
+        ("all", False),
+    ],
+)
+def test_an_unreadable_cancellation_stops_the_whole_run_only_when_it_says_so(
+    attempts: Any, whole_run: bool
+) -> None:
+    data = newer_cancellation(attempts=attempts)
+    with pytest.raises(MalformedEvent):
+        parse_event(data)
+    identity = read_identity(data)
+    assert identity == Identity(type="AttemptsCancelled", run_id=RUN, whole_run=whole_run)
+    message = unreadable(identity, "invalid event: placement", "99.1.0")
+    assert cancelled_run(message) == (RUN if whole_run else None)
+
+
+def test_only_a_cancellation_stops_a_run_unread() -> None:
+    for type_ in ("RunCancelRequested", "RunFinished", "StepHeartbeat"):
+        identity = read_identity(body(type=type_, run_id=RUN, attempts={}, placement=1))
+        assert identity is not None and not identity.whole_run
+        assert cancelled_run(unreadable(identity, "invalid", None)) is None
 
 
 def test_the_controller_stands_in_for_what_it_cannot_read_where_someone_waits() -> None:
