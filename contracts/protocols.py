@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
 
 from conveyor.contracts.events import Event
@@ -80,6 +81,14 @@ class Subscription(Protocol):
         """Stop receiving; unsettled deliveries are requeued by the broker. Idempotent."""
 
 
+@dataclass(frozen=True)
+class Reachability:
+    """Whether a broker answers now, and a line for a person saying so."""
+
+    ok: bool
+    detail: str
+
+
 class Broker(Protocol):
     """A message broker bound to one stack's topology."""
 
@@ -131,6 +140,12 @@ class Broker(Protocol):
         (a listener that is disconnected meanwhile misses them); with ``unreadable``, hear
         of those this release cannot read whose run can be named, in order. Each one this
         release cannot read goes to the dead-letter queue with the reason, as a consumer's."""
+
+    async def reachability(self) -> Reachability:
+        """Whether the broker answers now, for health checks (no credentials in ``detail``)."""
+
+    async def queue_depths(self) -> dict[str, int]:
+        """Messages ready in each queue of the stack (unacked ones not counted), for metrics."""
 
 
 @runtime_checkable

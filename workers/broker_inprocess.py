@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import structlog
 
 from conveyor.contracts import (
+    DEFAULT_POOL,
     DeliveryHandler,
     Event,
+    Reachability,
     RunFinished,
     RunRequested,
     StatusHandler,
@@ -220,6 +222,16 @@ class InProcessBroker:
     def depth(self, name: str) -> int:
         """Messages waiting in ``name`` (not counting those delivered but unsettled)."""
         return self.queue(name).qsize()
+
+    async def reachability(self) -> Reachability:
+        return Reachability(True, "in-process broker")
+
+    async def queue_depths(self) -> dict[str, int]:
+        topology = self.topology
+        names = [topology.runs_queue, topology.events_queue, topology.step_queue(DEFAULT_POOL)]
+        depths = {name: self.depth(name) for name in names}
+        depths[topology.dead_letter_queue] = len(self.dead_letters)
+        return depths
 
     def dead_letter(self, queue: str, event: Event, reason: str) -> None:
         log.warning("dead-lettered", queue=queue, event_id=event.event_id, reason=reason)

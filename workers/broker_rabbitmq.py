@@ -32,6 +32,7 @@ from conveyor.contracts import (
     ConveyorError,
     DeliveryHandler,
     Event,
+    Reachability,
     StatusHandler,
     StepReady,
     Topology,
@@ -206,6 +207,41 @@ class RabbitMQBroker:
         if self._lost_at is None:
             return None
         return asyncio.get_running_loop().time() - self._lost_at
+
+    async def reachability(self) -> Reachability:
+        """Whether RabbitMQ answers now: a channel opens and closes."""
+        down_for = self.unreachable_for
+        if down_for is not None:
+            return Reachability(
+                False, f"RabbitMQ at {self.safe_url} unreachable for {down_for:.0f}s; reconnecting"
+            )
+        # The moments before this adapter notices a loss look the same to a user.
+        lost = f"RabbitMQ at {self.safe_url} unreachable; reconnecting"
+        try:
+            connection = self.connection
+            if connection.is_closed:
+                return Reachability(False, lost)
+            channel = await connection.channel()
+            await channel.close()
+        except Exception as exc:
+            # Not the exception's text: aio-pika's names the connection, URL and all.
+            return Reachability(False, f"{lost} ({type(exc).__name__})")
+        return Reachability(True, "RabbitMQ answers")
+
+    async def queue_depths(self) -> dict[str, int]:
+        topology = self.topology
+        names = sorted(self.declared.queues) or [topology.runs_queue, topology.events_queue]
+        # A passive declare of a queue that vanished closes its channel: use a throwaway one.
+        channel = await self.connection.channel()
+        try:
+            depths = {}
+            for name in names:
+                queue = await channel.declare_queue(name, passive=True)
+                depths[name] = int(queue.declaration_result.message_count or 0)
+            return depths
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
     def _new_backoff(self) -> Backoff:
         first = self.config.reconnect_interval_s

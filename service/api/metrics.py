@@ -20,7 +20,6 @@ from conveyor.service.api.security import require_user
 from conveyor.service.api.state import ApiState, state_of
 from conveyor.service.engine import Conveyor
 from conveyor.service.gateway import RunGateway
-from conveyor.workers.broker_probes import queue_depths, reachable
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 DURATION_BOUNDS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
@@ -39,7 +38,7 @@ async def _store_check(state: ApiState) -> HealthCheck:
 
 async def _broker_check(conveyor: Conveyor) -> HealthCheck:
     try:
-        found = await asyncio.wait_for(reachable(conveyor.broker), PROBE_TIMEOUT_S)
+        found = await asyncio.wait_for(conveyor.broker.reachability(), PROBE_TIMEOUT_S)
     except TimeoutError:
         return HealthCheck(ok=False, detail=f"broker did not answer in {PROBE_TIMEOUT_S}s")
     return HealthCheck(ok=found.ok, detail=found.detail)
@@ -93,7 +92,7 @@ async def _queue_depths(gateway: RunGateway) -> list[str]:
     for conveyor in gateway.conveyors():
         assert conveyor.stack is not None
         try:
-            depths = await asyncio.wait_for(queue_depths(conveyor.broker), PROBE_TIMEOUT_S)
+            depths = await asyncio.wait_for(conveyor.broker.queue_depths(), PROBE_TIMEOUT_S)
         except Exception:
             # A broker that does not answer shows as missing samples (and in /healthz).
             continue
