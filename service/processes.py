@@ -24,7 +24,6 @@ from conveyor.workers.heap import settle_after_start
 from conveyor.workers.process import (
     EXIT_OK,
     Signals,
-    rabbitmq_broker,
     rabbitmq_config,
     wait_for_stop,
     watchdog_of,
@@ -113,7 +112,7 @@ async def serve_controller(
     try:
         spec = await controller_stack(services, stack, stack_file, url)
         config = rabbitmq_config(spec)
-        broker = rabbitmq_broker(spec)
+        broker = RabbitMQBroker.of_stack(spec.name, config)
         signals.install()
         if not await broker.start_patiently(signals.stop):
             return EXIT_OK  # stopped while waiting for the broker

@@ -96,6 +96,11 @@ class RabbitMQBroker:
         self._lost_at: float | None = None
         self._reconnecting = self._new_backoff()
 
+    @classmethod
+    def of_stack(cls, stack: str, config: RabbitMQOrchestratorConfig) -> RabbitMQBroker:
+        """The broker of the stack named ``stack``, whose orchestrator is ``config``."""
+        return cls(Topology(stack=stack, prefix=config.prefix), config)
+
     @property
     def topology(self) -> Topology:
         return self._topology

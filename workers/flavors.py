@@ -266,8 +266,8 @@ def _inprocess_broker(stack: StackSpec, config: BaseModel) -> Broker:
 def _rabbitmq_broker(stack: StackSpec, config: BaseModel) -> Broker:
     from conveyor.workers.broker_rabbitmq import RabbitMQBroker
 
-    assert isinstance(config, RabbitMQOrchestratorConfig)
-    return RabbitMQBroker(Topology(stack=stack.name, prefix=config.prefix), config)
+    # Validated by the flavor table already: an instance comes back as it is.
+    return RabbitMQBroker.of_stack(stack.name, RabbitMQOrchestratorConfig.model_validate(config))
 
 
 BrokerFactory = Callable[[StackSpec, BaseModel], Broker]

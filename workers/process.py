@@ -20,7 +20,7 @@ import structlog
 
 from conveyor.contracts import DEFAULT_POOL, ComponentType, ConveyorError, Isolation, StackSpec
 from conveyor.workers.broker_rabbitmq import RabbitMQBroker
-from conveyor.workers.flavors import get_flavor, make_artifact_store, make_broker
+from conveyor.workers.flavors import get_flavor, make_artifact_store
 from conveyor.workers.heap import settle_after_start
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.runtime import WorkerPool
@@ -144,13 +144,6 @@ async def wait_for_stop(signals: Signals, *watchdogs: asyncio.Task[int]) -> int 
     return None
 
 
-def rabbitmq_broker(stack: StackSpec) -> RabbitMQBroker:
-    """The broker of a stack whose orchestrator is a rabbitmq one (see ``rabbitmq_config``)."""
-    broker = make_broker(stack)
-    assert isinstance(broker, RabbitMQBroker)
-    return broker
-
-
 def watchdog_of(
     broker: RabbitMQBroker, config: RabbitMQOrchestratorConfig, count: Callable[[], int]
 ) -> asyncio.Task[int]:
@@ -202,7 +195,7 @@ async def serve_workers(
     await asyncio.to_thread(store.check)
     signals = Signals()
     signals.install()
-    broker = rabbitmq_broker(stack)
+    broker = RabbitMQBroker.of_stack(stack.name, config)
     resolver = StepResolver(
         store, cache_dir=code_cache, trusted=[*config.trusted_packages, *trusted]
     )
