@@ -10,7 +10,7 @@ from types import FrameType
 
 import typer
 
-from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
+from conveyor.contracts.limits import DEFAULT_MAX_STEPS
 from conveyor.service.bind_checks import check_bind, check_token, server_token
 from conveyor.service.cli.output import fail, status, user_errors
 from conveyor.service.client import Client
