@@ -1,4 +1,5 @@
-"""The enumerations of the records: plain ``StrEnum``s with no pydantic behind them.
+"""The enumerations of the records: plain ``StrEnum``s with no pydantic behind them, and how
+messages name a component type.
 
 Apart from ``models`` so that what needs only these (the CLI's option types, shown by
 ``conveyor --help``) does not build the record models.
@@ -14,6 +15,11 @@ class ComponentType(StrEnum):
 
     ORCHESTRATOR = "orchestrator"
     ARTIFACT_STORE = "artifact_store"
+
+
+def label(type_: ComponentType) -> str:
+    """How messages name a component type: 'orchestrator', 'artifact store'."""
+    return type_.value.replace("_", " ")
 
 
 class Role(StrEnum):
