@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -289,3 +291,20 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
+
+
+class _Contracts(types.ModuleType):
+    """This package, whose ``unreadable`` is the function, never the submodule of that name.
+
+    Importing a submodule sets it on its package; eager imports here used to set the
+    function over it, and now that names are imported on first use, this keeps it so
+    whichever comes first.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SOURCES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Contracts

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,18 @@ def test_public_names_are_pinned() -> None:
         _ = conveyor.Nope  # type: ignore[attr-defined]
     for name in contracts.__all__:
         assert getattr(contracts, name) is not None
+
+
+def test_a_public_name_is_itself_whichever_module_is_imported_first() -> None:
+    """``contracts.unreadable`` is the function, also when its submodule of the same name was
+    imported first (which, importing it, sets itself on the package)."""
+    code = (
+        "import conveyor.contracts.unreadable, types\n"
+        "from conveyor.contracts import unreadable\n"
+        "assert isinstance(unreadable, types.FunctionType), unreadable\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_event_schemas_match_snapshot() -> None:
