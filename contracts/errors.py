@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from conveyor.contracts.models import RunStatus
-from conveyor.contracts.pipeline_spec import MAX_RETRY_DELAY_S
+from conveyor.contracts.enums import RunStatus
+from conveyor.contracts.limits import MAX_RETRY_DELAY_S
 
 SHOWN_CHARACTERS = 100
 """How much of a value typed by a user an error message quotes: it may be huge or hostile."""

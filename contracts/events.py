@@ -19,18 +19,18 @@ from pydantic import Field, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import PydanticUndefined
 
+from conveyor.contracts.enums import RunStatus, StepStatus
 from conveyor.contracts.errors import ConveyorError
+from conveyor.contracts.limits import MAX_RETRY_DELAY_S
 from conveyor.contracts.models import (
     MAX_NAME_LENGTH,
     ArtifactRef,
     Frozen,
     Id,
     Name,
-    RunStatus,
-    StepStatus,
     prevalidated,
 )
-from conveyor.contracts.pipeline_spec import MAX_RETRY_DELAY_S, PipelineSpec, StepSpec
+from conveyor.contracts.pipeline_spec import PipelineSpec, StepSpec
 
 SCHEMA_VERSION = 1
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import sys
 from datetime import datetime
-from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+
+from conveyor.contracts.enums import (
+    ComponentType,
+    Role,
+    RunStatus,
+    StepStatus,
+)
 
 
 class Frozen(BaseModel):
@@ -40,20 +46,6 @@ _new = object.__new__  # a BaseModel has no __new__ of its own
 _set = object.__setattr__  # a frozen model refuses its own __setattr__
 
 
-class ComponentType(StrEnum):
-    """The kinds of stack component; a stack has at most one of each."""
-
-    ORCHESTRATOR = "orchestrator"
-    ARTIFACT_STORE = "artifact_store"
-
-
-class Role(StrEnum):
-    """What a user of a server may do: an admin everything, a member their own things."""
-
-    ADMIN = "admin"
-    MEMBER = "member"
-
-
 class UserRecord(Frozen):
     """A user of a server; the token is never part of it (only its hash is stored)."""
 
@@ -62,43 +54,6 @@ class UserRecord(Frozen):
     created: datetime
     token_expires: datetime | None = None
     """When the user's token stops working (401); None: it works until rotated."""
-
-
-class RunStatus(StrEnum):
-    """Lifecycle of a pipeline run."""
-
-    QUEUED = "queued"
-    """Requested through the stack's broker, and no controller has taken it yet: only the
-    client that asked knows of it."""
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-class StepStatus(StrEnum):
-    """Lifecycle of one step of a run."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    CANCELLED = "cancelled"
-    CACHED = "cached"
-
-
-FINISHED_STEP_STATUSES = frozenset(
-    {
-        StepStatus.COMPLETED,
-        StepStatus.FAILED,
-        StepStatus.SKIPPED,
-        StepStatus.CANCELLED,
-        StepStatus.CACHED,
-    }
-)
-FINISHED_RUN_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 
 
 MAX_ID_LENGTH = 128

@@ -6,6 +6,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
+from conveyor.contracts.limits import (
+    DEFAULT_MAX_RETRY_DELAY_S,
+    MAX_BACKOFF,
+    MAX_RETRIES,
+    MAX_RETRY_DELAY_S,
+    MAX_STEPS,
+)
 from conveyor.contracts.models import BlobRef, Frozen, Name
 
 DEFAULT_POOL = "default"
@@ -17,14 +24,6 @@ child process of the worker (killed at its timeout)."""
 
 CODE_DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 """A step's code digest: sha256 of its normalized source and what it uses."""
-
-MAX_RETRIES = 100
-"""The most retries a step may ask for."""
-MAX_RETRY_DELAY_S = 86_400.0
-"""The longest any wait before a retry may be: a day."""
-DEFAULT_MAX_RETRY_DELAY_S = 300.0
-MAX_BACKOFF = 10.0
-"""The most each wait may grow over the one before."""
 
 
 class RetryPolicy(Frozen):
@@ -120,12 +119,6 @@ class StepSpec(Frozen):
             for selector in binding if isinstance(binding, list) else [binding]:
                 seen.setdefault(selector.step, None)
         return list(seen)
-
-
-MAX_STEPS = 100_000
-"""The most step invocations one pipeline may hold."""
-DEFAULT_MAX_STEPS = 10_000
-"""The most steps a pipeline submitted to a server may have, unless its ``--max-steps`` says."""
 
 
 class PipelineSpec(Frozen):

@@ -22,6 +22,7 @@ from conveyor.contracts import (
     new_id,
     utcnow,
 )
+from conveyor.contracts.enums import label
 from conveyor.contracts.errors import shown
 from conveyor.service.queue_moves import MAX_CHECKED_POOLS, check_queues_kept
 from conveyor.service.store import Database, StackStore
@@ -37,11 +38,6 @@ def suggest(name: str, candidates: Iterable[str]) -> str:
     """' (did you mean: a, b?)' for the closest names, or '' when none is close."""
     close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
     return f" (did you mean: {', '.join(close)}?)" if close else ""
-
-
-def label(type_: ComponentType) -> str:
-    """How messages name a component type: 'orchestrator', 'artifact store'."""
-    return type_.value.replace("_", " ")
 
 
 def check_name(kind: str, name: str) -> None:

@@ -40,7 +40,7 @@ from conveyor.contracts import (
     ValidationError,
     utcnow,
 )
-from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
+from conveyor.contracts.limits import DEFAULT_MAX_STEPS
 from conveyor.service.context import Services
 from conveyor.service.engine import Conveyor
 from conveyor.service.home import Home

@@ -6,8 +6,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
-
 from conveyor.contracts import ConveyorError
 
 HOME_ENV = "CONVEYOR_HOME"
@@ -23,6 +21,10 @@ class Home:
     @classmethod
     def resolve(cls, path: str | Path | None = None) -> Home:
         """``path``, else $CONVEYOR_HOME, else the platform's user data directory."""
+        # Imported here: every CLI module imports this one, and `conveyor --help` resolves
+        # no home.
+        import platformdirs
+
         chosen = path or os.environ.get(HOME_ENV) or platformdirs.user_data_path("conveyor")
         return cls(Path(chosen).expanduser().resolve())
 

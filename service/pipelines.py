@@ -22,8 +22,8 @@ from conveyor.contracts import (
     StepSpec,
     ValidationError,
 )
+from conveyor.contracts.limits import MAX_STEPS
 from conveyor.contracts.models import MAX_NAME_LENGTH, prevalidated
-from conveyor.contracts.pipeline_spec import MAX_STEPS
 from conveyor.service.code_digest import code_digest
 from conveyor.service.pipeline_parameters import PipelineParameters
 from conveyor.workers.steps import (

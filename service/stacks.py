@@ -23,8 +23,9 @@ from conveyor.contracts import (
     new_id,
     utcnow,
 )
+from conveyor.contracts.enums import label
 from conveyor.contracts.errors import shown
-from conveyor.service.components import ComponentRules, check_name, label, suggest
+from conveyor.service.components import ComponentRules, check_name, suggest
 from conveyor.service.home import STACK_ENV, Home
 from conveyor.service.queue_moves import MAX_CHECKED_POOLS, check_no_consumers, check_queues_kept
 from conveyor.service.stack_files import ExportedComponent, export_data, parse_export

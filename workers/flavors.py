@@ -25,7 +25,8 @@ from conveyor.contracts import (
     ValidationError,
 )
 from conveyor.workers.artifact_store_local import LocalArtifactStoreConfig
-from conveyor.workers.rabbitmq_config import MAX_CONCURRENCY, RabbitMQOrchestratorConfig
+from conveyor.workers.limits import MAX_CONCURRENCY
+from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.s3_config import S3ArtifactStoreConfig
 from conveyor.workers.secrets import mask, mask_value, reveal, secret_keys
 

@@ -7,11 +7,10 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
 from conveyor.contracts import DEFAULT_PREFIX, Isolation
+from conveyor.workers.limits import MAX_CONCURRENCY
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 RABBITMQ_CONSUMER_TIMEOUT_S = 1800.0
-MAX_CONCURRENCY = 1024
-"""The most steps one worker process runs at once (a thread, or a child process, each)."""
 
 
 class RabbitMQOrchestratorConfig(BaseModel):

@@ -36,8 +36,8 @@ from conveyor.contracts import (
     parse_event,
     read_identity,
     read_version,
-    unreadable,
 )
+from conveyor.contracts.unreadable import unreadable
 from conveyor.workers.rabbitmq_errors import RETRYABLE, TRANSIENT
 from conveyor.workers.rabbitmq_topology import DELIVERIES_HEADER, VERSION_HEADER, queue_arguments
 from conveyor.workers.status_pump import StatusPump

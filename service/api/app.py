@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.contracts import ConveyorError
-from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
+from conveyor.contracts.limits import DEFAULT_MAX_STEPS
 from conveyor.service.api import (
     api_docs,
     dashboard,

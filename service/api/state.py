@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
+from conveyor.contracts.limits import DEFAULT_MAX_STEPS
 from conveyor.service.api.login_limit import LoginAttempts
 from conveyor.service.api.pipeline_refs import TrustedPipelines
 from conveyor.service.api.run_events import RunWatches

@@ -11,12 +11,11 @@ import json
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
 
 import typer
-from pydantic import BaseModel, SecretStr
 
-from conveyor.contracts import ComponentType
+from conveyor.contracts.enums import ComponentType, label
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
     OutputFormat,
@@ -28,9 +27,15 @@ from conveyor.service.cli.output import (
     when,
 )
 from conveyor.service.cli.state import client
-from conveyor.service.components import label
-from conveyor.service.public_records import ComponentView, flavor_info, public_component
-from conveyor.workers.flavors import FLAVORS, Flavor, masked_config
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from conveyor.service.public_records import ComponentView
+    from conveyor.workers.flavors import Flavor
+
+# The records, flavors and pydantic are imported in the commands that use them: building
+# these commands (for `conveyor --help` too) needs none of them.
 
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -75,6 +80,8 @@ def shown(value: Any) -> str:
 
 
 def _is_text(annotation: Any) -> bool:
+    from pydantic import SecretStr
+
     if annotation in (str, SecretStr, Path):
         return True
     if get_origin(annotation) in (Union, types.UnionType):
@@ -202,6 +209,8 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
         ),
         output: OutputFormat = OUTPUT_OPTION,
     ) -> None:
+        from conveyor.service.public_records import public_component
+
         with user_errors():
             c = client(ctx)
             # The active stack's name only: a member's may be one they cannot see (yet).
@@ -241,12 +250,14 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
             False, "--share", help=f"Let every user of the server see and use the {kind}"
         ),
     ) -> None:
+        from conveyor.workers.flavors import FLAVORS, masked_config
+
         found = FLAVORS.get((type_, flavor))
         config = parse_config(ctx.args, found.config_model if found else None)
         with user_errors():
             component = client(ctx).register_component(type_, name, flavor, config, share)
-        status.print(f"Registered {kind} '{component.name}' (flavor {component.flavor}).")
-        status.print(_config_table(masked_config(component)))
+        status().print(f"Registered {kind} '{component.name}' (flavor {component.flavor}).")
+        status().print(_config_table(masked_config(component)))
 
     @app.command(
         "describe",
@@ -258,6 +269,8 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
         name: str = typer.Argument(..., help=f"Name or id of the {kind}"),
         output: OutputFormat = OUTPUT_OPTION,
     ) -> None:
+        from conveyor.service.public_records import public_component
+
         with user_errors():
             c = client(ctx)
             shown = public_component(
@@ -274,14 +287,16 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
     def update(
         ctx: typer.Context, name: str = typer.Argument(..., help=f"Name or id of the {kind}")
     ) -> None:
+        from conveyor.workers.flavors import FLAVORS, masked_config
+
         with user_errors():
             c = client(ctx)
             current = c.get_component(type_, name)
             found = FLAVORS.get((type_, current.flavor))
             config = parse_config(ctx.args, found.config_model if found else None)
             component = c.update_component(type_, current.name, config)
-        status.print(f"Updated {kind} '{component.name}'.")
-        status.print(_config_table(masked_config(component)))
+        status().print(f"Updated {kind} '{component.name}'.")
+        status().print(_config_table(masked_config(component)))
 
     @app.command(
         "rename",
@@ -295,13 +310,13 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
     ) -> None:
         with user_errors():
             component = client(ctx).rename_component(type_, name, new_name)
-        status.print(f"Renamed {kind} '{name}' to '{component.name}'.")
+        status().print(f"Renamed {kind} '{name}' to '{component.name}'.")
 
     def set_shared(ctx: typer.Context, name: str, shared: bool) -> None:
         with user_errors():
             component = client(ctx).share_component(type_, name, shared)
         state = "shared: every user may use it" if shared else "private"
-        status.print(f"{kind.capitalize()} '{component.name}' is {state}.")
+        status().print(f"{kind.capitalize()} '{component.name}' is {state}.")
 
     @app.command(
         "share",
@@ -331,7 +346,7 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
             c = client(ctx)
             component = c.get_component(type_, name)
             c.delete_component(type_, component.name)
-        status.print(f"Deleted {kind} '{component.name}'.")
+        status().print(f"Deleted {kind} '{component.name}'.")
 
     @flavor_app.command(
         "list",
@@ -339,6 +354,8 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
         f"Example: {cmd} flavor list",
     )
     def list_flavors(ctx: typer.Context, output: OutputFormat = OUTPUT_OPTION) -> None:
+        from conveyor.service.public_records import flavor_info
+
         with user_errors():
             flavors = client(ctx).list_flavors(type_)
         emit(

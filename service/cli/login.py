@@ -16,8 +16,9 @@ from conveyor.service.cli.output import fail, status, user_errors
 from conveyor.service.cli.state import client
 from conveyor.service.home import Home
 from conveyor.service.login import SERVER_TOKEN_ENV, Login, forget_login, read_login, save_login
-from conveyor.service.users import code_refused
-from conveyor.service.version import conveyor_version, incompatible
+
+# The users' rules and the version's checks (each behind the records) are imported in the
+# commands that use them: `conveyor --help` builds these commands without them.
 
 
 def _server_url(url: str) -> str:
@@ -39,6 +40,8 @@ def login(
     """
     import httpx
 
+    from conveyor.service.version import conveyor_version, incompatible
+
     home = Home.resolve()
     given = token or os.environ.get(SERVER_TOKEN_ENV) or typer.prompt("Token", hide_input=True)
     server = _server_url(url)
@@ -57,18 +60,20 @@ def login(
     if problem:
         fail(problem)
     path = save_login(home, Login(url=server, user=str(me["name"]), token=given))
-    status.print(
+    status().print(
         f"Logged in to {server} as {me['name']} ({me['role']}); the token is kept in {path}, "
         "readable by you only. conveyor logout returns to this home's own store."
     )
     problem = _active_stack_problem(me)
     if problem:
-        status.print(problem)
+        status().print(problem)
 
 
 def _active_stack_problem(me: dict[str, Any]) -> str | None:
     """Why the member's active stack would not take their runs, and what to do; None when
     it would (or the server is too old to say)."""
+    from conveyor.service.users import code_refused
+
     active = str(me["active_stack"])
     if not me.get("active_stack_visible", True):
         return _not_visible(active)
@@ -96,9 +101,9 @@ def logout() -> None:
         login = read_login(Home.resolve())
         forgotten = forget_login(Home.resolve())
     if forgotten and login is not None:
-        status.print(f"Logged out of {login.url}; commands use this home's own store again.")
+        status().print(f"Logged out of {login.url}; commands use this home's own store again.")
     else:
-        status.print("Not logged in; commands use this home's own store.")
+        status().print("Not logged in; commands use this home's own store.")
 
 
 def show_status(ctx: typer.Context) -> None:
@@ -108,6 +113,8 @@ def show_status(ctx: typer.Context) -> None:
 
     Example: conveyor status
     """
+    from conveyor.service.version import conveyor_version, incompatible
+
     home = Home.resolve()
     with user_errors():
         login = read_login(home)

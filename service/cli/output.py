@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import os
 import sqlite3
@@ -10,29 +11,46 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
-from pydantic import BaseModel
-from rich import box
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
-from conveyor.contracts import ConveyorError
-from conveyor.service.home import Home
-from conveyor.service.store import store_error
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+# rich, pydantic and the store are imported where they are used, not here: every command
+# imports this module, and `conveyor --help` needs none of them.
 
 # Piped output (scripts, tests) must not be cut to 80 columns, unless COLUMNS says so.
 _WIDTH_SET = bool(os.environ.get("COLUMNS"))
-console = Console(highlight=False, width=None if sys.stdout.isatty() or _WIDTH_SET else 200)
-# What a command did ("Registered stack ...", with its table) goes to stderr, beside errors:
-# stdout holds only the data a user asked for, to pipe or redirect.
-status = Console(
-    stderr=True, highlight=False, width=None if sys.stderr.isatty() or _WIDTH_SET else 200
-)
-errors = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@functools.cache
+def console() -> Console:
+    """Where the data a user asked for goes: stdout."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() or _WIDTH_SET else 200)
+
+
+@functools.cache
+def status() -> Console:
+    """What a command did ("Registered stack ...", with its table) goes to stderr, beside
+    errors: stdout holds only the data a user asked for, to pipe or redirect."""
+    from rich.console import Console
+
+    return Console(
+        stderr=True, highlight=False, width=None if sys.stderr.isatty() or _WIDTH_SET else 200
+    )
+
+
+@functools.cache
+def errors() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
 
 T = TypeVar("T")
 
@@ -48,11 +66,18 @@ OUTPUT_OPTION = typer.Option(OutputFormat.table, "--output", "-o", help="table o
 def say(text: str) -> None:
     """A line for the user on stderr (what a run waits for, what became of it after an
     interrupt); the user's text is not markup."""
-    errors.print(text, markup=False, highlight=False)
+    errors().print(text, markup=False, highlight=False)
+
+
+def escape(text: str) -> str:
+    """``text`` shown as it is inside rich markup."""
+    from rich.markup import escape as escaped
+
+    return escaped(text)
 
 
 def fail(message: str) -> NoReturn:
-    errors.print(f"[red]Error:[/red] {escape(message)}")
+    errors().print(f"[red]Error:[/red] {escape(message)}")
     raise typer.Exit(1)
 
 
@@ -63,15 +88,22 @@ def user_errors() -> Iterator[None]:
     So is a SQLite error of the metadata store met after it opened (a disk that filled up,
     a page found damaged): the CLI's store is always the one of CONVEYOR_HOME.
     """
+    from conveyor.contracts import ConveyorError
+
     try:
         yield
     except ConveyorError as exc:
         fail(str(exc))
     except sqlite3.Error as exc:
+        from conveyor.service.home import Home
+        from conveyor.service.store import store_error
+
         fail(str(store_error(Home.resolve().db_path, exc)))
 
 
 def print_json(value: Any) -> None:
+    from pydantic import BaseModel
+
     def default(obj: Any) -> Any:
         if isinstance(obj, BaseModel):
             return obj.model_dump(mode="json")
@@ -89,6 +121,9 @@ def table(
     title: str | None = None,
     caption: str | None = None,
 ) -> Table:
+    from rich import box
+    from rich.table import Table
+
     result = Table(title=title, caption=caption, box=box.HEAVY_EDGE, caption_justify="center")
     for column in columns:
         # An id or a URI too long for its column is folded onto more lines, never cut.
@@ -114,8 +149,10 @@ def emit(fmt: OutputFormat, data: T, render: Callable[[T], Any]) -> None:
     if fmt is OutputFormat.json:
         print_json(data)
         return
+    from rich.text import Text
+
     rendered = render(data)
     for part in rendered if isinstance(rendered, list) else [rendered]:
         # Texts are not broken into lines by rich: a terminal folds a long URI or error
         # line without cutting it, and a copy of it stays whole.
-        console.print(part, soft_wrap=isinstance(part, str | Text))
+        console().print(part, soft_wrap=isinstance(part, str | Text))

@@ -50,12 +50,12 @@ def run_on_server(
     spec, definitions = definition.compile(**params)
     with RemoteClient() as client:
         run = submit(client, spec, definitions, stack=stack, cache=cache, retry_of=retry_of)
-        announce_run(status, definition.name, run.stack_name, run.id, retry_of)
+        announce_run(status(), definition.name, run.stack_name, run.id, retry_of)
 
         async def main() -> RunRecord:
             why = "interrupted (Ctrl+C on conveyor pipeline run)"
             changes: asyncio.Queue[StepStatusChanged | None] = asyncio.Queue()
-            async with RunFollower(status, definition.name, len(spec.steps)) as follower:
+            async with RunFollower(status(), definition.name, len(spec.steps)) as follower:
 
                 async def show() -> None:
                     # Each finished step's log is fetched off the loop, so the stream is

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -10,22 +9,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.markup import escape
-from rich.text import Text
 
-from conveyor.contracts import (
-    ArtifactRecord,
-    RunRecord,
-    RunStatus,
-    StepRecord,
-    StepStatus,
-)
+from conveyor.contracts import RunStatus, StepStatus
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
     OutputFormat,
     console,
     emit,
     errors,
+    escape,
     fail,
     say,
     seconds,
@@ -34,16 +26,14 @@ from conveyor.service.cli.output import (
     user_errors,
     when,
 )
-from conveyor.service.cli.run_progress import RunFollower, announce_run
 from conveyor.service.cli.state import client
 from conveyor.service.home import HOME_ENV, Home
 from conveyor.service.login import read_login
-from conveyor.service.public_records import public_run
-from conveyor.service.store.runs import check_deletable
-from conveyor.workers.flavors import masked_stack_snapshot
 
+# The records, the store's rules, the flavors and rich's progress are imported in the commands
+# that use them: building these commands (for `conveyor --help` too) needs none of them.
 if TYPE_CHECKING:
-    from conveyor.contracts import PipelineSpec
+    from conveyor.contracts import ArtifactRecord, PipelineSpec, RunRecord, StepRecord
     from conveyor.service.engine import AsyncRun, Conveyor
     from conveyor.service.pipelines import PipelineDefinition
     from conveyor.workers.steps import StepDefinition
@@ -56,6 +46,8 @@ PREVIEW_BYTES = 4096
 
 
 def _snapshot_rows(run: RunRecord) -> list[list[str]]:
+    from conveyor.workers.flavors import masked_stack_snapshot
+
     components = masked_stack_snapshot(run.stack_snapshot).get("components", {})
     return [
         [kind.upper(), c.get("name", ""), c.get("flavor", ""), c.get("id", "")]
@@ -82,7 +74,7 @@ def _checked_params(definition: PipelineDefinition, pairs: list[str]) -> dict[st
     try:
         definition.parameters.bind((), params)
     except ParameterError as exc:
-        errors.print(f"[red]Error:[/red] {escape(str(exc))}")
+        errors().print(f"[red]Error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     return params
 
@@ -109,6 +101,8 @@ def _run_pipeline(
 ) -> tuple[RunRecord, list[StepRecord], dict[str, Any]]:
     # Imported and compiled before the loop runs: both take a while and would stall it.
     # The engine is imported by the one command that runs it: the others start faster.
+    import asyncio
+
     from conveyor.service.engine import Conveyor
 
     spec, definitions = definition.compile(**params)
@@ -124,18 +118,22 @@ async def _follow(
     cache: bool,
     retry_of: str | None,
 ) -> tuple[RunRecord, list[StepRecord], dict[str, Any]]:
+    import asyncio
+
+    from conveyor.service.cli.run_progress import RunFollower, announce_run
+
     async with conveyor as cv:
         assert cv.stack is not None
         # What the run is doing goes to stderr; its outputs and outcome to stdout.
-        async with RunFollower(status, definition.name, len(spec.steps)) as follower:
+        async with RunFollower(status(), definition.name, len(spec.steps)) as follower:
             run = await cv.submit_compiled(
                 spec, definitions, on_step=follower.on_step, cache=cache, retry_of=retry_of
             )
-            announce_run(status, definition.name, cv.stack.name, run.id, retry_of)
+            announce_run(status(), definition.name, cv.stack.name, run.id, retry_of)
             try:
                 record = await run.wait(on_waiting=say)
             except asyncio.CancelledError:
-                errors.print(f"Interrupted: cancelling run {run.id}")
+                errors().print(f"Interrupted: cancelling run {run.id}")
                 await run.interrupt("interrupted (Ctrl+C on conveyor pipeline run)", say)
                 raise
         steps = await run.steps()
@@ -204,9 +202,9 @@ def _report(record: RunRecord, steps: list[StepRecord], outputs: dict[str, Any])
     """A followed run's outputs and outcome on stdout, its failures on stderr; exit 1 if it
     did not complete."""
     for name, value in outputs.items():
-        console.print(f"{name} = {json.dumps(value)}", markup=False, soft_wrap=True)
+        console().print(f"{name} = {json.dumps(value)}", markup=False, soft_wrap=True)
     style = "green" if record.status is RunStatus.COMPLETED else "red"
-    console.print(
+    console().print(
         f"Run {record.id} [{style}]{record.status.value}[/{style}] in {seconds(record.duration_s)}",
         soft_wrap=True,
     )
@@ -214,13 +212,13 @@ def _report(record: RunRecord, steps: list[StepRecord], outputs: dict[str, Any])
         for step in steps:
             if step.status is StepStatus.FAILED:
                 # An error is the user's text: "[/x]" in it is not markup.
-                errors.print(
+                errors().print(
                     f"[red]Step '{escape(step.name)}' failed:[/red] {escape(step.error or '')}"
                 )
                 if step.traceback:
-                    errors.print(step.traceback, markup=False)
+                    errors().print(step.traceback, markup=False)
         if record.error:
-            errors.print(f"[red]Run failed:[/red] {escape(record.error)}")
+            errors().print(f"[red]Run failed:[/red] {escape(record.error)}")
         raise typer.Exit(1)
 
 
@@ -266,7 +264,7 @@ def _enter_submitted_folder(run: RunRecord, spec: PipelineSpec) -> None:
     # This process's home stays the one it is now, wherever CONVEYOR_HOME pointed from.
     os.environ[HOME_ENV] = str(Home.resolve().path)
     os.chdir(folder)
-    status.print(f"Retrying run {run.id} from {folder}, the folder it was submitted from")
+    status().print(f"Retrying run {run.id} from {folder}, the folder it was submitted from")
 
 
 @run_app.command("list")
@@ -283,6 +281,8 @@ def list_runs(
 
     Example: conveyor run list --stack default --status failed --user alice
     """
+    from conveyor.service.public_records import public_run
+
     with user_errors():
         runs = client(ctx).list_runs(
             stack=stack, pipeline=pipeline, status=status, user=user, limit=limit
@@ -318,6 +318,8 @@ def describe_run(
 
     Example: conveyor run describe 3f2a
     """
+    from conveyor.service.public_records import public_run
+
     with user_errors():
         c = client(ctx)
         run = c.get_run(run_id)
@@ -329,6 +331,8 @@ def describe_run(
 def _described(run: RunRecord, steps: list[StepRecord]) -> list[object]:
     """``run describe`` as tables of short cells, and the long texts (URIs, errors,
     tracebacks) on lines of their own, so that a narrow terminal cuts none of them."""
+    from rich.text import Text
+
     parts: list[object] = [
         f"Run [bold]{run.id}[/bold] of pipeline [bold]{escape(run.pipeline)}[/bold] on stack "
         f"'{escape(run.stack_name)}' (id {run.stack_id}), submitted by "
@@ -369,6 +373,8 @@ SHOWN_CACHED = 20
 
 def _cached_lines(steps: list[StepRecord]) -> list[object]:
     """Which run each cached step's outputs came from: one line per source run."""
+    from rich.text import Text
+
     sources: dict[str, list[str]] = {}
     for step in steps:
         if step.status is StepStatus.CACHED and step.cached_from:
@@ -398,18 +404,18 @@ def run_logs(
         steps = [s for s in c.get_steps(run.id) if step is None or s.name == step]
     shown = [s for s in steps if s.name in logs or s.traceback]
     if not shown:
-        errors.print("No step printed or logged anything.")
+        errors().print("No step printed or logged anything.")
     for record in shown:
-        console.print(f"[bold]── {escape(record.name)} ──[/bold]")
+        console().print(f"[bold]── {escape(record.name)} ──[/bold]")
         # Lines as the step wrote them: a terminal folds long ones, rich does not break them.
         if record.name in logs:
-            console.print(logs[record.name].rstrip("\n"), markup=False, soft_wrap=True)
+            console().print(logs[record.name].rstrip("\n"), markup=False, soft_wrap=True)
         if record.traceback:
-            console.print(
+            console().print(
                 f"[red]Step '{escape(record.name)}' {record.status.value} (attempt "
                 f"{record.attempt}):[/red]"
             )
-            console.print(record.traceback.rstrip("\n"), markup=False, soft_wrap=True)
+            console().print(record.traceback.rstrip("\n"), markup=False, soft_wrap=True)
 
 
 @run_app.command("cancel")
@@ -424,7 +430,7 @@ def cancel_run(
     """
     with user_errors():
         run = client(ctx).cancel_run(run_id, reason)
-    status.print(f"Run {run.id} is {run.status.value}")
+    status().print(f"Run {run.id} is {run.status.value}")
 
 
 @run_app.command("delete")
@@ -437,6 +443,8 @@ def delete_run(
 
     Example: conveyor run delete 3f2a -y
     """
+    from conveyor.service.store.runs import check_deletable
+
     with user_errors():
         c = client(ctx)
         run = c.get_run(run_id)
@@ -444,7 +452,7 @@ def delete_run(
         if not yes:
             typer.confirm(f"Delete run {run.id}?", abort=True, err=True)
         c.delete_run(run.id)
-    status.print(f"Deleted run {run.id}")
+    status().print(f"Deleted run {run.id}")
 
 
 @artifact_app.command("list")
@@ -529,7 +537,7 @@ def get_artifact(
         if to is not None:
             artifact = c.get_artifact(artifact_id)
             size = c.save_artifact_file(artifact.id, to)
-            status.print(f"Wrote {size} bytes to {to}")
+            status().print(f"Wrote {size} bytes to {to}")
             return
         value = c.load_artifact(artifact_id, allow_pickle=allow_pickle, trust=trust)
-    console.print(repr(value) if not isinstance(value, str) else value, markup=False)
+    console().print(repr(value) if not isinstance(value, str) else value, markup=False)

@@ -10,10 +10,9 @@ from types import FrameType
 
 import typer
 
-from conveyor.contracts.pipeline_spec import DEFAULT_MAX_STEPS
+from conveyor.contracts.limits import DEFAULT_MAX_STEPS
 from conveyor.service.bind_checks import check_bind, check_token, server_token
 from conveyor.service.cli.output import fail, status, user_errors
-from conveyor.service.client import Client
 from conveyor.workers.heap import settle_after_start
 
 app = typer.Typer(help="The HTTP API and the dashboard.")
@@ -104,6 +103,7 @@ def up(
     import uvicorn
 
     from conveyor.service.api.app import create_app
+    from conveyor.service.client import Client
 
     with user_errors():
         # The server always works on its own home's store, even if that home is logged in.
@@ -132,12 +132,12 @@ def up(
     )
     if created is not None:
         # Shown once, here: the store keeps only its digest.
-        status.print(
+        status().print(
             f"Created the admin user 'default'. Its token, shown only now: {created}\n"
             "Keep it in a password manager; log in with: conveyor login URL --token TOKEN"
         )
     shown_host = f"[{host}]" if ":" in host else host
-    status.print(
+    status().print(
         f"Conveyor server on http://{shown_host}:{sock.getsockname()[1]} (stack "
         f"'{served.name}'{', token required' if token else ''}); Ctrl+C to stop"
     )
@@ -147,4 +147,4 @@ def up(
     server.run(sockets=[sock])
     if not server.started:
         raise typer.Exit(1)
-    status.print("Conveyor server stopped")
+    status().print("Conveyor server stopped")

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from conveyor.contracts import StackSpec
 from conveyor.service.cli.output import fail, user_errors
 from conveyor.service.cli.state import client
 from conveyor.service.home import Home
 from conveyor.service.logs import LEVEL_ENV, configure_logging
-from conveyor.workers.rabbitmq_config import MAX_CONCURRENCY
+from conveyor.workers.limits import MAX_CONCURRENCY
+
+if TYPE_CHECKING:
+    from conveyor.contracts import StackSpec
 
 # The controller, the worker runtime and the event models are imported by the commands that
 # use them: every other command starts faster without them.
@@ -123,6 +125,8 @@ def start_worker(
 
     Example: conveyor worker start --stack prod --concurrency 4 --pool gpu
     """
+    import asyncio
+
     from conveyor.workers.process import serve_workers
 
     _service_logging()
@@ -162,6 +166,8 @@ def start_controller(
 
     Example: conveyor controller start --stack prod
     """
+    import asyncio
+
     from conveyor.service.processes import serve_controller
 
     _service_logging()

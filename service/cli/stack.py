@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from conveyor.contracts import ComponentType, StackSpec
+from conveyor.contracts import ComponentType
 from conveyor.service.cli.components import column, shown
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
@@ -22,11 +22,11 @@ from conveyor.service.cli.output import (
 )
 from conveyor.service.cli.state import client
 from conveyor.service.home import STACK_ENV
-from conveyor.service.public_records import public_stack
-from conveyor.service.stack_files import read_export_file
-from conveyor.workers.flavors import get_flavor, masked_config
-from conveyor.workers.secrets import mask_urls
-from conveyor.workers.stack_probes import probe_stack
+
+# The records, flavors, secrets and probes are imported in the commands that use them:
+# building these commands (for `conveyor --help` too) needs none of them.
+if TYPE_CHECKING:
+    from conveyor.contracts import StackSpec
 
 app = typer.Typer(
     help="Stacks: the orchestrator and artifact store a run executes on.", no_args_is_help=True
@@ -41,6 +41,8 @@ def list_stacks(ctx: typer.Context, output: OutputFormat = OUTPUT_OPTION) -> Non
 
     Example: conveyor stack list --output json
     """
+    from conveyor.service.public_records import public_stack
+
     with user_errors():
         c = client(ctx)
         active = c.active_stack_name()
@@ -71,7 +73,7 @@ def list_stacks(ctx: typer.Context, output: OutputFormat = OUTPUT_OPTION) -> Non
     emit(output, [public_stack(s, active) for s in stacks], render)
     if not stacks and output is OutputFormat.table:
         # Only a server's member can see none: the default stack is the admin's until shared.
-        status.print(
+        status().print(
             "No stack you may use yet: register your own (conveyor stack register NAME -o "
             "ORCHESTRATOR -a ARTIFACT_STORE), or ask an admin to share one (conveyor stack "
             "share default)."
@@ -88,6 +90,13 @@ def describe(
 
     Example: conveyor stack describe default
     """
+    import asyncio
+
+    from conveyor.service.public_records import public_stack
+    from conveyor.workers.flavors import masked_config
+    from conveyor.workers.secrets import mask_urls
+    from conveyor.workers.stack_probes import probe_stack
+
     with user_errors():
         c = client(ctx)
         active = c.active_stack_name()
@@ -149,6 +158,8 @@ def describe(
 def _one_machine_note(stack: StackSpec) -> str | None:
     """A note when the workers of ``stack`` run apart from the client (not embedded) and its
     artifact store is a folder of one machine: workers elsewhere cannot reach it."""
+    from conveyor.workers.flavors import get_flavor
+
     orchestrator = stack.components.get(ComponentType.ORCHESTRATOR)
     store = stack.components.get(ComponentType.ARTIFACT_STORE)
     if orchestrator is None or store is None:
@@ -184,7 +195,7 @@ def _chosen(orchestrator: str | None, artifact_store: str | None) -> dict[Compon
 def _note_env_override(name: str) -> None:
     override = os.environ.get(STACK_ENV)
     if override and override != name:
-        status.print(f"Note: ${STACK_ENV}={override} overrides the active stack in this shell.")
+        status().print(f"Note: ${STACK_ENV}={override} overrides the active stack in this shell.")
 
 
 ORCHESTRATOR_OPTION = typer.Option(
@@ -216,13 +227,13 @@ def register(
             name, _chosen(orchestrator, artifact_store), activate=set_active, shared=share
         )
         active = c.active_stack_name()
-    status.print(f"Registered stack '{stack.name}'.")
-    status.print(_components_table(stack, active))
+    status().print(f"Registered stack '{stack.name}'.")
+    status().print(_components_table(stack, active))
     note = _one_machine_note(stack)
     if note:
-        status.print(note)
+        status().print(note)
     if set_active:
-        status.print(f"Active stack set to '{stack.name}'.")
+        status().print(f"Active stack set to '{stack.name}'.")
         _note_env_override(stack.name)
 
 
@@ -230,9 +241,9 @@ def _share(ctx: typer.Context, name: str, shared: bool) -> None:
     with user_errors():
         stack = client(ctx).share_stack(name, shared)
     if shared:
-        status.print(f"Stack '{stack.name}' is shared: every user may see and use it.")
+        status().print(f"Stack '{stack.name}' is shared: every user may see and use it.")
     else:
-        status.print(f"Stack '{stack.name}' is private: only {stack.owner} and admins see it.")
+        status().print(f"Stack '{stack.name}' is private: only {stack.owner} and admins see it.")
 
 
 @app.command("share")
@@ -269,7 +280,7 @@ def set_active(
     """
     with user_errors():
         stack = client(ctx).activate_stack(name)
-    status.print(f"Active stack set to '{stack.name}'.")
+    status().print(f"Active stack set to '{stack.name}'.")
     _note_env_override(stack.name)
 
 
@@ -304,8 +315,8 @@ def update(
         c = client(ctx)
         stack = c.update_stack(name, _chosen(orchestrator, artifact_store))
         active = c.active_stack_name()
-    status.print(f"Updated stack '{stack.name}'.")
-    status.print(_components_table(stack, active))
+    status().print(f"Updated stack '{stack.name}'.")
+    status().print(_components_table(stack, active))
 
 
 @app.command("rename")
@@ -321,12 +332,14 @@ def rename(
 
     Example: conveyor stack rename shared team
     """
+    from conveyor.workers.flavors import get_flavor
+
     with user_errors():
         stack = client(ctx).rename_stack(name, new_name)
-    status.print(f"Renamed stack '{name}' to '{stack.name}'.")
+    status().print(f"Renamed stack '{name}' to '{stack.name}'.")
     orchestrator = stack.component(ComponentType.ORCHESTRATOR)
     if not get_flavor(orchestrator.type, orchestrator.flavor).embedded:
-        status.print(
+        status().print(
             f"Start its controller and workers with --stack {stack.name} (workers started "
             "from a stack file: export it again)."
         )
@@ -344,7 +357,7 @@ def copy(
     """
     with user_errors():
         stack = client(ctx).copy_stack(source, target)
-    status.print(f"Copied stack '{source}' to '{stack.name}'.")
+    status().print(f"Copied stack '{source}' to '{stack.name}'.")
 
 
 @app.command("delete")
@@ -366,7 +379,7 @@ def delete(
                 f"Delete stack '{stack.name}'? Its components are kept.", abort=True, err=True
             )
         c.delete_stack(stack.name)
-    status.print(f"Deleted stack '{stack.name}'.")
+    status().print(f"Deleted stack '{stack.name}'.")
 
 
 @app.command("export")
@@ -399,7 +412,7 @@ def export(
     except OSError as exc:
         fail(f"cannot write {target}: {exc.strerror or exc}")
     masked = "secrets in clear" if include_secrets else "secrets masked"
-    status.print(f"Exported stack '{data['stack_name']}' to {target} ({masked}).")
+    status().print(f"Exported stack '{data['stack_name']}' to {target} ({masked}).")
 
 
 def _write(target: Path, text: str, *, private: bool) -> None:
@@ -422,12 +435,14 @@ def import_(
 
     Example: conveyor stack import shared.yaml --name shared-copy
     """
+    from conveyor.service.stack_files import read_export_file
+
     with user_errors():
         data = read_export_file(file)
         c = client(ctx)
         before = {x.id for x in c.list_components()}
         stack = c.import_stack(data, name=name)
-    status.print(f"Imported stack '{stack.name}'.")
+    status().print(f"Imported stack '{stack.name}'.")
     exported = data.get("components", {}) if isinstance(data, dict) else {}
     for type_ in COMPONENT_ORDER:
         component = stack.components.get(type_)
@@ -438,4 +453,4 @@ def import_(
         original = exported.get(type_.value, {}).get("name")
         if original and original != component.name:
             line += f" ('{original}' exists with a different configuration)"
-        status.print(line)
+        status().print(line)

@@ -7,9 +7,11 @@ never again: the store keeps only its digest.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
-from conveyor.contracts import Role, UserRecord
+from conveyor.contracts import Role
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
     OutputFormat,
@@ -21,6 +23,9 @@ from conveyor.service.cli.output import (
     when,
 )
 from conveyor.service.cli.state import client
+
+if TYPE_CHECKING:
+    from conveyor.contracts import UserRecord
 
 app = typer.Typer(
     help="Users of a server and their API tokens (people, and service accounts for CI).",
@@ -43,7 +48,7 @@ def _lifetime(user: UserRecord) -> str:
 
 def _print_token(token: str) -> None:
     # Plain print: a token must never be wrapped, styled or cut.
-    console.print(token, soft_wrap=True, markup=False)
+    console().print(token, soft_wrap=True, markup=False)
 
 
 @app.command("create")
@@ -60,7 +65,7 @@ def create(
     role = Role.ADMIN if admin else Role.MEMBER
     with user_errors():
         user, token = client(ctx).create_user(name, role, expires_in)
-    status.print(
+    status().print(
         f"Created {user.role.value} '{user.name}' ({_lifetime(user)}). Their token is printed "
         "below, once; hand it over safely (they log in with: conveyor login URL --token TOKEN)"
     )
@@ -99,7 +104,7 @@ def delete(
         typer.confirm(f"Delete user '{name}'? Their token stops working at once", abort=True)
     with user_errors():
         client(ctx).delete_user(name)
-    status.print(f"Deleted user '{name}'")
+    status().print(f"Deleted user '{name}'")
 
 
 @app.command("rotate-token")
@@ -114,7 +119,7 @@ def rotate_token(
     """
     with user_errors():
         user, token = client(ctx).rotate_token(name, expires_in)
-    status.print(
+    status().print(
         f"New token of '{name}' below, once ({_lifetime(user)}); the old one no longer works"
     )
     _print_token(token)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
-from conveyor.contracts.pipeline_spec import MAX_STEPS
+from conveyor.contracts.limits import MAX_STEPS
 from conveyor.service.pipelines import PipelineTooLarge
 from conveyor.service.scheduling import MAX_DISPATCHED
 from conveyor.workers.broker_inprocess import InProcessBroker

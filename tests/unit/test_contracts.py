@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pkgutil
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,13 @@ def test_public_names_are_pinned() -> None:
         _ = conveyor.Nope  # type: ignore[attr-defined]
     for name in contracts.__all__:
         assert getattr(contracts, name) is not None
+
+
+def test_no_public_name_is_also_a_submodule() -> None:
+    """Names are imported on first use, and importing a submodule sets it on its package:
+    a public name shared with a submodule would be the module or the name by import order."""
+    submodules = {module.name for module in pkgutil.iter_modules(contracts.__path__)}
+    assert not submodules & set(contracts.__all__)
 
 
 def test_event_schemas_match_snapshot() -> None:

@@ -23,10 +23,9 @@ from conveyor.contracts import (
     parse_event,
     read_identity,
     read_version,
-    unreadable,
 )
 from conveyor.contracts.models import MAX_ID_LENGTH, MAX_NAME_LENGTH
-from conveyor.contracts.unreadable import MAX_REASON_LENGTH, MAX_UNREADABLE_BYTES
+from conveyor.contracts.unreadable import MAX_REASON_LENGTH, MAX_UNREADABLE_BYTES, unreadable
 from conveyor.service.unreadable import stand_in
 from conveyor.workers import release
 from conveyor.workers.release import cancelled_run, cannot_read
