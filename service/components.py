@@ -24,7 +24,11 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.enums import label
 from conveyor.contracts.errors import shown
-from conveyor.service.queue_moves import MAX_CHECKED_POOLS, check_queues_kept
+from conveyor.service.queue_moves import (
+    MAX_CHECKED_POOLS,
+    check_queues_kept,
+    remove_old_queues,
+)
 from conveyor.service.store import Database, StackStore
 from conveyor.workers.flavors import Flavor, flavors_of, get_flavor
 
@@ -142,11 +146,13 @@ class ComponentRules:
             raise ValidationError(f"nothing to update on {label(type_)} {name!r}: give a key")
         component = await self._changeable_component(type_, name)
         updated = self._updated(component, config)
+        moved = []
         # Outside the write transaction: a slow broker must not lock the store.
         for stack in await self._stacks_with(component.id):
-            changed = {**stack.components, type_: updated}
+            after = stack.model_copy(update={"components": {**stack.components, type_: updated}})
             pools = await self.store.pools_used(stack.id, MAX_CHECKED_POOLS)
-            await check_queues_kept(stack, stack.model_copy(update={"components": changed}), pools)
+            if await check_queues_kept(stack, after, pools):
+                moved.append((stack, pools))
         async with self.db.transaction() as conn:
             if await self._changeable_component(type_, name) != component:
                 raise ConflictError(
@@ -154,6 +160,8 @@ class ComponentRules:
                     "stacks were checked; try again"
                 )
             await self.store.save_component(conn, updated)
+        for stack, pools in moved:
+            await remove_old_queues(stack, pools, "moved to other queues")
         return updated
 
     @staticmethod

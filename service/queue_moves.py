@@ -1,6 +1,7 @@
 """Changes that would move a service stack's queues (a rename, a delete, another broker,
 virtual host or prefix), refused while its controller and workers still consume them: they
-would go on consuming the old queues, and runs would wait in the new ones.
+would go on consuming the old queues, and runs would wait in the new ones. Once such a change
+is made, the old queues and exchanges go from the broker, those that are empty and unused.
 
 Imported by every stack command: nothing here may import ``structlog`` or a broker client
 at import time (tests/unit/test_cli_startup.py).
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from conveyor.contracts import ConflictError, StackSpec
+from conveyor.workers.queue_removal import remove_queues
 from conveyor.workers.stack_probes import QueueReport, queue_report, queues_place
 
 MAX_CHECKED_POOLS = 100
@@ -34,19 +36,20 @@ async def check_no_consumers(
     *,
     pools: Iterable[str] = (),
     unchecked_ok: bool = False,
-) -> None:
+) -> bool:
     """Refuse (ConflictError) while anything consumes a rabbitmq ``stack``'s queues (with
     the step queues of ``pools``, those its runs used, besides its configuration's), and,
     unless ``unchecked_ok``, when the broker cannot tell: its controller and workers, started
     with ``--stack NAME``, would go on consuming them once the stack is ``done``. ``then``
     says what to do instead. Messages waiting in the queues do not count: unfinished runs
-    are checked from the store."""
+    are checked from the store. Whether the broker answered (``False`` only when
+    ``unchecked_ok``; ``True`` for a stack with no broker)."""
     report = await queue_report(stack, pools=pools)
     if report is None:
-        return
+        return True
     if report.problem is not None:
         if unchecked_ok:
-            return
+            return False
         raise ConflictError(
             f"stack {stack.name!r} cannot be {done} now: whether its controller and workers "
             f"still consume its queues could not be checked ({report.problem}); "
@@ -59,21 +62,42 @@ async def check_no_consumers(
             f"and workers (started with --stack {stack.name} or its stack file) would go on "
             f"consuming them once it is {done}; {then}"
         )
+    return True
 
 
-async def check_queues_kept(before: StackSpec, after: StackSpec, pools: Iterable[str] = ()) -> None:
+async def check_queues_kept(before: StackSpec, after: StackSpec, pools: Iterable[str] = ()) -> bool:
     """Refuse to change ``before`` into ``after`` when that moves its queues (another broker,
     virtual host or prefix) while its controller and workers consume the old ones (those of
     ``pools`` too, the pools its runs used). Moving to
     an embedded orchestrator strands no run, and a broker that cannot be reached may be the
-    one the change moves away from: both allowed."""
+    one the change moves away from: both allowed. Whether the old queues are to be removed
+    once the change is made: they move, and their broker answered."""
     old, new = queues_place(before), queues_place(after)
-    if old is None or new is None or old == new:
-        return
-    await check_no_consumers(
+    if old is None or old == new:
+        return False
+    if new is None:
+        return True
+    return await check_no_consumers(
         before,
         "moved to other queues",
         f"stop them, change it, then start them again with --stack {before.name}",
         pools=pools,
         unchecked_ok=True,
     )
+
+
+async def remove_old_queues(stack: StackSpec, pools: Iterable[str], done: str) -> None:
+    """Remove from the broker the queues and exchanges of ``stack`` as it was before it was
+    ``done`` (renamed, deleted, moved), those that are empty and unused (with the step
+    queues of ``pools``). What stays, and why, is a warning: the change itself is made."""
+    removal = await remove_queues(stack, pools)
+    if removal is None:
+        return
+    import structlog  # not at import time: every stack command imports this module
+
+    log = structlog.get_logger("conveyor.stacks").bind(stack=stack.name, done=done)
+    if removal.problem is not None:
+        log.warning("old queues not removed; delete them on the broker", problem=removal.problem)
+    elif removal.kept:
+        log.warning("old queues kept: not empty or in use", kept=removal.kept)
+    log.info("old queues removed", removed=removal.removed)

@@ -27,7 +27,12 @@ from conveyor.contracts.enums import label
 from conveyor.contracts.errors import shown
 from conveyor.service.components import ComponentRules, check_name, suggest
 from conveyor.service.home import STACK_ENV, Home
-from conveyor.service.queue_moves import MAX_CHECKED_POOLS, check_no_consumers, check_queues_kept
+from conveyor.service.queue_moves import (
+    MAX_CHECKED_POOLS,
+    check_no_consumers,
+    check_queues_kept,
+    remove_old_queues,
+)
 from conveyor.service.stack_files import ExportedComponent, export_data, parse_export
 from conveyor.service.store import Database, StackStore
 from conveyor.service.users import LOCAL_ADMIN, LOCAL_USER, Actor
@@ -199,11 +204,10 @@ class StackService(ComponentRules):
             raise ValidationError(f"nothing to update on stack {name!r}: give a component")
         stack = await self._changeable(name)
         replaced = await self._components(chosen)
+        pools = await self._pools(stack)
         # Outside the write transaction: a slow broker must not lock the store.
-        await check_queues_kept(
-            stack,
-            stack.model_copy(update={"components": {**stack.components, **replaced}}),
-            await self.store.pools_used(stack.id, MAX_CHECKED_POOLS),
+        moves = await check_queues_kept(
+            stack, stack.model_copy(update={"components": {**stack.components, **replaced}}), pools
         )
         async with self.db.transaction() as conn:
             current = await self._changeable(name)
@@ -215,6 +219,8 @@ class StackService(ComponentRules):
                 )
             updated = current.model_copy(update={"components": {**current.components, **replaced}})
             await self.store.save_stack(conn, updated)
+        if moves:
+            await remove_old_queues(stack, pools, "moved to other queues")
         return updated
 
     async def rename_stack(self, name: str, new_name: str) -> StackSpec:
@@ -223,12 +229,13 @@ class StackService(ComponentRules):
         stack = await self._renamable(name, new_name)
         if new_name == stack.name:
             return stack
+        pools = await self._pools(stack)
         # Outside the write transaction: a slow broker must not lock the store.
         await check_no_consumers(
             stack,
             "renamed",
             f"stop them, rename it, then start them with --stack {new_name}",
-            pools=await self.store.pools_used(stack.id, MAX_CHECKED_POOLS),
+            pools=pools,
         )
         async with self.db.transaction() as conn:
             current = await self._renamable(name, new_name)
@@ -239,6 +246,7 @@ class StackService(ComponentRules):
             await self.store.rename_setting_values(
                 conn, ACTIVE_STACK_KEY, f"{ACTIVE_STACK_KEY}:", stack.name, new_name
             )
+        await remove_old_queues(stack, pools, "renamed")
         return renamed
 
     async def _renamable(self, name: str, new_name: str) -> StackSpec:
@@ -285,16 +293,20 @@ class StackService(ComponentRules):
     async def deletable(self, name: str) -> StackSpec:
         """The stack ``name`` if the rules let it be deleted, else the ConflictError why not."""
         stack = await self._deletable(name)
+        await self._check_no_consumers_before_delete(stack, await self._pools(stack))
+        return stack
+
+    async def _check_no_consumers_before_delete(self, stack: StackSpec, pools: list[str]) -> bool:
+        """Refuse while anything consumes the queues of ``stack``; whether its broker answered."""
         # A broker that is gone for good must not keep its stack: once deleted, nothing can
         # send runs to that stack's queues, whereas a renamed stack's runs would wait there.
-        await check_no_consumers(
-            stack,
-            "deleted",
-            "stop them, then delete it",
-            pools=await self.store.pools_used(stack.id, MAX_CHECKED_POOLS),
-            unchecked_ok=True,
+        return await check_no_consumers(
+            stack, "deleted", "stop them, then delete it", pools=pools, unchecked_ok=True
         )
-        return stack
+
+    async def _pools(self, stack: StackSpec) -> list[str]:
+        """The pools of the runs of ``stack`` whose step queues a change of it looks at."""
+        return await self.store.pools_used(stack.id, MAX_CHECKED_POOLS)
 
     async def _deletable(self, name: str) -> StackSpec:
         """The stack ``name`` if the rules in the store let it be deleted."""
@@ -316,11 +328,16 @@ class StackService(ComponentRules):
     async def delete_stack(self, name: str) -> None:
         """Delete a stack, not its components; never the default or the active stack, nor a
         service stack whose queues are consumed."""
-        stack = await self.deletable(name)  # outside the write transaction: it asks the broker
+        stack = await self._deletable(name)
+        pools = await self._pools(stack)
+        # Outside the write transaction: a slow broker must not lock the store.
+        reached = await self._check_no_consumers_before_delete(stack, pools)
         async with self.db.transaction() as conn:
             current = await self._deletable(name)
             _check_unchanged(stack, current)
             await self.store.delete_stack(conn, current.id)
+        if reached:
+            await remove_old_queues(stack, pools, "deleted")
 
     async def activate(self, name: str) -> StackSpec:
         """Make ``name`` this client's active stack (``$CONVEYOR_STACK`` still wins)."""

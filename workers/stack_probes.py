@@ -28,7 +28,8 @@ class ComponentProbe:
     detail: str
 
 
-def _where(url: str) -> str:
+def where(url: str) -> str:
+    """A broker's host, port and virtual host: its URL without credentials, for messages."""
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port or 5672}{parts.path or '/'}"
 
@@ -51,10 +52,10 @@ async def _orchestrator(stack: StackSpec, timeout: float) -> ComponentProbe:
         connection = await asyncio.wait_for(aio_pika.connect(url), timeout)
         await connection.close()
     except TimeoutError:
-        return ComponentProbe(False, f"RabbitMQ at {_where(url)} did not answer in {timeout:g}s")
+        return ComponentProbe(False, f"RabbitMQ at {where(url)} did not answer in {timeout:g}s")
     except Exception as exc:
-        return ComponentProbe(False, f"cannot reach RabbitMQ at {_where(url)}: {exc}")
-    return ComponentProbe(True, f"RabbitMQ answers at {_where(url)}")
+        return ComponentProbe(False, f"cannot reach RabbitMQ at {where(url)}: {exc}")
+    return ComponentProbe(True, f"RabbitMQ answers at {where(url)}")
 
 
 async def _artifact_store(stack: StackSpec, timeout: float) -> ComponentProbe:
@@ -129,9 +130,10 @@ async def _read_queues(url: str, names: list[str]) -> list[QueueStat]:
         await connection.close()
 
 
-def _without_secret(text: str, url: str) -> str:
+def without_secret(text: str, url: str) -> str:
+    """``text`` (an error naming ``url``) with the URL's password out of it."""
     password = urlsplit(url).password
-    text = text.replace(url, _where(url))
+    text = text.replace(url, where(url))
     return text.replace(password, "***") if password else text
 
 
@@ -161,13 +163,13 @@ async def queue_report(
     if not isinstance(config, RabbitMQOrchestratorConfig):
         return None
     url = config.url.get_secret_value()
-    where = _where(url)
+    place = where(url)
     names = queue_names(Topology(stack=stack.name, prefix=config.prefix), [*config.pools, *pools])
     try:
         queues = await asyncio.wait_for(_read_queues(url, names), timeout)
     except TimeoutError:
-        return QueueReport(where, [], f"RabbitMQ at {where} did not answer in {timeout:g}s")
+        return QueueReport(place, [], f"RabbitMQ at {place} did not answer in {timeout:g}s")
     except Exception as exc:
-        detail = _without_secret(str(exc) or type(exc).__name__, url)
-        return QueueReport(where, [], f"cannot reach RabbitMQ at {where}: {detail}")
-    return QueueReport(where, queues)
+        detail = without_secret(str(exc) or type(exc).__name__, url)
+        return QueueReport(place, [], f"cannot reach RabbitMQ at {place}: {detail}")
+    return QueueReport(place, queues)

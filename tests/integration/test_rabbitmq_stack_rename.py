@@ -11,10 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conveyor.contracts import ConflictError
+from conveyor.contracts import ConflictError, StackSpec, Topology
 from conveyor.service.api import create_app
 from conveyor.service.client import Client
 from conveyor.service.context import Services
+from conveyor.workers.broker_rabbitmq import RabbitMQBroker
+from conveyor.workers.process import rabbitmq_config
+from conveyor.workers.stack_probes import queue_names
 from tests.conftest import conveyor_cli
 from tests.integration.api_helpers import BASE_URL
 from tests.integration.rabbitmq_support import (
@@ -214,3 +217,83 @@ async def test_a_broker_that_does_not_answer_does_not_lock_the_store_during_a_re
             await asyncio.to_thread(proxy.resume)
             await renamer.close()
             await other.close()
+
+
+async def _on_broker(url: str) -> tuple[set[str], dict[str, int]]:
+    """Which of the stack's exchanges (old and new name) and queues are on the broker, and
+    each queue's messages."""
+    import aio_pika
+    from aio_pika.exceptions import ChannelClosed
+
+    exchanges: set[str] = set()
+    queues: dict[str, int] = {}
+    connection = await aio_pika.connect(url)
+    async with connection:
+        for stack in (STACK, NEW):
+            topology = Topology(stack=stack)
+            for name in topology.exchanges:
+                channel = await connection.channel()
+                try:
+                    await channel.declare_exchange(name, passive=True)
+                    exchanges.add(name)
+                    await channel.close()
+                except ChannelClosed:
+                    pass
+            for name in queue_names(topology, ["gpu"]):
+                channel = await connection.channel()
+                try:
+                    queue = await channel.declare_queue(name, passive=True)
+                    queues[name] = int(queue.declaration_result.message_count or 0)
+                    await channel.close()
+                except ChannelClosed:
+                    pass
+    return exchanges, queues
+
+
+async def _declared(stack: StackSpec) -> None:
+    """The stack's topology, as its controller and workers declare it."""
+    broker = RabbitMQBroker.of_stack(stack.name, rabbitmq_config(stack))
+    await broker.start()
+    await broker.stop()
+
+
+async def _declared_with_a_dead_letter(url: str, stack: StackSpec) -> None:
+    """The stack's topology, and one message in its dead letters."""
+    import aio_pika
+
+    await _declared(stack)
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"{}"), routing_key=Topology(stack=STACK).dead_letter_queue
+        )
+
+
+def test_a_renamed_or_deleted_stack_takes_its_empty_queues_with_it_and_keeps_its_dead_letters(
+    vhost: str, tmp_path: Path
+) -> None:
+    stack = asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    asyncio.run(_declared_with_a_dead_letter(vhost, stack))
+    old = Topology(stack=STACK)
+    exchanges, queues = asyncio.run(_on_broker(vhost))
+    assert queues[old.runs_queue] == 0 and queues[old.dead_letter_queue] == 1, queues
+    assert old.exchange in exchanges, exchanges
+
+    renamed = conveyor_cli("stack", "rename", STACK, NEW)
+    assert renamed.returncode == 0, renamed.stderr
+    said = " ".join(renamed.stderr.split())
+    assert "old queues kept" in said and f"{old.dead_letter_queue} (1 message(s)" in said, said
+    exchanges, queues = asyncio.run(_on_broker(vhost))
+    # The dead letters stay for a person to read, with the exchange that routes to them.
+    assert queues == {old.dead_letter_queue: 1}, queues
+    assert exchanges == {old.dead_letter_exchange}, exchanges
+
+    # The new name's queues, once declared, go with a delete of the stack; nothing warns.
+    with Client() as client:
+        asyncio.run(_declared(client.get_stack(NEW)))
+    assert NEW in " ".join(asyncio.run(_on_broker(vhost))[1])
+    assert conveyor_cli("stack", "set", "default").returncode == 0
+    deleted = conveyor_cli("stack", "delete", NEW, "-y")
+    assert deleted.returncode == 0 and "old queues" not in deleted.stderr, deleted.stderr
+    assert asyncio.run(_on_broker(vhost)) == ({old.dead_letter_exchange}, queues)
