@@ -35,6 +35,7 @@ from conveyor.contracts import (
     utcnow,
 )
 from conveyor.service import scheduling
+from conveyor.service.batch_failures import BatchFailures, being_cancelled
 from conveyor.service.batches import Batch
 from conveyor.service.cache_keys import without_cache
 from conveyor.service.event_publisher import EventPublisher
@@ -48,21 +49,14 @@ from conveyor.service.store import (
     RunRequests,
     RunStore,
     Writes,
-    is_store_failure,
-    store_error,
 )
-from conveyor.service.unreadable import UnreadableMessage, stand_in
-from conveyor.workers.backoff import Backoff
+from conveyor.service.unreadable import Inbound, UnreadableMessage, stand_in
 from conveyor.workers.code_archive import attach_code
 from conveyor.workers.steps import readable
 
 log = structlog.get_logger("conveyor.controller")
 
 MAX_BATCH = 512
-BACK_OFF_S = 0.5
-"""First pause after a batch failed for want of the store or the broker; it doubles with
-each failure in a row, up to ``BACK_OFF_MAX_S``."""
-BACK_OFF_MAX_S = 30.0
 INBOX_PREFETCH = 4096
 IDLE_FLUSH_S = 0.05
 """Confirmed outbox rows are noted sent with the next batch, or after this long idle."""
@@ -73,7 +67,6 @@ LEASE_S = 30.0
 """How long a running attempt is the worker's without a heartbeat."""
 MAX_LOST = 3
 """Lapsed leases after which a step fails instead of being tried again."""
-Inbound = Delivery | UnreadableMessage
 
 
 def compile_request(request: RunRequested, code_store: ArtifactStore | None) -> PipelineSpec:
@@ -90,12 +83,6 @@ def _durable(event: Event) -> bool:
     updates for followers are not: losing one costs a follower a refresh, while
     RunFinished (which a follower waits for) is kept."""
     return not is_status_event(event) or isinstance(event, RunFinished)
-
-
-def _being_cancelled() -> bool:
-    """Whether the current task was asked to stop (not a library's stray cancellation)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 class Controller:
@@ -149,9 +136,13 @@ class Controller:
         # idle), which saves a transaction per batch; a crash in between only republishes.
         self._publisher = EventPublisher(broker, self._kept)
         self._progress = ProgressBuffer()
-        self._backoff = Backoff(BACK_OFF_S, BACK_OFF_MAX_S)
-        self.problem: str | None = None
-        """Why the controller cannot get on (and when it tries again); None while it can."""
+        self._failures = BatchFailures(
+            db,
+            stack.name,
+            process=self._process,
+            forget=self._forget_states,
+            unpublished=lambda: bool(self._publisher.committed),
+        )
 
     async def __aenter__(self) -> Controller:
         await self.start()
@@ -169,6 +160,11 @@ class Controller:
     @property
     def alive(self) -> bool:
         return self._loop_task is not None and not self._loop_task.done()
+
+    @property
+    def problem(self) -> str | None:
+        """Why the controller cannot get on (and when it tries again); None while it can."""
+        return self._failures.problem
 
     async def start(self) -> None:
         """Replay the outbox and reload unfinished runs (service mode), then consume."""
@@ -284,99 +280,17 @@ class Controller:
                 await self._check_leases()
                 await self._dispatch_retries()
             except (Exception, asyncio.CancelledError) as exc:
-                if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                if isinstance(exc, asyncio.CancelledError) and being_cancelled():
                     raise
-                # The states in memory may be ahead of the store: they reload.
-                if not is_store_failure(exc):  # a failing store is logged as it backs off
-                    log.exception("batch failed", size=len(batch))
-                self._forget_states()
-                if self._publisher.committed:
-                    # Recorded but not published: the broker failed, not a message.
-                    await self._back_off(batch, f"the broker did not take the events: {exc}")
-                elif batch:
-                    await self._narrow(batch)
-                else:  # a due retry or lease check failed: the store or the broker did
-                    await self._back_off([], f"{type(exc).__name__}: {exc}")
+                await self._failures.failed(batch, exc)
             else:
-                self._recovered()
-
-    async def _back_off(self, deliveries: list[Inbound], reason: str) -> None:
-        """Hand ``deliveries`` back and pause, longer after each failure in a row."""
-        # Nothing of these was acked, so all of it comes back.
-        for delivery in deliveries:
-            await delivery.requeue()
-        delay = self._backoff.failed()
-        attempt = self._backoff.attempt
-        self.problem = f"{reason} (failed {attempt} time(s) in a row; next try in {delay:.1f}s)"
-        log.warning(
-            "controller unhealthy: backing off",
-            attempt=attempt,
-            retry_in_s=round(delay, 2),
-            error=reason,
-            stack=self._stack.name,
-        )
-        await asyncio.sleep(delay)
-
-    def _recovered(self) -> None:
-        if self.problem is not None:
-            log.info("controller healthy again", after_attempts=self._backoff.attempt)
-        self.problem = None
-        self._backoff.reset()
-
-    async def _narrow(self, batch: list[Inbound]) -> None:
-        """Process a failed batch one delivery at a time: a message that fails alone, twice,
-        while the store answers, is what failed the batch, and goes to the dead letters."""
-        for index, delivery in enumerate(batch):
-            error = await self._alone(delivery)
-            if error is None:
-                continue
-            # A full, locked or damaged store fails every message: none of them is to blame.
-            if not is_store_failure(error) and await self._store_answers():
-                error = await self._alone(delivery)
-                if error is None:
-                    continue
-                if (
-                    not is_store_failure(error)
-                    and not self._publisher.committed
-                    and await self._store_answers()
-                ):
-                    reason = f"{type(error).__name__}: {error}"
-                    log.error("dead-lettering the message that fails its batch", error=reason)
-                    await delivery.reject(f"the controller cannot process it: {reason}")
-                    continue
-            if is_store_failure(error):
-                reason = str(store_error(self._db.path, error))
-            else:
-                reason = f"{type(error).__name__}: {error}"
-            await self._back_off(batch[index:], reason)
-            return
-        self._recovered()
-
-    async def _alone(self, delivery: Inbound) -> BaseException | None:
-        """Process one delivery; what went wrong, or None."""
-        try:
-            await self._process([delivery])
-        except (Exception, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
-                raise
-            self._forget_states()
-            return exc
-        return None
+                self._failures.recovered()
 
     def _forget_states(self) -> None:
         """Drop the states in memory, which may be ahead of the store; they reload. Their
         steps' decisions (reuse, or dispatch) may not have been recorded: made again."""
         self._undecided |= set(self._states)
         self._states.clear()
-
-    async def _store_answers(self) -> bool:
-        probe = Writes()
-        probe.add("UPDATE settings SET value = value WHERE 0", [()])
-        try:
-            await self._db.write(probe)
-        except Exception:
-            return False
-        return True
 
     async def _take_batch(self) -> list[Inbound]:
         """The deliveries waiting, once there is one; none if held progress or a lease
