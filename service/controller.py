@@ -9,7 +9,6 @@ outbox rows that were never confirmed and reloads every unfinished run.
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
 
 import structlog
 
@@ -41,6 +40,7 @@ from conveyor.service.cache_keys import without_cache
 from conveyor.service.event_publisher import EventPublisher
 from conveyor.service.pipelines import load_pipeline
 from conveyor.service.progress import ProgressBuffer
+from conveyor.service.run_timers import LEASE_S, MAX_LOST, RunTimers
 from conveyor.service.scheduling import RunState, Transition
 from conveyor.service.step_decisions import StepDecisions
 from conveyor.service.step_reuse import StepReuse
@@ -63,10 +63,6 @@ IDLE_FLUSH_S = 0.05
 
 Owner = tuple[str, int, str]
 WorkerEvent = StepStarted | StepHeartbeat | StepSucceeded | StepFailed
-LEASE_S = 30.0
-"""How long a running attempt is the worker's without a heartbeat."""
-MAX_LOST = 3
-"""Lapsed leases after which a step fails instead of being tried again."""
 
 
 def compile_request(request: RunRequested, code_store: ArtifactStore | None) -> PipelineSpec:
@@ -106,12 +102,6 @@ class Controller:
         max_lost: int = MAX_LOST,
     ) -> None:
         self._db = db
-        self._lease = timedelta(seconds=lease_s)
-        self._max_lost = max_lost
-        # Leases are checked a few times per lease; a check that comes much later than
-        # planned means this process was stalled, and the leases are extended by as much.
-        self._check_every = lease_s / 4
-        self._next_check = 0.0
         self._code_store = code_store
         self._runs = RunStore(db)
         self._run_requests = RunRequests(db)
@@ -126,9 +116,13 @@ class Controller:
         # Runs whose steps waiting for a decision must be decided again (after a restart,
         # or a failed batch whose decisions were not recorded).
         self._undecided: set[str] = set()
-        # When each run's first waiting retry is due. Kept apart from the states, which a
-        # failed batch clears: a run that only waits hears no event that would reload it.
-        self._retries: dict[str, datetime] = {}
+        self._timers = RunTimers(
+            self._states,
+            commit=self._commit,
+            state_of=self._state_of,
+            lease_s=lease_s,
+            max_lost=max_lost,
+        )
         self._inbox: asyncio.Queue[Inbound] = asyncio.Queue()
         self._subscriptions: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
@@ -215,7 +209,7 @@ class Controller:
             await self._db.write(writes)
         for run_id in await self._runs.active_run_ids(self._stack.id):
             self._states[run_id] = await self._loaded(run_id)
-            self._note_retry(run_id)
+            self._timers.note_retry(run_id)
         # Deciding again tops every run up too: the steps that waited for a decision, or
         # for room under MAX_DISPATCHED, when a crash came between two transactions.
         self._undecided = set(self._states)
@@ -227,7 +221,7 @@ class Controller:
         # followed by) before any is dispatched: deciding one here, in the middle of a
         # batch, could miss outputs the batch is about to record.
         state.ready.clear()
-        scheduling.grant_leases(state, utcnow() + self._lease)
+        self._timers.grant(state)
         return state
 
     async def _decide_again(self) -> None:
@@ -264,7 +258,7 @@ class Controller:
             self._inbox.put_nowait(UnreadableMessage(delivery, *found))
 
     async def _loop(self) -> None:
-        self._next_check = asyncio.get_running_loop().time() + self._check_every
+        self._timers.start(asyncio.get_running_loop().time())
         while True:
             batch = await self._take_batch()
             try:
@@ -277,8 +271,8 @@ class Controller:
                     batch = []  # recorded and acked: what fails from here is not its doing
                 else:  # idle: note what the broker confirmed meanwhile
                     await self._flush_confirmed()
-                await self._check_leases()
-                await self._dispatch_retries()
+                await self._timers.check_leases()
+                await self._timers.dispatch_retries()
             except (Exception, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and being_cancelled():
                     raise
@@ -296,12 +290,9 @@ class Controller:
         """The deliveries waiting, once there is one; none if held progress or a lease
         check falls due first."""
         loop = asyncio.get_running_loop()
-        due = self._next_check
+        due = self._timers.due(loop.time())
         if self._progress.pending:
             due = min(due, self._progress.due)
-        if self._retries:
-            wait = (min(self._retries.values()) - utcnow()).total_seconds()
-            due = min(due, loop.time() + wait)
         if self._publisher.in_flight:
             due = min(due, loop.time() + IDLE_FLUSH_S)
         try:
@@ -321,50 +312,6 @@ class Controller:
             return True
         await delivery.reject(f"the controller does not take {delivery.event.type} events")
         return False
-
-    async def _check_leases(self) -> None:
-        """Start new attempts of the steps whose worker stopped renewing its lease."""
-        now = asyncio.get_running_loop().time()
-        if now < self._next_check:
-            return
-        late = now - self._next_check
-        self._next_check = now + self._check_every
-        if late > self._lease.total_seconds() / 2:
-            log.warning("controller was stalled; extending every lease", stalled_s=round(late, 1))
-            for state in self._states.values():
-                scheduling.extend_leases(state, timedelta(seconds=late))
-            return
-        batch = Batch(now=utcnow())
-        for run_id, state in list(self._states.items()):
-            change = scheduling.expire_leases(state, batch.now, max_lost=self._max_lost)
-            if change.steps:
-                log.warning("leases lapsed", run_id=run_id, steps=[u.name for u in change.steps])
-                batch.change(run_id, change)
-        if batch.changes:
-            await self._commit(batch)
-
-    async def _dispatch_retries(self) -> None:
-        """Dispatch the attempts whose retry is due; no worker held them while they waited."""
-        now = utcnow()
-        due = [run_id for run_id, at in self._retries.items() if at <= now]
-        if not due:
-            return
-        batch = Batch(now=now)
-        for run_id in due:
-            state = await self._state_of(run_id)
-            if state is not None:
-                batch.change(run_id, scheduling.dispatch_due_retries(state, now))
-        await self._commit(batch)
-        for run_id in due:
-            self._note_retry(run_id)
-
-    def _note_retry(self, run_id: str) -> None:
-        state = self._states.get(run_id)
-        due = scheduling.next_retry(state) if state is not None else None
-        if due is None:
-            self._retries.pop(run_id, None)
-        else:
-            self._retries[run_id] = due
 
     async def _state_of(self, run_id: str) -> RunState | None:
         state = self._states.get(run_id)
@@ -409,8 +356,7 @@ class Controller:
                 change = scheduling.apply_event(state, event, now=batch.now)
                 batch.change(event.run_id, change)
                 if isinstance(event, StepStarted | StepHeartbeat):
-                    until = batch.now + self._lease
-                    scheduling.renew_lease(state, event.step, event.attempt, until)
+                    self._timers.renew(state, event.step, event.attempt, batch.now)
         await self._commit(batch)
         for delivery in deliveries:
             await delivery.ack()
@@ -499,6 +445,4 @@ class Controller:
             if change.run_status is not None and change.run_status is not RunStatus.RUNNING:
                 self._states.pop(run_id, None)
                 log.info("run finished", run_id=run_id, status=change.run_status.value)
-            # Only runs with a retry that waits, or had one: the rest cost nothing more.
-            if run_id in self._retries or any(u.retry_at for u in change.steps):
-                self._note_retry(run_id)
+            self._timers.changed(run_id, change)
