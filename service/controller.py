@@ -9,7 +9,6 @@ outbox rows that were never confirmed and reloads every unfinished run.
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
 
 import structlog
 
@@ -35,11 +34,13 @@ from conveyor.contracts import (
     utcnow,
 )
 from conveyor.service import scheduling
+from conveyor.service.batch_failures import BatchFailures, being_cancelled
 from conveyor.service.batches import Batch
 from conveyor.service.cache_keys import without_cache
 from conveyor.service.event_publisher import EventPublisher
 from conveyor.service.pipelines import load_pipeline
 from conveyor.service.progress import ProgressBuffer
+from conveyor.service.run_timers import LEASE_S, MAX_LOST, RunTimers
 from conveyor.service.scheduling import RunState, Transition
 from conveyor.service.step_decisions import StepDecisions
 from conveyor.service.step_reuse import StepReuse
@@ -48,32 +49,20 @@ from conveyor.service.store import (
     RunRequests,
     RunStore,
     Writes,
-    is_store_failure,
-    store_error,
 )
-from conveyor.service.unreadable import UnreadableMessage, stand_in
-from conveyor.workers.backoff import Backoff
+from conveyor.service.unreadable import Inbound, UnreadableMessage, stand_in
 from conveyor.workers.code_archive import attach_code
 from conveyor.workers.steps import readable
 
 log = structlog.get_logger("conveyor.controller")
 
 MAX_BATCH = 512
-BACK_OFF_S = 0.5
-"""First pause after a batch failed for want of the store or the broker; it doubles with
-each failure in a row, up to ``BACK_OFF_MAX_S``."""
-BACK_OFF_MAX_S = 30.0
 INBOX_PREFETCH = 4096
 IDLE_FLUSH_S = 0.05
 """Confirmed outbox rows are noted sent with the next batch, or after this long idle."""
 
 Owner = tuple[str, int, str]
 WorkerEvent = StepStarted | StepHeartbeat | StepSucceeded | StepFailed
-LEASE_S = 30.0
-"""How long a running attempt is the worker's without a heartbeat."""
-MAX_LOST = 3
-"""Lapsed leases after which a step fails instead of being tried again."""
-Inbound = Delivery | UnreadableMessage
 
 
 def compile_request(request: RunRequested, code_store: ArtifactStore | None) -> PipelineSpec:
@@ -90,12 +79,6 @@ def _durable(event: Event) -> bool:
     updates for followers are not: losing one costs a follower a refresh, while
     RunFinished (which a follower waits for) is kept."""
     return not is_status_event(event) or isinstance(event, RunFinished)
-
-
-def _being_cancelled() -> bool:
-    """Whether the current task was asked to stop (not a library's stray cancellation)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 class Controller:
@@ -119,12 +102,6 @@ class Controller:
         max_lost: int = MAX_LOST,
     ) -> None:
         self._db = db
-        self._lease = timedelta(seconds=lease_s)
-        self._max_lost = max_lost
-        # Leases are checked a few times per lease; a check that comes much later than
-        # planned means this process was stalled, and the leases are extended by as much.
-        self._check_every = lease_s / 4
-        self._next_check = 0.0
         self._code_store = code_store
         self._runs = RunStore(db)
         self._run_requests = RunRequests(db)
@@ -139,9 +116,13 @@ class Controller:
         # Runs whose steps waiting for a decision must be decided again (after a restart,
         # or a failed batch whose decisions were not recorded).
         self._undecided: set[str] = set()
-        # When each run's first waiting retry is due. Kept apart from the states, which a
-        # failed batch clears: a run that only waits hears no event that would reload it.
-        self._retries: dict[str, datetime] = {}
+        self._timers = RunTimers(
+            self._states,
+            commit=self._commit,
+            state_of=self._state_of,
+            lease_s=lease_s,
+            max_lost=max_lost,
+        )
         self._inbox: asyncio.Queue[Inbound] = asyncio.Queue()
         self._subscriptions: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
@@ -149,9 +130,13 @@ class Controller:
         # idle), which saves a transaction per batch; a crash in between only republishes.
         self._publisher = EventPublisher(broker, self._kept)
         self._progress = ProgressBuffer()
-        self._backoff = Backoff(BACK_OFF_S, BACK_OFF_MAX_S)
-        self.problem: str | None = None
-        """Why the controller cannot get on (and when it tries again); None while it can."""
+        self._failures = BatchFailures(
+            db,
+            stack.name,
+            process=self._process,
+            forget=self._forget_states,
+            unpublished=lambda: bool(self._publisher.committed),
+        )
 
     async def __aenter__(self) -> Controller:
         await self.start()
@@ -169,6 +154,11 @@ class Controller:
     @property
     def alive(self) -> bool:
         return self._loop_task is not None and not self._loop_task.done()
+
+    @property
+    def problem(self) -> str | None:
+        """Why the controller cannot get on (and when it tries again); None while it can."""
+        return self._failures.problem
 
     async def start(self) -> None:
         """Replay the outbox and reload unfinished runs (service mode), then consume."""
@@ -219,7 +209,7 @@ class Controller:
             await self._db.write(writes)
         for run_id in await self._runs.active_run_ids(self._stack.id):
             self._states[run_id] = await self._loaded(run_id)
-            self._note_retry(run_id)
+            self._timers.note_retry(run_id)
         # Deciding again tops every run up too: the steps that waited for a decision, or
         # for room under MAX_DISPATCHED, when a crash came between two transactions.
         self._undecided = set(self._states)
@@ -231,7 +221,7 @@ class Controller:
         # followed by) before any is dispatched: deciding one here, in the middle of a
         # batch, could miss outputs the batch is about to record.
         state.ready.clear()
-        scheduling.grant_leases(state, utcnow() + self._lease)
+        self._timers.grant(state)
         return state
 
     async def _decide_again(self) -> None:
@@ -268,7 +258,7 @@ class Controller:
             self._inbox.put_nowait(UnreadableMessage(delivery, *found))
 
     async def _loop(self) -> None:
-        self._next_check = asyncio.get_running_loop().time() + self._check_every
+        self._timers.start(asyncio.get_running_loop().time())
         while True:
             batch = await self._take_batch()
             try:
@@ -281,87 +271,14 @@ class Controller:
                     batch = []  # recorded and acked: what fails from here is not its doing
                 else:  # idle: note what the broker confirmed meanwhile
                     await self._flush_confirmed()
-                await self._check_leases()
-                await self._dispatch_retries()
+                await self._timers.check_leases()
+                await self._timers.dispatch_retries()
             except (Exception, asyncio.CancelledError) as exc:
-                if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                if isinstance(exc, asyncio.CancelledError) and being_cancelled():
                     raise
-                # The states in memory may be ahead of the store: they reload.
-                if not is_store_failure(exc):  # a failing store is logged as it backs off
-                    log.exception("batch failed", size=len(batch))
-                self._forget_states()
-                if self._publisher.committed:
-                    # Recorded but not published: the broker failed, not a message.
-                    await self._back_off(batch, f"the broker did not take the events: {exc}")
-                elif batch:
-                    await self._narrow(batch)
-                else:  # a due retry or lease check failed: the store or the broker did
-                    await self._back_off([], f"{type(exc).__name__}: {exc}")
+                await self._failures.failed(batch, exc)
             else:
-                self._recovered()
-
-    async def _back_off(self, deliveries: list[Inbound], reason: str) -> None:
-        """Hand ``deliveries`` back and pause, longer after each failure in a row."""
-        # Nothing of these was acked, so all of it comes back.
-        for delivery in deliveries:
-            await delivery.requeue()
-        delay = self._backoff.failed()
-        attempt = self._backoff.attempt
-        self.problem = f"{reason} (failed {attempt} time(s) in a row; next try in {delay:.1f}s)"
-        log.warning(
-            "controller unhealthy: backing off",
-            attempt=attempt,
-            retry_in_s=round(delay, 2),
-            error=reason,
-            stack=self._stack.name,
-        )
-        await asyncio.sleep(delay)
-
-    def _recovered(self) -> None:
-        if self.problem is not None:
-            log.info("controller healthy again", after_attempts=self._backoff.attempt)
-        self.problem = None
-        self._backoff.reset()
-
-    async def _narrow(self, batch: list[Inbound]) -> None:
-        """Process a failed batch one delivery at a time: a message that fails alone, twice,
-        while the store answers, is what failed the batch, and goes to the dead letters."""
-        for index, delivery in enumerate(batch):
-            error = await self._alone(delivery)
-            if error is None:
-                continue
-            # A full, locked or damaged store fails every message: none of them is to blame.
-            if not is_store_failure(error) and await self._store_answers():
-                error = await self._alone(delivery)
-                if error is None:
-                    continue
-                if (
-                    not is_store_failure(error)
-                    and not self._publisher.committed
-                    and await self._store_answers()
-                ):
-                    reason = f"{type(error).__name__}: {error}"
-                    log.error("dead-lettering the message that fails its batch", error=reason)
-                    await delivery.reject(f"the controller cannot process it: {reason}")
-                    continue
-            if is_store_failure(error):
-                reason = str(store_error(self._db.path, error))
-            else:
-                reason = f"{type(error).__name__}: {error}"
-            await self._back_off(batch[index:], reason)
-            return
-        self._recovered()
-
-    async def _alone(self, delivery: Inbound) -> BaseException | None:
-        """Process one delivery; what went wrong, or None."""
-        try:
-            await self._process([delivery])
-        except (Exception, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
-                raise
-            self._forget_states()
-            return exc
-        return None
+                self._failures.recovered()
 
     def _forget_states(self) -> None:
         """Drop the states in memory, which may be ahead of the store; they reload. Their
@@ -369,25 +286,13 @@ class Controller:
         self._undecided |= set(self._states)
         self._states.clear()
 
-    async def _store_answers(self) -> bool:
-        probe = Writes()
-        probe.add("UPDATE settings SET value = value WHERE 0", [()])
-        try:
-            await self._db.write(probe)
-        except Exception:
-            return False
-        return True
-
     async def _take_batch(self) -> list[Inbound]:
         """The deliveries waiting, once there is one; none if held progress or a lease
         check falls due first."""
         loop = asyncio.get_running_loop()
-        due = self._next_check
+        due = self._timers.due(loop.time())
         if self._progress.pending:
             due = min(due, self._progress.due)
-        if self._retries:
-            wait = (min(self._retries.values()) - utcnow()).total_seconds()
-            due = min(due, loop.time() + wait)
         if self._publisher.in_flight:
             due = min(due, loop.time() + IDLE_FLUSH_S)
         try:
@@ -407,50 +312,6 @@ class Controller:
             return True
         await delivery.reject(f"the controller does not take {delivery.event.type} events")
         return False
-
-    async def _check_leases(self) -> None:
-        """Start new attempts of the steps whose worker stopped renewing its lease."""
-        now = asyncio.get_running_loop().time()
-        if now < self._next_check:
-            return
-        late = now - self._next_check
-        self._next_check = now + self._check_every
-        if late > self._lease.total_seconds() / 2:
-            log.warning("controller was stalled; extending every lease", stalled_s=round(late, 1))
-            for state in self._states.values():
-                scheduling.extend_leases(state, timedelta(seconds=late))
-            return
-        batch = Batch(now=utcnow())
-        for run_id, state in list(self._states.items()):
-            change = scheduling.expire_leases(state, batch.now, max_lost=self._max_lost)
-            if change.steps:
-                log.warning("leases lapsed", run_id=run_id, steps=[u.name for u in change.steps])
-                batch.change(run_id, change)
-        if batch.changes:
-            await self._commit(batch)
-
-    async def _dispatch_retries(self) -> None:
-        """Dispatch the attempts whose retry is due; no worker held them while they waited."""
-        now = utcnow()
-        due = [run_id for run_id, at in self._retries.items() if at <= now]
-        if not due:
-            return
-        batch = Batch(now=now)
-        for run_id in due:
-            state = await self._state_of(run_id)
-            if state is not None:
-                batch.change(run_id, scheduling.dispatch_due_retries(state, now))
-        await self._commit(batch)
-        for run_id in due:
-            self._note_retry(run_id)
-
-    def _note_retry(self, run_id: str) -> None:
-        state = self._states.get(run_id)
-        due = scheduling.next_retry(state) if state is not None else None
-        if due is None:
-            self._retries.pop(run_id, None)
-        else:
-            self._retries[run_id] = due
 
     async def _state_of(self, run_id: str) -> RunState | None:
         state = self._states.get(run_id)
@@ -495,8 +356,7 @@ class Controller:
                 change = scheduling.apply_event(state, event, now=batch.now)
                 batch.change(event.run_id, change)
                 if isinstance(event, StepStarted | StepHeartbeat):
-                    until = batch.now + self._lease
-                    scheduling.renew_lease(state, event.step, event.attempt, until)
+                    self._timers.renew(state, event.step, event.attempt, batch.now)
         await self._commit(batch)
         for delivery in deliveries:
             await delivery.ack()
@@ -585,6 +445,4 @@ class Controller:
             if change.run_status is not None and change.run_status is not RunStatus.RUNNING:
                 self._states.pop(run_id, None)
                 log.info("run finished", run_id=run_id, status=change.run_status.value)
-            # Only runs with a retry that waits, or had one: the rest cost nothing more.
-            if run_id in self._retries or any(u.retry_at for u in change.steps):
-                self._note_retry(run_id)
+            self._timers.changed(run_id, change)

@@ -5,6 +5,7 @@ nobody waits for ever, and the message itself goes to the dead letters."""
 from __future__ import annotations
 
 from conveyor.contracts import (
+    Delivery,
     RunRequested,
     StepFailed,
     Unreadable,
@@ -61,3 +62,7 @@ class UnreadableMessage:
 
     async def requeue(self) -> None:
         await self.delivery.requeue()
+
+
+Inbound = Delivery | UnreadableMessage
+"""What the controller takes from its queues: a delivery, or an unreadable message's stand-in."""

@@ -19,6 +19,7 @@ from conveyor.contracts import (
     utcnow,
 )
 from conveyor.service.controller import Controller
+from conveyor.service.run_timers import RunTimers
 from conveyor.workers.broker_inprocess import InProcessBroker
 
 
@@ -180,20 +181,20 @@ async def test_a_lease_check_failing_after_a_batch_does_not_process_the_batch_ag
     """A batch recorded and acked is done: a lease check that fails after it (the store
     hiccups) backs off, instead of taking the batch apart and applying each event again."""
     processed: list[str] = []
-    process, check = Controller._process, Controller._check_leases
+    process, check = Controller._process, RunTimers.check_leases
     failures = [RuntimeError("the store hiccuped")]
 
     async def counting(self: Controller, deliveries: list[Delivery]) -> None:
         processed.extend(d.event.event_id for d in deliveries)
         await process(self, deliveries)
 
-    async def failing_once(self: Controller) -> None:
+    async def failing_once(self: RunTimers) -> None:
         if processed and failures:
             raise failures.pop()
         await check(self)
 
     monkeypatch.setattr(Controller, "_process", counting)
-    monkeypatch.setattr(Controller, "_check_leases", failing_once)
+    monkeypatch.setattr(RunTimers, "check_leases", failing_once)
     async with Conveyor() as cv:
         record = await (await cv.submit(handoff, cache=False)).wait(timeout=30)
     assert record.status is RunStatus.COMPLETED

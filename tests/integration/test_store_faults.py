@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from conveyor.service import controller
+from conveyor.service import batch_failures
 from conveyor.service.pipelines import load_pipeline
 from tests.conftest import conveyor_cli
 from tests.integration.api_helpers import QUICKSTART, serving
@@ -141,8 +141,8 @@ async def test_the_controller_backs_off_a_full_store_reports_unhealthy_and_recov
     home_on_small_disk: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first, cap = 0.05, 0.4
-    monkeypatch.setattr(controller, "BACK_OFF_S", first)
-    monkeypatch.setattr(controller, "BACK_OFF_MAX_S", cap)
+    monkeypatch.setattr(batch_failures, "BACK_OFF_S", first)
+    monkeypatch.setattr(batch_failures, "BACK_OFF_MAX_S", cap)
     async with serving(home_on_small_disk) as (app, api):
         assert (await api.get("/healthz")).status_code == 200
         conveyor = app.state.conveyor.gateway.served
