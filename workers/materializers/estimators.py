@@ -9,10 +9,12 @@ trusts it: ``@step(trust=[...])`` on the consuming step, ``run.load(..., trust=[
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from conveyor.contracts import ArtifactRef, ConveyorError
 from conveyor.workers import materializers
+from conveyor.workers.steps import readable
 
 SHOWN_TYPES = 20
 """At most this many untrusted type names are quoted in the error."""
@@ -42,6 +44,13 @@ def untrusted_error(names: list[str]) -> UntrustedTypes:
     )
 
 
+def refused_types(needed: Iterable[str], trusted: frozenset[str]) -> list[str]:
+    """The types ``trusted`` does not cover. A class of a script loaded by path lives in a
+    generated module; it is trusted by that name or by the one its refusal shows the user
+    (``train.py:Doubler``), since that is the name the error tells them to pass."""
+    return sorted({name for name in needed if not {name, readable(name)} & trusted})
+
+
 class Skops:
     """A scikit-learn estimator (a Pipeline, a fitted model) as a skops file."""
 
@@ -61,7 +70,7 @@ class Skops:
     def load(self, path: str, ref: ArtifactRef) -> object:
         skops = _skops()
         needed = list(skops.get_untrusted_types(file=path))
-        refused = sorted(set(needed) - materializers.trusted())
+        refused = refused_types(needed, materializers.trusted())
         if refused:
             raise untrusted_error(refused)
         return skops.load(path, trusted=needed)
