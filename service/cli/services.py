@@ -119,9 +119,10 @@ def start_worker(
     back the rest, and exits 0. Start as many as wanted, on any machine that reaches the
     broker and the artifact store.
 
-    Exit statuses for a supervisor: 0 after SIGTERM, 3 when the broker delivered nothing to
-    it for watchdog_s, 4 when as many step threads are stuck (in sync steps that timed out)
-    as its concurrency; systemd (Restart=on-failure) and Kubernetes replace it.
+    Exit statuses for a supervisor: 0 after SIGTERM, 3 when it stayed connected without a
+    consumer for watchdog_s, 4 when as many step threads are stuck (in sync steps that timed
+    out) as its concurrency, 5 when the broker stayed unreachable for reconnect_timeout_s;
+    systemd (Restart=on-failure) and Kubernetes replace it.
 
     Example: conveyor worker start --stack prod --concurrency 4 --pool gpu
     """
