@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -234,6 +235,14 @@ class CeleryPeer:
         with self.tasks.app.connection_for_write() as connection:
             connection.default_channel.queue_delete(self.queue)
             connection.default_channel.exchange_delete(self.queue)  # Celery named it after it
+        # The remote-control exchanges that the ping declared: shared by every Celery app on
+        # the broker, so only when nothing else is bound to them.
+        for pidbox in ("celery.pidbox", "reply.celery.pidbox"):
+            with (
+                self.tasks.app.connection_for_write() as connection,
+                contextlib.suppress(Exception),
+            ):
+                connection.default_channel.exchange_delete(pidbox, if_unused=True)
         self.log.close()
 
 
