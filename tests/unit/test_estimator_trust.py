@@ -73,3 +73,18 @@ def test_a_script_class_is_trusted_by_the_name_its_refusal_shows(script_model: s
     with materializers.trusting(["features.py:Doubler"]):
         model = Skops().load(script_model, REF)
     assert list(model.predict([[0.0], [3.0]])) == [0, 1]
+
+
+def test_a_script_class_this_process_has_not_loaded_is_refused_with_where_to_load_it(
+    script_model: str,
+) -> None:
+    """``conveyor artifact get`` of a model holding a class of ``features.py``: the CLI never
+    loaded that script, and no ``--trust`` can build its class there."""
+    for name in [m for m in sys.modules if m.startswith(FILE_MODULE_PREFIX)]:
+        del sys.modules[name]
+    with (
+        materializers.trusting(["features.py:Doubler"]),
+        pytest.raises(UntrustedTypes, match="which this process has not loaded") as refused,
+    ):
+        Skops().load(script_model, REF)
+    assert "load it where that script's pipeline runs" in str(refused.value)

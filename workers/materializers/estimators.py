@@ -9,12 +9,13 @@ trusts it: ``@step(trust=[...])`` on the consuming step, ``run.load(..., trust=[
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
 from conveyor.contracts import ArtifactRef, ConveyorError
 from conveyor.workers import materializers
-from conveyor.workers.steps import readable
+from conveyor.workers.steps import FILE_MODULE_PREFIX, readable
 
 SHOWN_TYPES = 20
 """At most this many untrusted type names are quoted in the error."""
@@ -44,6 +45,16 @@ def untrusted_error(names: list[str]) -> UntrustedTypes:
     )
 
 
+def scripts_not_loaded(names: Iterable[str]) -> list[str]:
+    """The types of ``names`` that are classes of a pipeline script loaded by path (its
+    module name is generated) which this process has not loaded: no trust builds them."""
+    return sorted(
+        name
+        for name in names
+        if name.startswith(FILE_MODULE_PREFIX) and name.split(".", 1)[0] not in sys.modules
+    )
+
+
 def refused_types(needed: Iterable[str], trusted: frozenset[str]) -> list[str]:
     """The types ``trusted`` does not cover. A class of a script loaded by path lives in a
     generated module; it is trusted by that name or by the one its refusal shows the user
@@ -70,6 +81,17 @@ class Skops:
     def load(self, path: str, ref: ArtifactRef) -> object:
         skops = _skops()
         needed = list(skops.get_untrusted_types(file=path))
+        elsewhere = scripts_not_loaded(needed)
+        if elsewhere:
+            raise UntrustedTypes(
+                "the stored estimator holds classes of a pipeline script loaded by path "
+                f"({', '.join(name[:200] for name in elsewhere[:SHOWN_TYPES])}), which this "
+                "process has not loaded, so they cannot be built here whatever is trusted: "
+                "load it where that script's pipeline runs (run.load(..., trust=[...]) after "
+                "the pipeline call, or a @step(trust=[...]) of the pipeline), or move the "
+                "classes into a module the loading process can import",
+                retryable=False,
+            )
         refused = refused_types(needed, materializers.trusted())
         if refused:
             raise untrusted_error(refused)
