@@ -1,12 +1,9 @@
 """The SQLite connection of one process: WAL, migrations, and serialized write transactions.
 
-Several processes may share one CONVEYOR_HOME. Each process has one aiosqlite connection,
-and writes through ``transaction()`` or ``write()``, both of which take SQLite's write lock
-up front (``BEGIN IMMEDIATE``) so that concurrent writers wait on ``busy_timeout`` instead
-of failing with "database is locked" halfway through a transaction. ``write()`` runs its
-statements on a second connection, on a thread of the store's own: aiosqlite has no public
-way to run several statements in one trip to its thread, and each trip costs more than a
-small statement. Each read runs whole in one trip to the
+Several processes may share one CONVEYOR_HOME. Each process has one connection and writes
+through ``transaction()``, which takes SQLite's write lock up front (``BEGIN IMMEDIATE``)
+so that concurrent writers wait on ``busy_timeout`` instead of failing with
+"database is locked" halfway through a transaction. Each read runs whole in one trip to the
 connection's thread, so that it sees every commit made before it began, by this process or
 another. Opening (the switch to WAL and the migrations) is serialized across processes by
 an advisory lock on a file beside the store: two processes creating a new store at once
@@ -24,7 +21,6 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -138,18 +134,6 @@ class Writes:
             self.statements.append((sql, rows))
 
 
-def _connect_writer(path: Path) -> sqlite3.Connection:
-    """The connection of ``Database.write``, made on the thread that will use it."""
-    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-    try:
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA foreign_keys = ON")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
 def _run_writes(
     conn: sqlite3.Connection, statements: list[tuple[str, list[Sequence[Any]]]]
 ) -> None:
@@ -163,43 +147,12 @@ def _run_writes(
     conn.execute("COMMIT")
 
 
-class _Writer:
-    """A plain SQLite connection on a thread of its own, for batches of writes."""
-
-    def __init__(self, thread: ThreadPoolExecutor, conn: sqlite3.Connection) -> None:
-        self._thread, self._conn = thread, conn
-
-    @classmethod
-    async def open(cls, path: Path) -> _Writer:
-        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-store-writes")
-        try:
-            conn = await asyncio.get_running_loop().run_in_executor(thread, _connect_writer, path)
-        except BaseException:
-            thread.shutdown(wait=False)
-            raise
-        return cls(thread, conn)
-
-    async def run(self, statements: list[tuple[str, list[Sequence[Any]]]]) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._thread, _run_writes, self._conn, statements)
-
-    async def close(self) -> None:
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._conn.close)
-        finally:
-            # Its last task is done by now: the join is immediate, and no thread outlives
-            # the store.
-            self._thread.shutdown(wait=True)
-
-
 class Database:
-    """One aiosqlite connection, and one for batches of writes; ``open()``, ``close()``
-    (idempotent), or ``async with``."""
+    """One aiosqlite connection; ``open()``, ``close()`` (idempotent), or ``async with``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: aiosqlite.Connection | None = None
-        self._writer: _Writer | None = None
         self._write_lock = asyncio.Lock()
 
     async def __aenter__(self) -> Database:
@@ -241,7 +194,6 @@ class Database:
             await self._prepare(conn)
             self._conn = conn
             await self._migrate()
-            self._writer = await _Writer.open(self.path)
         except BaseException as exc:
             # The connection's thread is not a daemon: left open, it would keep the
             # process from ever exiting after this error.
@@ -277,13 +229,8 @@ class Database:
     async def close(self) -> None:
         """Close the connection; safe to call twice or before ``open``."""
         conn, self._conn = self._conn, None
-        writer, self._writer = self._writer, None
-        try:
-            if writer is not None:
-                await writer.close()
-        finally:
-            if conn is not None:
-                await conn.close()
+        if conn is not None:
+            await conn.close()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -302,10 +249,16 @@ class Database:
         """Run ``writes`` as one transaction, in one trip to the connection's thread."""
         if not writes.statements:
             return
-        if self._writer is None:
-            raise RuntimeError("the database is not open")
         async with self._write_lock:
-            await self._writer.run(writes.statements)
+            conn = self.conn
+            # aiosqlite has no public way to run several statements in one trip; these two
+            # private names have been stable since its early releases (a unit test runs
+            # this path, so an upgrade that drops them fails loudly). A connection and
+            # thread of the store's own would do it publicly, but a second SQLite thread
+            # raised the peak memory of a 50,000-step run from 247 to 300 MB (its own
+            # malloc arena and page cache); public calls inside BEGIN IMMEDIATE would make
+            # one trip a statement, on every controller batch.
+            await conn._execute(_run_writes, conn._conn, writes.statements)  # type: ignore[no-untyped-call]
 
     # A read runs whole in one trip to the connection's thread: its statement is done and
     # reset before the trip ends. A statement left open between trips (aiosqlite's execute,

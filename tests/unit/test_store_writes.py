@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 from pathlib import Path
 
 import pytest
@@ -89,24 +88,3 @@ async def test_a_read_sees_what_another_connection_committed_before_it_while_oth
         other.close()
         await db.close()
     assert stale == []
-
-
-async def test_closing_the_store_ends_its_writer_thread_and_refuses_later_writes(
-    tmp_path: Path,
-) -> None:
-    def writers() -> list[str]:
-        return [t.name for t in threading.enumerate() if "conveyor-store-writes" in t.name]
-
-    for _ in range(3):
-        database = Database(tmp_path / "conveyor.db")
-        await database.open()
-        try:
-            assert writers()
-        finally:
-            await database.close()
-        await database.close()  # twice is fine
-    assert writers() == []
-    writes = Writes()
-    writes.add("DELETE FROM stacks WHERE id = ?", [("x",)])
-    with pytest.raises(RuntimeError, match="not open"):
-        await database.write(writes)
