@@ -149,3 +149,6 @@ async def serve_controller(
             await broker.stop()
         await services.close()
         signals.uninstall()
+        if controller is not None:
+            # As a worker says it: a supervisor's log shows the stop went through.
+            log.info("controller stopped", stack=spec.name)

@@ -141,6 +141,8 @@ def test_controller_restarted_continues_the_run_without_doing_a_step_twice(
         controller.send(signal.SIGKILL if fault == "sigkill" else signal.SIGTERM)
         code = controller.wait()
         assert code == (-signal.SIGKILL if fault == "sigkill" else 0), controller.output()
+        if fault != "sigkill":  # a supervisor's log shows the stop went through
+            assert "controller stopped" in controller.output(), controller.output()
         # The step finishes while no controller runs: its completion waits in the queue.
         release(markers, "gate")
     else:
