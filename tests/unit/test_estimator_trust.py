@@ -87,4 +87,4 @@ def test_a_script_class_this_process_has_not_loaded_is_refused_with_where_to_loa
         pytest.raises(UntrustedTypes, match="which this process has not loaded") as refused,
     ):
         Skops().load(script_model, REF)
-    assert "load it where that script's pipeline runs" in str(refused.value)
+    assert "Define such classes in a package that every process imports" in str(refused.value)

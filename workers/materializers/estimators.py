@@ -84,12 +84,14 @@ class Skops:
         elsewhere = scripts_not_loaded(needed)
         if elsewhere:
             raise UntrustedTypes(
-                "the stored estimator holds classes of a pipeline script loaded by path "
-                f"({', '.join(name[:200] for name in elsewhere[:SHOWN_TYPES])}), which this "
-                "process has not loaded, so they cannot be built here whatever is trusted: "
-                "load it where that script's pipeline runs (run.load(..., trust=[...]) after "
-                "the pipeline call, or a @step(trust=[...]) of the pipeline), or move the "
-                "classes into a module the loading process can import",
+                "the stored estimator holds classes of a pipeline file "
+                f"({', '.join(name[:200] for name in elsewhere[:SHOWN_TYPES])}) as another "
+                "process loaded it (a client running the script, or a worker running another "
+                "version of the pipeline's code), which this process has not loaded: they "
+                "cannot be built here whatever is trusted. Define such classes in a package "
+                "that every process imports (installed where the steps run, or listed in the "
+                "orchestrator's trusted_packages), or run the step that made it again "
+                "(--no-cache) so that this version of the code writes it",
                 retryable=False,
             )
         refused = refused_types(needed, materializers.trusted())
