@@ -12,10 +12,8 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from conveyor.contracts import ConveyorError, StackSpec, Topology
-from conveyor.workers.flavors import orchestrator_config
-from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
-from conveyor.workers.stack_probes import PROBE_TIMEOUT_S, queue_names, where, without_secret
+from conveyor.contracts import ConveyorError, StackSpec
+from conveyor.workers.stack_probes import PROBE_TIMEOUT_S, broker_problem, rabbitmq_queues
 
 
 @dataclass(frozen=True)
@@ -65,18 +63,13 @@ async def remove_queues(
     """Delete the empty, unused queues and exchanges of a rabbitmq ``stack`` (with the step
     queues of ``pools`` besides its configuration's); ``None`` for another orchestrator."""
     try:
-        config = orchestrator_config(stack)
+        found = rabbitmq_queues(stack, pools)
     except ConveyorError as exc:
         return Removal(problem=f"the orchestrator's configuration is invalid: {exc}")
-    if not isinstance(config, RabbitMQOrchestratorConfig):
+    if found is None:
         return None
-    url = config.url.get_secret_value()
-    topology = Topology(stack=stack.name, prefix=config.prefix)
-    queues = queue_names(topology, [*config.pools, *pools])
+    url, topology, queues = found
     try:
         return await asyncio.wait_for(_remove(url, queues, topology.exchanges), timeout)
-    except TimeoutError:
-        return Removal(problem=f"RabbitMQ at {where(url)} did not answer in {timeout:g}s")
     except Exception as exc:
-        detail = without_secret(str(exc) or type(exc).__name__, url)
-        return Removal(problem=f"cannot reach RabbitMQ at {where(url)}: {detail}")
+        return Removal(problem=broker_problem(url, exc, timeout))

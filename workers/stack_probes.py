@@ -28,7 +28,7 @@ class ComponentProbe:
     detail: str
 
 
-def where(url: str) -> str:
+def _where(url: str) -> str:
     """A broker's host, port and virtual host: its URL without credentials, for messages."""
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port or 5672}{parts.path or '/'}"
@@ -51,11 +51,9 @@ async def _orchestrator(stack: StackSpec, timeout: float) -> ComponentProbe:
     try:
         connection = await asyncio.wait_for(aio_pika.connect(url), timeout)
         await connection.close()
-    except TimeoutError:
-        return ComponentProbe(False, f"RabbitMQ at {where(url)} did not answer in {timeout:g}s")
     except Exception as exc:
-        return ComponentProbe(False, f"cannot reach RabbitMQ at {where(url)}: {exc}")
-    return ComponentProbe(True, f"RabbitMQ answers at {where(url)}")
+        return ComponentProbe(False, broker_problem(url, exc, timeout))
+    return ComponentProbe(True, f"RabbitMQ answers at {_where(url)}")
 
 
 async def _artifact_store(stack: StackSpec, timeout: float) -> ComponentProbe:
@@ -130,11 +128,33 @@ async def _read_queues(url: str, names: list[str]) -> list[QueueStat]:
         await connection.close()
 
 
-def without_secret(text: str, url: str) -> str:
+def _without_secret(text: str, url: str) -> str:
     """``text`` (an error naming ``url``) with the URL's password out of it."""
     password = urlsplit(url).password
-    text = text.replace(url, where(url))
+    text = text.replace(url, _where(url))
     return text.replace(password, "***") if password else text
+
+
+def broker_problem(url: str, exc: BaseException, timeout: float) -> str:
+    """Why the broker at ``url`` could not be asked (``exc``, after ``timeout`` seconds at
+    most), as a line for a person, without the URL's password."""
+    if isinstance(exc, TimeoutError):
+        return f"RabbitMQ at {_where(url)} did not answer in {timeout:g}s"
+    detail = _without_secret(str(exc) or type(exc).__name__, url)
+    return f"cannot reach RabbitMQ at {_where(url)}: {detail}"
+
+
+def rabbitmq_queues(
+    stack: StackSpec, pools: Iterable[str] = ()
+) -> tuple[str, Topology, list[str]] | None:
+    """The broker URL of a rabbitmq ``stack``, its topology and the queues it declares (with
+    the step queues of ``pools`` besides those of its configuration); ``None`` for another
+    orchestrator. Raises ConveyorError for a configuration that does not validate."""
+    config = orchestrator_config(stack)
+    if not isinstance(config, RabbitMQOrchestratorConfig):
+        return None
+    topology = Topology(stack=stack.name, prefix=config.prefix)
+    return config.url.get_secret_value(), topology, queue_names(topology, [*config.pools, *pools])
 
 
 def queues_place(stack: StackSpec) -> tuple[str, str] | None:
@@ -157,19 +177,14 @@ async def queue_report(
     orchestrator), with the step queues of ``pools`` besides those of its configuration;
     never raises: a broker that does not answer is a report with a problem."""
     try:
-        config = orchestrator_config(stack)
+        found = rabbitmq_queues(stack, pools)
     except ConveyorError as exc:
         return QueueReport("", [], f"the orchestrator's configuration is invalid: {exc}")
-    if not isinstance(config, RabbitMQOrchestratorConfig):
+    if found is None:
         return None
-    url = config.url.get_secret_value()
-    place = where(url)
-    names = queue_names(Topology(stack=stack.name, prefix=config.prefix), [*config.pools, *pools])
+    url, _, names = found
     try:
         queues = await asyncio.wait_for(_read_queues(url, names), timeout)
-    except TimeoutError:
-        return QueueReport(place, [], f"RabbitMQ at {place} did not answer in {timeout:g}s")
     except Exception as exc:
-        detail = without_secret(str(exc) or type(exc).__name__, url)
-        return QueueReport(place, [], f"cannot reach RabbitMQ at {place}: {detail}")
-    return QueueReport(place, queues)
+        return QueueReport(_where(url), [], broker_problem(url, exc, timeout))
+    return QueueReport(_where(url), queues)
