@@ -72,6 +72,14 @@ GOODBYE_TIMEOUT_S = 5.0
 """Longest wait for the broker to answer a cancel or a close while stopping."""
 
 
+def _dead_copy(queue: str, message: AbstractIncomingMessage, reason: str) -> aio_pika.Message:
+    """The copy of ``message`` (from ``queue``) that the dead-letter queue keeps, with
+    ``reason`` in a header; logged with the message id, never the body (it may be large or
+    sensitive)."""
+    log.warning("dead-lettered", queue=queue, message_id=message.message_id, reason=reason[:500])
+    return copy_of(message, {REASON_HEADER: reason[:1000], QUEUE_HEADER: queue})
+
+
 class RabbitMQBroker:
     """A Broker on one stack's topology in RabbitMQ.
 
@@ -434,14 +442,8 @@ class RabbitMQBroker:
         crash_point("after-publish", events)
 
     async def dead_letter(self, queue: str, message: AbstractIncomingMessage, reason: str) -> None:
-        """Move ``message`` to the dead-letter queue with ``reason`` in a header, then ack it.
-
-        Logged with the message id, never the body: the body may be large or sensitive.
-        """
-        log.warning(
-            "dead-lettered", queue=queue, message_id=message.message_id, reason=reason[:500]
-        )
-        copy = copy_of(message, {REASON_HEADER: reason[:1000], QUEUE_HEADER: queue})
+        """Move ``message`` to the dead-letter queue with ``reason`` in a header, then ack it."""
+        copy = _dead_copy(queue, message, reason)
         # If not published, the queue's own dead-letter exchange still takes the original,
         # only without our reason.
         await self._replace(message, copy, self.declared.dead, queue, requeue=False)
@@ -449,10 +451,7 @@ class RabbitMQBroker:
     async def keep_dead(self, source: str, message: AbstractIncomingMessage, reason: str) -> None:
         """Put a copy of ``message``, which came from ``source`` and needs no settling (a
         broadcast), in the dead-letter queue with ``reason``; if it cannot be, only logged."""
-        log.warning(
-            "dead-lettered", queue=source, message_id=message.message_id, reason=reason[:500]
-        )
-        copy = copy_of(message, {REASON_HEADER: reason[:1000], QUEUE_HEADER: source})
+        copy = _dead_copy(source, message, reason)
         try:
             await asyncio.wait_for(
                 self.declared.dead.publish(copy, routing_key=source, mandatory=True),
