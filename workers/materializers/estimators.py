@@ -31,13 +31,18 @@ def _skops() -> Any:
     return skops.io
 
 
-def untrusted_error(names: list[str]) -> UntrustedTypes:
-    """The error that names the untrusted types and says how to trust them."""
+def _shown(names: list[str]) -> str:
+    """``names`` for an error: the first ``SHOWN_TYPES``, each cut short, and how many more."""
     shown = ", ".join(name[:200] for name in names[:SHOWN_TYPES])
     more = f" and {len(names) - SHOWN_TYPES} more" if len(names) > SHOWN_TYPES else ""
+    return shown + more
+
+
+def untrusted_error(names: list[str]) -> UntrustedTypes:
+    """The error that names the untrusted types and says how to trust them."""
     example = ", ".join(repr(name[:200]) for name in names[:2])
     return UntrustedTypes(
-        f"the stored estimator holds types that are not trusted: {shown}{more}. Loading "
+        f"the stored estimator holds types that are not trusted: {_shown(names)}. Loading "
         "builds them, which runs their code: if you trust them, pass "
         f"trust=[{example}{', ...' if len(names) > 2 else ''}] to the consuming @step, to "
         "run.load() or Client.load_artifact(), or --trust to conveyor artifact get",
@@ -85,7 +90,7 @@ class Skops:
         if elsewhere:
             raise UntrustedTypes(
                 "the stored estimator holds classes of a pipeline file "
-                f"({', '.join(name[:200] for name in elsewhere[:SHOWN_TYPES])}) as another "
+                f"({_shown(elsewhere)}) as another "
                 "process loaded it (a client running the script, or a worker running another "
                 "version of the pipeline's code), which this process has not loaded: they "
                 "cannot be built here whatever is trusted. Define such classes in a package "
