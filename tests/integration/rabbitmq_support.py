@@ -193,6 +193,22 @@ def release(markers: Path, name: str) -> None:
     (markers / f"release-{name}").touch()
 
 
+def cancel_while_its_step_runs(markers: Path, processes: Processes) -> str:
+    """Run ``waiting_chain``, cancel it with ``conveyor run cancel`` once its waiting step
+    runs, and wait until that step was stopped; the run's id."""
+    from tests.conftest import conveyor_cli
+
+    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:waiting_chain")
+    wait_until(lambda: any(n == "wait" for n, _ in starts(markers)), "the waiting step to start")
+    with Client() as client:
+        run_id = only_run(client).id
+    result = conveyor_cli("run", "cancel", run_id)
+    assert result.returncode == 0, result.stderr + processes.dump()
+    assert follower.wait(60) == 1
+    wait_until(lambda: (markers / "cancelled-wait").exists(), "the running step to be stopped")
+    return run_id
+
+
 class Process:
     """A ``conveyor`` command running in the background, its output in a log file."""
 

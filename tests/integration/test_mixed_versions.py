@@ -40,12 +40,11 @@ from tests.integration.rabbitmq_support import (
     PIPELINES,
     STACK,
     Processes,
+    cancel_while_its_step_runs,
     markers,
-    only_run,
     processes,
     register_stack,
     run_id_in,
-    starts,
     vhost,
     wait_until,
 )
@@ -186,14 +185,8 @@ def test_a_newer_controllers_run_cancellation_stops_its_steps_on_a_worker_that_c
     env = {TYPES_ENV: "AttemptsCancelled"}  # its steps this worker reads
     processes.controller("newer-controller", module=NEWER, **env)
     worker = processes.worker("w1")
-    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:waiting_chain")
-    wait_until(lambda: any(n == "wait" for n, _ in starts(markers)), "the waiting step to start")
+    run_id = cancel_while_its_step_runs(markers, processes)
     with Client() as client:
-        run_id = only_run(client).id
-        result = conveyor_cli("run", "cancel", run_id)
-        assert result.returncode == 0, result.stderr + processes.dump()
-        assert follower.wait(60) == 1
-        wait_until(lambda: (markers / "cancelled-wait").exists(), "the step to be stopped")
         assert client.get_run(run_id).status is RunStatus.CANCELLED
     worker.wait_for_log("attempts stopped")
     output = worker.output()

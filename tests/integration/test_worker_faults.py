@@ -20,6 +20,7 @@ from tests.integration.rabbitmq_support import (
     STACK,
     Process,
     Processes,
+    cancel_while_its_step_runs,
     markers,
     only_run,
     processes,
@@ -122,14 +123,8 @@ def test_run_cancel_stops_a_step_running_on_a_remote_worker(
     asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
     processes.controller()
     worker = processes.worker("w1")
-    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:waiting_chain")
-    wait_until(lambda: any(n == "wait" for n, _ in starts(markers)), "the waiting step to start")
+    run_id = cancel_while_its_step_runs(markers, processes)
     with Client() as client:
-        run_id = only_run(client).id
-        result = conveyor_cli("run", "cancel", run_id)
-        assert result.returncode == 0, result.stderr + processes.dump()
-        assert follower.wait(60) == 1
-        wait_until(lambda: (markers / "cancelled-wait").exists(), "the step to be cancelled")
         steps = {s.name: s.status for s in client.get_steps(run_id)}
     assert steps == {
         "seed": StepStatus.COMPLETED,
