@@ -328,12 +328,12 @@ class Client:
     ) -> list[ArtifactRecord]:
         async def call(s: Services) -> list[ArtifactRecord]:
             full_id = (await s.runs.get_run(run_id)).id if run_id else None
-            return await s.runs.list_artifacts(run_id=full_id, limit=limit)
+            return await s.artifacts.list_artifacts(run_id=full_id, limit=limit)
 
         return self._run(call)
 
     def get_artifact(self, artifact_id: str) -> ArtifactRecord:
-        return self._run(lambda s: s.runs.get_artifact(artifact_id))
+        return self._run(lambda s: s.artifacts.get_artifact(artifact_id))
 
     def _store_of(self, artifact: ArtifactRecord) -> ArtifactStore:
         run = self.get_run(artifact.run_id)

@@ -11,7 +11,7 @@ from conveyor.contracts import NotFoundError, RunRecord, RunStatus
 from conveyor.service.home import Home
 from conveyor.service.liveness import is_alive, this_process
 from conveyor.service.stacks import StackService
-from conveyor.service.store import Database, RunRequests, RunStore
+from conveyor.service.store import ArtifactRecords, Database, RunRequests, RunStore
 from conveyor.service.users import Actor, UserService
 
 
@@ -24,6 +24,7 @@ class Services:
     stacks: StackService
     runs: RunStore
     run_requests: RunRequests
+    artifacts: ArtifactRecords
     users: UserService
 
     @classmethod
@@ -39,6 +40,7 @@ class Services:
             StackService(db, resolved),
             RunStore(db),
             RunRequests(db),
+            ArtifactRecords(db),
             UserService(db),
         )
         try:

@@ -81,7 +81,7 @@ def _open(snapshot: dict[str, object], record: ArtifactRecord) -> BinaryIO:
 
 async def open_artifact(services: Services, artifact_id: str) -> ArtifactFile:
     """The artifact's bytes, verified, open for reading."""
-    record = await services.runs.get_artifact(artifact_id)
+    record = await services.artifacts.get_artifact(artifact_id)
     run = await services.runs.get_run(record.run_id)
     handle = await asyncio.to_thread(_open, run.stack_snapshot, record)
     return ArtifactFile(record, handle)
@@ -163,7 +163,7 @@ def _preview(located: ArtifactFile) -> ArtifactPreview:
 
 async def preview_artifact(services: Services, artifact_id: str) -> ArtifactPreview:
     """A look at a small JSON, str or numpy value; never unpickles, never reads big files."""
-    record = await services.runs.get_artifact(artifact_id)
+    record = await services.artifacts.get_artifact(artifact_id)
     materializer, size = record.ref.materializer, record.ref.size
     if materializer == "pickle":
         return _made(record, "none", note="pickled: not previewed, since loading it runs code")

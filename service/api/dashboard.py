@@ -230,7 +230,7 @@ async def step_logs(
 async def artifact_page(
     request: Request, artifact_id: str, state: ApiState = Depends(state_of)
 ) -> HTMLResponse:
-    artifact = await state.services.runs.get_artifact(artifact_id)
+    artifact = await state.services.artifacts.get_artifact(artifact_id)
     preview = await preview_artifact(state.services, artifact.id)
     run = await state.services.runs.get_run(artifact.run_id)
     return render(

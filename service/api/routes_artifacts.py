@@ -27,14 +27,16 @@ async def list_artifacts(
     """Step outputs, newest first; filter by run."""
     runs = state.services.runs
     full_id = (await runs.get_run(run_id)).id if run_id else None
-    found = await runs.list_artifacts(run_id=full_id, limit=paging.limit + 1, offset=paging.offset)
+    found = await state.services.artifacts.list_artifacts(
+        run_id=full_id, limit=paging.limit + 1, offset=paging.offset
+    )
     return paging.page(found)
 
 
 @router.get("/artifacts/{artifact_id}", response_model=ArtifactRecord)
 async def get_artifact(artifact_id: str, state: ApiState = Depends(state_of)) -> ArtifactRecord:
     """An artifact's metadata: its run and step, type, size, digest and location."""
-    return await state.services.runs.get_artifact(artifact_id)
+    return await state.services.artifacts.get_artifact(artifact_id)
 
 
 @router.get("/artifacts/{artifact_id}/preview", response_model=ArtifactPreview)

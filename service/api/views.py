@@ -178,7 +178,7 @@ async def run_detail(services: Services, run_id: str) -> RunDetail:
     """The run, masked, with each step's outputs linked to their artifacts."""
     run = await services.runs.get_run(run_id)
     steps = await services.runs.steps_of(run.id)
-    artifacts = await services.runs.list_artifacts(run_id=run.id, limit=100_000)
+    artifacts = await services.artifacts.list_artifacts(run_id=run.id, limit=100_000)
     ids = {(a.step_name, a.output_name): a.id for a in artifacts}
     counts: dict[str, int] = {}
     for step in steps:

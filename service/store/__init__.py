@@ -1,5 +1,6 @@
 """The metadata store: SQLite through aiosqlite."""
 
+from conveyor.service.store.artifacts import ArtifactRecords
 from conveyor.service.store.db import (
     Database,
     MetadataStoreError,
@@ -13,6 +14,7 @@ from conveyor.service.store.stacks import StackStore
 from conveyor.service.store.users import UserStore
 
 __all__ = [
+    "ArtifactRecords",
     "Database",
     "MetadataStoreError",
     "RunRequests",

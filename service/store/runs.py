@@ -1,4 +1,4 @@
-"""Runs, steps, artifacts and the outbox in the metadata store."""
+"""Runs, their steps and outputs, and the outbox in the metadata store."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import aiosqlite
 
 from conveyor.contracts import (
     FINISHED_RUN_STATUSES,
-    ArtifactRecord,
     ArtifactRef,
     ConflictError,
     Event,
@@ -28,6 +27,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.errors import shown
 from conveyor.service.scheduling import RunState, Transition
+from conveyor.service.store.artifacts import artifact_ref
 from conveyor.service.store.db import MAX_QUERY_KEYS, Database, Writes
 from conveyor.service.store.id_prefixes import (
     SHOWN_CANDIDATES,
@@ -80,17 +80,6 @@ def _run_record(row: aiosqlite.Row) -> RunRecord:
 
 def _ids(joined: str | None) -> list[str]:
     return sorted(joined.split(",")) if joined else []
-
-
-def _artifact_ref(row: aiosqlite.Row) -> ArtifactRef:
-    return ArtifactRef(
-        uri=row["uri"],
-        digest=row["digest"],
-        size=row["size"],
-        materializer=row["materializer"],
-        materializer_version=row["materializer_version"],
-        data_type=row["data_type"],
-    )
 
 
 SEEN = "runs_and_requests"
@@ -355,7 +344,7 @@ class RunStore:
         rows = await self.db.fetchall("SELECT * FROM artifacts WHERE run_id = ?", (run_id,))
         found: dict[str, dict[str, ArtifactRef]] = {}
         for row in rows:
-            found.setdefault(row["step_name"], {})[row["output_name"]] = _artifact_ref(row)
+            found.setdefault(row["step_name"], {})[row["output_name"]] = artifact_ref(row)
         return found
 
     async def steps_of(self, run_id: str) -> list[StepRecord]:
@@ -455,7 +444,7 @@ class RunStore:
                 (run_id, *chunk),
             )
             for row in rows:
-                found.setdefault(row["step_name"], {})[row["output_name"]] = _artifact_ref(row)
+                found.setdefault(row["step_name"], {})[row["output_name"]] = artifact_ref(row)
         return found
 
     async def load_state(self, run_id: str) -> RunState:
@@ -509,7 +498,7 @@ class RunStore:
             )
             for row in rows:
                 step = (row["run_id"], row["step_name"])
-                found.setdefault(step, {})[row["output_name"]] = _artifact_ref(row)
+                found.setdefault(step, {})[row["output_name"]] = artifact_ref(row)
         return found
 
     async def retried_steps(self, run_id: str) -> dict[str, tuple[str | None, str]]:
@@ -542,52 +531,6 @@ class RunStore:
             (stack_id, *ACTIVE),
         )
         return [row["id"] for row in rows]
-
-    async def list_artifacts(
-        self, *, run_id: str | None = None, limit: int = 100, offset: int = 0
-    ) -> list[ArtifactRecord]:
-        clause, params = ("WHERE run_id = ?", [run_id]) if run_id else ("", [])
-        rows = await self.db.fetchall(
-            f"SELECT * FROM artifacts {clause} ORDER BY created DESC LIMIT ? OFFSET ?",
-            (*params, limit, offset),
-        )
-        return [self._artifact_record(row) for row in rows]
-
-    async def get_artifact(self, artifact_id: str) -> ArtifactRecord:
-        """The artifact of this id, or of the one id that starts with it (for people)."""
-        check_typed_id("artifact", artifact_id)
-        row = await self.db.fetchone("SELECT * FROM artifacts WHERE id = ?", (artifact_id,))
-        if row is not None:
-            return self._artifact_record(row)
-        candidates: list[Candidate] = []
-        if could_match(artifact_id):
-            rows = await self.db.fetchall(
-                "SELECT id, run_id, step_name, output_name FROM artifacts"
-                " WHERE substr(id, 1, ?) = ? ORDER BY created DESC LIMIT ?",
-                (len(artifact_id), artifact_id, SHOWN_CANDIDATES + 1),
-            )
-            candidates = [
-                Candidate(r["id"], f"{r['step_name']}.{r['output_name']} of run {r['run_id']}")
-                for r in rows
-            ]
-        full_id = pick_id("artifact", artifact_id, candidates)
-        row = await self.db.fetchone("SELECT * FROM artifacts WHERE id = ?", (full_id,))
-        if row is None:  # deleted with its run since
-            raise NotFoundError(f"no artifact with id {shown(artifact_id)}")
-        return self._artifact_record(row)
-
-    @staticmethod
-    def _artifact_record(row: aiosqlite.Row) -> ArtifactRecord:
-        created = _dt(row["created"])
-        assert created is not None
-        return ArtifactRecord(
-            id=row["id"],
-            run_id=row["run_id"],
-            step_name=row["step_name"],
-            output_name=row["output_name"],
-            ref=_artifact_ref(row),
-            created=created,
-        )
 
     # --- who submitted a run (the server records it, beside the controller's writes) ---
 

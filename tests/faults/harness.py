@@ -293,7 +293,7 @@ class FaultStack:
         services = await Services.open(self.home)
         try:
             records = await services.runs.list_runs(limit=100_000)
-            artifacts = await services.runs.list_artifacts(limit=1_000_000)
+            artifacts = await services.artifacts.list_artifacts(limit=1_000_000)
         finally:
             await services.close()
         runs = {
@@ -347,7 +347,7 @@ def _host_port(url: str) -> tuple[str, int]:
 
 
 async def _outcome(services: Services, record: RunRecord) -> RunOutcome:
-    artifacts = await services.runs.list_artifacts(run_id=record.id, limit=100_000)
+    artifacts = await services.artifacts.list_artifacts(run_id=record.id, limit=100_000)
     per_step = Counter(a.step_name for a in artifacts)
     store = run_artifact_store(record.stack_snapshot)
     steps = []

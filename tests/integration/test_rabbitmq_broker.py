@@ -219,7 +219,7 @@ async def test_duplicated_completions_change_nothing_and_poison_goes_to_the_dead
         after = {s.name: s for s in await rig.services.runs.steps_of(run.id)}
     assert after["seed"] == before["seed"]
     assert [name for name, _ in starts(markers)] == ["seed", "gate", "last"]
-    artifacts = await rig.services.runs.list_artifacts()
+    artifacts = await rig.services.artifacts.list_artifacts()
     assert sorted(a.step_name for a in artifacts) == ["gated", "plus", "seed"]
 
     letters = await rig.dead_letters()
