@@ -33,7 +33,7 @@ from conveyor.contracts import (
     WorkerFacts,
 )
 from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH, MAX_TRACEBACK_LENGTH, trusted
-from conveyor.workers import materializers, step_logs, step_process
+from conveyor.workers import materializers, script_classes, step_logs, step_process
 from conveyor.workers.step_failures import (
     error_line,
     keep_head,
@@ -232,8 +232,11 @@ class StepExecutor:
             )
 
         values: dict[str, Any] = {}
-        for name, refs in ready.inputs.items():
-            values[name] = [load(r) for r in refs] if isinstance(refs, list) else load(refs)
+        if not ready.inputs:
+            return values
+        with script_classes.taken_from(self._resolver.code_at_hand(ready.step)):
+            for name, refs in ready.inputs.items():
+                values[name] = [load(r) for r in refs] if isinstance(refs, list) else load(refs)
         return values
 
     def _save_outputs(

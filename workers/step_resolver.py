@@ -33,6 +33,13 @@ from conveyor.contracts import (
 )
 from conveyor.workers.code_archive import installed_packages, packed_root
 from conveyor.workers.code_cache import CodeCache, default_cache_dir
+from conveyor.workers.script_classes import (
+    USERS_FILES,
+    ArchiveFiles,
+    CodeAtHand,
+    NoCode,
+    archive_module_name,
+)
 from conveyor.workers.steps import (
     FILE_MODULE_PREFIX,
     SHOWN_FILE,
@@ -174,12 +181,6 @@ def _of_environment(top: str) -> bool:
     )
 
 
-def _archive_module_name(digest: str, path: str) -> str:
-    # One name per (archive, file): two versions of the same script never share a module.
-    stem = re.sub(r"[^A-Za-z0-9_]", "_", path.removesuffix(".py"))
-    return f"{FILE_MODULE_PREFIX}{digest.partition(':')[2][:16]}_{stem}"
-
-
 def _exec_file(name: str, path: Path, shown: str) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -217,7 +218,7 @@ class _ArchiveImports:
 
     def file(self, root: Path, digest: str, path: str) -> types.ModuleType:
         """The module of the file ``path`` (posix, relative) of the archive at ``root``."""
-        name = _archive_module_name(digest, path)
+        name = archive_module_name(digest, path)
         location = root.joinpath(*path.split("/"))
         # Scripts import their siblings the way `python script.py` would let them.
         folders = [str(root)]
@@ -446,6 +447,17 @@ class StepResolver:
             return
         with _late_imports_from(self._extracted(step.code)):
             yield
+
+    def code_at_hand(self, step: StepSpec) -> CodeAtHand:
+        """Where the loads of ``step``'s inputs take the classes of pipeline files from: the
+        files of its run's code archive. A step compiled in this process (the embedded stack)
+        has its user's files; a step of a trusted package has none, and neither may a
+        message make this worker import a file it names."""
+        code = step.code
+        if code is not None and self._store is not None and self._known_definition(step) is None:
+            root = self._extracted(code)
+            return ArchiveFiles(root, lambda path: _IMPORTS.file(root, code.digest, path))
+        return USERS_FILES if self._in_process else NoCode()
 
     def _known_definition(self, step: StepSpec) -> StepDefinition | None:
         with self._lock:

@@ -112,7 +112,9 @@ def shown_path(path: Path) -> str:
         return str(path)
 
 
-def _load_file(path_text: str) -> types.ModuleType:
+def load_file(path_text: str) -> types.ModuleType:
+    """The module of the file ``path_text`` as this process loads a pipeline file by its
+    path (under a name of its absolute path), loaded once."""
     path = Path(path_text).expanduser().resolve()
     name = FILE_MODULE_PREFIX + hashlib.sha1(str(path).encode()).hexdigest()[:12]
     if name in sys.modules:
@@ -172,7 +174,7 @@ def load_reference(ref: str) -> Any:
         raise ConveyorError(f"{ref!r} is not a reference: use module:name or file.py:name")
     is_file = module_part.endswith(".py") or "/" in module_part
     try:
-        module = _load_file(module_part) if is_file else importlib.import_module(module_part)
+        module = load_file(module_part) if is_file else importlib.import_module(module_part)
     except ConveyorError as exc:
         raise ConveyorError(f"cannot import {ref!r}: {exc}") from None
     except Exception as exc:

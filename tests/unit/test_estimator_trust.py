@@ -75,16 +75,16 @@ def test_a_script_class_is_trusted_by_the_name_its_refusal_shows(script_model: s
     assert list(model.predict([[0.0], [3.0]])) == [0, 1]
 
 
-def test_a_script_class_this_process_has_not_loaded_is_refused_with_where_to_load_it(
+def test_a_script_class_this_process_has_not_loaded_is_built_from_the_file_it_trusts(
     script_model: str,
 ) -> None:
     """``conveyor artifact get`` of a model holding a class of ``features.py``: the CLI never
-    loaded that script, and no ``--trust`` can build its class there."""
+    loaded that script; trusted by its file, the class is the one of the file it names."""
     for name in [m for m in sys.modules if m.startswith(FILE_MODULE_PREFIX)]:
         del sys.modules[name]
-    with (
-        materializers.trusting(["features.py:Doubler"]),
-        pytest.raises(UntrustedTypes, match="which this process has not loaded") as refused,
-    ):
+    with pytest.raises(UntrustedTypes, match="trust them by it") as refused:
         Skops().load(script_model, REF)
-    assert "Define such classes in a package that every process imports" in str(refused.value)
+    assert "trust=['features.py:Doubler']" in str(refused.value)
+    with materializers.trusting(["features.py:Doubler"]):
+        model = Skops().load(script_model, REF)
+    assert type(model[0]) is load_reference("features.py:Doubler")

@@ -9,14 +9,21 @@ trusts it: ``@step(trust=[...])`` on the consuming step, ``run.load(..., trust=[
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterable
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from conveyor.contracts import ArtifactRef, ConveyorError
-from conveyor.workers import materializers
-from conveyor.workers.steps import FILE_MODULE_PREFIX, readable
+from conveyor.workers import materializers, script_classes
+from conveyor.workers.steps import readable
 
+SCHEMA = "schema.json"
+"""The member of a skops file that names its types (the rest are arrays)."""
 SHOWN_TYPES = 20
 """At most this many untrusted type names are quoted in the error."""
 
@@ -50,21 +57,67 @@ def untrusted_error(names: list[str]) -> UntrustedTypes:
     )
 
 
-def scripts_not_loaded(names: Iterable[str]) -> list[str]:
-    """The types of ``names`` that are classes of a pipeline script loaded by path (its
-    module name is generated) which this process has not loaded: no trust builds them."""
+def refused_types(
+    needed: Iterable[str], trusted: frozenset[str], stand_ins: Mapping[str, str] | None = None
+) -> list[str]:
+    """The types ``trusted`` does not cover. A class of a script loaded by path lives in a
+    generated module; it is trusted by that name or by the one its refusal shows the user
+    (``train.py:Doubler``), since that is the name the error tells them to pass, and so is
+    the class of the code at hand that stands in for it (``stand_ins``), by its own name."""
+    stand_ins = stand_ins or {}
     return sorted(
-        name
-        for name in names
-        if name.startswith(FILE_MODULE_PREFIX) and name.split(".", 1)[0] not in sys.modules
+        {name for name in needed if not {name, readable(name), stand_ins.get(name, name)} & trusted}
     )
 
 
-def refused_types(needed: Iterable[str], trusted: frozenset[str]) -> list[str]:
-    """The types ``trusted`` does not cover. A class of a script loaded by path lives in a
-    generated module; it is trusted by that name or by the one its refusal shows the user
-    (``train.py:Doubler``), since that is the name the error tells them to pass."""
-    return sorted({name for name in needed if not {name, readable(name)} & trusted})
+def _not_here(lost: list[str], code: script_classes.CodeAtHand) -> UntrustedTypes:
+    names = [script_classes.shown(name) for name in lost]
+    return UntrustedTypes(
+        f"the stored estimator holds classes of a pipeline file ({_shown(names)}) as another "
+        "process or another version of the pipeline's code loaded it. They are built with the "
+        f"classes of the same file of the code at hand, and {code.lacking(names)}. Else "
+        "define such classes in a package that every process imports (installed where the "
+        "steps run, or listed in the orchestrator's trusted_packages), or run the step that "
+        "made it again (--no-cache) so that this version of the code writes it",
+        retryable=False,
+    )
+
+
+@contextmanager
+def _renamed(path: str, renames: Mapping[str, str]) -> Iterator[str]:
+    """``path``, or a copy of it whose types of the modules ``renames`` names are those of
+    the modules it maps them to: skops looks a type up by its module's name."""
+    if not renames:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="conveyor-skops-") as folder:
+        copy = os.path.join(folder, "renamed.skops")
+        with zipfile.ZipFile(path) as source, zipfile.ZipFile(copy, "w") as target:
+            for info in source.infolist():
+                if info.filename == SCHEMA:
+                    schema = _rename(json.loads(source.read(info)), renames)
+                    target.writestr(info, json.dumps(schema))
+                    continue
+                with source.open(info) as read, target.open(info, "w") as write:
+                    shutil.copyfileobj(read, write, 1 << 20)
+        yield copy
+
+
+def _rename(node: Any, renames: Mapping[str, str]) -> Any:
+    if isinstance(node, list):
+        return [_rename(item, renames) for item in node]
+    if not isinstance(node, dict):
+        return node
+    renamed = {key: _rename(value, renames) for key, value in node.items()}
+    module = renamed.get("__module__")
+    if "__class__" in renamed and isinstance(module, str) and module in renames:
+        renamed["__module__"] = renames[module]
+    return renamed
+
+
+def _moved(type_name: str, renames: Mapping[str, str]) -> str:
+    module, _, name = type_name.rpartition(".")
+    return f"{renames[module]}.{name}" if module in renames else type_name
 
 
 class Skops:
@@ -86,20 +139,16 @@ class Skops:
     def load(self, path: str, ref: ArtifactRef) -> object:
         skops = _skops()
         needed = list(skops.get_untrusted_types(file=path))
-        elsewhere = scripts_not_loaded(needed)
-        if elsewhere:
-            raise UntrustedTypes(
-                "the stored estimator holds classes of a pipeline file "
-                f"({_shown(elsewhere)}) as another "
-                "process loaded it (a client running the script, or a worker running another "
-                "version of the pipeline's code), which this process has not loaded: they "
-                "cannot be built here whatever is trusted. Define such classes in a package "
-                "that every process imports (installed where the steps run, or listed in the "
-                "orchestrator's trusted_packages), or run the step that made it again "
-                "(--no-cache) so that this version of the code writes it",
-                retryable=False,
-            )
-        refused = refused_types(needed, materializers.trusted())
+        trusted = materializers.trusted()
+        code = script_classes.at_hand()
+        found = script_classes.stand_ins(needed, trusted, code)
+        if found.lost:
+            raise _not_here(found.lost, code)
+        refused = refused_types(needed, trusted, found.names)
         if refused:
-            raise untrusted_error(refused)
-        return skops.load(path, trusted=needed)
+            raise untrusted_error([found.names.get(name, name) for name in refused])
+        # Imported only now, for classes the load trusts.
+        renames = script_classes.renames(found.names, code)
+        now = [_moved(name, renames) for name in needed]
+        with _renamed(path, renames) as actual:
+            return skops.load(actual, trusted=now)
