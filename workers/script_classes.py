@@ -94,7 +94,7 @@ class CodeAtHand(Protocol):
     def module_of(self, reference: str) -> types.ModuleType:
         """The module of a reference ``file_of`` gave, imported if need be."""
 
-    def lacking(self, names: list[str]) -> str:
+    def lacking(self, names: list[str], trusted: frozenset[str]) -> str:
         """Why the classes ``names`` (as ``shown`` names them) were not found here."""
 
 
@@ -110,7 +110,7 @@ class NoCode:
     def module_of(self, reference: str) -> types.ModuleType:
         raise ScriptClassMissing(f"no pipeline file is at hand for {reference}", retryable=False)
 
-    def lacking(self, names: list[str]) -> str:
+    def lacking(self, names: list[str], trusted: frozenset[str]) -> str:
         return "the step that loads them ships no pipeline file to take them from"
 
 
@@ -143,8 +143,8 @@ class ArchiveFiles:
     def module_of(self, reference: str) -> types.ModuleType:
         return self._load(reference.rpartition(":")[0])
 
-    def lacking(self, names: list[str]) -> str:
-        return "the code of the run whose step loads them has no such file"
+    def lacking(self, names: list[str], trusted: frozenset[str]) -> str:
+        return "a step takes them from its own run's code, and this run's code has no such file"
 
     def _files(self) -> Iterator[str]:
         for folder, dirs, files in os.walk(self._root):
@@ -186,12 +186,25 @@ class UsersFiles:
             return main  # the script the user runs: its classes are the ones they hold
         return load_file(str(path))
 
-    def lacking(self, names: list[str]) -> str:
+    def lacking(self, names: list[str], trusted: frozenset[str]) -> str:
+        classes = {name.rpartition(":")[2] for name in names}
+        tried = sorted(
+            entry[:200]
+            for entry in trusted
+            if isinstance(entry, str)
+            and entry.rpartition(":")[2] in classes
+            and entry.rpartition(":")[0].endswith(".py")
+        )
+        if tried:
+            return (
+                f"a client takes them from the file it trusts them by, and {', '.join(tried)} "
+                "is not that file (there is no such file here, or it is another one)"
+            )
         example = ", ".join(repr(name[:200]) for name in names[:2])
         return (
-            "to build them with the classes of your copy of the file, trust them by it: "
-            f"trust=[{example}] to run.load() or Client.load_artifact(), or --trust for "
-            "conveyor artifact get (the file's path from the working directory)"
+            "a client takes them from the file it trusts them by, its path from the working "
+            f"directory: pass trust=[{example}] to run.load() or Client.load_artifact(), or "
+            "--trust to conveyor artifact get"
         )
 
 
@@ -292,7 +305,11 @@ def renames(names: dict[str, str], code: CodeAtHand) -> dict[str, str]:
         module = code.module_of(reference)
         if not isinstance(getattr(module, name, None), type | types.FunctionType):
             where = reference.rpartition(":")[0] or reference.rpartition(".")[0]
-            known = [k for k, v in vars(module).items() if isinstance(v, type)]
+            known = [
+                key
+                for key, value in vars(module).items()
+                if isinstance(value, type) and value.__module__ == module.__name__
+            ]
             raise ScriptClassMissing(
                 f"the stored estimator holds {reference}, and "
                 f"{missing_name(where + ' (the code at hand)', name, known, kind='class')}: "

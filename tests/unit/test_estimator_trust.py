@@ -82,7 +82,7 @@ def test_a_script_class_this_process_has_not_loaded_is_built_from_the_file_it_tr
     loaded that script; trusted by its file, the class is the one of the file it names."""
     for name in [m for m in sys.modules if m.startswith(FILE_MODULE_PREFIX)]:
         del sys.modules[name]
-    with pytest.raises(UntrustedTypes, match="trust them by it") as refused:
+    with pytest.raises(UntrustedTypes, match="from the file it trusts them by") as refused:
         Skops().load(script_model, REF)
     assert "trust=['features.py:Doubler']" in str(refused.value)
     with materializers.trusting(["features.py:Doubler"]):

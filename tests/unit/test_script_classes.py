@@ -195,3 +195,18 @@ def test_a_client_loads_the_model_with_the_class_of_the_file_it_trusts(
     assert getattr(sys.modules[type(model[0]).__module__], "VERSION", None) == 3
     assert sys.modules[type(model[0]).__module__].__file__ == str(project / "mk.py")
     assert list(model.predict([[0.0], [3.0]])) == [0, 1]
+
+
+def test_a_client_that_trusts_another_file_is_told_it_is_not_the_one(
+    versions: Versions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_file = versions.model(versions.code(1))
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "other.py").write_text(FLOW.format(version=3, marker=str(versions.marker)))
+    monkeypatch.chdir(project)
+    for trust in (["other.py:Doubler"], ["mk.py:Doubler"]):  # another file; no such file
+        with materializers.trusting(trust), pytest.raises(UntrustedTypes) as refused:
+            Skops().load(model_file, REF)
+        assert f"{trust[0]} is not that file" in str(refused.value)
+    assert not versions.marker.exists()

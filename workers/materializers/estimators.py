@@ -4,7 +4,9 @@ JSON and arrays, and loading it builds only the types the reader trusts.
 skops trusts scikit-learn's own estimators and numpy's and scipy's types. Any other type in
 the file (a transformer of your own, a function) is refused, naming it, unless the load
 trusts it: ``@step(trust=[...])`` on the consuming step, ``run.load(..., trust=[...])``,
-``Client.load_artifact(..., trust=[...])`` or ``conveyor artifact get --trust NAME``.
+``Client.load_artifact(..., trust=[...])`` or ``conveyor artifact get --trust NAME``. A class
+of a pipeline file is built with the same file's class of the code at hand (see
+``script_classes``), trusted by its file name (``mk.py:Doubler``).
 """
 
 from __future__ import annotations
@@ -70,15 +72,18 @@ def refused_types(
     )
 
 
-def _not_here(lost: list[str], code: script_classes.CodeAtHand) -> UntrustedTypes:
+def _not_here(
+    lost: list[str], trusted: frozenset[str], code: script_classes.CodeAtHand
+) -> UntrustedTypes:
     names = [script_classes.shown(name) for name in lost]
     return UntrustedTypes(
-        f"the stored estimator holds classes of a pipeline file ({_shown(names)}) as another "
-        "process or another version of the pipeline's code loaded it. They are built with the "
-        f"classes of the same file of the code at hand, and {code.lacking(names)}. Else "
-        "define such classes in a package that every process imports (installed where the "
-        "steps run, or listed in the orchestrator's trusted_packages), or run the step that "
-        "made it again (--no-cache) so that this version of the code writes it",
+        f"the stored estimator holds classes of a pipeline file ({_shown(names)}) under the "
+        "name another process, or another version of the pipeline's code, gave that file. "
+        "They are built with the classes of the same file of the code at hand: "
+        f"{code.lacking(names, trusted)}. Else define such classes in a package that every "
+        "process imports (installed where the steps run, or listed in the orchestrator's "
+        "trusted_packages), or run the step that made it again (--no-cache) so that this "
+        "version of the code writes it",
         retryable=False,
     )
 
@@ -143,7 +148,7 @@ class Skops:
         code = script_classes.at_hand()
         found = script_classes.stand_ins(needed, trusted, code)
         if found.lost:
-            raise _not_here(found.lost, code)
+            raise _not_here(found.lost, trusted, code)
         refused = refused_types(needed, trusted, found.names)
         if refused:
             raise untrusted_error([found.names.get(name, name) for name in refused])
