@@ -15,6 +15,7 @@ because stored bytes name it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import os
@@ -131,7 +132,7 @@ class ArchiveFiles:
         found = _ARCHIVE_MODULE.fullmatch(module)
         if found is None:
             return None
-        files = [path for path in self._files() if file_stem(path) == found.group(2)]
+        files = [path for path in self._files if file_stem(path) == found.group(2)]
         if len(files) > 1:
             raise ScriptClassMissing(
                 f"the run's code has several files that could hold {shown(module + '.' + name)} "
@@ -146,12 +147,18 @@ class ArchiveFiles:
     def lacking(self, names: list[str], trusted: frozenset[str]) -> str:
         return "a step takes them from its own run's code, and this run's code has no such file"
 
-    def _files(self) -> Iterator[str]:
+    @functools.cached_property
+    def _files(self) -> list[str]:
+        """The archive's Python files, by their paths in it (read once, for one load)."""
+        found = []
         for folder, dirs, files in os.walk(self._root):
             dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
-            for file in files:
-                if file.endswith(".py"):
-                    yield Path(folder, file).relative_to(self._root).as_posix()
+            found += [
+                Path(folder, file).relative_to(self._root).as_posix()
+                for file in files
+                if file.endswith(".py")
+            ]
+        return found
 
 
 class UsersFiles:
