@@ -5,6 +5,7 @@ the next version on a fresh worker, in the client (``run.load``) and in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -81,8 +82,6 @@ def steps_of(run_id: str) -> dict[str, dict[str, object]]:
 def test_a_cached_model_of_a_script_class_loads_in_the_next_version_and_the_client(
     vhost: str, tmp_path: Path, processes: Processes
 ) -> None:
-    import asyncio
-
     asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
     processes.controller()
     first_worker = processes.worker("w1")
