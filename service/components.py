@@ -183,19 +183,24 @@ class ComponentRules:
             await self.store.save_component(conn, renamed)
         return renamed
 
+    async def deletable_component(self, type_: ComponentType, name: str) -> ComponentSpec:
+        """The component ``name`` if the rules let it be deleted, else the error why not."""
+        component = await self._changeable_component(type_, name)
+        users = await self.stacks_using(component.id)
+        if users:
+            raise ConflictError(
+                f"{label(type_)} {component.name!r} is used by stack"
+                f"{'s' if len(users) > 1 else ''} {', '.join(repr(u) for u in users)}; "
+                "remove it from "
+                f"{'those stacks' if len(users) > 1 else 'that stack'} or delete "
+                f"{'them' if len(users) > 1 else 'it'} first"
+            )
+        return component
+
     async def delete_component(self, type_: ComponentType, name: str) -> None:
         """Delete a component that no stack uses; the error names the stacks that do."""
         async with self.db.transaction() as conn:
-            component = await self._changeable_component(type_, name)
-            users = await self.stacks_using(component.id)
-            if users:
-                raise ConflictError(
-                    f"{label(type_)} {component.name!r} is used by stack"
-                    f"{'s' if len(users) > 1 else ''} {', '.join(repr(u) for u in users)}; "
-                    "remove it from "
-                    f"{'those stacks' if len(users) > 1 else 'that stack'} or delete "
-                    f"{'them' if len(users) > 1 else 'it'} first"
-                )
+            component = await self.deletable_component(type_, name)
             await self.store.delete_component(conn, component.id)
 
     async def _changeable_component(self, type_: ComponentType, name: str) -> ComponentSpec:

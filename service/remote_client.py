@@ -270,6 +270,11 @@ class RemoteClient(Client):
         path = _component_path(type_, name) + "/rename"
         return _component(self._json("POST", path, json={"new_name": new_name}))
 
+    def deletable_component(self, type_: TypeName, name: str) -> ComponentSpec:
+        # Asked before a confirmation, as for a stack.
+        self.request("DELETE", _component_path(type_, name), params={"dry_run": "true"})
+        return self.get_component(type_, name)
+
     def delete_component(self, type_: TypeName, name: str) -> None:
         self.request("DELETE", _component_path(type_, name))
 

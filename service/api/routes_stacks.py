@@ -214,10 +214,17 @@ async def share_component(
 
 @router.delete("/components/{type}/{name}", status_code=204, tags=["components"])
 async def delete_component(
-    type: ComponentType, name: str, services: Services = Depends(api_services)
+    type: ComponentType,
+    name: str,
+    dry_run: bool = Query(False, description="Only check that the rules let it be deleted"),
+    services: Services = Depends(api_services),
 ) -> Response:
-    """Delete a component that no stack uses (409 names the stacks that do)."""
-    await services.stacks.delete_component(type, name)
+    """Delete a component that no stack uses (409 names the stacks that do). With
+    ``dry_run``, the answer is the same (204, or the error why not) and nothing changes."""
+    if dry_run:
+        await services.stacks.deletable_component(type, name)
+    else:
+        await services.stacks.delete_component(type, name)
     return Response(status_code=204)
 
 

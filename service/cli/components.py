@@ -18,7 +18,9 @@ import typer
 from conveyor.contracts.enums import ComponentType, label
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
+    YES_OPTION,
     OutputFormat,
+    confirm,
     emit,
     fail,
     status,
@@ -49,6 +51,7 @@ class ComponentCommand:
     example: str  # a component name used in the examples
     register_example: str
     update_example: str
+    delete_note: str  # what a delete keeps, in its question
 
 
 COMMANDS = (
@@ -58,6 +61,7 @@ COMMANDS = (
         "fast",
         "--flavor local --concurrency=8",
         "--concurrency=2",
+        "Past runs keep its configuration.",
     ),
     ComponentCommand(
         ComponentType.ARTIFACT_STORE,
@@ -65,6 +69,7 @@ COMMANDS = (
         "nfs",
         "--flavor local --path=/mnt/artifacts",
         "--path=/srv/artifacts",
+        "The artifacts in it are kept.",
     ),
 )
 
@@ -337,14 +342,17 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
         set_shared(ctx, name, False)
 
     @app.command(
-        "delete", help=f"Delete an {kind} that no stack uses.\n\nExample: {cmd} delete {ex}"
+        "delete", help=f"Delete an {kind} that no stack uses.\n\nExample: {cmd} delete {ex} -y"
     )
     def delete(
-        ctx: typer.Context, name: str = typer.Argument(..., help=f"Name or id of the {kind}")
+        ctx: typer.Context,
+        name: str = typer.Argument(..., help=f"Name or id of the {kind}"),
+        yes: bool = YES_OPTION,
     ) -> None:
         with user_errors():
             c = client(ctx)
-            component = c.get_component(type_, name)
+            component = c.deletable_component(type_, name)
+            confirm(f"Delete {kind} '{component.name}'? {spec.delete_note}", yes)
             c.delete_component(type_, component.name)
         status().print(f"Deleted {kind} '{component.name}'.")
 

@@ -13,7 +13,9 @@ from conveyor.contracts import ComponentType
 from conveyor.service.cli.components import column, shown
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
+    YES_OPTION,
     OutputFormat,
+    confirm,
     emit,
     fail,
     status,
@@ -364,7 +366,7 @@ def copy(
 def delete(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Name or id of the stack"),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation"),
+    yes: bool = YES_OPTION,
 ) -> None:
     """Delete a stack (not its components, not its runs); never the default or active one.
 
@@ -372,12 +374,8 @@ def delete(
     """
     with user_errors():
         c = client(ctx)
-        # The rules first: asking to confirm what would be refused anyway wastes the answer.
         stack = c.deletable_stack(name)
-        if not yes:
-            typer.confirm(
-                f"Delete stack '{stack.name}'? Its components are kept.", abort=True, err=True
-            )
+        confirm(f"Delete stack '{stack.name}'? Its components are kept.", yes)
         c.delete_stack(stack.name)
     status().print(f"Deleted stack '{stack.name}'.")
 
