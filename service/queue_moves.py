@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from conveyor.contracts import ConflictError, StackSpec
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.queue_removal import remove_queues
 from conveyor.workers.stack_probes import QueueReport, queue_report, queues_place
 
@@ -93,9 +94,7 @@ async def remove_old_queues(stack: StackSpec, pools: Iterable[str], done: str) -
     removal = await remove_queues(stack, pools)
     if removal is None:
         return
-    import structlog  # not at import time: every stack command imports this module
-
-    log = structlog.get_logger("conveyor.stacks").bind(stack=stack.name, done=done)
+    log = get_logger("conveyor.stacks").bind(stack=stack.name, done=done)
     if removal.problem is not None:
         log.warning("old queues not removed; delete them on the broker", problem=removal.problem)
     elif removal.kept:

@@ -39,10 +39,11 @@ from conveyor.contracts import (
 )
 from conveyor.workers import step_logs
 from conveyor.workers.execution import StepExecutor
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.release import attempt_refused, cancelled_run, cannot_read
 from conveyor.workers.step_resolver import StepResolver
 
-log = structlog.get_logger("conveyor.worker")
+log = get_logger("conveyor.worker")
 
 Outcome = StepSucceeded | StepFailed
 Attempt = tuple[str, str, int]
