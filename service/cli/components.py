@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import types
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
@@ -23,6 +24,7 @@ from conveyor.service.cli.output import (
     confirm,
     emit,
     fail,
+    noted_if_slow,
     status,
     table,
     user_errors,
@@ -33,12 +35,14 @@ from conveyor.service.cli.state import client
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
+    from conveyor.contracts import ComponentSpec
     from conveyor.service.public_records import ComponentView
     from conveyor.workers.flavors import Flavor
 
 # The records, flavors and pydantic are imported in the commands that use them: building
 # these commands (for `conveyor --help` too) needs none of them.
 
+ORCHESTRATOR = ComponentType.ORCHESTRATOR
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -146,6 +150,27 @@ def _is_bool(annotation: Any) -> bool:
     if get_origin(annotation) in (Union, types.UnionType):
         return any(_is_bool(a) for a in get_args(annotation))
     return annotation is bool
+
+
+def asking_the_broker(
+    orchestrator: ComponentSpec, stacks: str, otherwise: str
+) -> AbstractContextManager[None]:
+    """While a change asks a rabbitmq ``orchestrator``'s broker whether anything consumes the
+    queues of ``stacks``: what it waits for and what is done ``otherwise``, said once the
+    broker is slow to answer (a port nothing listens on refuses at once; a host that drops
+    the packets is waited for)."""
+    from conveyor.workers.stack_probes import PROBE_TIMEOUT_S, broker_address
+
+    where = broker_address(orchestrator) if orchestrator.type is ORCHESTRATOR else None
+    if where is None:
+        return nullcontext()
+    return noted_if_slow(
+        f"Waiting for RabbitMQ at {where} to answer (at most {PROBE_TIMEOUT_S:g}s): does "
+        f"anything still consume the queues of {stacks}? Without an answer, {otherwise}."
+    )
+
+
+MOVED_ALL_THE_SAME = "the change is made all the same and the old queues stay on the broker"
 
 
 def _config_table(config: dict[str, Any]) -> object:
@@ -299,7 +324,9 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
             current = c.get_component(type_, name)
             found = FLAVORS.get((type_, current.flavor))
             config = parse_config(ctx.args, found.config_model if found else None)
-            component = c.update_component(type_, current.name, config)
+            # Another broker, virtual host or prefix moves the queues of its stacks.
+            with asking_the_broker(current, "the stacks that use it", MOVED_ALL_THE_SAME):
+                component = c.update_component(type_, current.name, config)
         status().print(f"Updated {kind} '{component.name}'.")
         status().print(_config_table(masked_config(component)))
 
