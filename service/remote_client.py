@@ -271,9 +271,10 @@ class RemoteClient(Client):
         return _component(self._json("POST", path, json={"new_name": new_name}))
 
     def deletable_component(self, type_: TypeName, name: str) -> ComponentSpec:
-        # Asked before a confirmation, as for a stack.
-        self.request("DELETE", _component_path(type_, name), params={"dry_run": "true"})
-        return self.get_component(type_, name)
+        # Asked before a confirmation, as for a stack; a read, which a server from before
+        # the check answers without it (the DELETE then refuses what it must).
+        found = self._json("GET", _component_path(type_, name), params={"deletable": "true"})
+        return _component(found)
 
     def delete_component(self, type_: TypeName, name: str) -> None:
         self.request("DELETE", _component_path(type_, name))

@@ -178,9 +178,21 @@ async def register_component(
 
 @router.get("/components/{type}/{name}", response_model=ComponentView, tags=["components"])
 async def get_component(
-    type: ComponentType, name: str, services: Services = Depends(api_services)
+    type: ComponentType,
+    name: str,
+    deletable: bool = Query(
+        False, description="Refuse (as a DELETE would: 409, 403) unless it may be deleted"
+    ),
+    services: Services = Depends(api_services),
 ) -> ComponentView:
-    return await _component(services, await services.stacks.get_component(type, name))
+    """A component. With ``deletable``, only if the rules let it be deleted: the CLI asks
+    before its confirmation. A read, not a DELETE with a dry-run flag: a server from before
+    the flag ignores it and only answers, where it would have deleted."""
+    if deletable:
+        component = await services.stacks.deletable_component(type, name)
+    else:
+        component = await services.stacks.get_component(type, name)
+    return await _component(services, component)
 
 
 @router.patch("/components/{type}/{name}", response_model=ComponentView, tags=["components"])
@@ -214,17 +226,10 @@ async def share_component(
 
 @router.delete("/components/{type}/{name}", status_code=204, tags=["components"])
 async def delete_component(
-    type: ComponentType,
-    name: str,
-    dry_run: bool = Query(False, description="Only check that the rules let it be deleted"),
-    services: Services = Depends(api_services),
+    type: ComponentType, name: str, services: Services = Depends(api_services)
 ) -> Response:
-    """Delete a component that no stack uses (409 names the stacks that do). With
-    ``dry_run``, the answer is the same (204, or the error why not) and nothing changes."""
-    if dry_run:
-        await services.stacks.deletable_component(type, name)
-    else:
-        await services.stacks.delete_component(type, name)
+    """Delete a component that no stack uses (409 names the stacks that do)."""
+    await services.stacks.delete_component(type, name)
     return Response(status_code=204)
 
 
