@@ -64,7 +64,7 @@ def test_an_applications_own_configuration_stays_and_conveyor_logs_through_it(
     tmp_path: Path,
 ) -> None:
     app = (
-        "import logging, structlog\n"
+        "import logging, structlog, sys\n"
         "structlog.configure(\n"
         "    processors=[structlog.processors.KeyValueRenderer(key_order=['event'])],\n"
         "    wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),\n"
@@ -72,9 +72,13 @@ def test_an_applications_own_configuration_stays_and_conveyor_logs_through_it(
         "before = structlog.get_config()\n"
         "logging.basicConfig(level=logging.ERROR)\n"
         "handlers = list(logging.getLogger().handlers)\n"
+        "streams = (sys.stdout, sys.stderr)\n"
         + EMBED
         + "assert structlog.get_config() == before, 'Conveyor reconfigured structlog'\n"
         "assert logging.getLogger().level == logging.ERROR\n"
+        # What the embedded worker pool wrapped to record steps' output, it gave back.
+        "assert logging.getLogger().handlers == handlers, logging.getLogger().handlers\n"
+        "assert (sys.stdout, sys.stderr) == streams, 'stdout or stderr still wrapped'\n"
     )
     done = embedding(app, tmp_path)
     # The application asked for INFO as key=value lines on stdout: Conveyor's come so.
