@@ -212,9 +212,9 @@ class RemoteClient(Client):
         return _stack(self._json("POST", f"/api/stacks/{_path(source)}/copy", json=body))
 
     def deletable_stack(self, name: str) -> StackSpec:
-        # Asked before a confirmation: what would be refused anyway is told first.
-        self.request("DELETE", f"/api/stacks/{_path(name)}", params={"dry_run": "true"})
-        return self.get_stack(name)
+        # Asked before a confirmation: what would be refused anyway is told first. A read,
+        # not a DELETE with dry_run: a server from before that flag deleted at once.
+        return _stack(self._json("GET", f"/api/stacks/{_path(name)}", params={"deletable": "true"}))
 
     def delete_stack(self, name: str) -> None:
         self.request("DELETE", f"/api/stacks/{_path(name)}")
