@@ -14,15 +14,14 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import structlog
-
 from conveyor.service.store import Database, Writes, is_store_failure, store_error
 from conveyor.service.unreadable import Inbound
 from conveyor.workers.backoff import Backoff
+from conveyor.workers.loggers import get_logger
 
 # The controller's own logger: these are the controller's decisions, and operators filter
 # its logs by this name.
-log = structlog.get_logger("conveyor.controller")
+log = get_logger("conveyor.controller")
 
 BACK_OFF_S = 0.5
 """First pause after a batch failed for want of the store or the broker; it doubles with

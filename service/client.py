@@ -198,6 +198,10 @@ class Client:
     def rename_component(self, type_: TypeName, name: str, new_name: str) -> ComponentSpec:
         return self._run(lambda s: s.stacks.rename_component(parse_type(type_), name, new_name))
 
+    def deletable_component(self, type_: TypeName, name: str) -> ComponentSpec:
+        """The component ``name`` if it may be deleted; else the error deleting it would raise."""
+        return self._run(lambda s: s.stacks.deletable_component(parse_type(type_), name))
+
     def delete_component(self, type_: TypeName, name: str) -> None:
         """Delete a component that no stack uses."""
         self._run(lambda s: s.stacks.delete_component(parse_type(type_), name))

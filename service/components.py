@@ -26,8 +26,8 @@ from conveyor.contracts.enums import label
 from conveyor.contracts.errors import shown
 from conveyor.service.queue_moves import (
     MAX_CHECKED_POOLS,
+    after_move,
     check_queues_kept,
-    remove_old_queues,
 )
 from conveyor.service.store import Database, StackStore
 from conveyor.workers.flavors import Flavor, flavors_of, get_flavor
@@ -151,8 +151,9 @@ class ComponentRules:
         for stack in await self._stacks_with(component.id):
             after = stack.model_copy(update={"components": {**stack.components, type_: updated}})
             pools = await self.store.pools_used(stack.id, MAX_CHECKED_POOLS)
-            if await check_queues_kept(stack, after, pools):
-                moved.append((stack, pools))
+            check = await check_queues_kept(stack, after, pools)
+            if check is not None:
+                moved.append((stack, pools, check))
         async with self.db.transaction() as conn:
             if await self._changeable_component(type_, name) != component:
                 raise ConflictError(
@@ -160,8 +161,8 @@ class ComponentRules:
                     "stacks were checked; try again"
                 )
             await self.store.save_component(conn, updated)
-        for stack, pools in moved:
-            await remove_old_queues(stack, pools, "moved to other queues")
+        for stack, pools, check in moved:
+            await after_move(stack, pools, "moved to other queues", check)
         return updated
 
     @staticmethod
@@ -183,19 +184,24 @@ class ComponentRules:
             await self.store.save_component(conn, renamed)
         return renamed
 
+    async def deletable_component(self, type_: ComponentType, name: str) -> ComponentSpec:
+        """The component ``name`` if the rules let it be deleted, else the error why not."""
+        component = await self._changeable_component(type_, name)
+        users = await self.stacks_using(component.id)
+        if users:
+            raise ConflictError(
+                f"{label(type_)} {component.name!r} is used by stack"
+                f"{'s' if len(users) > 1 else ''} {', '.join(repr(u) for u in users)}; "
+                "remove it from "
+                f"{'those stacks' if len(users) > 1 else 'that stack'} or delete "
+                f"{'them' if len(users) > 1 else 'it'} first"
+            )
+        return component
+
     async def delete_component(self, type_: ComponentType, name: str) -> None:
         """Delete a component that no stack uses; the error names the stacks that do."""
         async with self.db.transaction() as conn:
-            component = await self._changeable_component(type_, name)
-            users = await self.stacks_using(component.id)
-            if users:
-                raise ConflictError(
-                    f"{label(type_)} {component.name!r} is used by stack"
-                    f"{'s' if len(users) > 1 else ''} {', '.join(repr(u) for u in users)}; "
-                    "remove it from "
-                    f"{'those stacks' if len(users) > 1 else 'that stack'} or delete "
-                    f"{'them' if len(users) > 1 else 'it'} first"
-                )
+            component = await self.deletable_component(type_, name)
             await self.store.delete_component(conn, component.id)
 
     async def _changeable_component(self, type_: ComponentType, name: str) -> ComponentSpec:

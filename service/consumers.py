@@ -12,12 +12,11 @@ import asyncio
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-import structlog
-
 from conveyor.contracts import DEFAULT_POOL, StackSpec, Topology
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.stack_probes import queue_report
 
-log = structlog.get_logger("conveyor.consumers")
+log = get_logger("conveyor.consumers")
 
 FIRST_LOOK_S = 1.0
 """How long a run may wait before its missing consumers are told."""

@@ -13,6 +13,7 @@ from conveyor.service.liveness import is_alive, this_process
 from conveyor.service.stacks import StackService
 from conveyor.service.store import ArtifactRecords, Database, RunRequests, RunStore
 from conveyor.service.users import Actor, UserService
+from conveyor.workers.loggers import get_logger
 
 
 @dataclass
@@ -103,10 +104,7 @@ class Services:
             if not is_alive(pid, token):
                 reason = f"the process that ran it (pid {pid}) died before the run finished"
                 await self.runs.fail_abandoned(run_id, reason)
-                # Imported here: the CLI's listings start faster without structlog.
-                import structlog
-
-                structlog.get_logger("conveyor").warning(
+                get_logger("conveyor").warning(
                     "run abandoned by a dead process", run_id=run_id, pid=pid
                 )
                 failed.append(run_id)

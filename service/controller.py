@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 
-import structlog
-
 from conveyor.contracts import (
     ArtifactStore,
     Broker,
@@ -52,9 +50,10 @@ from conveyor.service.store import (
 )
 from conveyor.service.unreadable import Inbound, UnreadableMessage, stand_in
 from conveyor.workers.code_archive import attach_code
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.steps import readable
 
-log = structlog.get_logger("conveyor.controller")
+log = get_logger("conveyor.controller")
 
 MAX_BATCH = 512
 INBOX_PREFETCH = 4096

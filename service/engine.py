@@ -12,8 +12,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from conveyor.contracts import (
     FINISHED_RUN_STATUSES,
     ArtifactStore,
@@ -44,7 +42,6 @@ from conveyor.service.home import Home
 from conveyor.service.idempotency import check_reused_key
 from conveyor.service.liveness import this_process
 from conveyor.service.login import no_engine_when_logged_in, read_login
-from conveyor.service.logs import configure_logging
 from conveyor.service.pipelines import PipelineDefinition, load_pipeline
 from conveyor.workers.code_archive import attach_code
 from conveyor.workers.execution import load_artifact
@@ -55,12 +52,13 @@ from conveyor.workers.flavors import (
     make_broker,
     orchestrator_config,
 )
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.release import cannot_read
 from conveyor.workers.runtime import WorkerPool
 from conveyor.workers.step_resolver import StepResolver
 from conveyor.workers.steps import StepDefinition
 
-log = structlog.get_logger("conveyor.engine")
+log = get_logger("conveyor.engine")
 
 WITHDRAW_TIMEOUT_S = 3.0
 """How long an interrupted caller waits for the broker to take a run's cancellation."""
@@ -339,6 +337,9 @@ class AsyncRun:
 class Conveyor:
     """Submit and follow runs on one stack from inside an asyncio program.
 
+    It leaves the program's logging as it is: structlog is configured by the program (or by
+    ``conveyor.service.logs.configure_logging`` when the program asks for it), never here.
+
     ``async with Conveyor() as cv: run = await cv.submit(my_pipeline, x=1); await run.wait()``
     """
 
@@ -397,8 +398,6 @@ class Conveyor:
             login = read_login(Home.resolve())
             if login is not None:
                 raise no_engine_when_logged_in(login)
-        if not structlog.is_configured():
-            configure_logging()
         self._services = services = await Services.open(self._home)
         try:
             self.stack = stack = await services.stacks.resolve(self._stack_name)

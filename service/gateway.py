@@ -25,8 +25,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
 from conveyor.contracts import (
     FINISHED_RUN_STATUSES,
     ComponentType,
@@ -49,9 +47,10 @@ from conveyor.service.liveness import this_process
 from conveyor.service.pipelines import PipelineTooLarge, load_pipeline
 from conveyor.service.stacks import StackService
 from conveyor.workers.flavors import get_flavor
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.steps import StepDefinition, readable
 
-log = structlog.get_logger("conveyor.server")
+log = get_logger("conveyor.server")
 
 RESERVED_PARAMETERS = frozenset({"idempotency_key", "on_step", "cache"})
 MAX_COMPILING = 2

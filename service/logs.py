@@ -1,37 +1,35 @@
-"""Structured logs: structlog with run id, step and attempt bound by the worker runtime."""
+"""structlog configured for a whole process, by its entry point: the CLI, ``worker start``,
+``server up``, a benchmark. An application that embeds Conveyor configures its own, or asks
+for this one; ``Conveyor.start()`` never configures it (``workers/loggers.py``)."""
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-LEVEL_ENV = "CONVEYOR_LOG_LEVEL"
+from conveyor.workers.loggers import LEVEL_ENV, level_number, processors
+
+__all__ = ["LEVEL_ENV", "configure_logging", "configure_logging_when_used"]
 
 
 def configure_logging(level: str | None = None, *, json: bool | None = None) -> None:
-    """Log to stderr; JSON lines when not on a terminal (or with ``json=True``)."""
+    """Configure structlog for the whole process: log to stderr, JSON lines when not on a
+    terminal (or with ``json=True``), from ``level`` (else ``$CONVEYOR_LOG_LEVEL``, else
+    WARNING) up.
+
+    For a process's entry point (the CLI, ``worker start``, ``server up``, a benchmark) or an
+    application that wants its structlog configured so; ``Conveyor.start()`` never calls it.
+    """
     import structlog
 
-    name = (level or os.environ.get(LEVEL_ENV) or "WARNING").upper()
     as_json = json if json is not None else not sys.stderr.isatty()
-    renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
-    )
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[name]),
+        processors=processors(as_json),
+        wrapper_class=structlog.make_filtering_bound_logger(level_number(level)),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )

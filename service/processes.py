@@ -11,8 +11,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from conveyor.contracts import ComponentSpec, ComponentType, StackSpec, ValidationError
 from conveyor.service.context import Services
 from conveyor.service.controller import Controller
@@ -21,6 +19,7 @@ from conveyor.service.stack_files import parse_export, read_export_file
 from conveyor.workers.broker_rabbitmq import RabbitMQBroker
 from conveyor.workers.flavors import get_flavor, make_artifact_store
 from conveyor.workers.heap import settle_after_start
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.process import (
     EXIT_OK,
     Signals,
@@ -30,7 +29,7 @@ from conveyor.workers.process import (
 )
 from conveyor.workers.secrets import masked_paths
 
-log = structlog.get_logger("conveyor.process")
+log = get_logger("conveyor.process")
 
 
 def read_stack_file(path: Path, url: str | None = None) -> dict[str, Any]:

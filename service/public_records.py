@@ -1,7 +1,8 @@
 """Records as they leave Conveyor: one shape each for the CLI's ``--output json`` and the HTTP
 API, every configuration masked.
 
-Runs, steps and artifacts leave as their contract models (a run's stack snapshot masked);
+Runs, steps and artifacts leave as their contract models (a run's stack snapshot masked, the
+folder of its spec for those who may retry it only);
 stacks, components and flavors as the views below, which add what a reader needs beside the
 record (is it the active stack, which stacks use a component). Every stack, component and run
 snapshot is masked here, so the masking rule (``workers.flavors.masked_config``) is applied in
@@ -11,12 +12,15 @@ one place. Nothing here imports the web framework: the CLI imports this module t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from conveyor.contracts import ComponentSpec, ComponentType, RunRecord, StackSpec
+from conveyor.contracts import ComponentSpec, ComponentType, PipelineSpec, RunRecord, StackSpec
 from conveyor.workers.flavors import Flavor, masked_config, masked_stack_snapshot
+
+if TYPE_CHECKING:
+    from conveyor.service.users import Actor
 
 
 class StackView(StackSpec):
@@ -57,6 +61,16 @@ class FlavorInfo(BaseModel):
 def public_run(run: RunRecord) -> RunRecord:
     """``run`` with the configuration in its stack snapshot masked."""
     return run.model_copy(update={"stack_snapshot": masked_stack_snapshot(run.stack_snapshot)})
+
+
+def public_spec(spec: PipelineSpec, run: RunRecord, reader: Actor) -> PipelineSpec:
+    """The spec of ``run`` as ``reader`` gets it. The folder it was compiled in is a path on
+    its submitter's machine, there for a retry to compile it in again: only those who may
+    retry the run (its submitter, an admin) get it; every other user sees every run's spec,
+    and a path such as /home/alice/acme-churn is not theirs to read."""
+    if reader.may_change(run.user):
+        return spec
+    return spec.model_copy(update={"folder": None})
 
 
 def masked_component(component: ComponentSpec) -> ComponentSpec:

@@ -212,9 +212,9 @@ class RemoteClient(Client):
         return _stack(self._json("POST", f"/api/stacks/{_path(source)}/copy", json=body))
 
     def deletable_stack(self, name: str) -> StackSpec:
-        # Asked before a confirmation: what would be refused anyway is told first.
-        self.request("DELETE", f"/api/stacks/{_path(name)}", params={"dry_run": "true"})
-        return self.get_stack(name)
+        # Asked before a confirmation: what would be refused anyway is told first. A read,
+        # not a DELETE with dry_run: a server from before that flag deleted at once.
+        return _stack(self._json("GET", f"/api/stacks/{_path(name)}", params={"deletable": "true"}))
 
     def delete_stack(self, name: str) -> None:
         self.request("DELETE", f"/api/stacks/{_path(name)}")
@@ -269,6 +269,12 @@ class RemoteClient(Client):
     def rename_component(self, type_: TypeName, name: str, new_name: str) -> ComponentSpec:
         path = _component_path(type_, name) + "/rename"
         return _component(self._json("POST", path, json={"new_name": new_name}))
+
+    def deletable_component(self, type_: TypeName, name: str) -> ComponentSpec:
+        # Asked before a confirmation, as for a stack; a read, which a server from before
+        # the check answers without it (the DELETE then refuses what it must).
+        found = self._json("GET", _component_path(type_, name), params={"deletable": "true"})
+        return _component(found)
 
     def delete_component(self, type_: TypeName, name: str) -> None:
         self.request("DELETE", _component_path(type_, name))

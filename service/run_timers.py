@@ -12,16 +12,15 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
-import structlog
-
 from conveyor.contracts import utcnow
 from conveyor.service import scheduling
 from conveyor.service.batches import Batch
 from conveyor.service.scheduling import RunState, Transition
+from conveyor.workers.loggers import get_logger
 
 # The controller's own logger: these are the controller's decisions, and operators filter
 # its logs by this name.
-log = structlog.get_logger("conveyor.controller")
+log = get_logger("conveyor.controller")
 
 LEASE_S = 30.0
 """How long a running attempt is the worker's without a heartbeat."""

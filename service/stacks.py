@@ -29,9 +29,10 @@ from conveyor.service.components import ComponentRules, check_name, suggest
 from conveyor.service.home import STACK_ENV, Home
 from conveyor.service.queue_moves import (
     MAX_CHECKED_POOLS,
+    QueueCheck,
+    after_move,
     check_no_consumers,
     check_queues_kept,
-    remove_old_queues,
 )
 from conveyor.service.stack_files import ExportedComponent, export_data, parse_export
 from conveyor.service.store import Database, StackStore
@@ -219,8 +220,8 @@ class StackService(ComponentRules):
                 )
             updated = current.model_copy(update={"components": {**current.components, **replaced}})
             await self.store.save_stack(conn, updated)
-        if moves:
-            await remove_old_queues(stack, pools, "moved to other queues")
+        if moves is not None:
+            await after_move(stack, pools, "moved to other queues", moves)
         return updated
 
     async def rename_stack(self, name: str, new_name: str) -> StackSpec:
@@ -246,7 +247,7 @@ class StackService(ComponentRules):
             await self.store.rename_setting_values(
                 conn, ACTIVE_STACK_KEY, f"{ACTIVE_STACK_KEY}:", stack.name, new_name
             )
-        await remove_old_queues(stack, pools, "renamed")
+        await after_move(stack, pools, "renamed")
         return renamed
 
     async def _renamable(self, name: str, new_name: str) -> StackSpec:
@@ -296,8 +297,10 @@ class StackService(ComponentRules):
         await self._check_no_consumers_before_delete(stack, await self._pools(stack))
         return stack
 
-    async def _check_no_consumers_before_delete(self, stack: StackSpec, pools: list[str]) -> bool:
-        """Refuse while anything consumes the queues of ``stack``; whether its broker answered."""
+    async def _check_no_consumers_before_delete(
+        self, stack: StackSpec, pools: list[str]
+    ) -> QueueCheck:
+        """Refuse while anything consumes the queues of ``stack``; what its broker answered."""
         # A broker that is gone for good must not keep its stack: once deleted, nothing can
         # send runs to that stack's queues, whereas a renamed stack's runs would wait there.
         return await check_no_consumers(
@@ -331,13 +334,12 @@ class StackService(ComponentRules):
         stack = await self._deletable(name)
         pools = await self._pools(stack)
         # Outside the write transaction: a slow broker must not lock the store.
-        reached = await self._check_no_consumers_before_delete(stack, pools)
+        check = await self._check_no_consumers_before_delete(stack, pools)
         async with self.db.transaction() as conn:
             current = await self._deletable(name)
             _check_unchanged(stack, current)
             await self.store.delete_stack(conn, current.id)
-        if reached:
-            await remove_old_queues(stack, pools, "deleted")
+        await after_move(stack, pools, "deleted", check)
 
     async def activate(self, name: str) -> StackSpec:
         """Make ``name`` this client's active stack (``$CONVEYOR_STACK`` still wins)."""

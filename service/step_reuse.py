@@ -14,13 +14,12 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import structlog
-
 from conveyor.contracts import ArtifactRef, ArtifactStore
 from conveyor.service.store import RunStore
 from conveyor.workers import materializers
+from conveyor.workers.loggers import get_logger
 
-log = structlog.get_logger("conveyor.controller")
+log = get_logger("conveyor.controller")
 
 MAX_CHECKS_AT_ONCE = 32
 """Artifacts checked at the same time (each check reads and hashes a file)."""

@@ -15,10 +15,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from conveyor.service.logs import configure_logging
 from tests.subprocesses import free_port, stop, wait_until_answers
 
 if TYPE_CHECKING:
     from tests.integration.rabbitmq_support import VhostPool
+
+# The test process is an application that embeds Conveyor: it configures structlog itself,
+# once, as the CLI and the service processes do (Conveyor.start() leaves it alone).
+configure_logging()
 
 ROOT = Path(__file__).resolve().parents[1]
 RABBITMQ_REQUIRED_ENV = "CONVEYOR_REQUIRE_RABBITMQ"

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import obstore
-import structlog
 from obstore.exceptions import (
     AlreadyExistsError,
     BaseError,
@@ -30,6 +29,7 @@ from pydantic import BaseModel
 
 from conveyor.contracts import ArtifactUnreadable, BlobRef, ConveyorError, StoreUnavailable
 from conveyor.workers import digests
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.s3_config import (
     AwsCredentials,
     S3ArtifactStoreConfig,
@@ -41,7 +41,7 @@ from conveyor.workers.s3_errors import DENIED, NO_OBJECT, REFUSED, classify, sum
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig, S3Credential
 
-log = structlog.get_logger("conveyor.s3")
+log = get_logger("conveyor.s3")
 T = TypeVar("T")
 
 # --- the store ----------------------------------------------------------------------

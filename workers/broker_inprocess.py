@@ -19,8 +19,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import structlog
-
 from conveyor.contracts import (
     DEFAULT_POOL,
     DeliveryHandler,
@@ -36,9 +34,10 @@ from conveyor.contracts import (
     is_control_event,
     is_status_event,
 )
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.status_pump import StatusPump
 
-log = structlog.get_logger("conveyor.broker.inprocess")
+log = get_logger("conveyor.broker.inprocess")
 
 
 @dataclass(frozen=True)

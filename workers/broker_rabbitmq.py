@@ -20,7 +20,6 @@ from typing import Any
 
 import aio_pika
 import aiormq
-import structlog
 from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
@@ -44,6 +43,7 @@ from conveyor.contracts import (
 )
 from conveyor.workers.backoff import Backoff
 from conveyor.workers.crash import crash_point
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.rabbitmq_consumers import (
     Consumer,
@@ -64,7 +64,7 @@ from conveyor.workers.rabbitmq_topology import (
 )
 from conveyor.workers.release import conveyor_version
 
-log = structlog.get_logger("conveyor.broker.rabbitmq")
+log = get_logger("conveyor.broker.rabbitmq")
 
 CONNECT_TIMEOUT_S = 10.0
 """One connection attempt (TCP and AMQP handshake) gives up after this long."""

@@ -19,8 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
-
 from conveyor.contracts import (
     ArtifactRef,
     ArtifactStore,
@@ -34,6 +32,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH, MAX_TRACEBACK_LENGTH, trusted
 from conveyor.workers import materializers, script_classes, step_logs, step_process
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.step_failures import (
     error_line,
     keep_head,
@@ -47,7 +46,7 @@ from conveyor.workers.step_threads import StepThreads
 from conveyor.workers.steps import StepDefinition, readable
 
 T = TypeVar("T")
-log = structlog.get_logger("conveyor.worker")
+log = get_logger("conveyor.worker")
 
 
 SMALL = 1 << 20

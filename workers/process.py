@@ -16,17 +16,16 @@ import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import structlog
-
 from conveyor.contracts import DEFAULT_POOL, ComponentType, ConveyorError, Isolation, StackSpec
 from conveyor.workers.broker_rabbitmq import RabbitMQBroker
 from conveyor.workers.flavors import get_flavor, make_artifact_store
 from conveyor.workers.heap import settle_after_start
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.runtime import WorkerPool
 from conveyor.workers.step_resolver import StepResolver
 
-log = structlog.get_logger("conveyor.process")
+log = get_logger("conveyor.process")
 
 EXIT_OK = 0
 EXIT_HARD_STOP = 130

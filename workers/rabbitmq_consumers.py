@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import aiormq
-import structlog
 from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
@@ -38,6 +37,7 @@ from conveyor.contracts import (
     read_version,
 )
 from conveyor.contracts.unreadable import unreadable
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.rabbitmq_errors import RETRYABLE, TRANSIENT
 from conveyor.workers.rabbitmq_topology import DELIVERIES_HEADER, VERSION_HEADER, queue_arguments
 from conveyor.workers.status_pump import StatusPump
@@ -45,7 +45,7 @@ from conveyor.workers.status_pump import StatusPump
 if TYPE_CHECKING:
     from conveyor.workers.broker_rabbitmq import RabbitMQBroker
 
-log = structlog.get_logger("conveyor.broker.rabbitmq")
+log = get_logger("conveyor.broker.rabbitmq")
 
 
 def _live_consumer_tags(channel: AbstractRobustChannel) -> Mapping[str, object]:

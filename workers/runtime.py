@@ -39,10 +39,11 @@ from conveyor.contracts import (
 )
 from conveyor.workers import step_logs
 from conveyor.workers.execution import StepExecutor
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.release import attempt_refused, cancelled_run, cannot_read
 from conveyor.workers.step_resolver import StepResolver
 
-log = structlog.get_logger("conveyor.worker")
+log = get_logger("conveyor.worker")
 
 Outcome = StepSucceeded | StepFailed
 Attempt = tuple[str, str, int]
@@ -115,6 +116,7 @@ class WorkerPool:
         self._heartbeats: asyncio.Task[None] | None = None
         self._heartbeat_s = heartbeat_s
         self._stopping = False
+        self._capturing = False  # step_logs installed by this pool, until it stops
         self._step_timeout = step_timeout
         self._announce_after = announce_after
         self._max_deliveries = max_deliveries
@@ -150,7 +152,9 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Start consuming the step queue of every pool."""
-        step_logs.install()
+        if not self._capturing:
+            step_logs.install()
+            self._capturing = True
         # Listening first: a cancellation must not slip between the first step and it.
         self._control = await self._broker.listen(
             self._on_control, unreadable=self._on_unreadable_control
@@ -426,3 +430,6 @@ class WorkerPool:
         for subscription in subscriptions:
             await subscription.cancel()
         self._executor.close()
+        if self._capturing:
+            self._capturing = False
+            step_logs.uninstall()

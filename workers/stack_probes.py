@@ -13,11 +13,24 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from conveyor.contracts import DEFAULT_POOL, ComponentType, ConveyorError, StackSpec, Topology
+from conveyor.contracts import (
+    DEFAULT_POOL,
+    ComponentSpec,
+    ComponentType,
+    ConveyorError,
+    StackSpec,
+    Topology,
+)
 from conveyor.workers.flavors import get_flavor, make_artifact_store, orchestrator_config
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 
 PROBE_TIMEOUT_S = 5.0
+"""How long a probe, a queue report or a queue removal waits for a broker (or a store) in
+all: connecting, then a round trip per queue. A port nothing listens on is refused at once;
+only a host that drops the packets, or a hung broker, is waited for this long. Not shorter:
+a delete or a move of a stack goes ahead without its consumers check when the broker does
+not answer in time, so a live but distant broker, with a hundred queues to ask about, must
+have the time to say that something still consumes them."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +168,19 @@ def rabbitmq_queues(
         return None
     topology = Topology(stack=stack.name, prefix=config.prefix)
     return config.url.get_secret_value(), topology, queue_names(topology, [*config.pools, *pools])
+
+
+def broker_address(orchestrator: ComponentSpec) -> str | None:
+    """Where a rabbitmq ``orchestrator``'s broker is (host, port, virtual host; never its
+    credentials), for a person; ``None`` for another flavor or a configuration that does not
+    validate."""
+    try:
+        config = get_flavor(orchestrator.type, orchestrator.flavor).validate(orchestrator.config)
+    except ConveyorError:
+        return None
+    if not isinstance(config, RabbitMQOrchestratorConfig):
+        return None
+    return _where(config.url.get_secret_value())
 
 
 def queues_place(stack: StackSpec) -> tuple[str, str] | None:

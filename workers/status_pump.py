@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-import structlog
-
 from conveyor.contracts import Event, StatusHandler, Unreadable, UnreadableStatusHandler
+from conveyor.workers.loggers import get_logger
 
-log = structlog.get_logger("conveyor.broker")
+log = get_logger("conveyor.broker")
 
 
 class StatusPump:

@@ -1,7 +1,7 @@
 """What a step prints and logs, captured per attempt while the worker's console still shows it.
 
 Steps run concurrently, in threads and on the event loop, so capture follows the context:
-``sys.stdout``, ``sys.stderr`` and the root logger are wrapped once per worker process, and
+``sys.stdout``, ``sys.stderr`` and the root logger are wrapped while a worker pool runs, and
 each write goes to the buffer of the attempt whose context made it (contexts are copied
 into the step's thread), as well as to the original stream.
 """
@@ -20,6 +20,7 @@ MAX_LOG_CHARS = 1_000_000
 
 _buffer: ContextVar[TextIO | None] = ContextVar("conveyor_step_log", default=None)
 _echo_warnings = True
+_pools = 0  # worker pools of this process that installed the capture and still run
 
 
 class _Tee(io.TextIOBase):
@@ -68,11 +69,14 @@ class _CaptureHandler(logging.Handler):
 
 
 def install() -> None:
-    """Wrap stdout, stderr and the root logger of this process (once; idempotent).
+    """Wrap stdout, stderr and the root logger of this process while a worker pool runs
+    (once for every pool of the process; ``uninstall`` when each stops).
 
     Log levels are the process's own: a step's ``logging.info`` is captured where the
     application lets INFO through.
     """
+    global _pools
+    _pools += 1
     if not isinstance(sys.stdout, _Tee):
         sys.stdout = _Tee(sys.stdout)
     if not isinstance(sys.stderr, _Tee):
@@ -82,6 +86,23 @@ def install() -> None:
         handler = _CaptureHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
+
+
+def uninstall() -> None:
+    """Undo ``install()`` once the last pool of the process stopped: an application that
+    embeds Conveyor gets its streams and root logger back as they were (a stream another
+    part wrapped or replaced since is left as it is)."""
+    global _pools
+    _pools = max(0, _pools - 1)
+    if _pools:
+        return
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if isinstance(stream, _Tee):
+            setattr(sys, name, stream.original)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _CaptureHandler)]:
+        root.removeHandler(handler)
 
 
 @contextmanager

@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-import structlog
 from fastapi import FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -51,8 +50,9 @@ from conveyor.service.gateway import RunGateway
 from conveyor.service.home import Home
 from conveyor.service.store.summaries import RunSummaries
 from conveyor.service.version import conveyor_version
+from conveyor.workers.loggers import get_logger
 
-log = structlog.get_logger("conveyor.server")
+log = get_logger("conveyor.server")
 
 JSON_PREFIXES = ("/api/", "/ui/", "/metrics", "/healthz", "/openapi.json")
 MAX_BODY_BYTES = 1 << 20

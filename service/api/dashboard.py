@@ -13,7 +13,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import jinja2
-import structlog
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as FastAPIPath
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
@@ -42,9 +41,10 @@ from conveyor.service.api.security import (
 )
 from conveyor.service.api.state import ApiState, login_attempts_of, settings_of, state_of
 from conveyor.service.context import Services
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.stack_probes import queue_report
 
-log = structlog.get_logger("conveyor.server")
+log = get_logger("conveyor.server")
 
 TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"

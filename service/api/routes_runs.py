@@ -30,7 +30,7 @@ from conveyor.service.api.submitted_code import (
 )
 from conveyor.service.context import Services
 from conveyor.service.gateway import Submission
-from conveyor.service.public_records import public_run
+from conveyor.service.public_records import public_run, public_spec
 from conveyor.service.run_retries import check_retryable
 from conveyor.service.store.summaries import PipelineSummary
 from conveyor.service.users import Actor, code_refused
@@ -172,10 +172,13 @@ async def get_run(run_id: str, state: ApiState = Depends(state_of)) -> RunRecord
 
 
 @router.get("/runs/{run_id}/spec", response_model=PipelineSpec, tags=["runs"])
-async def get_spec(run_id: str, state: ApiState = Depends(state_of)) -> PipelineSpec:
-    """The DAG a run runs, as it was compiled (a retry compiles its reference again)."""
+async def get_spec(
+    run_id: str, state: ApiState = Depends(state_of), actor: Actor = Depends(require_user)
+) -> PipelineSpec:
+    """The DAG a run runs, as it was compiled (a retry compiles its reference again); its
+    ``folder`` (where it was compiled) only for the run's submitter and admins."""
     run = await state.services.runs.get_run(run_id)
-    return await state.services.runs.spec_of(run.id)
+    return public_spec(await state.services.runs.spec_of(run.id), run, actor)
 
 
 @router.get(

@@ -65,8 +65,18 @@ async def import_stack(body: ImportStack, services: Services = Depends(api_servi
 
 
 @router.get("/stacks/{name}", response_model=StackView, tags=["stacks"])
-async def get_stack(name: str, services: Services = Depends(api_services)) -> StackView:
-    """A stack's components, their flavors and masked configurations."""
+async def get_stack(
+    name: str,
+    deletable: bool = Query(
+        False, description="Refuse (as a DELETE would: 409, 403) unless it may be deleted"
+    ),
+    services: Services = Depends(api_services),
+) -> StackView:
+    """A stack's components, their flavors and masked configurations. With ``deletable``,
+    only if the rules let it be deleted (its broker asked too): the CLI asks before its
+    confirmation. A read: a server from before the flag ignores it and only answers."""
+    if deletable:
+        await services.stacks.deletable(name)
     return await _shown(services, name)
 
 
@@ -119,7 +129,8 @@ async def delete_stack(
     services: Services = Depends(api_services),
 ) -> Response:
     """Delete a stack (never the default or the active one); its components stay. With
-    ``dry_run``, the answer is the same (204, or the error why not) and nothing changes."""
+    ``dry_run``, the answer is the same (204, or the error why not) and nothing changes
+    (clients from before ``GET /api/stacks/{name}?deletable=true`` ask so)."""
     if dry_run:
         await services.stacks.deletable(name)
     else:
@@ -178,9 +189,21 @@ async def register_component(
 
 @router.get("/components/{type}/{name}", response_model=ComponentView, tags=["components"])
 async def get_component(
-    type: ComponentType, name: str, services: Services = Depends(api_services)
+    type: ComponentType,
+    name: str,
+    deletable: bool = Query(
+        False, description="Refuse (as a DELETE would: 409, 403) unless it may be deleted"
+    ),
+    services: Services = Depends(api_services),
 ) -> ComponentView:
-    return await _component(services, await services.stacks.get_component(type, name))
+    """A component. With ``deletable``, only if the rules let it be deleted: the CLI asks
+    before its confirmation. A read, not a DELETE with a dry-run flag: a server from before
+    the flag ignores it and only answers, where it would have deleted."""
+    if deletable:
+        component = await services.stacks.deletable_component(type, name)
+    else:
+        component = await services.stacks.get_component(type, name)
+    return await _component(services, component)
 
 
 @router.patch("/components/{type}/{name}", response_model=ComponentView, tags=["components"])

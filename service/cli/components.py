@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import types
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
@@ -18,9 +19,12 @@ import typer
 from conveyor.contracts.enums import ComponentType, label
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
+    YES_OPTION,
     OutputFormat,
+    confirm,
     emit,
     fail,
+    noted_if_slow,
     status,
     table,
     user_errors,
@@ -31,12 +35,14 @@ from conveyor.service.cli.state import client
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
+    from conveyor.contracts import ComponentSpec
     from conveyor.service.public_records import ComponentView
     from conveyor.workers.flavors import Flavor
 
 # The records, flavors and pydantic are imported in the commands that use them: building
 # these commands (for `conveyor --help` too) needs none of them.
 
+ORCHESTRATOR = ComponentType.ORCHESTRATOR
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -49,6 +55,7 @@ class ComponentCommand:
     example: str  # a component name used in the examples
     register_example: str
     update_example: str
+    delete_note: str  # what a delete keeps, in its question
 
 
 COMMANDS = (
@@ -58,6 +65,7 @@ COMMANDS = (
         "fast",
         "--flavor local --concurrency=8",
         "--concurrency=2",
+        "Past runs keep its configuration.",
     ),
     ComponentCommand(
         ComponentType.ARTIFACT_STORE,
@@ -65,6 +73,7 @@ COMMANDS = (
         "nfs",
         "--flavor local --path=/mnt/artifacts",
         "--path=/srv/artifacts",
+        "The artifacts in it are kept.",
     ),
 )
 
@@ -141,6 +150,27 @@ def _is_bool(annotation: Any) -> bool:
     if get_origin(annotation) in (Union, types.UnionType):
         return any(_is_bool(a) for a in get_args(annotation))
     return annotation is bool
+
+
+def asking_the_broker(
+    orchestrator: ComponentSpec, stacks: str, otherwise: str
+) -> AbstractContextManager[None]:
+    """While a change asks a rabbitmq ``orchestrator``'s broker whether anything consumes the
+    queues of ``stacks``: what it waits for and what is done ``otherwise``, said once the
+    broker is slow to answer (a port nothing listens on refuses at once; a host that drops
+    the packets is waited for)."""
+    from conveyor.workers.stack_probes import PROBE_TIMEOUT_S, broker_address
+
+    where = broker_address(orchestrator) if orchestrator.type is ORCHESTRATOR else None
+    if where is None:
+        return nullcontext()
+    return noted_if_slow(
+        f"Waiting for RabbitMQ at {where} to answer (at most {PROBE_TIMEOUT_S:g}s): does "
+        f"anything still consume the queues of {stacks}? Without an answer, {otherwise}."
+    )
+
+
+MOVED_ALL_THE_SAME = "the change is made all the same and the old queues stay on the broker"
 
 
 def _config_table(config: dict[str, Any]) -> object:
@@ -294,7 +324,9 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
             current = c.get_component(type_, name)
             found = FLAVORS.get((type_, current.flavor))
             config = parse_config(ctx.args, found.config_model if found else None)
-            component = c.update_component(type_, current.name, config)
+            # Another broker, virtual host or prefix moves the queues of its stacks.
+            with asking_the_broker(current, "the stacks that use it", MOVED_ALL_THE_SAME):
+                component = c.update_component(type_, current.name, config)
         status().print(f"Updated {kind} '{component.name}'.")
         status().print(_config_table(masked_config(component)))
 
@@ -337,14 +369,17 @@ def component_app(spec: ComponentCommand) -> typer.Typer:
         set_shared(ctx, name, False)
 
     @app.command(
-        "delete", help=f"Delete an {kind} that no stack uses.\n\nExample: {cmd} delete {ex}"
+        "delete", help=f"Delete an {kind} that no stack uses.\n\nExample: {cmd} delete {ex} -y"
     )
     def delete(
-        ctx: typer.Context, name: str = typer.Argument(..., help=f"Name or id of the {kind}")
+        ctx: typer.Context,
+        name: str = typer.Argument(..., help=f"Name or id of the {kind}"),
+        yes: bool = YES_OPTION,
     ) -> None:
         with user_errors():
             c = client(ctx)
-            component = c.get_component(type_, name)
+            component = c.deletable_component(type_, name)
+            confirm(f"Delete {kind} '{component.name}'? {spec.delete_note}", yes)
             c.delete_component(type_, component.name)
         status().print(f"Deleted {kind} '{component.name}'.")
 

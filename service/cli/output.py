@@ -63,6 +63,37 @@ class OutputFormat(enum.StrEnum):
 OUTPUT_OPTION = typer.Option(OutputFormat.table, "--output", "-o", help="table or json")
 
 
+YES_OPTION = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation")
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Ask ``question`` on stderr unless ``yes`` (the ``--yes`` of a delete); anything but a
+    yes aborts with exit code 1, and so does no answer at all: a script without a terminal
+    passes --yes rather than deleting unasked. Ask it after the rules' checks: what would be
+    refused anyway is told first."""
+    if not yes:
+        typer.confirm(question, abort=True, err=True)
+
+
+SLOW_NOTE_AFTER_S = 1.0
+"""How long a call may take before ``noted_if_slow`` says what it waits for."""
+
+
+@contextmanager
+def noted_if_slow(text: str, after_s: float = SLOW_NOTE_AFTER_S) -> Iterator[None]:
+    """Say ``text`` on stderr once the block has taken ``after_s`` (a broker that does not
+    answer, say); a quick answer says nothing."""
+    import threading
+
+    timer = threading.Timer(after_s, say, (text,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def say(text: str) -> None:
     """A line for the user on stderr (what a run waits for, what became of it after an
     interrupt); the user's text is not markup."""

@@ -13,7 +13,9 @@ import typer
 from conveyor.contracts import RunStatus, StepStatus
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
+    YES_OPTION,
     OutputFormat,
+    confirm,
     console,
     emit,
     errors,
@@ -437,7 +439,7 @@ def cancel_run(
 def delete_run(
     ctx: typer.Context,
     run_id: str = typer.Argument(..., help="Run id (a unique prefix is enough)"),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation"),
+    yes: bool = YES_OPTION,
 ) -> None:
     """Delete a finished run's records (its artifacts stay in the store).
 
@@ -448,9 +450,8 @@ def delete_run(
     with user_errors():
         c = client(ctx)
         run = c.get_run(run_id)
-        check_deletable(run)  # before the question, which would be asked in vain
-        if not yes:
-            typer.confirm(f"Delete run {run.id}?", abort=True, err=True)
+        check_deletable(run)
+        confirm(f"Delete run {run.id}?", yes)
         c.delete_run(run.id)
     status().print(f"Deleted run {run.id}")
 

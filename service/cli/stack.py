@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
 from conveyor.contracts import ComponentType
-from conveyor.service.cli.components import column, shown
+from conveyor.service.cli.components import MOVED_ALL_THE_SAME, asking_the_broker, column, shown
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
+    YES_OPTION,
     OutputFormat,
+    confirm,
     emit,
     fail,
     status,
@@ -198,6 +201,12 @@ def _note_env_override(name: str) -> None:
         status().print(f"Note: ${STACK_ENV}={override} overrides the active stack in this shell.")
 
 
+def _asking(stack: StackSpec, otherwise: str) -> AbstractContextManager[None]:
+    return asking_the_broker(
+        stack.component(ComponentType.ORCHESTRATOR), f"stack '{stack.name}'", otherwise
+    )
+
+
 ORCHESTRATOR_OPTION = typer.Option(
     None, "--orchestrator", "-o", help="Name of the orchestrator (conveyor orchestrator list)"
 )
@@ -313,7 +322,8 @@ def update(
     """
     with user_errors():
         c = client(ctx)
-        stack = c.update_stack(name, _chosen(orchestrator, artifact_store))
+        with _asking(c.get_stack(name), MOVED_ALL_THE_SAME):
+            stack = c.update_stack(name, _chosen(orchestrator, artifact_store))
         active = c.active_stack_name()
     status().print(f"Updated stack '{stack.name}'.")
     status().print(_components_table(stack, active))
@@ -335,7 +345,9 @@ def rename(
     from conveyor.workers.flavors import get_flavor
 
     with user_errors():
-        stack = client(ctx).rename_stack(name, new_name)
+        c = client(ctx)
+        with _asking(c.get_stack(name), "it is not renamed"):
+            stack = c.rename_stack(name, new_name)
     status().print(f"Renamed stack '{name}' to '{stack.name}'.")
     orchestrator = stack.component(ComponentType.ORCHESTRATOR)
     if not get_flavor(orchestrator.type, orchestrator.flavor).embedded:
@@ -364,21 +376,24 @@ def copy(
 def delete(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Name or id of the stack"),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation"),
+    yes: bool = YES_OPTION,
 ) -> None:
     """Delete a stack (not its components, not its runs); never the default or active one.
 
     Example: conveyor stack delete experiments -y
     """
+    otherwise = "it can be deleted all the same, leaving its queues on the broker"
     with user_errors():
         c = client(ctx)
-        # The rules first: asking to confirm what would be refused anyway wastes the answer.
-        stack = c.deletable_stack(name)
+        stack = c.get_stack(name)
         if not yes:
-            typer.confirm(
-                f"Delete stack '{stack.name}'? Its components are kept.", abort=True, err=True
-            )
-        c.delete_stack(stack.name)
+            # Asked only before a question: delete_stack checks the same, and a broker that
+            # does not answer would be waited for twice.
+            with _asking(stack, otherwise):
+                stack = c.deletable_stack(name)
+            confirm(f"Delete stack '{stack.name}'? Its components are kept.", yes)
+        with _asking(stack, otherwise):
+            c.delete_stack(stack.name)
     status().print(f"Deleted stack '{stack.name}'.")
 
 

@@ -14,7 +14,9 @@ import typer
 from conveyor.contracts import Role
 from conveyor.service.cli.output import (
     OUTPUT_OPTION,
+    YES_OPTION,
     OutputFormat,
+    confirm,
     console,
     emit,
     status,
@@ -94,14 +96,13 @@ def list_users(ctx: typer.Context, output: OutputFormat = OUTPUT_OPTION) -> None
 def delete(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="The user to delete"),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation"),
+    yes: bool = YES_OPTION,
 ) -> None:
     """Delete a user: their token gets 401 from now on; their stacks and runs stay.
 
     Example: conveyor user delete alice --yes
     """
-    if not yes:
-        typer.confirm(f"Delete user '{name}'? Their token stops working at once", abort=True)
+    confirm(f"Delete user '{name}'? Their token stops working at once.", yes)
     with user_errors():
         client(ctx).delete_user(name)
     status().print(f"Deleted user '{name}'")

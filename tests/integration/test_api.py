@@ -163,6 +163,10 @@ async def test_stack_and_component_changes_follow_the_rules(
         "nope",
     )
     assert_error(await api.delete("/api/components/artifact_store/shared"), 409, "mine")
+    # Asked before a delete (the CLI's question): refused the same, nothing changed.
+    path = "/api/components/artifact_store/shared"
+    assert_error(await api.get(path, params={"deletable": "true"}), 409, "mine")
+    assert (await api.get(path)).status_code == 200
 
     renamed = await api.post("/api/stacks/mine/rename", json={"new_name": "ours"})
     assert renamed.status_code == 200 and renamed.json()["name"] == "ours"
@@ -176,6 +180,10 @@ async def test_stack_and_component_changes_follow_the_rules(
     assert activated.json()["active"] is True
     assert_error(await api.delete("/api/stacks/ours"), 409, "active")
     assert_error(await api.delete("/api/stacks/default"), 409, "default")
+    # Asked before a delete's question: refused as the delete is (and as the dry run that
+    # clients from before ?deletable send).
+    assert_error(await api.get("/api/stacks/ours", params={"deletable": "true"}), 409, "active")
+    assert_error(await api.delete("/api/stacks/ours", params={"dry_run": "true"}), 409, "active")
     await api.post("/api/stacks/default/activate")
 
     exported = (await api.get("/api/stacks/ours/export")).json()

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from conveyor.contracts import ComponentType
+from conveyor.service.cli.app import app
 from conveyor.workers.flavors import FLAVORS
-from tests.integration.cli_helpers import as_json, ok, refused, rows
+from tests.integration.cli_helpers import as_json, ok, refused, rows, runner
 
 # Each test runs against a local store and against a server (tests/integration/conftest.py).
 pytestmark = pytest.mark.usefixtures("place")
@@ -73,7 +74,7 @@ def test_register_describe_update_rename_delete(nfs: Path) -> None:
     assert as_json("artifact-store", "describe", "nfs")["config"] == {"path": str(nfs / "v2")}
     ok("artifact-store", "rename", "nfs", "shared")
     assert [c["name"] for c in as_json("artifact-store", "list")] == ["default", "shared"]
-    deleted = ok("artifact-store", "delete", "shared")
+    deleted = ok("artifact-store", "delete", "shared", "-y")
     assert "Deleted artifact store 'shared'" in deleted.stderr and deleted.stdout == ""
     assert [c["name"] for c in as_json("artifact-store", "list")] == ["default"]
 
@@ -139,12 +140,54 @@ def test_component_used_by_stacks_cannot_be_deleted(nfs: Path) -> None:
     ok("stack", "register", "a", "-o", "fast", "-a", "nfs")
     ok("stack", "register", "b", "-o", "fast", "-a", "nfs")
     before = everything()
-    message = refused("artifact-store", "delete", "nfs")
-    assert "artifact store 'nfs' is used by stacks 'a', 'b'" in message
-    assert "orchestrator 'fast' is used by stacks 'a', 'b'" in refused(
-        "orchestrator", "delete", "fast"
-    )
+    for confirm in (["-y"], []):
+        message = refused("artifact-store", "delete", "nfs", *confirm)
+        assert "artifact store 'nfs' is used by stacks 'a', 'b'" in message
+        # Refused before any question: there is no answer to give.
+        assert "Delete artifact store" not in message
+        assert "orchestrator 'fast' is used by stacks 'a', 'b'" in refused(
+            "orchestrator", "delete", "fast", *confirm
+        )
     assert everything() == before
+
+
+@pytest.mark.parametrize(
+    ("group", "kind", "kept"),
+    [
+        ("orchestrator", "orchestrator", "Past runs keep its configuration."),
+        ("artifact-store", "artifact store", "The artifacts in it are kept."),
+    ],
+)
+def test_delete_asks_first_as_stack_delete_does(
+    nfs: Path, group: str, kind: str, kept: str
+) -> None:
+    ok(group, "register", "spare", "-f", "local", *([f"--path={nfs}"] if "store" in group else []))
+    before = everything()
+    # No, and no answer at all (a script without a terminal): nothing is deleted.
+    for answer in ("n\n", ""):
+        aborted = runner.invoke(app, [group, "delete", "spare"], input=answer)
+        assert aborted.exit_code == 1
+        assert f"Delete {kind} 'spare'? {kept} [y/N]:" in aborted.stderr
+        assert "Deleted" not in aborted.stderr
+    assert everything() == before
+    asked = runner.invoke(app, [group, "delete", "spare"], input="y\n")
+    assert asked.exit_code == 0 and f"Deleted {kind} 'spare'" in asked.stderr
+    assert "spare" not in [c["name"] for c in as_json(group, "list")]
+    ok(group, "register", "spare", "-f", "local", *([f"--path={nfs}"] if "store" in group else []))
+    unasked = ok(group, "delete", "spare", "--yes")
+    assert "Delete " not in unasked.stderr and f"Deleted {kind} 'spare'" in unasked.stderr
+
+
+def test_every_delete_takes_the_same_yes_flag() -> None:
+    for command in (
+        ["stack"],
+        ["orchestrator"],
+        ["artifact-store"],
+        ["run"],
+        ["user"],
+    ):
+        text = " ".join(ok(*command, "delete", "--help").stdout.split())
+        assert "-y, --yes Do not ask for confirmation" in text, command
 
 
 def test_unknown_key_lists_the_valid_keys(nfs: Path) -> None:

@@ -142,6 +142,45 @@ def test_a_stack_whose_broker_cannot_be_checked_is_not_renamed_but_may_be_delete
     assert conveyor_cli("stack", "set", "default").returncode == 0
     deleted = conveyor_cli("stack", "delete", STACK, "-y")
     assert deleted.returncode == 0, deleted.stderr
+    said = " ".join(deleted.stderr.split())
+    assert "stack deleted without checking that nothing consumes its queues" in said, said
+
+
+def test_a_broker_that_does_not_answer_is_said_and_waited_for_once(
+    vhost: str, tmp_path: Path
+) -> None:
+    """A broker host that drops the packets (a paused proxy) is waited for the probe's 5 s:
+    the command says what it waits for, and what it did without an answer."""
+    with TcpProxy() as proxy:
+        asyncio.run(register_stack(proxy.url(vhost), tmp_path / "artifacts"))
+        where = f"RabbitMQ at 127.0.0.1:{proxy.port}/{vhost.rsplit('/', 1)[1]}"
+        waiting = (
+            f"Waiting for {where} to answer (at most 5s): does anything still consume the "
+            f"queues of stack '{STACK}'? Without an answer,"
+        )
+        proxy.pause()
+        try:
+            refused = conveyor_cli("stack", "rename", STACK, NEW)
+            said = " ".join(refused.stderr.split())
+            assert refused.returncode == 1, said
+            assert f"{waiting} it is not renamed." in said, said
+            assert f"({where} did not answer in 5s); try again once the broker answers" in said
+            assert conveyor_cli("stack", "set", "default").returncode == 0
+            before = proxy.accepted
+            deleted = conveyor_cli("stack", "delete", STACK, "-y")
+            said = " ".join(deleted.stderr.split())
+            assert deleted.returncode == 0, said
+            assert (
+                f"{waiting} it can be deleted all the same, leaving its queues on the broker."
+                in said
+            ), said
+            assert "stack deleted without checking that nothing consumes its queues" in said
+            assert "its old queues stay on the broker (delete them there once it answers)" in said
+            assert f"Deleted stack '{STACK}'." in said
+            # Asked once: with --yes, no check before a question that is not asked.
+            assert proxy.accepted == before + 1
+        finally:
+            proxy.resume()
 
 
 def test_an_embedded_stack_is_renamed_without_a_broker_or_a_reminder(

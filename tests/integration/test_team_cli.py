@@ -87,10 +87,11 @@ def test_two_logged_in_users_share_stacks_as_on_a_team_server(server: str, tmp_p
     assert {r[1] for r in components[1:]} == {"bob-private-o", "bob-shared-o", "alice-shared-o"}
 
     # Only the owner or an admin deletes.
-    # Refused before the confirmation is asked (the server checks with ?dry_run=true).
+    # Refused before the confirmation is asked (GET /api/stacks/NAME?deletable=true).
     assert "belongs to user 'bob'" in refused("stack", "delete", "bob-shared", home=alice)
     ok("stack", "delete", "bob-shared", "-y", home=admin)
     assert "bob-shared" not in {s["name"] for s in as_json("stack", "list", home=alice)}
+    assert "belongs to user 'bob'" in refused("orchestrator", "delete", "bob-shared-o", home=alice)
 
     # The active stack is each user's own.
     ok("stack", "set", "alice-private", home=alice)

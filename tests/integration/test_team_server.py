@@ -153,6 +153,15 @@ def test_runs_show_who_submitted_them(server: Server, tmp_path: Path) -> None:
     assert admin.get("/api/runs", params={"user": "bob"}).json()["items"] == []
     page = admin.get(f"/runs/{submitted.json()['id']}")
     assert page.status_code == 200 and 'class="run-user">alice<' in page.text
+    # Every user reads every run's spec; the folder it was compiled in (a path on the
+    # submitter's machine, where `run retry` compiles it again) only who may retry it.
+    specs = {
+        who: api.get(f"/api/runs/{submitted.json()['id']}/spec").json()
+        for who, api in (("alice", alice), ("admin", admin), ("bob", bob))
+    }
+    assert specs["alice"]["folder"] and specs["alice"]["folder"].startswith("/")
+    assert specs["admin"] == specs["alice"]
+    assert specs["bob"] == {**specs["alice"], "folder": None}
 
     # Only its submitter or an admin cancels, retries or deletes a run.
     gate = tmp_path / "gate"

@@ -22,16 +22,15 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-import structlog
-
 from conveyor.contracts import ConveyorError, Materializer
+from conveyor.workers.loggers import get_logger
 from conveyor.workers.materializers import builtin
 from conveyor.workers.steps import readable
 
 ENTRY_POINT_GROUP = "conveyor.materializers"
 MAX_CONTAINER_ITEMS = 10_000
 """A list, tuple or dict of more items than this is not stored item by item."""
-log = structlog.get_logger("conveyor.materializers")
+log = get_logger("conveyor.materializers")
 
 
 def qualified(cls: type) -> str:
