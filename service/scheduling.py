@@ -36,8 +36,9 @@ from conveyor.contracts import (
     StepStatusChanged,
     StepSucceeded,
 )
-from conveyor.contracts.events import trusted
+from conveyor.contracts.events import MAX_RIDERS, Rider, trusted
 from conveyor.contracts.models import prevalidated
+from conveyor.service.cache_keys import cache_key
 from conveyor.service.retry_delay import retry_delay
 
 MAX_DISPATCHED = 1_000
@@ -265,8 +266,59 @@ def _dispatch(
             step=_for_workers(state.spec),
             attempt=attempt,
             inputs=inputs_of(run, state.spec),
+            then=_riders(run, out, name),
         )
     )
+
+
+def _rider(run: RunState, parent: str) -> str | None:
+    """The step that may ride on ``parent``'s StepReady: its only child, reading only its
+    outputs, still to run and never reused (the cache off, not a retried run's step)."""
+    children = run.downstream.get(parent, ())
+    if len(children) != 1:
+        return None
+    child = children[0]
+    state = run.steps[child]
+    if (
+        state.spec.cache
+        or child in run.previous
+        or state.status is not StepStatus.PENDING
+        or state.spec.upstream != [parent]
+    ):
+        return None
+    return child
+
+
+def _riders(run: RunState, out: Transition, name: str) -> list[Rider]:
+    """Dispatch the chain that follows ``name`` (up to MAX_RIDERS steps) to ride on its
+    StepReady. A step that rode on an earlier attempt of ``name`` (that failed, or was
+    lost) goes with a new attempt of its own, so that what the old one forwards is stale."""
+    riders: list[Rider] = []
+    parent = name
+    while len(riders) < MAX_RIDERS and run.dispatched < run.max_dispatched:
+        child = _rider(run, parent)
+        if child is None:
+            break
+        state = run.steps[child]
+        if state.attempt == 0:
+            run.dispatched += 1
+        state.attempt += 1
+        out.steps.append(StepUpdate(child, StepStatus.PENDING, state.attempt))
+        # A checked spec and our own attempt count: not validated again.
+        values = {"step": _for_workers(state.spec), "attempt": state.attempt}
+        riders.append(prevalidated(Rider, values, {"step", "attempt"}))
+        parent = child
+    return riders
+
+
+def riding(run: RunState, name: str) -> list[tuple[str, int]]:
+    """The steps (and attempts) that ride on ``name``'s current attempt."""
+    found: list[tuple[str, int]] = []
+    parent = name
+    while (child := _rider(run, parent)) is not None and run.steps[child].attempt > 0:
+        found.append((child, run.steps[child].attempt))
+        parent = child
+    return found
 
 
 def _for_workers(spec: StepSpec) -> StepSpec:
@@ -477,8 +529,21 @@ def _on_success(run: RunState, out: Transition, event: StepSucceeded) -> None:
     for child in run.downstream.get(event.step, ()):
         if _ready(run, child):
             run.ready.append(child)
+            continue
+        state = run.steps[child]
+        if state.attempt and state.status in _GOING and state.cache_key is None:
+            # It rode on this step (nothing else dispatches a step before its upstream
+            # succeeded): its cache key is known now, and recorded so that a later run
+            # finds its outputs, as with a step the controller dispatched.
+            state.cache_key = cache_key(state.spec, inputs_of(run, state.spec))
+            out.steps.append(
+                StepUpdate(child, state.status, state.attempt, cache_key=state.cache_key)
+            )
     _top_up(run, out)
     _finish_if_done(run, out)
+
+
+_GOING = (StepStatus.PENDING, StepStatus.RUNNING)
 
 
 def _unannounced_start(run: RunState, event: StepSucceeded | StepFailed) -> datetime | None:
@@ -608,9 +673,10 @@ def expire_leases(run: RunState, now: datetime, *, max_lost: int) -> Transition:
         state.lease_until = None
         who = state.worker or "its worker"
         error = f"attempt {state.attempt} lost: {who} stopped renewing its lease"
-        out.emit.append(
-            AttemptsCancelled(run_id=run.run_id, attempts={name: state.attempt}, reason=error)
-        )
+        # The steps riding on it too: should it finish after all, what it forwards is
+        # dropped by the workers instead of run (a new attempt of each rides on the next).
+        stopped = {name: state.attempt, **dict(riding(run, name))}
+        out.emit.append(AttemptsCancelled(run_id=run.run_id, attempts=stopped, reason=error))
         if state.lost < max_lost:
             update = StepUpdate(name, StepStatus.PENDING, state.attempt + 1, error=error)
             out.emit.append(_status_event(run, update))

@@ -37,6 +37,7 @@ from conveyor.contracts import (
     WorkerFacts,
     utcnow,
 )
+from conveyor.contracts.events import forwarded
 from conveyor.workers import step_logs
 from conveyor.workers.execution import StepExecutor
 from conveyor.workers.loggers import get_logger
@@ -64,6 +65,27 @@ async def _announced(announcing: list[asyncio.Task[None]]) -> None:
             log.warning("StepStarted not confirmed; publishing the outcome", error=str(result))
         elif isinstance(result, BaseException):
             raise result
+
+
+class _Answer:
+    """What a worker publishes for an attempt it ran: its outcome and, when it succeeded,
+    the StepReady of the step riding on it, forwarded once (a delivery of the attempt
+    again, its ack lost, is answered with the outcome alone)."""
+
+    __slots__ = ("forwarded", "next", "outcome")
+
+    def __init__(self, outcome: Outcome, ready: StepReady) -> None:
+        self.outcome = outcome
+        self.next = None
+        if isinstance(outcome, StepSucceeded):
+            self.next = forwarded(ready, outcome.outputs)
+        self.forwarded = False
+
+    def unsent(self) -> list[Event]:
+        """The outcome first: the controller hears of this step before its rider's."""
+        if self.next is None or self.forwarded:
+            return [self.outcome]
+        return [self.outcome, self.next]
 
 
 def worker_facts(name: str | None = None) -> WorkerFacts:
@@ -122,7 +144,7 @@ class WorkerPool:
         self._max_deliveries = max_deliveries
         # Outcomes of the attempts this worker ran, by (run, step, attempt): a StepReady
         # delivered again (its ack was lost with a channel) is answered, not run twice.
-        self._outcomes: OrderedDict[Attempt, asyncio.Future[Outcome]] = OrderedDict()
+        self._outcomes: OrderedDict[Attempt, asyncio.Future[_Answer]] = OrderedDict()
         self._remembered = remembered_outcomes
         # Runs (step "", attempt 0) and attempts the controller said to stop: a StepReady of
         # one that is still queued is dropped instead of run.
@@ -299,7 +321,7 @@ class WorkerPool:
             if known.cancelled():
                 await delivery.requeue()
                 return
-            await self._broker.publish([known.result()])
+            await self._broker.publish(known.result().unsent())
             await delivery.ack()
             return
         if self._is_cancelled(ready):
@@ -328,8 +350,10 @@ class WorkerPool:
         if outcome is None:
             self._forget(key, known)
             return
-        known.set_result(outcome)
-        await self._broker.publish([outcome])
+        answer = _Answer(outcome, ready)
+        known.set_result(answer)
+        await self._broker.publish(answer.unsent())
+        answer.forwarded = True
         await delivery.ack()
 
     async def _attempt_in_slot(self, ready: StepReady, delivery: Delivery) -> Outcome | None:
@@ -354,7 +378,7 @@ class WorkerPool:
         await self._broker.publish([failed])
         await delivery.ack()
 
-    def _forget(self, key: Attempt, known: asyncio.Future[Outcome]) -> None:
+    def _forget(self, key: Attempt, known: asyncio.Future[_Answer]) -> None:
         """Drop an attempt that has no outcome: a redelivery waiting on it is requeued."""
         self._outcomes.pop(key, None)
         known.cancel()
