@@ -14,6 +14,7 @@ import pytest
 
 from conveyor.contracts import RunStatus, StepStatus
 from conveyor.service.client import Client
+from conveyor.workers.crash import CRASH_ENV
 from tests.conftest import conveyor_cli
 from tests.integration.rabbitmq_support import (
     PIPELINES,
@@ -36,13 +37,19 @@ __all__ = ["markers", "processes", "vhost"]  # fixtures
 pytestmark = pytest.mark.rabbitmq
 
 
+# With the cache off, the chain's steps ride on the first one's StepReady: each worker
+# forwards the next (docs/reliability.md); the guarantees must hold either way.
+CACHE_ON_AND_OFF = pytest.mark.parametrize("cache", [[], ["--no-cache"]], ids=["cache", "riders"])
+
+
+@CACHE_ON_AND_OFF
 def test_a_step_that_kills_its_worker_fails_after_three_deliveries_and_the_run_ends(
-    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes, cache: list[str]
 ) -> None:
     # Today: the StepReady is redelivered to every new worker for ever, the run never ends.
     asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
     processes.controller()
-    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:doomed")
+    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:doomed", *cache)
     deaths = 0
 
     def start_worker(label: str) -> Process:  # it may die before it says it started
@@ -71,14 +78,45 @@ def test_a_step_that_kills_its_worker_fails_after_three_deliveries_and_the_run_e
     assert [name for name, _ in starts(markers)].count("suicide") == 3
 
 
-def test_a_frozen_worker_loses_its_step_to_another_and_its_late_outcome_is_fenced_off(
+def test_a_worker_killed_between_forwarding_a_step_and_its_ack_loses_nothing(
     vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    # The window riders add: the completion of ``plus`` and the StepReady of ``plus_2`` it
+    # forwards are confirmed, the worker dies before it acks ``plus``.
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    processes.controller()
+    crashing = processes.start(
+        "w1",
+        *("worker", "start", "--stack", STACK, "--name", "w1"),
+        env={CRASH_ENV: "after-publish:StepReady:plus_2"},
+    )
+    crashing.wait_for_log("worker started")
+    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:relay", "--no-cache")
+    assert crashing.wait(60) == -signal.SIGKILL, processes.dump()
+    processes.worker("w2")
+    assert follower.wait(60) == 0, processes.dump()
+    with Client() as client:
+        run = only_run(client)
+        steps = {s.name: s for s in client.get_steps(run.id)}
+    assert run.status is RunStatus.COMPLETED
+    # Each step's outcome recorded once, from its one attempt.
+    assert {(s.status, s.attempt) for s in steps.values()} == {(StepStatus.COMPLETED, 1)}
+    ran = [name for name, _ in starts(markers)]
+    assert ran.count("seed") == 1  # acked before the crash
+    assert ran.count("first") == 2  # delivered again: its ack died with its worker
+    # It forwarded ``middle`` twice, so the rest of the chain may run twice, no more.
+    assert 1 <= ran.count("middle") <= 3 and 1 <= ran.count("last") <= 3, ran
+
+
+@CACHE_ON_AND_OFF
+def test_a_frozen_worker_loses_its_step_to_another_and_its_late_outcome_is_fenced_off(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes, cache: list[str]
 ) -> None:
     # Today: a SIGSTOPped worker holds its step for as long as it is frozen.
     asyncio.run(register_stack(vhost, tmp_path / "artifacts", heartbeat_s=0.5, lease_s=3.0))
     processes.controller()
     workers = {w.pid: w for w in (processes.worker("w1"), processes.worker("w2"))}
-    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:gated_chain")
+    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:gated_chain", *cache)
     client = Client()
 
     def gated_status() -> StepStatus | None:
@@ -113,6 +151,9 @@ def test_a_frozen_worker_loses_its_step_to_another_and_its_late_outcome_is_fence
     assert run.status is RunStatus.COMPLETED
     assert steps["gated"].status is StepStatus.COMPLETED and steps["gated"].attempt == 2
     assert steps["gated"].pid == second_pid
+    assert steps["plus"].status is StepStatus.COMPLETED
+    if cache:  # it rode on the gated step's second attempt, the first's dropped
+        assert steps["plus"].attempt == 2
     assert frozen.alive
 
 

@@ -57,6 +57,12 @@ def gated_chain() -> None:
 
 
 @pipeline
+def relay() -> None:
+    """A chain of four: with the cache off, the last three ride on the first's StepReady."""
+    plus(plus(plus(seed(), name="first"), name="middle"), name="last")
+
+
+@pipeline
 def small(value: int = 1) -> None:
     plus(seed(value=value), name="last")
 
