@@ -23,6 +23,7 @@ from conveyor.contracts.enums import RunStatus, StepStatus
 from conveyor.contracts.errors import ConveyorError
 from conveyor.contracts.limits import MAX_RETRY_DELAY_S
 from conveyor.contracts.models import (
+    DIGEST_PATTERN,
     MAX_NAME_LENGTH,
     ArtifactRef,
     Frozen,
@@ -114,6 +115,19 @@ class RunCancelRequested(Envelope):
     reason: str = Field(default="cancelled by user", max_length=1000)
 
 
+Digest = Annotated[str, Field(pattern=DIGEST_PATTERN)]
+RodeOn = Annotated[
+    dict[Name, Digest],
+    Field(
+        max_length=1000,
+        exclude_if=lambda value: not value,
+        description="For a step that a worker forwarded (it rode on the step before it): "
+        "the digests of that step's outputs it reads, by output name. The controller takes "
+        "its outcome only if they are the outputs it recorded for that step.",
+    ),
+]
+
+
 class Rider(Frozen):
     """A step the controller dispatched to follow the one before it in a chain: the worker
     that completes that one forwards it (see :func:`forwarded`)."""
@@ -142,6 +156,7 @@ class StepReady(Envelope):
     then: list[Rider] = Field(
         default_factory=list, max_length=MAX_RIDERS, exclude_if=lambda value: not value
     )
+    rode_on: RodeOn = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _a_chain(self) -> StepReady:
@@ -180,6 +195,7 @@ def forwarded(ready: StepReady, outputs: Mapping[str, ArtifactRef]) -> StepReady
         attempt=first.attempt,
         inputs=inputs,
         then=ready.then[1:],
+        rode_on={name: ref.digest for name, ref in outputs.items()},
     )
 
 
@@ -218,6 +234,7 @@ class StepSucceeded(Envelope):
     duration_s: float
     by: WorkerFacts
     logs: ArtifactRef | None = Field(default=None, description="What the attempt printed")
+    rode_on: RodeOn = Field(default_factory=dict)
 
 
 MAX_STEP_ERROR_LENGTH = 8_000
@@ -252,6 +269,7 @@ class StepFailed(Envelope):
     duration_s: float = 0.0
     by: WorkerFacts
     logs: ArtifactRef | None = Field(default=None, description="What the attempt printed")
+    rode_on: RodeOn = Field(default_factory=dict)
 
 
 class StepStatusChanged(Envelope):

@@ -501,12 +501,45 @@ def apply_event(
                     worker=event.by.worker,
                 ),
             )
-    elif isinstance(event, StepSucceeded):
-        if _is_current(run, event.step, event.attempt):
+    elif isinstance(event, StepSucceeded | StepFailed) and _is_current(
+        run, event.step, event.attempt
+    ):
+        if event.rode_on and not _read_as_recorded(run, event):
+            _ride_again(run, out, event)
+        elif isinstance(event, StepSucceeded):
             _on_success(run, out, event)
-    elif isinstance(event, StepFailed) and _is_current(run, event.step, event.attempt):
-        _on_failure(run, out, event, now or event.time, draw())
+        else:
+            _on_failure(run, out, event, now or event.time, draw())
     return out
+
+
+def _read_as_recorded(run: RunState, event: StepSucceeded | StepFailed) -> bool:
+    """Whether a step that rode read the outputs recorded for the step before it. Another
+    execution of that one (delivered again, its worker killed after it forwarded) may have
+    forwarded it other outputs. Before that step's outcome is recorded there is nothing to
+    compare: it is taken (the step's outcome is heard first, bar a redelivery)."""
+    (upstream,) = run.steps[event.step].spec.upstream
+    recorded = run.steps[upstream]
+    if recorded.status not in SUCCEEDED:
+        return True
+    outputs = recorded.outputs
+    return all(
+        name in outputs and outputs[name].digest == digest for name, digest in event.rode_on.items()
+    )
+
+
+def _ride_again(run: RunState, out: Transition, event: StepSucceeded | StepFailed) -> None:
+    """An outcome of a step that read another execution's outputs than those recorded:
+    not taken. The step runs again, dispatched by the controller with the recorded ones
+    (a new attempt, the steps riding on it too); the other copies are told to stop."""
+    name, attempt = event.step, event.attempt
+    stopped = {name: attempt, **dict(riding(run, name))}
+    error = f"attempt {attempt} read outputs of {run.steps[name].spec.upstream[0]!r} that "
+    error += "were not the recorded ones; running it again"
+    out.emit.append(AttemptsCancelled(run_id=run.run_id, attempts=stopped, reason=error))
+    update = StepUpdate(name, StepStatus.PENDING, attempt + 1, error=error)
+    out.emit.append(_status_event(run, update))
+    _dispatch(run, out, name, update.attempt, update)
 
 
 def _on_success(run: RunState, out: Transition, event: StepSucceeded) -> None:

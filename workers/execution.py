@@ -375,6 +375,7 @@ class StepExecutor:
             outputs=outputs,
             duration_s=body,
             by=self._facts,
+            rode_on=ready.rode_on,
         )
 
     def refused(self, ready: StepReady, reason: UntrustedStep) -> StepFailed:
@@ -411,6 +412,7 @@ class StepExecutor:
             retry_after_s=retry_after_s,
             duration_s=time.perf_counter() - started,
             by=self._facts,
+            rode_on=ready.rode_on,
         )
 
 

@@ -209,6 +209,7 @@ def test_a_worker_forwards_the_first_rider_with_its_inputs_and_the_rest() -> Non
     assert following is not None
     assert (following.step.name, following.attempt) == ("s1", 1)
     assert following.inputs == {"in_s0": ref("s0")}
+    assert following.rode_on == {"output": ref("s0").digest}  # echoed by its outcome
     assert riders(following) == [("s2", 1)]
     last = forwarded(following, {"output": ref("s1")})
     assert last is not None and last.then == []
@@ -255,3 +256,34 @@ def test_a_step_ready_whose_riders_are_not_a_chain_is_refused(
 ) -> None:
     with pytest.raises(MalformedEvent, match=why):
         parse_event(_ready_with(*riders_))
+
+
+def test_a_rider_that_read_another_executions_outputs_runs_again_with_the_recorded_ones() -> None:
+    # ``s0`` ran twice (delivered again after its worker died once it forwarded ``s1``):
+    # the controller recorded one execution's outputs, ``s1`` read the other's.
+    run = chain(3)
+    start_run(run, NOW)
+    apply_event(run, ok(run, "s0"))
+    other = ref("another execution of s0")
+    out = apply_event(run, ok(run, "s1").model_copy(update={"rode_on": {"output": other.digest}}))
+    assert run.steps["s1"].status is StepStatus.PENDING
+    (stop,) = [e for e in out.emit if isinstance(e, AttemptsCancelled)]
+    assert stop.attempts == {"s1": 1, "s2": 1}
+    (again,) = readies(out.emit)
+    assert (again.step.name, again.attempt, riders(again)) == ("s1", 2, [("s2", 2)])
+    assert again.inputs == {"in_s0": ref("s0")}
+    # What it read as recorded is taken, as a step the controller dispatched.
+    read = {"rode_on": {"output": ref("s0").digest}}
+    apply_event(run, ok(run, "s1", attempt=2).model_copy(update=read))
+    assert run.steps["s1"].status is StepStatus.COMPLETED
+
+
+def test_a_riders_failure_on_another_executions_outputs_is_not_taken_either() -> None:
+    run = chain(2)
+    start_run(run, NOW)
+    apply_event(run, ok(run, "s0"))
+    failed = fail(run, "s1", retryable=False)
+    out = apply_event(run, failed.model_copy(update={"rode_on": {"output": ref("x").digest}}))
+    assert run.steps["s1"].status is StepStatus.PENDING
+    assert [(r.step.name, r.attempt) for r in readies(out.emit)] == [("s1", 2)]
+    assert out.run_status is None
