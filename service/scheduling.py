@@ -569,9 +569,9 @@ def _on_success(run: RunState, out: Transition, event: StepSucceeded) -> None:
             # succeeded): its cache key is known now, and recorded so that a later run
             # finds its outputs, as with a step the controller dispatched.
             state.cache_key = cache_key(state.spec, inputs_of(run, state.spec))
-            out.steps.append(
-                StepUpdate(child, state.status, state.attempt, cache_key=state.cache_key)
-            )
+            if state.cache_key is not None:
+                update = StepUpdate(child, state.status, state.attempt, cache_key=state.cache_key)
+                out.steps.append(update)
     _top_up(run, out)
     _finish_if_done(run, out)
 
