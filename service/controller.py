@@ -35,6 +35,7 @@ from conveyor.service import scheduling
 from conveyor.service.batch_failures import BatchFailures, being_cancelled
 from conveyor.service.batches import Batch
 from conveyor.service.cache_keys import without_cache
+from conveyor.service.early_events import EarlyEvents
 from conveyor.service.event_publisher import EventPublisher
 from conveyor.service.pipelines import load_pipeline
 from conveyor.service.progress import ProgressBuffer
@@ -111,6 +112,7 @@ class Controller:
         self._owner = owner
         self._states: dict[str, RunState] = {}
         # Reused outputs are checked in the stack's store; without one, every step runs.
+        self._early = EarlyEvents()
         self._decisions = StepDecisions(StepReuse(self._runs, artifacts, stack.id), self._states)
         # Runs whose steps waiting for a decision must be decided again (after a restart,
         # or a failed batch whose decisions were not recorded).
@@ -184,6 +186,8 @@ class Controller:
             await asyncio.gather(task, return_exceptions=True)
         while not self._inbox.empty():
             await self._inbox.get_nowait().requeue()
+        for delivery in self._early.release_all():
+            await delivery.requeue()
         self._publisher.committed.extend(
             self._progress.release_all(asyncio.get_running_loop().time())
         )
@@ -326,6 +330,7 @@ class Controller:
 
     async def _process(self, deliveries: list[Inbound]) -> None:
         batch = Batch(now=utcnow())
+        held: list[Inbound] = []
         requested: list[str] = []
         for delivery in deliveries:
             if isinstance(delivery.event, RunCancelRequested):
@@ -352,10 +357,17 @@ class Controller:
             elif isinstance(event, RunCancelRequested):
                 batch.change(event.run_id, scheduling.cancel_run(state, batch.now, event.reason))
             elif isinstance(event, WorkerEvent):
+                if scheduling.early(state, event):
+                    self._early.hold(delivery)
+                    held.append(delivery)
+                    continue
                 change = scheduling.apply_event(state, event, now=batch.now)
                 batch.change(event.run_id, change)
                 if isinstance(event, StepStarted | StepHeartbeat):
                     self._timers.renew(state, event.step, event.attempt, batch.now)
+        # Held ones are not this batch's to ack, nor to hand back should it fail.
+        if held:
+            deliveries[:] = [d for d in deliveries if all(d is not h for h in held)]
         await self._commit(batch)
         for delivery in deliveries:
             await delivery.ack()
@@ -445,3 +457,5 @@ class Controller:
                 self._states.pop(run_id, None)
                 log.info("run finished", run_id=run_id, status=change.run_status.value)
             self._timers.changed(run_id, change)
+        for delivery in self._early.due(self._states):
+            self._inbox.put_nowait(delivery)

@@ -72,6 +72,9 @@ class StepState:
     worker: str | None = None
     retry_at: datetime | None = None
     cache_key: str | None = None
+    redone: int = 0
+    """Attempts of a step that rode whose outcome was not taken, since they read another
+    execution's outputs than those recorded (memory only, as ``lost``)."""
     decided: bool = False
     """Whether the controller found nothing to reuse for it (memory only: a reloaded step
     is decided again)."""
@@ -291,19 +294,22 @@ def _rider(run: RunState, parent: str) -> str | None:
 
 def _riders(run: RunState, out: Transition, name: str) -> list[Rider]:
     """Dispatch the chain that follows ``name`` (up to MAX_RIDERS steps) to ride on its
-    StepReady. A step that rode on an earlier attempt of ``name`` (that failed, or was
-    lost) goes with a new attempt of its own, so that what the old one forwards is stale."""
+    StepReady. A step that rode on an earlier attempt of ``name`` (which failed, or was
+    lost) rides again with the same attempt: it never ran, and whatever an old execution
+    of ``name`` forwarded is told apart by what it read (``rode_on``), not by its number."""
     riders: list[Rider] = []
     parent = name
-    while len(riders) < MAX_RIDERS and run.dispatched < run.max_dispatched:
+    while len(riders) < MAX_RIDERS:
         child = _rider(run, parent)
         if child is None:
             break
         state = run.steps[child]
         if state.attempt == 0:
+            if run.dispatched >= run.max_dispatched:
+                break
             run.dispatched += 1
-        state.attempt += 1
-        out.steps.append(StepUpdate(child, StepStatus.PENDING, state.attempt))
+            state.attempt = 1
+            out.steps.append(StepUpdate(child, StepStatus.PENDING, 1))
         # A checked spec and our own attempt count: not validated again.
         values = {"step": _for_workers(state.spec), "attempt": state.attempt}
         riders.append(prevalidated(Rider, values, {"step", "attempt"}))
@@ -311,14 +317,15 @@ def _riders(run: RunState, out: Transition, name: str) -> list[Rider]:
     return riders
 
 
-def riding(run: RunState, name: str) -> list[tuple[str, int]]:
-    """The steps (and attempts) that ride on ``name``'s current attempt."""
-    found: list[tuple[str, int]] = []
-    parent = name
-    while (child := _rider(run, parent)) is not None and run.steps[child].attempt > 0:
-        found.append((child, run.steps[child].attempt))
-        parent = child
-    return found
+def early(run: RunState, event: Event) -> bool:
+    """Whether ``event`` is of the current attempt of a step that rode, heard before the
+    outcome of the step before it: the controller holds it until that outcome is recorded
+    (only then can it tell whether the step read the recorded outputs). Its worker
+    published that outcome first, so this happens only when the controller handed a
+    batch back and took later deliveries meanwhile, or for a stale forward."""
+    if not isinstance(event, StepStarted | StepHeartbeat | StepSucceeded | StepFailed):
+        return False
+    return bool(run.waiting.get(event.step)) and _is_current(run, event.step, event.attempt)
 
 
 def _for_workers(spec: StepSpec) -> StepSpec:
@@ -481,7 +488,7 @@ def apply_event(
     gives the random number of its jitter.
     """
     out = Transition()
-    if run.status is not RunStatus.RUNNING:
+    if run.status is not RunStatus.RUNNING or early(run, event):
         return out
     if isinstance(event, StepStarted | StepHeartbeat):
         # A heartbeat also says the attempt started, should its StepStarted come later.
@@ -516,13 +523,11 @@ def apply_event(
 def _read_as_recorded(run: RunState, event: StepSucceeded | StepFailed) -> bool:
     """Whether a step that rode read the outputs recorded for the step before it. Another
     execution of that one (delivered again, its worker killed after it forwarded) may have
-    forwarded it other outputs. Before that step's outcome is recorded there is nothing to
-    compare: it is taken (the step's outcome is heard first, bar a redelivery)."""
-    (upstream,) = run.steps[event.step].spec.upstream
-    recorded = run.steps[upstream]
-    if recorded.status not in SUCCEEDED:
+    forwarded it other outputs. ``rode_on`` on a step that cannot ride says nothing."""
+    upstream = run.steps[event.step].spec.upstream
+    if len(upstream) != 1:
         return True
-    outputs = recorded.outputs
+    outputs = run.steps[upstream[0]].outputs
     return all(
         name in outputs and outputs[name].digest == digest for name, digest in event.rode_on.items()
     )
@@ -531,12 +536,13 @@ def _read_as_recorded(run: RunState, event: StepSucceeded | StepFailed) -> bool:
 def _ride_again(run: RunState, out: Transition, event: StepSucceeded | StepFailed) -> None:
     """An outcome of a step that read another execution's outputs than those recorded:
     not taken. The step runs again, dispatched by the controller with the recorded ones
-    (a new attempt, the steps riding on it too); the other copies are told to stop."""
+    (a new attempt); the other copies of this attempt are told to stop."""
     name, attempt = event.step, event.attempt
-    stopped = {name: attempt, **dict(riding(run, name))}
+    run.steps[name].redone += 1
     error = f"attempt {attempt} read outputs of {run.steps[name].spec.upstream[0]!r} that "
     error += "were not the recorded ones; running it again"
-    out.emit.append(AttemptsCancelled(run_id=run.run_id, attempts=stopped, reason=error))
+    stop = AttemptsCancelled(run_id=run.run_id, attempts={name: attempt}, reason=error)
+    out.emit.append(stop)
     update = StepUpdate(name, StepStatus.PENDING, attempt + 1, error=error)
     out.emit.append(_status_event(run, update))
     _dispatch(run, out, name, update.attempt, update)
@@ -590,8 +596,9 @@ def _on_failure(
     run: RunState, out: Transition, event: StepFailed, now: datetime, draw: float
 ) -> None:
     state = run.steps[event.step]
-    # Attempts lost with their worker are not the step's own: they use none of its retries.
-    failures = event.attempt - state.lost
+    # Attempts lost with their worker, or run again on the recorded inputs, are not the
+    # step's own: they use none of its retries.
+    failures = event.attempt - state.lost - state.redone
     retry = event.retryable and failures <= state.spec.retries
     update = StepUpdate(
         event.step,
@@ -706,10 +713,9 @@ def expire_leases(run: RunState, now: datetime, *, max_lost: int) -> Transition:
         state.lease_until = None
         who = state.worker or "its worker"
         error = f"attempt {state.attempt} lost: {who} stopped renewing its lease"
-        # The steps riding on it too: should it finish after all, what it forwards is
-        # dropped by the workers instead of run (a new attempt of each rides on the next).
-        stopped = {name: state.attempt, **dict(riding(run, name))}
-        out.emit.append(AttemptsCancelled(run_id=run.run_id, attempts=stopped, reason=error))
+        out.emit.append(
+            AttemptsCancelled(run_id=run.run_id, attempts={name: state.attempt}, reason=error)
+        )
         if state.lost < max_lost:
             update = StepUpdate(name, StepStatus.PENDING, state.attempt + 1, error=error)
             out.emit.append(_status_event(run, update))

@@ -321,7 +321,9 @@ class WorkerPool:
             if known.cancelled():
                 await delivery.requeue()
                 return
-            await self._broker.publish(known.result().unsent())
+            answer = known.result()
+            await self._broker.publish(answer.unsent())
+            answer.forwarded = True
             await delivery.ack()
             return
         if self._is_cancelled(ready):

@@ -28,6 +28,7 @@ from conveyor.service.scheduling import (
     RunState,
     apply_event,
     dispatch_due_retries,
+    early,
     expire_leases,
     renew_lease,
     start_run,
@@ -133,19 +134,21 @@ def test_the_room_of_a_run_bounds_its_riders() -> None:
     assert riders(ready) == [("s1", 1), ("s2", 1)]
 
 
-def test_a_retry_takes_new_attempts_of_its_riders_and_the_old_ones_are_stale() -> None:
+def test_a_retry_takes_its_riders_along_with_the_attempts_they_have() -> None:
     run = chain(3, retries=1)
     start_run(run, NOW)
     out = apply_event(run, fail(run, "s0"))
     (retry,) = readies(out.emit)
     assert (retry.step.name, retry.attempt) == ("s0", 2)
-    assert riders(retry) == [("s1", 2), ("s2", 2)]
+    # They never ran: the same attempts ride again, and use none of their retries.
+    assert riders(retry) == [("s1", 1), ("s2", 1)]
     assert run.dispatched == 3  # the riders were counted once
-    # An outcome of a rider's first attempt (a late forward) changes nothing.
-    assert apply_event(run, ok(run, "s1", attempt=1)).steps == []
+    # An outcome of a rider heard before its parent's is not applied (the controller
+    # holds it until the parent's outcome is recorded).
+    assert apply_event(run, ok(run, "s1")).steps == []
     apply_event(run, ok(run, "s0", attempt=2))
-    apply_event(run, ok(run, "s1", attempt=2))
-    assert apply_event(run, ok(run, "s2", attempt=2)).run_status is RunStatus.COMPLETED
+    apply_event(run, ok(run, "s1"))
+    assert apply_event(run, ok(run, "s2")).run_status is RunStatus.COMPLETED
 
 
 def test_a_retry_that_waits_takes_its_riders_when_it_is_due() -> None:
@@ -156,7 +159,7 @@ def test_a_retry_that_waits_takes_its_riders_when_it_is_due() -> None:
     start_run(run, NOW)
     apply_event(run, fail(run, "s0"), now=NOW)
     (retry,) = readies(dispatch_due_retries(run, NOW + timedelta(seconds=6)).emit)
-    assert riders(retry) == [("s1", 2)]
+    assert riders(retry) == [("s1", 1)]
 
 
 def test_a_failed_step_skips_its_riders_and_frees_their_room() -> None:
@@ -169,16 +172,16 @@ def test_a_failed_step_skips_its_riders_and_frees_their_room() -> None:
     assert run.dispatched == 0
 
 
-def test_a_lapsed_lease_stops_the_old_riders_and_dispatches_new_ones() -> None:
+def test_a_lapsed_lease_sends_the_riders_again_with_the_next_attempt() -> None:
     run = chain(3)
     start_run(run, NOW)
     apply_event(run, StepStarted(run_id="r", step="s0", attempt=1, by=BY))
     renew_lease(run, "s0", 1, NOW + timedelta(seconds=30))
     out = expire_leases(run, NOW + timedelta(seconds=31), max_lost=3)
     (stop,) = [e for e in out.emit if isinstance(e, AttemptsCancelled)]
-    assert stop.attempts == {"s0": 1, "s1": 1, "s2": 1}
+    assert stop.attempts == {"s0": 1}
     (again,) = readies(out.emit)
-    assert (again.step.name, again.attempt, riders(again)) == ("s0", 2, [("s1", 2), ("s2", 2)])
+    assert (again.step.name, again.attempt, riders(again)) == ("s0", 2, [("s1", 1), ("s2", 1)])
 
 
 def test_a_reloaded_run_counts_its_riders_as_dispatched_and_not_ready() -> None:
@@ -190,14 +193,18 @@ def test_a_reloaded_run_counts_its_riders_as_dispatched_and_not_ready() -> None:
     assert list(run.ready) == []
 
 
-def test_a_riders_outcome_heard_before_its_parents_still_completes_the_run() -> None:
-    # The parent's completion was delivered again after the rider's (a controller restart).
+def test_a_riders_events_heard_before_its_parents_outcome_wait_for_it() -> None:
+    # The parent's completion was handed back with a failed batch, the rider's taken first.
     run = chain(2)
     start_run(run, NOW)
-    apply_event(run, ok(run, "s1"))
-    out = apply_event(run, ok(run, "s0"))
-    assert out.run_status is RunStatus.COMPLETED
-    assert run.steps["s1"].status is StepStatus.COMPLETED
+    started = StepStarted(run_id="r", step="s1", attempt=1, by=BY)
+    for event in (started, ok(run, "s1")):
+        assert early(run, event)
+        assert apply_event(run, event).steps == []
+    assert not early(run, ok(run, "s0"))
+    apply_event(run, ok(run, "s0"))
+    assert not early(run, ok(run, "s1"))
+    assert apply_event(run, ok(run, "s1")).run_status is RunStatus.COMPLETED
 
 
 def test_a_worker_forwards_the_first_rider_with_its_inputs_and_the_rest() -> None:
@@ -268,9 +275,9 @@ def test_a_rider_that_read_another_executions_outputs_runs_again_with_the_record
     out = apply_event(run, ok(run, "s1").model_copy(update={"rode_on": {"output": other.digest}}))
     assert run.steps["s1"].status is StepStatus.PENDING
     (stop,) = [e for e in out.emit if isinstance(e, AttemptsCancelled)]
-    assert stop.attempts == {"s1": 1, "s2": 1}
+    assert stop.attempts == {"s1": 1}
     (again,) = readies(out.emit)
-    assert (again.step.name, again.attempt, riders(again)) == ("s1", 2, [("s2", 2)])
+    assert (again.step.name, again.attempt, riders(again)) == ("s1", 2, [("s2", 1)])
     assert again.inputs == {"in_s0": ref("s0")}
     # What it read as recorded is taken, as a step the controller dispatched.
     read = {"rode_on": {"output": ref("s0").digest}}

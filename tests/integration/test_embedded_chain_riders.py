@@ -1,0 +1,137 @@
+"""Chain riders on the embedded stack: what a user sees of a chain's retries when
+its run has the cache off (its steps ride) and when it has the cache on (they do not)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from conveyor import Conveyor, RunStatus, pipeline, step
+from conveyor.contracts import Delivery, StepSucceeded
+from conveyor.service.controller import Controller
+from conveyor.service.store.db import MetadataStoreError
+
+LOCK = threading.Lock()
+CALLS: dict[str, int] = {}
+
+
+def _call(name: str) -> int:
+    with LOCK:
+        CALLS[name] = CALLS.get(name, 0) + 1
+        return CALLS[name]
+
+
+@step(retries=1)
+def first_link(key: str) -> str:
+    if _call(f"first:{key}") == 1:
+        raise ConnectionError("the service is not up yet")
+    return key
+
+
+@step(retries=1)
+def second_link(key: str) -> str:
+    if _call(f"second:{key}") == 1:
+        raise ConnectionError("the service is not up yet")
+    return key + "!"
+
+
+@pipeline
+def two_flaky_links(key: str) -> None:
+    second_link(first_link(key=key))
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cache-on", "cache-off"])
+async def test_each_link_of_a_chain_has_its_own_retry(cache: bool) -> None:
+    # Each step fails once and may be retried once: the run completes. With the cache off,
+    # second_link rides on first_link; first_link's retry moved second_link's attempt to 2
+    # although it never ran, and its one failure is then taken as its second.
+    key = f"retries-{cache}"
+    async with Conveyor() as cv:
+        run = await cv.submit(two_flaky_links, key=key, cache=cache)
+        record = await run.wait(timeout=60)
+        steps = {s.name: s for s in await run.steps()}
+    assert CALLS[f"second:{key}"] >= 1
+    assert record.status is RunStatus.COMPLETED, (
+        f"second_link: {steps['second_link'].status.value}, attempt "
+        f"{steps['second_link'].attempt}: {steps['second_link'].error}"
+    )
+
+
+@step
+def steady_link(key: str) -> str:
+    _call(f"steady:{key}")
+    return key + "."
+
+
+@pipeline
+def flaky_then_steady(key: str) -> None:
+    steady_link(first_link(key=key))
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cache-on", "cache-off"])
+async def test_a_link_that_ran_once_shows_one_attempt(cache: bool) -> None:
+    # What `conveyor run describe` shows under ATTEMPTS, and the dashboard as "attempt N
+    # of M" with a "retried" mark: steady_link ran once and never failed. With the cache
+    # off it rode on first_link, whose retry moved its attempt number to 2.
+    key = f"shown-{cache}"
+    async with Conveyor() as cv:
+        run = await cv.submit(flaky_then_steady, key=key, cache=cache)
+        record = await run.wait(timeout=60)
+        steps = {s.name: s for s in await run.steps()}
+    assert record.status is RunStatus.COMPLETED
+    assert CALLS[f"steady:{key}"] == 1
+    assert (steps["first_link"].attempt, steps["steady_link"].attempt) == (2, 1)
+
+
+@step
+def parent_link() -> int:
+    return 1
+
+
+@step(retries=1)
+def failing_rider(x: int) -> int:
+    if _call("failing_rider") == 1:
+        raise ConnectionError("the service is not up yet")
+    return x + 1
+
+
+@pipeline
+def parent_and_rider() -> None:
+    failing_rider(parent_link())
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cache-on", "cache-off"])
+async def test_a_store_hiccup_on_a_parents_outcome_does_not_strand_its_rider(
+    cache: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store is busy when the controller records parent_link's success: the batch is
+    # handed back to the broker, and tried again after a pause. Meanwhile the StepFailed
+    # of failing_rider (it rode, failed at once, retryable) waits in the controller's inbox
+    # and is taken first: dispatching its retry needs parent_link's outputs, not recorded
+    # yet (KeyError), and once taken apart that StepFailed goes to the dead letters. The
+    # rider, never announced, stays pending at attempt 1 and the run never ends.
+    CALLS.pop("failing_rider", None)
+    process = Controller._process
+    hiccups = [MetadataStoreError("database is locked")] * 2
+
+    async def busy_store(self: Controller, deliveries: list[Delivery]) -> None:
+        parent_done = any(
+            isinstance(d.event, StepSucceeded) and d.event.step == "parent_link" for d in deliveries
+        )
+        if parent_done and hiccups:
+            await asyncio.sleep(0.3)  # the rider runs and fails meanwhile
+            raise hiccups.pop()
+        await process(self, deliveries)
+
+    monkeypatch.setattr(Controller, "_process", busy_store)
+    async with Conveyor() as cv:
+        run = await cv.submit(parent_and_rider, cache=cache)
+        try:
+            record = await run.wait(timeout=15)
+        except TimeoutError:
+            steps = {s.name: (s.status.value, s.attempt) for s in await run.steps()}
+            raise AssertionError(f"the run never ended: {steps}") from None
+    assert not hiccups
+    assert record.status is RunStatus.COMPLETED
