@@ -330,7 +330,7 @@ class Controller:
 
     async def _process(self, deliveries: list[Inbound]) -> None:
         batch = Batch(now=utcnow())
-        held: list[Inbound] = []
+        early: list[Inbound] = []
         requested: list[str] = []
         for delivery in deliveries:
             if isinstance(delivery.event, RunCancelRequested):
@@ -358,14 +358,15 @@ class Controller:
                 batch.change(event.run_id, scheduling.cancel_run(state, batch.now, event.reason))
             elif isinstance(event, WorkerEvent):
                 if scheduling.early(state, event):
-                    self._early.hold(delivery)
-                    held.append(delivery)
+                    early.append(delivery)
                     continue
                 change = scheduling.apply_event(state, event, now=batch.now)
                 batch.change(event.run_id, change)
                 if isinstance(event, StepStarted | StepHeartbeat):
                     self._timers.renew(state, event.step, event.attempt, batch.now)
-        # Held ones are not this batch's to ack, nor to hand back should it fail.
+        # Held ones are not this batch's to ack, nor to hand back should it fail: held
+        # only now that nothing of the batch before its commit can fail.
+        held = [d for d in early if self._early.holds(d)]
         if held:
             deliveries[:] = [d for d in deliveries if all(d is not h for h in held)]
         await self._commit(batch)

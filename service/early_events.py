@@ -1,15 +1,19 @@
-"""The events of a step that rode, heard before the outcome of the step before it: held
+"""The outcomes of a step that rode, heard before the outcome of the step before it: held
 unacked until that outcome is recorded, then taken as any other (see
 ``scheduling.early``). Only then can the controller tell whether the step read the
-recorded outputs; applied at once, such an event would be taken on trust, or, for a retry,
-need inputs the controller does not have yet. A controller that stops or crashes leaves
-them unacked, and the broker delivers them again."""
+recorded outputs; applied at once, such an outcome would be taken on trust, or, for a
+retry, need inputs the controller does not have yet. A controller that stops or crashes
+leaves them unacked, and the broker delivers them again.
+
+Each held delivery takes a place in the controller's prefetch, so only one outcome is held
+per attempt (another copy's is acked: the one held decides, and a rider that read other
+outputs runs again anyway), and a StepStarted or heartbeat is never held."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from conveyor.contracts import RunStatus
+from conveyor.contracts import RunStatus, StepFailed, StepSucceeded
 from conveyor.service import scheduling
 from conveyor.service.scheduling import RunState
 from conveyor.service.unreadable import Inbound
@@ -21,8 +25,17 @@ class EarlyEvents:
     def __init__(self) -> None:
         self._held: dict[str, list[Inbound]] = {}
 
-    def hold(self, delivery: Inbound) -> None:
-        self._held.setdefault(delivery.event.run_id, []).append(delivery)
+    def holds(self, delivery: Inbound) -> bool:
+        """Hold ``delivery`` if it is an outcome and none of its attempt is held; False if
+        it is not held (its batch acks it: dropped)."""
+        event = delivery.event
+        if not isinstance(event, StepSucceeded | StepFailed):
+            return False
+        held = self._held.setdefault(event.run_id, [])
+        if any(_same_attempt(d.event, event) for d in held):
+            return False
+        held.append(delivery)
+        return True
 
     def due(self, states: Mapping[str, RunState]) -> list[Inbound]:
         """The held deliveries that are no longer early, their runs' states in ``states``
@@ -49,3 +62,11 @@ class EarlyEvents:
         held = [d for run in self._held.values() for d in run]
         self._held.clear()
         return held
+
+
+def _same_attempt(held: object, event: StepSucceeded | StepFailed) -> bool:
+    return (
+        isinstance(held, StepSucceeded | StepFailed)
+        and held.step == event.step
+        and held.attempt == event.attempt
+    )

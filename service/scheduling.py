@@ -319,10 +319,12 @@ def _riders(run: RunState, out: Transition, name: str) -> list[Rider]:
 
 def early(run: RunState, event: Event) -> bool:
     """Whether ``event`` is of the current attempt of a step that rode, heard before the
-    outcome of the step before it: the controller holds it until that outcome is recorded
-    (only then can it tell whether the step read the recorded outputs). Its worker
-    published that outcome first, so this happens only when the controller handed a
-    batch back and took later deliveries meanwhile, or for a stale forward."""
+    outcome of the step before it. Its worker published that outcome first, so this
+    happens only when the controller handed a batch back and took later deliveries
+    meanwhile, or for a stale forward. It is not applied: the controller holds an outcome
+    until that one is recorded (only then can it tell whether the step read the recorded
+    outputs), and drops a StepStarted or heartbeat (the next one, or the outcome, says as
+    much)."""
     if not isinstance(event, StepStarted | StepHeartbeat | StepSucceeded | StepFailed):
         return False
     return bool(run.waiting.get(event.step)) and _is_current(run, event.step, event.attempt)
