@@ -6,6 +6,7 @@ The state machine, called directly, on a real SQLite store."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ from conveyor.service.scheduling import (
     start_run,
 )
 from conveyor.service.store import Database, RunStore, Writes
+from conveyor.service.store.migrations import MIGRATIONS
 from tests.unit.test_chain_riders import link
 from tests.unit.test_scheduling import BY, NOW, fail, node, ok, ready_steps, ref, spec
 
@@ -140,3 +142,29 @@ async def test_the_counts_leave_the_stored_ones_as_they_are_when_unchanged(
     assert (rig.state.steps["a"].lost, rig.state.steps["a"].redone) == (1, 0)
     out = await rig.record(apply_event(rig.state, fail(rig.state, "a", attempt=3)))
     assert ready_steps(out.emit) == [("a", 4)], "two failures of its own: its second retry"
+
+
+async def test_a_step_recorded_before_the_counts_were_kept_counts_none(tmp_path: Path) -> None:
+    # A store at migration 12 whose run has step ``a`` running its second attempt.
+    path, run_id = tmp_path / "conveyor.db", new_id()
+    conn = sqlite3.connect(path)
+    for script in MIGRATIONS[:12]:
+        conn.executescript(script)
+    conn.execute("PRAGMA user_version = 12")
+    conn.execute(
+        "INSERT INTO runs (id, pipeline, stack_id, stack_name, stack_snapshot, status,"
+        " parameters, spec, created) VALUES (?, 'p', 's', 'default', '{}', 'running', '{}',"
+        " ?, ?)",
+        (run_id, spec(node("a", retries=1)).model_dump_json(), NOW.isoformat()),
+    )
+    conn.execute(
+        "INSERT INTO steps (run_id, name, position, status, attempt, max_retries)"
+        " VALUES (?, 'a', 0, 'running', 2, 1)",
+        (run_id,),
+    )
+    conn.commit()
+    conn.close()
+    async with Database(path) as db:
+        state = await RunStore(db).load_state(run_id)
+    a = state.steps["a"]
+    assert (a.status, a.attempt, a.lost, a.redone) == (StepStatus.RUNNING, 2, 0, 0)
