@@ -58,9 +58,11 @@ class StepState:
     """What the controller knows of one step; ``attempt`` 0 means not dispatched yet.
 
     A running attempt holds a lease until ``lease_until``, renewed by its worker's
-    heartbeats; ``lost`` counts the attempts whose lease lapsed. Both live in memory only:
-    a controller that starts grants every running attempt a fresh lease. A pending attempt
-    with a ``retry_at`` waits for that time to be dispatched (it is stored with the step).
+    heartbeats. The lease lives in memory only: a controller that starts grants every
+    running attempt a fresh lease. ``lost`` counts the attempts whose lease lapsed; it is
+    stored with the step (as ``redone`` is), so that a controller that reloads its states
+    still charges neither to the step's retries. A pending attempt with a ``retry_at``
+    waits for that time to be dispatched (it is stored with the step).
     """
 
     spec: StepSpec
@@ -74,7 +76,7 @@ class StepState:
     cache_key: str | None = None
     redone: int = 0
     """Attempts of a step that rode whose outcome was not taken, since they read another
-    execution's outputs than those recorded (memory only, as ``lost``)."""
+    execution's outputs than those recorded (stored with the step, as ``lost``)."""
     decided: bool = False
     """Whether the controller found nothing to reuse for it (memory only: a reloaded step
     is decided again)."""
@@ -180,6 +182,10 @@ class StepUpdate:
     """When a pending attempt is due; None clears it."""
     cache_key: str | None = None
     cached_from: str | None = None
+    lost: int | None = None
+    """The step's ``StepState.lost``, when it changed."""
+    redone: int | None = None
+    """The step's ``StepState.redone``, when it changed."""
 
 
 @dataclass
@@ -539,13 +545,13 @@ def _ride_again(run: RunState, out: Transition, event: StepSucceeded | StepFaile
     """An outcome of a step that read another execution's outputs than those recorded:
     not taken. The step runs again, dispatched by the controller with the recorded ones
     (a new attempt); the other copies of this attempt are told to stop."""
-    name, attempt = event.step, event.attempt
-    run.steps[name].redone += 1
-    error = f"attempt {attempt} read outputs of {run.steps[name].spec.upstream[0]!r} that "
+    name, attempt, state = event.step, event.attempt, run.steps[event.step]
+    state.redone += 1
+    error = f"attempt {attempt} read outputs of {state.spec.upstream[0]!r} that "
     error += "were not the recorded ones; running it again"
     stop = AttemptsCancelled(run_id=run.run_id, attempts={name: attempt}, reason=error)
     out.emit.append(stop)
-    update = StepUpdate(name, StepStatus.PENDING, attempt + 1, error=error)
+    update = StepUpdate(name, StepStatus.PENDING, attempt + 1, error=error, redone=state.redone)
     out.emit.append(_status_event(run, update))
     _dispatch(run, out, name, update.attempt, update)
 
@@ -719,14 +725,17 @@ def expire_leases(run: RunState, now: datetime, *, max_lost: int) -> Transition:
             AttemptsCancelled(run_id=run.run_id, attempts={name: state.attempt}, reason=error)
         )
         if state.lost < max_lost:
-            update = StepUpdate(name, StepStatus.PENDING, state.attempt + 1, error=error)
+            update = StepUpdate(
+                name, StepStatus.PENDING, state.attempt + 1, error=error, lost=state.lost
+            )
             out.emit.append(_status_event(run, update))
             _dispatch(run, out, name, update.attempt, update)
             continue
         error = f"its attempts were lost {state.lost} times (last: {who} stopped answering)"
-        _record(
-            run, out, StepUpdate(name, StepStatus.FAILED, state.attempt, finished=now, error=error)
+        failed = StepUpdate(
+            name, StepStatus.FAILED, state.attempt, finished=now, error=error, lost=state.lost
         )
+        _record(run, out, failed)
         _skip_downstream(run, out, name, now)
     if lapsed:
         _top_up(run, out)

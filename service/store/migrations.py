@@ -222,4 +222,13 @@ MIGRATIONS: tuple[str, ...] = (
              json_each(r.spec, '$.steps') AS step
         WHERE json_type(step.value, '$.pool') = 'text';
     """,
+    # 13: the attempts of each step that were not its own failures and use none of its
+    # retries: lost with their worker (the step fails once they reach ``max_lost``), and a
+    # rider's run again on the recorded inputs. Kept with the step, not in the controller's
+    # memory alone: a controller that reloads its states (after a failed batch, or at a
+    # restart) would otherwise charge them to the step's retries.
+    """
+    ALTER TABLE steps ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE steps ADD COLUMN redone INTEGER NOT NULL DEFAULT 0;
+    """,
 )

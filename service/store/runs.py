@@ -168,7 +168,8 @@ class RunStore:
             " finished = ?, duration_s = COALESCE(?, duration_s), error = ?,"
             " traceback = ?, pid = COALESCE(?, pid), worker = COALESCE(?, worker),"
             " logs = COALESCE(?, logs), retry_at = ?, cache_key = COALESCE(?, cache_key),"
-            " cached_from = COALESCE(?, cached_from) WHERE run_id = ? AND name = ?",
+            " cached_from = COALESCE(?, cached_from), lost = COALESCE(?, lost),"
+            " redone = COALESCE(?, redone) WHERE run_id = ? AND name = ?",
             (
                 (
                     run_id,
@@ -185,6 +186,8 @@ class RunStore:
                     _ts(u.retry_at),
                     u.cache_key,
                     u.cached_from,
+                    u.lost,
+                    u.redone,
                     run_id,
                     u.name,
                 )
@@ -453,14 +456,17 @@ class RunStore:
         state = RunState.new(run.id, await self.spec_of(run.id))
         state.status, state.error = run.status, run.error
         rows = await self.db.fetchall(
-            "SELECT name, cache_key FROM steps WHERE run_id = ?", (run.id,)
+            "SELECT name, cache_key, lost, redone FROM steps WHERE run_id = ?", (run.id,)
         )
-        keys = {row["name"]: row["cache_key"] for row in rows}
+        kept = {row["name"]: row for row in rows}
         for record in await self.steps_of(run.id):
             step = state.steps[record.name]
             step.status, step.attempt = record.status, record.attempt
             step.outputs, step.retry_at = dict(record.outputs), record.retry_at
-            step.cache_key = keys.get(record.name)
+            row = kept.get(record.name)
+            if row is not None:
+                step.cache_key = row["cache_key"]
+                step.lost, step.redone = row["lost"], row["redone"]
         state.recount()
         if run.retry_of is not None:
             state.retry_of = run.retry_of
