@@ -8,58 +8,13 @@ nothing consumes. Deliveries are fakes that remember how they were settled."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import timedelta
 
-from conveyor import Conveyor
-from conveyor.contracts import Event, RunRequested, StepStarted, StepStatus, new_id, utcnow
+from conveyor.contracts import RunRequested, StepStarted, StepStatus, new_id, utcnow
 from conveyor.service.controller import Controller
-from conveyor.service.liveness import this_process
 from conveyor.service.run_timers import LEASE_S
-from conveyor.workers.broker_inprocess import InProcessBroker
-from tests.unit.test_chain_riders import link
+from tests.integration.controller_support import Fake, controller, started
 from tests.unit.test_scheduling import BY, fail, node, ok, ref, spec
-
-
-class Fake:
-    """A delivery that remembers how it was settled."""
-
-    deliveries = 1
-
-    def __init__(self, event: Event) -> None:
-        self.event = event
-        self.settled: list[str] = []
-
-    async def ack(self) -> None:
-        self.settled.append("ack")
-
-    async def reject(self, reason: str) -> None:
-        self.settled.append("reject")
-
-    async def requeue(self) -> None:
-        self.settled.append("requeue")
-
-
-@asynccontextmanager
-async def controller() -> AsyncIterator[Controller]:
-    async with Conveyor() as cv:
-        assert cv.stack is not None
-        broker = InProcessBroker(cv.broker.topology)
-        yield Controller(cv.services.db, broker, cv.stack, owner=this_process())
-
-
-async def started(c: Controller, retries: int = 0) -> str:
-    """A run s0 -> s1 with the cache off: s1 rides on s0 at attempt 1."""
-    request = RunRequested(
-        run_id=new_id(),
-        pipeline="p",
-        spec=spec(link("s0"), link("s1", "s0", retries=retries)),
-        cache=False,
-    )
-    await c._process([Fake(request)])  # type: ignore[list-item]
-    assert c._states[request.run_id].steps["s1"].attempt == 1
-    return request.run_id
 
 
 def status_of(c: Controller, run_id: str, step: str) -> StepStatus:
