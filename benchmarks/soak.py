@@ -12,7 +12,11 @@ if anything that must be zero is not.
     python benchmarks/soak.py --runs 200 [--faults 60] [--seed 1]
         [--kinds kill-worker,kill-controller,freeze-worker,freeze-controller,cut-broker,...]
         [--workers 3] [--concurrency 2] [--every 1.0] [--hold 1.5,5] [--lease S]
-        [--settle 120] [--json]
+        [--width 3] [--settle 120] [--json]
+
+``--width 1`` makes the DAG a chain of four (source, one branch, join, report): every step
+after the first rides on the one before (runs are submitted with the cache off), so the
+faults strike workers that forward steps.
 
 Needs RabbitMQ (and ``rabbitmqctl``, to make the vhost) on the machine.
 """
@@ -64,6 +68,7 @@ def _arguments() -> argparse.Namespace:
         default=2.5,
         help="lease_s of the stack: a frozen worker's steps go to another after this long",
     )
+    parser.add_argument("--width", type=int, default=3, help="branches of the DAG's fan-out")
     parser.add_argument("--settle", type=float, default=120.0, help="seconds runs may finish in")
     parser.add_argument("--url", default=DEFAULT_URL, help="AMQP URL of the broker")
     parser.add_argument("--workdir", type=Path, help="keep store, ledger and logs here")
@@ -98,6 +103,7 @@ def main() -> int:
         settle_s=args.settle,
         lease_s=args.lease,
         hold_s=args.hold,
+        width=args.width,
     )
     with fresh_vhost(args.url) as url, tempfile.TemporaryDirectory(prefix="soak-") as scratch:
         workdir = args.workdir or Path(scratch)
