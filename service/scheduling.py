@@ -292,10 +292,20 @@ def _rider(run: RunState, parent: str) -> str | None:
         state.spec.cache
         or child in run.previous
         or state.status is not StepStatus.PENDING
-        or state.spec.upstream != [parent]
+        or not _reads_only(state.spec, parent)
     ):
         return None
     return child
+
+
+def _reads_only(spec: StepSpec, parent: str) -> bool:
+    """Whether ``spec`` reads outputs of ``parent`` and of no other step. It stops at the
+    first other step: each of a fan-in's thousand branches asks it about the join."""
+    for binding in spec.inputs.values():
+        for selector in binding if isinstance(binding, list) else (binding,):
+            if selector.step != parent:
+                return False
+    return bool(spec.inputs)
 
 
 def _riders(run: RunState, out: Transition, name: str) -> list[Rider]:
