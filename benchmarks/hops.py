@@ -13,7 +13,9 @@ moment the worker publishes the previous step's ``StepSucceeded``:
 and prints each hop's median and mean in milliseconds, with the cost of a run around
 its steps (submit until the controller has the request; last step until ``wait`` returns).
 The figures are wall-clock times of processes on one machine; compare them with the
-floor of ``peers.py`` measured in the same session.
+floor of ``peers.py`` measured in the same session. The runs have the cache on, so every
+step goes through the controller (with the cache off, a chain's steps ride on the one
+before and skip it: see docs/performance.md, "Chain riders").
 
     python benchmarks/hops.py [--steps 101] [--runs 8] [--json]
 """
