@@ -45,8 +45,8 @@ def two_flaky_links(key: str) -> None:
 @pytest.mark.parametrize("cache", [True, False], ids=["cache-on", "cache-off"])
 async def test_each_link_of_a_chain_has_its_own_retry(cache: bool) -> None:
     # Each step fails once and may be retried once: the run completes. With the cache off,
-    # second_link rides on first_link; first_link's retry moved second_link's attempt to 2
-    # although it never ran, and its one failure is then taken as its second.
+    # second_link rides on first_link, and again on first_link's retry: that is not one of
+    # its own failures, and its one failure must still be retried.
     key = f"retries-{cache}"
     async with Conveyor() as cv:
         run = await cv.submit(two_flaky_links, key=key, cache=cache)
@@ -74,7 +74,7 @@ def flaky_then_steady(key: str) -> None:
 async def test_a_link_that_ran_once_shows_one_attempt(cache: bool) -> None:
     # What `conveyor run describe` shows under ATTEMPTS, and the dashboard as "attempt N
     # of M" with a "retried" mark: steady_link ran once and never failed. With the cache
-    # off it rode on first_link, whose retry moved its attempt number to 2.
+    # off it rode on first_link's two attempts, and ran once: its attempt 1.
     key = f"shown-{cache}"
     async with Conveyor() as cv:
         run = await cv.submit(flaky_then_steady, key=key, cache=cache)

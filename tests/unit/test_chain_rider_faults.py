@@ -83,16 +83,16 @@ def test_a_step_tried_again_in_a_full_run_still_sends_its_riders(how: str) -> No
     assert (rider, state.attempt) in sent(events), "the rider is never sent: the run is stuck"
 
 
-# --- 2. A rider's attempts counted as its own failures ------------------------------------
+# --- 2. A rider's attempts must not count as its own failures ----------------------------
 
 
 @pytest.mark.parametrize("how", ["parent-retried", "parent-lease-lapsed", "rode-again"])
 def test_a_rider_keeps_its_retries_when_its_attempt_moved_on_without_it_failing(
     how: str,
 ) -> None:
-    # s1 may be retried once. Its attempt number moves on when it rides again (its parent
-    # was retried or lost, or it read another execution's outputs) although it never
-    # failed: its one failure must still be retried, as for a step the controller dispatched.
+    # s1 may be retried once. It rides again, with its attempt, when its parent is retried
+    # or lost; it runs again, as a new attempt, when it read another execution's outputs.
+    # Neither is a failure of its own: its one failure must still be retried.
     run = chain(2, retries=1)
     start_run(run, NOW)
     if how == "parent-retried":
