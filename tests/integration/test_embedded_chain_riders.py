@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from conveyor import Conveyor, RunStatus, pipeline, step
-from conveyor.contracts import Delivery, StepSucceeded
+from conveyor.contracts import Delivery, StepStatus, StepSucceeded
 from conveyor.service.controller import Controller
 from conveyor.service.store.db import MetadataStoreError
 
@@ -135,3 +135,33 @@ async def test_a_store_hiccup_on_a_parents_outcome_does_not_strand_its_rider(
             raise AssertionError(f"the run never ended: {steps}") from None
     assert not hiccups
     assert record.status is RunStatus.COMPLETED
+
+
+@step
+def count_from(start: int) -> int:
+    return start
+
+
+@step
+def count_on(x: int) -> int:
+    return x + 1
+
+
+@pipeline
+def counting_chain(start: int) -> None:
+    count_on(count_on(count_on(count_from(start=start))))
+
+
+async def test_a_chain_run_with_the_cache_off_is_reused_by_a_run_with_the_cache_on() -> None:
+    # Its steps after the first rode: their cache keys were recorded once the step before
+    # each had finished, so that the next run finds every output.
+    async with Conveyor() as cv:
+        first_run = await cv.submit(counting_chain, start=7, cache=False)
+        first = await first_run.wait(timeout=60)
+        second_run = await cv.submit(counting_chain, start=7)
+        second = await second_run.wait(timeout=60)
+        statuses = {s.name: s.status for s in await second_run.steps()}
+        last = await second_run.load("count_on_3")
+    assert first.status is RunStatus.COMPLETED and second.status is RunStatus.COMPLETED
+    assert set(statuses.values()) == {StepStatus.CACHED}, statuses
+    assert last == 10
