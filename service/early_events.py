@@ -20,10 +20,10 @@ from conveyor.service.unreadable import Inbound
 
 
 class EarlyEvents:
-    """Held deliveries, by run."""
+    """Held deliveries, by run, then by (step, attempt)."""
 
     def __init__(self) -> None:
-        self._held: dict[str, list[Inbound]] = {}
+        self._held: dict[str, dict[tuple[str, int], Inbound]] = {}
 
     def holds(self, delivery: Inbound) -> bool:
         """Hold ``delivery`` if it is an outcome and none of its attempt is held; False if
@@ -31,42 +31,30 @@ class EarlyEvents:
         event = delivery.event
         if not isinstance(event, StepSucceeded | StepFailed):
             return False
-        held = self._held.setdefault(event.run_id, [])
-        if any(_same_attempt(d.event, event) for d in held):
-            return False
-        held.append(delivery)
-        return True
+        held = self._held.setdefault(event.run_id, {})
+        return held.setdefault((event.step, event.attempt), delivery) is delivery
 
     def due(self, states: Mapping[str, RunState]) -> list[Inbound]:
         """The held deliveries that are no longer early, their runs' states in ``states``
         (a run not there ended, or is to be loaded again: each of its deliveries is taken
         again, and held again if it still is early)."""
-        if not self._held:
-            return []
         going: list[Inbound] = []
         for run_id, held in list(self._held.items()):
             state = states.get(run_id)
-            if state is None or state.status is not RunStatus.RUNNING:
-                waiting = []
-            else:
-                waiting = [d for d in held if scheduling.early(state, d.event)]
-            going += [d for d in held if all(d is not w for w in waiting)]
-            if waiting:
-                self._held[run_id] = waiting
-            else:
+            for attempt, delivery in list(held.items()):
+                if (
+                    state is not None
+                    and state.status is RunStatus.RUNNING
+                    and scheduling.early(state, delivery.event)
+                ):
+                    continue
+                going.append(held.pop(attempt))
+            if not held:
                 del self._held[run_id]
         return going
 
     def release_all(self) -> list[Inbound]:
         """Every held delivery (the controller stops: they go back to the broker)."""
-        held = [d for run in self._held.values() for d in run]
+        held = [d for run in self._held.values() for d in run.values()]
         self._held.clear()
         return held
-
-
-def _same_attempt(held: object, event: StepSucceeded | StepFailed) -> bool:
-    return (
-        isinstance(held, StepSucceeded | StepFailed)
-        and held.step == event.step
-        and held.attempt == event.attempt
-    )

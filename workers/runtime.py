@@ -81,11 +81,14 @@ class _Answer:
             self.next = forwarded(ready, outcome.outputs)
         self.forwarded = False
 
-    def unsent(self) -> list[Event]:
-        """The outcome first: the controller hears of this step before its rider's."""
+    async def send(self, broker: Broker) -> None:
+        """Publish the outcome, and the rider's StepReady if not yet confirmed once; the
+        outcome first, so that the controller hears of this step before its rider."""
         if self.next is None or self.forwarded:
-            return [self.outcome]
-        return [self.outcome, self.next]
+            await broker.publish([self.outcome])
+            return
+        await broker.publish([self.outcome, self.next])
+        self.forwarded = True
 
 
 def worker_facts(name: str | None = None) -> WorkerFacts:
@@ -321,9 +324,7 @@ class WorkerPool:
             if known.cancelled():
                 await delivery.requeue()
                 return
-            answer = known.result()
-            await self._broker.publish(answer.unsent())
-            answer.forwarded = True
+            await known.result().send(self._broker)
             await delivery.ack()
             return
         if self._is_cancelled(ready):
@@ -354,8 +355,7 @@ class WorkerPool:
             return
         answer = _Answer(outcome, ready)
         known.set_result(answer)
-        await self._broker.publish(answer.unsent())
-        answer.forwarded = True
+        await answer.send(self._broker)
         await delivery.ack()
 
     async def _attempt_in_slot(self, ready: StepReady, delivery: Delivery) -> Outcome | None:
