@@ -31,7 +31,7 @@ from conveyor.contracts import (
     utcnow,
 )
 from conveyor.service.context import Services
-from conveyor.service.scheduling import StepUpdate, Transition
+from conveyor.service.run_state import StepUpdate, Transition
 from conveyor.service.store.db import Writes
 
 READS = 20

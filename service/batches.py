@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from conveyor.contracts import Event, PipelineSpec, RunRequested
-from conveyor.service.scheduling import Transition
+from conveyor.service.run_state import Transition
 
 
 @dataclass

@@ -39,8 +39,8 @@ from conveyor.service.early_events import EarlyEvents
 from conveyor.service.event_publisher import EventPublisher
 from conveyor.service.pipelines import load_pipeline
 from conveyor.service.progress import ProgressBuffer
+from conveyor.service.run_state import RunState, Transition
 from conveyor.service.run_timers import LEASE_S, MAX_LOST, RunTimers
-from conveyor.service.scheduling import RunState, Transition
 from conveyor.service.step_decisions import StepDecisions
 from conveyor.service.step_reuse import StepReuse
 from conveyor.service.store import (

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from conveyor.contracts import RunStatus, StepFailed, StepSucceeded
 from conveyor.service import scheduling
-from conveyor.service.scheduling import RunState
+from conveyor.service.run_state import RunState
 from conveyor.service.unreadable import Inbound
 
 

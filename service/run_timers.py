@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from conveyor.contracts import utcnow
 from conveyor.service import scheduling
 from conveyor.service.batches import Batch
-from conveyor.service.scheduling import RunState, Transition
+from conveyor.service.run_state import RunState, Transition
 from conveyor.workers.loggers import get_logger
 
 # The controller's own logger: these are the controller's decisions, and operators filter

@@ -12,7 +12,7 @@ from conveyor.service import scheduling
 from conveyor.service.batches import Batch
 from conveyor.service.cache_keys import cache_key
 from conveyor.service.in_flight import InFlight, StepId
-from conveyor.service.scheduling import RunState, StepUpdate, Transition
+from conveyor.service.run_state import RunState, StepUpdate, Transition
 from conveyor.service.step_reuse import StepReuse, Wanted
 
 

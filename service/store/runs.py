@@ -26,7 +26,7 @@ from conveyor.contracts import (
     utcnow,
 )
 from conveyor.contracts.errors import shown
-from conveyor.service.scheduling import RunState, Transition
+from conveyor.service.run_state import RunState, Transition
 from conveyor.service.store.artifacts import artifact_ref
 from conveyor.service.store.db import MAX_QUERY_KEYS, Database, Writes
 from conveyor.service.store.id_prefixes import (

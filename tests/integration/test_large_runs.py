@@ -11,7 +11,7 @@ import pytest
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
 from conveyor.contracts.limits import MAX_STEPS
 from conveyor.service.pipelines import PipelineTooLarge
-from conveyor.service.scheduling import MAX_DISPATCHED
+from conveyor.service.run_state import MAX_DISPATCHED
 from conveyor.workers.broker_inprocess import InProcessBroker
 
 

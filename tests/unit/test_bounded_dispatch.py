@@ -4,14 +4,8 @@ its state and go, in the order they became ready, as those finish."""
 from __future__ import annotations
 
 from conveyor.contracts import RunFinished, RunStatus, StepStatus
-from conveyor.service.scheduling import (
-    MAX_DISPATCHED,
-    RunState,
-    apply_event,
-    cancel_run,
-    start_run,
-    top_up,
-)
+from conveyor.service.run_state import MAX_DISPATCHED, RunState
+from conveyor.service.scheduling import apply_event, cancel_run, start_run, top_up
 from tests.unit.test_scheduling import NOW, fail, node, ok, ready_steps, spec
 
 

@@ -17,13 +17,8 @@ from conveyor.contracts import (
     StepStarted,
     StepStatus,
 )
-from conveyor.service.scheduling import (
-    RunState,
-    apply_event,
-    expire_leases,
-    renew_lease,
-    start_run,
-)
+from conveyor.service.run_state import RunState
+from conveyor.service.scheduling import apply_event, expire_leases, renew_lease, start_run
 from tests.unit.test_chain_riders import chain, link
 from tests.unit.test_scheduling import BY, NOW, fail, ok, ref, spec
 

@@ -24,8 +24,8 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.events import MAX_RIDERS, forwarded
 from conveyor.service.cache_keys import cache_key
+from conveyor.service.run_state import RunState
 from conveyor.service.scheduling import (
-    RunState,
     apply_event,
     dispatch_due_retries,
     early,

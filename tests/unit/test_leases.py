@@ -13,8 +13,8 @@ from conveyor.contracts import (
     StepStatus,
     WorkerFacts,
 )
+from conveyor.service.run_state import RunState
 from conveyor.service.scheduling import (
-    RunState,
     apply_event,
     cancel_run,
     expire_leases,

@@ -23,8 +23,8 @@ from conveyor.contracts import (
     parse_event,
 )
 from conveyor.service.retry_delay import retry_delay
+from conveyor.service.run_state import RunState
 from conveyor.service.scheduling import (
-    RunState,
     apply_event,
     cancel_run,
     dispatch_due_retries,

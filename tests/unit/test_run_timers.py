@@ -18,8 +18,9 @@ from conveyor.contracts import (
     utcnow,
 )
 from conveyor.service.batches import Batch
+from conveyor.service.run_state import RunState
 from conveyor.service.run_timers import RunTimers
-from conveyor.service.scheduling import RunState, apply_event, start_run
+from conveyor.service.scheduling import apply_event, start_run
 
 BY = WorkerFacts(worker="w", pid=1)
 

@@ -21,7 +21,8 @@ from conveyor.contracts import (
     StepSucceeded,
     WorkerFacts,
 )
-from conveyor.service.scheduling import RunState, apply_event, cancel_run, start_run
+from conveyor.service.run_state import RunState
+from conveyor.service.scheduling import apply_event, cancel_run, start_run
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 BY = WorkerFacts(worker="w", pid=1)

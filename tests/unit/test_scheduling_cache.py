@@ -4,8 +4,8 @@ completed from reused outputs or dispatched. Called directly: no broker, no stor
 from __future__ import annotations
 
 from conveyor.contracts import RunFinished, RunStatus, StepStatus, StepStatusChanged
+from conveyor.service.run_state import RunState
 from conveyor.service.scheduling import (
-    RunState,
     apply_event,
     cancel_run,
     complete_from_cache,

@@ -14,14 +14,8 @@ from pathlib import Path
 import pytest
 
 from conveyor.contracts import PipelineSpec, RunStatus, StepStarted, StepStatus, new_id
-from conveyor.service.scheduling import (
-    RunState,
-    Transition,
-    apply_event,
-    expire_leases,
-    renew_lease,
-    start_run,
-)
+from conveyor.service.run_state import RunState, Transition
+from conveyor.service.scheduling import apply_event, expire_leases, renew_lease, start_run
 from conveyor.service.store import Database, RunStore, Writes
 from conveyor.service.store.migrations import MIGRATIONS
 from tests.unit.test_chain_riders import link
