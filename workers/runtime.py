@@ -11,7 +11,7 @@ import asyncio
 import os
 import socket
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -55,6 +55,10 @@ channel) without running it twice."""
 REMEMBERED_CANCELLATIONS = 10_000
 MAX_DELIVERIES = 3
 HEARTBEAT_S = 10.0
+IN_PLACE_S = 1.0
+"""How long a delivery's steps may have taken for the next rider to run in place, on the
+worker that ran its parent, instead of being forwarded through the broker: about the most
+work a worker that dies makes another run again though its outcomes were recorded."""
 
 
 async def _announced(announcing: list[asyncio.Task[None]]) -> None:
@@ -89,6 +93,65 @@ class _Answer:
             return
         await broker.publish([self.outcome, self.next])
         self.forwarded = True
+
+
+async def _in_turn(
+    previous: asyncio.Future[None] | None, publish: Coroutine[Any, Any, None]
+) -> None:
+    try:
+        if previous is not None:
+            await previous
+    except BaseException:
+        publish.close()  # never to run
+        raise
+    await publish
+
+
+class _Carrier:
+    """A delivery whose riders run in place: each one's outcome is confirmed while the next
+    runs, in their order, and the delivery is settled only once all of them are."""
+
+    __slots__ = ("_delivery", "_sending")
+
+    def __init__(self, delivery: Delivery) -> None:
+        self._delivery = delivery
+        self._sending: asyncio.Future[None] | None = None
+
+    @property
+    def event(self) -> Event:
+        return self._delivery.event
+
+    @property
+    def deliveries(self) -> int:
+        return self._delivery.deliveries
+
+    def send(self, broker: Broker, events: list[Event]) -> None:
+        """Publish ``events`` once those sent before are confirmed, without waiting."""
+        self._sending = asyncio.ensure_future(_in_turn(self._sending, broker.publish(events)))
+
+    async def sent(self) -> None:
+        """Wait until everything sent is confirmed; raise what a publish raised."""
+        if self._sending is not None:
+            await self._sending
+
+    def abandon(self) -> None:
+        """The delivery ends unsettled by this worker: what is still being sent goes on,
+        and its failure, if any, is only retrieved."""
+        sending = self._sending
+        if sending is not None and not sending.done():
+            sending.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def ack(self) -> None:
+        await self.sent()
+        await self._delivery.ack()
+
+    async def reject(self, reason: str) -> None:
+        await self.sent()
+        await self._delivery.reject(reason)
+
+    async def requeue(self) -> None:
+        await self.sent()
+        await self._delivery.requeue()
 
 
 def worker_facts(name: str | None = None) -> WorkerFacts:
@@ -301,21 +364,42 @@ class WorkerPool:
         await delivery.reject()
 
     async def _run(self, delivery: Delivery) -> None:
-        ready = delivery.event
-        if not isinstance(ready, StepReady):
-            await delivery.reject(f"expected StepReady on a step queue, got {ready.type}")
+        event = delivery.event
+        if not isinstance(event, StepReady):
+            await delivery.reject(f"expected StepReady on a step queue, got {event.type}")
             return
-        # Bound with tokens that restore what was there: ``bound_contextvars`` reads the
-        # whole context first, which cost 1-2% of an embedded step.
-        tokens = structlog.contextvars.bind_contextvars(
-            run_id=ready.run_id, step=ready.step.name, attempt=ready.attempt
-        )
+        ready: StepReady | None = event
+        began = asyncio.get_running_loop().time()
+        carrier = _Carrier(delivery)
         try:
-            await self._run_ready(ready, delivery)
-        finally:
-            structlog.contextvars.reset_contextvars(**tokens)
+            while ready is not None:
+                # Bound with tokens that restore what was there: ``bound_contextvars`` reads
+                # the whole context first, which cost 1-2% of an embedded step.
+                tokens = structlog.contextvars.bind_contextvars(
+                    run_id=ready.run_id, step=ready.step.name, attempt=ready.attempt
+                )
+                try:
+                    ready = await self._run_ready(ready, carrier, began)
+                finally:
+                    structlog.contextvars.reset_contextvars(**tokens)
+        except BaseException:
+            carrier.abandon()
+            raise
 
-    async def _run_ready(self, ready: StepReady, delivery: Delivery) -> None:
+    def _in_place(self, delivery: Delivery, began: float) -> bool:
+        """Whether the next rider of ``delivery`` runs here, its parent's outcome confirmed,
+        rather than forwarded through the broker: while the delivery's steps took little.
+        A worker that dies runs them all again from the first (their recorded outcomes are
+        ignored), so this bounds the work done twice; a delivery again, or a worker that
+        stops, forwards its riders."""
+        elapsed = asyncio.get_running_loop().time() - began
+        return delivery.deliveries == 1 and not self._stopping and elapsed < IN_PLACE_S
+
+    async def _run_ready(
+        self, ready: StepReady, delivery: _Carrier, began: float
+    ) -> StepReady | None:
+        """Run ``ready`` (or answer it, if run before) and publish its outcome; return its
+        rider to run next in place, or None once ``delivery`` is settled."""
         key = (ready.run_id, ready.step.name, ready.attempt)
         known = self._outcomes.get(key)
         if known is not None:
@@ -323,17 +407,18 @@ class WorkerPool:
             await asyncio.wait([known])
             if known.cancelled():
                 await delivery.requeue()
-                return
+                return None
+            await delivery.sent()
             await known.result().send(self._broker)
             await delivery.ack()
-            return
+            return None
         if self._is_cancelled(ready):
             log.info("attempt dropped: the controller stopped it")
             await delivery.ack()
-            return
+            return None
         if delivery.deliveries > self._max_deliveries:
             await self._give_up(ready, delivery)
-            return
+            return None
         known = self._outcomes[key] = asyncio.get_running_loop().create_future()
         while len(self._outcomes) > self._remembered:
             self._outcomes.popitem(last=False)
@@ -346,17 +431,23 @@ class WorkerPool:
             self._forget(key, known)
             await self._broker.publish([self._executor.refused(ready, exc)])
             await delivery.reject(str(exc))
-            return
+            return None
         except BaseException:
             self._forget(key, known)
             raise
         if outcome is None:
             self._forget(key, known)
-            return
+            return None
         answer = _Answer(outcome, ready)
         known.set_result(answer)
+        if answer.next is not None and self._in_place(delivery, began):
+            # Not marked forwarded: a delivery of this attempt again hands the rider on.
+            delivery.send(self._broker, [answer.outcome])
+            return answer.next
+        await delivery.sent()
         await answer.send(self._broker)
         await delivery.ack()
+        return None
 
     async def _attempt_in_slot(self, ready: StepReady, delivery: Delivery) -> Outcome | None:
         """``_attempt`` once one of the ``concurrency`` slots is free: each pool's queue

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Sequence
 
 import pytest
 
 from conveyor import Conveyor, RunStatus, pipeline, step
-from conveyor.contracts import Delivery, StepStatus, StepSucceeded
+from conveyor.contracts import Delivery, Event, StepReady, StepStatus, StepSucceeded
 from conveyor.service.controller import Controller
 from conveyor.service.store.db import MetadataStoreError
+from conveyor.workers import runtime
 
 LOCK = threading.Lock()
 CALLS: dict[str, int] = {}
@@ -165,3 +168,64 @@ async def test_a_chain_run_with_the_cache_off_is_reused_by_a_run_with_the_cache_
     assert first.status is RunStatus.COMPLETED and second.status is RunStatus.COMPLETED
     assert set(statuses.values()) == {StepStatus.CACHED}, statuses
     assert last == 10
+
+
+@step
+def paced_link(x: int, pause_s: float = 0.0) -> int:
+    time.sleep(pause_s)
+    return x + 1
+
+
+@pipeline
+def six_paced_links(pause_s: float) -> None:
+    value = paced_link(x=0)
+    value = paced_link(value, pause_s=pause_s)
+    for _ in range(4):
+        value = paced_link(value)
+
+
+def forwarded_steps(cv: Conveyor, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The steps whose StepReady a worker forwards through the broker, as it publishes."""
+    found: list[str] = []
+    publish = cv.broker.publish
+
+    async def recording(events: Sequence[Event]) -> None:
+        found.extend(e.step.name for e in events if isinstance(e, StepReady) and e.rode_on)
+        await publish(events)
+
+    monkeypatch.setattr(cv.broker, "publish", recording)
+    return found
+
+
+async def test_a_chain_of_quick_steps_runs_in_place_without_a_hop_a_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The five after the first ride on its StepReady; each runs on the worker that ran the
+    # one before, once that one's outcome is confirmed: none goes through the broker.
+    async with Conveyor() as cv:
+        forwarded = forwarded_steps(cv, monkeypatch)
+        run = await cv.submit(six_paced_links, pause_s=0.0, cache=False)
+        record = await run.wait(timeout=60)
+        steps = await run.steps()
+        last = await run.load("paced_link_6")
+    assert record.status is RunStatus.COMPLETED
+    assert {(s.status, s.attempt) for s in steps} == {(StepStatus.COMPLETED, 1)}
+    assert last == 6
+    assert forwarded == []
+
+
+async def test_the_rider_after_a_long_step_goes_through_the_broker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # paced_link_2 takes longer than a delivery's steps may take for the next to run in
+    # place: a worker that died later would make another run all of them again. Its rider
+    # is forwarded, and the rest run in place on that rider's delivery.
+    monkeypatch.setattr(runtime, "IN_PLACE_S", 0.2)
+    async with Conveyor() as cv:
+        forwarded = forwarded_steps(cv, monkeypatch)
+        run = await cv.submit(six_paced_links, pause_s=0.3, cache=False)
+        record = await run.wait(timeout=60)
+        last = await run.load("paced_link_6")
+    assert record.status is RunStatus.COMPLETED
+    assert last == 6
+    assert forwarded == ["paced_link_3"]

@@ -47,6 +47,9 @@ def test_a_step_that_kills_its_worker_fails_after_three_deliveries_and_the_run_e
     vhost: str, tmp_path: Path, markers: Path, processes: Processes, cache: list[str]
 ) -> None:
     # Today: the StepReady is redelivered to every new worker for ever, the run never ends.
+    # With the cache off, ``suicide`` rides on ``seed`` and may first run in place, inside
+    # seed's delivery, which is not one of its own: it may kill one worker more.
+    allowed = 4 if cache else 3
     asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
     processes.controller()
     follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:doomed", *cache)
@@ -61,12 +64,12 @@ def test_a_step_that_kills_its_worker_fails_after_three_deliveries_and_the_run_e
         if not worker.alive:  # what a supervisor does: start another one
             assert worker.wait() == -signal.SIGKILL, worker.output()[-2000:]
             deaths += 1
-            assert deaths <= 3, "the step was delivered again after three deaths"
+            assert deaths <= allowed, "the step was delivered again after three deaths"
             worker = start_worker(f"w{deaths}")
         time.sleep(0.05)
     assert follower.wait(30) == 1, processes.dump()
     assert worker.alive, "the fourth worker gives the step up instead of running it"
-    assert deaths == 3
+    assert deaths in {3, allowed}
     with Client() as client:
         run = only_run(client)
         assert run.status is RunStatus.FAILED
@@ -75,14 +78,16 @@ def test_a_step_that_kills_its_worker_fails_after_three_deliveries_and_the_run_e
     assert steps["suicide"].status is StepStatus.FAILED
     assert "died 3 times" in (steps["suicide"].error or "")
     assert steps["plus"].status is StepStatus.SKIPPED
-    assert [name for name, _ in starts(markers)].count("suicide") == 3
+    assert [name for name, _ in starts(markers)].count("suicide") == deaths
 
 
 def test_a_worker_killed_between_forwarding_a_step_and_its_ack_loses_nothing(
     vhost: str, tmp_path: Path, markers: Path, processes: Processes
 ) -> None:
-    # The window riders add: the completion of ``plus`` and the StepReady of ``plus_2`` it
-    # forwards are confirmed, the worker dies before it acks ``plus``.
+    # The window riders add: ``first`` takes longer than a rider may wait to run in place,
+    # so its worker forwards ``middle``; the completion of ``first`` and the StepReady of
+    # ``middle`` it forwards are confirmed, the worker dies before it acks its delivery
+    # (``seed``'s, on which ``first`` ran in place).
     asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
     processes.controller()
     crashing = processes.start(
@@ -91,7 +96,7 @@ def test_a_worker_killed_between_forwarding_a_step_and_its_ack_loses_nothing(
         env={CRASH_ENV: "after-publish:StepReady:plus_2"},
     )
     crashing.wait_for_log("worker started")
-    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:relay", "--no-cache")
+    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:slow_relay", "--no-cache")
     assert crashing.wait(60) == -signal.SIGKILL, processes.dump()
     processes.worker("w2")
     assert follower.wait(60) == 0, processes.dump()
@@ -102,10 +107,42 @@ def test_a_worker_killed_between_forwarding_a_step_and_its_ack_loses_nothing(
     # Each step's outcome recorded once, from its one attempt.
     assert {(s.status, s.attempt) for s in steps.values()} == {(StepStatus.COMPLETED, 1)}
     ran = [name for name, _ in starts(markers)]
-    assert ran.count("seed") == 1  # acked before the crash
-    assert ran.count("first") == 2  # delivered again: its ack died with its worker
-    # It forwarded ``middle`` twice, so the rest of the chain may run twice, no more.
-    assert 1 <= ran.count("middle") <= 3 and 1 <= ran.count("last") <= 3, ran
+    # Delivered again: the ack of their delivery died with its worker.
+    assert ran.count("seed") == 2 and ran.count("first") == 2, ran
+    # ``middle`` was forwarded twice, so the rest of the chain may run twice, no more.
+    assert 1 <= ran.count("middle") <= 2 and 1 <= ran.count("last") <= 2, ran
+
+
+def test_a_worker_killed_in_a_chain_it_runs_in_place_loses_nothing(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    # The chain's steps are quick: they run one after the other on the worker that took
+    # the first, each while the outcome of the one before is confirmed. The worker dies
+    # once ``middle``'s outcome is confirmed (``last`` may be running), before its ack.
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    processes.controller()
+    crashing = processes.start(
+        "w1",
+        *("worker", "start", "--stack", STACK, "--name", "w1"),
+        env={CRASH_ENV: "after-publish:StepSucceeded:plus_2"},
+    )
+    crashing.wait_for_log("worker started")
+    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:relay", "--no-cache")
+    assert crashing.wait(60) == -signal.SIGKILL, processes.dump()
+    processes.worker("w2")
+    assert follower.wait(60) == 0, processes.dump()
+    with Client() as client:
+        run = only_run(client)
+        steps = {s.name: s for s in client.get_steps(run.id)}
+    assert run.status is RunStatus.COMPLETED
+    # Each step's outcome recorded once, from its one attempt: the outcomes heard again
+    # from the second worker are ignored.
+    assert {(s.status, s.attempt) for s in steps.values()} == {(StepStatus.COMPLETED, 1)}
+    ran = [name for name, _ in starts(markers)]
+    # The delivery the first worker held runs again from its first step; ``seed`` is that
+    # step unless it took too long to let ``first`` run in place (a slow machine).
+    assert ran.count("seed") in {1, 2} and ran.count("first") == 2, ran
+    assert ran.count("middle") == 2 and 1 <= ran.count("last") <= 2, ran
 
 
 @CACHE_ON_AND_OFF
@@ -141,9 +178,14 @@ def test_a_frozen_worker_loses_its_step_to_another_and_its_late_outcome_is_fence
         assert follower.wait(60) == 0, processes.dump()
     finally:
         frozen.send(signal.SIGCONT)
-    # The resumed worker hears that its attempt was taken over, or finishes it late: either
-    # way the recorded step stays the second attempt's.
-    frozen.wait_for_log("attempt", timeout=30)
+    # The resumed worker hears that its attempt was taken over, or finishes it late (with
+    # the cache off, running its rider in place on it): either way the recorded step stays
+    # the second attempt's.
+    wait_until(
+        lambda: "attempt" in frozen.output() or ("last", first_pid) in starts(markers),
+        "the resumed worker to stop its attempt or finish it",
+        timeout=30,
+    )
     time.sleep(2)
     with Client() as client:
         run = only_run(client)

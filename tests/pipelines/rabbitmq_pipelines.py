@@ -46,8 +46,9 @@ def gated(x: int, name: str = "gated") -> int:
 
 
 @step
-def plus(x: int, name: str = "plus") -> int:
+def plus(x: int, name: str = "plus", pause_s: float = 0.0) -> int:
     _record(name)
+    time.sleep(pause_s)
     return x + 100
 
 
@@ -60,6 +61,12 @@ def gated_chain() -> None:
 def relay() -> None:
     """A chain of four: with the cache off, the last three ride on the first's StepReady."""
     plus(plus(plus(seed(), name="first"), name="middle"), name="last")
+
+
+@pipeline
+def slow_relay() -> None:
+    """``relay`` with a ``first`` step too long for ``middle`` to run in place after it."""
+    plus(plus(plus(seed(), name="first", pause_s=1.2), name="middle"), name="last")
 
 
 @pipeline
