@@ -136,7 +136,7 @@ class Rider(Frozen):
     attempt: int = Field(ge=1)
 
 
-MAX_RIDERS = 8
+MAX_RIDERS = 16
 """The most steps of a chain that ride on one StepReady."""
 
 
