@@ -425,10 +425,18 @@ class WorkerPool:
         try:
             outcome = await self._attempt_in_slot(ready, delivery)
         except UntrustedStep as exc:
+            self._forget(key, known)
+            if ready is not delivery.event:
+                # A rider in place: its own StepReady goes on, for a worker that may trust
+                # it; one that does not dead-letters it as below, not the delivery it rode.
+                log.info("rider refused here; forwarded", reason=str(exc))
+                await delivery.sent()
+                await self._broker.publish([ready])
+                await delivery.ack()
+                return None
             # Nothing of it was imported or run. The run hears that the step failed (a
             # real run must not wait for ever), and the message goes to the dead letters.
             log.warning("step refused", reason=str(exc))
-            self._forget(key, known)
             await self._broker.publish([self._executor.refused(ready, exc)])
             await delivery.reject(str(exc))
             return None

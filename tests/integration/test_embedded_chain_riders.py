@@ -11,10 +11,20 @@ from collections.abc import Sequence
 import pytest
 
 from conveyor import Conveyor, RunStatus, pipeline, step
-from conveyor.contracts import Delivery, Event, StepReady, StepStatus, StepSucceeded
+from conveyor.contracts import (
+    Delivery,
+    Event,
+    StepReady,
+    StepSpec,
+    StepStatus,
+    StepSucceeded,
+    UntrustedStep,
+)
 from conveyor.service.controller import Controller
 from conveyor.service.store.db import MetadataStoreError
 from conveyor.workers import runtime
+from conveyor.workers.step_resolver import StepResolver
+from conveyor.workers.steps import StepDefinition
 
 LOCK = threading.Lock()
 CALLS: dict[str, int] = {}
@@ -229,3 +239,47 @@ async def test_the_rider_after_a_long_step_goes_through_the_broker(
     assert record.status is RunStatus.COMPLETED
     assert last == 6
     assert forwarded == ["paced_link_3"]
+
+
+@step
+def trusted_link() -> int:
+    return 1
+
+
+@step
+def refused_link(x: int) -> int:
+    return x + 1
+
+
+@pipeline
+def trusted_then_refused() -> None:
+    refused_link(trusted_link())
+
+
+async def test_a_rider_refused_in_place_is_dead_lettered_as_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # This worker will not run refused_link (as a worker that does not trust its package
+    # would not). Its own StepReady goes on, for a worker that may trust it; refused again,
+    # it is what the dead letters hold, with the reason, not trusted_link's StepReady it
+    # rode on (trusted_link ran, and a replay of that one would run it again for nothing).
+    resolved = StepResolver.resolved
+
+    def refusing(self: StepResolver, spec: StepSpec) -> StepDefinition | None:
+        if spec.name == "refused_link":
+            raise UntrustedStep("refused_link is not trusted here")
+        return resolved(self, spec)
+
+    monkeypatch.setattr(StepResolver, "resolved", refusing)
+    async with Conveyor() as cv:
+        run = await cv.submit(trusted_then_refused, cache=False)
+        record = await run.wait(timeout=60)
+        steps = {s.name: s for s in await run.steps()}
+        dead = [(d.event, d.reason) for d in cv.broker.dead_letters]
+    assert record.status is RunStatus.FAILED
+    assert steps["trusted_link"].status is StepStatus.COMPLETED
+    assert steps["refused_link"].status is StepStatus.FAILED
+    assert "refused_link is not trusted here" in (steps["refused_link"].error or "")
+    [(event, reason)] = dead
+    assert isinstance(event, StepReady) and event.step.name == "refused_link", event
+    assert "not trusted here" in reason
