@@ -1,8 +1,8 @@
 """The worker runtime: consume StepReady, execute, publish the completion, then ack.
 
 Ack timing is one policy, here: a StepReady is acked only after its StepSucceeded or
-StepFailed was confirmed by the broker. A worker that dies before that leaves the message
-unacked, and the broker delivers it again.
+StepFailed was confirmed by the broker, and those of the riders run in place on it. A worker
+that dies before that leaves the message unacked, and the broker delivers it again.
 """
 
 from __future__ import annotations
