@@ -486,9 +486,32 @@ def attach_code(
         if how is None:
             raise ConveyorError(f"step {step.name!r} ({step.ref}) has no definition to ship")
         code = None
+        trust = step.trust
         if how.archive is not None:
             code = blobs.get(how.archive.digest)
             if code is None:
                 code = blobs[how.archive.digest] = _upload(store, how.archive)
-        steps.append(step.model_copy(update={"ref": how.ref, "code": code}))
+            trust = trust_in_archive(trust, how.archive)
+        steps.append(step.model_copy(update={"ref": how.ref, "code": code, "trust": trust}))
     return spec.model_copy(update={"steps": steps})
+
+
+def trust_in_archive(trust: list[str], archive: CodeArchive) -> list[str]:
+    """``trust`` with each class of a pipeline file of ``archive`` (``@step(trust=[Doubler])``
+    in a script: ``__main__.Doubler``) also named as a worker finds it, by its file's path in
+    the archive (``mk.py:Doubler``): the module has another name on every worker."""
+    found = list(trust)
+    for name in trust:
+        # A pipeline file's module name has no dot: what follows the first is the class's.
+        module, _, qualname = name.partition(".")
+        if not (module == "__main__" or module.startswith(FILE_MODULE_PREFIX)):
+            continue
+        file = getattr(sys.modules.get(module), "__file__", None)
+        if file is None:
+            continue
+        inside = Path(file).resolve()
+        if inside.is_relative_to(archive.root):
+            shipped = f"{inside.relative_to(archive.root).as_posix()}:{qualname}"
+            if shipped not in found:
+                found.append(shipped)
+    return found

@@ -89,6 +89,11 @@ def test_a_cached_model_of_a_script_class_loads_in_the_next_version_and_the_clie
     flow.mkdir()
     (flow / "mk.py").write_text(FLOW)
 
+    # The first version trusts the class itself, as its user has it: its module's name on
+    # the client is of no use on a worker, which finds it by the file's name in the code.
+    (flow / "mk.py").write_text(
+        FLOW.replace('@step(trust=["mk.py:Doubler"])', "@step(trust=[Doubler])")
+    )
     first = conveyor_cli("pipeline", "run", "mk.py:p", cwd=flow, timeout=120)
     assert first.returncode == 0, first.stderr + processes.dump()
     assert "v1 current=True [0, 1]" in first.stdout

@@ -579,3 +579,33 @@ def test_a_traceback_names_an_archives_files_as_the_project_does(tmp_path: Path)
         f'  File "{elsewhere}", line 5, in other',  # not a folder of this cache's
         f'  File "{cache.directory}/notes/readme.py", line 1, in <module>',  # not an archive's
     ]
+
+
+@pytest.mark.parametrize("module", ["__main__", "conveyor_user_0123456789ab"])
+def test_a_trusted_class_of_a_pipeline_file_is_also_named_by_its_path_in_the_archive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str
+) -> None:
+    # @step(trust=[Doubler]) in a script that ships inside a package: a worker loads the
+    # file under a name of its own, and finds the class by the file's path in the code.
+    script = tmp_path / "pkg" / "flows" / "mk.py"
+    script.parent.mkdir(parents=True)
+    script.write_text("class Doubler: ...\n")
+    monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(__file__=str(script)))
+    archive = code_archive.CodeArchive(
+        root=tmp_path, path=tmp_path / "code.zip", digest="blake3:00", size=0, files=()
+    )
+    trust = [f"{module}.Doubler", "sklearn.pipeline.Pipeline", f"{module}.Missing.Inner"]
+    assert code_archive.trust_in_archive(trust, archive) == [
+        *trust,
+        "pkg/flows/mk.py:Doubler",
+        "pkg/flows/mk.py:Missing.Inner",
+    ]
+    # A file outside the archive adds nothing (it is not in the run's code).
+    outside = code_archive.CodeArchive(
+        root=tmp_path / "elsewhere",
+        path=tmp_path / "code.zip",
+        digest="blake3:00",
+        size=0,
+        files=(),
+    )
+    assert code_archive.trust_in_archive(trust, outside) == trust
