@@ -81,22 +81,21 @@ def test_a_step_that_kills_its_worker_fails_after_three_deliveries_and_the_run_e
     assert [name for name, _ in starts(markers)].count("suicide") == deaths
 
 
-def test_a_worker_killed_between_forwarding_a_step_and_its_ack_loses_nothing(
-    vhost: str, tmp_path: Path, markers: Path, processes: Processes
-) -> None:
-    # The window riders add: ``first`` takes longer than a rider may wait to run in place,
-    # so its worker forwards ``middle``; the completion of ``first`` and the StepReady of
-    # ``middle`` it forwards are confirmed, the worker dies before it acks its delivery
-    # (``seed``'s, on which ``first`` ran in place).
+def chain_with_a_worker_killed(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes, crash_at: str, flow: str
+) -> list[str]:
+    """Run ``flow`` (a chain, the cache off) while its first worker dies at ``crash_at``
+    and a second takes over; check that the run completed with each step's outcome
+    recorded once, from its one attempt (those heard again are ignored); the steps run."""
     asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
     processes.controller()
     crashing = processes.start(
         "w1",
         *("worker", "start", "--stack", STACK, "--name", "w1"),
-        env={CRASH_ENV: "after-publish:StepReady:plus_2"},
+        env={CRASH_ENV: crash_at},
     )
     crashing.wait_for_log("worker started")
-    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:slow_relay", "--no-cache")
+    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:{flow}", "--no-cache")
     assert crashing.wait(60) == -signal.SIGKILL, processes.dump()
     processes.worker("w2")
     assert follower.wait(60) == 0, processes.dump()
@@ -104,9 +103,19 @@ def test_a_worker_killed_between_forwarding_a_step_and_its_ack_loses_nothing(
         run = only_run(client)
         steps = {s.name: s for s in client.get_steps(run.id)}
     assert run.status is RunStatus.COMPLETED
-    # Each step's outcome recorded once, from its one attempt.
     assert {(s.status, s.attempt) for s in steps.values()} == {(StepStatus.COMPLETED, 1)}
-    ran = [name for name, _ in starts(markers)]
+    return [name for name, _ in starts(markers)]
+
+
+def test_a_worker_killed_between_forwarding_a_step_and_its_ack_loses_nothing(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    # The window riders add: ``first`` takes longer than a rider may wait to run in place,
+    # so its worker forwards ``middle``; the completion of ``first`` and the StepReady of
+    # ``middle`` it forwards are confirmed, the worker dies before it acks its delivery
+    # (``seed``'s, on which ``first`` ran in place).
+    crash_at = "after-publish:StepReady:plus_2"
+    ran = chain_with_a_worker_killed(vhost, tmp_path, markers, processes, crash_at, "slow_relay")
     # Delivered again: the ack of their delivery died with its worker.
     assert ran.count("seed") == 2 and ran.count("first") == 2, ran
     # ``middle`` was forwarded twice, so the rest of the chain may run twice, no more.
@@ -119,26 +128,8 @@ def test_a_worker_killed_in_a_chain_it_runs_in_place_loses_nothing(
     # The chain's steps are quick: they run one after the other on the worker that took
     # the first, each while the outcome of the one before is confirmed. The worker dies
     # once ``middle``'s outcome is confirmed (``last`` may be running), before its ack.
-    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
-    processes.controller()
-    crashing = processes.start(
-        "w1",
-        *("worker", "start", "--stack", STACK, "--name", "w1"),
-        env={CRASH_ENV: "after-publish:StepSucceeded:plus_2"},
-    )
-    crashing.wait_for_log("worker started")
-    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:relay", "--no-cache")
-    assert crashing.wait(60) == -signal.SIGKILL, processes.dump()
-    processes.worker("w2")
-    assert follower.wait(60) == 0, processes.dump()
-    with Client() as client:
-        run = only_run(client)
-        steps = {s.name: s for s in client.get_steps(run.id)}
-    assert run.status is RunStatus.COMPLETED
-    # Each step's outcome recorded once, from its one attempt: the outcomes heard again
-    # from the second worker are ignored.
-    assert {(s.status, s.attempt) for s in steps.values()} == {(StepStatus.COMPLETED, 1)}
-    ran = [name for name, _ in starts(markers)]
+    crash_at = "after-publish:StepSucceeded:plus_2"
+    ran = chain_with_a_worker_killed(vhost, tmp_path, markers, processes, crash_at, "relay")
     # The delivery the first worker held runs again from its first step; ``seed`` is that
     # step unless it took too long to let ``first`` run in place (a slow machine).
     assert ran.count("seed") in {1, 2} and ran.count("first") == 2, ran
