@@ -386,12 +386,15 @@ class WorkerPool:
             carrier.abandon()
             raise
 
-    def _in_place(self, delivery: Delivery, began: float) -> bool:
-        """Whether the next rider of ``delivery`` runs here, its parent's outcome confirmed,
-        rather than forwarded through the broker: while the delivery's steps took little.
-        A worker that dies runs them all again from the first (their recorded outcomes are
-        ignored), so this bounds the work done twice; a delivery again, or a worker that
-        stops, forwards its riders."""
+    def _in_place(self, rider: StepReady, delivery: Delivery, began: float) -> bool:
+        """Whether ``rider``, the next rider of ``delivery``, runs here, its parent's
+        outcome confirmed, rather than forwarded through the broker: while the delivery's
+        steps took little. A worker that dies runs them all again from the first (their
+        recorded outcomes are ignored), so this bounds the work done twice; a delivery
+        again, or a worker that stops, forwards its riders. A rider of a pool this worker
+        does not serve goes to its pool's queue, as any step of that pool."""
+        if rider.step.pool not in self._pools:
+            return False
         elapsed = asyncio.get_running_loop().time() - began
         return delivery.deliveries == 1 and not self._stopping and elapsed < IN_PLACE_S
 
@@ -448,7 +451,7 @@ class WorkerPool:
             return None
         answer = _Answer(outcome, ready)
         known.set_result(answer)
-        if answer.next is not None and self._in_place(delivery, began):
+        if answer.next is not None and self._in_place(answer.next, delivery, began):
             # Not marked forwarded: a delivery of this attempt again hands the rider on.
             delivery.send(self._broker, [answer.outcome])
             return answer.next

@@ -43,9 +43,9 @@ async def test_a_rider_of_another_pool_runs_on_a_worker_of_its_pool(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # `train` says pool="gpu": only a worker started with `--pool gpu` may run it. With the
-    # cache off it rides on `prepare` (the controller's riders ignore pools), and the
-    # worker of the default pool that ran `prepare` runs it in place instead of forwarding
-    # its StepReady to the gpu queue: the step runs where it must not (no GPU, other
+    # cache off it rides on `prepare` (the controller's riders ignore pools). The worker of
+    # the default pool that ran `prepare` must forward its StepReady to the gpu queue; run
+    # in place (as it was at first), the step ran where it must not (no GPU, other
     # packages). Here the embedded worker serves only the default pool, as a CPU worker
     # would, and a second worker serves "gpu".
     async def default_pool_only(self: WorkerPool, pools: Any) -> None:
