@@ -136,9 +136,10 @@ class _Carrier:
 
     def abandon(self) -> None:
         """The delivery ends unsettled by this worker: what is still being sent goes on,
-        and its failure, if any, is only retrieved."""
+        and its failure, if any, is only retrieved (also one that is over already, else
+        asyncio logs "Task exception was never retrieved")."""
         sending = self._sending
-        if sending is not None and not sending.done():
+        if sending is not None:
             sending.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def ack(self) -> None:
