@@ -10,9 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+import structlog
 
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
-from conveyor.contracts import Event, StepSucceeded
+from conveyor.contracts import Event, StepReady, StepSucceeded
+from conveyor.service.controller import Controller
 from conveyor.workers.broker_inprocess import InProcessBroker
 from conveyor.workers.rabbitmq_errors import BrokerUnavailable
 from conveyor.workers.runtime import WorkerPool
@@ -238,3 +240,151 @@ async def test_a_worker_stopped_mid_chain_finishes_its_rider_and_forwards_the_ne
     assert record.status is RunStatus.COMPLETED, steps
     assert RAN == ["rider_while_stopping", "tail_link"]
     assert steps["tail_link"] == (StepStatus.COMPLETED, 1, idle.facts.worker), steps
+
+
+LONG_RUNS: list[str] = []
+
+
+@step
+async def rider_longer_than_its_lease(x: int) -> int:
+    LONG_RUNS.append("rider_longer_than_its_lease")
+    await asyncio.sleep(3.0)
+    return x + 1
+
+
+@pipeline
+def quick_then_longer_than_a_lease() -> None:
+    rider_longer_than_its_lease(quick_parent())
+
+
+async def test_a_rider_running_in_place_longer_than_its_lease_keeps_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Regression (holds on the branch): rider_longer_than_its_lease runs in place for three
+    # leases (leases of 1 s, heartbeats every 0.2 s). Its StepStarted may reach the
+    # controller before quick_parent's outcome (it is not pipelined behind it) and then is
+    # dropped; its heartbeats renew its lease all the same, and it runs once, at attempt 1.
+    # Fails if an in-place rider were not announced/heartbeaten (its lease would lapse: a
+    # second attempt, run again) or if a lapsed lease did not stop the in-place chain.
+    monkeypatch.setitem(Controller.__init__.__kwdefaults__, "lease_s", 1.0)
+    monkeypatch.setitem(WorkerPool.__init__.__kwdefaults__, "heartbeat_s", 0.2)
+    LONG_RUNS.clear()
+    async with Conveyor() as cv:
+        run = await cv.submit(quick_then_longer_than_a_lease, cache=False)
+        record = await run.wait(timeout=30)
+        steps = {s.name: (s.status, s.attempt) for s in await run.steps()}
+    assert record.status is RunStatus.COMPLETED, steps
+    assert steps["rider_longer_than_its_lease"] == (StepStatus.COMPLETED, 1), steps
+    assert LONG_RUNS == ["rider_longer_than_its_lease"]
+
+
+BOUND: list[tuple[str, str, int]] = []
+
+
+def _note_bound() -> None:
+    bound = structlog.contextvars.get_contextvars()
+    BOUND.append((bound.get("run_id"), bound.get("step"), bound.get("attempt")))
+
+
+@step
+def logged_first() -> int:
+    _note_bound()
+    return 1
+
+
+@step
+def logged_next(x: int) -> int:
+    _note_bound()
+    return x + 1
+
+
+@pipeline
+def logged_chain() -> None:
+    logged_next(logged_next(logged_first()))
+
+
+async def test_each_rider_in_place_logs_under_its_own_step() -> None:
+    # Regression (holds on the branch): the worker's log lines (and a step's own structlog
+    # lines) carry run_id/step/attempt; a rider run in place on the delivery of
+    # logged_first logs as itself, not as the step whose delivery it rode. Fails if the
+    # context were bound once per delivery instead of once per step.
+    BOUND.clear()
+    async with Conveyor() as cv:
+        run = await cv.submit(logged_chain, cache=False)
+        record = await run.wait(timeout=30)
+    assert record.status is RunStatus.COMPLETED
+    expected = [
+        (run.id, "logged_first", 1),
+        (run.id, "logged_next", 1),
+        (run.id, "logged_next_2", 1),
+    ]
+    noted = list(BOUND)
+    assert noted == expected
+
+
+RELAYED: list[str] = []
+
+
+@step(pool="intake")
+def relay_head() -> int:
+    RELAYED.append("relay_head")
+    return 1
+
+
+@step
+def relay_link(x: int) -> int:
+    RELAYED.append("relay_link")
+    return x + 1
+
+
+@pipeline
+def intake_relay() -> None:
+    relay_link(relay_link(relay_link(relay_head())))
+
+
+async def test_a_carrier_delivered_again_after_its_ack_was_lost_runs_no_rider_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker ran relay_head and its three riders in place, every outcome confirmed; the
+    # ack of the delivery was lost with its channel (a connection blip), so the broker
+    # delivers relay_head's StepReady again, to the same worker (the only one of the
+    # "intake" pool). It knows the outcome (`_outcomes`) and answers with it, as it did
+    # before riders ran in place. But its answer was never marked forwarded, so it hands
+    # relay_link on again, though that one ran and its outcome was recorded: another
+    # worker of the default pool runs it (and the rest of the chain in place) a second
+    # time, for nothing; on the same worker each is answered in turn, one message a step.
+    # Before, the rider's StepReady went out once, and a delivery again was answered with
+    # the outcome alone. (The in-process broker delivers a StepReady again only when its
+    # consumer stops; the test publishes it again, as RabbitMQ would deliver it.)
+    readies: list[StepReady] = []
+    publish = InProcessBroker.publish
+
+    async def recording(self: InProcessBroker, events: Sequence[Event]) -> None:
+        readies.extend(e for e in events if isinstance(e, StepReady))
+        await publish(self, events)
+
+    monkeypatch.setattr(InProcessBroker, "publish", recording)
+    RELAYED.clear()
+    async with Conveyor() as cv:
+        other = WorkerPool(
+            cv.broker,
+            cv.artifacts,
+            resolver=StepResolver(cv.artifacts, in_process=True),
+            name="other-worker",
+        )
+        _, definitions = intake_relay.compile()
+        other.resolver.add(definitions)
+        async with other:
+            run = await cv.submit(intake_relay, cache=False)
+            record = await run.wait(timeout=30)
+            assert record.status is RunStatus.COMPLETED
+            assert RELAYED == ["relay_head"] + ["relay_link"] * 3
+            [carrier] = readies
+            readies.clear()
+            await cv.broker.publish([carrier])  # delivered again
+            await asyncio.sleep(1.0)
+            steps = {s.name: (s.status, s.attempt) for s in await run.steps()}
+    assert set(steps.values()) == {(StepStatus.COMPLETED, 1)}
+    assert RELAYED == ["relay_head"] + ["relay_link"] * 3, RELAYED
+    forwarded = [e.step.name for e in readies if e is not carrier]
+    assert forwarded == [], forwarded
