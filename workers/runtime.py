@@ -111,11 +111,13 @@ class _Carrier:
     """A delivery whose riders run in place: each one's outcome is confirmed while the next
     runs, in their order, and the delivery is settled only once all of them are."""
 
-    __slots__ = ("_delivery", "_sending")
+    __slots__ = ("_delivery", "_riding", "_sending")
 
     def __init__(self, delivery: Delivery) -> None:
         self._delivery = delivery
         self._sending: asyncio.Future[None] | None = None
+        # The answers whose rider runs (or ran) in place on this delivery.
+        self._riding: list[_Answer] = []
 
     @property
     def event(self) -> Event:
@@ -128,6 +130,10 @@ class _Carrier:
     def send(self, broker: Broker, events: list[Event]) -> None:
         """Publish ``events`` once those sent before are confirmed, without waiting."""
         self._sending = asyncio.ensure_future(_in_turn(self._sending, broker.publish(events)))
+
+    def ride(self, answer: _Answer) -> None:
+        """``answer``'s rider runs next, in place, instead of being forwarded."""
+        self._riding.append(answer)
 
     async def sent(self) -> None:
         """Wait until everything sent is confirmed; raise what a publish raised."""
@@ -144,6 +150,11 @@ class _Carrier:
 
     async def ack(self) -> None:
         await self.sent()
+        # Each rider run in place is handed on as if forwarded: its outcome (or what ended
+        # it) is confirmed. A delivery of this attempt again, its ack lost with a channel,
+        # is answered with the outcome alone, not with a rider to run a second time.
+        for answer in self._riding:
+            answer.forwarded = True
         await self._delivery.ack()
 
     async def reject(self, reason: str) -> None:
@@ -453,8 +464,10 @@ class WorkerPool:
         answer = _Answer(outcome, ready)
         known.set_result(answer)
         if answer.next is not None and self._in_place(answer.next, delivery, began):
-            # Not marked forwarded: a delivery of this attempt again hands the rider on.
+            # Marked forwarded only once the delivery is acked: a delivery of this attempt
+            # again before that (a publish failed, the worker stopped) hands the rider on.
             delivery.send(self._broker, [answer.outcome])
+            delivery.ride(answer)
             return answer.next
         await delivery.sent()
         await answer.send(self._broker)

@@ -348,14 +348,12 @@ async def test_a_carrier_delivered_again_after_its_ack_was_lost_runs_no_rider_ag
     # A worker ran relay_head and its three riders in place, every outcome confirmed; the
     # ack of the delivery was lost with its channel (a connection blip), so the broker
     # delivers relay_head's StepReady again, to the same worker (the only one of the
-    # "intake" pool). It knows the outcome (`_outcomes`) and answers with it, as it did
-    # before riders ran in place. But its answer was never marked forwarded, so it hands
-    # relay_link on again, though that one ran and its outcome was recorded: another
-    # worker of the default pool runs it (and the rest of the chain in place) a second
-    # time, for nothing; on the same worker each is answered in turn, one message a step.
-    # Before, the rider's StepReady went out once, and a delivery again was answered with
-    # the outcome alone. (The in-process broker delivers a StepReady again only when its
-    # consumer stops; the test publishes it again, as RabbitMQ would deliver it.)
+    # "intake" pool). It knows the outcome (`_outcomes`) and answers with the outcome
+    # alone, as it did before riders ran in place. At first its answer was never marked
+    # forwarded, so it handed relay_link on again, though that one ran and its outcome was
+    # recorded: another worker of the default pool ran it (and the rest of the chain in
+    # place) a second time, for nothing. (The in-process broker delivers a StepReady again
+    # only when its consumer stops; the test publishes it again, as RabbitMQ would.)
     readies: list[StepReady] = []
     publish = InProcessBroker.publish
 
