@@ -111,11 +111,13 @@ class _Carrier:
     """A delivery whose riders run in place: each one's outcome is confirmed while the next
     runs, in their order, and the delivery is settled only once all of them are."""
 
-    __slots__ = ("_delivery", "_sending")
+    __slots__ = ("_delivery", "_riding", "_sending")
 
     def __init__(self, delivery: Delivery) -> None:
         self._delivery = delivery
         self._sending: asyncio.Future[None] | None = None
+        # The answers whose rider runs (or ran) in place on this delivery.
+        self._riding: list[_Answer] = []
 
     @property
     def event(self) -> Event:
@@ -129,6 +131,10 @@ class _Carrier:
         """Publish ``events`` once those sent before are confirmed, without waiting."""
         self._sending = asyncio.ensure_future(_in_turn(self._sending, broker.publish(events)))
 
+    def ride(self, answer: _Answer) -> None:
+        """``answer``'s rider runs next, in place, instead of being forwarded."""
+        self._riding.append(answer)
+
     async def sent(self) -> None:
         """Wait until everything sent is confirmed; raise what a publish raised."""
         if self._sending is not None:
@@ -136,13 +142,19 @@ class _Carrier:
 
     def abandon(self) -> None:
         """The delivery ends unsettled by this worker: what is still being sent goes on,
-        and its failure, if any, is only retrieved."""
+        and its failure, if any, is only retrieved (also one that is over already, else
+        asyncio logs "Task exception was never retrieved")."""
         sending = self._sending
-        if sending is not None and not sending.done():
+        if sending is not None:
             sending.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def ack(self) -> None:
         await self.sent()
+        # Each rider run in place is handed on as if forwarded: its outcome (or what ended
+        # it) is confirmed. A delivery of this attempt again, its ack lost with a channel,
+        # is answered with the outcome alone, not with a rider to run a second time.
+        for answer in self._riding:
+            answer.forwarded = True
         await self._delivery.ack()
 
     async def reject(self, reason: str) -> None:
@@ -386,12 +398,15 @@ class WorkerPool:
             carrier.abandon()
             raise
 
-    def _in_place(self, delivery: Delivery, began: float) -> bool:
-        """Whether the next rider of ``delivery`` runs here, its parent's outcome confirmed,
-        rather than forwarded through the broker: while the delivery's steps took little.
-        A worker that dies runs them all again from the first (their recorded outcomes are
-        ignored), so this bounds the work done twice; a delivery again, or a worker that
-        stops, forwards its riders."""
+    def _in_place(self, rider: StepReady, delivery: Delivery, began: float) -> bool:
+        """Whether ``rider``, the next rider of ``delivery``, runs here, its parent's
+        outcome confirmed, rather than forwarded through the broker: while the delivery's
+        steps took little. A worker that dies runs them all again from the first (their
+        recorded outcomes are ignored), so this bounds the work done twice; a delivery
+        again, or a worker that stops, forwards its riders. A rider of a pool this worker
+        does not serve goes to its pool's queue, as any step of that pool."""
+        if rider.step.pool not in self._pools:
+            return False
         elapsed = asyncio.get_running_loop().time() - began
         return delivery.deliveries == 1 and not self._stopping and elapsed < IN_PLACE_S
 
@@ -448,9 +463,11 @@ class WorkerPool:
             return None
         answer = _Answer(outcome, ready)
         known.set_result(answer)
-        if answer.next is not None and self._in_place(delivery, began):
-            # Not marked forwarded: a delivery of this attempt again hands the rider on.
+        if answer.next is not None and self._in_place(answer.next, delivery, began):
+            # Marked forwarded only once the delivery is acked: a delivery of this attempt
+            # again before that (a publish failed, the worker stopped) hands the rider on.
             delivery.send(self._broker, [answer.outcome])
+            delivery.ride(answer)
             return answer.next
         await delivery.sent()
         await answer.send(self._broker)
