@@ -135,6 +135,12 @@ class _Carrier:
         """``answer``'s rider runs next, in place, instead of being forwarded."""
         self._riding.append(answer)
 
+    @property
+    def failing(self) -> bool:
+        """Whether a publish failed: nothing more runs on this delivery, given back."""
+        sending = self._sending
+        return sending is not None and sending.done() and sending.exception() is not None
+
     async def sent(self) -> None:
         """Wait until everything sent is confirmed; raise what a publish raised."""
         if self._sending is not None:
@@ -398,14 +404,15 @@ class WorkerPool:
             carrier.abandon()
             raise
 
-    def _in_place(self, rider: StepReady, delivery: Delivery, began: float) -> bool:
+    def _in_place(self, rider: StepReady, delivery: _Carrier, began: float) -> bool:
         """Whether ``rider``, the next rider of ``delivery``, runs here, its parent's
         outcome confirmed, rather than forwarded through the broker: while the delivery's
         steps took little. A worker that dies runs them all again from the first (their
         recorded outcomes are ignored), so this bounds the work done twice; a delivery
         again, or a worker that stops, forwards its riders. A rider of a pool this worker
-        does not serve goes to its pool's queue, as any step of that pool."""
-        if rider.step.pool not in self._pools:
+        does not serve goes to its pool's queue, as any step of that pool. Once a publish
+        of the delivery failed, nothing more runs on it: it is given back."""
+        if rider.step.pool not in self._pools or delivery.failing:
             return False
         elapsed = asyncio.get_running_loop().time() - began
         return delivery.deliveries == 1 and not self._stopping and elapsed < IN_PLACE_S

@@ -386,3 +386,48 @@ async def test_a_carrier_delivered_again_after_its_ack_was_lost_runs_no_rider_ag
     assert RELAYED == ["relay_head"] + ["relay_link"] * 3, RELAYED
     forwarded = [e.step.name for e in readies if e is not carrier]
     assert forwarded == [], forwarded
+
+
+LINKS_RAN: list[str] = []
+
+
+@step
+def counted_link(x: int, name: str) -> int:
+    LINKS_RAN.append(name)
+    return x + 1
+
+
+@pipeline
+def five_counted_links() -> None:
+    value = counted_link(0, name="a")
+    for name in "bcde":
+        value = counted_link(value, name=name)
+
+
+async def test_a_chain_stops_running_in_place_once_a_publish_of_its_delivery_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The broker refuses the outcome of link b while link c runs in place. The delivery is
+    # given back (on RabbitMQ, to be delivered again; the in-process broker dead-letters
+    # a delivery whose handler raised): links d and e must not run on it meanwhile, work
+    # that another worker would do again from a, nor be heard of without b's outcome.
+    LINKS_RAN.clear()
+    original = InProcessBroker.publish
+
+    async def publish(self: InProcessBroker, events: Sequence[Event]) -> None:
+        for event in events:
+            if isinstance(event, StepSucceeded) and event.step == "counted_link_2":
+                raise BrokerUnavailable("RabbitMQ did not confirm 1 message(s) within 60s")
+        await original(self, events)
+
+    monkeypatch.setattr(InProcessBroker, "publish", publish)
+    async with Conveyor() as cv:
+        await cv.submit(five_counted_links, cache=False)
+        for _ in range(100):
+            if cv.broker.dead_letters:
+                break
+            await asyncio.sleep(0.05)
+        [dead] = cv.broker.dead_letters
+    assert "BrokerUnavailable" in dead.reason
+    assert LINKS_RAN[:2] == ["a", "b"], LINKS_RAN
+    assert "d" not in LINKS_RAN and "e" not in LINKS_RAN, LINKS_RAN
