@@ -1,6 +1,6 @@
-"""Review of "chain riders run in place": what a user would see go wrong, and what holds.
-
-Each test says what it checks and what would make it fail."""
+"""Chain riders run in place, on the embedded stack: pools, cancellation, a worker that
+stops, leases, a publish that fails, a delivery that comes again after its ack was lost,
+and the logging context of each rider. Each test says what would make it fail."""
 
 from __future__ import annotations
 
