@@ -38,7 +38,7 @@ from conveyor.contracts import (
 from conveyor.workers import digests
 from conveyor.workers.notebook_code import MODULE_FILE as CELLS_FILE
 from conveyor.workers.notebook_code import cell_module
-from conveyor.workers.steps import FILE_MODULE_PREFIX, StepDefinition
+from conveyor.workers.steps import StepDefinition, is_script_module
 
 
 @functools.cache
@@ -233,7 +233,7 @@ def _locate(ref: str, definition: StepDefinition) -> _Source | None:
     fn = definition.fn
     module_name = fn.__module__
     filename = getattr(sys.modules.get(module_name), "__file__", None)
-    is_script = module_name == "__main__" or module_name.startswith(FILE_MODULE_PREFIX)
+    is_script = is_script_module(module_name)
     if not is_script and module_name.partition(".")[0] in installed_packages():
         return None
     if filename is None:
@@ -504,7 +504,7 @@ def trust_in_archive(trust: list[str], archive: CodeArchive) -> list[str]:
     for name in trust:
         # A pipeline file's module name has no dot: what follows the first is the class's.
         module, _, qualname = name.partition(".")
-        if not (module == "__main__" or module.startswith(FILE_MODULE_PREFIX)):
+        if not is_script_module(module):
             continue
         file = getattr(sys.modules.get(module), "__file__", None)
         if file is None:

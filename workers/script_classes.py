@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from conveyor.contracts import ConveyorError
-from conveyor.workers.steps import FILE_MODULE_PREFIX, load_file, missing_name
+from conveyor.workers.steps import FILE_MODULE_PREFIX, is_script_module, load_file, missing_name
 
 _ARCHIVE_MODULE = re.compile(re.escape(FILE_MODULE_PREFIX) + r"([0-9a-f]{16})_(\w+)")
 """A file of a code archive, as a worker loads it (``archive_module_name``)."""
@@ -51,11 +51,6 @@ def archive_module_name(digest: str, path: str) -> str:
     """The module name of the file ``path`` of the code archive ``digest`` on a worker."""
     # One name per (archive, file): two versions of the same script never share a module.
     return f"{FILE_MODULE_PREFIX}{digest.partition(':')[2][:16]}_{file_stem(path)}"
-
-
-def is_script_module(module: str) -> bool:
-    """Whether ``module`` is a pipeline file's (a name the loading process made up)."""
-    return module == "__main__" or module.startswith(FILE_MODULE_PREFIX)
 
 
 SHOWN_FILES_CHECKED = 1000

@@ -33,6 +33,12 @@ from conveyor.workers.retry_options import retry_policy
 
 FILE_MODULE_PREFIX = "conveyor_user_"
 
+
+def is_script_module(module: str) -> bool:
+    """Whether ``module`` is a pipeline file's (a name the loading process made up)."""
+    return module == "__main__" or module.startswith(FILE_MODULE_PREFIX)
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -78,7 +84,7 @@ def reference_of(obj: Any) -> str:
     their path (relative to the working directory when inside it) stands in.
     """
     module_name = obj.__module__
-    if module_name == "__main__" or module_name.startswith(FILE_MODULE_PREFIX):
+    if is_script_module(module_name):
         path = _module_file(module_name)
         if path is not None:
             return f"{path}:{obj.__qualname__}"
