@@ -13,8 +13,9 @@ import pytest
 import structlog
 
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
-from conveyor.contracts import Event, StepReady, StepSucceeded
+from conveyor.contracts import DEFAULT_POOL, Event, StepReady, StepSucceeded
 from conveyor.service.controller import Controller
+from conveyor.service.pipelines import PipelineDefinition
 from conveyor.workers.broker_inprocess import InProcessBroker
 from conveyor.workers.rabbitmq_errors import BrokerUnavailable
 from conveyor.workers.runtime import WorkerPool
@@ -41,6 +42,23 @@ def prepare_train_report() -> None:
     report(train(prepare()))
 
 
+def another_worker(
+    cv: Conveyor, definition: PipelineDefinition, name: str, pools: Sequence[str] = (DEFAULT_POOL,)
+) -> WorkerPool:
+    """A second worker of the embedded stack's broker and store, serving ``pools``, that
+    runs the steps of ``definition`` (start it with ``async with``)."""
+    worker = WorkerPool(
+        cv.broker,
+        cv.artifacts,
+        resolver=StepResolver(cv.artifacts, in_process=True),
+        pools=pools,
+        name=name,
+    )
+    _, definitions = definition.compile()
+    worker.resolver.add(definitions)
+    return worker
+
+
 async def test_a_rider_of_another_pool_runs_on_a_worker_of_its_pool(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -55,15 +73,7 @@ async def test_a_rider_of_another_pool_runs_on_a_worker_of_its_pool(
 
     monkeypatch.setattr(WorkerPool, "serve", default_pool_only)
     async with Conveyor() as cv:
-        gpu = WorkerPool(
-            cv.broker,
-            cv.artifacts,
-            resolver=StepResolver(cv.artifacts, in_process=True),
-            pools=["gpu"],
-            name="gpu-worker",
-        )
-        _, definitions = prepare_train_report.compile()
-        gpu.resolver.add(definitions)
+        gpu = another_worker(cv, prepare_train_report, "gpu-worker", pools=["gpu"])
         async with gpu:
             run = await cv.submit(prepare_train_report, cache=False)
             record = await run.wait(timeout=30)
@@ -162,7 +172,7 @@ def cancelled_in_place() -> None:
 
 
 async def test_cancelling_a_run_stops_its_rider_running_in_place() -> None:
-    # Regression (holds on the branch): rider_until_cancelled runs in place on the
+    # rider_until_cancelled runs in place on the
     # delivery of quick_parent. Cancelling the run stops it where it runs, the delivery is
     # acked, and the rider after it never runs. Fails if a rider in place were not
     # registered as a running execution of its run (the cancellation would not reach it:
@@ -211,7 +221,7 @@ def stopped_mid_chain() -> None:
 
 
 async def test_a_worker_stopped_mid_chain_finishes_its_rider_and_forwards_the_next() -> None:
-    # Regression (holds on the branch): the worker running rider_while_stopping in place is
+    # the worker running rider_while_stopping in place is
     # stopped gracefully (SIGTERM). The rider finishes within the grace, its outcome is
     # confirmed, and tail_link is forwarded through the broker to the other worker rather
     # than run in place by a stopping worker. Fails if the stop cancelled the rider (it would
@@ -219,14 +229,7 @@ async def test_a_worker_stopped_mid_chain_finishes_its_rider_and_forwards_the_ne
     RIDING["rider_while_stopping"] = asyncio.Event()
     RAN.clear()
     async with Conveyor() as cv:
-        other = WorkerPool(
-            cv.broker,
-            cv.artifacts,
-            resolver=StepResolver(cv.artifacts, in_process=True),
-            name="other-worker",
-        )
-        _, definitions = stopped_mid_chain.compile()
-        other.resolver.add(definitions)
+        other = another_worker(cv, stopped_mid_chain, "other-worker")
         embedded = cv._workers
         assert embedded is not None
         async with other:
@@ -260,7 +263,7 @@ def quick_then_longer_than_a_lease() -> None:
 async def test_a_rider_running_in_place_longer_than_its_lease_keeps_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Regression (holds on the branch): rider_longer_than_its_lease runs in place for three
+    # rider_longer_than_its_lease runs in place for three
     # leases (leases of 1 s, heartbeats every 0.2 s). Its StepStarted may reach the
     # controller before quick_parent's outcome (it is not pipelined behind it) and then is
     # dropped; its heartbeats renew its lease all the same, and it runs once, at attempt 1.
@@ -304,7 +307,7 @@ def logged_chain() -> None:
 
 
 async def test_each_rider_in_place_logs_under_its_own_step() -> None:
-    # Regression (holds on the branch): the worker's log lines (and a step's own structlog
+    # the worker's log lines (and a step's own structlog
     # lines) carry run_id/step/attempt; a rider run in place on the delivery of
     # logged_first logs as itself, not as the step whose delivery it rode. Fails if the
     # context were bound once per delivery instead of once per step.
@@ -364,14 +367,7 @@ async def test_a_carrier_delivered_again_after_its_ack_was_lost_runs_no_rider_ag
     monkeypatch.setattr(InProcessBroker, "publish", recording)
     RELAYED.clear()
     async with Conveyor() as cv:
-        other = WorkerPool(
-            cv.broker,
-            cv.artifacts,
-            resolver=StepResolver(cv.artifacts, in_process=True),
-            name="other-worker",
-        )
-        _, definitions = intake_relay.compile()
-        other.resolver.add(definitions)
+        other = another_worker(cv, intake_relay, "other-worker")
         async with other:
             run = await cv.submit(intake_relay, cache=False)
             record = await run.wait(timeout=30)
