@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 # The test process is an application that embeds Conveyor: it configures structlog itself,
 # once, as the CLI and the service processes do (Conveyor.start() leaves it alone).
 configure_logging()
+# pytest-xdist's workers set COLUMNS=80, which the CLI takes as a terminal's width (and reads
+# once, at import): the tests read the CLI's piped output, which a script gets at full width.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 
 ROOT = Path(__file__).resolve().parents[1]
 RABBITMQ_REQUIRED_ENV = "CONVEYOR_REQUIRE_RABBITMQ"
