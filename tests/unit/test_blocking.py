@@ -60,6 +60,8 @@ def test_ctrl_c_cancels_the_coroutine_and_waits_for_it_to_wind_down() -> None:
         assert main_thread is not None
         signal.pthread_kill(main_thread, signal.SIGINT)
 
+    # Python's own Ctrl-C handler, as a kernel has: pytest-xdist's workers ignore SIGINT.
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=interrupt, daemon=True).start()
     # Not asyncio.run, whose own SIGINT handler cancels its task: a kernel's loop raises
     # KeyboardInterrupt where the cell is, as this one does.
@@ -69,6 +71,7 @@ def test_ctrl_c_cancels_the_coroutine_and_waits_for_it_to_wind_down() -> None:
             loop.run_until_complete(cell())
     finally:
         loop.close()
+        signal.signal(signal.SIGINT, handler)
     assert wound_down == ["cancelled"]
 
 
