@@ -51,11 +51,10 @@ if TYPE_CHECKING:
         WorkerFacts,
         encode_event,
         event_json_schemas,
-        new_id,
         parse_event,
         progress_of,
-        utcnow,
     )
+    from conveyor.contracts.ids import new_id, utcnow
     from conveyor.contracts.limits import (
         DEFAULT_MAX_RETRY_DELAY_S,
         MAX_BACKOFF,
@@ -150,10 +149,10 @@ _SOURCES = {
     "WorkerFacts": "conveyor.contracts.events",
     "encode_event": "conveyor.contracts.events",
     "event_json_schemas": "conveyor.contracts.events",
-    "new_id": "conveyor.contracts.events",
+    "new_id": "conveyor.contracts.ids",
     "parse_event": "conveyor.contracts.events",
     "progress_of": "conveyor.contracts.events",
-    "utcnow": "conveyor.contracts.events",
+    "utcnow": "conveyor.contracts.ids",
     "ArtifactRecord": "conveyor.contracts.models",
     "ArtifactRef": "conveyor.contracts.models",
     "BlobRef": "conveyor.contracts.models",

@@ -50,6 +50,15 @@ NOT_FOR_HELP = (
     "conveyor.workers.flavors",
 )
 
+# What the commands that list and show records do without: the event models (the records
+# are in contracts/models.py), which the store, the stack rules and the flavors' configs
+# need only to publish or read events. Building them is tens of milliseconds.
+NOT_FOR_LISTINGS = (
+    "conveyor.contracts.events",
+    "conveyor.contracts.protocols",
+    "conveyor.contracts.unreadable",
+)
+
 # Prints the modules loaded when the interpreter exits (a command ends in SystemExit).
 AT_EXIT = """
 import atexit, json, sys
@@ -91,6 +100,21 @@ def test_importing_the_cli_loads_none_of_the_heavy_modules() -> None:
 def test_listing_commands_load_none_of_the_heavy_modules(args: list[str]) -> None:
     loaded = loaded_by(COMMAND, json.dumps(args))
     assert sorted(loaded.intersection(HEAVY)) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["stack", "list"], ["run", "list"], ["stack", "describe"], ["orchestrator", "list"]],
+)
+def test_listing_commands_build_no_event_models(args: list[str]) -> None:
+    loaded = loaded_by(COMMAND, json.dumps(args))
+    assert "conveyor.service.client" in loaded
+    assert sorted(loaded.intersection(NOT_FOR_LISTINGS)) == []
+
+
+def test_the_client_imports_no_event_models() -> None:
+    loaded = loaded_by("import conveyor.service.client")
+    assert sorted(loaded.intersection(HEAVY + NOT_FOR_LISTINGS)) == []
 
 
 def test_help_loads_no_records_store_or_consoles() -> None:
