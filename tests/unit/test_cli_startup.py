@@ -58,6 +58,14 @@ NOT_FOR_LISTINGS = (
     "conveyor.contracts.protocols",
     "conveyor.contracts.unreadable",
 )
+# Nor do listing stacks and runs build a pipeline spec, nor load the stack probes (with
+# which a change of a stack moves its queues) or the stack export format.
+NOT_FOR_LIST = (
+    "conveyor.contracts.pipeline_spec",
+    "conveyor.workers.stack_probes",
+    "conveyor.service.queue_moves",
+    "conveyor.service.stack_files",
+)
 
 # Prints the modules loaded when the interpreter exits (a command ends in SystemExit).
 AT_EXIT = """
@@ -112,9 +120,15 @@ def test_listing_commands_build_no_event_models(args: list[str]) -> None:
     assert sorted(loaded.intersection(NOT_FOR_LISTINGS)) == []
 
 
+@pytest.mark.parametrize("args", [["stack", "list"], ["run", "list"], ["artifact", "list"]])
+def test_lists_build_no_spec_and_load_no_probes(args: list[str]) -> None:
+    loaded = loaded_by(COMMAND, json.dumps(args))
+    assert sorted(loaded.intersection(NOT_FOR_LIST)) == []
+
+
 def test_the_client_imports_no_event_models() -> None:
     loaded = loaded_by("import conveyor.service.client")
-    assert sorted(loaded.intersection(HEAVY + NOT_FOR_LISTINGS)) == []
+    assert sorted(loaded.intersection(HEAVY + NOT_FOR_LISTINGS + NOT_FOR_LIST)) == []
 
 
 def test_help_loads_no_records_store_or_consoles() -> None:
