@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,9 +80,13 @@ main()
 """
 
 
-def loaded_by(code: str, *args: str) -> set[str]:
+def loaded_by(code: str, *args: str, cwd: Path | None = None) -> set[str]:
     done = subprocess.run(
-        [sys.executable, "-c", AT_EXIT + code, *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", AT_EXIT + code, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
     )
     assert done.returncode == 0, done.stderr
     modules: list[str] = json.loads(done.stderr.strip().splitlines()[-1])
@@ -129,6 +134,19 @@ def test_lists_build_no_spec_and_load_no_probes(args: list[str]) -> None:
 def test_the_client_imports_no_event_models() -> None:
     loaded = loaded_by("import conveyor.service.client")
     assert sorted(loaded.intersection(HEAVY + NOT_FOR_LISTINGS + NOT_FOR_LIST)) == []
+
+
+def test_a_run_whose_steps_make_no_array_imports_no_numpy(tmp_path: Path) -> None:
+    (tmp_path / "one_step.py").write_text(
+        "from conveyor import pipeline, step\n\n\n"
+        "@step\ndef hello() -> str:\n    return 'hello'\n\n\n"
+        "@pipeline\ndef one_step() -> None:\n    hello()\n"
+    )
+    loaded = loaded_by(
+        COMMAND, json.dumps(["pipeline", "run", "one_step.py:one_step"]), cwd=tmp_path
+    )
+    assert "conveyor.workers.materializers.builtin" in loaded  # its output was materialized
+    assert "numpy" not in loaded
 
 
 def test_help_loads_no_records_store_or_consoles() -> None:
