@@ -8,6 +8,12 @@ Apart from ``models`` so that what needs only these (the CLI's option types, sho
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
+
+Isolation = Literal["thread", "process"]
+"""Where a sync step's body runs: a thread of the worker (abandoned at its timeout), or a
+child process of the worker (killed at its timeout). Here, not beside the pipeline spec, so
+that a flavor's configuration (``rabbitmq``'s default isolation) builds no spec models."""
 
 
 class ComponentType(StrEnum):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
+from conveyor.contracts.enums import Isolation
 from conveyor.contracts.limits import (
     DEFAULT_MAX_RETRY_DELAY_S,
     MAX_BACKOFF,
@@ -16,10 +17,6 @@ from conveyor.contracts.limits import (
 from conveyor.contracts.models import BlobRef, Frozen, Name
 
 DEFAULT_POOL = "default"
-
-Isolation = Literal["thread", "process"]
-"""Where a sync step's body runs: a thread of the worker (abandoned at its timeout), or a
-child process of the worker (killed at its timeout)."""
 
 
 CODE_DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"

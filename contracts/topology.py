@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from conveyor.contracts.events import (
-    AttemptsCancelled,
-    Event,
-    RunCancelRequested,
-    RunFinished,
-    RunProgress,
-    RunRequested,
-    StepReady,
-    StepStatusChanged,
-)
+from typing import TYPE_CHECKING
+
 from conveyor.contracts.models import Frozen
 
+# Events are routed by the type name each carries, not by class: the names of a stack's
+# queues and exchanges serve parts that handle no event (a flavor's configuration, the CLI's
+# listings), and importing the event classes builds every event model.
+if TYPE_CHECKING:
+    from conveyor.contracts.events import Event
+
 DEFAULT_PREFIX = "conveyor"
+_RUN_TYPES = ("RunRequested", "RunCancelRequested")
+_STATUS_TYPES = ("StepStatusChanged", "RunProgress", "RunFinished")
 
 
 class Topology(Frozen):
@@ -84,22 +84,22 @@ class Topology(Frozen):
     def route(self, event: Event) -> str:
         """The queue an event is published to (status events: the run id as routing key;
         control events: none, every worker hears them)."""
-        if isinstance(event, StepReady):
+        if event.type == "StepReady":
             return self.step_queue(event.step.pool)
-        if isinstance(event, RunRequested | RunCancelRequested):
+        if event.type in _RUN_TYPES:
             return self.runs_queue
-        if isinstance(event, StepStatusChanged | RunProgress | RunFinished):
+        if event.type in _STATUS_TYPES:
             return event.run_id
-        if isinstance(event, AttemptsCancelled):
+        if event.type == "AttemptsCancelled":
             return ""
         return self.events_queue
 
 
 def is_status_event(event: Event) -> bool:
     """Whether ``event`` is a status update for followers rather than work."""
-    return isinstance(event, StepStatusChanged | RunProgress | RunFinished)
+    return event.type in _STATUS_TYPES
 
 
 def is_control_event(event: Event) -> bool:
     """Whether ``event`` is broadcast to every worker rather than queued for one consumer."""
-    return isinstance(event, AttemptsCancelled)
+    return event.type == "AttemptsCancelled"

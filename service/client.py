@@ -15,11 +15,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from conveyor.contracts import (
     ArtifactRecord,
-    ArtifactStore,
     ComponentSpec,
     ComponentType,
     NotFoundError,
-    PipelineSpec,
     Role,
     RunRecord,
     RunStatus,
@@ -35,6 +33,9 @@ from conveyor.service.login import read_login
 from conveyor.workers.flavors import Flavor, run_artifact_store
 
 if TYPE_CHECKING:
+    # For typing only: importing either builds models a listing never uses (the Protocols
+    # import every event).
+    from conveyor.contracts import ArtifactStore, PipelineSpec
     from conveyor.service.handles import RunHandle
 
 TypeName = ComponentType | str

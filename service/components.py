@@ -24,11 +24,6 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.enums import label
 from conveyor.contracts.errors import shown
-from conveyor.service.queue_moves import (
-    MAX_CHECKED_POOLS,
-    after_move,
-    check_queues_kept,
-)
 from conveyor.service.store import Database, StackStore
 from conveyor.workers.flavors import Flavor, flavors_of, get_flavor
 
@@ -142,6 +137,9 @@ class ComponentRules:
         self, type_: ComponentType, name: str, config: dict[str, Any]
     ) -> ComponentSpec:
         """Set the given config keys (a ``None`` value removes a key, back to its default)."""
+        # Imported here: moving queues is for the changes that may, not for listing stacks.
+        from conveyor.service.queue_moves import MAX_CHECKED_POOLS, after_move, check_queues_kept
+
         if not config:
             raise ValidationError(f"nothing to update on {label(type_)} {name!r}: give a key")
         component = await self._changeable_component(type_, name)

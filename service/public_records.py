@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from conveyor.contracts import ComponentSpec, ComponentType, PipelineSpec, RunRecord, StackSpec
+from conveyor.contracts import ComponentSpec, ComponentType, RunRecord, StackSpec
 from conveyor.workers.flavors import Flavor, masked_config, masked_stack_snapshot
 
 if TYPE_CHECKING:
+    from conveyor.contracts import PipelineSpec  # its models are for `run describe` only
     from conveyor.service.users import Actor
 
 

@@ -10,17 +10,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from conveyor.contracts import (
     FINISHED_STEP_STATUSES,
     ArtifactRef,
     ConveyorError,
-    Event,
-    PipelineSpec,
     RunStatus,
-    StepSpec,
     StepStatus,
 )
+
+# For typing only: the store imports this module, and listing its records (the CLI) needs
+# neither the pipeline spec's models nor the events'.
+if TYPE_CHECKING:
+    from conveyor.contracts import Event, PipelineSpec, StepSpec
 
 MAX_DISPATCHED = 1_000
 """The most steps of one run dispatched and not finished at once. The run's other ready

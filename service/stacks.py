@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
@@ -27,18 +27,17 @@ from conveyor.contracts.enums import label
 from conveyor.contracts.errors import shown
 from conveyor.service.components import ComponentRules, check_name, suggest
 from conveyor.service.home import STACK_ENV, Home
-from conveyor.service.queue_moves import (
-    MAX_CHECKED_POOLS,
-    QueueCheck,
-    after_move,
-    check_no_consumers,
-    check_queues_kept,
-)
-from conveyor.service.stack_files import ExportedComponent, export_data, parse_export
 from conveyor.service.store import Database, StackStore
 from conveyor.service.users import LOCAL_ADMIN, LOCAL_USER, Actor
 from conveyor.workers.flavors import exported_config, get_flavor
 from conveyor.workers.secrets import masked_paths
+
+# The queue moves (the stack probes, a broker's client) and the export format are imported
+# by the changes that use them: listing stacks and runs (the CLI's most frequent commands,
+# every Client) needs neither.
+if TYPE_CHECKING:
+    from conveyor.service.queue_moves import QueueCheck
+    from conveyor.service.stack_files import ExportedComponent
 
 DEFAULT = "default"
 ACTIVE_STACK_KEY = "active_stack"
@@ -200,6 +199,8 @@ class StackService(ComponentRules):
     async def update_stack(self, name: str, components: Mapping[ComponentType, str]) -> StackSpec:
         """Replace some components of a stack; later runs use them, past runs keep theirs.
         A new orchestrator whose queues are elsewhere waits until nothing consumes the old."""
+        from conveyor.service.queue_moves import after_move, check_queues_kept
+
         chosen = {t: c for t, c in components.items() if c}
         if not chosen:
             raise ValidationError(f"nothing to update on stack {name!r}: give a component")
@@ -227,6 +228,8 @@ class StackService(ComponentRules):
     async def rename_stack(self, name: str, new_name: str) -> StackSpec:
         """Rename a stack; it stays active if it was, and its runs stay its runs (by id).
         A service stack is renamed only while nothing consumes its queues."""
+        from conveyor.service.queue_moves import after_move, check_no_consumers
+
         stack = await self._renamable(name, new_name)
         if new_name == stack.name:
             return stack
@@ -301,6 +304,8 @@ class StackService(ComponentRules):
         self, stack: StackSpec, pools: list[str]
     ) -> QueueCheck:
         """Refuse while anything consumes the queues of ``stack``; what its broker answered."""
+        from conveyor.service.queue_moves import check_no_consumers
+
         # A broker that is gone for good must not keep its stack: once deleted, nothing can
         # send runs to that stack's queues, whereas a renamed stack's runs would wait there.
         return await check_no_consumers(
@@ -309,6 +314,8 @@ class StackService(ComponentRules):
 
     async def _pools(self, stack: StackSpec) -> list[str]:
         """The pools of the runs of ``stack`` whose step queues a change of it looks at."""
+        from conveyor.service.queue_moves import MAX_CHECKED_POOLS
+
         return await self.store.pools_used(stack.id, MAX_CHECKED_POOLS)
 
     async def _deletable(self, name: str) -> StackSpec:
@@ -331,6 +338,8 @@ class StackService(ComponentRules):
     async def delete_stack(self, name: str) -> None:
         """Delete a stack, not its components; never the default or the active stack, nor a
         service stack whose queues are consumed."""
+        from conveyor.service.queue_moves import after_move
+
         stack = await self._deletable(name)
         pools = await self._pools(stack)
         # Outside the write transaction: a slow broker must not lock the store.
@@ -389,6 +398,8 @@ class StackService(ComponentRules):
 
     async def export_stack(self, name: str, include_secrets: bool = False) -> dict[str, Any]:
         """The stack as plain data for a file; secrets masked unless ``include_secrets``."""
+        from conveyor.service.stack_files import export_data
+
         return export_data(await self.get(name), include_secrets=include_secrets)
 
     async def import_stack(self, data: Any, name: str | None = None) -> StackSpec:
@@ -398,6 +409,8 @@ class StackService(ComponentRules):
         not exist is created; a different one of the same name makes a new component with a
         free name (``NAME-2``...), so nothing existing changes.
         """
+        from conveyor.service.stack_files import parse_export
+
         export = parse_export(data)
         stack_name = name or export.stack_name
         missing = [label(t) for t in REQUIRED_TYPES if t not in export.components]

@@ -8,20 +8,17 @@ from __future__ import annotations
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import to_jsonable_python
 
 from conveyor.contracts import (
-    ArtifactStore,
-    Broker,
     ComponentSpec,
     ComponentType,
     ConveyorError,
     StackSpec,
-    Topology,
     ValidationError,
 )
 from conveyor.workers.artifact_store_local import LocalArtifactStoreConfig
@@ -29,6 +26,11 @@ from conveyor.workers.limits import MAX_CONCURRENCY
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.s3_config import S3ArtifactStoreConfig
 from conveyor.workers.secrets import mask, mask_value, reveal, secret_keys
+
+# The Protocols and the topology are for typing and for building an adapter: importing them
+# builds every event model (contracts/events.py), which reading configuration never needs.
+if TYPE_CHECKING:
+    from conveyor.contracts import ArtifactStore, Broker
 
 
 class LocalOrchestratorConfig(BaseModel):
@@ -244,7 +246,7 @@ def _s3_store(config: BaseModel) -> ArtifactStore:
     return make_s3_store(config)
 
 
-StoreFactory = Callable[[BaseModel], ArtifactStore]
+StoreFactory = Callable[[BaseModel], "ArtifactStore"]
 ARTIFACT_STORES: dict[str, StoreFactory] = {
     "local": _local_store,
     "s3": _s3_store,
@@ -259,6 +261,7 @@ def make_artifact_store(stack: StackSpec) -> ArtifactStore:
 
 
 def _inprocess_broker(stack: StackSpec, config: BaseModel) -> Broker:
+    from conveyor.contracts import Topology
     from conveyor.workers.broker_inprocess import InProcessBroker
 
     return InProcessBroker(Topology(stack=stack.name))
@@ -271,7 +274,7 @@ def _rabbitmq_broker(stack: StackSpec, config: BaseModel) -> Broker:
     return RabbitMQBroker.of_stack(stack.name, RabbitMQOrchestratorConfig.model_validate(config))
 
 
-BrokerFactory = Callable[[StackSpec, BaseModel], Broker]
+BrokerFactory = Callable[[StackSpec, BaseModel], "Broker"]
 BROKERS: dict[str, BrokerFactory] = {
     "local": _inprocess_broker,
     "rabbitmq": _rabbitmq_broker,

@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from conveyor.contracts import PipelineSpec, StackSpec
+from conveyor.contracts import StackSpec
 from conveyor.service.store.db import MAX_QUERY_KEYS, Database, Writes
+
+if TYPE_CHECKING:
+    from conveyor.contracts import PipelineSpec  # typing only: listing runs builds no spec
 
 
 class RunRequests:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
@@ -13,16 +13,12 @@ from conveyor.contracts import (
     FINISHED_RUN_STATUSES,
     ArtifactRef,
     ConflictError,
-    Event,
     NotFoundError,
-    PipelineSpec,
     RunRecord,
     RunStatus,
     StepRecord,
     StepStatus,
-    StepStatusChanged,
     new_id,
-    parse_event,
     utcnow,
 )
 from conveyor.contracts.errors import shown
@@ -36,6 +32,11 @@ from conveyor.service.store.id_prefixes import (
     could_match,
     pick_id,
 )
+
+# The events and the pipeline spec are imported by the methods that read them: importing
+# them builds their models, which listing runs and stacks (the CLI) never uses.
+if TYPE_CHECKING:
+    from conveyor.contracts import Event, PipelineSpec, StepStatusChanged
 
 ACTIVE = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
 BUMP_MARKER = (
@@ -255,6 +256,8 @@ class RunStore:
 
     async def unsent(self, stack_id: str) -> list[Event]:
         """Events recorded but never confirmed, oldest first."""
+        from conveyor.contracts import parse_event
+
         rows = await self.db.fetchall(
             "SELECT event FROM outbox WHERE stack_id = ? AND sent IS NULL ORDER BY seq",
             (stack_id,),
@@ -338,6 +341,8 @@ class RunStore:
         return [_run_record(row) for row in rows]
 
     async def spec_of(self, run_id: str) -> PipelineSpec:
+        from conveyor.contracts import PipelineSpec
+
         row = await self.db.fetchone(f"SELECT spec FROM {SEEN} WHERE id = ?", (run_id,))
         if row is None:
             raise NotFoundError(f"no run with id {run_id!r}")
@@ -408,6 +413,8 @@ class RunStore:
         """Each step of ``run_id`` whose record changed after marker ``since`` (every step
         with ``None``), as the change that would have announced its status, in the order of
         the run's steps; and the highest marker among them (0 if none)."""
+        from conveyor.contracts import StepStatusChanged
+
         columns = "name, status, attempt, error, duration_s, retry_at, cached_from, changed"
         rows = await self.db.fetchall(  # markers start at 0: every step changed after -1
             f"SELECT {columns} FROM steps WHERE run_id = ? AND changed > ? ORDER BY position",

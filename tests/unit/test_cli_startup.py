@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,23 @@ NOT_FOR_HELP = (
     "conveyor.workers.flavors",
 )
 
+# What the commands that list and show records do without: the event models (the records
+# are in contracts/models.py), which the store, the stack rules and the flavors' configs
+# need only to publish or read events. Building them is tens of milliseconds.
+NOT_FOR_LISTINGS = (
+    "conveyor.contracts.events",
+    "conveyor.contracts.protocols",
+    "conveyor.contracts.unreadable",
+)
+# Nor do listing stacks and runs build a pipeline spec, nor load the stack probes (with
+# which a change of a stack moves its queues) or the stack export format.
+NOT_FOR_LIST = (
+    "conveyor.contracts.pipeline_spec",
+    "conveyor.workers.stack_probes",
+    "conveyor.service.queue_moves",
+    "conveyor.service.stack_files",
+)
+
 # Prints the modules loaded when the interpreter exits (a command ends in SystemExit).
 AT_EXIT = """
 import atexit, json, sys
@@ -62,9 +80,13 @@ main()
 """
 
 
-def loaded_by(code: str, *args: str) -> set[str]:
+def loaded_by(code: str, *args: str, cwd: Path | None = None) -> set[str]:
     done = subprocess.run(
-        [sys.executable, "-c", AT_EXIT + code, *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", AT_EXIT + code, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
     )
     assert done.returncode == 0, done.stderr
     modules: list[str] = json.loads(done.stderr.strip().splitlines()[-1])
@@ -91,6 +113,40 @@ def test_importing_the_cli_loads_none_of_the_heavy_modules() -> None:
 def test_listing_commands_load_none_of_the_heavy_modules(args: list[str]) -> None:
     loaded = loaded_by(COMMAND, json.dumps(args))
     assert sorted(loaded.intersection(HEAVY)) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["stack", "list"], ["run", "list"], ["stack", "describe"], ["orchestrator", "list"]],
+)
+def test_listing_commands_build_no_event_models(args: list[str]) -> None:
+    loaded = loaded_by(COMMAND, json.dumps(args))
+    assert "conveyor.service.client" in loaded
+    assert sorted(loaded.intersection(NOT_FOR_LISTINGS)) == []
+
+
+@pytest.mark.parametrize("args", [["stack", "list"], ["run", "list"], ["artifact", "list"]])
+def test_lists_build_no_spec_and_load_no_probes(args: list[str]) -> None:
+    loaded = loaded_by(COMMAND, json.dumps(args))
+    assert sorted(loaded.intersection(NOT_FOR_LIST)) == []
+
+
+def test_the_client_imports_no_event_models() -> None:
+    loaded = loaded_by("import conveyor.service.client")
+    assert sorted(loaded.intersection(HEAVY + NOT_FOR_LISTINGS + NOT_FOR_LIST)) == []
+
+
+def test_a_run_whose_steps_make_no_array_imports_no_numpy(tmp_path: Path) -> None:
+    (tmp_path / "one_step.py").write_text(
+        "from conveyor import pipeline, step\n\n\n"
+        "@step\ndef hello() -> str:\n    return 'hello'\n\n\n"
+        "@pipeline\ndef one_step() -> None:\n    hello()\n"
+    )
+    loaded = loaded_by(
+        COMMAND, json.dumps(["pipeline", "run", "one_step.py:one_step"]), cwd=tmp_path
+    )
+    assert "conveyor.workers.materializers.builtin" in loaded  # its output was materialized
+    assert "numpy" not in loaded
 
 
 def test_help_loads_no_records_store_or_consoles() -> None:

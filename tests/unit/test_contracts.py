@@ -231,3 +231,36 @@ def test_trusted_events_equal_validated_ones() -> None:
         ).outputs
     )
     assert json.loads(encode_event(changed))["type"] == "StepStatusChanged"
+
+
+def test_each_event_type_is_routed_by_its_class() -> None:
+    """The topology routes by the type name an event carries (importing the classes would
+    build every event model): each name it knows must be the class's, and each class sent."""
+    from conveyor.contracts import (
+        EVENT_TYPES,
+        AttemptsCancelled,
+        RunCancelRequested,
+        RunRequested,
+        Topology,
+        is_control_event,
+        is_status_event,
+    )
+
+    topology = Topology(stack="s")
+    for cls in EVENT_TYPES:
+        fields = {"step": StepSpec(name="a", ref="m:a", pool="gpu")} if cls is StepReady else {}
+        event = cls.model_construct(run_id="r", **fields)
+        status = cls in (StepStatusChanged, RunProgress, RunFinished)
+        control = cls is AttemptsCancelled
+        if cls is StepReady:
+            expected = topology.step_queue("gpu")
+        elif cls in (RunRequested, RunCancelRequested):
+            expected = topology.runs_queue
+        elif status:
+            expected = "r"
+        elif control:
+            expected = ""
+        else:
+            expected = topology.events_queue
+        assert topology.route(event) == expected, cls  # type: ignore[arg-type]
+        assert (is_status_event(event), is_control_event(event)) == (status, control), cls  # type: ignore[arg-type]

@@ -8,10 +8,9 @@ import importlib
 import io
 import json
 import pickle
+import sys
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
-import numpy as np
-from numpy.lib import format as npy
 from pydantic import BaseModel
 
 from conveyor.contracts import ArtifactRef, ConveyorError
@@ -127,11 +126,20 @@ class NumpyMaterializer:
     version = "1"
 
     def handles(self, value: object) -> bool:
+        # No numpy value exists before numpy is imported: a step that makes none (and every
+        # process that starts a run) does not pay the tenth of a second of importing it.
+        if "numpy" not in sys.modules:
+            return False
+        import numpy as np
+
         if isinstance(value, np.generic):
             return True
         return isinstance(value, np.ndarray) and value.dtype != object
 
     def save(self, value: object, path: str) -> str | None:
+        import numpy as np
+        from numpy.lib import format as npy
+
         array = np.asarray(value)
         if array.nbytes < HASH_ALONGSIDE_MIN or not array.flags.c_contiguous:
             with open(path, "wb") as handle:
@@ -152,6 +160,8 @@ class NumpyMaterializer:
         return digests.alongside(write, [head, data])
 
     def load(self, path: str, ref: ArtifactRef) -> object:
+        import numpy as np
+
         with open(path, "rb") as handle:
             array = np.load(handle, allow_pickle=False)
         return array if ref.data_type == "numpy.ndarray" else array[()]
