@@ -8,3 +8,8 @@ from __future__ import annotations
 
 MAX_CONCURRENCY = 1024
 """The most steps one worker process runs at once (a thread, or a child process, each)."""
+IN_PLACE_S = 1.0
+"""How long a delivery's steps may have taken for the next rider to run in place, on the
+worker that ran its parent, instead of being forwarded through the broker: about the most
+work a worker that dies makes another run again though its outcomes were recorded. A
+delivery stays unacknowledged that long before its last step starts."""

@@ -40,6 +40,7 @@ from conveyor.contracts import (
 from conveyor.contracts.events import forwarded
 from conveyor.workers import step_logs
 from conveyor.workers.execution import StepExecutor
+from conveyor.workers.limits import IN_PLACE_S
 from conveyor.workers.loggers import get_logger
 from conveyor.workers.release import attempt_refused, cancelled_run, cannot_read
 from conveyor.workers.step_resolver import StepResolver
@@ -55,10 +56,6 @@ channel) without running it twice."""
 REMEMBERED_CANCELLATIONS = 10_000
 MAX_DELIVERIES = 3
 HEARTBEAT_S = 10.0
-IN_PLACE_S = 1.0
-"""How long a delivery's steps may have taken for the next rider to run in place, on the
-worker that ran its parent, instead of being forwarded through the broker: about the most
-work a worker that dies makes another run again though its outcomes were recorded."""
 
 
 async def _announced(announcing: list[asyncio.Task[None]]) -> None:
