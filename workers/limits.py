@@ -1,7 +1,8 @@
-"""Bounds of a worker's configuration: plain numbers, light to import.
+"""Bounds of a worker: plain numbers, light to import.
 
 Apart from the flavors' config models so that the CLI's options (a range shown by
-``conveyor worker start --help``) do not build those models.
+``conveyor worker start --help``) do not build those models, and apart from the runtime so
+that the rabbitmq flavor's configuration checks its timeouts against ``IN_PLACE_S``.
 """
 
 from __future__ import annotations
