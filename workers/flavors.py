@@ -19,6 +19,7 @@ from conveyor.contracts import (
     ComponentType,
     ConveyorError,
     StackSpec,
+    Topology,
     ValidationError,
 )
 from conveyor.workers.artifact_store_local import LocalArtifactStoreConfig
@@ -27,8 +28,8 @@ from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.s3_config import S3ArtifactStoreConfig
 from conveyor.workers.secrets import mask, mask_value, reveal, secret_keys
 
-# The Protocols and the topology are for typing and for building an adapter: importing them
-# builds every event model (contracts/events.py), which reading configuration never needs.
+# The Protocols are for typing only: importing them builds every event model
+# (contracts/events.py), which reading configuration never needs.
 if TYPE_CHECKING:
     from conveyor.contracts import ArtifactStore, Broker
 
@@ -261,7 +262,6 @@ def make_artifact_store(stack: StackSpec) -> ArtifactStore:
 
 
 def _inprocess_broker(stack: StackSpec, config: BaseModel) -> Broker:
-    from conveyor.contracts import Topology
     from conveyor.workers.broker_inprocess import InProcessBroker
 
     return InProcessBroker(Topology(stack=stack.name))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from conveyor.contracts import (
@@ -20,14 +19,10 @@ from conveyor.contracts import (
     ComponentType,
     ConveyorError,
     StackSpec,
+    Topology,
 )
 from conveyor.workers.flavors import get_flavor, make_artifact_store, orchestrator_config
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
-
-# The topology routes events, so importing it builds every event model: only a rabbitmq
-# stack's queues need it, not the stack rules that import this module (the CLI's listings).
-if TYPE_CHECKING:
-    from conveyor.contracts import Topology
 
 PROBE_TIMEOUT_S = 5.0
 """How long a probe, a queue report or a queue removal waits for a broker (or a store) in
@@ -171,8 +166,6 @@ def rabbitmq_queues(
     config = orchestrator_config(stack)
     if not isinstance(config, RabbitMQOrchestratorConfig):
         return None
-    from conveyor.contracts import Topology
-
     topology = Topology(stack=stack.name, prefix=config.prefix)
     return config.url.get_secret_value(), topology, queue_names(topology, [*config.pools, *pools])
 
