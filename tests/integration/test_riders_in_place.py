@@ -172,11 +172,11 @@ def cancelled_in_place() -> None:
 
 
 async def test_cancelling_a_run_stops_its_rider_running_in_place() -> None:
-    # rider_until_cancelled runs in place on the
-    # delivery of quick_parent. Cancelling the run stops it where it runs, the delivery is
-    # acked, and the rider after it never runs. Fails if a rider in place were not
-    # registered as a running execution of its run (the cancellation would not reach it:
-    # the run's worker slot stays busy 60 s) or if the chain went on past a cancelled rider.
+    # rider_until_cancelled runs in place on the delivery of quick_parent. Cancelling the run stops
+    # it where it runs, the delivery is acked, and the rider after it never runs. Fails if a rider
+    # in place were not registered as a running execution of its run (the cancellation would not
+    # reach it: the run's worker slot stays busy 60 s) or if the chain went on past a cancelled
+    # rider.
     RIDING["rider_until_cancelled"] = asyncio.Event()
     CANCEL_SEEN.clear()
     LATER_RAN.clear()
@@ -221,11 +221,11 @@ def stopped_mid_chain() -> None:
 
 
 async def test_a_worker_stopped_mid_chain_finishes_its_rider_and_forwards_the_next() -> None:
-    # the worker running rider_while_stopping in place is
-    # stopped gracefully (SIGTERM). The rider finishes within the grace, its outcome is
-    # confirmed, and tail_link is forwarded through the broker to the other worker rather
-    # than run in place by a stopping worker. Fails if the stop cancelled the rider (it would
-    # run twice), hung, lost tail_link (the run would never end), or ran it in place.
+    # The worker running rider_while_stopping in place is stopped gracefully (SIGTERM). The rider
+    # finishes within the grace, its outcome is confirmed, and tail_link is forwarded through the
+    # broker to the other worker rather than run in place by a stopping worker. Fails if the stop
+    # cancelled the rider (it would run twice), hung, lost tail_link (the run would never end), or
+    # ran it in place.
     RIDING["rider_while_stopping"] = asyncio.Event()
     RAN.clear()
     async with Conveyor() as cv:
@@ -263,12 +263,12 @@ def quick_then_longer_than_a_lease() -> None:
 async def test_a_rider_running_in_place_longer_than_its_lease_keeps_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # rider_longer_than_its_lease runs in place for three
-    # leases (leases of 1 s, heartbeats every 0.2 s). Its StepStarted may reach the
-    # controller before quick_parent's outcome (it is not pipelined behind it) and then is
-    # dropped; its heartbeats renew its lease all the same, and it runs once, at attempt 1.
-    # Fails if an in-place rider were not announced/heartbeaten (its lease would lapse: a
-    # second attempt, run again) or if a lapsed lease did not stop the in-place chain.
+    # rider_longer_than_its_lease runs in place for three leases (leases of 1 s, heartbeats every
+    # 0.2 s). Its StepStarted may reach the controller before quick_parent's outcome (it is not
+    # pipelined behind it) and then is dropped; its heartbeats renew its lease all the same, and it
+    # runs once, at attempt 1. Fails if an in-place rider were not announced/heartbeaten (its lease
+    # would lapse: a second attempt, run again) or if a lapsed lease did not stop the in-place
+    # chain.
     monkeypatch.setitem(Controller.__init__.__kwdefaults__, "lease_s", 1.0)
     monkeypatch.setitem(WorkerPool.__init__.__kwdefaults__, "heartbeat_s", 0.2)
     LONG_RUNS.clear()
@@ -307,10 +307,9 @@ def logged_chain() -> None:
 
 
 async def test_each_rider_in_place_logs_under_its_own_step() -> None:
-    # the worker's log lines (and a step's own structlog
-    # lines) carry run_id/step/attempt; a rider run in place on the delivery of
-    # logged_first logs as itself, not as the step whose delivery it rode. Fails if the
-    # context were bound once per delivery instead of once per step.
+    # The worker's log lines (and a step's own structlog lines) carry run_id/step/attempt; a rider
+    # run in place on the delivery of logged_first logs as itself, not as the step whose delivery it
+    # rode. Fails if the context were bound once per delivery instead of once per step.
     BOUND.clear()
     async with Conveyor() as cv:
         run = await cv.submit(logged_chain, cache=False)
