@@ -100,6 +100,8 @@ class Rider(Frozen):
 
 MAX_RIDERS = 16
 """The most steps of a chain that ride on one StepReady."""
+MAX_SIBLINGS = 15
+"""The most steps that travel with another in one StepReady (see ``StepReady.siblings``)."""
 
 
 class StepReady(Envelope):
@@ -119,9 +121,22 @@ class StepReady(Envelope):
         default_factory=list, max_length=MAX_RIDERS, exclude_if=lambda value: not value
     )
     rode_on: RodeOn = Field(default_factory=dict)
+    siblings: list[StepReady] = Field(
+        default_factory=list,
+        max_length=MAX_SIBLINGS,
+        exclude_if=lambda value: not value,
+        description="Steps of the same run and pool dispatched with this one (a fan-out's "
+        "branches): the worker that takes the message runs each as if it came alone, "
+        "and hands back, each as a message of its own, those it cannot start soon",
+    )
 
     @model_validator(mode="after")
     def _a_chain(self) -> StepReady:
+        for sibling in self.siblings:
+            if sibling.siblings or sibling.run_id != self.run_id:
+                raise ValueError("a sibling is a step of the same run, with no siblings")
+            if sibling.step.pool != self.step.pool:
+                raise ValueError(f"sibling {sibling.step.name!r} is of another pool")
         before = self.step
         for rider in self.then:
             for binding in rider.step.inputs.values():
@@ -159,6 +174,41 @@ def forwarded(ready: StepReady, outputs: Mapping[str, ArtifactRef]) -> StepReady
         then=ready.then[1:],
         rode_on={name: ref.digest for name, ref in outputs.items()},
     )
+
+
+def bundled(ready: Sequence[StepReady], spread: int) -> list[StepReady]:
+    """``ready`` (steps of one run, in the order they were dispatched) in as few messages as
+    keep at least ``spread`` of them per pool: each message a step with up to
+    ``MAX_SIBLINGS`` of the same pool as its siblings. A fan-out of 100 goes out in 9
+    messages instead of 100; fewer than ``2 * spread`` steps of a pool go out alone."""
+    by_pool: dict[str, list[StepReady]] = {}
+    for event in ready:
+        by_pool.setdefault(event.step.pool, []).append(event)
+    out: list[StepReady] = []
+    for events in by_pool.values():
+        size = min(MAX_SIBLINGS + 1, len(events) // spread)
+        if size < 2:
+            out.extend(events)
+            continue
+        for at in range(0, len(events), size):
+            head, *siblings = events[at : at + size]
+            # Parts this process made and checked: not validated again.
+            out.append(head if not siblings else _with_siblings(head, siblings))
+    return out
+
+
+def _with_siblings(head: StepReady, siblings: list[StepReady]) -> StepReady:
+    values = {**head.__dict__, "siblings": siblings}
+    return prevalidated(StepReady, values, head.model_fields_set | {"siblings"})
+
+
+def unbundled(ready: StepReady) -> list[StepReady]:
+    """The steps of ``ready``: itself, without its siblings, then each sibling."""
+    if not ready.siblings:
+        return [ready]
+    values = {**ready.__dict__, "siblings": []}
+    alone = prevalidated(StepReady, values, ready.model_fields_set - {"siblings"})
+    return [alone, *ready.siblings]
 
 
 class WorkerFacts(Frozen):

@@ -5,8 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from conveyor.contracts import Event, PipelineSpec, RunRequested
+from conveyor.contracts import Event, PipelineSpec, RunRequested, StepReady
+from conveyor.contracts.events import bundled
 from conveyor.service.run_state import Transition
+
+SPREAD = 8
+"""A run's steps dispatched in one batch go out in at least this many messages per pool
+(or one each): enough for as many workers to start at once. Steps beyond it travel as
+siblings (``StepReady.siblings``), a fan-out's branches a dozen to a message."""
 
 
 @dataclass
@@ -29,6 +35,15 @@ class Batch:
         else:
             self.changes[run_id] = transition
 
-    @property
     def events(self) -> list[Event]:
-        return [e for t in self.changes.values() for e in t.emit]
+        """What the batch publishes: each run's events in order, its StepReady last,
+        bundled (a step queue's order against other messages is no one's to rely on)."""
+        events: list[Event] = []
+        for change in self.changes.values():
+            ready = [e for e in change.emit if isinstance(e, StepReady)]
+            if len(ready) < 2 * SPREAD:
+                events.extend(change.emit)
+                continue
+            events.extend(e for e in change.emit if not isinstance(e, StepReady))
+            events.extend(bundled(ready, SPREAD))
+        return events

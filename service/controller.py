@@ -429,7 +429,8 @@ class Controller:
 
     async def _commit(self, batch: Batch) -> None:
         await self._decisions.decide(batch)
-        durable = [e for e in batch.events if self._kept(e)]
+        events = batch.events()
+        durable = [e for e in events if self._kept(e)]
         writes = Writes()
         self._runs.mark_sent(writes, self._publisher.take_confirmed(), batch.now)
         for request, spec, _ in batch.new_runs:
@@ -451,7 +452,7 @@ class Controller:
         self._runs.add_outbox(writes, self._stack.id, durable, batch.now)
         await self._db.write(writes)
         loop = asyncio.get_running_loop()
-        self._publisher.committed.extend(self._progress.outgoing(batch.events, loop.time()))
+        self._publisher.committed.extend(self._progress.outgoing(events, loop.time()))
         await self._publisher.send_committed()
         for run_id, change in batch.changes.items():
             if change.run_status is not None and change.run_status is not RunStatus.RUNNING:

@@ -1,7 +1,8 @@
 """Named crash points: fault tests make a process kill itself where a signal cannot aim.
 
 ``CONVEYOR_CRASH_AT=before-publish:StepReady:train`` kills the process (SIGKILL, no
-cleanup) just before it publishes a batch holding a StepReady of step ``train``;
+cleanup) just before it publishes a batch holding a StepReady of step ``train`` (or one
+that carries it as a sibling);
 ``after-publish:...`` just after the broker confirmed it. Unset, a crash point costs one
 environment lookup.
 """
@@ -34,5 +35,7 @@ def crash_point(point: str, events: Sequence[Event]) -> None:
         return
     type_, _, step = what.partition(":")
     for event in events:
-        if (not type_ or event.type == type_) and (not step or _step_of(event) == step):
-            os.kill(os.getpid(), signal.SIGKILL)
+        parts = [event, *event.siblings] if isinstance(event, StepReady) else [event]
+        for part in parts:
+            if (not type_ or part.type == type_) and (not step or _step_of(part) == step):
+                os.kill(os.getpid(), signal.SIGKILL)

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
 from conveyor.contracts import DEFAULT_PREFIX, Isolation
-from conveyor.workers.limits import IN_PLACE_S, MAX_CONCURRENCY
+from conveyor.workers.limits import MAX_CONCURRENCY, UNACKED_S
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 RABBITMQ_CONSUMER_TIMEOUT_S = 1800.0
@@ -142,13 +142,13 @@ class RabbitMQOrchestratorConfig(BaseModel):
     def _below_consumer_timeout(cls, value: float, info: ValidationInfo) -> float:
         # A step that outlives consumer_timeout gets its channel closed by the broker (406),
         # and is delivered again while it still runs. Its delivery may have carried the
-        # steps before it in a chain, run in place for up to IN_PLACE_S.
+        # steps before it in a chain, run in place, and waited for a slot as a sibling.
         limit = info.data.get("consumer_timeout_s", RABBITMQ_CONSUMER_TIMEOUT_S)
-        if value + IN_PLACE_S >= limit:
+        if value + UNACKED_S >= limit:
             raise ValueError(
-                f"must be at least {IN_PLACE_S:g}s below the broker's consumer_timeout "
-                f"({limit:g}s), which also covers the steps of a chain that ran before it "
-                "on the same delivery; raise consumer_timeout in rabbitmq.conf and set "
+                f"must be at least {UNACKED_S:g}s below the broker's consumer_timeout "
+                f"({limit:g}s), which also covers the steps that ran before it on the "
+                "same delivery; raise consumer_timeout in rabbitmq.conf and set "
                 "consumer_timeout_s to match"
             )
         return value

@@ -37,12 +37,13 @@ from conveyor.contracts import (
     WorkerFacts,
     utcnow,
 )
-from conveyor.contracts.events import forwarded
+from conveyor.contracts.events import forwarded, unbundled
 from conveyor.workers import step_logs
 from conveyor.workers.execution import StepExecutor
-from conveyor.workers.limits import IN_PLACE_S
+from conveyor.workers.limits import HAND_BACK_S, IN_PLACE_S
 from conveyor.workers.loggers import get_logger
 from conveyor.workers.release import attempt_refused, cancelled_run, cannot_read
+from conveyor.workers.siblings import Sibling, Siblings
 from conveyor.workers.step_resolver import StepResolver
 
 log = get_logger("conveyor.worker")
@@ -123,6 +124,11 @@ class _Carrier:
     @property
     def deliveries(self) -> int:
         return self._delivery.deliveries
+
+    @property
+    def sibling(self) -> bool:
+        """Whether the delivery is a step that came with siblings (see ``siblings``)."""
+        return isinstance(self._delivery, Sibling)
 
     def send(self, broker: Broker, events: list[Event]) -> None:
         """Publish ``events`` once those sent before are confirmed, without waiting."""
@@ -360,9 +366,30 @@ class WorkerPool:
         assert task is not None
         self._in_flight.add(task)
         try:
-            await self._run(delivery)
+            event = delivery.event
+            if isinstance(event, StepReady) and event.siblings:
+                await self._run_siblings(delivery, event)
+            else:
+                await self._run(delivery)
         finally:
             self._in_flight.discard(task)
+
+    async def _run_siblings(self, delivery: Delivery, ready: StepReady) -> None:
+        """Run each step of a message with siblings as if it came alone. Delivered again
+        (the worker that held it died, or lost the broker), it is split first, each step a
+        message of its own, so that one that kills its worker is soon alone; a step that
+        came alone is given up after one delivery fewer."""
+        steps = unbundled(ready)
+        if delivery.deliveries > 1:
+            log.info("siblings delivered again; split", run_id=ready.run_id, steps=len(steps))
+            await self._broker.publish(steps)
+            await delivery.ack()
+            return
+        siblings = Siblings(delivery, self._broker, len(steps))
+        runs = [self._run(siblings.part(step)) for step in steps]
+        for result in await asyncio.gather(*runs, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
 
     async def _on_unreadable(self, delivery: UnreadableDelivery) -> None:
         """A StepReady this worker cannot read (most likely a newer controller's): its
@@ -478,15 +505,29 @@ class WorkerPool:
         await delivery.ack()
         return None
 
-    async def _attempt_in_slot(self, ready: StepReady, delivery: Delivery) -> Outcome | None:
+    async def _attempt_in_slot(self, ready: StepReady, delivery: _Carrier) -> Outcome | None:
         """``_attempt`` once one of the ``concurrency`` slots is free: each pool's queue
         hands over that many, and a worker of several pools runs no more at once in all."""
-        async with self._slots:
+        if ready is delivery.event and delivery.sibling:
+            # A sibling waits a little only: the steps of its message wait for this worker's
+            # slots, while another worker's may be free.
+            try:
+                async with asyncio.timeout(HAND_BACK_S):
+                    await self._slots.acquire()
+            except TimeoutError:
+                log.info("no slot came free; sibling handed back")
+                await delivery.requeue()
+                return None
+        else:
+            await self._slots.acquire()
+        try:
             if self._is_cancelled(ready):  # stopped while it waited for its slot
                 log.info("attempt dropped: the controller stopped it")
                 await delivery.ack()
                 return None
             return await self._attempt(ready, delivery)
+        finally:
+            self._slots.release()
 
     async def _give_up(self, ready: StepReady, delivery: Delivery) -> None:
         """Fail an attempt whose deliveries kept ending with their worker: it is not run."""

@@ -84,9 +84,9 @@ def test_a_step_that_kills_its_worker_fails_after_three_deliveries_and_the_run_e
 def chain_with_a_worker_killed(
     vhost: str, tmp_path: Path, markers: Path, processes: Processes, crash_at: str, flow: str
 ) -> list[str]:
-    """Run ``flow`` (a chain, the cache off) while its first worker dies at ``crash_at``
-    and a second takes over; check that the run completed with each step's outcome
-    recorded once, from its one attempt (those heard again are ignored); the steps run."""
+    """Run ``flow`` (the cache off) while its first worker dies at ``crash_at`` and a
+    second takes over; check that the run completed with each step's outcome recorded
+    once, from its one attempt (those heard again are ignored); the steps run."""
     asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
     processes.controller()
     crashing = processes.start(
@@ -134,6 +134,58 @@ def test_a_worker_killed_in_a_chain_it_runs_in_place_loses_nothing(
     # step unless it took too long to let ``first`` run in place (a slow machine).
     assert ran.count("seed") in {1, 2} and ran.count("first") == 2, ran
     assert ran.count("middle") == 2 and 1 <= ran.count("last") <= 2, ran
+
+
+def test_a_worker_killed_while_it_runs_siblings_loses_nothing(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    # The 24 branches of ``wide`` go out three to a message. The worker dies once the
+    # outcome of ``plus_5`` (branch-4) is confirmed, before the message that carried it is
+    # acked: delivered again, the message is split, each of its steps a message of its own.
+    crash_at = "after-publish:StepSucceeded:plus_5"
+    ran = chain_with_a_worker_killed(vhost, tmp_path, markers, processes, crash_at, "wide")
+    assert ran.count("branch-4") == 2, ran
+    assert all(ran.count(f"branch-{i}") in {1, 2} for i in range(24)), ran
+    assert ran.count("join") == 1, ran
+
+
+def test_a_branch_that_kills_its_worker_fails_alone_and_its_siblings_complete(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    # ``suicide`` travels with two ``plus`` branches as siblings. Given up with its message
+    # after three deliveries, it would take them down with it: a message delivered again
+    # is split first, so that the poison step is alone for its next deliveries. It kills
+    # one worker more than a step that came alone (the message's own delivery). One slot
+    # a worker: a branch that runs beside ``suicide`` dies with it, message or not.
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    processes.controller()
+    follower = processes.start("run", "pipeline", "run", f"{PIPELINES}:doomed_branch")
+    deaths = 0
+
+    def start_worker(label: str) -> Process:  # it may die before it says it started
+        args = ("worker", "start", "--stack", STACK, "--name", label, "--concurrency", "1")
+        return processes.start(label, *args)
+
+    worker = start_worker("w0")
+    deadline = time.monotonic() + 120
+    while follower.alive and time.monotonic() < deadline:
+        if not worker.alive:
+            assert worker.wait() == -signal.SIGKILL, worker.output()[-2000:]
+            deaths += 1
+            assert deaths <= 4, "the step was delivered again after it was given up"
+            worker = start_worker(f"w{deaths}")
+        time.sleep(0.05)
+    assert follower.wait(30) == 1, processes.dump()
+    assert deaths == 4
+    with Client() as client:
+        run = only_run(client)
+        steps = {s.name: s for s in client.get_steps(run.id)}
+    assert run.status is RunStatus.FAILED
+    assert steps["suicide"].status is StepStatus.FAILED
+    assert "died 3 times" in (steps["suicide"].error or "")
+    branches = {n: (s.status, s.attempt) for n, s in steps.items() if n.startswith("plus")}
+    assert len(branches) == 23
+    assert set(branches.values()) == {(StepStatus.COMPLETED, 1)}, branches
 
 
 @CACHE_ON_AND_OFF

@@ -140,6 +140,30 @@ def doomed() -> None:
 
 
 @step
+def join_all(xs: list[int]) -> int:
+    _record("join")
+    return sum(xs)
+
+
+@pipeline
+def wide(width: int = 24) -> None:
+    """A seed, ``width`` quick branches (``plus`` to ``plus_24``) and their join: the
+    branches go out a few to a message, as siblings."""
+    root = seed()
+    join_all([plus(root, name=f"branch-{i}") for i in range(width)])
+
+
+@pipeline
+def doomed_branch(width: int = 23) -> None:
+    """A seed, then a branch that kills its worker on every delivery, dispatched first and
+    so with the first ``plus`` branches as its siblings, then the other branches."""
+    root = seed()
+    suicide(root)
+    for i in range(width):
+        plus(root, name=f"branch-{i}")
+
+
+@step
 async def waiting(x: int, name: str = "waiting") -> int:
     """An async step held by its gate; records ``cancelled-NAME`` if it is cancelled."""
     _record(name)

@@ -52,7 +52,7 @@ class Rig:
         return [
             (e.step.name, e.attempt)
             for batch in self.committed
-            for e in batch.events
+            for e in batch.events()
             if isinstance(e, StepReady)
         ]
 
