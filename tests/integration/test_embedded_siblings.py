@@ -13,11 +13,11 @@ import pytest
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
 from conveyor.contracts import Event, StepReady, StepSpec, UntrustedStep
 from conveyor.service import batches
-from conveyor.service.pipelines import PipelineDefinition
 from conveyor.workers import runtime
 from conveyor.workers.runtime import WorkerPool
 from conveyor.workers.step_resolver import StepResolver
 from conveyor.workers.steps import StepDefinition
+from tests.integration.test_riders_in_place import another_worker
 
 RAN: Counter[str] = Counter()
 
@@ -97,20 +97,6 @@ def long_fan_out() -> None:
         long_branch(root, i=i)
 
 
-def one_slot_worker(cv: Conveyor, definition: PipelineDefinition, name: str) -> WorkerPool:
-    worker = WorkerPool(
-        cv.broker,
-        cv.artifacts,
-        resolver=StepResolver(cv.artifacts, in_process=True),
-        pools=["wide"],
-        concurrency=1,
-        name=name,
-    )
-    _, definitions = definition.compile()
-    worker.resolver.add(definitions)
-    return worker
-
-
 async def test_siblings_that_wait_for_a_slot_are_handed_back_to_an_idle_worker(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -128,8 +114,8 @@ async def test_siblings_that_wait_for_a_slot_are_handed_back_to_an_idle_worker(
     RAN.clear()
     async with Conveyor() as cv:
         messages = published_steps(cv, monkeypatch)
-        first = one_slot_worker(cv, long_fan_out, "first")
-        second = one_slot_worker(cv, long_fan_out, "second")
+        first = another_worker(cv, long_fan_out, "first", ["wide"], concurrency=1)
+        second = another_worker(cv, long_fan_out, "second", ["wide"], concurrency=1)
         async with first, second:
             run = await cv.submit(long_fan_out, cache=False)
             record = await run.wait(timeout=60)

@@ -43,7 +43,11 @@ def prepare_train_report() -> None:
 
 
 def another_worker(
-    cv: Conveyor, definition: PipelineDefinition, name: str, pools: Sequence[str] = (DEFAULT_POOL,)
+    cv: Conveyor,
+    definition: PipelineDefinition,
+    name: str,
+    pools: Sequence[str] = (DEFAULT_POOL,),
+    concurrency: int = 4,
 ) -> WorkerPool:
     """A second worker of the embedded stack's broker and store, serving ``pools``, that
     runs the steps of ``definition`` (start it with ``async with``)."""
@@ -52,6 +56,7 @@ def another_worker(
         cv.artifacts,
         resolver=StepResolver(cv.artifacts, in_process=True),
         pools=pools,
+        concurrency=concurrency,
         name=name,
     )
     _, definitions = definition.compile()
