@@ -377,8 +377,8 @@ class WorkerPool:
     async def _run_siblings(self, delivery: Delivery, ready: StepReady) -> None:
         """Run each step of a message with siblings as if it came alone. Delivered again
         (the worker that held it died, or lost the broker), it is split first, each step a
-        message of its own, so that one that kills its worker is soon alone; a step that
-        came alone is given up after one delivery fewer."""
+        message of its own, so that one that kills its worker is soon alone: it is given up
+        after one death more than a step that came alone."""
         steps = unbundled(ready)
         if delivery.deliveries > 1:
             log.info("siblings delivered again; split", run_id=ready.run_id, steps=len(steps))
