@@ -176,6 +176,14 @@ def forwarded(ready: StepReady, outputs: Mapping[str, ArtifactRef]) -> StepReady
     )
 
 
+def step_of(event: Event) -> str | None:
+    """The name of the step ``event`` is about, if it is about one."""
+    if isinstance(event, StepReady):
+        return event.step.name
+    step = getattr(event, "step", None)
+    return step if isinstance(step, str) else None
+
+
 def bundled(ready: Sequence[StepReady], spread: int) -> list[StepReady]:
     """``ready`` (steps of one run, in the order they were dispatched) in as few messages as
     keep at least ``spread`` of them per pool: each message a step with up to
@@ -319,6 +327,24 @@ class RunProgress(Envelope):
     changes: list[StepStatusChanged]
 
 
+Outcome = Annotated[StepSucceeded | StepFailed, Field(discriminator="type")]
+
+
+class StepsDone(Envelope):
+    """The outcomes of steps one worker ran one after the other on a delivery (a chain's
+    riders, run in place), in the order they ran: one message for all of them. The
+    controller takes each as if it had come alone."""
+
+    type: Literal["StepsDone"] = "StepsDone"
+    outcomes: list[Outcome] = Field(min_length=2, max_length=MAX_RIDERS + 1)
+
+    @model_validator(mode="after")
+    def _of_the_run(self) -> StepsDone:
+        if any(outcome.run_id != self.run_id for outcome in self.outcomes):
+            raise ValueError("an outcome of another run")
+        return self
+
+
 class AttemptsCancelled(Envelope):
     """Broadcast to every worker: stop these attempts of the run where they are running.
 
@@ -347,6 +373,7 @@ Event = Annotated[
     | StepHeartbeat
     | StepSucceeded
     | StepFailed
+    | StepsDone
     | StepStatusChanged
     | RunProgress
     | AttemptsCancelled
@@ -363,6 +390,7 @@ EVENT_TYPES: tuple[type[Envelope], ...] = (
     StepHeartbeat,
     StepSucceeded,
     StepFailed,
+    StepsDone,
     StepStatusChanged,
     RunProgress,
     AttemptsCancelled,

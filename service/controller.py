@@ -31,6 +31,7 @@ from conveyor.contracts import (
     is_status_event,
     utcnow,
 )
+from conveyor.contracts.events import StepsDone
 from conveyor.service import scheduling
 from conveyor.service.batch_failures import BatchFailures, being_cancelled
 from conveyor.service.batches import Batch
@@ -52,6 +53,7 @@ from conveyor.service.store import (
 from conveyor.service.unreadable import Inbound, UnreadableMessage, stand_in
 from conveyor.workers.code_archive import attach_code
 from conveyor.workers.loggers import get_logger
+from conveyor.workers.message_parts import parts
 from conveyor.workers.steps import readable
 
 log = get_logger("conveyor.controller")
@@ -251,6 +253,13 @@ class Controller:
         await self._db.write(writes)
 
     def _hand_over(self, delivery: Delivery) -> None:
+        event = delivery.event
+        if isinstance(event, StepsDone):
+            # Each outcome is taken as if it had come alone; the message is settled with
+            # the last of them.
+            for part in parts(delivery, self._broker, event.outcomes):
+                self._inbox.put_nowait(part)
+            return
         self._inbox.put_nowait(delivery)
 
     async def _unreadable(self, delivery: UnreadableDelivery) -> None:

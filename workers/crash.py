@@ -2,7 +2,7 @@
 
 ``CONVEYOR_CRASH_AT=before-publish:StepReady:train`` kills the process (SIGKILL, no
 cleanup) just before it publishes a batch holding a StepReady of step ``train`` (or one
-that carries it as a sibling);
+that carries it as a sibling; likewise a ``StepsDone`` the outcomes it carries);
 ``after-publish:...`` just after the broker confirmed it. Unset, a crash point costs one
 environment lookup.
 """
@@ -14,15 +14,17 @@ import signal
 from collections.abc import Sequence
 
 from conveyor.contracts import Event, StepReady
+from conveyor.contracts.events import StepsDone, step_of
 
 CRASH_ENV = "CONVEYOR_CRASH_AT"
 
 
-def _step_of(event: Event) -> str | None:
+def _with_what_it_carries(event: Event) -> list[Event]:
     if isinstance(event, StepReady):
-        return event.step.name
-    step = getattr(event, "step", None)
-    return step if isinstance(step, str) else None
+        return [event, *event.siblings]
+    if isinstance(event, StepsDone):
+        return [event, *event.outcomes]
+    return [event]
 
 
 def crash_point(point: str, events: Sequence[Event]) -> None:
@@ -35,7 +37,6 @@ def crash_point(point: str, events: Sequence[Event]) -> None:
         return
     type_, _, step = what.partition(":")
     for event in events:
-        parts = [event, *event.siblings] if isinstance(event, StepReady) else [event]
-        for part in parts:
-            if (not type_ or part.type == type_) and (not step or _step_of(part) == step):
+        for part in _with_what_it_carries(event):
+            if (not type_ or part.type == type_) and (not step or step_of(part) == step):
                 os.kill(os.getpid(), signal.SIGKILL)

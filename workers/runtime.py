@@ -37,13 +37,13 @@ from conveyor.contracts import (
     WorkerFacts,
     utcnow,
 )
-from conveyor.contracts.events import forwarded, unbundled
+from conveyor.contracts.events import StepsDone, forwarded, trusted, unbundled
 from conveyor.workers import step_logs
 from conveyor.workers.execution import StepExecutor
 from conveyor.workers.limits import HAND_BACK_S, IN_PLACE_S
 from conveyor.workers.loggers import get_logger
+from conveyor.workers.message_parts import Part, parts
 from conveyor.workers.release import attempt_refused, cancelled_run, cannot_read
-from conveyor.workers.siblings import Sibling, Siblings
 from conveyor.workers.step_resolver import StepResolver
 
 log = get_logger("conveyor.worker")
@@ -57,6 +57,16 @@ channel) without running it twice."""
 REMEMBERED_CANCELLATIONS = 10_000
 MAX_DELIVERIES = 3
 HEARTBEAT_S = 10.0
+HELD_S = 0.1
+"""How long the outcomes of a chain's steps run in place may wait to go out together (one
+``StepsDone``): no longer than a step may run unannounced, by default."""
+
+
+def _one_message(outcomes: list[Outcome]) -> Event:
+    if len(outcomes) == 1:
+        return outcomes[0]
+    # Outcomes this worker made, of one run: not validated again.
+    return trusted(StepsDone, run_id=outcomes[0].run_id, outcomes=outcomes)
 
 
 async def _announced(announcing: list[asyncio.Task[None]]) -> None:
@@ -83,13 +93,15 @@ class _Answer:
             self.next = forwarded(ready, outcome.outputs)
         self.forwarded = False
 
-    async def send(self, broker: Broker) -> None:
-        """Publish the outcome, and the rider's StepReady if not yet confirmed once; the
-        outcome first, so that the controller hears of this step before its rider."""
+    async def send(self, broker: Broker, held: Sequence[Outcome] = ()) -> None:
+        """Publish the outcome (after ``held``, those of the steps run in place before it,
+        in one message), and the rider's StepReady if not yet confirmed once; the outcome
+        first, so that the controller hears of this step before its rider."""
+        outcome = _one_message([*held, self.outcome])
         if self.next is None or self.forwarded:
-            await broker.publish([self.outcome])
+            await broker.publish([outcome])
             return
-        await broker.publish([self.outcome, self.next])
+        await broker.publish([outcome, self.next])
         self.forwarded = True
 
 
@@ -106,16 +118,21 @@ async def _in_turn(
 
 
 class _Carrier:
-    """A delivery whose riders run in place: each one's outcome is confirmed while the next
-    runs, in their order, and the delivery is settled only once all of them are."""
+    """A delivery whose riders run in place: their outcomes go out together (one message
+    while the steps are quick, ``HELD_S`` at most apart), in their order, confirmed while
+    the next runs, and the delivery is settled only once all of them are."""
 
-    __slots__ = ("_delivery", "_riding", "_sending")
+    __slots__ = ("_broker", "_delivery", "_held", "_holding", "_riding", "_sending")
 
-    def __init__(self, delivery: Delivery) -> None:
+    def __init__(self, delivery: Delivery, broker: Broker) -> None:
         self._delivery = delivery
+        self._broker = broker
         self._sending: asyncio.Future[None] | None = None
         # The answers whose rider runs (or ran) in place on this delivery.
         self._riding: list[_Answer] = []
+        # Outcomes not yet sent, and the timer that sends them.
+        self._held: list[Outcome] = []
+        self._holding: asyncio.TimerHandle | None = None
 
     @property
     def event(self) -> Event:
@@ -128,11 +145,41 @@ class _Carrier:
     @property
     def sibling(self) -> bool:
         """Whether the delivery is a step that came with siblings (see ``siblings``)."""
-        return isinstance(self._delivery, Sibling)
+        return isinstance(self._delivery, Part)
 
-    def send(self, broker: Broker, events: list[Event]) -> None:
+    def _send(self, events: list[Event]) -> None:
         """Publish ``events`` once those sent before are confirmed, without waiting."""
-        self._sending = asyncio.ensure_future(_in_turn(self._sending, broker.publish(events)))
+        publish = self._broker.publish(events)
+        self._sending = asyncio.ensure_future(_in_turn(self._sending, publish))
+
+    def hold(self, outcome: Outcome) -> None:
+        """Send ``outcome`` with those of the next steps run in place, ``HELD_S`` at most
+        from now: a controller hears of a quick chain in one message, not one a step."""
+        self._held.append(outcome)
+        if self._holding is None:
+            self._holding = asyncio.get_running_loop().call_later(HELD_S, self.flush)
+
+    def take_held(self) -> list[Outcome]:
+        """The outcomes held, no longer held: for the caller to send."""
+        if self._holding is not None:
+            self._holding.cancel()
+            self._holding = None
+        held, self._held = self._held, []
+        return held
+
+    def flush(self) -> None:
+        """Send the outcomes held, without waiting."""
+        held = self.take_held()
+        if held:
+            self._send([_one_message(held)])
+
+    async def announce(self, started: StepStarted) -> None:
+        """Publish ``started`` once the outcomes of the steps before it are confirmed, so
+        that the controller hears of those first; what their publish raised is theirs."""
+        self.flush()
+        if self._sending is not None:
+            await asyncio.wait([self._sending])
+        await self._broker.publish([started])
 
     def ride(self, answer: _Answer) -> None:
         """``answer``'s rider runs next, in place, instead of being forwarded."""
@@ -145,14 +192,18 @@ class _Carrier:
         return sending is not None and sending.done() and sending.exception() is not None
 
     async def sent(self) -> None:
-        """Wait until everything sent is confirmed; raise what a publish raised."""
+        """Send what is held; wait until everything sent is confirmed; raise what a
+        publish raised."""
+        self.flush()
         if self._sending is not None:
             await self._sending
 
     def abandon(self) -> None:
         """The delivery ends unsettled by this worker: what is still being sent goes on,
         and its failure, if any, is only retrieved (also one that is over already, else
-        asyncio logs "Task exception was never retrieved")."""
+        asyncio logs "Task exception was never retrieved"); what is held is not sent (the
+        delivery comes again, and its steps with it)."""
+        self.take_held()
         sending = self._sending
         if sending is not None:
             sending.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -385,8 +436,7 @@ class WorkerPool:
             await self._broker.publish(steps)
             await delivery.ack()
             return
-        siblings = Siblings(delivery, self._broker, len(steps))
-        runs = [self._run(siblings.part(step)) for step in steps]
+        runs = [self._run(part) for part in parts(delivery, self._broker, steps)]
         for result in await asyncio.gather(*runs, return_exceptions=True):
             if isinstance(result, BaseException):
                 raise result
@@ -412,7 +462,7 @@ class WorkerPool:
             return
         ready: StepReady | None = event
         began = asyncio.get_running_loop().time()
-        carrier = _Carrier(delivery)
+        carrier = _Carrier(delivery, self._broker)
         try:
             while ready is not None:
                 # Bound with tokens that restore what was there: ``bound_contextvars`` reads
@@ -497,11 +547,12 @@ class WorkerPool:
         if answer.next is not None and self._in_place(answer.next, delivery, began):
             # Marked forwarded only once the delivery is acked: a delivery of this attempt
             # again before that (a publish failed, the worker stopped) hands the rider on.
-            delivery.send(self._broker, [answer.outcome])
+            delivery.hold(answer.outcome)
             delivery.ride(answer)
             return answer.next
+        held = delivery.take_held()
         await delivery.sent()
-        await answer.send(self._broker)
+        await answer.send(self._broker, held)
         await delivery.ack()
         return None
 
@@ -546,7 +597,7 @@ class WorkerPool:
         self._outcomes.pop(key, None)
         known.cancel()
 
-    async def _attempt(self, ready: StepReady, delivery: Delivery) -> Outcome | None:
+    async def _attempt(self, ready: StepReady, delivery: _Carrier) -> Outcome | None:
         """Run one attempt; None when the controller stopped it (the delivery is acked)."""
         limits = [t for t in (ready.step.timeout_s, self._step_timeout) if t is not None]
         started_at = utcnow()
@@ -567,7 +618,7 @@ class WorkerPool:
                 by=self.facts,
                 time=started_at,
             )
-            announcing.append(asyncio.create_task(self._broker.publish([started])))
+            announcing.append(asyncio.create_task(delivery.announce(started)))
 
         timer = asyncio.get_running_loop().call_later(self._announce_after, announce)
         execution = asyncio.create_task(

@@ -14,12 +14,15 @@ from conveyor import Conveyor, RunStatus, pipeline, step
 from conveyor.contracts import (
     Delivery,
     Event,
+    StepFailed,
     StepReady,
     StepSpec,
+    StepStarted,
     StepStatus,
     StepSucceeded,
     UntrustedStep,
 )
+from conveyor.contracts.events import StepsDone
 from conveyor.service.controller import Controller
 from conveyor.service.store.db import MetadataStoreError
 from conveyor.workers import runtime
@@ -239,6 +242,59 @@ async def test_the_rider_after_a_long_step_goes_through_the_broker(
     assert record.status is RunStatus.COMPLETED
     assert last == 6
     assert forwarded == ["paced_link_3"]
+
+
+def published_outcomes(cv: Conveyor, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """What the embedded broker is asked to publish, in order, for the steps of a run: the
+    outcomes each message carries (a StepsDone, several), or ``started NAME``."""
+    found: list[list[str]] = []
+    publish = cv.broker.publish
+
+    async def recording(events: Sequence[Event]) -> None:
+        for e in events:
+            if isinstance(e, StepsDone):
+                found.append([o.step for o in e.outcomes])
+            elif isinstance(e, StepSucceeded | StepFailed):
+                found.append([e.step])
+            elif isinstance(e, StepStarted):
+                found.append([f"started {e.step}"])
+        await publish(events)
+
+    monkeypatch.setattr(cv.broker, "publish", recording)
+    return found
+
+
+async def test_the_outcomes_of_a_quick_chain_reach_the_controller_in_one_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Six quick links, the five after the first riding in place: one message carries
+    # their six outcomes, in the order they ran, where each had one of its own.
+    async with Conveyor() as cv:
+        outcomes = published_outcomes(cv, monkeypatch)
+        run = await cv.submit(six_paced_links, pause_s=0.0, cache=False)
+        record = await run.wait(timeout=60)
+        steps = await run.steps()
+    assert record.status is RunStatus.COMPLETED
+    assert {(s.status, s.attempt) for s in steps} == {(StepStatus.COMPLETED, 1)}
+    assert outcomes == [[f"paced_link_{i}" if i > 1 else "paced_link" for i in range(1, 7)]]
+
+
+async def test_a_long_step_is_announced_after_the_outcomes_of_the_steps_before_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # paced_link_2 runs long enough to be announced (StepStarted) while the outcome of
+    # paced_link, run before it in place, is held to go out with the next ones. Heard
+    # first, the StepStarted would be early for the controller (its parent's outcome not
+    # recorded) and dropped: the step would show pending while it runs, with no lease.
+    monkeypatch.setattr(runtime, "HELD_S", 5.0)
+    async with Conveyor() as cv:
+        outcomes = published_outcomes(cv, monkeypatch)
+        run = await cv.submit(six_paced_links, pause_s=0.3, cache=False)
+        record = await run.wait(timeout=60)
+    assert record.status is RunStatus.COMPLETED
+    assert outcomes[:2] == [["paced_link"], ["started paced_link_2"]], outcomes
+    later = [f"paced_link_{i}" for i in range(2, 7)]
+    assert [name for message in outcomes[2:] for name in message] == later, outcomes
 
 
 @step

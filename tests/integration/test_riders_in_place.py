@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,9 +14,11 @@ import pytest
 import structlog
 
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
-from conveyor.contracts import DEFAULT_POOL, Event, StepReady, StepSucceeded
+from conveyor.contracts import DEFAULT_POOL, Event, StepFailed, StepReady, StepSucceeded
+from conveyor.contracts.events import StepsDone
 from conveyor.service.controller import Controller
 from conveyor.service.pipelines import PipelineDefinition
+from conveyor.workers import runtime
 from conveyor.workers.broker_inprocess import InProcessBroker
 from conveyor.workers.rabbitmq_errors import BrokerUnavailable
 from conveyor.workers.runtime import WorkerPool
@@ -392,31 +395,42 @@ LINKS_RAN: list[str] = []
 
 
 @step
-def counted_link(x: int, name: str) -> int:
+def counted_link(x: int, name: str, pause_s: float = 0.0) -> int:
     LINKS_RAN.append(name)
+    time.sleep(pause_s)
     return x + 1
 
 
 @pipeline
 def five_counted_links() -> None:
     value = counted_link(0, name="a")
-    for name in "bcde":
+    value = counted_link(value, name="b")
+    value = counted_link(value, name="c", pause_s=3 * runtime.HELD_S)
+    for name in "de":
         value = counted_link(value, name=name)
+
+
+def outcomes_in(event: Event) -> list[str]:
+    """The steps whose outcomes ``event`` carries."""
+    if isinstance(event, StepsDone):
+        return [outcome.step for outcome in event.outcomes]
+    return [event.step] if isinstance(event, StepSucceeded | StepFailed) else []
 
 
 async def test_a_chain_stops_running_in_place_once_a_publish_of_its_delivery_failed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The broker refuses the outcome of link b while link c runs in place. The delivery is
-    # given back (on RabbitMQ, to be delivered again; the in-process broker dead-letters
-    # a delivery whose handler raised): links d and e must not run on it meanwhile, work
-    # that another worker would do again from a, nor be heard of without b's outcome.
+    # The outcomes of links a and b, held while the chain's quick links run, go out while
+    # link c runs (it outlasts HELD_S), and the broker refuses them. The delivery is given
+    # back (on RabbitMQ, to be delivered again; the in-process broker dead-letters a
+    # delivery whose handler raised): links d and e must not run on it meanwhile, work that
+    # another worker would do again from a, nor be heard of without b's outcome.
     LINKS_RAN.clear()
     original = InProcessBroker.publish
 
     async def publish(self: InProcessBroker, events: Sequence[Event]) -> None:
         for event in events:
-            if isinstance(event, StepSucceeded) and event.step == "counted_link_2":
+            if "counted_link_2" in outcomes_in(event):
                 raise BrokerUnavailable("RabbitMQ did not confirm 1 message(s) within 60s")
         await original(self, events)
 
@@ -429,5 +443,5 @@ async def test_a_chain_stops_running_in_place_once_a_publish_of_its_delivery_fai
             await asyncio.sleep(0.05)
         [dead] = cv.broker.dead_letters
     assert "BrokerUnavailable" in dead.reason
-    assert LINKS_RAN[:2] == ["a", "b"], LINKS_RAN
+    assert LINKS_RAN[:3] == ["a", "b", "c"], LINKS_RAN
     assert "d" not in LINKS_RAN and "e" not in LINKS_RAN, LINKS_RAN

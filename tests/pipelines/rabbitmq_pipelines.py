@@ -70,6 +70,14 @@ def slow_relay() -> None:
 
 
 @pipeline
+def paced_relay() -> None:
+    """``relay`` with a ``middle`` step that outlasts the time a worker holds the outcomes
+    of a chain's quick steps to send them together: those of ``seed`` and ``first`` go out
+    while it runs."""
+    plus(plus(plus(seed(), name="first"), name="middle", pause_s=0.5), name="last")
+
+
+@pipeline
 def small(value: int = 1) -> None:
     plus(seed(value=value), name="last")
 
