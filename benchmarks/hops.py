@@ -13,9 +13,10 @@ moment the worker publishes the previous step's ``StepSucceeded``:
 and prints each hop's median and mean in milliseconds, with the cost of a run around
 its steps (submit until the controller has the request; last step until ``wait`` returns).
 The figures are wall-clock times of processes on one machine; compare them with the
-floor of ``peers.py`` measured in the same session. The runs have the cache on, so every
-step goes through the controller (with the cache off, a chain's steps ride on the one
-before and skip it: see docs/performance.md, "Chain riders").
+floor of ``peers.py`` measured in the same session. The runs have the cache on, each with
+other inputs (``overhead.numbered_chain``), so every step runs and goes through the
+controller (with the cache off, a chain's steps ride on the one before and skip it: see
+docs/performance.md, "Chain riders").
 
     python benchmarks/hops.py [--steps 101] [--runs 8] [--json]
 """
@@ -37,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from overhead import chain  # noqa: E402
+from overhead import numbered_chain  # noqa: E402
 from rabbitmq import delete_topology, register, stack_processes  # noqa: E402
 
 from conveyor import Conveyor  # noqa: E402
@@ -173,9 +174,9 @@ async def measure(args: argparse.Namespace, prefix: str) -> None:
         try:
             async with Conveyor(stack="bench") as cv:
                 with stack_processes(1, env):
-                    for _ in range(args.runs + 1):  # the first run warms up; dropped below
+                    for number in range(args.runs + 1):  # the first warms up; dropped below
                         note("submit")
-                        run = await cv.submit(chain, n=args.steps, cache=False)
+                        run = await cv.submit(numbered_chain, n=args.steps, number=number)
                         await run.wait()
                         note("waited")
         finally:

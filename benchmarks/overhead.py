@@ -60,6 +60,16 @@ def chain(n: int) -> None:
 
 
 @pipeline
+def numbered_chain(n: int, number: int) -> None:
+    """``chain`` whose values are ``number * n + 1`` and up: with the cache on, a run of
+    another number reuses nothing (no step has another's inputs), and nothing rides (every
+    step goes through the controller)."""
+    value = bump(number * n)
+    for _ in range(n - 1):
+        value = bump(value)
+
+
+@pipeline
 def fan_out(n: int) -> None:
     root = source()
     join([bump(root) for _ in range(n)])
