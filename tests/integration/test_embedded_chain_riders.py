@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import pytest
 
@@ -29,6 +30,7 @@ from conveyor.workers import runtime
 from conveyor.workers.step_resolver import StepResolver
 from conveyor.workers.steps import StepDefinition
 
+T = TypeVar("T")
 LOCK = threading.Lock()
 CALLS: dict[str, int] = {}
 
@@ -197,17 +199,29 @@ def six_paced_links(pause_s: float) -> None:
         value = paced_link(value)
 
 
-def forwarded_steps(cv: Conveyor, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The steps whose StepReady a worker forwards through the broker, as it publishes."""
-    found: list[str] = []
+def published(
+    cv: Conveyor, monkeypatch: pytest.MonkeyPatch, what: Callable[[Event], T | None]
+) -> list[T]:
+    """What ``what`` makes of each event the embedded broker is asked to publish from now
+    on, in order (those it makes nothing of left out)."""
+    found: list[T] = []
     publish = cv.broker.publish
 
     async def recording(events: Sequence[Event]) -> None:
-        found.extend(e.step.name for e in events if isinstance(e, StepReady) and e.rode_on)
+        found.extend(made for made in map(what, events) if made is not None)
         await publish(events)
 
     monkeypatch.setattr(cv.broker, "publish", recording)
     return found
+
+
+def forwarded_steps(cv: Conveyor, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The steps whose StepReady a worker forwards through the broker, as it publishes."""
+
+    def forwarded(event: Event) -> str | None:
+        return event.step.name if isinstance(event, StepReady) and event.rode_on else None
+
+    return published(cv, monkeypatch, forwarded)
 
 
 async def test_a_chain_of_quick_steps_runs_in_place_without_a_hop_a_step(
@@ -244,24 +258,14 @@ async def test_the_rider_after_a_long_step_goes_through_the_broker(
     assert forwarded == ["paced_link_3"]
 
 
-def published_outcomes(cv: Conveyor, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """What the embedded broker is asked to publish, in order, for the steps of a run: the
-    outcomes each message carries (a StepsDone, several), or ``started NAME``."""
-    found: list[list[str]] = []
-    publish = cv.broker.publish
-
-    async def recording(events: Sequence[Event]) -> None:
-        for e in events:
-            if isinstance(e, StepsDone):
-                found.append([o.step for o in e.outcomes])
-            elif isinstance(e, StepSucceeded | StepFailed):
-                found.append([e.step])
-            elif isinstance(e, StepStarted):
-                found.append([f"started {e.step}"])
-        await publish(events)
-
-    monkeypatch.setattr(cv.broker, "publish", recording)
-    return found
+def outcomes_or_start(event: Event) -> list[str] | None:
+    """The steps whose outcomes ``event`` carries (a StepsDone, several), or ``started
+    NAME`` for a StepStarted."""
+    if isinstance(event, StepsDone):
+        return [o.step for o in event.outcomes]
+    if isinstance(event, StepSucceeded | StepFailed):
+        return [event.step]
+    return [f"started {event.step}"] if isinstance(event, StepStarted) else None
 
 
 async def test_the_outcomes_of_a_quick_chain_reach_the_controller_in_one_message(
@@ -270,7 +274,7 @@ async def test_the_outcomes_of_a_quick_chain_reach_the_controller_in_one_message
     # Six quick links, the five after the first riding in place: one message carries
     # their six outcomes, in the order they ran, where each had one of its own.
     async with Conveyor() as cv:
-        outcomes = published_outcomes(cv, monkeypatch)
+        outcomes = published(cv, monkeypatch, outcomes_or_start)
         run = await cv.submit(six_paced_links, pause_s=0.0, cache=False)
         record = await run.wait(timeout=60)
         steps = await run.steps()
@@ -288,7 +292,7 @@ async def test_a_long_step_is_announced_after_the_outcomes_of_the_steps_before_i
     # recorded) and dropped: the step would show pending while it runs, with no lease.
     monkeypatch.setattr(runtime, "HELD_S", 5.0)
     async with Conveyor() as cv:
-        outcomes = published_outcomes(cv, monkeypatch)
+        outcomes = published(cv, monkeypatch, outcomes_or_start)
         run = await cv.submit(six_paced_links, pause_s=0.3, cache=False)
         record = await run.wait(timeout=60)
     assert record.status is RunStatus.COMPLETED

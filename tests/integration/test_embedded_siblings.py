@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
 
 import pytest
 
@@ -17,6 +16,7 @@ from conveyor.workers import runtime
 from conveyor.workers.runtime import WorkerPool
 from conveyor.workers.step_resolver import StepResolver
 from conveyor.workers.steps import StepDefinition
+from tests.integration.test_embedded_chain_riders import published
 from tests.integration.test_riders_in_place import another_worker
 
 RAN: Counter[str] = Counter()
@@ -44,19 +44,11 @@ def fan_out(width: int) -> None:
     total([branch(root, i=i) for i in range(width)])
 
 
-def published_steps(cv: Conveyor, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """The steps of each StepReady message published on the embedded broker, in order."""
-    found: list[list[str]] = []
-    publish = cv.broker.publish
-
-    async def recording(events: Sequence[Event]) -> None:
-        for e in events:
-            if isinstance(e, StepReady):
-                found.append([e.step.name, *(s.step.name for s in e.siblings)])
-        await publish(events)
-
-    monkeypatch.setattr(cv.broker, "publish", recording)
-    return found
+def steps_carried(event: Event) -> list[str] | None:
+    """The steps a StepReady message carries: its own, then its siblings'."""
+    if not isinstance(event, StepReady):
+        return None
+    return [event.step.name, *(s.step.name for s in event.siblings)]
 
 
 @pytest.mark.parametrize("cache", [True, False], ids=["cache-on", "cache-off"])
@@ -68,7 +60,7 @@ async def test_a_fan_out_of_100_goes_out_in_a_dozen_messages_and_each_branch_run
     # its outputs): the misses go out together all the same.
     RAN.clear()
     async with Conveyor() as cv:
-        messages = published_steps(cv, monkeypatch)
+        messages = published(cv, monkeypatch, steps_carried)
         run = await cv.submit(fan_out, width=100, cache=cache)
         record = await run.wait(timeout=60)
         steps = await run.steps()
@@ -77,8 +69,8 @@ async def test_a_fan_out_of_100_goes_out_in_a_dozen_messages_and_each_branch_run
     assert {(s.status, s.attempt) for s in steps} == {(StepStatus.COMPLETED, 1)}
     assert result == 100 + sum(range(100))
     assert {f"branch-{i}": 1 for i in range(100)} == RAN
-    carried = [name for message in messages for name in message]
-    assert sorted(carried) == sorted(s.name for s in steps)  # each step dispatched once
+    dispatched = [name for message in messages for name in message]
+    assert sorted(dispatched) == sorted(s.name for s in steps)  # each step dispatched once
     assert len(messages) <= 12, [len(m) for m in messages]
     assert max(len(m) for m in messages) <= 16
 
@@ -113,7 +105,7 @@ async def test_siblings_that_wait_for_a_slot_are_handed_back_to_an_idle_worker(
     monkeypatch.setattr(WorkerPool, "serve", no_embedded_worker_for_wide)
     RAN.clear()
     async with Conveyor() as cv:
-        messages = published_steps(cv, monkeypatch)
+        messages = published(cv, monkeypatch, steps_carried)
         first = another_worker(cv, long_fan_out, "first", ["wide"], concurrency=1)
         second = another_worker(cv, long_fan_out, "second", ["wide"], concurrency=1)
         async with first, second:
@@ -163,7 +155,7 @@ async def test_a_sibling_refused_here_fails_alone_and_its_message_is_dead_letter
 
     monkeypatch.setattr(StepResolver, "resolved", refusing)
     async with Conveyor() as cv:
-        messages = published_steps(cv, monkeypatch)
+        messages = published(cv, monkeypatch, steps_carried)
         run = await cv.submit(partly_refused, cache=False)
         record = await run.wait(timeout=60)
         steps = {s.name: s for s in await run.steps()}

@@ -14,8 +14,7 @@ import pytest
 import structlog
 
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
-from conveyor.contracts import DEFAULT_POOL, Event, StepFailed, StepReady, StepSucceeded
-from conveyor.contracts.events import StepsDone
+from conveyor.contracts import DEFAULT_POOL, Event, StepReady, StepSucceeded
 from conveyor.service.controller import Controller
 from conveyor.service.pipelines import PipelineDefinition
 from conveyor.workers import runtime
@@ -23,6 +22,7 @@ from conveyor.workers.broker_inprocess import InProcessBroker
 from conveyor.workers.rabbitmq_errors import BrokerUnavailable
 from conveyor.workers.runtime import WorkerPool
 from conveyor.workers.step_resolver import StepResolver
+from tests.integration.test_embedded_chain_riders import outcomes_or_start
 
 
 @step
@@ -410,13 +410,6 @@ def five_counted_links() -> None:
         value = counted_link(value, name=name)
 
 
-def outcomes_in(event: Event) -> list[str]:
-    """The steps whose outcomes ``event`` carries."""
-    if isinstance(event, StepsDone):
-        return [outcome.step for outcome in event.outcomes]
-    return [event.step] if isinstance(event, StepSucceeded | StepFailed) else []
-
-
 async def test_a_chain_stops_running_in_place_once_a_publish_of_its_delivery_failed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -430,7 +423,7 @@ async def test_a_chain_stops_running_in_place_once_a_publish_of_its_delivery_fai
 
     async def publish(self: InProcessBroker, events: Sequence[Event]) -> None:
         for event in events:
-            if "counted_link_2" in outcomes_in(event):
+            if "counted_link_2" in (outcomes_or_start(event) or []):
                 raise BrokerUnavailable("RabbitMQ did not confirm 1 message(s) within 60s")
         await original(self, events)
 
