@@ -330,13 +330,18 @@ class RunProgress(Envelope):
 Outcome = Annotated[StepSucceeded | StepFailed, Field(discriminator="type")]
 
 
+MAX_OUTCOMES = (MAX_SIBLINGS + 1) * (MAX_RIDERS + 1)
+"""The most outcomes of one StepsDone: every step of a message with siblings, and the
+chains riding on each of them."""
+
+
 class StepsDone(Envelope):
-    """The outcomes of steps one worker ran one after the other on a delivery (a chain's
-    riders, run in place), in the order they ran: one message for all of them. The
-    controller takes each as if it had come alone."""
+    """The outcomes of steps one worker ran on one message (a chain's riders run in place,
+    a fan-out's branches that came as siblings), each step's after the one before it: one
+    message for all of them. The controller takes each as if it had come alone."""
 
     type: Literal["StepsDone"] = "StepsDone"
-    outcomes: list[Outcome] = Field(min_length=2, max_length=MAX_RIDERS + 1)
+    outcomes: list[Outcome] = Field(min_length=2, max_length=MAX_OUTCOMES)
 
     @model_validator(mode="after")
     def _of_the_run(self) -> StepsDone:

@@ -44,6 +44,7 @@ from conveyor.workers.limits import HAND_BACK_S, IN_PLACE_S
 from conveyor.workers.loggers import get_logger
 from conveyor.workers.message_parts import Part, parts
 from conveyor.workers.release import attempt_refused, cancelled_run, cannot_read
+from conveyor.workers.sibling_reports import SiblingReports
 from conveyor.workers.step_resolver import StepResolver
 
 log = get_logger("conveyor.worker")
@@ -62,11 +63,11 @@ HELD_S = 0.1
 ``StepsDone``): no longer than a step may run unannounced, by default."""
 
 
-def _one_message(outcomes: list[Outcome]) -> Event:
+def _one_message(outcomes: Sequence[Outcome]) -> Event:
     if len(outcomes) == 1:
         return outcomes[0]
     # Outcomes this worker made, of one run: not validated again.
-    return trusted(StepsDone, run_id=outcomes[0].run_id, outcomes=outcomes)
+    return trusted(StepsDone, run_id=outcomes[0].run_id, outcomes=list(outcomes))
 
 
 async def _announced(announcing: list[asyncio.Task[None]]) -> None:
@@ -122,11 +123,15 @@ class _Carrier:
     while the steps are quick, ``HELD_S`` at most apart), in their order, confirmed while
     the next runs, and the delivery is settled only once all of them are."""
 
-    __slots__ = ("_broker", "_delivery", "_held", "_holding", "_riding", "_sending")
+    __slots__ = ("_broker", "_delivery", "_held", "_holding", "_riding", "_sending", "reports")
 
-    def __init__(self, delivery: Delivery, broker: Broker) -> None:
+    def __init__(
+        self, delivery: Delivery, broker: Broker, reports: SiblingReports | None = None
+    ) -> None:
         self._delivery = delivery
         self._broker = broker
+        # Where the outcomes go when the delivery is a step that came with siblings.
+        self.reports = reports
         self._sending: asyncio.Future[None] | None = None
         # The answers whose rider runs (or ran) in place on this delivery.
         self._riding: list[_Answer] = []
@@ -436,7 +441,8 @@ class WorkerPool:
             await self._broker.publish(steps)
             await delivery.ack()
             return
-        runs = [self._run(part) for part in parts(delivery, self._broker, steps)]
+        reports = SiblingReports(self._broker, len(steps), HELD_S, _one_message)
+        runs = [self._run_sibling(part, reports) for part in parts(delivery, self._broker, steps)]
         for result in await asyncio.gather(*runs, return_exceptions=True):
             if isinstance(result, BaseException):
                 raise result
@@ -455,14 +461,20 @@ class WorkerPool:
             await self._broker.publish([attempt_refused(who, error, self.facts)])
         await delivery.reject()
 
-    async def _run(self, delivery: Delivery) -> None:
+    async def _run_sibling(self, part: Delivery, reports: SiblingReports) -> None:
+        try:
+            await self._run(part, reports)
+        finally:
+            reports.ended()
+
+    async def _run(self, delivery: Delivery, reports: SiblingReports | None = None) -> None:
         event = delivery.event
         if not isinstance(event, StepReady):
             await delivery.reject(f"expected StepReady on a step queue, got {event.type}")
             return
         ready: StepReady | None = event
         began = asyncio.get_running_loop().time()
-        carrier = _Carrier(delivery, self._broker)
+        carrier = _Carrier(delivery, self._broker, reports)
         try:
             while ready is not None:
                 # Bound with tokens that restore what was there: ``bound_contextvars`` reads
@@ -552,7 +564,11 @@ class WorkerPool:
             return answer.next
         held = delivery.take_held()
         await delivery.sent()
-        await answer.send(self._broker, held)
+        if answer.next is None and delivery.reports is not None:
+            # Its siblings' outcomes go with it: one message for the message's steps.
+            await delivery.reports.report([*held, answer.outcome])
+        else:
+            await answer.send(self._broker, held)
         await delivery.ack()
         return None
 

@@ -16,7 +16,7 @@ from conveyor.workers import runtime
 from conveyor.workers.runtime import WorkerPool
 from conveyor.workers.step_resolver import StepResolver
 from conveyor.workers.steps import StepDefinition
-from tests.integration.test_embedded_chain_riders import published
+from tests.integration.test_embedded_chain_riders import outcomes_or_start, published
 from tests.integration.test_riders_in_place import another_worker
 
 RAN: Counter[str] = Counter()
@@ -73,6 +73,24 @@ async def test_a_fan_out_of_100_goes_out_in_a_dozen_messages_and_each_branch_run
     assert sorted(dispatched) == sorted(s.name for s in steps)  # each step dispatched once
     assert len(messages) <= 12, [len(m) for m in messages]
     assert max(len(m) for m in messages) <= 16
+
+
+async def test_the_outcomes_of_a_messages_siblings_reach_the_controller_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The 100 branches come a dozen to a message; the outcomes of a message's steps go out
+    # together once each of its steps still running has one. Alone, each branch's outcome
+    # was a message: 100 for the fan-out.
+    RAN.clear()
+    async with Conveyor() as cv:
+        outcomes = published(cv, monkeypatch, outcomes_or_start)
+        run = await cv.submit(fan_out, width=100, cache=False)
+        record = await run.wait(timeout=60)
+        branches = sorted(s.name for s in await run.steps() if s.name.startswith("branch"))
+    assert record.status is RunStatus.COMPLETED
+    carrying = [m for m in outcomes if any(name.startswith("branch") for name in m)]
+    assert sorted(name for message in carrying for name in message) == branches
+    assert len(carrying) <= 20, [len(m) for m in carrying]
 
 
 @step(pool="wide")

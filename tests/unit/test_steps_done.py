@@ -1,6 +1,7 @@
-"""StepsDone: the outcomes of a chain's steps run in place, in one message. It comes from
-outside the controller (a broker anyone may publish to): each outcome is checked as one
-that came alone, and all of them must be of the message's run."""
+"""StepsDone: the outcomes of the steps a worker ran on one message (a chain's run in
+place, a fan-out's siblings), in one message. It comes from outside the controller (a
+broker anyone may publish to): each outcome is checked as one that came alone, and all of
+them must be of the message's run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import pytest
 
 from conveyor.contracts import MalformedEvent, StepSucceeded, WorkerFacts, encode_event, parse_event
-from conveyor.contracts.events import MAX_RIDERS, StepsDone
+from conveyor.contracts.events import MAX_OUTCOMES, MAX_RIDERS, StepsDone
 
 BY = WorkerFacts(worker="w", pid=1)
 
@@ -39,7 +40,7 @@ def _outcome(step: str, run_id: str = "r1") -> dict[str, object]:
     [
         ([_outcome("a"), _outcome("b", run_id="other")], "another run"),
         ([_outcome("a")], "at least 2"),
-        ([_outcome(f"s{i}") for i in range(MAX_RIDERS + 2)], "at most 17"),
+        ([_outcome(f"s{i}") for i in range(MAX_OUTCOMES + 1)], "at most 272"),
         ([_outcome("a"), {"type": "StepStarted", "run_id": "r1"}], "outcomes.1"),
         ([_outcome("a"), {**_outcome("b"), "attempt": "%_"}], "attempt"),
     ],
