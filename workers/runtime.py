@@ -42,7 +42,7 @@ from conveyor.workers import step_logs
 from conveyor.workers.execution import StepExecutor
 from conveyor.workers.limits import HAND_BACK_S, IN_PLACE_S
 from conveyor.workers.loggers import get_logger
-from conveyor.workers.message_parts import Part, parts
+from conveyor.workers.message_parts import parts
 from conveyor.workers.release import attempt_refused, cancelled_run, cannot_read
 from conveyor.workers.sibling_reports import SiblingReports
 from conveyor.workers.step_resolver import StepResolver
@@ -130,7 +130,8 @@ class _Carrier:
     ) -> None:
         self._delivery = delivery
         self._broker = broker
-        # Where the outcomes go when the delivery is a step that came with siblings.
+        # Where the outcomes go when the delivery is a step that came with siblings (None
+        # for a step that came alone).
         self.reports = reports
         self._sending: asyncio.Future[None] | None = None
         # The answers whose rider runs (or ran) in place on this delivery.
@@ -146,11 +147,6 @@ class _Carrier:
     @property
     def deliveries(self) -> int:
         return self._delivery.deliveries
-
-    @property
-    def sibling(self) -> bool:
-        """Whether the delivery is a step that came with siblings (see ``siblings``)."""
-        return isinstance(self._delivery, Part)
 
     def _send(self, events: list[Event]) -> None:
         """Publish ``events`` once those sent before are confirmed, without waiting."""
@@ -575,7 +571,7 @@ class WorkerPool:
     async def _attempt_in_slot(self, ready: StepReady, delivery: _Carrier) -> Outcome | None:
         """``_attempt`` once one of the ``concurrency`` slots is free: each pool's queue
         hands over that many, and a worker of several pools runs no more at once in all."""
-        if ready is delivery.event and delivery.sibling:
+        if ready is delivery.event and delivery.reports is not None:
             # A sibling waits a little only: the steps of its message wait for this worker's
             # slots, while another worker's may be free.
             try:
