@@ -1,8 +1,9 @@
 """The worker runtime: consume StepReady, execute, publish the completion, then ack.
 
-Ack timing is one policy, here: a StepReady is acked only after its StepSucceeded or
-StepFailed was confirmed by the broker, and those of the riders run in place on it. A worker
-that dies before that leaves the message unacked, and the broker delivers it again.
+Ack timing is one policy: a StepReady is acked only after its StepSucceeded or StepFailed
+was confirmed by the broker, and those of the riders run in place on it (how the outcomes
+go out, together or alone: ``workers/outcomes.py``). A worker that dies before that leaves
+the message unacked, and the broker delivers it again.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import os
 import socket
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -25,11 +26,9 @@ from conveyor.contracts import (
     Delivery,
     Event,
     Isolation,
-    StepFailed,
     StepHeartbeat,
     StepReady,
     StepStarted,
-    StepSucceeded,
     Subscription,
     Unreadable,
     UnreadableDelivery,
@@ -37,19 +36,18 @@ from conveyor.contracts import (
     WorkerFacts,
     utcnow,
 )
-from conveyor.contracts.events import StepsDone, forwarded, trusted, unbundled
+from conveyor.contracts.events import unbundled
 from conveyor.workers import step_logs
 from conveyor.workers.execution import StepExecutor
 from conveyor.workers.limits import HAND_BACK_S, IN_PLACE_S
 from conveyor.workers.loggers import get_logger
 from conveyor.workers.message_parts import parts
+from conveyor.workers.outcomes import Answer, Carrier, Outcome, SiblingReports
 from conveyor.workers.release import attempt_refused, cancelled_run, cannot_read
-from conveyor.workers.sibling_reports import SiblingReports
 from conveyor.workers.step_resolver import StepResolver
 
 log = get_logger("conveyor.worker")
 
-Outcome = StepSucceeded | StepFailed
 Attempt = tuple[str, str, int]
 """(run id, step, attempt)"""
 REMEMBERED_OUTCOMES = 10_000
@@ -58,16 +56,6 @@ channel) without running it twice."""
 REMEMBERED_CANCELLATIONS = 10_000
 MAX_DELIVERIES = 3
 HEARTBEAT_S = 10.0
-HELD_S = 0.1
-"""How long the outcomes of a chain's steps run in place may wait to go out together (one
-``StepsDone``): no longer than a step may run unannounced, by default."""
-
-
-def _one_message(outcomes: Sequence[Outcome]) -> Event:
-    if len(outcomes) == 1:
-        return outcomes[0]
-    # Outcomes this worker made, of one run: not validated again.
-    return trusted(StepsDone, run_id=outcomes[0].run_id, outcomes=list(outcomes))
 
 
 async def _announced(announcing: list[asyncio.Task[None]]) -> None:
@@ -78,153 +66,6 @@ async def _announced(announcing: list[asyncio.Task[None]]) -> None:
             log.warning("StepStarted not confirmed; publishing the outcome", error=str(result))
         elif isinstance(result, BaseException):
             raise result
-
-
-class _Answer:
-    """What a worker publishes for an attempt it ran: its outcome and, when it succeeded,
-    the StepReady of the step riding on it, forwarded once (a delivery of the attempt
-    again, its ack lost, is answered with the outcome alone)."""
-
-    __slots__ = ("forwarded", "next", "outcome")
-
-    def __init__(self, outcome: Outcome, ready: StepReady) -> None:
-        self.outcome = outcome
-        self.next = None
-        if isinstance(outcome, StepSucceeded):
-            self.next = forwarded(ready, outcome.outputs)
-        self.forwarded = False
-
-    async def send(self, broker: Broker, held: Sequence[Outcome] = ()) -> None:
-        """Publish the outcome (after ``held``, those of the steps run in place before it,
-        in one message), and the rider's StepReady if not yet confirmed once; the outcome
-        first, so that the controller hears of this step before its rider."""
-        outcome = _one_message([*held, self.outcome])
-        if self.next is None or self.forwarded:
-            await broker.publish([outcome])
-            return
-        await broker.publish([outcome, self.next])
-        self.forwarded = True
-
-
-async def _in_turn(
-    previous: asyncio.Future[None] | None, publish: Coroutine[Any, Any, None]
-) -> None:
-    try:
-        if previous is not None:
-            await previous
-    except BaseException:
-        publish.close()  # never to run
-        raise
-    await publish
-
-
-class _Carrier:
-    """A delivery whose riders run in place: their outcomes go out together (one message
-    while the steps are quick, ``HELD_S`` at most apart), in their order, confirmed while
-    the next runs, and the delivery is settled only once all of them are."""
-
-    __slots__ = ("_broker", "_delivery", "_held", "_holding", "_riding", "_sending", "reports")
-
-    def __init__(
-        self, delivery: Delivery, broker: Broker, reports: SiblingReports | None = None
-    ) -> None:
-        self._delivery = delivery
-        self._broker = broker
-        # Where the outcomes go when the delivery is a step that came with siblings (None
-        # for a step that came alone).
-        self.reports = reports
-        self._sending: asyncio.Future[None] | None = None
-        # The answers whose rider runs (or ran) in place on this delivery.
-        self._riding: list[_Answer] = []
-        # Outcomes not yet sent, and the timer that sends them.
-        self._held: list[Outcome] = []
-        self._holding: asyncio.TimerHandle | None = None
-
-    @property
-    def event(self) -> Event:
-        return self._delivery.event
-
-    @property
-    def deliveries(self) -> int:
-        return self._delivery.deliveries
-
-    def _send(self, events: list[Event]) -> None:
-        """Publish ``events`` once those sent before are confirmed, without waiting."""
-        publish = self._broker.publish(events)
-        self._sending = asyncio.ensure_future(_in_turn(self._sending, publish))
-
-    def hold(self, outcome: Outcome) -> None:
-        """Send ``outcome`` with those of the next steps run in place, ``HELD_S`` at most
-        from now: a controller hears of a quick chain in one message, not one a step."""
-        self._held.append(outcome)
-        if self._holding is None:
-            self._holding = asyncio.get_running_loop().call_later(HELD_S, self.flush)
-
-    def take_held(self) -> list[Outcome]:
-        """The outcomes held, no longer held: for the caller to send."""
-        if self._holding is not None:
-            self._holding.cancel()
-            self._holding = None
-        held, self._held = self._held, []
-        return held
-
-    def flush(self) -> None:
-        """Send the outcomes held, without waiting."""
-        held = self.take_held()
-        if held:
-            self._send([_one_message(held)])
-
-    async def announce(self, started: StepStarted) -> None:
-        """Publish ``started`` once the outcomes of the steps before it are confirmed, so
-        that the controller hears of those first; what their publish raised is theirs."""
-        self.flush()
-        if self._sending is not None:
-            await asyncio.wait([self._sending])
-        await self._broker.publish([started])
-
-    def ride(self, answer: _Answer) -> None:
-        """``answer``'s rider runs next, in place, instead of being forwarded."""
-        self._riding.append(answer)
-
-    @property
-    def failing(self) -> bool:
-        """Whether a publish failed: nothing more runs on this delivery, given back."""
-        sending = self._sending
-        return sending is not None and sending.done() and sending.exception() is not None
-
-    async def sent(self) -> None:
-        """Send what is held; wait until everything sent is confirmed; raise what a
-        publish raised."""
-        self.flush()
-        if self._sending is not None:
-            await self._sending
-
-    def abandon(self) -> None:
-        """The delivery ends unsettled by this worker: what is still being sent goes on,
-        and its failure, if any, is only retrieved (also one that is over already, else
-        asyncio logs "Task exception was never retrieved"); what is held is not sent (the
-        delivery comes again, and its steps with it)."""
-        self.take_held()
-        sending = self._sending
-        if sending is not None:
-            sending.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-    async def ack(self) -> None:
-        await self.sent()
-        # Each rider run in place is handed on as if forwarded: its outcome (or what ended
-        # it) is confirmed. A delivery of this attempt again, its ack lost with a channel,
-        # is answered with the outcome alone, not with a rider to run a second time.
-        for answer in self._riding:
-            answer.forwarded = True
-        await self._delivery.ack()
-
-    async def reject(self, reason: str) -> None:
-        await self.sent()
-        await self._delivery.reject(reason)
-
-    async def requeue(self) -> None:
-        await self.sent()
-        await self._delivery.requeue()
 
 
 def worker_facts(name: str | None = None) -> WorkerFacts:
@@ -283,7 +124,7 @@ class WorkerPool:
         self._max_deliveries = max_deliveries
         # Outcomes of the attempts this worker ran, by (run, step, attempt): a StepReady
         # delivered again (its ack was lost with a channel) is answered, not run twice.
-        self._outcomes: OrderedDict[Attempt, asyncio.Future[_Answer]] = OrderedDict()
+        self._outcomes: OrderedDict[Attempt, asyncio.Future[Answer]] = OrderedDict()
         self._remembered = remembered_outcomes
         # Runs (step "", attempt 0) and attempts the controller said to stop: a StepReady of
         # one that is still queued is dropped instead of run.
@@ -437,7 +278,7 @@ class WorkerPool:
             await self._broker.publish(steps)
             await delivery.ack()
             return
-        reports = SiblingReports(self._broker, len(steps), HELD_S, _one_message)
+        reports = SiblingReports(self._broker, len(steps))
         runs = [self._run_sibling(part, reports) for part in parts(delivery, self._broker, steps)]
         for result in await asyncio.gather(*runs, return_exceptions=True):
             if isinstance(result, BaseException):
@@ -470,7 +311,7 @@ class WorkerPool:
             return
         ready: StepReady | None = event
         began = asyncio.get_running_loop().time()
-        carrier = _Carrier(delivery, self._broker, reports)
+        carrier = Carrier(delivery, self._broker, reports)
         try:
             while ready is not None:
                 # Bound with tokens that restore what was there: ``bound_contextvars`` reads
@@ -486,7 +327,7 @@ class WorkerPool:
             carrier.abandon()
             raise
 
-    def _in_place(self, rider: StepReady, delivery: _Carrier, began: float) -> bool:
+    def _in_place(self, rider: StepReady, delivery: Carrier, began: float) -> bool:
         """Whether ``rider``, the next rider of ``delivery``, runs here, its parent's
         outcome confirmed, rather than forwarded through the broker: while the delivery's
         steps took little. A worker that dies runs them all again from the first (their
@@ -500,7 +341,7 @@ class WorkerPool:
         return delivery.deliveries == 1 and not self._stopping and elapsed < IN_PLACE_S
 
     async def _run_ready(
-        self, ready: StepReady, delivery: _Carrier, began: float
+        self, ready: StepReady, delivery: Carrier, began: float
     ) -> StepReady | None:
         """Run ``ready`` (or answer it, if run before) and publish its outcome; return its
         rider to run next in place, or None once ``delivery`` is settled."""
@@ -550,7 +391,7 @@ class WorkerPool:
         if outcome is None:
             self._forget(key, known)
             return None
-        answer = _Answer(outcome, ready)
+        answer = Answer(outcome, ready)
         known.set_result(answer)
         if answer.next is not None and self._in_place(answer.next, delivery, began):
             # Marked forwarded only once the delivery is acked: a delivery of this attempt
@@ -568,7 +409,7 @@ class WorkerPool:
         await delivery.ack()
         return None
 
-    async def _attempt_in_slot(self, ready: StepReady, delivery: _Carrier) -> Outcome | None:
+    async def _attempt_in_slot(self, ready: StepReady, delivery: Carrier) -> Outcome | None:
         """``_attempt`` once one of the ``concurrency`` slots is free: each pool's queue
         hands over that many, and a worker of several pools runs no more at once in all."""
         if ready is delivery.event and delivery.reports is not None:
@@ -604,12 +445,12 @@ class WorkerPool:
         await self._broker.publish([failed])
         await delivery.ack()
 
-    def _forget(self, key: Attempt, known: asyncio.Future[_Answer]) -> None:
+    def _forget(self, key: Attempt, known: asyncio.Future[Answer]) -> None:
         """Drop an attempt that has no outcome: a redelivery waiting on it is requeued."""
         self._outcomes.pop(key, None)
         known.cancel()
 
-    async def _attempt(self, ready: StepReady, delivery: _Carrier) -> Outcome | None:
+    async def _attempt(self, ready: StepReady, delivery: Carrier) -> Outcome | None:
         """Run one attempt; None when the controller stopped it (the delivery is acked)."""
         limits = [t for t in (ready.step.timeout_s, self._step_timeout) if t is not None]
         started_at = utcnow()

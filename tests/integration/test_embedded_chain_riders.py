@@ -26,7 +26,7 @@ from conveyor.contracts import (
 from conveyor.contracts.events import StepsDone
 from conveyor.service.controller import Controller
 from conveyor.service.store.db import MetadataStoreError
-from conveyor.workers import runtime
+from conveyor.workers import outcomes, runtime
 from conveyor.workers.step_resolver import StepResolver
 from conveyor.workers.steps import StepDefinition
 
@@ -274,13 +274,13 @@ async def test_the_outcomes_of_a_quick_chain_reach_the_controller_in_one_message
     # Six quick links, the five after the first riding in place: one message carries
     # their six outcomes, in the order they ran, where each had one of its own.
     async with Conveyor() as cv:
-        outcomes = published(cv, monkeypatch, outcomes_or_start)
+        heard = published(cv, monkeypatch, outcomes_or_start)
         run = await cv.submit(six_paced_links, pause_s=0.0, cache=False)
         record = await run.wait(timeout=60)
         steps = await run.steps()
     assert record.status is RunStatus.COMPLETED
     assert {(s.status, s.attempt) for s in steps} == {(StepStatus.COMPLETED, 1)}
-    assert outcomes == [[f"paced_link_{i}" if i > 1 else "paced_link" for i in range(1, 7)]]
+    assert heard == [[f"paced_link_{i}" if i > 1 else "paced_link" for i in range(1, 7)]]
 
 
 async def test_a_long_step_is_announced_after_the_outcomes_of_the_steps_before_it(
@@ -290,15 +290,15 @@ async def test_a_long_step_is_announced_after_the_outcomes_of_the_steps_before_i
     # paced_link, run before it in place, is held to go out with the next ones. Heard
     # first, the StepStarted would be early for the controller (its parent's outcome not
     # recorded) and dropped: the step would show pending while it runs, with no lease.
-    monkeypatch.setattr(runtime, "HELD_S", 5.0)
+    monkeypatch.setattr(outcomes, "HELD_S", 5.0)
     async with Conveyor() as cv:
-        outcomes = published(cv, monkeypatch, outcomes_or_start)
+        heard = published(cv, monkeypatch, outcomes_or_start)
         run = await cv.submit(six_paced_links, pause_s=0.3, cache=False)
         record = await run.wait(timeout=60)
     assert record.status is RunStatus.COMPLETED
-    assert outcomes[:2] == [["paced_link"], ["started paced_link_2"]], outcomes
+    assert heard[:2] == [["paced_link"], ["started paced_link_2"]], heard
     later = [f"paced_link_{i}" for i in range(2, 7)]
-    assert [name for message in outcomes[2:] for name in message] == later, outcomes
+    assert [name for message in heard[2:] for name in message] == later, heard
 
 
 @step

@@ -17,7 +17,7 @@ from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
 from conveyor.contracts import DEFAULT_POOL, Event, StepReady, StepSucceeded
 from conveyor.service.controller import Controller
 from conveyor.service.pipelines import PipelineDefinition
-from conveyor.workers import runtime
+from conveyor.workers import outcomes
 from conveyor.workers.broker_inprocess import InProcessBroker
 from conveyor.workers.rabbitmq_errors import BrokerUnavailable
 from conveyor.workers.runtime import WorkerPool
@@ -118,7 +118,7 @@ async def test_a_worker_stopped_after_a_failed_publish_leaves_no_unretrieved_exc
     # the worker is stopped (SIGTERM) before long_rider ends: its grace runs out, the
     # delivery is left unsettled for the broker to deliver again. The failed publish is
     # the pipelined one of the carrier, already done when the worker gives up on it, and
-    # `_Carrier.abandon` only retrieves the failure of a publish still under way: asyncio
+    # `Carrier.abandon` only retrieves the failure of a publish still under way: asyncio
     # logs "Task exception was never retrieved" (with a traceback) on the worker's stderr.
     RIDING["long_rider"] = asyncio.Event()
     original = InProcessBroker.publish
@@ -405,7 +405,7 @@ def counted_link(x: int, name: str, pause_s: float = 0.0) -> int:
 def five_counted_links() -> None:
     value = counted_link(0, name="a")
     value = counted_link(value, name="b")
-    value = counted_link(value, name="c", pause_s=3 * runtime.HELD_S)
+    value = counted_link(value, name="c", pause_s=3 * outcomes.HELD_S)
     for name in "de":
         value = counted_link(value, name=name)
 
