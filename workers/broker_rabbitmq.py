@@ -48,6 +48,7 @@ from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.rabbitmq_consumers import (
     Consumer,
     Follower,
+    Holding,
     RunFollower,
     StatusQueue,
     copy_of,
@@ -99,6 +100,9 @@ class RabbitMQBroker:
         self._declared: Declared | None = None
         self._declare_lock = asyncio.Lock()
         self.consumers: set[Consumer] = set()
+        # What a StepReady that comes to any consumer of this process waits for: the
+        # settling of a delivery it was sent from (a rider may go to another pool's queue).
+        self.holding = Holding()
         self.followers: set[Follower | RunFollower] = set()
         self._statuses: StatusQueue | None = None
         self._lost_at: float | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
@@ -36,6 +36,7 @@ from conveyor.contracts import (
     read_identity,
     read_version,
 )
+from conveyor.contracts.events import Rider
 from conveyor.contracts.unreadable import unreadable
 from conveyor.workers.loggers import get_logger
 from conveyor.workers.rabbitmq_errors import RETRYABLE, TRANSIENT
@@ -59,14 +60,69 @@ def _live_consumer_tags(channel: AbstractRobustChannel) -> Mapping[str, object]:
     return consumers
 
 
+def rider_key(run_id: str, rider: Rider | StepReady) -> str:
+    return f"{run_id}/{rider.step.name}/{rider.attempt}"
+
+
+class Holding:
+    """Keys (a StepReady's event id; a rider's run, step and attempt) that a StepReady coming
+    to a consumer waits on, each until the delivery it was sent from is settled."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, asyncio.Event] = {}
+
+    def hold(self, keys: Sequence[str]) -> Callable[[], None]:
+        """Hold ``keys`` until the function returned is called."""
+        settled = asyncio.Event()
+        for key in keys:
+            self._held[key] = settled
+
+        def release() -> None:
+            settled.set()
+            for key in keys:
+                if self._held.get(key) is settled:
+                    del self._held[key]
+
+        return release
+
+    async def settled(self, *keys: str) -> None:
+        for key in keys:
+            held = self._held.get(key)
+            if held is not None:
+                await held.wait()
+
+    def release_all(self) -> None:
+        for settled in self._held.values():
+            settled.set()
+        self._held.clear()
+
+
+def _nothing() -> None:
+    pass
+
+
+def _riders(event: Event) -> list[str]:
+    """The keys of the steps riding on ``event``. Not those riding on its siblings: a
+    message with siblings is settled when all of its steps are, and a rider forwarded from
+    one of them must not wait for the others to end; were the message delivered again, it
+    would be split into one message per step (``workers.message_parts``), each holding its
+    own riders here."""
+    if not isinstance(event, StepReady):
+        return []
+    return [rider_key(event.run_id, rider) for rider in event.then]
+
+
 class RabbitDelivery:
-    __slots__ = ("_consumer", "_event", "_message", "_settled")
+    __slots__ = ("_consumer", "_event", "_let_riders_go", "_message", "_settled")
 
     def __init__(self, consumer: Consumer, message: AbstractIncomingMessage, event: Event) -> None:
         self._consumer = consumer
         self._message = message
         self._event = event
         self._settled = False
+        # Its riders, which its worker may forward before it acks it (RabbitMQBroker.holding).
+        riders = _riders(event)
+        self._let_riders_go = consumer.broker.holding.hold(riders) if riders else _nothing
 
     @property
     def event(self) -> Event:
@@ -83,34 +139,44 @@ class RabbitDelivery:
         return True
 
     async def ack(self) -> None:
-        if self._settle():
-            try:
-                await self._message.ack()
-            except TRANSIENT:
-                # The channel it came on is gone: the broker delivers it again, and the
-                # (run, step, attempt) key makes the second delivery harmless.
-                log.warning(
-                    "ack on a closed channel; the message will be delivered again",
-                    queue=self._consumer.queue,
-                    event_id=self._event.event_id,
-                )
+        if not self._settle():
+            return
+        try:
+            await self._message.ack()
+        except TRANSIENT:
+            # The channel it came on is gone: the broker delivers it again, and the
+            # (run, step, attempt) key makes the second delivery harmless.
+            log.warning(
+                "ack on a closed channel; the message will be delivered again",
+                queue=self._consumer.queue,
+                event_id=self._event.event_id,
+            )
+        finally:
+            self._let_riders_go()
 
     async def reject(self, reason: str) -> None:
-        if self._settle():
+        if not self._settle():
+            return
+        try:
             await self._consumer.broker.dead_letter(self._consumer.queue, self._message, reason)
+        finally:
+            self._let_riders_go()
 
     async def requeue(self) -> None:
         if not self._settle():
             return
-        if isinstance(self._event, StepReady):
-            # Handed back on purpose, not lost: a requeue would count as a lost delivery.
-            await self._consumer.broker.put_back(
-                self._consumer.queue, self._message, lost_deliveries(self._message)
-            )
-            return
-        # A closed channel requeues it anyway.
-        with contextlib.suppress(*TRANSIENT):
-            await self._message.nack(requeue=True)
+        try:
+            if isinstance(self._event, StepReady):
+                # Handed back on purpose, not lost: a requeue would count as a lost delivery.
+                await self._consumer.broker.put_back(
+                    self._consumer.queue, self._message, lost_deliveries(self._message)
+                )
+                return
+            # A closed channel requeues it anyway.
+            with contextlib.suppress(*TRANSIENT):
+                await self._message.nack(requeue=True)
+        finally:
+            self._let_riders_go()
 
 
 class RabbitUnreadable:
@@ -170,8 +236,6 @@ class Consumer:
         # Handler tasks are kept here: aio-pika would throw into its own callback tasks when
         # the channel closes, and a step that finishes anyway can still publish its result.
         self.tasks: set[asyncio.Task[None]] = set()
-        # Steps being handed back (``put_back``), by event id, until their original is acked.
-        self.handing_back: dict[str, asyncio.Event] = {}
 
     @property
     def active(self) -> bool:
@@ -208,19 +272,18 @@ class Consumer:
             # Its last delivery ended unsettled: a worker died or lost the broker while it
             # held it. Classic queues do not count that, so the count travels in a header of
             # a copy; the worker that gets the copy decides whether to run it again.
-            acked = self.handing_back[event.event_id] = asyncio.Event()
+            release = self.broker.holding.hold([event.event_id])
             try:
                 await self.broker.put_back(self.queue, message, lost_deliveries(message) + 1)
             finally:
-                del self.handing_back[event.event_id]
-                acked.set()
+                release()
             return
-        handed_back = self.handing_back.get(event.event_id)
-        if handed_back is not None:
-            # The copy came back to this consumer before its original was acked: were it run
-            # (a step that kills its worker) before that ack left, the original would be
-            # delivered again too, and counted from the start.
-            await handed_back.wait()
+        if isinstance(event, StepReady):
+            # A copy handed back, or a rider forwarded, that came back to this process
+            # before the delivery it was sent from was settled: were it run (a step that
+            # kills its worker) before that ack left, that delivery would come again and
+            # send it once more, its deliveries counted from the start.
+            await self.broker.holding.settled(event.event_id, rider_key(event.run_id, event))
         delivery = RabbitDelivery(self, message, event)
         if self.hands_over:
             try:
@@ -295,6 +358,7 @@ class Consumer:
             # Closing the channel is what makes the broker requeue what is unsettled (so
             # does losing the connection).
             await self.broker.on_the_way_out(channel.close)
+        self.broker.holding.release_all()  # the broker delivers what they waited for again
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()

@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 
 from conveyor.contracts import (
     FINISHED_RUN_STATUSES,
+    ArtifactRef,
     ConveyorError,
     Delivery,
     Event,
@@ -36,6 +37,8 @@ from conveyor.contracts import (
     WorkerFacts,
     new_id,
 )
+from conveyor.contracts.events import Rider, forwarded
+from conveyor.contracts.pipeline_spec import OutputSelector
 from conveyor.service.context import Services
 from conveyor.service.controller import Controller
 from conveyor.service.engine import Conveyor
@@ -420,3 +423,65 @@ async def test_a_step_handed_back_is_handled_only_once_its_original_is_acked(
     [(at, deliveries)] = handled
     assert deliveries == 2, "the copy counts the delivery its first consumer left unsettled"
     assert at >= acked[0], "the copy ran while its original could still be delivered again"
+
+
+async def test_a_rider_forwarded_is_handled_only_once_the_delivery_it_rode_on_is_acked(
+    vhost: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker forwards the StepReady of the step riding on the one it ran, then acks the
+    delivery it rode on. The rider may come back to the same worker first: it is not handled
+    before that ack has gone, or a rider that kills its worker would be forwarded again by
+    the next worker of that delivery, its deliveries counted from nothing, and kill one
+    worker more (test_worker_faults.py)."""
+    stack = await register_stack(vhost, tmp_path / "artifacts")
+    broker = make_broker(stack)
+    assert isinstance(broker, RabbitMQBroker)
+    loop = asyncio.get_running_loop()
+    acked: dict[str, float] = {}
+    handled: dict[str, float] = {}
+    plain_ack = aio_pika.IncomingMessage.ack
+
+    async def slow_ack(self: aio_pika.IncomingMessage, multiple: bool = False) -> None:
+        await asyncio.sleep(0.5)
+        await plain_ack(self, multiple)
+        acked[str(self.message_id)] = loop.time()
+
+    monkeypatch.setattr(aio_pika.IncomingMessage, "ack", slow_ack)
+    first = StepSpec(name="first", ref="m.py:first", outputs=["output"])
+    second = StepSpec(
+        name="second",
+        ref="m.py:second",
+        inputs={"x": OutputSelector(step="first", output="output")},
+    )
+    ready = StepReady(run_id=new_id(), step=first, attempt=1, then=[Rider(step=second, attempt=1)])
+    output = ArtifactRef(
+        uri="blobs/ab",
+        digest="sha256:" + "a" * 64,
+        size=1,
+        materializer="json",
+        materializer_version="1",
+        data_type="builtins.int",
+    )
+    settled: set[asyncio.Task[None]] = set()
+
+    async def run(delivery: Delivery) -> None:
+        assert isinstance(delivery.event, StepReady)
+        handled[delivery.event.step.name] = loop.time()
+        rider = forwarded(delivery.event, {"output": output})
+        if rider is not None:  # as a worker does: the rider goes out, then the ack
+            await broker.publish([rider])
+        await delivery.ack()
+
+    await broker.start()
+    try:
+        await broker.publish([ready])
+        consumer = await broker.consume(
+            broker.topology.step_queue("default"),
+            lambda delivery: settled.add(asyncio.create_task(run(delivery))),
+            prefetch=2,
+        )
+        await eventually(lambda: len(acked) == 2)
+        await consumer.cancel()
+    finally:
+        await broker.stop()
+    assert handled["second"] >= acked[ready.event_id], "the rider ran before its parent's ack"
