@@ -28,6 +28,8 @@ class Batch:
     """Runs requested and cancelled in this batch: recorded cancelled, never started."""
     recorded: set[str] = field(default_factory=set)
     """Runs requested in this batch that the store holds already (requests redelivered)."""
+    queued: list[RunRequested] = field(default_factory=list)
+    """Requests that came in this batch and wait in the run queue: recorded queued."""
 
     def change(self, run_id: str, transition: Transition) -> None:
         if run_id in self.changes:

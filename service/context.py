@@ -97,7 +97,8 @@ class Services:
         await self.close()
 
     async def fail_dead_runs(self) -> list[str]:
-        """Mark failed the unfinished runs whose embedded controller process died."""
+        """Mark failed the unfinished runs whose embedded controller process died, and drop
+        the runs it queued (never started)."""
         host, _, _ = this_process()
         failed = []
         for run_id, pid, token in await self.runs.owned_active_runs(host):
@@ -108,4 +109,10 @@ class Services:
                     "run abandoned by a dead process", run_id=run_id, pid=pid
                 )
                 failed.append(run_id)
+        for run_id, pid, token in await self.run_requests.owned(host):
+            if not is_alive(pid, token):
+                await self.run_requests.forget(run_id)
+                get_logger("conveyor").warning(
+                    "queued run dropped: the process that queued it died", run_id=run_id, pid=pid
+                )
         return failed

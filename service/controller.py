@@ -9,6 +9,7 @@ outbox rows that were never confirmed and reloads every unfinished run.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from conveyor.contracts import (
     ArtifactStore,
@@ -40,6 +41,7 @@ from conveyor.service.early_events import EarlyEvents
 from conveyor.service.event_publisher import EventPublisher
 from conveyor.service.pipelines import load_pipeline
 from conveyor.service.progress import ProgressBuffer
+from conveyor.service.run_queue import RunQueue
 from conveyor.service.run_state import RunState, Transition
 from conveyor.service.run_timers import LEASE_S, MAX_LOST, RunTimers
 from conveyor.service.step_decisions import StepDecisions
@@ -89,6 +91,8 @@ class Controller:
     ``owner`` is set when the controller is embedded in a client process: its runs are
     recorded as owned by that process (and failed if it dies), and nothing is resumed. A
     service controller (``owner=None``) resumes the stack's unfinished runs on start.
+    ``max_active_runs`` (an embedded stack's): more runs requested wait, queued, their
+    requests unsettled, until runs end (``RunQueue``).
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class Controller:
         artifacts: ArtifactStore | None = None,
         lease_s: float = LEASE_S,
         max_lost: int = MAX_LOST,
+        max_active_runs: int | None = None,
     ) -> None:
         self._db = db
         self._code_store = code_store
@@ -127,6 +132,9 @@ class Controller:
             max_lost=max_lost,
         )
         self._inbox: asyncio.Queue[Inbound] = asyncio.Queue()
+        self._queue = RunQueue(max_active_runs)
+        # The runs it recorded queued and has not started: dropped when it stops.
+        self._shown_queued: set[str] = set()
         self._subscriptions: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
         # Confirmed outbox rows are marked sent in the next batch's transaction (or when
@@ -188,6 +196,16 @@ class Controller:
             await asyncio.gather(task, return_exceptions=True)
         while not self._inbox.empty():
             await self._inbox.get_nowait().requeue()
+        for request in self._queue.take_all():
+            await request.requeue()
+        if self._shown_queued:
+            # Handed back to a broker that ends with this process (or a batch cut short
+            # had taken them): they never start.
+            try:
+                await self._run_requests.forget_all(list(self._shown_queued))
+            except Exception as exc:  # the next command to open the store drops them
+                log.warning("queued runs not dropped", error=f"{type(exc).__name__}: {exc}")
+            self._shown_queued.clear()
         for delivery in self._early.release_all():
             await delivery.requeue()
         self._publisher.committed.extend(
@@ -278,8 +296,9 @@ class Controller:
                 await self._publisher.publish_committed()
                 if self._undecided:
                     await self._decide_again()
-                if batch:
-                    await self._process(batch)
+                batch, waiting = self._queue.admit(batch, len(self._states))
+                if batch or waiting:
+                    await self._process(batch, waiting)
                     batch = []  # recorded and acked: what fails from here is not its doing
                 else:  # idle: note what the broker confirmed meanwhile
                     await self._flush_confirmed()
@@ -303,6 +322,8 @@ class Controller:
         check falls due first."""
         loop = asyncio.get_running_loop()
         due = self._timers.due(loop.time())
+        if self._queue.has_room(len(self._states)):
+            due = loop.time()  # a queued run may start: take only what came meanwhile
         if self._progress.pending:
             due = min(due, self._progress.due)
         if self._publisher.in_flight:
@@ -337,8 +358,12 @@ class Controller:
             self._states[run_id] = state
         return state
 
-    async def _process(self, deliveries: list[Inbound]) -> None:
+    async def _process(self, deliveries: list[Inbound], waiting: Sequence[Inbound] = ()) -> None:
+        """Record what ``deliveries`` change and ack them; ``waiting``, requests that wait in
+        the run queue, are recorded queued (unacked)."""
         batch = Batch(now=utcnow())
+        if self._owner is not None:  # an embedded one's: a service stack's clients record theirs
+            batch.queued = [d.event for d in waiting if isinstance(d.event, RunRequested)]
         early: list[Inbound] = []
         requested: list[str] = []
         for delivery in deliveries:
@@ -442,6 +467,9 @@ class Controller:
         durable = [e for e in events if self._kept(e)]
         writes = Writes()
         self._runs.mark_sent(writes, self._publisher.take_confirmed(), batch.now)
+        for request in batch.queued:
+            assert self._owner is not None  # only an embedded controller queues them
+            self._run_requests.record_queued(writes, request, self._stack, self._owner, batch.now)
         for request, spec, _ in batch.new_runs:
             self._runs.insert_run(
                 writes,
@@ -460,6 +488,8 @@ class Controller:
             self._runs.apply(writes, run_id, change, batch.now)
         self._runs.add_outbox(writes, self._stack.id, durable, batch.now)
         await self._db.write(writes)
+        self._shown_queued.update(request.run_id for request in batch.queued)
+        self._shown_queued.difference_update(request.run_id for request, _, _ in batch.new_runs)
         loop = asyncio.get_running_loop()
         self._publisher.committed.extend(self._progress.outgoing(events, loop.time()))
         await self._publisher.send_committed()

@@ -266,10 +266,13 @@ class AsyncRun:
             await subscription.cancel()
 
     async def record(self) -> RunRecord:
+        runs = self._conveyor.services.runs
         try:
-            return await self._conveyor.services.runs.run_by_id(self.id)
+            return await runs.run_by_id(self.id)
         except NotFoundError:
-            if self._spec is None or self._outcome is None or self._conveyor.stack is None:
+            if self._outcome is None:  # queued (no controller took it yet), or unknown here
+                return await runs.get_run(self.id)
+            if self._spec is None or self._conveyor.stack is None:
                 raise
         stack = self._conveyor.stack
         return RunRecord(
@@ -414,6 +417,7 @@ class Conveyor:
                     stack,
                     owner=this_process(),
                     artifacts=self._artifacts,
+                    max_active_runs=config.max_active_runs,
                 )
                 await self._controller.start()
                 self._workers = WorkerPool(

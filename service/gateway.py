@@ -378,11 +378,12 @@ class RunGateway:
             code_attached=compiled.code_attached,
         )
         await run.close()  # the dashboard reads the store; nothing here follows the run
-        record = await self._recorded(run.id, key)
+        record = await self._recorded(run.id, key, embedded=conveyor.controller_alive is not None)
         if record is not None:
             return Submission(record, created=record.id == run.id, recorded=True)
-        # The stack's controller has not answered yet (a service controller may be down):
-        # the request is queued, and the run will appear under this id.
+        # The stack's controller has not started it yet (a service controller may be down,
+        # an embedded one may have runs enough going): the request is queued, and the run
+        # will appear under this id.
         stack = conveyor.stack
         assert stack is not None
         queued = RunRecord(
@@ -397,7 +398,10 @@ class RunGateway:
         )
         return Submission(queued, created=True, recorded=False)
 
-    async def _recorded(self, run_id: str, key: str | None) -> RunRecord | None:
+    async def _recorded(self, run_id: str, key: str | None, *, embedded: bool) -> RunRecord | None:
+        """The run's record once its controller recorded it; None while it is queued (an
+        embedded stack's run queue holds it, or a service stack's controller has not taken
+        it within the record timeout)."""
         runs = self.services.runs
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._record_timeout
@@ -406,6 +410,9 @@ class RunGateway:
                 return await runs.run_by_id(run_id)
             except NotFoundError:
                 pass
+            # Queued behind max_active_runs: it starts when earlier runs end, maybe hours on.
+            if embedded and await self.services.run_requests.is_requested(run_id):
+                return None
             # Another process may have won the key: the controller then drops our request.
             if key is not None and (existing := await runs.find_by_key(key)) is not None:
                 return existing
@@ -453,7 +460,9 @@ class RunGateway:
         # An embedded stack's controller lives in the process that submitted the run; only
         # that process's broker reaches it.
         host = this_process()[0]
-        for run_id, owner_pid, _ in await self.services.runs.owned_active_runs(host):
+        owned = await self.services.runs.owned_active_runs(host)
+        queued = await self.services.run_requests.owned(host)  # in a run queue, unstarted
+        for run_id, owner_pid, _ in [*owned, *queued]:
             if run_id == run.id:
                 if owner_pid == os.getpid():
                     return

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import to_jsonable_python
 
@@ -23,7 +23,7 @@ from conveyor.contracts import (
     ValidationError,
 )
 from conveyor.workers.artifact_store_local import LocalArtifactStoreConfig
-from conveyor.workers.limits import MAX_CONCURRENCY
+from conveyor.workers.limits import MAX_ACTIVE_RUNS, MAX_CONCURRENCY, RUNS_PER_SLOT
 from conveyor.workers.rabbitmq_config import RabbitMQOrchestratorConfig
 from conveyor.workers.s3_config import S3ArtifactStoreConfig
 from conveyor.workers.secrets import mask, mask_value, reveal, secret_keys
@@ -45,6 +45,23 @@ class LocalOrchestratorConfig(BaseModel):
         le=MAX_CONCURRENCY,
         description="Steps the embedded worker pool runs at once",
     )
+    max_active_runs: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_ACTIVE_RUNS,
+        description="Runs going at once; the runs submitted beyond them wait, queued, and "
+        "start in the order they were submitted as others end (default: twice concurrency)",
+    )
+
+    @model_validator(mode="after")
+    def _default_runs(self) -> LocalOrchestratorConfig:
+        # Each slot has a run's ready step at hand when the one before it ends: a chain
+        # has one ready step at a time.
+        if self.max_active_runs is None:
+            self.max_active_runs = RUNS_PER_SLOT * self.concurrency
+            # Not stored: it follows concurrency, changed later.
+            self.model_fields_set.discard("max_active_runs")
+        return self
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 MAX_CONCURRENCY = 1024
 """The most steps one worker process runs at once (a thread, or a child process, each)."""
+MAX_ACTIVE_RUNS = 100_000
+"""The most runs an embedded stack may have going at once (``max_active_runs``)."""
+RUNS_PER_SLOT = 2
+"""An embedded stack's runs going at once by default, per step its pool runs at once."""
 IN_PLACE_S = 1.0
 """How long a delivery's steps may have taken for the next rider to run in place, on the
 worker that ran its parent, instead of being forwarded through the broker: about the most

@@ -231,4 +231,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE steps ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE steps ADD COLUMN redone INTEGER NOT NULL DEFAULT 0;
     """,
+    # 14: the process whose embedded controller queued a request (its run queue), so that
+    # the requests of a process that died are dropped, as its runs are failed; NULL for a
+    # request a client made of a service stack, which its controller takes whenever it runs
+    """
+    ALTER TABLE run_requests ADD COLUMN owner_host TEXT;
+    ALTER TABLE run_requests ADD COLUMN owner_pid INTEGER;
+    ALTER TABLE run_requests ADD COLUMN owner_token TEXT;
+    """,
 )

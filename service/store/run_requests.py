@@ -6,13 +6,48 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from conveyor.contracts import StackSpec
 from conveyor.service.store.db import MAX_QUERY_KEYS, Database, Writes
 
-if TYPE_CHECKING:
-    from conveyor.contracts import PipelineSpec  # typing only: listing runs builds no spec
+if TYPE_CHECKING:  # typing only: listing runs builds no spec
+    from conveyor.contracts import PipelineSpec, RunRequested
+
+
+def _add(
+    writes: Writes,
+    run_id: str,
+    request: tuple[str, dict[str, Any], str],
+    stack: StackSpec,
+    key: str | None,
+    now: datetime,
+    owner: tuple[str, int, str] | None = None,
+) -> None:
+    """Add the row of a queued request: ``request`` is its pipeline's name, its parameters
+    and its spec in JSON."""
+    pipeline, parameters, spec = request
+    host, pid, token = owner or (None, None, None)
+    writes.add(
+        "INSERT OR IGNORE INTO run_requests (id, pipeline, stack_id, stack_name, parameters,"
+        " spec, created, idempotency_key, owner_host, owner_pid, owner_token)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                run_id,
+                pipeline,
+                stack.id,
+                stack.name,
+                json.dumps(parameters),
+                spec,
+                now.isoformat(),
+                key,
+                host,
+                pid,
+                token,
+            )
+        ],
+    )
 
 
 class RunRequests:
@@ -31,28 +66,43 @@ class RunRequests:
         """Remember a run this client asked a service stack's controller for: it shows as
         queued until a controller records it (in this store) or the client forgets it."""
         writes = Writes()
-        writes.add(
-            "INSERT OR IGNORE INTO run_requests (id, pipeline, stack_id, stack_name, parameters,"
-            " spec, created, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    run_id,
-                    spec.name,
-                    stack.id,
-                    stack.name,
-                    json.dumps(spec.parameters),
-                    spec.model_dump_json(),
-                    now.isoformat(),
-                    key,
-                )
-            ],
-        )
+        _add(writes, run_id, (spec.name, spec.parameters, spec.model_dump_json()), stack, key, now)
         await self.db.write(writes)
+
+    def record_queued(
+        self,
+        writes: Writes,
+        request: RunRequested,
+        stack: StackSpec,
+        owner: tuple[str, int, str],
+        now: datetime,
+    ) -> None:
+        """An embedded controller queued ``request`` (its run queue): the run shows as queued
+        until the controller records it, or until ``owner``, the controller's process, is
+        found dead (``owned``)."""
+        spec = request.spec
+        if spec is None:  # a request that names its pipeline: compiled when it starts
+            nothing = {"name": request.pipeline, "parameters": request.parameters, "steps": []}
+            shown = (request.pipeline, request.parameters, json.dumps(nothing))
+        else:
+            shown = (spec.name, spec.parameters, spec.model_dump_json())
+        _add(writes, request.run_id, shown, stack, request.idempotency_key, now, owner)
+
+    async def owned(self, host: str) -> list[tuple[str, int, str]]:
+        """The requests queued by embedded controllers of ``host``: id, pid and token."""
+        rows = await self.db.fetchall(
+            "SELECT id, owner_pid, owner_token FROM run_requests WHERE owner_host = ?", (host,)
+        )
+        return [(row["id"], row["owner_pid"], row["owner_token"]) for row in rows]
 
     async def forget(self, run_id: str) -> None:
         """The run was followed to its end: it is queued no longer."""
+        await self.forget_all([run_id])
+
+    async def forget_all(self, run_ids: Sequence[str]) -> None:
+        """These runs are queued no longer (followed to their end, or never to start)."""
         writes = Writes()
-        writes.add("DELETE FROM run_requests WHERE id = ?", [(run_id,)])
+        writes.add("DELETE FROM run_requests WHERE id = ?", [(run_id,) for run_id in run_ids])
         await self.db.write(writes)
 
     async def withdraw(self, run_id: str, reason: str, now: datetime) -> None:

@@ -15,8 +15,10 @@ import httpx
 import pytest
 
 from conveyor.contracts import (
+    ComponentType,
     RunStatus,
 )
+from conveyor.service.context import Services
 from conveyor.service.engine import Conveyor
 from tests.integration.api_helpers import (
     GATED,
@@ -463,3 +465,33 @@ async def test_dashboard_pages(api: httpx.AsyncClient) -> None:
     assert_error(await api.get("/api/nothing-here"), 404)
     assert_error(await api.delete("/api/runs"), 405)
     assert RunStatus.COMPLETED.value in stack
+
+
+async def test_a_run_queued_behind_the_limit_is_seen_queued_and_cancelled_unstarted(
+    home: Path, tmp_path: Path
+) -> None:
+    """The embedded stack's run queue through the server that runs it: a run submitted
+    beyond ``max_active_runs`` is ``queued``, and cancelling it records it cancelled
+    without any of it running."""
+    async with await Services.open(home) as services:
+        await services.stacks.update_component(
+            ComponentType.ORCHESTRATOR, "default", {"max_active_runs": 1}
+        )
+    gate = tmp_path / "gate"
+    parameters = {"gate": str(gate), "timeout_s": 20}
+    async with serving(home) as (_, api):
+        first = await submit(api, GATED, parameters=parameters)
+        queued = await api.post("/api/runs", json={"pipeline": GATED, "parameters": parameters})
+        assert queued.status_code == 202, queued.text  # accepted, not started
+        second = queued.json()
+        try:
+            await wait_step(api, first["id"], "wait_for_gate", "running")
+            assert (await api.get(f"/api/runs/{second['id']}")).json()["status"] == "queued"
+            cancelled = await api.post(f"/api/runs/{second['id']}/cancel", json={})
+            assert cancelled.status_code == 202, cancelled.text
+            assert cancelled.json()["status"] == "cancelled"
+        finally:
+            gate.touch()
+        assert (await wait_status(api, first["id"]))["status"] == "completed"
+        steps = (await api.get(f"/api/runs/{second['id']}/steps")).json()
+    assert {s["status"] for s in steps} == {"cancelled"}, steps

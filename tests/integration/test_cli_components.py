@@ -85,13 +85,18 @@ def test_values_are_json_when_they_parse_and_text_for_text_keys(
     # Not the folder a server runs in: a relative path is of the folder it is typed in.
     monkeypatch.chdir(tmp_path)
     ok("orchestrator", "register", "fast", "-f", "local", "--concurrency=8")
-    assert as_json("orchestrator", "describe", "fast")["config"] == {"concurrency": 8}
+    # max_active_runs follows concurrency unless set: twice it.
+    described = as_json("orchestrator", "describe", "fast")["config"]
+    assert described == {"concurrency": 8, "max_active_runs": 16}
     ok("artifact-store", "register", "numbers", "-f", "local", "--path=2024")
     # Text, not the number 2024; and made absolute, as a relative path would drift.
     expected = str(Path("2024").resolve())
     assert as_json("artifact-store", "describe", "numbers")["config"] == {"path": expected}
     ok("orchestrator", "update", "fast", "--concurrency=null")
-    assert as_json("orchestrator", "describe", "fast")["config"] == {"concurrency": 4}
+    assert as_json("orchestrator", "describe", "fast")["config"] == {
+        "concurrency": 4,
+        "max_active_runs": 8,
+    }
     assert "give configuration as --key=value" in refused(
         "orchestrator", "update", "fast", "-c", "3"
     )
@@ -193,7 +198,7 @@ def test_every_delete_takes_the_same_yes_flag() -> None:
 def test_unknown_key_lists_the_valid_keys(nfs: Path) -> None:
     before = everything()
     message = refused("orchestrator", "register", "x", "-f", "local", "--concurency=2")
-    assert "unknown key 'concurency' (valid keys: concurrency)" in message
+    assert "unknown key 'concurency' (valid keys: concurrency, max_active_runs)" in message
     # The test's own store: on a server, the default one is the admin's (told first).
     assert "(valid keys: path)" in refused("artifact-store", "update", "nfs", "--root=/x")
     assert everything() == before
@@ -208,7 +213,8 @@ def test_wrong_type_says_which_key_and_what_was_expected() -> None:
         "orchestrator", "register", "slow", "-f", "local", "--concurrency=[1]"
     )
     assert everything() == before
-    assert as_json("orchestrator", "describe", "fast")["config"] == {"concurrency": 2}
+    described = as_json("orchestrator", "describe", "fast")["config"]
+    assert described == {"concurrency": 2, "max_active_runs": 4}
 
 
 def test_unknown_flavor_and_unknown_name_suggest(nfs: Path) -> None:

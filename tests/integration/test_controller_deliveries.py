@@ -4,6 +4,7 @@ their cancellation in the same batch, and beside a message that cannot be handle
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -184,9 +185,9 @@ async def test_a_lease_check_failing_after_a_batch_does_not_process_the_batch_ag
     process, check = Controller._process, RunTimers.check_leases
     failures = [RuntimeError("the store hiccuped")]
 
-    async def counting(self: Controller, deliveries: list[Delivery]) -> None:
+    async def counting(self: Controller, deliveries: list[Delivery], *queued: Any) -> None:
         processed.extend(d.event.event_id for d in deliveries)
-        await process(self, deliveries)
+        await process(self, deliveries, *queued)
 
     async def failing_once(self: RunTimers) -> None:
         if processed and failures:

@@ -189,7 +189,9 @@ async def test_unknown_config_key_lists_the_valid_keys(stacks: StackService) -> 
     before = await state(stacks)
     with pytest.raises(ValidationError) as refused:
         await stacks.register_component(ORCH, "x", "local", {"concurency": 2})
-    assert "unknown key 'concurency' (valid keys: concurrency)" in str(refused.value)
+    assert "unknown key 'concurency' (valid keys: concurrency, max_active_runs)" in str(
+        refused.value
+    )
     with pytest.raises(ValidationError, match=r"unknown key 'root' \(valid keys: path\)"):
         await stacks.update_component(STORE, DEFAULT, {"root": "/tmp"})
     assert await state(stacks) == before
@@ -219,7 +221,7 @@ async def test_config_is_stored_typed_and_update_merges_and_resets(stacks: Stack
     assert created.config == {"concurrency": 8}
     updated = await stacks.update_component(ORCH, "fast", {"concurrency": None})
     assert updated.config == {}
-    assert flavors.masked_config(updated) == {"concurrency": 4}
+    assert flavors.masked_config(updated) == {"concurrency": 4, "max_active_runs": 8}
 
 
 # --- unknown names suggest ---
