@@ -33,6 +33,7 @@ from conveyor.contracts import (
 from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH, MAX_TRACEBACK_LENGTH, trusted
 from conveyor.workers import materializers, script_classes, step_logs, step_process
 from conveyor.workers.loggers import get_logger
+from conveyor.workers.recent_blobs import RecentBlobs
 from conveyor.workers.step_failures import (
     error_line,
     keep_head,
@@ -59,12 +60,17 @@ def load_artifact(
     *,
     allow_pickle: bool,
     trust: Iterable[str] = (),
+    recent: RecentBlobs | None = None,
 ) -> Any:
     """The value of a persisted artifact, verified against its digest; ``trust`` names the
-    types a materializer that refuses unknown ones (skops) may build."""
+    types a materializer that refuses unknown ones (skops) may build. A small one this
+    worker stored lately is read from ``recent``."""
     materializer = materializers.by_name(ref.materializer, allow_pickle=allow_pickle)
     if materializers.in_memory(materializer) and ref.size <= SMALL:
-        return materializer.parse(store.get_bytes(ref.uri, ref.digest), ref)
+        data = None if recent is None else recent.get(ref.digest)
+        if data is None:
+            data = store.get_bytes(ref.uri, ref.digest)
+        return materializer.parse(data, ref)
     with materializers.trusting(trust):
         return store.get(ref.uri, ref.digest, lambda path: materializer.load(path, ref))
 
@@ -80,14 +86,23 @@ def load_artifact_file(
 
 
 def save_artifact(
-    store: ArtifactStore, value: object, *, allow_pickle: bool, what: str
+    store: ArtifactStore,
+    value: object,
+    *,
+    allow_pickle: bool,
+    what: str,
+    recent: RecentBlobs | None = None,
 ) -> ArtifactRef:
-    """Persist ``value``; ``what`` names it in the error if no materializer fits."""
+    """Persist ``value``; ``what`` names it in the error if no materializer fits. A small
+    one is kept in ``recent`` too, for the steps after it on this worker."""
     materializer = materializers.choose(value, allow_pickle=allow_pickle, what=what)
     if materializers.in_memory(materializer):
         # A small value is bytes already: hashed first, it is not written at all when its
         # content address is taken (a re-executed step, a value many runs produce).
-        blob = store.put_bytes(materializer.dump(value))
+        data = materializer.dump(value)
+        blob = store.put_bytes(data)
+        if recent is not None:
+            recent.keep(blob.digest, data)
     else:
         blob = store.put(lambda path: materializer.save(value, path))
     return ArtifactRef.of(
@@ -146,6 +161,7 @@ class StepExecutor:
         isolation: Isolation = "thread",
     ) -> None:
         self._store = store
+        self._recent = RecentBlobs()
         self._resolver = resolver
         self._facts = facts
         self._isolation: Isolation = isolation
@@ -227,7 +243,11 @@ class StepExecutor:
     def _load_inputs(self, ready: StepReady) -> dict[str, Any]:
         def load(ref: ArtifactRef) -> Any:
             return load_artifact(
-                self._store, ref, allow_pickle=ready.step.allow_pickle, trust=ready.step.trust
+                self._store,
+                ref,
+                allow_pickle=ready.step.allow_pickle,
+                trust=ready.step.trust,
+                recent=self._recent,
             )
 
         values: dict[str, Any] = {}
@@ -247,6 +267,7 @@ class StepExecutor:
                 value,
                 allow_pickle=ready.step.allow_pickle,
                 what=f"output {name!r} of step {ready.step.name!r}",
+                recent=self._recent,
             )
             for name, value in split_outputs(definition, result).items()
         }
