@@ -493,7 +493,7 @@ class Conveyor:
         if idempotency_key:
             if pack:  # the key is checked against the spec as it runs, with its code
                 spec, pack = await self._with_code(spec, definitions), False
-            existing = await self.services.runs.find_by_key(idempotency_key)
+            existing = await self.services.runs.find_seen_by_key(idempotency_key)
             if existing is not None:
                 check_reused_key(idempotency_key, existing, spec, self.stack.id)
                 run = AsyncRun(existing.id, self, on_step)

@@ -353,7 +353,7 @@ class RunGateway:
         if idempotency_key is None:
             return await self._submit(conveyor, compiled, None, cache, retry_of)
         async with self._keys.hold(idempotency_key):
-            existing = await self.services.runs.find_by_key(idempotency_key)
+            existing = await self.services.runs.find_seen_by_key(idempotency_key)
             if existing is None:
                 return await self._submit(conveyor, compiled, idempotency_key, cache, retry_of)
         target = conveyor.stack

@@ -305,8 +305,18 @@ class RunStore:
         return [Candidate(r["id"], f"pipeline {r['pipeline']}, {r['created'][:19]}") for r in rows]
 
     async def find_by_key(self, idempotency_key: str) -> RunRecord | None:
+        """The recorded run of ``idempotency_key`` (what the controller checks)."""
         row = await self.db.fetchone(
             "SELECT * FROM runs WHERE idempotency_key = ?", (idempotency_key,)
+        )
+        return _run_record(row) if row else None
+
+    async def find_seen_by_key(self, idempotency_key: str) -> RunRecord | None:
+        """The run of ``idempotency_key`` as clients see it: recorded, or queued (a request
+        no controller has started yet), the first requested."""
+        row = await self.db.fetchone(
+            f"SELECT * FROM {SEEN} WHERE idempotency_key = ? ORDER BY created LIMIT 1",
+            (idempotency_key,),
         )
         return _run_record(row) if row else None
 

@@ -69,6 +69,14 @@ async def test_runs_beyond_the_limit_wait_queued_and_start_in_the_order_submitte
         assert (await runs[3].record()).status is RunStatus.QUEUED
         assert {s.status for s in await runs[3].steps()} == {StepStatus.PENDING}
 
+        # A request with a key that a queued run has is answered with that run.
+        keyed = await cv.submit(held, tag="k", cache=False, idempotency_key="k1")
+        await _until_status(cv.services, [keyed.id], RunStatus.QUEUED)
+        again = await cv.submit(held, tag="k", cache=False, idempotency_key="k1")
+        assert again.id == keyed.id
+        await cv.cancel(keyed.id)
+        assert (await keyed.wait(timeout=30)).status is RunStatus.CANCELLED
+
         await cv.cancel(runs[3].id)
         cancelled = await runs[3].wait(timeout=30)
         assert cancelled.status is RunStatus.CANCELLED
