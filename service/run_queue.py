@@ -48,18 +48,22 @@ class RunQueue:
         cancelled = {d.event.run_id for d in taken if isinstance(d.event, RunCancelRequested)}
         room = self.limit - active
         started: list[Inbound] = []
-        kept: deque[Inbound] = deque()
-        for delivery in self._waiting:
-            if delivery.event.run_id in cancelled:
-                started.append(delivery)
-            elif room > 0:
-                started.append(delivery)
-                room -= 1
-            else:
-                kept.append(delivery)
-        self._waiting = kept
-        still = {id(d) for d in kept}
-        return started + taken, [d for d in came if id(d) in still]
+        if cancelled:  # rare: the whole queue is looked through
+            kept: deque[Inbound] = deque()
+            for delivery in self._waiting:
+                if delivery.event.run_id in cancelled:
+                    started.append(delivery)
+                elif room > 0:
+                    started.append(delivery)
+                    room -= 1
+                else:
+                    kept.append(delivery)
+            self._waiting = kept
+        else:  # the oldest, without a look at the rest (thousands may wait)
+            while self._waiting and len(started) < room:
+                started.append(self._waiting.popleft())
+        gone = {id(d) for d in started}
+        return started + taken, [d for d in came if id(d) not in gone]
 
     def take_all(self) -> list[Inbound]:
         """Every request waiting (the controller stops: they are handed back)."""
