@@ -48,6 +48,7 @@ from conveyor.service.step_decisions import StepDecisions
 from conveyor.service.step_reuse import StepReuse
 from conveyor.service.store import (
     Database,
+    Outbox,
     RunRequests,
     RunStore,
     Writes,
@@ -111,6 +112,7 @@ class Controller:
         self._db = db
         self._code_store = code_store
         self._runs = RunStore(db)
+        self._outbox = Outbox(db)
         self._run_requests = RunRequests(db)
         self._broker = broker
         self._stack = stack
@@ -223,12 +225,12 @@ class Controller:
         await self._flush_confirmed()
 
     async def _resume(self) -> None:
-        unsent = await self._runs.unsent(self._stack.id)
+        unsent = await self._outbox.unsent(self._stack.id)
         if unsent:
             log.info("replaying outbox", events=len(unsent))
             await self._broker.publish(unsent)
             writes = Writes()
-            self._runs.mark_sent(writes, [e.event_id for e in unsent], utcnow())
+            self._outbox.mark_sent(writes, [e.event_id for e in unsent], utcnow())
             await self._db.write(writes)
         for run_id in await self._runs.active_run_ids(self._stack.id):
             self._states[run_id] = await self._loaded(run_id)
@@ -267,7 +269,7 @@ class Controller:
         if not confirmed:
             return
         writes = Writes()
-        self._runs.mark_sent(writes, confirmed, utcnow())
+        self._outbox.mark_sent(writes, confirmed, utcnow())
         await self._db.write(writes)
 
     def _hand_over(self, delivery: Delivery) -> None:
@@ -466,7 +468,7 @@ class Controller:
         events = batch.events()
         durable = [e for e in events if self._kept(e)]
         writes = Writes()
-        self._runs.mark_sent(writes, self._publisher.take_confirmed(), batch.now)
+        self._outbox.mark_sent(writes, self._publisher.take_confirmed(), batch.now)
         for request in batch.queued:
             assert self._owner is not None  # only an embedded controller queues them
             self._run_requests.record_queued(writes, request, self._stack, self._owner, batch.now)
@@ -486,7 +488,7 @@ class Controller:
             self._run_requests.mark_taken(writes, request.run_id)
         for run_id, change in batch.changes.items():
             self._runs.apply(writes, run_id, change, batch.now)
-        self._runs.add_outbox(writes, self._stack.id, durable, batch.now)
+        self._outbox.add(writes, self._stack.id, durable, batch.now)
         await self._db.write(writes)
         self._shown_queued.update(request.run_id for request in batch.queued)
         self._shown_queued.difference_update(request.run_id for request, _, _ in batch.new_runs)

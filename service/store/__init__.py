@@ -8,6 +8,7 @@ from conveyor.service.store.db import (
     is_store_failure,
     store_error,
 )
+from conveyor.service.store.outbox import Outbox
 from conveyor.service.store.run_requests import RunRequests
 from conveyor.service.store.runs import RunStore
 from conveyor.service.store.stacks import StackStore
@@ -17,6 +18,7 @@ __all__ = [
     "ArtifactRecords",
     "Database",
     "MetadataStoreError",
+    "Outbox",
     "RunRequests",
     "RunStore",
     "StackStore",

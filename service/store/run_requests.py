@@ -1,5 +1,6 @@
 """Runs a client requested of a service stack's controller, kept until a controller takes
-them (queued), and the requests their client withdrew before any controller did."""
+them (queued), the runs an embedded controller queued (its run queue), and the requests
+their client withdrew before any controller did."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""Runs, their steps and outputs, and the outbox in the metadata store."""
+"""Runs, their steps and outputs in the metadata store."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +36,7 @@ from conveyor.service.store.id_prefixes import (
 # The events and the pipeline spec are imported by the methods that read them: importing
 # them builds their models, which listing runs and stacks (the CLI) never uses.
 if TYPE_CHECKING:
-    from conveyor.contracts import Event, PipelineSpec, StepStatusChanged
+    from conveyor.contracts import PipelineSpec, StepStatusChanged
 
 ACTIVE = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
 BUMP_MARKER = (
@@ -236,33 +236,6 @@ class RunStore:
                     )
                 ],
             )
-
-    def add_outbox(
-        self, writes: Writes, stack_id: str, events: Sequence[Event], now: datetime
-    ) -> None:
-        """Record events to publish, in order."""
-        created = now.isoformat()
-        writes.add(
-            "INSERT INTO outbox (event_id, run_id, stack_id, event, created) VALUES (?,?,?,?,?)",
-            # As text at once: a join's StepReady of 100,000 inputs is megabytes, not worth
-            # holding as bytes and as text.
-            ((e.event_id, e.run_id, stack_id, e.model_dump_json(), created) for e in events),
-        )
-
-    def mark_sent(self, writes: Writes, event_ids: Iterable[str], now: datetime) -> None:
-        """Record that the broker confirmed these events."""
-        sent = now.isoformat()
-        writes.add("UPDATE outbox SET sent = ? WHERE event_id = ?", ((sent, i) for i in event_ids))
-
-    async def unsent(self, stack_id: str) -> list[Event]:
-        """Events recorded but never confirmed, oldest first."""
-        from conveyor.contracts import parse_event
-
-        rows = await self.db.fetchall(
-            "SELECT event FROM outbox WHERE stack_id = ? AND sent IS NULL ORDER BY seq",
-            (stack_id,),
-        )
-        return [parse_event(row["event"]) for row in rows]
 
     # --- reads ---
 
