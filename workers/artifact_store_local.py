@@ -196,15 +196,20 @@ class LocalArtifactStore:
 
     def put_bytes(self, data: bytes) -> BlobRef:
         digest = digests.of_bytes(data)
-        ref, _, exists = self._stored(digest, len(data))
+        ref, target, exists = self._stored(digest, len(data))
         if exists:
             return ref  # a content address holds the same bytes: nothing to write
-
-        def write(path: str) -> str:
-            _write_new(path, data)
-            return digest
-
-        return self.put(write)
+        tmp = self._staged()
+        try:
+            _write_new(tmp, data)
+            self._makedirs(os.path.dirname(target))
+            # Not checked again: another writer's file there holds these very bytes.
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return ref
 
     def path_of(self, uri: str) -> str:
         """The file behind ``uri``; refuses anything that resolves outside the root."""

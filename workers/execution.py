@@ -31,7 +31,7 @@ from conveyor.contracts import (
     WorkerFacts,
 )
 from conveyor.contracts.events import MAX_STEP_ERROR_LENGTH, MAX_TRACEBACK_LENGTH, trusted
-from conveyor.workers import materializers, script_classes, step_logs, step_process
+from conveyor.workers import digests, materializers, script_classes, step_logs, step_process
 from conveyor.workers.loggers import get_logger
 from conveyor.workers.recent_blobs import RecentBlobs
 from conveyor.workers.step_failures import (
@@ -92,17 +92,23 @@ def save_artifact(
     allow_pickle: bool,
     what: str,
     recent: RecentBlobs | None = None,
+    run_id: str = "",
 ) -> ArtifactRef:
-    """Persist ``value``; ``what`` names it in the error if no materializer fits. A small
-    one is kept in ``recent`` too, for the steps after it on this worker."""
+    """Persist ``value``, an output of the run ``run_id``; ``what`` names it in the error if
+    no materializer fits. A small one is kept in ``recent`` too, for the steps after it on
+    this worker."""
     materializer = materializers.choose(value, allow_pickle=allow_pickle, what=what)
     if materializers.in_memory(materializer):
         # A small value is bytes already: hashed first, it is not written at all when its
         # content address is taken (a re-executed step, a value many runs produce).
         data = materializer.dump(value)
-        blob = store.put_bytes(data)
+        blob = None
         if recent is not None:
-            recent.keep(blob.digest, data)
+            blob = recent.stored_for(run_id, digests.of_bytes(data))
+        if blob is None:
+            blob = store.put_bytes(data)
+        if recent is not None:
+            recent.keep(blob, data, run_id)
     else:
         blob = store.put(lambda path: materializer.save(value, path))
     return ArtifactRef.of(
@@ -268,6 +274,7 @@ class StepExecutor:
                 allow_pickle=ready.step.allow_pickle,
                 what=f"output {name!r} of step {ready.step.name!r}",
                 recent=self._recent,
+                run_id=ready.run_id,
             )
             for name, value in split_outputs(definition, result).items()
         }

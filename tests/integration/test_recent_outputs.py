@@ -4,9 +4,14 @@ did not store itself comes from the store, verified."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from urllib.parse import urlparse
+
 import pytest
 
 from conveyor import Conveyor, RunStatus, pipeline, step
+from conveyor.contracts import BlobRef
+from conveyor.workers import digests
 from conveyor.workers.artifact_store_local import LocalArtifactStore
 
 
@@ -78,3 +83,45 @@ async def test_outputs_another_worker_stored_are_read_from_the_store(
         # The branches are reused (cached); the join runs again, on their stored outputs.
         assert len(store_reads) == 5
         assert await again.load("gather_again") == 5 * 7 + sum(range(5))
+
+
+@step
+def same(x: int) -> int:
+    return x * 0 + 1
+
+
+@pipeline
+def fan_out_of_equal_values(n: int) -> None:
+    root = seed()
+    gather([same(root) for _ in range(n)])
+
+
+async def test_equal_outputs_of_a_run_check_the_store_once_and_a_later_run_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stored: list[str] = []
+    plain = LocalArtifactStore.put_bytes
+
+    def counted(self: LocalArtifactStore, data: bytes) -> BlobRef:
+        stored.append(digests.of_bytes(data))
+        return plain(self, data)
+
+    monkeypatch.setattr(LocalArtifactStore, "put_bytes", counted)
+    one = digests.of_bytes(b"1")
+    async with Conveyor() as cv:
+        first = await cv.submit(fan_out_of_equal_values, n=40, cache=False)
+        assert (await first.wait(timeout=60)).status is RunStatus.COMPLETED
+        # 40 branches store the same bytes: those that ran before any of them was stored
+        # (one a slot) check the store, the others take the reference found.
+        assert 1 <= stored.count(one) <= 4
+        steps = {s.name: s for s in await first.steps()}
+        path = Path(urlparse(steps["same_2"].outputs["output"].uri).path)
+        path.write_bytes(b"2")  # damaged in place, its size kept
+
+        stored.clear()
+        again = await cv.submit(fan_out_of_equal_values, n=40, cache=False)
+        assert (await again.wait(timeout=60)).status is RunStatus.COMPLETED
+        # Another run checks the store: the damaged file is written afresh.
+        assert 1 <= stored.count(one) <= 4
+        assert path.read_bytes() == b"1"
+        assert await again.load("gather") == 40
