@@ -43,7 +43,7 @@ from conveyor.workers.step_failures import (
 )
 from conveyor.workers.step_process import StepBodyFailed
 from conveyor.workers.step_resolver import StepResolver
-from conveyor.workers.step_threads import StepThreads
+from conveyor.workers.step_threads import Settler, StepThreads
 from conveyor.workers.steps import StepDefinition, readable
 
 T = TypeVar("T")
@@ -174,6 +174,7 @@ class StepExecutor:
         self._stuck_limit = concurrency
         self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="conveyor-io")
         self._step_threads = StepThreads()
+        self._settler: Settler | None = None
         self._abandoned: set[_End] = set()
         """The ends of the sync bodies that were abandoned, set when they return."""
 
@@ -206,6 +207,9 @@ class StepExecutor:
         done: asyncio.Future[T] = loop.create_future()
         context = contextvars.copy_context()
         end = _End()
+        settler = self._settler
+        if settler is None or settler.loop is not loop:
+            settler = self._settler = Settler(loop)
 
         def run() -> None:
             try:
@@ -215,9 +219,9 @@ class StepExecutor:
                 # set on a future.
                 keep = isinstance(exc, Exception) and not isinstance(exc, StopIteration)
                 failure = exc if keep else StepBodyFailed.of(exc)
-                _settle_threadsafe(loop, done, lambda: done.set_exception(failure))
+                settler.settle(done, lambda: done.set_exception(failure))
             else:
-                _settle_threadsafe(loop, done, lambda: done.set_result(result))
+                settler.settle(done, lambda: done.set_result(result))
             finally:
                 end.done = True
 
@@ -453,16 +457,3 @@ class _End:
 
     def __init__(self) -> None:
         self.done = False
-
-
-def _settle_threadsafe(
-    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], settle: Callable[[], None]
-) -> None:
-    """From another thread: ``settle()`` the future on its loop, unless it is done."""
-
-    def on_loop() -> None:
-        if not future.done():  # cancelled: the thread was abandoned
-            settle()
-
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-        loop.call_soon_threadsafe(on_loop)
