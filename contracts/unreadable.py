@@ -2,8 +2,9 @@
 
 A newer release may send a field an older one refuses (``extra="forbid"``): the message is
 dead-lettered all the same, and the run it belongs to is told, when its identity can still
-be read: its type, its run, for an attempt's event the step and attempt, and whether an
-``AttemptsCancelled`` stops every attempt of its run. That read is
+be read: its type, its run, for an attempt's event the step and attempt, for a
+``StepsDone`` the step and attempt of each outcome, and whether an ``AttemptsCancelled``
+stops every attempt of its run. That read is
 lenient about everything else and as strict as the real models about those fields; it
 parses JSON and nothing more (nothing in the message is imported or evaluated).
 """
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, WrapValidator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core.core_schema import ValidatorFunctionWrapHandler
 
-from conveyor.contracts.events import EVENT_TYPES
+from conveyor.contracts.events import EVENT_TYPES, MAX_OUTCOMES
 from conveyor.contracts.models import Frozen, Id, Name
 
 MAX_UNREADABLE_BYTES = 64 * 1024 * 1024
@@ -50,6 +51,12 @@ class Identity(Frozen):
         description="An AttemptsCancelled that stops every attempt of its run (the run was "
         "cancelled): its ``attempts`` is there and empty",
     )
+    outcomes: tuple[tuple[Name, Annotated[int, Field(ge=1)]], ...] = Field(
+        default=(),
+        max_length=MAX_OUTCOMES,
+        description="A StepsDone's attempts, (step, attempt) each: those of its outcomes that "
+        "could be read",
+    )
 
 
 class Unreadable(Frozen):
@@ -80,6 +87,13 @@ class _Step(BaseModel):
     name: Name
 
 
+class _Outcome(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    run_id: Id
+    step: Name
+    attempt: Annotated[int, Field(ge=1)]
+
+
 class _Read(BaseModel):
     """The identity fields of any event, every other field ignored unread."""
 
@@ -91,6 +105,8 @@ class _Read(BaseModel):
     pipeline: Lenient[Name] = None
     # Only whether it is there and empty is used: a cancellation of some attempts names them.
     attempts: Lenient[dict[str, Any]] = None
+    # A StepsDone's, each read on its own: one that cannot be read leaves the others.
+    outcomes: Lenient[Annotated[list[Lenient[_Outcome]], Field(max_length=MAX_OUTCOMES)]] = None
 
 
 def read_identity(data: bytes | str) -> Identity | None:
@@ -111,6 +127,13 @@ def read_identity(data: bytes | str) -> Identity | None:
         return Identity(type=read.type, run_id=read.run_id, step=step, attempt=read.attempt)
     if read.type == "RunRequested":
         return Identity(type=read.type, run_id=read.run_id, pipeline=read.pipeline)
+    if read.type == "StepsDone":
+        outcomes = tuple(
+            (outcome.step, outcome.attempt)
+            for outcome in read.outcomes or ()
+            if outcome is not None and outcome.run_id == read.run_id
+        )
+        return Identity(type=read.type, run_id=read.run_id, outcomes=outcomes)
     if read.type == "AttemptsCancelled":
         # Only an ``attempts`` that is there and empty says "the whole run": one that is
         # missing may have given way to a field of a later release that names fewer.

@@ -287,7 +287,7 @@ class Controller:
         if found is None:
             await delivery.reject()
         else:
-            self._inbox.put_nowait(UnreadableMessage(delivery, *found))
+            self._hand_over(UnreadableMessage(delivery, *found))
 
     async def _loop(self) -> None:
         self._timers.start(asyncio.get_running_loop().time())

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from conveyor.contracts import (
     Delivery,
+    Identity,
     RunRequested,
     StepFailed,
     Unreadable,
     UnreadableDelivery,
     WorkerFacts,
 )
+from conveyor.contracts.events import StepsDone
 from conveyor.workers.release import attempt_refused, cannot_read
 
 UNNAMED_PIPELINE = "unknown"
@@ -21,22 +23,38 @@ UNNAMED_PIPELINE = "unknown"
 UNKNOWN_WORKER = WorkerFacts(worker="unknown", pid=0)
 """Who reported an attempt whose report this controller cannot read."""
 
+StandIn = RunRequested | StepFailed | StepsDone
+"""What the controller acts on in place of a message it cannot read: a ``StepsDone`` is taken
+apart as one it read would be."""
 
-def stand_in(message: Unreadable) -> tuple[RunRequested | StepFailed, str] | None:
+
+def stand_in(message: Unreadable) -> tuple[StandIn, str] | None:
     """What this controller acts on in place of a message it cannot read (most likely a
     newer release's), and why: a request's run is recorded failed, so that its client stops
     waiting; an attempt a worker reported is failed without a retry (any worker of that
-    release would report it so again). None for the rest, which nobody waits on (a
-    heartbeat, a cancellation): they only go to the dead letters."""
+    release would report it so again), and so is each of a ``StepsDone``'s whose step and
+    attempt could be read. None for the rest, which nobody waits on (a heartbeat, a
+    cancellation): they only go to the dead letters."""
     who, said, version = message.identity, message.reason, message.sender_version
     if who.type == "RunRequested":
         error = cannot_read("controller", "request", "client", said, version)
         # What could be read of it: enough to record its run, as one whose pipeline does not
         # compile is recorded.
         return RunRequested(run_id=who.run_id, pipeline=who.pipeline or UNNAMED_PIPELINE), error
-    if who.type in ("StepSucceeded", "StepFailed") and who.step and who.attempt:
+    if who.type in ("StepSucceeded", "StepFailed", "StepsDone"):
         error = cannot_read("controller", f"worker's {who.type}", "worker", said, version)
-        return attempt_refused(who, error, UNKNOWN_WORKER), error
+        attempts = [(who.step, who.attempt)] if who.step and who.attempt else who.outcomes
+        failed = [
+            attempt_refused(
+                Identity(type=who.type, run_id=who.run_id, step=step, attempt=attempt),
+                error,
+                UNKNOWN_WORKER,
+            )
+            for step, attempt in attempts
+        ]
+        if len(failed) > 1:
+            return StepsDone(run_id=who.run_id, outcomes=failed), error
+        return (failed[0], error) if failed else None
     return None
 
 
@@ -47,12 +65,14 @@ class UnreadableMessage:
 
     __slots__ = ("delivery", "error", "event")
 
-    def __init__(
-        self, delivery: UnreadableDelivery, event: RunRequested | StepFailed, error: str
-    ) -> None:
+    def __init__(self, delivery: UnreadableDelivery, event: StandIn, error: str) -> None:
         self.delivery = delivery
         self.event = event
         self.error = error
+
+    @property
+    def deliveries(self) -> int:
+        return 1  # not counted: it is dead-lettered whatever happens
 
     async def ack(self) -> None:
         await self.delivery.reject()

@@ -3,7 +3,8 @@ tests.integration.newer_conveyor ARGS`` runs ``conveyor ARGS`` whose RabbitMQ me
 a field this release does not know (in a ``RunRequested``'s spec, a ``StepReady``'s step
 and a worker's ``StepSucceeded`` or ``StepFailed``, as a release that added one would send;
 in the events of the types ``$CONVEYOR_TEST_NEWER_TYPES`` lists instead, when it is set,
-which may name ``AttemptsCancelled`` too), and which says it is Conveyor ``NEWER_VERSION``.
+which may name ``AttemptsCancelled`` too, and ``StepsDone``, in each outcome it carries),
+and which says it is Conveyor ``NEWER_VERSION``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def _newer_encoding(event: Event) -> bytes:
         body["step"][NEW_FIELD] = "eu-west"
     if isinstance(event, StepSucceeded | StepFailed | AttemptsCancelled):
         body[NEW_FIELD] = "eu-west"
+    if event.type == "StepsDone":  # the outcomes it carries are a worker's reports
+        for outcome in body["outcomes"]:
+            outcome[NEW_FIELD] = "eu-west"
     return json.dumps(body).encode()
 
 

@@ -333,3 +333,43 @@ def test_a_newer_workers_report_fails_its_step_on_a_controller_that_cannot_read_
     processes.worker("w1")
     run_good_pipeline(processes)
     assert controller.alive
+
+
+def test_a_newer_workers_reports_of_siblings_fail_their_steps_on_a_controller_that_cannot_read_them(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    """The branches of a fan-out come to a worker a few to a message, and their reports go
+    back together, one ``StepsDone``. From a newer worker, each report in it carries a field
+    the controller refuses: the run used to wait for ever for those branches; now each
+    attempt the message names is failed, not to be retried."""
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    controller = processes.controller()
+    newer = processes.start(
+        "newer-w1",
+        *("worker", "start", "--stack", STACK, "--name", "newer-w1"),
+        env={TYPES_ENV: "StepsDone"},  # its lone reports this controller reads
+        module=NEWER,
+    )
+    newer.wait_for_log("worker started")
+    run_id = failing_run(
+        processes,
+        f"{PIPELINES}:wide",
+        "this controller cannot read the worker's StepsDone",
+        f"the worker runs Conveyor {NEWER_VERSION}, this controller Conveyor {conveyor_version()}",
+    )
+    with Client() as client:
+        steps = {s.name: s for s in client.get_steps(run_id)}
+    assert steps["seed"].status is StepStatus.COMPLETED
+    branches = [s for name, s in steps.items() if name.startswith("plus")]
+    failed = [s for s in branches if s.status is StepStatus.FAILED]
+    assert len(branches) == 24 and len(failed) >= 2
+    # Each failed at its first attempt: none is tried again, and none is left waiting.
+    assert {(s.attempt, "StepsDone" in (s.error or "")) for s in failed} == {(1, True)}
+    assert {s.status for s in branches} <= {StepStatus.FAILED, StepStatus.COMPLETED}
+    assert steps["join_all"].status is StepStatus.SKIPPED
+
+    letters = asyncio.run(dead_letters(vhost))
+    assert letters and all(body["type"] == "StepsDone" for _, _, body in letters)
+    assert sum(len(body["outcomes"]) for _, _, body in letters) == len(failed)
+    assert all(f"{NEW_FIELD}: Extra inputs" in reason for _, reason, _ in letters)
+    assert controller.alive

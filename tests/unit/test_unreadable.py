@@ -23,6 +23,7 @@ from conveyor.contracts import (
     read_identity,
     read_version,
 )
+from conveyor.contracts.events import MAX_OUTCOMES, StepsDone
 from conveyor.contracts.models import MAX_ID_LENGTH, MAX_NAME_LENGTH
 from conveyor.contracts.unreadable import MAX_REASON_LENGTH, MAX_UNREADABLE_BYTES, unreadable
 from conveyor.service.unreadable import stand_in
@@ -274,3 +275,54 @@ def test_the_error_names_both_releases_and_which_to_upgrade(
     error = cannot_read("worker", "step", "controller", "invalid event: step.x: nope", sender)
     assert error.startswith("this worker cannot read the step (invalid event: step.x: nope): ")
     assert advice in error
+
+
+def newer_steps_done(*outcomes: dict[str, Any]) -> bytes:
+    """A StepsDone of a release whose reports have a field this one does not know."""
+    return body(type="StepsDone", run_id=RUN, outcomes=list(outcomes), schema_version=2)
+
+
+def report(step: Any, attempt: Any, run_id: str = RUN) -> dict[str, Any]:
+    by = {"worker": "w", "pid": 1}
+    return {"type": "StepSucceeded", "run_id": run_id, "step": step, "attempt": attempt, "by": by}
+
+
+def test_a_newer_steps_done_is_read_down_to_the_attempts_of_its_outcomes() -> None:
+    data = newer_steps_done(
+        {**report("train", 1), "placement": "eu-west"},
+        {**report("score", 2), "placement": "eu-west"},
+        report("x" * (MAX_NAME_LENGTH + 1), 1),  # not a step name: left out, the rest read
+        report("train", "x"),
+        report("train", 0),
+        report("other", 1, run_id="f" * 32),  # of another run: not this message's to fail
+        "not an outcome",
+    )
+    with pytest.raises(MalformedEvent):
+        parse_event(data)
+    identity = read_identity(data)
+    assert identity == Identity(type="StepsDone", run_id=RUN, outcomes=(("train", 1), ("score", 2)))
+    # Too many to be a StepsDone: none is read, the message is only dead-lettered.
+    many = newer_steps_done(*(report(f"s{i}", 1) for i in range(MAX_OUTCOMES + 1)))
+    assert read_identity(many) == Identity(type="StepsDone", run_id=RUN)
+
+
+def test_the_controller_fails_each_attempt_of_a_steps_done_it_cannot_read() -> None:
+    said = "invalid event: outcomes.0.placement: Extra inputs are not permitted"
+    two = Identity(type="StepsDone", run_id=RUN, outcomes=(("train", 1), ("score", 2)))
+    found = stand_in(unreadable(two, said, "99.1.0"))
+    assert found is not None
+    done, error = found
+    assert isinstance(done, StepsDone)
+    assert [(o.step, o.attempt, o.retryable) for o in done.outcomes] == [
+        ("train", 1, False),
+        ("score", 2, False),
+    ]
+    assert all(isinstance(o, StepFailed) and o.error == error for o in done.outcomes)
+    assert "cannot read the worker's StepsDone" in error and "Conveyor 99.1.0" in error
+
+    one = Identity(type="StepsDone", run_id=RUN, outcomes=(("train", 1),))
+    found = stand_in(unreadable(one, said, None))
+    assert found is not None and isinstance(found[0], StepFailed)
+    assert (found[0].step, found[0].attempt) == ("train", 1)
+
+    assert stand_in(unreadable(Identity(type="StepsDone", run_id=RUN), said, None)) is None
