@@ -2,9 +2,9 @@
 
 A newer release may send a field an older one refuses (``extra="forbid"``): the message is
 dead-lettered all the same, and the run it belongs to is told, when its identity can still
-be read: its type, its run, for an attempt's event the step and attempt, for a
-``StepsDone`` the step and attempt of each outcome, and whether an ``AttemptsCancelled``
-stops every attempt of its run. That read is
+be read: its type, its run, for an attempt's event the step and attempt, the attempts it
+carries (a ``StepsDone``'s outcomes, a ``StepReady``'s siblings), and whether an
+``AttemptsCancelled`` stops every attempt of its run. That read is
 lenient about everything else and as strict as the real models about those fields; it
 parses JSON and nothing more (nothing in the message is imported or evaluated).
 """
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, WrapValidator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core.core_schema import ValidatorFunctionWrapHandler
 
-from conveyor.contracts.events import EVENT_TYPES, MAX_OUTCOMES
+from conveyor.contracts.events import EVENT_TYPES, MAX_OUTCOMES, MAX_SIBLINGS
 from conveyor.contracts.models import Frozen, Id, Name
 
 MAX_UNREADABLE_BYTES = 64 * 1024 * 1024
@@ -51,11 +51,11 @@ class Identity(Frozen):
         description="An AttemptsCancelled that stops every attempt of its run (the run was "
         "cancelled): its ``attempts`` is there and empty",
     )
-    outcomes: tuple[tuple[Name, Annotated[int, Field(ge=1)]], ...] = Field(
+    carried: tuple[tuple[Name, Annotated[int, Field(ge=1)]], ...] = Field(
         default=(),
         max_length=MAX_OUTCOMES,
-        description="A StepsDone's attempts, (step, attempt) each: those of its outcomes that "
-        "could be read",
+        description="The attempts the message carries besides its own, (step, attempt) each, "
+        "those that could be read: a StepsDone's outcomes, a StepReady's siblings",
     )
 
 
@@ -94,6 +94,13 @@ class _Outcome(BaseModel):
     attempt: Annotated[int, Field(ge=1)]
 
 
+class _Sibling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    run_id: Id
+    step: _Step
+    attempt: Annotated[int, Field(ge=1)]
+
+
 class _Read(BaseModel):
     """The identity fields of any event, every other field ignored unread."""
 
@@ -105,8 +112,21 @@ class _Read(BaseModel):
     pipeline: Lenient[Name] = None
     # Only whether it is there and empty is used: a cancellation of some attempts names them.
     attempts: Lenient[dict[str, Any]] = None
-    # A StepsDone's, each read on its own: one that cannot be read leaves the others.
+    # The attempts it carries, each read on its own: one that cannot be read leaves the others.
     outcomes: Lenient[Annotated[list[Lenient[_Outcome]], Field(max_length=MAX_OUTCOMES)]] = None
+    siblings: Lenient[Annotated[list[Lenient[_Sibling]], Field(max_length=MAX_SIBLINGS)]] = None
+
+    def carried(self) -> tuple[tuple[str, int], ...]:
+        """The attempts of this run that the message carries besides its own. A StepReady's
+        riders are not among them: each follows a step that fails with the message, and is
+        skipped with it."""
+        if self.type == "StepsDone":
+            named = [(o.run_id, o.step, o.attempt) for o in self.outcomes or () if o is not None]
+        elif self.type == "StepReady":
+            named = [(s.run_id, s.step.name, s.attempt) for s in self.siblings or () if s]
+        else:
+            return ()
+        return tuple((step, attempt) for run_id, step, attempt in named if run_id == self.run_id)
 
 
 def read_identity(data: bytes | str) -> Identity | None:
@@ -123,17 +143,18 @@ def read_identity(data: bytes | str) -> Identity | None:
     if read.type in _ATTEMPT_TYPES:
         step = read.step.name if isinstance(read.step, _Step) else read.step
         if step is None or read.attempt is None:
-            return Identity(type=read.type, run_id=read.run_id)
-        return Identity(type=read.type, run_id=read.run_id, step=step, attempt=read.attempt)
+            return Identity(type=read.type, run_id=read.run_id, carried=read.carried())
+        return Identity(
+            type=read.type,
+            run_id=read.run_id,
+            step=step,
+            attempt=read.attempt,
+            carried=read.carried(),
+        )
     if read.type == "RunRequested":
         return Identity(type=read.type, run_id=read.run_id, pipeline=read.pipeline)
     if read.type == "StepsDone":
-        outcomes = tuple(
-            (outcome.step, outcome.attempt)
-            for outcome in read.outcomes or ()
-            if outcome is not None and outcome.run_id == read.run_id
-        )
-        return Identity(type=read.type, run_id=read.run_id, outcomes=outcomes)
+        return Identity(type=read.type, run_id=read.run_id, carried=read.carried())
     if read.type == "AttemptsCancelled":
         # Only an ``attempts`` that is there and empty says "the whole run": one that is
         # missing may have given way to a field of a later release that names fewer.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from conveyor.contracts import (
     Delivery,
-    Identity,
     RunRequested,
     StepFailed,
     Unreadable,
@@ -14,7 +13,7 @@ from conveyor.contracts import (
     WorkerFacts,
 )
 from conveyor.contracts.events import StepsDone
-from conveyor.workers.release import attempt_refused, cannot_read
+from conveyor.workers.release import attempts_refused, cannot_read
 
 UNNAMED_PIPELINE = "unknown"
 """The pipeline recorded for a request that is unreadable down to its pipeline's name."""
@@ -43,15 +42,7 @@ def stand_in(message: Unreadable) -> tuple[StandIn, str] | None:
         return RunRequested(run_id=who.run_id, pipeline=who.pipeline or UNNAMED_PIPELINE), error
     if who.type in ("StepSucceeded", "StepFailed", "StepsDone"):
         error = cannot_read("controller", f"worker's {who.type}", "worker", said, version)
-        attempts = [(who.step, who.attempt)] if who.step and who.attempt else who.outcomes
-        failed = [
-            attempt_refused(
-                Identity(type=who.type, run_id=who.run_id, step=step, attempt=attempt),
-                error,
-                UNKNOWN_WORKER,
-            )
-            for step, attempt in attempts
-        ]
+        failed = attempts_refused(who, error, UNKNOWN_WORKER)
         if len(failed) > 1:
             return StepsDone(run_id=who.run_id, outcomes=failed), error
         return (failed[0], error) if failed else None

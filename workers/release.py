@@ -67,6 +67,20 @@ def attempt_refused(identity: Identity, error: str, by: WorkerFacts) -> StepFail
     )
 
 
+def attempts_refused(identity: Identity, error: str, by: WorkerFacts) -> list[StepFailed]:
+    """The failures of every attempt an unreadable message named, its own and those it
+    carries (see :func:`attempt_refused`)."""
+    own = [(identity.step, identity.attempt)] if identity.step and identity.attempt else []
+    return [
+        attempt_refused(
+            Identity(type=identity.type, run_id=identity.run_id, step=step, attempt=attempt),
+            error,
+            by,
+        )
+        for step, attempt in [*own, *identity.carried]
+    ]
+
+
 def cancelled_run(message: Unreadable) -> str | None:
     """The run whose every attempt the unreadable control ``message`` stops, or None: only
     an ``AttemptsCancelled`` that says it cancels the whole run (the run was cancelled) is

@@ -43,7 +43,7 @@ from conveyor.workers.limits import HAND_BACK_S, IN_PLACE_S
 from conveyor.workers.loggers import get_logger
 from conveyor.workers.message_parts import parts
 from conveyor.workers.outcomes import Answer, Carrier, Outcome, SiblingReports
-from conveyor.workers.release import attempt_refused, cancelled_run, cannot_read
+from conveyor.workers.release import attempts_refused, cancelled_run, cannot_read
 from conveyor.workers.step_resolver import StepResolver
 
 log = get_logger("conveyor.worker")
@@ -287,15 +287,22 @@ class WorkerPool:
     async def _on_unreadable(self, delivery: UnreadableDelivery) -> None:
         """A StepReady this worker cannot read (most likely a newer controller's): its
         attempt fails, not to be retried (every worker of this release would refuse it too),
-        so that its run does not wait for ever; the message goes to the dead letters."""
+        and so do those of the siblings it carries that can be read (its riders are skipped
+        with it), so that its run does not wait for ever; the message goes to the dead
+        letters."""
         message = delivery.unreadable
         who = message.identity
-        if who.type == "StepReady" and who.step is not None and who.attempt is not None:
+        if who.type == "StepReady":
             error = cannot_read(
                 "worker", "step", "controller", message.reason, message.sender_version
             )
-            log.warning("step unreadable", run_id=who.run_id, step=who.step, error=error)
-            await self._broker.publish([attempt_refused(who, error, self.facts)])
+            # Its siblings too: each is named only inside it.
+            refused = attempts_refused(who, error, self.facts)
+            log.warning(
+                "step unreadable", run_id=who.run_id, step=who.step, steps=len(refused), error=error
+            )
+            if refused:
+                await self._broker.publish(refused)
         await delivery.reject()
 
     async def _run_sibling(self, part: Delivery, reports: SiblingReports) -> None:

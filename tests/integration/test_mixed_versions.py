@@ -175,6 +175,30 @@ def test_a_newer_controllers_step_fails_on_a_worker_that_cannot_read_it(
     assert worker.alive
 
 
+def test_a_newer_controllers_sibling_steps_fail_on_a_worker_that_cannot_read_them(
+    vhost: str, tmp_path: Path, markers: Path, processes: Processes
+) -> None:
+    """Steps ready at once go to the workers a few to a message, as siblings of its first,
+    each named only inside it. A worker that cannot read such a message used to fail its
+    first step only, and the run waited for ever for the others; now it fails each."""
+    asyncio.run(register_stack(vhost, tmp_path / "artifacts"))
+    processes.controller("newer-controller", module=NEWER)
+    worker = processes.worker("w1")
+    run_id = failing_run(processes, f"{PIPELINES}:roots", "this worker cannot read the step")
+    with Client() as client:
+        steps = {s.name: s for s in client.get_steps(run_id)}
+    seeds = [s for name, s in steps.items() if name.startswith("seed")]
+    assert len(seeds) == 24
+    assert {(s.status, s.attempt) for s in seeds} == {(StepStatus.FAILED, 1)}
+    assert steps["join_all"].status is StepStatus.SKIPPED
+
+    letters = asyncio.run(dead_letters(vhost))
+    assert all(body["type"] == "StepReady" for _, _, body in letters)
+    carried = [len(body.get("siblings", [])) for _, _, body in letters]
+    assert max(carried) > 0 and len(letters) + sum(carried) == 24
+    assert worker.alive
+
+
 def test_a_newer_controllers_run_cancellation_stops_its_steps_on_a_worker_that_cannot_read_it(
     vhost: str, tmp_path: Path, markers: Path, processes: Processes
 ) -> None:

@@ -162,6 +162,13 @@ def wide(width: int = 24) -> None:
 
 
 @pipeline
+def roots(width: int = 24) -> None:
+    """``width`` seeds with nothing upstream, dispatched at once a few to a message (as
+    siblings), and their join."""
+    join_all([seed(value=i) for i in range(width)])
+
+
+@pipeline
 def doomed_branch(width: int = 23) -> None:
     """A seed, then a branch that kills its worker on every delivery, dispatched first and
     so with the first ``plus`` branches as its siblings, then the other branches."""

@@ -23,7 +23,7 @@ from conveyor.contracts import (
     read_identity,
     read_version,
 )
-from conveyor.contracts.events import MAX_OUTCOMES, StepsDone
+from conveyor.contracts.events import MAX_OUTCOMES, MAX_SIBLINGS, StepsDone
 from conveyor.contracts.models import MAX_ID_LENGTH, MAX_NAME_LENGTH
 from conveyor.contracts.unreadable import MAX_REASON_LENGTH, MAX_UNREADABLE_BYTES, unreadable
 from conveyor.service.unreadable import stand_in
@@ -300,7 +300,7 @@ def test_a_newer_steps_done_is_read_down_to_the_attempts_of_its_outcomes() -> No
     with pytest.raises(MalformedEvent):
         parse_event(data)
     identity = read_identity(data)
-    assert identity == Identity(type="StepsDone", run_id=RUN, outcomes=(("train", 1), ("score", 2)))
+    assert identity == Identity(type="StepsDone", run_id=RUN, carried=(("train", 1), ("score", 2)))
     # Too many to be a StepsDone: none is read, the message is only dead-lettered.
     many = newer_steps_done(*(report(f"s{i}", 1) for i in range(MAX_OUTCOMES + 1)))
     assert read_identity(many) == Identity(type="StepsDone", run_id=RUN)
@@ -308,7 +308,7 @@ def test_a_newer_steps_done_is_read_down_to_the_attempts_of_its_outcomes() -> No
 
 def test_the_controller_fails_each_attempt_of_a_steps_done_it_cannot_read() -> None:
     said = "invalid event: outcomes.0.placement: Extra inputs are not permitted"
-    two = Identity(type="StepsDone", run_id=RUN, outcomes=(("train", 1), ("score", 2)))
+    two = Identity(type="StepsDone", run_id=RUN, carried=(("train", 1), ("score", 2)))
     found = stand_in(unreadable(two, said, "99.1.0"))
     assert found is not None
     done, error = found
@@ -320,9 +320,44 @@ def test_the_controller_fails_each_attempt_of_a_steps_done_it_cannot_read() -> N
     assert all(isinstance(o, StepFailed) and o.error == error for o in done.outcomes)
     assert "cannot read the worker's StepsDone" in error and "Conveyor 99.1.0" in error
 
-    one = Identity(type="StepsDone", run_id=RUN, outcomes=(("train", 1),))
+    one = Identity(type="StepsDone", run_id=RUN, carried=(("train", 1),))
     found = stand_in(unreadable(one, said, None))
     assert found is not None and isinstance(found[0], StepFailed)
     assert (found[0].step, found[0].attempt) == ("train", 1)
 
     assert stand_in(unreadable(Identity(type="StepsDone", run_id=RUN), said, None)) is None
+
+
+def test_a_newer_step_ready_is_read_down_to_its_siblings_not_its_riders() -> None:
+    def sibling(name: Any, attempt: Any, run_id: str = RUN) -> dict[str, Any]:
+        return {"run_id": run_id, "step": {"name": name, "ref": "m.py:f"}, "attempt": attempt}
+
+    data = json.loads(newer_step_ready(placement="eu-west"))
+    data["then"] = [{"step": {"name": "after", "ref": "m.py:f"}, "attempt": 1}]
+    data["siblings"] = [
+        sibling("branch_2", 1),
+        sibling("branch_3", 4),
+        sibling("branch_4", 0),  # not an attempt: left out, the rest read
+        sibling("branch_5", 1, run_id="f" * 32),
+        {"step": "not a spec"},
+    ]
+    identity = read_identity(json.dumps(data))
+    assert identity == Identity(
+        type="StepReady",
+        run_id=RUN,
+        step="train",
+        attempt=2,
+        carried=(("branch_2", 1), ("branch_3", 4)),
+    )
+    message = unreadable(identity, "invalid event: step.placement", "99.1.0")
+    refused = release.attempts_refused(message.identity, "refused", WorkerFacts(worker="w", pid=1))
+    assert [(f.step, f.attempt, f.retryable) for f in refused] == [
+        ("train", 2, False),
+        ("branch_2", 1, False),
+        ("branch_3", 4, False),
+    ]
+    # More siblings than a StepReady carries: none is read.
+    data["siblings"] = [sibling(f"b{i}", 1) for i in range(MAX_SIBLINGS + 1)]
+    assert read_identity(json.dumps(data)) == Identity(
+        type="StepReady", run_id=RUN, step="train", attempt=2
+    )
