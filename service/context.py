@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from conveyor.contracts import NotFoundError, RunRecord, RunStatus
+from conveyor.contracts import NotFoundError, RunRecord, RunStatus, utcnow
 from conveyor.service.home import Home
 from conveyor.service.liveness import is_alive, this_process
 from conveyor.service.stacks import StackService
@@ -97,8 +97,8 @@ class Services:
         await self.close()
 
     async def fail_dead_runs(self) -> list[str]:
-        """Mark failed the unfinished runs whose embedded controller process died, and drop
-        the runs it queued (never started)."""
+        """Mark failed the unfinished runs whose embedded controller process died, and the
+        runs it queued, which never started."""
         host, _, _ = this_process()
         failed = []
         for run_id, pid, token in await self.runs.owned_active_runs(host):
@@ -111,8 +111,12 @@ class Services:
                 failed.append(run_id)
         for run_id, pid, token in await self.run_requests.owned(host):
             if not is_alive(pid, token):
-                await self.run_requests.forget(run_id)
-                get_logger("conveyor").warning(
-                    "queued run dropped: the process that queued it died", run_id=run_id, pid=pid
-                )
+                reason = f"the process that queued it (pid {pid}) died before the run started"
+                if await self.runs.end_queued([run_id], RunStatus.FAILED, reason, utcnow()):
+                    get_logger("conveyor").warning(
+                        "queued run failed: the process that queued it died",
+                        run_id=run_id,
+                        pid=pid,
+                    )
+                    failed.append(run_id)
         return failed

@@ -62,6 +62,8 @@ from conveyor.workers.steps import readable
 log = get_logger("conveyor.controller")
 
 MAX_BATCH = 512
+NEVER_STARTED = "cancelled: its stack stopped before the run started"
+"""Why a run still queued when its embedded stack stops ends cancelled."""
 INBOX_PREFETCH = 4096
 IDLE_FLUSH_S = 0.05
 """Confirmed outbox rows are noted sent with the next batch, or after this long idle."""
@@ -202,11 +204,13 @@ class Controller:
             await request.requeue()
         if self._shown_queued:
             # Handed back to a broker that ends with this process (or a batch cut short
-            # had taken them): they never start.
+            # had taken them): they never start, and are recorded so.
             try:
-                await self._run_requests.forget_all(list(self._shown_queued))
-            except Exception as exc:  # the next command to open the store drops them
-                log.warning("queued runs not dropped", error=f"{type(exc).__name__}: {exc}")
+                await self._runs.end_queued(
+                    list(self._shown_queued), RunStatus.CANCELLED, NEVER_STARTED, utcnow()
+                )
+            except Exception as exc:  # the next command to open the store fails them
+                log.warning("queued runs not ended", error=f"{type(exc).__name__}: {exc}")
             self._shown_queued.clear()
         for delivery in self._early.release_all():
             await delivery.requeue()

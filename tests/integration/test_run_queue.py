@@ -91,7 +91,7 @@ async def test_runs_beyond_the_limit_wait_queued_and_start_in_the_order_submitte
     assert began == sorted(began)  # type: ignore[type-var]
 
 
-async def test_runs_still_queued_when_the_stack_stops_are_queued_no_longer(home: Path) -> None:
+async def test_runs_still_queued_when_the_stack_stops_end_cancelled_unstarted(home: Path) -> None:
     await _queue_stack(home, concurrency=1, max_active_runs=1)
     GATE.clear()
     STARTED.clear()
@@ -101,10 +101,18 @@ async def test_runs_still_queued_when_the_stack_stops_are_queued_no_longer(home:
         await _until_status(cv.services, [run.id for run in runs[1:]], RunStatus.QUEUED)
         GATE.set()  # the first step ends while the stack stops; the others never start
     async with await Services.open(home) as services:
-        seen = {run.id: run.status for run in await services.runs.list_runs()}
+        seen = {run.id: run for run in await services.runs.list_runs()}
+        steps = [await services.runs.steps_of(run.id) for run in runs[1:]]
     # Their requests went with the process's in-process broker: shown queued, they would
-    # wait for ever.
-    assert RunStatus.QUEUED not in seen.values(), seen
+    # wait for ever. They are listed as runs that ended before they started.
+    assert seen[runs[0].id].status is RunStatus.COMPLETED
+    for run, its_steps in zip(runs[1:], steps, strict=True):
+        record = seen[run.id]
+        assert record.status is RunStatus.CANCELLED and record.started is None
+        assert record.error == "cancelled: its stack stopped before the run started"
+        assert [(s.name, s.status, s.attempt) for s in its_steps] == [
+            ("hold", StepStatus.CANCELLED, 0)
+        ]
     assert STARTED == ["s0"]
 
 
@@ -131,7 +139,7 @@ asyncio.run(main())
 """
 
 
-async def test_the_runs_a_killed_process_queued_are_dropped_as_its_runs_fail(
+async def test_the_runs_a_killed_process_queued_fail_unstarted_as_its_runs_fail(
     home: Path, tmp_path: Path
 ) -> None:
     await _queue_stack(home, concurrency=1, max_active_runs=1)
@@ -153,8 +161,15 @@ async def test_the_runs_a_killed_process_queued_are_dropped_as_its_runs_fail(
             proc.kill()
     async with await Services.open(home) as services:  # what every command opens
         assert (await services.runs.get_run(first)).status is RunStatus.FAILED
-        listed = {run.id for run in await services.runs.list_runs()}
-    assert first in listed and not listed & set(queued), "a dead process's runs still queued"
+        records = [await services.runs.get_run(run_id) for run_id in queued]
+        steps = [await services.runs.steps_of(run_id) for run_id in queued]
+        # Done once: the next command finds nothing more to fail.
+        assert await services.fail_dead_runs() == []
+    pid = proc.pid
+    for record, its_steps in zip(records, steps, strict=True):
+        assert record.status is RunStatus.FAILED and record.started is None
+        assert record.error == f"the process that queued it (pid {pid}) died before the run started"
+        assert [(s.name, s.status) for s in its_steps] == [("forever", StepStatus.SKIPPED)]
 
 
 async def _until_status(services: Services, run_ids: list[str], status: RunStatus) -> None:
