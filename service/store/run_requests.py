@@ -98,12 +98,8 @@ class RunRequests:
 
     async def forget(self, run_id: str) -> None:
         """The run was followed to its end: it is queued no longer."""
-        await self.forget_all([run_id])
-
-    async def forget_all(self, run_ids: Sequence[str]) -> None:
-        """These runs are queued no longer (followed to their end, or never to start)."""
         writes = Writes()
-        writes.add("DELETE FROM run_requests WHERE id = ?", [(run_id,) for run_id in run_ids])
+        writes.add("DELETE FROM run_requests WHERE id = ?", [(run_id,)])
         await self.db.write(writes)
 
     async def withdraw(self, run_id: str, reason: str, now: datetime) -> None:
