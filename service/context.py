@@ -11,7 +11,7 @@ from conveyor.contracts import NotFoundError, RunRecord, RunStatus, utcnow
 from conveyor.service.home import Home
 from conveyor.service.liveness import is_alive, this_process
 from conveyor.service.stacks import StackService
-from conveyor.service.store import ArtifactRecords, Database, RunRequests, RunStore
+from conveyor.service.store import ArtifactRecords, Database, OwnedRuns, RunRequests, RunStore
 from conveyor.service.users import Actor, UserService
 from conveyor.workers.loggers import get_logger
 
@@ -25,6 +25,7 @@ class Services:
     stacks: StackService
     runs: RunStore
     run_requests: RunRequests
+    owned_runs: OwnedRuns
     artifacts: ArtifactRecords
     users: UserService
 
@@ -41,6 +42,7 @@ class Services:
             StackService(db, resolved),
             RunStore(db),
             RunRequests(db),
+            OwnedRuns(db),
             ArtifactRecords(db),
             UserService(db),
         )
@@ -101,18 +103,18 @@ class Services:
         runs it queued, which never started."""
         host, _, _ = this_process()
         failed = []
-        for run_id, pid, token in await self.runs.owned_active_runs(host):
+        for run_id, pid, token in await self.owned_runs.active(host):
             if not is_alive(pid, token):
                 reason = f"the process that ran it (pid {pid}) died before the run finished"
-                await self.runs.fail_abandoned(run_id, reason)
+                await self.owned_runs.fail_abandoned(run_id, reason)
                 get_logger("conveyor").warning(
                     "run abandoned by a dead process", run_id=run_id, pid=pid
                 )
                 failed.append(run_id)
-        for run_id, pid, token in await self.run_requests.owned(host):
+        for run_id, pid, token in await self.owned_runs.queued(host):
             if not is_alive(pid, token):
                 reason = f"the process that queued it (pid {pid}) died before the run started"
-                if await self.runs.end_queued([run_id], RunStatus.FAILED, reason, utcnow()):
+                if await self.owned_runs.end_queued([run_id], RunStatus.FAILED, reason, utcnow()):
                     get_logger("conveyor").warning(
                         "queued run failed: the process that queued it died",
                         run_id=run_id,

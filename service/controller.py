@@ -49,6 +49,7 @@ from conveyor.service.step_reuse import StepReuse
 from conveyor.service.store import (
     Database,
     Outbox,
+    OwnedRuns,
     RunRequests,
     RunStore,
     Writes,
@@ -206,7 +207,7 @@ class Controller:
             # Handed back to a broker that ends with this process (or a batch cut short
             # had taken them): they never start, and are recorded so.
             try:
-                await self._runs.end_queued(
+                await OwnedRuns(self._db).end_queued(
                     list(self._shown_queued), RunStatus.CANCELLED, NEVER_STARTED, utcnow()
                 )
             except Exception as exc:  # the next command to open the store fails them

@@ -460,8 +460,8 @@ class RunGateway:
         # An embedded stack's controller lives in the process that submitted the run; only
         # that process's broker reaches it.
         host = this_process()[0]
-        owned = await self.services.runs.owned_active_runs(host)
-        queued = await self.services.run_requests.owned(host)  # in a run queue, unstarted
+        owned = await self.services.owned_runs.active(host)
+        queued = await self.services.owned_runs.queued(host)  # in a run queue, unstarted
         for run_id, owner_pid, _ in [*owned, *queued]:
             if run_id == run.id:
                 if owner_pid == os.getpid():

@@ -9,6 +9,7 @@ from conveyor.service.store.db import (
     store_error,
 )
 from conveyor.service.store.outbox import Outbox
+from conveyor.service.store.owned_runs import OwnedRuns
 from conveyor.service.store.run_requests import RunRequests
 from conveyor.service.store.runs import RunStore
 from conveyor.service.store.stacks import StackStore
@@ -19,6 +20,7 @@ __all__ = [
     "Database",
     "MetadataStoreError",
     "Outbox",
+    "OwnedRuns",
     "RunRequests",
     "RunStore",
     "StackStore",

@@ -79,8 +79,8 @@ class RunRequests:
         now: datetime,
     ) -> None:
         """An embedded controller queued ``request`` (its run queue): the run shows as queued
-        until the controller records it, or until ``owner``, the controller's process, is
-        found dead (``owned``)."""
+        until the controller records it, or until ``owner``, the controller's process, stops
+        or is found dead (``OwnedRuns``)."""
         spec = request.spec
         if spec is None:  # a request that names its pipeline: compiled when it starts
             nothing = {"name": request.pipeline, "parameters": request.parameters, "steps": []}
@@ -88,13 +88,6 @@ class RunRequests:
         else:
             shown = (spec.name, spec.parameters, spec.model_dump_json())
         _add(writes, request.run_id, shown, stack, request.idempotency_key, now, owner)
-
-    async def owned(self, host: str) -> list[tuple[str, int, str]]:
-        """The requests queued by embedded controllers of ``host``: id, pid and token."""
-        rows = await self.db.fetchall(
-            "SELECT id, owner_pid, owner_token FROM run_requests WHERE owner_host = ?", (host,)
-        )
-        return [(row["id"], row["owner_pid"], row["owner_token"]) for row in rows]
 
     async def forget(self, run_id: str) -> None:
         """The run was followed to its end: it is queued no longer."""
