@@ -106,7 +106,7 @@ class Services:
         for run_id, pid, token in await self.owned_runs.active(host):
             if not is_alive(pid, token):
                 reason = f"the process that ran it (pid {pid}) died before the run finished"
-                await self.owned_runs.fail_abandoned(run_id, reason)
+                await self.owned_runs.end_unfinished([run_id], RunStatus.FAILED, reason)
                 get_logger("conveyor").warning(
                     "run abandoned by a dead process", run_id=run_id, pid=pid
                 )

@@ -63,7 +63,9 @@ from conveyor.workers.steps import readable
 log = get_logger("conveyor.controller")
 
 MAX_BATCH = 512
-NEVER_STARTED = "cancelled: its stack stopped before the run started"
+STOPPED = "its stack stopped before the run finished"
+"""Why a run still going when its embedded stack stops ends cancelled."""
+NEVER_STARTED = "its stack stopped before the run started"
 """Why a run still queued when its embedded stack stops ends cancelled."""
 INBOX_PREFETCH = 4096
 IDLE_FLUSH_S = 0.05
@@ -203,16 +205,8 @@ class Controller:
             await self._inbox.get_nowait().requeue()
         for request in self._queue.take_all():
             await request.requeue()
-        if self._shown_queued:
-            # Handed back to a broker that ends with this process (or a batch cut short
-            # had taken them): they never start, and are recorded so.
-            try:
-                await OwnedRuns(self._db).end_queued(
-                    list(self._shown_queued), RunStatus.CANCELLED, NEVER_STARTED, utcnow()
-                )
-            except Exception as exc:  # the next command to open the store fails them
-                log.warning("queued runs not ended", error=f"{type(exc).__name__}: {exc}")
-            self._shown_queued.clear()
+        if self._owner is not None:
+            await self._end_owned_runs()
         for delivery in self._early.release_all():
             await delivery.requeue()
         self._publisher.committed.extend(
@@ -293,6 +287,22 @@ class Controller:
             await delivery.reject()
         else:
             self._hand_over(UnreadableMessage(delivery, *found))
+
+    async def _end_owned_runs(self) -> None:
+        """An embedded controller stops: its runs' steps would go to a broker and workers
+        that end with it, so its unfinished runs end cancelled, and the runs it queued end
+        cancelled, never started (a batch cut short may have taken some of them)."""
+        owned = OwnedRuns(self._db)
+        try:
+            await owned.end_unfinished(
+                [*self._states, *self._undecided], RunStatus.CANCELLED, STOPPED
+            )
+            await owned.end_queued(
+                list(self._shown_queued), RunStatus.CANCELLED, NEVER_STARTED, utcnow()
+            )
+        except Exception as exc:  # the next command to open the store fails them
+            log.warning("runs not ended", error=f"{type(exc).__name__}: {exc}")
+        self._shown_queued.clear()
 
     async def _loop(self) -> None:
         self._timers.start(asyncio.get_running_loop().time())

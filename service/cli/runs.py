@@ -335,16 +335,27 @@ def _described(run: RunRecord, steps: list[StepRecord]) -> list[object]:
     tracebacks) on lines of their own, so that a narrow terminal cuts none of them."""
     from rich.text import Text
 
+    if run.duration_s is not None:
+        took = f" in {seconds(run.duration_s)}"
+    else:  # queued, or ended before it started (its stack stopped, its process died)
+        took = ", never started" if run.finished is not None else ""
+    components = _snapshot_rows(run)  # none for a run that never started
     parts: list[object] = [
         f"Run [bold]{run.id}[/bold] of pipeline [bold]{escape(run.pipeline)}[/bold] on stack "
         f"'{escape(run.stack_name)}' (id {run.stack_id}), submitted by "
-        f"{escape(run.user)}: {run.status.value} in {seconds(run.duration_s)}",
+        f"{escape(run.user)}: {run.status.value}{took}",
         *([f"Retry of run {run.retry_of}"] if run.retry_of else []),
         *[f"Retried by run {other}" for other in run.retried_by],
-        table(
-            ["COMPONENT_TYPE", "COMPONENT_NAME", "FLAVOR", "COMPONENT ID"],
-            _snapshot_rows(run),
-            caption="the stack as it was when the run started",
+        *(
+            [
+                table(
+                    ["COMPONENT_TYPE", "COMPONENT_NAME", "FLAVOR", "COMPONENT ID"],
+                    components,
+                    caption="the stack as it was when the run started",
+                )
+            ]
+            if components
+            else []
         ),
         table(
             ["STEP", "STATUS", "ATTEMPTS", "DURATION", "WORKER"],

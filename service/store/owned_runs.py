@@ -103,29 +103,43 @@ class OwnedRuns:
                 ended.append(run_id)
         return ended
 
-    async def fail_abandoned(self, run_id: str, reason: str) -> None:
-        """Mark a run whose controller process died failed, with its unfinished steps."""
+    async def end_unfinished(
+        self, run_ids: Sequence[str], status: RunStatus, reason: str
+    ) -> list[str]:
+        """End the unfinished runs of ``run_ids``, ``status`` (failed: their process died;
+        cancelled: their stack stopped) for ``reason``, with their unfinished steps: a
+        running one failed or cancelled, a pending one skipped or cancelled. The ids of
+        the runs ended are returned (one that finished meanwhile is left as it is)."""
+        failed = status is RunStatus.FAILED
+        running = StepStatus.FAILED if failed else StepStatus.CANCELLED
+        pending = StepStatus.SKIPPED if failed else StepStatus.CANCELLED
         now = utcnow().isoformat()
+        ended: list[str] = []
         async with self.db.transaction() as conn:
-            await conn.execute(BUMP_MARKER, (run_id,))
-            await conn.execute(
-                "UPDATE steps SET changed = (SELECT marker FROM run_changes WHERE run_id = ?),"
-                " status = CASE status WHEN ? THEN ? ELSE ? END,"
-                " finished = ?, error = ? WHERE run_id = ? AND status IN (?, ?)",
-                (
-                    run_id,
-                    StepStatus.RUNNING.value,
-                    StepStatus.FAILED.value,
-                    StepStatus.SKIPPED.value,
-                    now,
-                    reason,
-                    run_id,
-                    StepStatus.RUNNING.value,
-                    StepStatus.PENDING.value,
-                ),
-            )
-            await conn.execute(
-                "UPDATE runs SET status = ?, finished = ?, error = ? WHERE id = ? AND status IN"
-                " (?, ?)",
-                (RunStatus.FAILED.value, now, reason, run_id, *ACTIVE),
-            )
+            for run_id in run_ids:
+                cursor = await conn.execute(
+                    "UPDATE runs SET status = ?, finished = ?, error = ? WHERE id = ? AND status"
+                    " IN (?, ?)",
+                    (status.value, now, reason, run_id, *ACTIVE),
+                )
+                if not cursor.rowcount:
+                    continue
+                await conn.execute(BUMP_MARKER, (run_id,))
+                await conn.execute(
+                    "UPDATE steps SET changed = (SELECT marker FROM run_changes WHERE run_id = ?),"
+                    " status = CASE status WHEN ? THEN ? ELSE ? END,"
+                    " finished = ?, error = ? WHERE run_id = ? AND status IN (?, ?)",
+                    (
+                        run_id,
+                        StepStatus.RUNNING.value,
+                        running.value,
+                        pending.value,
+                        now,
+                        reason,
+                        run_id,
+                        StepStatus.RUNNING.value,
+                        StepStatus.PENDING.value,
+                    ),
+                )
+                ended.append(run_id)
+        return ended

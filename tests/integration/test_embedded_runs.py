@@ -571,3 +571,41 @@ async def test_a_step_failure_names_the_users_file_not_a_generated_module(
         (only,) = await run.steps()
     assert f"is a {script}:Report, which no materializer can store" in (only.error or "")
     assert "conveyor_user_" not in (only.error or "")
+
+
+SLOW_STARTED = threading.Event()
+
+
+@step(cache=False)
+def slow_first() -> int:
+    SLOW_STARTED.set()
+    time.sleep(0.3)
+    return 1
+
+
+@step(cache=False)
+def then_this(x: int) -> int:
+    return x + 1
+
+
+@pipeline
+def slow_chain() -> None:
+    then_this(slow_first())
+
+
+async def test_a_run_still_going_when_its_stack_stops_ends_cancelled(home: Path) -> None:
+    """Its next steps would go to workers that stop with the stack: recorded cancelled at
+    the stop, rather than left running until the next command finds the process gone."""
+    SLOW_STARTED.clear()
+    async with Conveyor() as cv:
+        run = await cv.submit(slow_chain)
+        assert await asyncio.to_thread(SLOW_STARTED.wait, 30)
+    async with await Services.open(home) as services:
+        record = await services.runs.get_run(run.id)
+        steps = {s.name: s for s in await services.runs.steps_of(run.id)}
+    assert record.status is RunStatus.CANCELLED
+    assert record.error == "its stack stopped before the run finished"
+    # The running step finished within the workers' grace, or was stopped with the run.
+    assert steps["slow_first"].status in (StepStatus.COMPLETED, StepStatus.CANCELLED)
+    assert steps["then_this"].status is StepStatus.CANCELLED
+    assert steps["then_this"].error == "its stack stopped before the run finished"

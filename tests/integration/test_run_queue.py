@@ -16,6 +16,7 @@ from pathlib import Path
 from conveyor import Conveyor, RunStatus, StepStatus, pipeline, step
 from conveyor.contracts import ComponentType, NotFoundError
 from conveyor.service.context import Services
+from tests.conftest import conveyor_cli
 
 GATE = threading.Event()
 STARTED: list[str] = []
@@ -109,11 +110,15 @@ async def test_runs_still_queued_when_the_stack_stops_end_cancelled_unstarted(ho
     for run, its_steps in zip(runs[1:], steps, strict=True):
         record = seen[run.id]
         assert record.status is RunStatus.CANCELLED and record.started is None
-        assert record.error == "cancelled: its stack stopped before the run started"
+        assert record.error == "its stack stopped before the run started"
         assert [(s.name, s.status, s.attempt) for s in its_steps] == [
             ("hold", StepStatus.CANCELLED, 0)
         ]
     assert STARTED == ["s0"]
+    described = conveyor_cli("run", "describe", runs[1].id)
+    assert described.returncode == 0, described.stderr
+    assert "cancelled, never started" in described.stdout
+    assert "COMPONENT_TYPE" not in described.stdout  # it ran on no stack
 
 
 QUEUING_PROCESS = """

@@ -41,7 +41,7 @@ async def test_a_queued_run_ends_as_a_run_that_never_started(db: Database) -> No
     runs = RunStore(db)
     run_id = await queue(db, key="nightly-1")
     assert (await runs.get_run(run_id)).status is RunStatus.QUEUED
-    reason = "cancelled: its stack stopped before the run started"
+    reason = "its stack stopped before the run started"
     assert await OwnedRuns(db).end_queued([run_id], RunStatus.CANCELLED, reason, NOW) == [run_id]
 
     record = await runs.get_run(run_id)

@@ -20,6 +20,7 @@ from conveyor.contracts import (
     ConveyorError,
     NotFoundError,
     PipelineSpec,
+    RunStatus,
     StepSpec,
     ValidationError,
     utcnow,
@@ -415,7 +416,7 @@ async def test_a_service_stack_with_queued_runs_cannot_be_renamed_or_deleted(
         with pytest.raises(ConflictError, match=r"1 unfinished run.*delete it once they finish"):
             await refused("prod")
     assert await state(stacks) == before
-    await services.owned_runs.fail_abandoned("r1", "test over")
+    await services.owned_runs.end_unfinished(["r1"], RunStatus.FAILED, "test over")
     assert (await stacks.rename_stack("prod", "production")).name == "production"
     assert (await stacks.deletable("production")).name == "production"
     await stacks.delete_stack("production")
