@@ -9,7 +9,7 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote, urlparse
@@ -180,35 +180,36 @@ class LocalArtifactStore:
             os.replace(tmp, target)
         return ref
 
-    def put(self, write: Callable[[str], str | None]) -> BlobRef:
+    @contextlib.contextmanager
+    def _staged_file(self) -> Iterator[str]:
+        """The path of a new file under ``.staging``, removed if writing it fails."""
         tmp = self._staged()
         try:
+            yield tmp
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def put(self, write: Callable[[str], str | None]) -> BlobRef:
+        with self._staged_file() as tmp:
             digest = write(tmp)
             if digest is None:
                 digest, size = digests.of_file(tmp)
             else:
                 size = os.stat(tmp).st_size
             return self._commit(tmp, digest, size)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
 
     def put_bytes(self, data: bytes) -> BlobRef:
         digest = digests.of_bytes(data)
         ref, target, exists = self._stored(digest, len(data))
         if exists:
             return ref  # a content address holds the same bytes: nothing to write
-        tmp = self._staged()
-        try:
+        with self._staged_file() as tmp:
             _write_new(tmp, data)
             self._makedirs(os.path.dirname(target))
             # Not checked again: another writer's file there holds these very bytes.
             os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
         return ref
 
     def path_of(self, uri: str) -> str:

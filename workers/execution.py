@@ -102,12 +102,10 @@ def save_artifact(
         # A small value is bytes already: hashed first, it is not written at all when its
         # content address is taken (a re-executed step, a value many runs produce).
         data = materializer.dump(value)
-        blob = None
-        if recent is not None:
-            blob = recent.stored_for(run_id, digests.of_bytes(data))
-        if blob is None:
+        if recent is None:
             blob = store.put_bytes(data)
-        if recent is not None:
+        else:
+            blob = recent.stored_for(run_id, digests.of_bytes(data)) or store.put_bytes(data)
             recent.keep(blob, data, run_id)
     else:
         blob = store.put(lambda path: materializer.save(value, path))
