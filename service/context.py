@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from conveyor.contracts import NotFoundError, RunRecord, RunStatus, utcnow
+from conveyor.contracts import NotFoundError, RunRecord, RunStatus
 from conveyor.service.home import Home
 from conveyor.service.liveness import is_alive, this_process
 from conveyor.service.stacks import StackService
@@ -114,7 +114,7 @@ class Services:
         for run_id, pid, token in await self.owned_runs.queued(host):
             if not is_alive(pid, token):
                 reason = f"the process that queued it (pid {pid}) died before the run started"
-                if await self.owned_runs.end_queued([run_id], RunStatus.FAILED, reason, utcnow()):
+                if await self.owned_runs.end_queued([run_id], RunStatus.FAILED, reason):
                     get_logger("conveyor").warning(
                         "queued run failed: the process that queued it died",
                         run_id=run_id,

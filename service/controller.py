@@ -140,7 +140,7 @@ class Controller:
         )
         self._inbox: asyncio.Queue[Inbound] = asyncio.Queue()
         self._queue = RunQueue(max_active_runs)
-        # The runs it recorded queued and has not started: dropped when it stops.
+        # The runs it recorded queued and has not started: ended, never started, at its stop.
         self._shown_queued: set[str] = set()
         self._subscriptions: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
@@ -297,9 +297,7 @@ class Controller:
             await owned.end_unfinished(
                 [*self._states, *self._undecided], RunStatus.CANCELLED, STOPPED
             )
-            await owned.end_queued(
-                list(self._shown_queued), RunStatus.CANCELLED, NEVER_STARTED, utcnow()
-            )
+            await owned.end_queued(list(self._shown_queued), RunStatus.CANCELLED, NEVER_STARTED)
         except Exception as exc:  # the next command to open the store fails them
             log.warning("runs not ended", error=f"{type(exc).__name__}: {exc}")
         self._shown_queued.clear()

@@ -232,7 +232,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE steps ADD COLUMN redone INTEGER NOT NULL DEFAULT 0;
     """,
     # 14: the process whose embedded controller queued a request (its run queue), so that
-    # the requests of a process that died are dropped, as its runs are failed; NULL for a
+    # the requests of a process that died end, as its runs are failed; NULL for a
     # request a client made of a service stack, which its controller takes whenever it runs
     """
     ALTER TABLE run_requests ADD COLUMN owner_host TEXT;

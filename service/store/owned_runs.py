@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
 
 from conveyor.contracts import RunStatus, StepStatus, utcnow
 from conveyor.service.store.db import Database
 from conveyor.service.store.runs import ACTIVE, BUMP_MARKER
+
+
+def _unrun(status: RunStatus) -> StepStatus:
+    """What a step that never ran becomes when its run ends ``status``."""
+    return StepStatus.SKIPPED if status is RunStatus.FAILED else StepStatus.CANCELLED
 
 
 class OwnedRuns:
@@ -34,16 +38,15 @@ class OwnedRuns:
         )
         return [(row["id"], row["owner_pid"], row["owner_token"]) for row in rows]
 
-    async def end_queued(
-        self, run_ids: Sequence[str], status: RunStatus, reason: str, now: datetime
-    ) -> list[str]:
+    async def end_queued(self, run_ids: Sequence[str], status: RunStatus, reason: str) -> list[str]:
         """Record runs that were queued and never started as ended, ``status`` (cancelled or
         failed) for ``reason``, in place of their requests: listed and described as any
         run, with their steps cancelled (or skipped, for a failed run), none of them run.
         The ones whose requests a controller took meanwhile are left to it; the others'
         ids are returned. They ran on no stack: their snapshot is empty, as a queued
         run's."""
-        step_status = StepStatus.CANCELLED if status is RunStatus.CANCELLED else StepStatus.SKIPPED
+        step_status = _unrun(status)
+        now = utcnow().isoformat()
         ended: list[str] = []
         async with self.db.transaction() as conn:
             for run_id in run_ids:
@@ -70,7 +73,7 @@ class OwnedRuns:
                         row["parameters"],
                         row["spec"],
                         row["created"],
-                        now.isoformat(),
+                        now,
                         reason,
                         row["idempotency_key"],
                         row["owner_host"],
@@ -92,7 +95,7 @@ class OwnedRuns:
                             position,
                             step_status.value,
                             step.get("retries", 0),
-                            now.isoformat(),
+                            now,
                             reason,
                             run_id,
                         )
@@ -110,9 +113,8 @@ class OwnedRuns:
         cancelled: their stack stopped) for ``reason``, with their unfinished steps: a
         running one failed or cancelled, a pending one skipped or cancelled. The ids of
         the runs ended are returned (one that finished meanwhile is left as it is)."""
-        failed = status is RunStatus.FAILED
-        running = StepStatus.FAILED if failed else StepStatus.CANCELLED
-        pending = StepStatus.SKIPPED if failed else StepStatus.CANCELLED
+        running = StepStatus.FAILED if status is RunStatus.FAILED else StepStatus.CANCELLED
+        pending = _unrun(status)
         now = utcnow().isoformat()
         ended: list[str] = []
         async with self.db.transaction() as conn:

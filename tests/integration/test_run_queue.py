@@ -1,6 +1,7 @@
 """The embedded stack's run queue (``max_active_runs``): runs submitted beyond it wait,
 queued and visible as such, start in the order they were submitted as others end, can be
-cancelled before they start, and are dropped with the process that queued them."""
+cancelled before they start, and end, never started, with the stack or process that
+queued them."""
 
 from __future__ import annotations
 

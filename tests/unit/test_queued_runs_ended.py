@@ -42,7 +42,7 @@ async def test_a_queued_run_ends_as_a_run_that_never_started(db: Database) -> No
     run_id = await queue(db, key="nightly-1")
     assert (await runs.get_run(run_id)).status is RunStatus.QUEUED
     reason = "its stack stopped before the run started"
-    assert await OwnedRuns(db).end_queued([run_id], RunStatus.CANCELLED, reason, NOW) == [run_id]
+    assert await OwnedRuns(db).end_queued([run_id], RunStatus.CANCELLED, reason) == [run_id]
 
     record = await runs.get_run(run_id)
     assert (record.status, record.error, record.started) == (RunStatus.CANCELLED, reason, None)
@@ -56,14 +56,14 @@ async def test_a_queued_run_ends_as_a_run_that_never_started(db: Database) -> No
     assert (await runs.find_seen_by_key("nightly-1")) is not None
     assert not await RunRequests(db).is_requested(run_id)
     # Done once.
-    assert await OwnedRuns(db).end_queued([run_id], RunStatus.FAILED, "again", NOW) == []
+    assert await OwnedRuns(db).end_queued([run_id], RunStatus.FAILED, "again") == []
     assert (await runs.get_run(run_id)).status is RunStatus.CANCELLED
 
 
 async def test_a_failed_queued_runs_steps_are_skipped(db: Database) -> None:
     runs = RunStore(db)
     run_id = await queue(db)
-    assert await OwnedRuns(db).end_queued([run_id], RunStatus.FAILED, "its process died", NOW)
+    assert await OwnedRuns(db).end_queued([run_id], RunStatus.FAILED, "its process died")
     assert (await runs.get_run(run_id)).status is RunStatus.FAILED
     assert {s.status for s in await runs.steps_of(run_id)} == {StepStatus.SKIPPED}
 
@@ -84,6 +84,6 @@ async def test_a_run_its_controller_took_meanwhile_is_left_to_it(db: Database) -
         now=NOW,
     )
     await db.write(writes)
-    ended = await OwnedRuns(db).end_queued([taken, queued], RunStatus.CANCELLED, "stopped", NOW)
+    ended = await OwnedRuns(db).end_queued([taken, queued], RunStatus.CANCELLED, "stopped")
     assert ended == [queued]
     assert (await runs.get_run(taken)).status is RunStatus.PENDING
