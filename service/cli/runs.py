@@ -340,23 +340,18 @@ def _described(run: RunRecord, steps: list[StepRecord]) -> list[object]:
     else:  # queued, or ended before it started (its stack stopped, its process died)
         took = ", never started" if run.finished is not None else ""
     components = _snapshot_rows(run)  # none for a run that never started
+    stack = table(
+        ["COMPONENT_TYPE", "COMPONENT_NAME", "FLAVOR", "COMPONENT ID"],
+        components,
+        caption="the stack as it was when the run started",
+    )
     parts: list[object] = [
         f"Run [bold]{run.id}[/bold] of pipeline [bold]{escape(run.pipeline)}[/bold] on stack "
         f"'{escape(run.stack_name)}' (id {run.stack_id}), submitted by "
         f"{escape(run.user)}: {run.status.value}{took}",
         *([f"Retry of run {run.retry_of}"] if run.retry_of else []),
         *[f"Retried by run {other}" for other in run.retried_by],
-        *(
-            [
-                table(
-                    ["COMPONENT_TYPE", "COMPONENT_NAME", "FLAVOR", "COMPONENT ID"],
-                    components,
-                    caption="the stack as it was when the run started",
-                )
-            ]
-            if components
-            else []
-        ),
+        *([stack] if components else []),
         table(
             ["STEP", "STATUS", "ATTEMPTS", "DURATION", "WORKER"],
             [[s.name, s.status.value, s.attempt, seconds(s.duration_s), s.worker] for s in steps],
