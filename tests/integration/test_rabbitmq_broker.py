@@ -20,7 +20,6 @@ from structlog.testing import capture_logs
 
 from conveyor.contracts import (
     FINISHED_RUN_STATUSES,
-    ArtifactRef,
     ConveyorError,
     Delivery,
     Event,
@@ -54,6 +53,7 @@ from tests.integration.rabbitmq_support import (
     vhost,
 )
 from tests.pipelines import rabbitmq_pipelines as pipelines
+from tests.unit.test_scheduling import ref
 
 __all__ = ["markers", "vhost"]  # fixtures
 
@@ -454,20 +454,12 @@ async def test_a_rider_forwarded_is_handled_only_once_the_delivery_it_rode_on_is
         inputs={"x": OutputSelector(step="first", output="output")},
     )
     ready = StepReady(run_id=new_id(), step=first, attempt=1, then=[Rider(step=second, attempt=1)])
-    output = ArtifactRef(
-        uri="blobs/ab",
-        digest="sha256:" + "a" * 64,
-        size=1,
-        materializer="json",
-        materializer_version="1",
-        data_type="builtins.int",
-    )
     settled: set[asyncio.Task[None]] = set()
 
     async def run(delivery: Delivery) -> None:
         assert isinstance(delivery.event, StepReady)
         handled[delivery.event.step.name] = loop.time()
-        rider = forwarded(delivery.event, {"output": output})
+        rider = forwarded(delivery.event, {"output": ref("output")})
         if rider is not None:  # as a worker does: the rider goes out, then the ack
             await broker.publish([rider])
         await delivery.ack()
