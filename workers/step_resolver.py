@@ -41,10 +41,10 @@ from conveyor.workers.script_classes import (
     archive_module_name,
 )
 from conveyor.workers.steps import (
-    FILE_MODULE_PREFIX,
     SHOWN_FILE,
     StepDefinition,
     load_reference,
+    script_file,
 )
 
 MAX_REF_LENGTH = 1000
@@ -127,11 +127,8 @@ def parse_reference(ref: str) -> StepReference:
 
 def _source_file(fn: Callable[..., Any]) -> str | None:
     """The file of a function defined in a script or a file loaded by path, else None."""
-    module_name = fn.__module__
-    if module_name != "__main__" and not module_name.startswith(FILE_MODULE_PREFIX):
-        return None
-    filename = getattr(sys.modules.get(module_name), "__file__", None)
-    return None if filename is None else str(Path(filename).resolve())
+    path = script_file(fn.__module__)
+    return None if path is None else str(path)
 
 
 def _is_regular_file(path: Path) -> bool:

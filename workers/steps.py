@@ -10,10 +10,12 @@ or of packages it trusts: a message is data, never an instruction to import arbi
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import os
 import re
 import sys
 import types
@@ -71,10 +73,26 @@ def output_names(fn: Callable[..., Any]) -> list[str]:
     return ["output"]
 
 
+def script_file(module_name: str) -> Path | None:
+    """The file, symlinks resolved, of a script module or a file loaded by path (see
+    ``is_script_module``); None for any other module, or one without a file."""
+    if not is_script_module(module_name):
+        return None
+    filename = getattr(sys.modules.get(module_name), "__file__", None)
+    return None if filename is None else _resolved(os.path.abspath(filename))
+
+
+@functools.lru_cache(maxsize=256)
+def _resolved(filename: str) -> Path:
+    # Asked on each compile of a script's pipeline, for each of its steps (a run's submit
+    # costs three or more): resolving walks the path, a system call a folder, and a loaded
+    # module stays the file it was loaded from.
+    return Path(filename).resolve()
+
+
 def _module_file(module_name: str) -> str | None:
-    module = sys.modules.get(module_name)
-    filename = getattr(module, "__file__", None)
-    return None if filename is None else shown_path(Path(filename).resolve())
+    path = script_file(module_name)
+    return None if path is None else shown_path(path)
 
 
 def reference_of(obj: Any) -> str:
@@ -84,11 +102,8 @@ def reference_of(obj: Any) -> str:
     their path (relative to the working directory when inside it) stands in.
     """
     module_name = obj.__module__
-    if is_script_module(module_name):
-        path = _module_file(module_name)
-        if path is not None:
-            return f"{path}:{obj.__qualname__}"
-    return f"{module_name}:{obj.__qualname__}"
+    path = _module_file(module_name)
+    return f"{path or module_name}:{obj.__qualname__}"
 
 
 SHOWN_FILE = "__conveyor_file__"
@@ -112,8 +127,13 @@ def readable(text: str) -> str:
 
 def shown_path(path: Path) -> str:
     """``path`` relative to the working directory when inside it, else absolute."""
+    return _shown(path, os.getcwd())
+
+
+@functools.lru_cache(maxsize=256)
+def _shown(path: Path, folder: str) -> str:
     try:
-        return str(path.relative_to(Path.cwd()))
+        return str(path.relative_to(folder))
     except ValueError:
         return str(path)
 

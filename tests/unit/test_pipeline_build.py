@@ -119,6 +119,21 @@ def test_references_import_by_module_and_by_file(tmp_path: Path) -> None:
     assert reference_of(loaded.fn) == f"{script}:hello"
 
 
+def test_a_scripts_reference_follows_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The script's path is resolved once, but shown from wherever the process is now."""
+    script = tmp_path / "mine.py"
+    script.write_text("from conveyor import step\n@step\ndef hello() -> str:\n    return 'hi'\n")
+    loaded = load_reference(f"{script}:hello")
+    assert reference_of(loaded.fn) == f"{script}:hello"
+    monkeypatch.chdir(tmp_path)
+    assert reference_of(loaded.fn) == "mine.py:hello"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert reference_of(loaded.fn) == f"{script}:hello"
+
+
 @pytest.mark.parametrize("ref", ["nope", "no_such_module_xyz:f", "tests:missing_name", "x.py:f"])
 def test_bad_references_say_what_is_wrong(ref: str) -> None:
     with pytest.raises(ConveyorError, match=r"not a reference|cannot import|has no name"):
