@@ -6,6 +6,7 @@ invocation and returns handles to its outputs, which later calls take as inputs.
 
 from __future__ import annotations
 
+import functools
 import gc
 import inspect
 import json
@@ -17,8 +18,10 @@ from typing import TYPE_CHECKING, Any, overload
 from conveyor.contracts import (
     ConveyorError,
     InputBinding,
+    Isolation,
     OutputSelector,
     PipelineSpec,
+    RetryPolicy,
     StepSpec,
     ValidationError,
 )
@@ -81,23 +84,22 @@ class _Shape:
     fields that come from the ``@step`` definition, and how its arguments bind."""
 
     def __init__(self, step: StepDefinition, *, cache: bool = True) -> None:
-        # Validated once here; each invocation copies it with its own name, inputs and
-        # parameters, which the builder made and checked itself.
-        self.template = StepSpec(
-            name=step.name,
-            ref=step.ref,
-            outputs=step.outputs,
-            retries=step.retries,
-            retry=step.retry,
-            timeout_s=step.timeout,
-            pool=step.pool,
-            allow_pickle=step.allow_pickle,
-            isolation=step.isolation,
-            trust=list(step.trust),
-            code_digest=code_digest(step.fn),
-            cache=step.cache and cache,
+        # Each invocation copies it with its own name, inputs and parameters, which the
+        # builder made and checked itself.
+        self.template, self.fields = _template(
+            step.name,
+            step.ref,
+            tuple(step.outputs),
+            step.retries,
+            step.retry,
+            step.timeout,
+            step.pool,
+            step.allow_pickle,
+            step.isolation,
+            tuple(step.trust),
+            code_digest(step.fn),
+            step.cache and cache,
         )
-        self.fields = dict(self.template)
         self.fields_set = self.template.model_fields_set | {"name", "inputs", "parameters"}
         parameters = step.signature.parameters.values()
         kinds = {p.kind for p in parameters}
@@ -146,6 +148,41 @@ class _Shape:
             parameters = self.no_parameters
         values = {**self.fields, "name": name, "inputs": inputs, "parameters": parameters}
         return prevalidated(StepSpec, values, self.fields_set)
+
+
+@functools.lru_cache(maxsize=1024)
+def _template(
+    name: str,
+    ref: str,
+    outputs: tuple[str, ...],
+    retries: int,
+    retry: RetryPolicy,
+    timeout: float | None,
+    pool: str,
+    allow_pickle: bool,
+    isolation: Isolation | None,
+    trust: tuple[str, ...],
+    digest: str,
+    cache: bool,
+) -> tuple[StepSpec, dict[str, Any]]:
+    """The StepSpec fields a step's definition gives, validated once for all the compiles
+    that see the same definition and code (a pipeline submitted again and again), as a
+    model and as a dict that invocations copy."""
+    template = StepSpec(
+        name=name,
+        ref=ref,
+        outputs=list(outputs),
+        retries=retries,
+        retry=retry,
+        timeout_s=timeout,
+        pool=pool,
+        allow_pickle=allow_pickle,
+        isolation=isolation,
+        trust=list(trust),
+        code_digest=digest,
+        cache=cache,
+    )
+    return template, dict(template)
 
 
 class _Builder:

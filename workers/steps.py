@@ -79,7 +79,9 @@ def script_file(module_name: str) -> Path | None:
     if not is_script_module(module_name):
         return None
     filename = getattr(sys.modules.get(module_name), "__file__", None)
-    return None if filename is None else _resolved(os.path.abspath(filename))
+    if filename is None:
+        return None
+    return _resolved(filename if os.path.isabs(filename) else os.path.abspath(filename))
 
 
 @functools.lru_cache(maxsize=256)
