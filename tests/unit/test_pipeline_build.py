@@ -188,3 +188,23 @@ def test_messages_name_the_users_file_not_a_generated_module(tmp_path: Path) -> 
     assert readable(f"{FILE_MODULE_PREFIX}0000_unknown stays") == (
         f"{FILE_MODULE_PREFIX}0000_unknown stays"
     )
+
+
+def test_a_pipeline_compiled_again_sees_a_helper_redefined_since() -> None:
+    """A step's StepSpec fields are kept from one compile to the next, but not its code
+    digest: a notebook cell run again changes what the step runs."""
+    from tests.unit.test_notebook_code import cells
+
+    notebook = cells(
+        "from conveyor import pipeline, step\n",
+        "def helper(x):\n    return x + 1\n",
+        "@step(retries=2)\ndef work(x: int) -> int:\n    return helper(x)\n",
+        "@pipeline\ndef p() -> None:\n    work(1)\n",
+    )
+    first = notebook["p"].compile()[0].steps[0]
+    assert notebook["p"].compile()[0].steps[0] == first
+    again = cells("def helper(x):\n    return x + 2\n")["helper"]
+    notebook["helper"] = again
+    second = notebook["p"].compile()[0].steps[0]
+    assert second.code_digest != first.code_digest
+    assert (second.retries, second.ref, second.name) == (2, first.ref, "work")
