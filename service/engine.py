@@ -56,7 +56,7 @@ from conveyor.workers.loggers import get_logger
 from conveyor.workers.release import cannot_read
 from conveyor.workers.runtime import WorkerPool
 from conveyor.workers.step_resolver import StepResolver
-from conveyor.workers.steps import StepDefinition
+from conveyor.workers.steps import StepDefinition, importing_run_code
 
 log = get_logger("conveyor.engine")
 
@@ -396,6 +396,13 @@ class Conveyor:
         """Open the store; on an embedded stack, start the controller and workers."""
         if self._services is not None:
             return
+        imported = importing_run_code.get()
+        if imported is not None:
+            raise ConveyorError(
+                f"{imported} starts a run when it is imported: a worker imports it to find "
+                "the run's steps, and a run started there would wait for that worker; put "
+                'the code that runs pipelines under `if __name__ == "__main__":`'
+            )
         if self._home is None:
             # Named explicitly (the server names its own), a home is used as it is.
             login = read_login(Home.resolve())

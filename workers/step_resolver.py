@@ -43,6 +43,7 @@ from conveyor.workers.script_classes import (
 from conveyor.workers.steps import (
     SHOWN_FILE,
     StepDefinition,
+    importing_run_code,
     load_reference,
     script_file,
 )
@@ -225,13 +226,13 @@ class _ArchiveImports:
             module = sys.modules.get(name)
             if module is not None:
                 return module
-            with self._importing(str(root), folders):
+            with self._importing(str(root), folders, path):
                 return _exec_file(name, location, path)
 
     def module(self, root: Path, name: str) -> types.ModuleType:
         """The module ``name`` of the archive at ``root``."""
         top = name.partition(".")[0]
-        with self._lock, self._importing(str(root), [str(root)]):
+        with self._lock, self._importing(str(root), [str(root)], name):
             current = sys.modules.get(top)
             if current is not None and self._origin.get(top) != str(root):
                 where = getattr(current, "__file__", None) or "built in"
@@ -251,16 +252,18 @@ class _ArchiveImports:
             return importlib.import_module(name)
 
     @contextlib.contextmanager
-    def _importing(self, root: str, folders: list[str]) -> Iterator[None]:
+    def _importing(self, root: str, folders: list[str], what: str) -> Iterator[None]:
         provided = set().union(*(_top_level_names(folder) for folder in folders))
         self._set_aside(provided, keep=root)
         host = self._displace_host(provided)
         self._restore(root, provided)
         before = set(sys.modules)
         sys.path[:0] = folders
+        token = importing_run_code.set(what)
         try:
             yield
         finally:
+            importing_run_code.reset(token)
             for folder in folders:
                 with contextlib.suppress(ValueError):
                     sys.path.remove(folder)

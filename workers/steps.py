@@ -54,6 +54,11 @@ class InvocationRecorder(Protocol):
 # Set while a pipeline function runs to build its DAG; outside it, a step call runs the body.
 building: ContextVar[InvocationRecorder | None] = ContextVar("conveyor_building", default=None)
 
+# Set while a worker imports a file or module of a run's code (to find a step, or a class
+# that its inputs need): what it imports. Code of that file that runs at import must not
+# start runs: they would wait for this worker, whose slots wait for the import.
+importing_run_code: ContextVar[str | None] = ContextVar("conveyor_importing_run_code", default=None)
+
 
 def output_names(fn: Callable[..., Any]) -> list[str]:
     """``[]`` for ``-> None``; ``output_0..`` for a fixed tuple; else ``["output"]``."""

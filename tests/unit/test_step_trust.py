@@ -22,6 +22,7 @@ from conveyor.workers.step_resolver import StepResolver, parse_reference
 from conveyor.workers.steps import (
     FILE_MODULE_PREFIX,
     StepDefinition,
+    importing_run_code,
     load_reference,
     readable,
 )
@@ -385,3 +386,28 @@ def test_a_step_of_an_archive_is_named_by_its_file_in_messages(
     assert readable(f"module {generated!r} has no attribute 'x'") == (
         "module 'jobs/train.py' has no attribute 'x'"
     )
+
+
+CALLS_ITS_PIPELINE = """\
+from conveyor import pipeline, step
+
+@step
+def one() -> int:
+    return 1
+
+@pipeline
+def p() -> None:
+    one()
+
+p()
+"""
+
+
+def test_a_file_that_runs_its_pipeline_when_imported_is_refused_and_nothing_stays_set(
+    store: CountingStore, resolver: StepResolver
+) -> None:
+    code = archive(store, {"flow.py": CALLS_ITS_PIPELINE})
+    for _ in range(2):  # not imported, so tried again the next time, with the same answer
+        with pytest.raises(ConveyorError, match=r"flow\.py starts a run when it is imported"):
+            resolver.resolve(spec("flow.py:one", code))
+    assert importing_run_code.get() is None
